@@ -1,0 +1,32 @@
+"""lora-edge: take a Hugging Face model and a LoRA adapter to the edge.
+
+The public API is imported lazily so that importing the package (and
+`lora-edge --help`) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_PUBLIC = {
+    "LoraEdgeError": "lora_edge.errors",
+    "Task": "lora_edge.models",
+    "load_base_model": "lora_edge.models",
+    "resolve_model_path": "lora_edge.models",
+    "read_examples": "lora_edge.data",
+    "DataFiles": "lora_edge.data",
+}
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_edge' has no attribute '{name}'")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_PUBLIC))
