@@ -13,11 +13,13 @@ left half-written, and nothing is overwritten without ``force``.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import platform
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
@@ -113,5 +115,107 @@ def update_manifest(bundle: Path, **sections) -> dict:
     """Merge top-level ``sections`` into a bundle's manifest and rewrite it atomically."""
     manifest = read_manifest(bundle)
     manifest.update(sections)
+    write_json(Path(bundle) / MANIFEST_FILE, manifest)
+    return manifest
+
+
+class Form(str, enum.Enum):
+    """The three deployment forms of an adapter (DESIGN.md)."""
+
+    MERGED = "merged"      # B·A folded into W: one graph per adapter, no runtime cost
+    BRANCHED = "branched"  # explicit low-rank MatMul pair beside each base linear
+    HOTSWAP = "hotswap"    # LoRA weights are graph inputs; adapters are .onnx_adapter files
+
+
+class Precision(str, enum.Enum):
+    """Numeric precision of a graph's base weights (LoRA pairs stay float)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8_DYNAMIC = "int8-dynamic"
+    INT8_STATIC = "int8-static"
+    INT4 = "int4"
+
+
+def parse_choices(enum_class: type[enum.Enum], values: list[str], option: str) -> list:
+    """Turn option strings into enum members; an unknown one raises ConfigError listing the valid ones."""
+    from lora_edge.errors import ConfigError
+
+    valid = {member.value: member for member in enum_class}
+    parsed = []
+    for value in values:
+        if value not in valid:
+            raise ConfigError(f"unknown {option.lstrip('-').rstrip('s')} '{value}'", option,
+                              f"use one or more of: {', '.join(valid)}")
+        parsed.append(valid[value])
+    if not parsed:
+        raise ConfigError(f"no value given for {option}", option, f"use one or more of: {', '.join(valid)}")
+    return parsed
+
+
+@dataclass
+class GraphRecord:
+    """One ONNX graph of a bundle, as listed in ``manifest.json["graphs"]``.
+
+    ``name`` is how users refer to it (``merged.fp32``, ``branched.intent.int8-dynamic``);
+    ``file`` is relative to the bundle. ``adapter`` is the adapter folded or
+    branched into the graph (None for hotswap graphs, which take ``adapters``).
+    ``source`` names the fp32 graph a quantized graph was made from.
+    """
+
+    name: str
+    file: str
+    form: Form
+    precision: Precision
+    task: str
+    adapter: str | None = None
+    adapters: list[str] = field(default_factory=list)
+    source: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def graph_name(form: Form, precision: Precision, adapter: str | None = None) -> str:
+        """``<form>[.<adapter>].<precision>``; the adapter part only when a bundle has several."""
+        parts = [Form(form).value] + ([adapter] if adapter else []) + [Precision(precision).value]
+        return ".".join(parts)
+
+    def to_json(self) -> dict:
+        """JSON form for the manifest."""
+        record = asdict(self)
+        record["form"], record["precision"] = self.form.value, self.precision.value
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> "GraphRecord":
+        """Inverse of :meth:`to_json`."""
+        record = dict(record)
+        record["form"], record["precision"] = Form(record["form"]), Precision(record["precision"])
+        return cls(**record)
+
+
+def list_graphs(bundle: Path) -> list[GraphRecord]:
+    """The graphs a bundle's manifest lists."""
+    return [GraphRecord.from_json(item) for item in read_manifest(bundle).get("graphs", [])]
+
+
+def find_graph(bundle: Path, name: str) -> GraphRecord:
+    """The graph called ``name`` (with or without ``.onnx``), or a BundleError listing the graphs."""
+    name = name.removesuffix(".onnx")
+    graphs = list_graphs(bundle)
+    for graph in graphs:
+        if graph.name == name:
+            return graph
+    names = ", ".join(g.name for g in graphs) or "none"
+    raise BundleError(f"no graph named '{name}' in the bundle", Path(bundle) / MANIFEST_FILE,
+                      f"use one of: {names}")
+
+
+def add_graphs(bundle: Path, records: list[GraphRecord]) -> dict:
+    """Add (or replace, by name) graph records in a bundle's manifest, atomically."""
+    manifest = read_manifest(bundle)
+    by_name = {item["name"]: item for item in manifest.get("graphs", [])}
+    for record in records:
+        by_name[record.name] = record.to_json()
+    manifest["graphs"] = list(by_name.values())
     write_json(Path(bundle) / MANIFEST_FILE, manifest)
     return manifest
