@@ -1,0 +1,116 @@
+"""ONNX Runtime sessions: one place that creates them, checks providers and runs hot-swap adapters.
+
+Every stage that runs a graph (infer, generate, check, profile) creates its
+session here, so provider handling is the same everywhere: the providers a
+caller asks for are checked against the ones the session really uses, and a
+missing one is an error, never a silent CPU fallback (unless the caller allows it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_edge.errors import ProviderUnavailableError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime
+
+CPU = "CPUExecutionProvider"
+# ORT's "Initializer ... appears in graph inputs" warnings are expected for hot-swap
+# graphs (DESIGN.md); warnings and below are hidden from users by default.
+DEFAULT_LOG_SEVERITY = 3
+
+
+@dataclass
+class SessionSettings:
+    """How to build a session: providers in order (each with options), threads, optimization level."""
+
+    providers: list[tuple[str, dict[str, Any]]] = field(default_factory=lambda: [(CPU, {})])
+    intra_op_threads: int = 0  # 0 lets ORT choose
+    inter_op_threads: int = 0
+    graph_optimization_level: str = "all"  # disable | basic | extended | all
+    enable_profiling: bool = False
+    profile_prefix: str | None = None
+    allow_fallback: bool = False
+    log_severity: int = DEFAULT_LOG_SEVERITY
+
+
+OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                       "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def available_providers() -> list[str]:
+    """Execution providers this host's onnxruntime build offers."""
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def missing_providers(settings: SessionSettings) -> list[str]:
+    """Requested providers this host does not offer."""
+    have = set(available_providers())
+    return [name for name, _ in settings.providers if name not in have]
+
+
+def create_session(graph: str | Path, settings: SessionSettings | None = None) -> "onnxruntime.InferenceSession":
+    """Create an InferenceSession for ``graph`` with ``settings``.
+
+    Raises ProviderUnavailableError when a requested provider is missing on this
+    host, or the session did not take it, unless ``settings.allow_fallback``.
+    """
+    import onnxruntime
+
+    settings = settings or SessionSettings()
+    missing = missing_providers(settings)
+    if missing and not settings.allow_fallback:
+        raise ProviderUnavailableError(f"{missing[0]} is not available on this host", str(graph),
+                                       "install onnxruntime-gpu on a host with that device, or pass --allow-fallback")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = settings.log_severity
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel,
+                                               OPTIMIZATION_LEVELS[settings.graph_optimization_level])
+    if settings.enable_profiling:
+        options.enable_profiling = True
+        if settings.profile_prefix:
+            options.profile_file_prefix = settings.profile_prefix
+    requested = [(name, opts) for name, opts in settings.providers if name not in missing]
+    if not any(name == CPU for name, _ in requested):
+        requested.append((CPU, {}))
+    names = [name for name, _ in requested]
+    provider_options = [opts for _, opts in requested]
+    session = onnxruntime.InferenceSession(str(graph), sess_options=options, providers=names,
+                                           provider_options=provider_options)
+    wanted = [name for name, _ in settings.providers]
+    dropped = [name for name in wanted if name not in session.get_providers()]
+    if dropped and not settings.allow_fallback:
+        raise ProviderUnavailableError(f"the session did not take {dropped[0]}", str(graph),
+                                       "check the provider options and drivers, or pass --allow-fallback")
+    return session
+
+
+def load_lora_adapter(adapter_file: str | Path) -> "onnxruntime.LoraAdapter":
+    """Load an ``.onnx_adapter`` file for use with :func:`run`."""
+    import onnxruntime
+
+    adapter = onnxruntime.LoraAdapter()
+    adapter.Load(str(adapter_file))
+    return adapter
+
+
+def run(session: "onnxruntime.InferenceSession", feeds: dict[str, "np.ndarray"],
+        adapter: "onnxruntime.LoraAdapter | None" = None, output_names: list[str] | None = None) -> list["np.ndarray"]:
+    """Run ``session`` on ``feeds`` (only the inputs the graph declares), activating ``adapter`` if given."""
+    import onnxruntime
+
+    declared = {i.name for i in session.get_inputs()}
+    feeds = {name: value for name, value in feeds.items() if name in declared}
+    run_options = None
+    if adapter is not None:
+        run_options = onnxruntime.RunOptions()
+        run_options.add_active_adapter(adapter)
+    return session.run(output_names, feeds, run_options)
