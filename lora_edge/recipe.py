@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from lora_edge.errors import ConfigError
@@ -110,3 +111,435 @@ class TrainSpec:
             if not ok:
                 raise ConfigError(f"invalid {name} = {getattr(self, name)!r}", f"train.{name}",
                                   f"see --help: {field_help(TrainSpec)[name]}")
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy-gate thresholds
+# --------------------------------------------------------------------------------------------
+
+def _threshold(bound: str, help: str) -> Any:
+    """A threshold field: ``bound`` is "max" (value must stay at or under it) or "min" (at or over it)."""
+    return field(default=None, metadata={"help": help, "bound": bound})
+
+
+@dataclass
+class Thresholds:
+    """What a graph must reach against the PyTorch reference (base + adapter, fp32). None = not gated.
+
+    Logit metrics run on every example (and, for causal LMs, every token
+    position); task metrics need labeled data (classification) or text
+    (causal LM) and are skipped, with the reason, without it.
+    """
+
+    max_abs_diff: float | None = _threshold("max", "Largest |logit - reference logit| over all examples and outputs.")
+    mean_abs_diff: float | None = _threshold("max", "Mean |logit - reference logit| over all examples and outputs.")
+    cosine: float | None = _threshold("min", "Smallest cosine similarity between an example's logits and the "
+                                             "reference's (per token position for causal LMs).")
+    top1_agreement: float | None = _threshold("min", "Share of examples whose top-1 class equals the reference's "
+                                                     "(causal LM: next-token agreement over all positions).")
+    accuracy_drop: float | None = _threshold("max", "Reference accuracy minus the graph's, in percentage points.")
+    macro_f1_drop: float | None = _threshold("max", "Reference macro-F1 minus the graph's, in percentage points.")
+    perplexity_increase: float | None = _threshold("max", "Causal LM: perplexity increase over the reference, "
+                                                          "in percent.")
+
+    def __post_init__(self):
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"threshold must be a non-negative number, got {value!r}", spec.name,
+                                  "write e.g. 0.99, or false to not gate this metric")
+            if spec.name in ("cosine", "top1_agreement") and value > 1:
+                raise ConfigError(f"{spec.name} is a fraction in [0, 1], got {value!r}", spec.name,
+                                  "write e.g. 0.99")
+            setattr(self, spec.name, float(value))
+
+    @staticmethod
+    def bound(metric: str) -> str:
+        """"max" when a metric's value must stay at or under its threshold, "min" when at or over it."""
+        return THRESHOLD_FIELDS[metric].metadata["bound"]
+
+    def override(self, table: dict, where: str) -> "Thresholds":
+        """A copy with the metrics in ``table`` replaced (``false`` turns a metric's gate off).
+
+        Raises ConfigError naming ``where.<metric>`` for an unknown metric or a bad value.
+        """
+        if not isinstance(table, dict):
+            raise ConfigError("expected a table of metric = threshold", where, "write e.g. top1_agreement = 0.99")
+        values = {spec.name: getattr(self, spec.name) for spec in fields(self)}
+        for metric, value in table.items():
+            if metric not in values:
+                raise ConfigError(f"unknown metric '{metric}'", f"{where}.{metric}",
+                                  f"use one of: {', '.join(values)}")
+            try:
+                Thresholds(**{metric: None if value is False else value})
+            except ConfigError as exc:
+                raise ConfigError(exc.what, f"{where}.{metric}", exc.fix) from None
+            values[metric] = None if value is False else value
+        return Thresholds(**values)
+
+    def to_json(self) -> dict:
+        """``{metric: threshold}`` for the gated metrics."""
+        return {spec.name: getattr(self, spec.name) for spec in fields(self) if getattr(self, spec.name) is not None}
+
+
+THRESHOLD_FIELDS = {spec.name: spec for spec in fields(Thresholds)}
+
+# Documented defaults (README, "The accuracy gate"). fp32 is held to what the exporter
+# proves (1e-4 on logits); lower precisions to what their quantizers promise on the
+# default model: int8 top-1 >= 99% and <= 1 point accuracy drop, int4 <= 2 points,
+# fp16 <= 1e-2 on logits. Causal-LM perplexity may rise a little with each step down.
+DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
+    "fp32": Thresholds(max_abs_diff=1e-4, mean_abs_diff=1e-5, cosine=0.99999, top1_agreement=0.999,
+                       accuracy_drop=0.5, macro_f1_drop=0.5, perplexity_increase=0.1),
+    "fp16": Thresholds(max_abs_diff=1e-2, mean_abs_diff=2e-3, cosine=0.9999, top1_agreement=0.99,
+                       accuracy_drop=0.5, macro_f1_drop=1.0, perplexity_increase=1.0),
+    "int8-dynamic": Thresholds(max_abs_diff=1.0, mean_abs_diff=0.25, cosine=0.98, top1_agreement=0.99,
+                               accuracy_drop=1.0, macro_f1_drop=1.5, perplexity_increase=5.0),
+    "int8-static": Thresholds(max_abs_diff=1.0, mean_abs_diff=0.25, cosine=0.98, top1_agreement=0.99,
+                              accuracy_drop=1.0, macro_f1_drop=1.5, perplexity_increase=5.0),
+    "int4": Thresholds(max_abs_diff=2.0, mean_abs_diff=0.5, cosine=0.95, top1_agreement=0.95,
+                       accuracy_drop=2.0, macro_f1_drop=3.0, perplexity_increase=10.0),
+}
+
+
+def precision_names() -> list[str]:
+    """Valid precision names, as recipes and device files spell them."""
+    from lora_edge.bundle import Precision
+
+    return [p.value for p in Precision]
+
+
+def check_threshold_tables(tables: Any, where: str) -> dict[str, dict]:
+    """Validate ``{precision: {metric: threshold}}`` override tables; errors name ``where.<precision>.<metric>``."""
+    if not isinstance(tables, dict):
+        raise ConfigError("expected a table per precision", where, f"write [{where}.int8-dynamic]")
+    for precision, table in tables.items():
+        if precision not in DEFAULT_THRESHOLDS:
+            raise ConfigError(f"unknown precision '{precision}'", f"{where}.{precision}",
+                              f"use one of: {', '.join(DEFAULT_THRESHOLDS)}")
+        DEFAULT_THRESHOLDS[precision].override(table, f"{where}.{precision}")
+    return tables
+
+
+def resolve_thresholds(precision: str, *overrides: tuple[dict, str]) -> Thresholds:
+    """The thresholds for ``precision``: the documented defaults, then each ``(tables, where)`` in order.
+
+    Callers pass the device file's tolerances first and the recipe's thresholds
+    last, so the recipe (the job's explicit choice) has the final word.
+    """
+    key = str(getattr(precision, "value", precision))
+    thresholds = DEFAULT_THRESHOLDS[key]
+    for tables, where in overrides:
+        if tables and key in tables:
+            thresholds = thresholds.override(tables[key], f"{where}.{key}")
+    return thresholds
+
+
+@dataclass
+class CheckSpec:
+    """The accuracy gate: which data it evaluates on, which device runs it, and its thresholds."""
+
+    data: str = _field("", "Labeled evaluation file (JSONL/CSV; causal LM: text). Empty: the test split "
+                           "recorded with each adapter, else generated inputs (task metric skipped).")
+    device: str = _field("", "Device target (name or .toml) whose providers run the graphs and whose tolerances "
+                             "apply. Empty: ONNX Runtime's CPU provider, default thresholds.")
+    max_examples: int = _field(0, "Evaluate at most this many examples per adapter; 0 = all.")
+    batch_size: int = _field(32, "Examples per inference batch.")
+    max_length: int = _field(128, "Token length examples are truncated to.")
+    generated_examples: int = _field(32, "How many random inputs to generate when there is no data.")
+    seed: int = _field(0, "Seed for generated inputs.")
+    thresholds: dict[str, dict[str, float]] = _field({}, "Overrides per precision, e.g. "
+                                                         "[check.thresholds.int4] top1_agreement = 0.97.")
+
+    def __post_init__(self):
+        for name, minimum in (("max_examples", 0), ("batch_size", 1), ("max_length", 8), ("generated_examples", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", f"check.{name}",
+                                  f"see --help: {field_help(CheckSpec)[name]}")
+        check_threshold_tables(self.thresholds, "check.thresholds")
+
+    def thresholds_for(self, precision: str, device_tolerances: dict | None = None,
+                       device_where: str = "device.tolerances") -> Thresholds:
+        """Defaults for ``precision``, overridden by the device's tolerances, then by this spec."""
+        return resolve_thresholds(precision, (device_tolerances or {}, device_where),
+                                  (self.thresholds, "check.thresholds"))
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes: one TOML file per export job
+# --------------------------------------------------------------------------------------------
+
+SHIPPED_DATA = "intent"  # the voice-assistant intent task shipped with the package
+RECIPE_SUFFIX = ".toml"
+
+
+@dataclass
+class TrainingSpec:
+    """A training block: train the adapter from data instead of naming a directory."""
+
+    data: str = _field(SHIPPED_DATA, "Training data file (JSONL/CSV/txt), or 'intent' for the shipped intent task.")
+    validation: str = _field("", "Validation file; empty: cut from the training data by seed.")
+    test: str = _field("", "Test file (the gate's default evaluation set); empty: cut from the data by seed.")
+    lora: LoraSpec = _field(None, "The LoRA adapter to train ([adapters.training.lora]).")
+    train: TrainSpec = _field(None, "The schedule ([adapters.training.train]).")
+
+    def __post_init__(self):
+        self.lora = _build(LoraSpec, self.lora or {}, "lora")
+        self.train = _build(TrainSpec, self.train or {}, "train")
+        if not isinstance(self.data, str) or not self.data:
+            raise ConfigError("data must name a file or 'intent'", "data", 'write data = "intent"')
+
+    def data_files(self):
+        """The data files to train on, as the trainer records them (:class:`~lora_edge.data.DataFiles`)."""
+        from lora_edge.data import DataFiles, default_intent_files
+
+        if self.data == SHIPPED_DATA:
+            return default_intent_files()
+        return DataFiles(Path(self.data), Path(self.validation) if self.validation else None,
+                         Path(self.test) if self.test else None, seed=self.train.seed)
+
+
+@dataclass
+class AdapterSource:
+    """An adapter of the recipe: an existing PEFT directory (``path``) or a ``training`` block."""
+
+    name: str = _field("", "Adapter name in the bundle (letters, digits, -, _); default: the directory's name.")
+    path: str = _field("", "An existing PEFT adapter directory.")
+    training: TrainingSpec | None = _field(None, "Train the adapter instead ([adapters.training]).")
+
+    def __post_init__(self):
+        if isinstance(self.training, dict):
+            self.training = _build(TrainingSpec, self.training, "training")
+        if bool(self.path) == bool(self.training):
+            raise ConfigError("an adapter needs exactly one of 'path' or a [training] block", "path",
+                              'write path = "adapters/intent", or add [adapters.training]')
+        self.name = self.name or Path(self.path).name
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"adapter name {self.name!r} must be letters, digits, - and _", "name",
+                              'write e.g. name = "intent"')
+
+
+@dataclass
+class ExportSpec:
+    """Which graphs to build: forms and precisions (quantization settings included)."""
+
+    forms: list[str] = _field(["merged", "branched", "hotswap"], "Deployment forms: merged, branched, hotswap.")
+    precisions: list[str] = _field(["fp32"], "Precisions: fp32, fp16, int8-dynamic, int8-static, int4 "
+                                             "(fp32 is always built: the others are made from it).")
+    opset: int = _field(0, "ONNX opset; 0 = the exporter's default.")
+    calibration: str = _field("", "Calibration data for int8-static; empty: the data recorded with the adapter.")
+    block_size: int = _field(32, "Block size of int4 weight-only quantization.")
+
+    def __post_init__(self):
+        from lora_edge.bundle import Form, Precision, parse_choices
+
+        self.forms = [f.value for f in parse_choices(Form, _as_list(self.forms), "export.forms")]
+        precisions = [p.value for p in parse_choices(Precision, _as_list(self.precisions), "export.precisions")]
+        self.precisions = ["fp32"] + [p for p in dict.fromkeys(precisions) if p != "fp32"]
+        if not isinstance(self.opset, int) or self.opset < 0:
+            raise ConfigError(f"opset must be a non-negative integer, got {self.opset!r}", "opset", "use e.g. 18")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two >= 16, got {self.block_size}", "block_size",
+                              "use 32 or 128")
+
+    @property
+    def quantized_precisions(self) -> list[str]:
+        """The precisions made by quantizing the fp32 graphs."""
+        return [p for p in self.precisions if p != "fp32"]
+
+
+@dataclass
+class ProfileSpec:
+    """Where and how to measure latency: device targets and the measurement settings."""
+
+    devices: list[str] = _field([], "Device targets (names or .toml paths); 'host' = every shipped CPU target "
+                                    "this host can run (its CPU architecture). Empty: no profiling.")
+    batch: int = _field(1, "Batch size of the timed inputs.")
+    seq: int = _field(128, "Sequence length of the timed inputs.")
+    runs: int = _field(50, "Timed runs per graph.")
+    warmup: int = _field(5, "Untimed warm-up runs per graph.")
+    allow_fallback: bool = _field(False, "Measure on the providers this host has when a device asks for others "
+                                         "(recorded in the report). Off: such devices are listed as not measured.")
+
+    def __post_init__(self):
+        self.devices = _as_list(self.devices)
+        for name, minimum in (("batch", 1), ("seq", 1), ("runs", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", name,
+                                  f"see --help: {field_help(ProfileSpec)[name]}")
+
+
+@dataclass
+class Recipe:
+    """One export job: model, adapters, forms, precisions, devices, gate thresholds, output directory."""
+
+    name: str = _field("", "Recipe name; the bundle is written to <output>/<name>.")
+    description: str = _field("", "What the recipe is for, in one line.")
+    model: str = _field("default", "Base model: 'default' (embedded MiniLM), a local HF directory, "
+                                   "or 'tiny:<arch>' (a tiny random model built locally).")
+    task: str = _field("seq-cls", "seq-cls or causal-lm.")
+    output: str = _field("runs", "Directory the bundle is written into (relative to the working directory).")
+    seed: int = _field(0, "Seed recorded in the manifest and used by every stage.")
+    trust_remote_code: bool = _field(False, "Allow model code from the model directory (off: safer).")
+    adapters: list[AdapterSource] = _field([], "The adapters ([[adapters]]): paths or training blocks.")
+    export: ExportSpec = _field(None, "[export]: forms, precisions, quantization settings.")
+    profile: ProfileSpec = _field(None, "[profile]: devices and measurement settings.")
+    check: CheckSpec = _field(None, "[check]: evaluation data and thresholds of the accuracy gate.")
+    source: str = field(default="", metadata={"help": "File the recipe was loaded from."})
+
+    def __post_init__(self):
+        from lora_edge.models import Task
+
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"recipe name {self.name!r} must be letters, digits, - and _", "name",
+                              'write e.g. name = "demo"')
+        self.task = Task.parse(self.task, "task").value
+        if not isinstance(self.adapters, list) or not self.adapters:
+            raise ConfigError("a recipe needs at least one adapter", "adapters",
+                              "add an [[adapters]] table with a path or a training block")
+        self.adapters = [item if isinstance(item, AdapterSource) else _build(AdapterSource, item, f"adapters[{i}]")
+                         for i, item in enumerate(self.adapters)]
+        names = [adapter.name for adapter in self.adapters]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise ConfigError(f"two adapters are named '{duplicate}'", "adapters", "give each adapter its own name")
+        self.export = _section(ExportSpec, self.export, "export")
+        self.profile = _section(ProfileSpec, self.profile, "profile")
+        self.check = _section(CheckSpec, self.check, "check")
+        if self.model.startswith("tiny:"):
+            from lora_edge.tiny import tiny_arch
+
+            tiny_arch(self.model, "model")
+
+    @property
+    def bundle_dir(self) -> Path:
+        """Where the bundle goes: ``<output>/<name>``."""
+        return Path(self.output) / self.name
+
+    def to_json(self) -> dict:
+        """Plain JSON form (recorded in the bundle's manifest)."""
+        def plain(value):
+            if isinstance(value, enum.Enum):
+                return value.value
+            if hasattr(value, "__dataclass_fields__"):
+                return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [plain(v) for v in value]
+            return value
+
+        return plain(self)
+
+
+def _as_list(value: Any) -> list:
+    """A list field given as a list or as one comma-separated string."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return list(value)
+
+
+def _section(spec_class: type, value: Any, prefix: str) -> Any:
+    if isinstance(value, spec_class):
+        return value
+    return _build(spec_class, value or {}, prefix)
+
+
+def _type_error(spec_class: type, name: str, value: Any) -> str | None:
+    """Why ``value`` does not fit field ``name`` (judged by the field's default), or None when it does."""
+    spec = next(f for f in fields(spec_class) if f.name == name)
+    default = spec.default_factory() if callable(spec.default_factory) else spec.default  # type: ignore[misc]
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list, str), dict: (dict,)}
+    for kind, accepted in expected.items():
+        if isinstance(default, kind) and not isinstance(default, enum.Enum):
+            ok = isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
+            return None if ok else f"expected {kind.__name__}, got {type(value).__name__} {value!r}"
+    if isinstance(default, enum.Enum) and not isinstance(value, (str, enum.Enum)):
+        return f"expected a string, got {value!r}"
+    return None
+
+
+def _build(spec_class: type, table: Any, prefix: str) -> Any:
+    """Construct ``spec_class`` from a TOML table; every error names ``prefix.<field>``.
+
+    Unknown keys and wrongly typed values are refused here; the dataclass's own
+    ``__post_init__`` checks the rest, and the field it names is re-rooted at ``prefix``.
+    """
+    if isinstance(table, spec_class):
+        return table
+    if not isinstance(table, dict):
+        raise ConfigError(f"expected a table, got {table!r}", prefix, f"write [{prefix}] with its fields")
+    known = [f.name for f in fields(spec_class) if f.name != "source"]
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"unknown field '{key}'", f"{prefix}.{key}", f"valid fields: {', '.join(known)}")
+        problem = _type_error(spec_class, key, value)
+        if problem:
+            raise ConfigError(problem, f"{prefix}.{key}", f"see --help: {field_help(spec_class)[key]}")
+    try:
+        return spec_class(**table)
+    except ConfigError as exc:
+        raise ConfigError(exc.what, _reroot(exc.where, known, prefix), exc.fix) from None
+
+
+def _reroot(where: str | None, known: list[str], prefix: str) -> str:
+    """Turn a spec's own error location ("lora.rank", "rank", "adapters[0].path") into "<prefix>.<field...>".
+
+    Specs name their fields with or without a section in front; the location is
+    cut at the first part that is a field of this spec and re-rooted at ``prefix``.
+    """
+    parts = (where or "").split(".")
+    rest = next((".".join(parts[i:]) for i, part in enumerate(parts) if part.split("[")[0] in known), where or "")
+    return ".".join(part for part in (prefix, rest) if part)
+
+
+def recipes_dir() -> Path:
+    """Directory of the recipes shipped with the package (top-level ``export/`` links there)."""
+    from importlib import resources
+
+    return Path(str(resources.files("lora_edge") / "resources" / "recipes"))
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes."""
+    return sorted(path.stem for path in recipes_dir().glob(f"*{RECIPE_SUFFIX}"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: a path, or the name of a shipped recipe (``demo``)."""
+    value = str(name_or_path)
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    shipped = recipes_dir() / f"{value}{RECIPE_SUFFIX}"
+    if "/" not in value and shipped.is_file():
+        return shipped
+    raise ConfigError(f"recipe '{value}' does not exist", "RECIPE",
+                      f"give a .toml path or a shipped recipe: {', '.join(list_recipes())}")
+
+
+def recipe_from_dict(data: dict, source: str = "") -> Recipe:
+    """Build and validate a Recipe from parsed TOML; errors read ``<source>: <dotted.field>``."""
+    try:
+        return _build(Recipe, data, "")
+    except ConfigError as exc:
+        where = (exc.where or "").lstrip(".")
+        raise ConfigError(exc.what, f"{source}: {where}" if source else where, exc.fix) from None
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load and validate a recipe TOML file (or a shipped recipe by name)."""
+    import tomllib
+
+    path = find_recipe(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML ({exc})", path, "fix the syntax") from None
+    recipe = recipe_from_dict(data, str(name_or_path) if Path(str(name_or_path)).is_file() else str(path))
+    recipe.source = str(path)
+    return recipe
