@@ -1,0 +1,344 @@
+"""torch -> ONNX with the torch.export-based exporter (``torch.onnx.export(dynamo=True)``, onnxscript).
+
+The exporter knows nothing about tasks: what a graph takes and returns comes
+from a :class:`GraphIO`, which a task's *graph-I/O builder* makes for a model.
+Builders live in a registry (:data:`GRAPH_IO`), keyed by :class:`~lora_edge.models.Task`.
+
+Protocol for a task's builder (the causal-LM one lives in ``lora_edge/decoder.py``)
+------------------------------------------------------------------------------------
+A builder is a callable ``builder(model, context) -> GraphIO``:
+
+* ``model`` is an ``nn.Module`` with the Hugging Face forward of the task
+  (``model(input_ids=..., attention_mask=..., ...)``). It is one of: the PyTorch
+  reference (a ``PeftModel``, base + adapter, unmerged), the merged model, the
+  branched model, or the hot-swap model (base with empty ``LoraBranch`` layers).
+  The builder must not modify it, and must hold it as a submodule of
+  ``GraphIO.module`` (the hot-swap form substitutes its parameters through
+  ``torch.func.functional_call`` on ``GraphIO.module``, found by identity).
+* ``context`` is an :class:`ExportContext`: task, tokenizer, model config and sample texts.
+* The result for the same ``context`` must have the same ``input_names``,
+  ``output_names`` and ``verify_inputs`` whatever the model: the exporter runs
+  the builder on the reference model too, and checks the graph's outputs on
+  ``verify_inputs`` against the reference's.
+
+``GraphIO.module.forward(*inputs)`` takes the graph inputs *positionally*, in
+``input_names`` order, and returns one tensor or a tuple of tensors in
+``output_names`` order (flatten any cache: one tensor per key and per value).
+``dynamic_axes`` names the dynamic axes of each input (same name = same dim);
+example inputs must have a size >= 2 on every dynamic axis (torch.export
+specializes sizes 0 and 1), while ``dim_min`` may allow 0 at run time (e.g. an
+empty past). Register with::
+
+    from lora_edge.exporter import register_graph_io
+    register_graph_io(Task.CAUSAL_LM, causal_lm_graph_io)
+
+at import time of the module named in :data:`GRAPH_IO_MODULES` (imported lazily
+by :func:`graph_io_for`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+
+from lora_edge.errors import ConfigError, ExportError
+from lora_edge.models import Task
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime
+    import torch
+    from torch import nn
+
+# Verification tolerance for fp32 graphs against the PyTorch reference (max abs diff of outputs).
+FP32_TOLERANCE = 1e-4
+# Above this many bytes of weights a graph is saved with external data (protobuf's 2 GB limit).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+# Varied utterances (short to long) on which every encoder graph is checked against PyTorch.
+SAMPLE_TEXTS = (
+    "turn the lights on",
+    "what's the weather like in Paris tomorrow morning?",
+    "hi",
+    "set an alarm for 7 am and remind me to call my sister about the trip",
+    "play some jazz",
+    "could you please book a table for four people at the italian place near the station "
+    "on friday evening, somewhere quiet, and send the confirmation to my email address",
+)
+
+
+@dataclass
+class ExportContext:
+    """What a graph-I/O builder may use besides the model: task, tokenizer, config, sample texts."""
+
+    task: Task
+    tokenizer: Any
+    config: Any  # the transformers PretrainedConfig of the base model
+    sample_texts: tuple[str, ...] = SAMPLE_TEXTS
+    max_length: int = 128
+
+
+@dataclass
+class GraphIO:
+    """Everything needed to export one model for one task and to check the graph.
+
+    ``module`` -- forward(*inputs) in ``input_names`` order -> tensor(s) in ``output_names`` order.
+    ``example_inputs`` -- tensors for tracing (size >= 2 on every dynamic axis).
+    ``dynamic_axes`` -- input name -> {axis: dim name}; a shared name is a shared dim.
+    ``verify_inputs`` -- input tuples (same order) on which the graph must match the reference.
+    ``dim_min`` -- dim name -> smallest size allowed (torch.export's default otherwise).
+    """
+
+    module: "nn.Module"
+    example_inputs: tuple["torch.Tensor", ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    verify_inputs: list[tuple["torch.Tensor", ...]]
+    dim_min: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.example_inputs) != len(self.input_names):
+            raise ValueError(f"{len(self.example_inputs)} example inputs for {len(self.input_names)} input names")
+        unknown = set(self.dynamic_axes) - set(self.input_names)
+        if unknown:
+            raise ValueError(f"dynamic_axes names unknown inputs: {sorted(unknown)}")
+
+
+class GraphIOBuilder(Protocol):
+    """``builder(model, context) -> GraphIO`` (see the module docstring for the contract)."""
+
+    def __call__(self, model: "nn.Module", context: ExportContext) -> GraphIO: ...
+
+
+GRAPH_IO: dict[Task, GraphIOBuilder] = {}
+# Tasks whose builder registers itself when its module is imported (kept lazy: no import cycles, fast CLI).
+GRAPH_IO_MODULES: dict[Task, str] = {Task.CAUSAL_LM: "lora_edge.decoder"}
+
+
+def register_graph_io(task: Task, builder: GraphIOBuilder) -> GraphIOBuilder:
+    """Register ``builder`` as the graph-I/O builder of ``task`` (replaces any earlier one)."""
+    GRAPH_IO[Task(task)] = builder
+    return builder
+
+
+def graph_io_for(task: Task) -> GraphIOBuilder:
+    """The builder registered for ``task``, importing its module first if needed."""
+    task = Task(task)
+    if task not in GRAPH_IO and task in GRAPH_IO_MODULES:
+        try:
+            importlib.import_module(GRAPH_IO_MODULES[task])
+        except ModuleNotFoundError as exc:
+            if exc.name != GRAPH_IO_MODULES[task]:
+                raise
+    if task not in GRAPH_IO:
+        raise ConfigError(f"ONNX export for task '{task.value}' is not available in this version", "--task",
+                          f"use one of: {', '.join(t.value for t in GRAPH_IO) or 'none'}")
+    return GRAPH_IO[task]
+
+
+# --- encoders: sequence classification -------------------------------------------------------------
+
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def encoder_input_names(model: "nn.Module", tokenizer) -> list[str]:
+    """input_ids and attention_mask, plus token_type_ids where both the model and the tokenizer use them."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    accepted = inspect.signature(inner.forward).parameters
+    produced = set(getattr(tokenizer, "model_input_names", ENCODER_INPUTS))
+    return [name for name in ENCODER_INPUTS if name in accepted and (name in produced or name != "token_type_ids")]
+
+
+def _encode(tokenizer, texts: Sequence[str], names: list[str], max_length: int,
+            padding: str | bool = "longest") -> tuple["torch.Tensor", ...]:
+    encoded = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+    return tuple(encoded[name].long() for name in names)
+
+
+def sequence_classification_io(model: "nn.Module", context: ExportContext) -> GraphIO:
+    """Graph-I/O builder for ``Task.SEQ_CLS``: int64 [batch, sequence] ids/mask(/token types) -> logits."""
+    from torch import nn
+
+    names = encoder_input_names(model, context.tokenizer)
+    max_length = min(context.max_length, getattr(context.config, "max_position_embeddings", 512) - 2)
+
+    class SequenceClassifier(nn.Module):
+        """Positional graph inputs -> logits."""
+
+        def __init__(self, wrapped: nn.Module):
+            super().__init__()
+            self.model = wrapped
+
+        def forward(self, *inputs):
+            return self.model(**dict(zip(names, inputs))).logits
+
+    texts = context.sample_texts
+    # Batches of 1, 2 and 3 with different padded lengths (the long text makes one near max_length).
+    verify = [_encode(context.tokenizer, texts[i:j], names, max_length) for i, j in ((0, 1), (1, 3), (3, 6))]
+    example = _encode(context.tokenizer, texts[:2], names, max_length, padding="max_length")
+    example = tuple(t[:, :16] for t in example)
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    return GraphIO(SequenceClassifier(model).eval(), example, names, ["logits"], axes, verify)
+
+
+register_graph_io(Task.SEQ_CLS, sequence_classification_io)
+
+
+# --- export and verification -----------------------------------------------------------------------
+
+def _dynamic_shapes(io: GraphIO) -> tuple:
+    """torch.export dynamic_shapes (a tuple matching the positional inputs) from ``io.dynamic_axes``."""
+    from torch.export import Dim
+
+    dims: dict[str, Any] = {}
+
+    def dim(name: str):
+        if name not in dims:
+            dims[name] = Dim(name, min=io.dim_min[name]) if name in io.dim_min else Dim(name)
+        return dims[name]
+
+    shapes = tuple({axis: dim(dim_name) for axis, dim_name in io.dynamic_axes.get(name, {}).items()} or None
+                   for name in io.input_names)
+    # torch.export matches dynamic_shapes to the forward's parameters: a `*inputs` forward has one (a tuple).
+    parameters = list(inspect.signature(io.module.forward).parameters.values())
+    if len(parameters) == 1 and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return (shapes,)
+    return shapes
+
+
+def _error_line(exc: BaseException) -> str:
+    """The informative line of an exporter error: its 'Exception summary' entry, else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("<class '"):
+            return line[:300]
+    return (lines or [exc.__class__.__name__])[0][:300]
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """Hide the exporter's warnings and info logs (torchvision missing, axis renames): users see one line."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def export_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: str | None = None) -> Path:
+    """Export ``io.module`` to the ONNX file ``path`` with dynamic axes; returns ``path``.
+
+    Raises ExportError naming the graph (and the exporter's first error line) when
+    torch.export or the ONNX translation fails.
+    """
+    import torch
+
+    graph_name = graph_name or Path(path).name
+    io.module.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in io.module.parameters())
+    try:
+        with _quiet_export(), torch.no_grad():
+            program = torch.onnx.export(io.module, io.example_inputs, dynamo=True, dynamic_shapes=_dynamic_shapes(io),
+                                        input_names=io.input_names, output_names=io.output_names,
+                                        opset_version=opset, optimize=True, verbose=False)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    except Exception as exc:  # torch.export raises many types; all mean "this model does not export"
+        raise ExportError(f"torch.onnx.export failed ({_error_line(exc)})", graph_name,
+                          "re-run with --debug for the trace; try another --opset or report the architecture") from exc
+    return Path(path)
+
+
+def reference_outputs(io: GraphIO) -> list[list["np.ndarray"]]:
+    """Outputs of ``io.module`` (in PyTorch, fp32) on each of ``io.verify_inputs``."""
+    import torch
+
+    results = []
+    with torch.no_grad():
+        for inputs in io.verify_inputs:
+            out = io.module(*inputs)
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            results.append([t.detach().float().numpy() for t in out])
+    return results
+
+
+def max_abs_diff(expected: list[list["np.ndarray"]], actual: list[list["np.ndarray"]]) -> float:
+    """Largest absolute difference between two lists of output lists (inf on a shape mismatch)."""
+    import numpy as np
+
+    worst = 0.0
+    for want_outputs, got_outputs in zip(expected, actual, strict=True):
+        for want, got in zip(want_outputs, got_outputs, strict=True):
+            if want.shape != got.shape:
+                return float("inf")
+            worst = max(worst, float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)), initial=0.0)))
+    return worst
+
+
+def run_graph(session: "onnxruntime.InferenceSession", io: GraphIO,
+              adapter: "onnxruntime.LoraAdapter | None" = None) -> list[list["np.ndarray"]]:
+    """Run a session on each of ``io.verify_inputs`` (optionally with a hot-swap adapter active)."""
+    from lora_edge.runtime import run
+
+    return [[out.astype("float32") for out in run(session, dict(zip(io.input_names, (t.numpy() for t in inputs))),
+                                                  adapter=adapter, output_names=io.output_names)]
+            for inputs in io.verify_inputs]
+
+
+def check_agreement(graph_name: str, expected: list[list["np.ndarray"]], actual: list[list["np.ndarray"]],
+                    tolerance: float = FP32_TOLERANCE, against: str = "the PyTorch reference") -> float:
+    """Return the max abs diff, or raise ExportError naming the graph when it exceeds ``tolerance``."""
+    diff = max_abs_diff(expected, actual)
+    if not diff <= tolerance:
+        raise ExportError(f"graph {graph_name} drifts from {against}: max abs diff {diff:.3g} > {tolerance:g}",
+                          graph_name, "re-run with --debug; try another --opset or report the architecture")
+    return diff
+
+
+def verify_graph(path: Path, io: GraphIO, expected: list[list["np.ndarray"]], graph_name: str,
+                 tolerance: float = FP32_TOLERANCE) -> float:
+    """Run the ONNX graph at ``path`` on ``io.verify_inputs`` and compare with ``expected``; return the max diff."""
+    from lora_edge.runtime import create_session
+
+    session = create_session(path)
+    return check_agreement(graph_name, expected, run_graph(session, io), tolerance)
+
+
+@dataclass
+class ExportResult:
+    """An exported and verified graph: its file, the reference diff and the export time in seconds."""
+
+    path: Path
+    max_abs_diff: float
+    seconds: float
+
+
+def export_and_verify(model: "nn.Module", reference: "nn.Module", context: ExportContext, path: Path,
+                      graph_name: str, opset: int | None = None, tolerance: float = FP32_TOLERANCE,
+                      progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Export ``model`` for ``context.task`` to ``path`` and check it against ``reference`` (same task I/O)."""
+    builder = graph_io_for(context.task)
+    io, reference_io = builder(model, context), builder(reference, context)
+    if progress:
+        progress(f"exporting {graph_name}")
+    start = time.perf_counter()
+    export_onnx(io, path, opset, graph_name)
+    seconds = time.perf_counter() - start
+    diff = verify_graph(path, io, reference_outputs(reference_io), graph_name, tolerance)
+    if progress:
+        progress(f"  {graph_name}: {seconds:.1f} s, max abs diff vs PyTorch {diff:.2g}")
+    return ExportResult(Path(path), diff, seconds)
