@@ -239,8 +239,12 @@ def _quiet_export():
                 logger.setLevel(level)
 
 
-def export_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: str | None = None) -> Path:
+def export_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: str | None = None,
+                edit: Callable[[Any], None] | None = None) -> Path:
     """Export ``io.module`` to the ONNX file ``path`` with dynamic axes; returns ``path``.
+
+    ``edit``, when given, receives the exported ``onnx_ir.Model`` before it is saved
+    (the hot-swap form adds its default initializers there).
 
     Raises ExportError naming the graph (and the exporter's first error line) when
     torch.export or the ONNX translation fails.
@@ -255,11 +259,13 @@ def export_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: s
             program = torch.onnx.export(io.module, io.example_inputs, dynamo=True, dynamic_shapes=_dynamic_shapes(io),
                                         input_names=io.input_names, output_names=io.output_names,
                                         opset_version=opset, optimize=True, verbose=False)
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     except Exception as exc:  # torch.export raises many types; all mean "this model does not export"
         raise ExportError(f"torch.onnx.export failed ({_error_line(exc)})", graph_name,
                           "re-run with --debug for the trace; try another --opset or report the architecture") from exc
+    if edit is not None:
+        edit(program.model)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     return Path(path)
 
 

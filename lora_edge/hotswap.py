@@ -1,0 +1,275 @@
+"""The hot-swap form: one base graph whose adapter tensors are graph inputs; adapters as .onnx_adapter files.
+
+How it is built (DESIGN.md, "Facts measured"): renaming initializers after a
+plain export cannot work (the exporter folds transposes into anonymous
+initializers), so the adapter's tensors are made explicit inputs of the
+exported function. :class:`HotswapModule` takes the task's graph inputs plus one
+tensor per :class:`SwapSlot` and calls ``torch.func.functional_call`` on the
+task module, substituting them for the parameters of empty
+:class:`~lora_edge.merge.LoraBranch` layers (and of the ``modules_to_save``
+heads). After export, each such input gets a same-named initializer:
+
+* LoRA ``A`` ``[0, in]`` and ``B`` ``[out, 0]`` (a dynamic rank axis), so that with
+  no adapter fed the graph is the base model;
+* head tensors the base model's values, so an adapter without a head uses the base head.
+
+Input names are PEFT's file keys (``base_model.model.<module>.lora_A.weight``);
+B enters already multiplied by the layer's scale. An adapter becomes an ONNX
+Runtime ``.onnx_adapter`` file (``onnxruntime.AdapterFormat``) holding those
+tensors, activated per run with :func:`lora_edge.runtime.run` (``adapter=``):
+switching adapters needs no new session.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from lora_edge.bundle import atomic_file
+from lora_edge.errors import AdapterMismatchError, ConfigError, ExportError
+from lora_edge.exporter import (FP32_TOLERANCE, ExportContext, GraphIO, check_agreement,
+                                export_onnx, graph_io_for, reference_outputs, run_graph)
+from lora_edge.merge import PEFT_PREFIX, _saved_module_wrappers, branch_modules, lora_pairs
+
+if TYPE_CHECKING:
+    import numpy as np
+    from peft import PeftModel
+
+LORA_A, LORA_B, TENSOR = "lora_A", "lora_B", "tensor"
+# Example rank used while tracing: torch.export specializes sizes 0 and 1, so anything >= 2.
+TRACE_RANK = 2
+ADAPTER_SUFFIX = ".onnx_adapter"
+
+
+@dataclass(frozen=True)
+class SwapSlot:
+    """One adapter tensor the hot-swap graph takes as an input.
+
+    ``name`` is the graph input name (PEFT's file key), ``module`` the base-model
+    path of the layer it belongs to, ``kind`` lora_A / lora_B / tensor (a head
+    parameter), ``attribute`` the parameter's name on that module, ``shape`` the
+    PEFT layout (``[r, in]`` / ``[out, r]`` with r = 0 for LoRA), ``rank_dim`` the
+    dynamic rank axis's name (LoRA only).
+    """
+
+    name: str
+    module: str
+    kind: str
+    attribute: str
+    shape: tuple[int, ...]
+    rank_dim: str | None = None
+
+    @property
+    def rank_axis(self) -> int | None:
+        """Which axis of the input is the rank (0 for A ``[r, in]``, 1 for B ``[out, r]``)."""
+        return {LORA_A: 0, LORA_B: 1}.get(self.kind)
+
+    def to_branch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """PEFT layout -> the layout the model's parameter has (LoraBranch stores Aᵀ and Bᵀ)."""
+        return tensor.T if self.kind in (LORA_A, LORA_B) else tensor
+
+
+def plan_slots(base_model: nn.Module, references: dict[str, "PeftModel"]) -> list[SwapSlot]:
+    """The graph inputs a hot-swap graph needs to serve every adapter in ``references``.
+
+    LoRA layers are the union of the adapters' targets; head tensors the union of
+    their ``modules_to_save``. Raises ConfigError when adapters disagree with the
+    base on a head's shape (one graph has one head shape).
+    """
+    lora: dict[str, tuple[int, int]] = {}
+    heads: dict[str, SwapSlot] = {}
+    for adapter, reference in references.items():
+        bias = getattr(reference.peft_config[reference.active_adapter], "bias", "none")
+        if bias != "none":
+            raise ConfigError(f"adapter '{adapter}' trains base biases (bias='{bias}'), which hot-swap cannot swap",
+                              "--forms hotswap", "use the merged or branched form for this adapter")
+        for pair in lora_pairs(reference):
+            lora[pair.module] = (int(pair.lora_A.shape[1]), int(pair.lora_B.shape[0]))
+        for module, wrapper in _saved_module_wrappers(reference):
+            saved = wrapper.modules_to_save[wrapper.active_adapter]
+            for attribute, param in saved.named_parameters():
+                name = f"{PEFT_PREFIX}{module}.{attribute}"
+                base_param = base_model.get_parameter(f"{module}.{attribute}")
+                if tuple(param.shape) != tuple(base_param.shape):
+                    raise ConfigError(f"adapter '{adapter}' has '{module}.{attribute}' of shape {tuple(param.shape)}, "
+                                      f"the base model {tuple(base_param.shape)}", "--forms hotswap",
+                                      "hot-swap adapters must share the label set size; export them in separate bundles")
+                heads[name] = SwapSlot(name, module, TENSOR, attribute, tuple(param.shape))
+    slots = []
+    for index, (module, (fan_in, fan_out)) in enumerate(sorted(lora.items())):
+        rank_dim = f"rank_{index}"
+        slots.append(SwapSlot(f"{PEFT_PREFIX}{module}.lora_A.weight", module, LORA_A, "lora_A", (0, fan_in), rank_dim))
+        slots.append(SwapSlot(f"{PEFT_PREFIX}{module}.lora_B.weight", module, LORA_B, "lora_B", (fan_out, 0), rank_dim))
+    return slots + [heads[name] for name in sorted(heads)]
+
+
+def hotswap_base(base_model: nn.Module, slots: list[SwapSlot]) -> nn.Module:
+    """Put empty LoraBranch layers on ``base_model`` (in place) where ``slots`` has LoRA inputs."""
+    shapes = {slot.module: (slot.shape[1], 0) for slot in slots if slot.kind == LORA_A}
+    for slot in slots:
+        if slot.kind == LORA_B:
+            shapes[slot.module] = (shapes[slot.module][0], slot.shape[0])
+    return branch_modules(base_model, shapes)
+
+
+class HotswapModule(nn.Module):
+    """forward(*task_inputs, *slot_tensors): the task module with the slot tensors substituted for its parameters."""
+
+    def __init__(self, task_module: nn.Module, parameter_paths: list[str], slots: list[SwapSlot],
+                 task_input_count: int):
+        super().__init__()
+        self.task_module = task_module
+        self.parameter_paths = parameter_paths
+        self.slots = slots
+        self.task_input_count = task_input_count
+
+    def forward(self, *inputs):
+        task_inputs, adapter_inputs = inputs[:self.task_input_count], inputs[self.task_input_count:]
+        overrides = {path: slot.to_branch(tensor)
+                     for path, slot, tensor in zip(self.parameter_paths, self.slots, adapter_inputs)}
+        return torch.func.functional_call(self.task_module, overrides, task_inputs)
+
+
+def _parameter_paths(task_module: nn.Module, model: nn.Module, slots: list[SwapSlot]) -> list[str]:
+    """Where each slot's parameter sits inside ``task_module`` (found by identity, whatever the wrapper)."""
+    paths = {id(param): name for name, param in task_module.named_parameters(remove_duplicate=False)}
+    result = []
+    for slot in slots:
+        param = getattr(model.get_submodule(slot.module), slot.attribute)
+        if id(param) not in paths:
+            raise ExportError(f"the task's graph wrapper does not hold the parameter of '{slot.module}'",
+                              slot.name, "a graph-I/O builder must keep the model as a submodule")
+        result.append(paths[id(param)])
+    return result
+
+
+def hotswap_graph_io(model: nn.Module, slots: list[SwapSlot], context: ExportContext) -> tuple[GraphIO, GraphIO]:
+    """(hot-swap GraphIO, the task's GraphIO) for ``model`` (a :func:`hotswap_base` model)."""
+    task_io = graph_io_for(context.task)(model, context)
+    examples = []
+    for slot in slots:
+        if slot.kind == TENSOR:
+            examples.append(getattr(model.get_submodule(slot.module), slot.attribute).detach().clone())
+        else:
+            shape = [TRACE_RANK if axis == slot.rank_axis else size for axis, size in enumerate(slot.shape)]
+            examples.append(torch.zeros(shape))
+    module = HotswapModule(task_io.module, _parameter_paths(task_io.module, model, slots), slots,
+                           len(task_io.input_names))
+    axes = dict(task_io.dynamic_axes)
+    axes.update({slot.name: {slot.rank_axis: slot.rank_dim} for slot in slots if slot.rank_dim})
+    io = GraphIO(module.eval(), task_io.example_inputs + tuple(examples), task_io.input_names + [s.name for s in slots],
+                 task_io.output_names, axes, verify_inputs=[], dim_min=dict(task_io.dim_min))
+    return io, task_io
+
+
+def default_initializers(model: nn.Module, slots: list[SwapSlot]) -> Callable:
+    """An ``export_onnx`` edit that gives every slot input a same-named initializer (its default)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    def edit(onnx_model) -> None:
+        inputs = {value.name: value for value in onnx_model.graph.inputs}
+        for slot in slots:
+            if slot.kind == TENSOR:
+                default = getattr(model.get_submodule(slot.module), slot.attribute).detach().float().numpy().copy()
+            else:
+                default = np.zeros(slot.shape, dtype=np.float32)
+            value = inputs[slot.name]
+            value.const_value = ir.tensor(default, name=slot.name)
+            onnx_model.graph.register_initializer(value)
+
+    return edit
+
+
+def adapter_tensors(reference: "PeftModel", slots: list[SwapSlot]) -> dict[str, "np.ndarray"]:
+    """The tensors of one adapter for a hot-swap graph: A, s·B (PEFT layout, fp32) and its head parameters."""
+    wanted = {slot.name for slot in slots}
+    tensors: dict[str, np.ndarray] = {}
+    for pair in lora_pairs(reference):
+        tensors[pair.key_A] = pair.lora_A.numpy()
+        tensors[pair.key_B] = pair.scaled_B().numpy()
+    for module, wrapper in _saved_module_wrappers(reference):
+        for attribute, param in wrapper.modules_to_save[wrapper.active_adapter].named_parameters():
+            tensors[f"{PEFT_PREFIX}{module}.{attribute}"] = param.detach().float().numpy()
+    missing = set(tensors) - wanted
+    if missing:
+        raise AdapterMismatchError(f"the hot-swap graph has no input for '{sorted(missing)[0]}'", "hotswap graph",
+                                   "export the hot-swap graph with this adapter among --adapter")
+    return {name: tensor.copy() for name, tensor in tensors.items()}
+
+
+def write_onnx_adapter(path: Path, tensors: dict[str, "np.ndarray"], adapter_version: int = 1,
+                       model_version: int = 1) -> Path:
+    """Write ``tensors`` (graph input name -> array) as an ONNX Runtime ``.onnx_adapter`` file, atomically."""
+    import numpy as np
+    import onnxruntime
+
+    arrays = {name: np.ascontiguousarray(tensor) for name, tensor in tensors.items()}  # kept alive for export
+    adapter = onnxruntime.AdapterFormat()
+    adapter.set_adapter_version(adapter_version)
+    adapter.set_model_version(model_version)
+    adapter.set_parameters({name: onnxruntime.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()})
+    with atomic_file(Path(path)) as staging:
+        adapter.export_adapter(str(staging))
+    return Path(path)
+
+
+def read_onnx_adapter(path: Path) -> dict[str, "np.ndarray"]:
+    """The tensors of an ``.onnx_adapter`` file (name -> numpy array)."""
+    import onnxruntime
+
+    return {name: value.numpy().copy()
+            for name, value in onnxruntime.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+
+
+@dataclass
+class HotswapResult:
+    """A verified hot-swap graph: its file, one adapter file per adapter, diffs against PyTorch, export time."""
+
+    graph: Path
+    adapter_files: dict[str, Path]
+    max_abs_diff: dict[str, float]  # adapter name (and "base") -> max abs diff
+    seconds: float
+    slots: list[SwapSlot]
+
+
+def export_hotswap(base_model: nn.Module, references: dict[str, "PeftModel"], context: ExportContext,
+                   graph_path: Path, adapter_dir: Path, graph_name: str = "hotswap",
+                   opset: int | None = None, tolerance: float = FP32_TOLERANCE,
+                   progress: Callable[[str], None] | None = None) -> HotswapResult:
+    """Export the hot-swap graph of ``base_model`` for ``references`` (name -> PEFT model) and their adapter files.
+
+    ``base_model`` (a fresh base model for the task) is modified in place. The graph
+    is verified in ONE session: with each adapter active it must match that
+    adapter's PEFT model, and with none it must match the base model.
+    """
+    from lora_edge.runtime import create_session, load_lora_adapter
+
+    slots = plan_slots(base_model, references)
+    model = hotswap_base(base_model, slots)
+    io, task_io = hotswap_graph_io(model, slots, context)
+    if progress:
+        progress(f"exporting {graph_name} ({sum(s.kind == LORA_A for s in slots)} LoRA layers, "
+                 f"{len(references)} adapter(s))")
+    start = time.perf_counter()
+    export_onnx(io, graph_path, opset, graph_name, edit=default_initializers(model, slots))
+    seconds = time.perf_counter() - start
+    files = {name: write_onnx_adapter(Path(adapter_dir) / f"{name}{ADAPTER_SUFFIX}", adapter_tensors(ref, slots))
+             for name, ref in references.items()}
+    session = create_session(graph_path)
+    builder = graph_io_for(context.task)
+    diffs = {"base": check_agreement(graph_name, reference_outputs(task_io), run_graph(session, task_io),
+                                     tolerance, "the base model (no adapter fed)")}
+    for name, ref in references.items():
+        expected = reference_outputs(builder(ref, context))
+        actual = run_graph(session, task_io, adapter=load_lora_adapter(files[name]))
+        diffs[name] = check_agreement(f"{graph_name} + {name}", expected, actual, tolerance)
+    if progress:
+        progress(f"  {graph_name}: {seconds:.1f} s, max abs diff vs PyTorch "
+                 + ", ".join(f"{name} {diff:.2g}" for name, diff in diffs.items()))
+    return HotswapResult(Path(graph_path), files, diffs, seconds, slots)
