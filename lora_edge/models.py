@@ -110,8 +110,10 @@ def load_base_model(model_path: Path, task: Task, labels: list[str] | None = Non
     try:
         if task is Task.SEQ_CLS:
             if labels:
+                # A checkpoint whose head has another number of classes gets a fresh head of the right
+                # size (training a new task on a fine-tuned classifier); the backbone must still match.
                 kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                              label2id={name: i for i, name in enumerate(labels)})
+                              label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(HEAD_INIT_SEED)
                 model = AutoModelForSequenceClassification.from_pretrained(str(model_path), **kwargs)

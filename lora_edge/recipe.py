@@ -15,6 +15,7 @@ from typing import Any
 from lora_edge.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
+AUTO_TARGETS = "auto"  # the usual attention projections of the model's architecture (resolved by the trainer)
 
 
 class LoraInit(str, enum.Enum):
@@ -60,7 +61,8 @@ class LoraSpec:
     alpha: float = _field(16.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
     dropout: float = _field(0.05, "Dropout on the LoRA branch input during training, in [0, 1).")
     targets: list[str] | str = _field(["query", "value"],
-                                      "Module names to adapt (suffix match), or 'all-linear'.")
+                                      "Module names to adapt (suffix match), 'all-linear', or 'auto' "
+                                      "(the architecture's attention query/value projections).")
     init: LoraInit = _field(LoraInit.DEFAULT, "Initialisation of A/B: default, gaussian or pissa.")
     rslora: bool = _field(False, "Use rank-stabilised scaling alpha/sqrt(r).")
     rank_pattern: dict[str, int] = _field({}, "Per-module rank overrides, {module-name regex: rank}.")
@@ -73,7 +75,7 @@ class LoraSpec:
             raise ConfigError(f"alpha must be positive, got {self.alpha!r}", "lora.alpha", "use e.g. 16")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}", "lora.dropout", "use e.g. 0.05")
-        if isinstance(self.targets, str) and self.targets != ALL_LINEAR:
+        if isinstance(self.targets, str) and self.targets not in (ALL_LINEAR, AUTO_TARGETS):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         if not self.targets:
             raise ConfigError("no target modules given", "lora.targets", "name modules like query,value or all-linear")
@@ -84,8 +86,9 @@ class LoraSpec:
 
     def peft_config_kwargs(self) -> dict:
         """Keyword arguments for ``peft.LoraConfig`` (task type and modules_to_save excluded)."""
+        targets = None if self.targets == AUTO_TARGETS else self.targets  # None: PEFT's per-model default
         return dict(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                    target_modules=self.targets, init_lora_weights=self.init.peft_value(),
+                    target_modules=targets, init_lora_weights=self.init.peft_value(),
                     use_rslora=self.rslora, rank_pattern=dict(self.rank_pattern),
                     alpha_pattern=dict(self.alpha_pattern))
 
@@ -102,11 +105,13 @@ class TrainSpec:
     max_length: int = _field(64, "Token length examples are truncated to.")
     seed: int = _field(0, "Seed for data order, initialisation and splits; same seed, same adapter bytes.")
     eval_steps: int = _field(0, "Evaluate every N steps; 0 evaluates once per epoch.")
+    warmup: float = _field(0.06, "Linear learning-rate warm-up: a fraction of the run if < 1, else steps.")
 
     def __post_init__(self):
         checks = {"epochs": self.epochs > 0 or self.max_steps > 0, "learning_rate": self.learning_rate > 0,
                   "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
-                  "max_length": self.max_length >= 8, "eval_steps": self.eval_steps >= 0}
+                  "max_length": self.max_length >= 8, "eval_steps": self.eval_steps >= 0,
+                  "warmup": self.warmup >= 0}
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"invalid {name} = {getattr(self, name)!r}", f"train.{name}",
