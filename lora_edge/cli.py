@@ -12,6 +12,7 @@ Errors: a :class:`~lora_edge.errors.LoraEdgeError` prints one line
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -52,9 +53,163 @@ def cli(ctx: click.Context, debug: bool) -> None:
 # Stage commands are registered below, one small function each.
 # --- train / sweep (trainer) ---
 # --- merge / export / infer (deployment forms) ---
+MODEL_HELP = "Base model: a local Hugging Face model directory, or 'default' (the embedded all-MiniLM-L6-v2)."
+TASK_HELP = "seq-cls or causal-lm (default: the adapter's PEFT task_type)."
+
+
+@cli.command("merge")
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--adapter", required=True, help="PEFT LoRA adapter directory ([NAME=]DIR).")
+@click.option("--task", default=None, help=TASK_HELP)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write (must not exist).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def merge_command(model: str, adapter: str, task: str | None, out: Path, force: bool) -> None:
+    """Fold an adapter into its base model (W + s·B·A in fp32) and save a merged HF model directory.
+
+    The result (safetensors, config, tokenizer, label_map.json) loads with
+    transformers' from_pretrained for PyTorch deployment; no PEFT needed.
+    """
+    from lora_edge.adapters import AdapterRef
+    from lora_edge.merge import save_merged
+
+    click.echo(str(save_merged(model, AdapterRef.parse(adapter), out, task=task, force=force)))
+
+
+@cli.command("export")
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
+@click.option("--adapter", "adapters", multiple=True, required=True,
+              help="PEFT LoRA adapter directory, [NAME=]DIR; repeat for several (NAME defaults to the dir name).")
+@click.option("--forms", default="merged,branched,hotswap", show_default=True,
+              help="Deployment forms, comma-separated: merged (B·A folded into W), branched (explicit low-rank "
+                   "pairs), hotswap (one base graph + .onnx_adapter per adapter).")
+@click.option("--precisions", default="fp32", show_default=True,
+              help="Comma-separated: fp32, fp16, int8-dynamic, int8-static, int4 (others than fp32 are quantized "
+                   "from the fp32 graphs).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--task", default=None, help=TASK_HELP)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions: str, opset: int | None,
+                   task: str | None, out: Path, force: bool) -> None:
+    """Export base + adapter(s) to ONNX graphs in a bundle, each checked against PyTorch.
+
+    Writes OUT/manifest.json, OUT/adapter/ (or adapters/<name>/), OUT/onnx/<form>[.<name>].<precision>.onnx,
+    OUT/onnx/adapters/<name>.onnx_adapter for hotswap, and the config, tokenizer and label map beside the
+    graphs. Nothing is left at OUT when a step fails.
+    """
+    from lora_edge.adapters import AdapterRef
+    from lora_edge.export_bundle import export_bundle
+
+    click.echo(str(export_bundle(model, [AdapterRef.parse(a) for a in adapters], split_csv(forms), out,
+                                 precisions=split_csv(precisions), opset=opset, force=force, task=task)))
+
+
+@cli.command("infer")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--graph", default="merged.fp32", show_default=True,
+              help="Graph name from the bundle's manifest, e.g. merged.fp32, branched.int8-dynamic, hotswap.fp32.")
+@click.option("--text", "texts", multiple=True, required=True, help="Text to classify (repeatable).")
+@click.option("--adapter", default=None,
+              help="For hot-swap graphs: the adapter to activate ('none' runs the base model).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: text, label and every label's score.")
+def infer_command(bundle: Path, graph: str, texts: tuple[str, ...], adapter: str | None, as_json: bool) -> None:
+    """Classify text with a bundle's graph through ONNX Runtime, using the bundled tokenizer and labels."""
+    from lora_edge.infer import format_predictions, infer
+
+    click.echo(format_predictions(infer(bundle, graph, list(texts), adapter=adapter), as_json))
+
 # --- generate (decoders) ---
 # --- quantize ---
 # --- devices / profile / compare ---
+DEVICE_HELP = "Device target: a shipped name (see `lora-edge devices list`) or a path to a device .toml file."
+
+
+@cli.group()
+def devices() -> None:
+    """Device targets: execution providers, threads, precisions and budgets per device (devices/*.toml)."""
+
+
+@devices.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the devices as JSON.")
+def devices_list(as_json: bool) -> None:
+    """List the shipped device targets."""
+    from lora_edge.devices import device_table
+
+    click.echo(device_table(as_json))
+
+
+@devices.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the device as JSON.")
+def devices_show(name: str, as_json: bool) -> None:
+    """Show one device target (NAME or a .toml path), with its provider options as they will be used."""
+    import json
+
+    from lora_edge.devices import load_device
+
+    device = load_device(name)
+    click.echo(json.dumps(device.to_json(), indent=2, default=str) if as_json else device.describe())
+
+
+def _measure_options(command):
+    """Options shared by `profile` and `compare`."""
+    options = [
+        click.option("--device", required=True, help=DEVICE_HELP),
+        click.option("--graphs", default="", help="Comma-separated graph names (e.g. merged.int8-dynamic,"
+                                                  "branched.int8-dynamic); default: every graph in a precision "
+                                                  "the device lists."),
+        click.option("--batch", default=1, show_default=True, help="Batch size of the timed inputs."),
+        click.option("--seq", default=128, show_default=True, help="Sequence length of the timed inputs."),
+        click.option("--runs", default=200, show_default=True, help="Timed runs per graph."),
+        click.option("--warmup", default=20, show_default=True, help="Untimed warm-up runs per graph."),
+        click.option("--allow-fallback", is_flag=True,
+                     help="Measure on this host's providers when the device asks for others (recorded in the "
+                          "report). Without it such graphs are 'not measured' and the command fails."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@_measure_options
+@click.option("--no-eager", is_flag=True, help="Skip the eager PyTorch baselines (adapter unmerged and merged).")
+def profile(bundle: str, device: str, graphs: str, batch: int, seq: int, runs: int, warmup: int,
+            allow_fallback: bool, as_json: bool, no_eager: bool) -> None:
+    """Time a bundle's graphs with a device's settings; writes reports/profile.json and profile.md.
+
+    Per graph: latency (mean, p50, p90, p99, std), throughput, session creation time, memory added, size on
+    disk, providers used and the top operators; plus eager PyTorch baselines. Timings are taken on this host.
+    Exits non-zero when a graph could not be measured (e.g. the device's provider is missing here).
+    """
+    from lora_edge.profile import profile_bundle, profile_summary
+
+    report = profile_bundle(bundle, device, split_csv(graphs) or None, batch, seq, runs, warmup, allow_fallback,
+                            eager=not no_eager)
+    click.echo(profile_summary(report, as_json))
+    report.check_measured()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@_measure_options
+@click.option("--fresh", is_flag=True, help="Profile again even when reports/profile.json matches.")
+def compare(bundle: str, device: str, graphs: str, batch: int, seq: int, runs: int, warmup: int,
+            allow_fallback: bool, as_json: bool, fresh: bool) -> None:
+    """Merged vs branched vs hot-swap: latency per form and precision, overhead beside the adapter's extra FLOPs.
+
+    Writes reports/compare.json, compare.md and latency.png; re-uses reports/profile.json when it was made
+    for the same device and inputs (--fresh measures again).
+    """
+    from lora_edge.compare import compare_bundle, comparison_summary
+
+    comparison = compare_bundle(bundle, device, split_csv(graphs) or None, batch, seq, runs, warmup,
+                                allow_fallback, reuse=not fresh)
+    click.echo(comparison_summary(comparison, as_json))
+
+
 # --- check / run / demo ---
 
 

@@ -33,7 +33,12 @@ from torch import nn
 from lora_edge.errors import AdapterMismatchError, ExportError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from peft import PeftModel
+
+    from lora_edge.adapters import AdapterRef
+    from lora_edge.models import Task
 
 # The prefix PEFT puts before module paths in adapter files and in PeftModel.named_modules().
 PEFT_PREFIX = "base_model.model."
@@ -270,3 +275,29 @@ def branch_modules(base_model: nn.Module, shapes: dict[str, tuple[int, int]]) ->
 def count_branches(model: nn.Module) -> int:
     """How many LoraBranch layers a model holds (one per targeted layer after :func:`branch_adapter`)."""
     return sum(isinstance(module, LoraBranch) for module in model.modules())
+
+
+def save_merged(model: str | Path, adapter: AdapterRef, out: Path, task: Task | str | None = None,
+                force: bool = False, trust_remote_code: bool = False) -> Path:
+    """Write base + adapter merged as a Hugging Face model directory (safetensors, config, tokenizer), atomically.
+
+    The directory also holds the adapter's ``label_map.json`` for classifiers.
+    Loads with ``AutoModelFor...from_pretrained(out)`` for PyTorch deployment.
+    """
+    from pathlib import Path
+
+    from lora_edge.adapters import load_reference
+    from lora_edge.bundle import atomic_directory
+    from lora_edge.data import LabelMap
+    from lora_edge.models import Task, load_tokenizer, resolve_model_path
+
+    model_path = resolve_model_path(model)
+    reference = load_reference(model_path, adapter, Task.parse(task) if task else None, trust_remote_code)
+    merged = merge_adapter(reference)
+    with atomic_directory(Path(out), force) as staging:
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        load_tokenizer(model_path, trust_remote_code).save_pretrained(str(staging))
+        label_map = LabelMap.load(adapter.path)
+        if label_map is not None:
+            label_map.save(staging)
+    return Path(out)

@@ -1,0 +1,115 @@
+"""Classify text with a bundle's graph through ONNX Runtime (``lora-edge infer``).
+
+Uses only what the bundle holds: the graph, the tokenizer and config beside it
+in ``onnx/``, the label names recorded in the manifest, and for a hot-swap graph
+the adapter's ``.onnx_adapter`` file (activated per run, no new session).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, find_graph, read_manifest
+from lora_edge.errors import BundleError, ConfigError
+from lora_edge.models import Task
+
+if TYPE_CHECKING:
+    from lora_edge.runtime import SessionSettings
+
+NO_ADAPTER = "none"  # --adapter none: run a hot-swap graph as the base model
+
+
+@dataclass
+class Prediction:
+    """One text's predicted label and the softmax score of every label."""
+
+    text: str
+    label: str
+    scores: dict[str, float]
+
+    def to_json(self) -> dict:
+        """JSON form: text, label, scores."""
+        return {"text": self.text, "label": self.label, "scores": self.scores}
+
+
+def choose_adapter(record: GraphRecord, manifest: dict, adapter: str | None) -> str | None:
+    """The adapter a run of ``record`` uses: the graph's own, or for hot-swap the asked one (None = base)."""
+    names = [entry["name"] for entry in manifest.get("adapters", [])]
+    if record.form is not Form.HOTSWAP:
+        own = record.adapter or (names[0] if len(names) == 1 else None)
+        if adapter not in (None, own):
+            raise ConfigError(f"graph {record.name} holds adapter '{own}', not '{adapter}'", "--adapter",
+                              "pick the graph of that adapter, or a hot-swap graph")
+        return own
+    served = record.adapters or names
+    if adapter == NO_ADAPTER:
+        return None
+    if adapter is None:
+        if len(served) != 1:
+            raise ConfigError(f"hot-swap graph {record.name} serves {len(served)} adapters", "--adapter",
+                              f"choose one of: {', '.join(served)} (or '{NO_ADAPTER}' for the base model)")
+        return served[0]
+    if adapter not in served:
+        raise ConfigError(f"hot-swap graph {record.name} has no adapter '{adapter}'", "--adapter",
+                          f"choose one of: {', '.join(served)} (or '{NO_ADAPTER}' for the base model)")
+    return adapter
+
+
+def _labels(manifest: dict, adapter: str | None, width: int) -> list[str]:
+    entries = {entry["name"]: entry for entry in manifest.get("adapters", [])}
+    # The base model of a hot-swap graph carries the first adapter's label names (export_bundle builds it so).
+    entry = entries.get(adapter) or next(iter(entries.values()), {})
+    labels = entry.get("labels") or []
+    return list(labels) if len(labels) == width else [f"LABEL_{i}" for i in range(width)]
+
+
+def _adapter_file(bundle: Path, record: GraphRecord, adapter: str) -> Path:
+    recorded = (record.extra or {}).get("adapter_files", {}).get(adapter)
+    path = bundle / (recorded or f"{ONNX_DIR}/adapters/{adapter}.onnx_adapter")
+    if not path.is_file():
+        raise BundleError(f"adapter file of '{adapter}' is missing", path, "re-run lora-edge export")
+    return path
+
+
+def infer(bundle: Path, graph: str, texts: Sequence[str], adapter: str | None = None,
+          settings: "SessionSettings | None" = None, max_length: int = 128) -> list[Prediction]:
+    """Classify ``texts`` with graph ``graph`` of ``bundle`` (for hot-swap, with ``adapter``; 'none' = base)."""
+    import numpy as np
+
+    from lora_edge.models import load_config, load_tokenizer
+    from lora_edge.runtime import create_session, load_lora_adapter, run
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    record = find_graph(bundle, graph)
+    if record.task != Task.SEQ_CLS.value:
+        raise ConfigError(f"graph {record.name} is a {record.task} graph", "--graph",
+                          "use lora-edge generate for causal-lm graphs")
+    if not texts:
+        raise ConfigError("no text given", "--text", "pass --text \"...\" (repeatable)")
+    chosen = choose_adapter(record, manifest, adapter)
+    onnx_dir = bundle / ONNX_DIR
+    tokenizer = load_tokenizer(onnx_dir)
+    max_length = min(max_length, load_config(onnx_dir).get("max_position_embeddings", 514) - 2)
+    encoded = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="np")
+    feeds = {name: np.asarray(value, dtype=np.int64) for name, value in encoded.items()}
+    session = create_session(bundle / record.file, settings)
+    lora = load_lora_adapter(_adapter_file(bundle, record, chosen)) \
+        if record.form is Form.HOTSWAP and chosen is not None else None
+    (logits,) = run(session, feeds, adapter=lora, output_names=["logits"])
+    logits = logits.astype(np.float64)
+    probabilities = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probabilities /= probabilities.sum(axis=-1, keepdims=True)
+    labels = _labels(manifest, chosen, logits.shape[-1])
+    return [Prediction(text, labels[int(row.argmax())], {label: round(float(p), 6) for label, p in zip(labels, row)})
+            for text, row in zip(texts, probabilities)]
+
+
+def format_predictions(predictions: list[Prediction], as_json: bool = False) -> str:
+    """Human lines (``label  score  text``) or a JSON list."""
+    if as_json:
+        return json.dumps([p.to_json() for p in predictions], indent=2)
+    return "\n".join(f"{p.label}\t{p.scores[p.label]:.3f}\t{p.text}" for p in predictions)
