@@ -25,7 +25,7 @@ from typing import Any
 
 from lora_edge.bundle import Precision
 from lora_edge.errors import ConfigError
-from lora_edge.recipe import _field, field_help
+from lora_edge.recipe import _field, check_threshold_tables, field_help
 from lora_edge.runtime import OPTIMIZATION_LEVELS, SessionSettings
 
 DEVICE_SUFFIX = ".toml"
@@ -128,8 +128,9 @@ class DeviceTarget:
     cpu_arch: str = _field("any", "CPU architecture of the device: any, x86_64 or arm64.")
     cpu_features: list[str] = _field([], "CPU flags the device has (as /proc/cpuinfo spells them, e.g. "
                                          "avx512_vnni, asimddp); the report lists those this host lacks.")
-    tolerances: dict[str, dict[str, float]] = _field({}, "Accuracy-gate overrides per precision, e.g. "
-                                                         "[tolerances.fp16] max_abs_diff = 0.05.")
+    tolerances: dict[str, dict[str, float]] = _field({}, "Accuracy-gate overrides per precision (metrics of "
+                                                         "recipe.Thresholds), e.g. [tolerances.fp16] "
+                                                         "max_abs_diff = 0.05.")
     source: str = field(default="", metadata={"help": "File the device was loaded from."})
 
     def __post_init__(self):
@@ -254,22 +255,8 @@ def _precisions(values: Any) -> list[Precision]:
 
 
 def _tolerances(table: Any) -> dict[str, dict[str, float]]:
-    if not isinstance(table, dict):
-        raise ConfigError("tolerances must be a table per precision", "tolerances", "write [tolerances.int8-dynamic]")
-    checked = {}
-    for precision, overrides in table.items():
-        where = f"tolerances.{precision}"
-        if precision not in {p.value for p in Precision}:
-            raise ConfigError(f"unknown precision '{precision}'", where,
-                              f"use one of: {', '.join(p.value for p in Precision)}")
-        if not isinstance(overrides, dict) or not overrides:
-            raise ConfigError("expected a table of metric = number", where, "write e.g. max_abs_diff = 0.05")
-        for metric, value in overrides.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"tolerance must be a non-negative number, got {value!r}", f"{where}.{metric}",
-                                  "write e.g. max_abs_diff = 0.05")
-        checked[precision] = {metric: float(value) for metric, value in overrides.items()}
-    return checked
+    """Check the accuracy-gate overrides with the recipe's own validator (same metrics, same rules)."""
+    return check_threshold_tables(table, "tolerances")
 
 
 def device_from_dict(data: dict, source: str = "") -> DeviceTarget:
@@ -321,3 +308,20 @@ def load_device(name_or_path: str | Path) -> DeviceTarget:
 def list_devices() -> list[str]:
     """Names of the shipped device targets."""
     return sorted(path.stem for path in devices_dir().glob(f"*{DEVICE_SUFFIX}"))
+
+
+def device_table(as_json: bool = False) -> str:
+    """The shipped devices as a Markdown table (or JSON): name, providers, threads, precisions, budgets."""
+    import json
+
+    from lora_edge.report import markdown_table
+
+    devices = [load_device(name) for name in list_devices()]
+    if as_json:
+        return json.dumps([device.to_json() for device in devices], indent=2, default=str)
+    rows = [{"name": d.name, "providers": ", ".join(PROVIDERS[n].short for n in d.provider_names),
+             "threads": d.intra_op_threads or "auto", "precisions": ", ".join(p.value for p in d.precisions),
+             "budget": f"{d.latency_budget_ms or '-'} ms / {d.memory_budget_mb or '-'} MB",
+             "description": d.description} for d in devices]
+    return markdown_table(rows, ["name", "providers", "threads", "precisions", "budget", "description"],
+                          ["name", "providers", "threads", "precisions", "latency / memory budget", "description"])

@@ -1,0 +1,251 @@
+"""Merged vs unmerged: latency per form and precision, the branch overhead beside its theoretical FLOPs.
+
+``compare_bundle(bundle, device)`` takes the bundle's profile on that device
+(re-using ``reports/profile.json`` when it was made for the same device and
+inputs, else profiling) and writes one table and one chart:
+``reports/compare.json``, ``reports/compare.md`` and ``reports/latency.png``.
+
+For each graph: p50 latency, the overhead of the branched and hot-swap forms
+over the merged graph of the same precision (in %), the extra FLOPs of the
+adapter's low-rank pairs over the base model (in %, from its ranks and layer
+shapes: see :mod:`lora_edge.flops`), the memory the session adds and the size
+on disk, and the speed-up over the eager PyTorch model (adapter merged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lora_edge.bundle import REPORTS_DIR, read_manifest, require_bundle, write_json
+from lora_edge.devices import DeviceTarget, load_device
+from lora_edge.profile import GraphProfile, ProfileReport, profile_bundle, read_profile
+
+COMPARE_JSON, COMPARE_MD, LATENCY_PNG = "compare.json", "compare.md", "latency.png"
+BRANCH_FORMS = ("branched", "hotswap")
+EAGER_MERGED = "merged"  # the eager baseline every graph's speed-up is measured against
+# Bar positions in a group: the eager unmerged model sits where the branched graph does.
+FORM_SLOTS = {"merged": 0, "branched": 1, "unmerged": 1, "hotswap": 2}
+
+
+@dataclass
+class Comparison:
+    """The comparison table of one bundle on one device."""
+
+    bundle: str
+    device: str
+    note: str
+    seq: int
+    base_flops_per_item: float | None
+    rows: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """JSON form written to ``compare.json``."""
+        return asdict(self)
+
+
+def overhead_percent(latency_ms: float | None, merged_ms: float | None) -> float | None:
+    """How much slower a form is than the merged graph, in percent (negative: faster)."""
+    if latency_ms is None or not merged_ms:
+        return None
+    return 100.0 * (latency_ms - merged_ms) / merged_ms
+
+
+def extra_flops_percent(adapter_flops_per_token: int, seq: int, base_flops_per_item: float | None) -> float | None:
+    """The adapter branches' FLOPs over the base model's, in percent, for one item of ``seq`` tokens."""
+    if not base_flops_per_item:
+        return None
+    return 100.0 * adapter_flops_per_token * seq / base_flops_per_item
+
+
+def _p50(graph: GraphProfile) -> float | None:
+    return graph.latency_ms["p50"] if graph.measured and graph.latency_ms else None
+
+
+def _merged_peer(graph: GraphProfile, merged: list[GraphProfile]) -> GraphProfile | None:
+    """The merged graph a form is compared with: same precision, and the same adapter where both name one."""
+    for candidate in merged:
+        if candidate.precision == graph.precision and (
+                candidate.adapter == graph.adapter or not candidate.adapter or not graph.adapter):
+            return candidate
+    return None
+
+
+def comparison_rows(graphs: list[GraphProfile], eager: list[GraphProfile], seq: int,
+                    adapter_flops: dict[str, int], base_flops_per_item: float | None) -> list[dict]:
+    """One row per graph and eager baseline: latency, overhead over merged, extra FLOPs, memory, size.
+
+    ``adapter_flops`` maps an adapter name to its branches' FLOPs per token.
+    Pure arithmetic on the measured numbers: no timing happens here.
+    """
+    merged_graphs = [g for g in graphs if g.form == "merged" and g.measured]
+    eager_merged = {g.adapter: g for g in eager if g.form == EAGER_MERGED and g.measured}
+    single_adapter = next(iter(adapter_flops.values())) if len(adapter_flops) == 1 else None
+    rows = []
+    for graph in graphs + eager:
+        peer = None
+        if graph.kind == "pytorch":
+            peer = eager_merged.get(graph.adapter) if graph.form != EAGER_MERGED else None
+        elif graph.form in BRANCH_FORMS:
+            peer = _merged_peer(graph, merged_graphs)
+        branches = graph.form in BRANCH_FORMS or graph.form == "unmerged"
+        flops = adapter_flops.get(graph.adapter, single_adapter) if branches else 0
+        eager_peer = eager_merged.get(graph.adapter) or next(iter(eager_merged.values()), None)
+        size = graph.size or {}
+        rows.append({
+            "graph": graph.name, "kind": graph.kind, "form": graph.form, "precision": graph.precision,
+            "adapter": graph.adapter, "status": graph.status if graph.measured else f"{graph.status}: {graph.reason}",
+            "p50_ms": _p50(graph), "p90_ms": graph.latency_ms["p90"] if _p50(graph) is not None else None,
+            "vs_merged": peer.name if peer else None,
+            "overhead_pct": overhead_percent(_p50(graph), _p50(peer)) if peer else None,
+            "extra_flops_pct": None if flops is None else extra_flops_percent(flops, seq, base_flops_per_item),
+            "speedup_vs_eager": (_p50(eager_peer) / _p50(graph) if eager_peer and _p50(graph) else None),
+            "rss_mb": graph.memory.get("rss_added_mb"), "gpu_mb": graph.memory.get("gpu_added_mb"),
+            "size_mb": (size.get("total_mb", 0.0) + size.get("adapter_mb", 0.0)) if size else None,
+        })
+    return rows
+
+
+def adapter_flops_per_token(bundle: Path, manifest: dict) -> dict[str, int]:
+    """Extra FLOPs per token of each bundled adapter's branches, from its safetensors shapes."""
+    from lora_edge.adapters import ADAPTER_WEIGHTS
+    from lora_edge.flops import adapter_flops_per_token as flops_of
+
+    result = {}
+    for entry in manifest.get("adapters", []):
+        weights = Path(bundle) / entry["bundle_dir"] / ADAPTER_WEIGHTS
+        if weights.is_file():
+            result[entry["name"]] = flops_of(weights)
+    return result
+
+
+def base_flops_per_item(manifest: dict, batch: int, seq: int) -> float | None:
+    """FLOPs of one item through the base model (what the merged form costs), or None without the model."""
+    import torch
+
+    from lora_edge.errors import LoraEdgeError
+    from lora_edge.flops import model_flops
+    from lora_edge.models import Task, load_base_model, load_config, resolve_model_path
+
+    info = manifest.get("model", {})
+    try:
+        path = resolve_model_path("default" if info.get("default") else info.get("path", ""))
+        model = load_base_model(path, Task.parse(info.get("task", "seq-cls")))
+    except LoraEdgeError:
+        return None
+    vocab = int(load_config(path).get("vocab_size", 1000))
+    ids = torch.randint(5, max(6, vocab), (batch, seq), generator=torch.Generator().manual_seed(0))
+    return model_flops(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) / batch
+
+
+def _reusable(report: ProfileReport | None, device: DeviceTarget, batch: int, seq: int,
+              graphs: list[str] | None) -> bool:
+    """True when the bundle's last profile was made on this device, with these inputs and graphs."""
+    if report is None or report.device.get("name") != device.name or report.not_measured():
+        return False
+    if (report.settings.get("batch"), report.settings.get("seq")) != (batch, seq):
+        return False
+    return not graphs or set(graphs) <= {g.name for g in report.graphs}
+
+
+def compare_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list[str] | None = None,
+                   batch: int = 1, seq: int = 128, runs: int = 200, warmup: int = 20, allow_fallback: bool = False,
+                   reuse: bool = True, quiet: bool = False) -> Comparison:
+    """Compare the forms of a bundle on a device; writes compare.json, compare.md and latency.png.
+
+    Re-uses ``reports/profile.json`` when ``reuse`` and it matches the device,
+    inputs and graphs; otherwise profiles first (with the same arguments as
+    :func:`~lora_edge.profile.profile_bundle`). Raises like
+    :meth:`ProfileReport.check_measured` when a graph could not be measured.
+    """
+    bundle = require_bundle(Path(bundle))
+    device = load_device(device)
+    report = read_profile(bundle)
+    if not (reuse and _reusable(report, device, batch, seq, graphs)):
+        report = profile_bundle(bundle, device, graphs, batch, seq, runs, warmup, allow_fallback, quiet=quiet)
+    elif not quiet:
+        import sys
+
+        print(f"compare: using {bundle / REPORTS_DIR / 'profile.json'} ({report.created})", file=sys.stderr)
+    report.check_measured()
+    selected = [g for g in report.graphs if not graphs or g.name in graphs]
+    manifest = read_manifest(bundle)
+    base = report.model.get("flops_per_item") or base_flops_per_item(manifest, batch, seq)
+    comparison = Comparison(bundle=str(bundle), device=device.name, note=report.note, seq=seq,
+                            base_flops_per_item=base,
+                            rows=comparison_rows(selected, report.eager, seq, adapter_flops_per_token(bundle, manifest),
+                                                 base))
+    write_comparison(bundle, comparison)
+    return comparison
+
+
+COLUMNS = ["graph", "status", "p50_ms", "p90_ms", "overhead_pct", "vs_merged", "extra_flops_pct",
+           "speedup_vs_eager", "rss_mb", "gpu_mb", "size_mb"]
+HEADERS = ["graph", "status", "p50 ms", "p90 ms", "overhead %", "vs", "extra FLOPs %", "× eager merged",
+           "RSS + MB", "GPU + MB", "size MB"]
+
+
+def comparison_markdown(comparison: Comparison) -> str:
+    """The comparison as Markdown: the note, the table and the chart."""
+    from lora_edge.report import markdown_table
+
+    base = comparison.base_flops_per_item
+    flops = f"{base / 1e9:.3g} GFLOP per item" if base else "unknown (base model not available)"
+    return (f"# Merged vs unmerged: {Path(comparison.bundle).name} on '{comparison.device}'\n\n> {comparison.note}\n\n"
+            f"Overhead: p50 latency of a form over the merged graph of the same precision. Extra FLOPs: the "
+            f"adapter's low-rank pairs over the base model ({flops}, sequence {comparison.seq}); the merged form "
+            f"adds none.\n\n{markdown_table(comparison.rows, COLUMNS, HEADERS)}\n![latency]({LATENCY_PNG})\n")
+
+
+def latency_chart(comparison: Comparison, path: Path) -> Path:
+    """Bar chart of p50 latency per precision (groups) and form (bars), overheads written on the bars."""
+    from lora_edge.report import png_figure
+
+    rows = [row for row in comparison.rows if row["p50_ms"] is not None]
+    groups = list(dict.fromkeys(("pytorch" if row["kind"] == "pytorch" else row["precision"]) for row in rows))
+    forms = list(dict.fromkeys(row["form"] for row in rows))
+    slots = sorted({FORM_SLOTS.get(form, len(FORM_SLOTS)) for form in forms})
+    width = 0.8 / max(1, len(slots))
+    with png_figure(path, width=max(6.0, 1.6 * len(groups) + 2), height=4.0) as figure:
+        axes = figure.add_subplot(1, 1, 1)
+        for form in forms:
+            xs, heights, labels = [], [], []
+            for row in rows:
+                if row["form"] != form:
+                    continue
+                group = "pytorch" if row["kind"] == "pytorch" else row["precision"]
+                slot = slots.index(FORM_SLOTS.get(form, len(FORM_SLOTS)))
+                xs.append(groups.index(group) + (slot - (len(slots) - 1) / 2) * width)
+                heights.append(row["p50_ms"])
+                labels.append("" if row["overhead_pct"] is None else f"{row['overhead_pct']:+.1f}%")
+            bars = axes.bar(xs, heights, width=width, label=form)
+            axes.bar_label(bars, labels=labels, fontsize=7, padding=2)
+        axes.set_xticks(range(len(groups)), groups)
+        axes.set_ylabel("p50 latency (ms)")
+        axes.set_title(f"{Path(comparison.bundle).name} on {comparison.device} (overhead vs merged)", fontsize=10)
+        axes.legend(fontsize=8)
+    return path
+
+
+def write_comparison(bundle: Path, comparison: Comparison) -> None:
+    """Write compare.json, compare.md and latency.png into the bundle's reports, atomically each."""
+    from lora_edge.bundle import atomic_file
+
+    reports = Path(bundle) / REPORTS_DIR
+    write_json(reports / COMPARE_JSON, comparison.to_json())
+    latency_chart(comparison, reports / LATENCY_PNG)
+    with atomic_file(reports / COMPARE_MD) as staging:
+        staging.write_text(comparison_markdown(comparison))
+
+
+def comparison_summary(comparison: Comparison, as_json: bool = False) -> str:
+    """What `lora-edge compare` prints: the table and where the reports are (or the JSON)."""
+    import json
+
+    from lora_edge.report import markdown_table
+
+    if as_json:
+        return json.dumps(comparison.to_json(), indent=2, default=str)
+    reports = Path(comparison.bundle) / REPORTS_DIR
+    return (f"{markdown_table(comparison.rows, COLUMNS, HEADERS)}\n"
+            f"reports: {reports / COMPARE_MD}, {reports / LATENCY_PNG}")

@@ -1,0 +1,141 @@
+"""Eager PyTorch baselines for the profiler: the PEFT model with the adapter unmerged, and merged.
+
+They answer "what did export buy me": the same inputs, threads and timing
+loop as the ONNX graphs, on the PyTorch model a user would otherwise deploy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lora_edge.bundle import GraphRecord
+from lora_edge.devices import DeviceTarget
+from lora_edge.errors import LoraEdgeError
+from lora_edge.measure import PeakMemory, latency_stats, time_interleaved
+from lora_edge.profile import FAILED, NOT_MEASURED, GraphProfile
+
+if TYPE_CHECKING:
+    import torch
+
+EAGER_FORMS = ("unmerged", "merged")
+
+
+def _adapter_entries(manifest: dict, records: list[GraphRecord]) -> list[dict]:
+    """The adapters the profiled graphs use (each once), else the bundle's first adapter."""
+    adapters = manifest.get("adapters") or []
+    used = {record.adapter for record in records if record.adapter}
+    chosen = [entry for entry in adapters if entry["name"] in used]
+    return chosen or adapters[:1]
+
+
+def _inputs(batch: int, seq: int, vocab: int, device: str) -> dict[str, "torch.Tensor"]:
+    """Token ids (fixed seed) and a full attention mask; the model's defaults fill the rest."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, max(6, vocab), (batch, seq), generator=generator)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def _torch_device(device: DeviceTarget, allow_fallback: bool) -> tuple[str | None, str | None]:
+    """(torch device, fallback note) for a device target; (None, reason) when it cannot run here."""
+    import torch
+
+    if not device.uses_gpu:
+        return "cpu", None
+    if torch.cuda.is_available():
+        return "cuda", None
+    if allow_fallback:
+        return "cpu", "torch has no CUDA on this host; measured on the CPU (--allow-fallback)"
+    return None, "torch has no CUDA on this host"
+
+
+def eager_baselines(bundle: Path, manifest: dict, device: DeviceTarget, batch: int, seq: int, runs: int,
+                    warmup: int, allow_fallback: bool, records: list[GraphRecord]) -> tuple[list[GraphProfile], dict]:
+    """Time the PyTorch reference (unmerged) and its merged copy; also count the model's FLOPs per item.
+
+    Returns (profiles, model facts). A baseline that cannot run (no model
+    directory on this host, no CUDA for a GPU device) is reported, not raised.
+    """
+    import peft  # noqa: F401  imported up front: import costs are not the model's memory
+    import torch
+    import transformers  # noqa: F401
+
+    from lora_edge.adapters import AdapterRef, load_reference
+    from lora_edge.flops import model_flops
+    from lora_edge.merge import merge_adapter
+    from lora_edge.models import Task, load_config, resolve_model_path
+
+    model_info = manifest.get("model", {})
+    entries = _adapter_entries(manifest, records)
+    several = len(entries) > 1
+    names = {entry["name"]: [f"pytorch.{entry['name']}.{form}" if several else f"pytorch.{form}"
+                             for form in EAGER_FORMS] for entry in entries}
+    profiles = [GraphProfile(name=name, kind="pytorch", form=form, precision="fp32", adapter=entry["name"],
+                             providers_requested=["torch"])
+                for entry in entries for name, form in zip(names[entry["name"]], EAGER_FORMS)]
+    torch_device, reason = _torch_device(device, allow_fallback)
+    if torch_device is None:
+        for profile in profiles:
+            profile.status, profile.reason = NOT_MEASURED, reason
+        return profiles, {}
+    try:
+        model_path = resolve_model_path("default" if model_info.get("default") else model_info.get("path", ""))
+    except LoraEdgeError as exc:
+        for profile in profiles:
+            profile.status, profile.reason = NOT_MEASURED, f"base model not found ({exc.what})"
+        return profiles, {}
+    task = Task.parse(model_info.get("task", "seq-cls"))
+    vocab = int(load_config(model_path).get("vocab_size", 1000))
+    inputs = _inputs(batch, seq, vocab, torch_device)
+    threads = torch.get_num_threads()
+    if device.intra_op_threads:
+        torch.set_num_threads(device.intra_op_threads)
+    facts: dict = {"task": task.value, "path": str(model_path), "batch": batch, "seq": seq}
+    try:
+        runners, by_name = {}, {profile.name: profile for profile in profiles}
+        for entry in entries:
+            adapter = AdapterRef(entry["name"], Path(bundle) / entry["bundle_dir"])
+            unmerged_name, merged_name = names[entry["name"]]
+            with PeakMemory() as memory:
+                reference = load_reference(model_path, adapter, task).to(torch_device)
+                runners[unmerged_name] = _runner(reference, inputs, torch_device)
+                runners[unmerged_name]()
+            by_name[unmerged_name].memory = {"rss_added_mb": memory.added_mb, "method": memory.method}
+            with PeakMemory() as memory:
+                merged = merge_adapter(reference)
+                runners[merged_name] = _runner(merged, inputs, torch_device)
+                runners[merged_name]()
+            by_name[merged_name].memory = {"rss_added_mb": memory.added_mb, "method": memory.method}
+            if "flops_per_item" not in facts:
+                facts["flops_per_item"] = model_flops(merged, inputs) / batch
+        times = time_interleaved(runners, runs, warmup)
+    except Exception as exc:  # a baseline is context, not the product: record why it is missing
+        for profile in profiles:
+            if profile.latency_ms is None:
+                profile.status, profile.reason = FAILED, f"{exc.__class__.__name__}: {str(exc)[:200]}"
+        return profiles, facts
+    finally:
+        torch.set_num_threads(threads)
+    for name, profile in by_name.items():
+        profile.latency_ms = latency_stats(times[name])
+        profile.throughput = {"items_per_s": batch / (profile.latency_ms["mean"] / 1e3)}
+        if task is Task.CAUSAL_LM:
+            profile.throughput["tokens_per_s"] = batch * seq / (profile.latency_ms["mean"] / 1e3)
+        profile.providers_registered = profile.providers_used = [f"torch-{torch_device}"]
+        profile.fallback = reason
+    return profiles, facts
+
+
+def _runner(model: "torch.nn.Module", inputs: dict, torch_device: str):
+    """One synchronous forward pass of ``model`` on ``inputs``, without autograd."""
+    import torch
+
+    def run_once() -> None:
+        with torch.inference_mode():
+            model(**inputs)
+        if torch_device == "cuda":
+            torch.cuda.synchronize()
+
+    return run_once

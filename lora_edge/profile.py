@@ -1,0 +1,431 @@
+"""Profile a bundle's graphs on a device target's settings: latency, throughput, memory, size, per-op time.
+
+``profile_bundle(bundle, device)`` opens each selected graph with the device's
+providers, threads and optimization level, times it (interleaved with the
+other graphs, so their ratios hold on a busy machine), records the memory the
+session and its first run add, the size on disk, the providers that really
+ran nodes and the top operators from ONNX Runtime's profiling trace (taken
+from a separate session so the timed runs are not slowed), then times the
+eager PyTorch model (adapter unmerged and merged) on the same inputs. It writes
+``BUNDLE/reports/profile.json`` and ``profile.md``.
+
+Timings are measured on THIS host with the device's settings: they say how
+the forms compare, not what the device itself will reach.
+
+No silent fallback: a device asking for a provider this host lacks gets its
+graphs reported "not measured: <provider> is not available on this host", and
+:meth:`ProfileReport.check_measured` raises; ``allow_fallback`` measures on
+what is there and says so per graph. On a GPU device, operators that ran on
+the CPU provider are listed per graph.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lora_edge import __version__
+from lora_edge.bundle import (ONNX_DIR, REPORTS_DIR, Form, GraphRecord, list_graphs, read_manifest,
+                              require_bundle, write_json)
+from lora_edge.devices import DeviceTarget, load_device
+from lora_edge.errors import ConfigError, LoraEdgeError, ProviderUnavailableError
+from lora_edge.measure import (GraphRunner, PeakMemory, build_feeds, cpu_info, gpu_memory_used_mb, graph_size,
+                               host_facts, is_decoder, latency_stats, time_interleaved, trace_session,
+                               warm_up_runtime)
+
+PROFILE_JSON, PROFILE_MD = "profile.json", "profile.md"
+MEASURED, NOT_MEASURED, FAILED = "measured", "not measured", "failed"
+TRACE_RUNS = 20  # runs recorded in the profiling trace (per-op times); enough for stable shares
+EAGER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class GraphProfile:
+    """What was measured for one graph (or one eager PyTorch baseline)."""
+
+    name: str
+    kind: str = "onnx"  # onnx | pytorch
+    form: str | None = None
+    precision: str | None = None
+    adapter: str | None = None
+    file: str | None = None
+    status: str = MEASURED
+    reason: str | None = None
+    decoder: bool = False
+    providers_requested: list[str] = field(default_factory=list)
+    providers_registered: list[str] = field(default_factory=list)  # what the session took
+    providers_used: list[str] = field(default_factory=list)        # what ran nodes (profiling trace)
+    fallback: str | None = None                                    # measured elsewhere than asked, and why
+    cpu_fallback_ops: list[dict] = field(default_factory=list)     # GPU device: op types that ran on the CPU
+    io_binding: bool = False
+    latency_ms: dict | None = None
+    throughput: dict | None = None
+    session_create_s: float | None = None
+    memory: dict = field(default_factory=dict)
+    size: dict | None = None
+    top_ops: list[dict] = field(default_factory=list)
+    within_budget: dict | None = None
+
+    @property
+    def measured(self) -> bool:
+        """True when the graph was timed."""
+        return self.status == MEASURED
+
+
+@dataclass
+class ProfileReport:
+    """The profile of a bundle on one device target (``reports/profile.json``)."""
+
+    bundle: str
+    device: dict
+    host: dict
+    settings: dict
+    note: str
+    host_mismatches: list[str] = field(default_factory=list)
+    graphs: list[GraphProfile] = field(default_factory=list)
+    eager: list[GraphProfile] = field(default_factory=list)
+    model: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    created: str = ""
+    lora_edge_version: str = __version__
+
+    def not_measured(self) -> list[GraphProfile]:
+        """Graphs that were not timed (missing provider, or a failure)."""
+        return [graph for graph in self.graphs if not graph.measured]
+
+    def check_measured(self) -> None:
+        """Raise when a graph was not measured: ProviderUnavailableError for a missing provider."""
+        where = Path(self.bundle) / REPORTS_DIR / PROFILE_JSON
+        for graph in self.not_measured():
+            if graph.status == NOT_MEASURED:
+                raise ProviderUnavailableError(f"graph {graph.name} not measured: {graph.reason}", where,
+                                               "run on a host with that provider (onnxruntime-gpu), or pass "
+                                               "--allow-fallback to measure on this host's providers")
+        for graph in self.not_measured():
+            raise LoraEdgeError(f"graph {graph.name} failed to run: {graph.reason}", where,
+                                "check that this device's providers support the graph's operators")
+
+    def graph(self, name: str) -> GraphProfile:
+        """The profile of graph ``name`` (ONNX or eager)."""
+        for graph in self.graphs + self.eager:
+            if graph.name == name:
+                return graph
+        raise KeyError(name)
+
+    def to_json(self) -> dict:
+        """JSON form written to ``profile.json``."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> "ProfileReport":
+        """Inverse of :meth:`to_json`."""
+        record = dict(record)
+        record["graphs"] = [GraphProfile(**item) for item in record.get("graphs", [])]
+        record["eager"] = [GraphProfile(**item) for item in record.get("eager", [])]
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in known})
+
+
+def _log(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def select_graphs(bundle: Path, device: DeviceTarget, names: list[str] | None = None) -> tuple[list[GraphRecord], list[str]]:
+    """The graphs to profile and notes on the choice.
+
+    Named graphs as given (unknown names raise a BundleError listing the valid
+    ones); else every graph in a precision the device lists, best first; else,
+    when the bundle has none of those, every graph (with a note saying so).
+    """
+    from lora_edge.bundle import find_graph
+
+    if names:
+        return [find_graph(bundle, name) for name in names], []
+    graphs = list_graphs(bundle)
+    if not graphs:
+        raise ConfigError("the bundle lists no graphs", Path(bundle) / "manifest.json", "run lora-edge export first")
+    order = {precision: index for index, precision in enumerate(device.precisions)}
+    preferred = [graph for graph in graphs if graph.precision in order]
+    if not preferred:
+        wanted = ", ".join(p.value for p in device.precisions)
+        return graphs, [f"the bundle has no graph in the device's precisions ({wanted}); profiled every graph"]
+    preferred.sort(key=lambda graph: (order[graph.precision], list(Form).index(graph.form)))
+    return preferred, []
+
+
+def _hotswap_adapter(bundle: Path, record: GraphRecord, manifest: dict) -> tuple[str | None, Path | None]:
+    """The adapter a hot-swap graph is timed with: its first adapter's .onnx_adapter file."""
+    from lora_edge.check import hotswap_adapter_file
+
+    names = record.adapters or [item["name"] for item in manifest.get("adapters", [])]
+    for name in names:
+        path = hotswap_adapter_file(Path(bundle), record, name)
+        if path.is_file():
+            return name, path
+    return None, None
+
+
+def _vocab_size(bundle: Path, manifest: dict) -> int:
+    """Vocabulary size for random token ids: the graph directory's config, else the model's, else 1000."""
+    import json
+
+    for config in (Path(bundle) / ONNX_DIR / "config.json", Path(manifest.get("model", {}).get("path", "")) / "config.json"):
+        if config.is_file():
+            return int(json.loads(config.read_text()).get("vocab_size", 1000))
+    return 1000
+
+
+@dataclass
+class _OpenGraph:
+    profile: GraphProfile
+    path: Path
+    runner: GraphRunner | None = None
+    adapter_object: Any = None
+
+
+def _open_graph(bundle: Path, record: GraphRecord, manifest: dict, device: DeviceTarget, settings,
+                batch: int, seq: int, gpu_id: int | None, vocab: int) -> _OpenGraph:
+    """Create a graph's session (timed, memory tracked) and run it once; failures are recorded, not raised."""
+    from lora_edge.runtime import create_session, load_lora_adapter
+
+    path = Path(bundle) / record.file
+    profile = GraphProfile(name=record.name, form=record.form.value, precision=record.precision.value,
+                           adapter=record.adapter, file=record.file, providers_requested=device.provider_names,
+                           io_binding=gpu_id is not None)
+    opened = _OpenGraph(profile, path)
+    if not path.is_file():
+        profile.status, profile.reason = FAILED, f"graph file {record.file} is missing from the bundle"
+        return opened
+    profile.size = graph_size(path)
+    missing = device.missing_providers()
+    if missing and settings.allow_fallback:
+        profile.fallback = (f"{', '.join(missing)} not available on this host; measured with the providers it has "
+                            "(--allow-fallback)")
+    adapter_file = None
+    if record.form is Form.HOTSWAP:
+        profile.adapter, adapter_file = _hotswap_adapter(bundle, record, manifest)
+        if adapter_file is not None:
+            profile.size["adapter_mb"] = adapter_file.stat().st_size / 2**20
+    gpu_before = gpu_memory_used_mb(gpu_id) if gpu_id is not None else None
+    try:
+        with PeakMemory() as memory:
+            began = time.perf_counter()
+            session = create_session(path, settings)
+            profile.session_create_s = time.perf_counter() - began
+            feeds = build_feeds(session, batch, seq, vocab_size=vocab)
+            opened.adapter_object = load_lora_adapter(adapter_file) if adapter_file is not None else None
+            opened.runner = GraphRunner(session, feeds, opened.adapter_object, gpu_id)
+            opened.runner()  # the first run's allocations belong to "session + run"
+    except ProviderUnavailableError as exc:
+        profile.status, profile.reason = NOT_MEASURED, exc.what
+        return opened
+    except Exception as exc:  # ORT raises plain RuntimeErrors (missing kernels, bad graphs): record them
+        text = str(exc).strip().splitlines()
+        profile.status, profile.reason = FAILED, (text[0] if text else exc.__class__.__name__)[:300]
+        return opened
+    profile.providers_registered = list(session.get_providers())
+    profile.decoder = is_decoder(session)
+    profile.memory = {"rss_added_mb": memory.added_mb, "method": memory.method}
+    if gpu_before is not None:
+        gpu_after = gpu_memory_used_mb(gpu_id)
+        profile.memory["gpu_added_mb"] = None if gpu_after is None else max(0.0, gpu_after - gpu_before)
+    return opened
+
+
+def _finish_graph(opened: _OpenGraph, times: list[float], device: DeviceTarget, settings, batch: int, seq: int,
+                  gpu_id: int | None) -> None:
+    """Fill in latency, throughput, budgets and the per-op trace of a timed graph."""
+    profile = opened.profile
+    stats = latency_stats(times)
+    profile.latency_ms = stats
+    seconds = stats["mean"] / 1e3
+    profile.throughput = {"items_per_s": batch / seconds}
+    if profile.decoder:
+        profile.throughput["tokens_per_s"] = batch * seq / seconds  # prefill: every prompt token once
+    trace = trace_session(opened.path, settings, opened.runner.feeds, opened.adapter_object, gpu_id,
+                          runs=TRACE_RUNS)
+    profile.top_ops = trace.top_ops
+    profile.providers_used = trace.providers_used
+    gpu_registered = any(name != "CPUExecutionProvider" for name in profile.providers_registered)
+    if device.uses_gpu and gpu_registered:
+        profile.cpu_fallback_ops = trace.cpu_nodes
+    profile.within_budget = _budget(profile, device)
+
+
+def _budget(profile: GraphProfile, device: DeviceTarget) -> dict | None:
+    """Whether p90 latency and added memory stay within the device's budgets (None: no budget set)."""
+    verdict = {}
+    if device.latency_budget_ms:
+        verdict["latency"] = profile.latency_ms["p90"] <= device.latency_budget_ms
+    if device.memory_budget_mb:
+        key = "gpu_added_mb" if device.uses_gpu and profile.memory.get("gpu_added_mb") is not None else "rss_added_mb"
+        verdict["memory"] = profile.memory.get(key, 0.0) <= device.memory_budget_mb
+    return verdict or None
+
+
+def _note(device: DeviceTarget, host: dict) -> str:
+    threads = device.intra_op_threads or f"ONNX Runtime's default ({host['intra_op_threads_used']})"
+    return (f"Timings were measured on this host ({host['cpu_model']}, {host['usable_cores']} usable cores, "
+            f"onnxruntime {host['onnxruntime']}) with the settings of device '{device.name}' (providers "
+            f"{', '.join(device.provider_names)}; intra-op threads {threads}; optimization "
+            f"{device.graph_optimization_level}). They compare forms and precisions; they are not "
+            f"measurements of the device itself.")
+
+
+def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list[str] | None = None,
+                   batch: int = 1, seq: int = 128, runs: int = 200, warmup: int = 20,
+                   allow_fallback: bool = False, eager: bool = True, quiet: bool = False) -> ProfileReport:
+    """Profile a bundle's graphs (and the eager PyTorch baselines) with a device target's settings.
+
+    Writes ``reports/profile.json`` and ``reports/profile.md`` and returns the
+    report. Graphs that could not be measured are in the report with the
+    reason; call :meth:`ProfileReport.check_measured` to turn them into an error.
+    """
+    bundle = require_bundle(Path(bundle))
+    device = load_device(device)
+    for name, value, minimum in (("--batch", batch, 1), ("--seq", seq, 1), ("--runs", runs, 1), ("--warmup", warmup, 0)):
+        if value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {value}", name, f"give a value >= {minimum}")
+    manifest = read_manifest(bundle)
+    records, notes = select_graphs(bundle, device, graphs)
+    host = host_facts(device.intra_op_threads)
+    report = ProfileReport(bundle=str(bundle), device=device.to_json(), host=host,
+                           settings={"batch": batch, "seq": seq, "runs": runs, "warmup": warmup,
+                                     "allow_fallback": allow_fallback, "trace_runs": TRACE_RUNS},
+                           note=_note(device, host), notes=notes,
+                           host_mismatches=device.host_mismatches(host["machine"], cpu_info()["flags"]),
+                           created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    cache_dir = bundle / ".cache" / device.name
+    settings = device.session_settings(allow_fallback=allow_fallback, cache_dir=cache_dir)
+    gpu_id = _gpu_device_id(device) if device.uses_gpu and not device.missing_providers() else None
+    vocab = _vocab_size(bundle, manifest)
+    warm_up_runtime(settings)
+    opened = []
+    for record in records:
+        _log(f"profile: opening {record.name} ({device.name})", quiet)
+        opened.append(_open_graph(bundle, record, manifest, device, settings, batch, seq, gpu_id, vocab))
+    live = {item.profile.name: item for item in opened if item.runner is not None}
+    if live:
+        _log(f"profile: timing {len(live)} graph(s), {warmup} warm-up + {runs} runs each, interleaved", quiet)
+        times = time_interleaved({name: item.runner for name, item in live.items()}, runs, warmup)
+        for name, item in live.items():
+            _finish_graph(item, times[name], device, settings, batch, seq, gpu_id)
+            _log(f"profile: {name}: p50 {item.profile.latency_ms['p50']:.3f} ms", quiet)
+    report.graphs = [item.profile for item in opened]
+    del opened, live
+    gc.collect()
+    if eager:
+        from lora_edge.eager import eager_baselines
+
+        _log("profile: eager PyTorch baselines (adapter unmerged and merged)", quiet)
+        report.eager, report.model = eager_baselines(bundle, manifest, device, batch, seq, runs, warmup,
+                                                     allow_fallback, records)
+    write_profile(bundle, report)
+    return report
+
+
+def _gpu_device_id(device: DeviceTarget) -> int:
+    """The CUDA device the device's first provider runs on (its ``device_id`` option)."""
+    return int(device.providers[0].resolved_options().get("device_id", 0))
+
+
+def write_profile(bundle: Path, report: ProfileReport) -> None:
+    """Write ``reports/profile.json`` and ``reports/profile.md`` atomically."""
+    from lora_edge.bundle import atomic_file
+
+    reports = Path(bundle) / REPORTS_DIR
+    write_json(reports / PROFILE_JSON, report.to_json())
+    with atomic_file(reports / PROFILE_MD) as staging:
+        staging.write_text(profile_markdown(report))
+
+
+def read_profile(bundle: Path) -> ProfileReport | None:
+    """The bundle's last profile report, or None when there is none."""
+    import json
+
+    path = Path(bundle) / REPORTS_DIR / PROFILE_JSON
+    if not path.is_file():
+        return None
+    return ProfileReport.from_json(json.loads(path.read_text()))
+
+
+def _status_text(graph: GraphProfile) -> str:
+    if graph.measured:
+        return "measured" + (" (fallback)" if graph.fallback else "")
+    return f"{graph.status}: {graph.reason}"
+
+
+def _budget_text(graph: GraphProfile) -> str | None:
+    if not graph.within_budget:
+        return None
+    over = [name for name, ok in graph.within_budget.items() if not ok]
+    return "over: " + ", ".join(over) if over else "ok"
+
+
+def summary_rows(report: ProfileReport) -> list[dict]:
+    """One flat row per graph and eager baseline (for tables and --json consumers)."""
+    rows = []
+    for graph in report.graphs + report.eager:
+        latency = graph.latency_ms or {}
+        throughput = graph.throughput or {}
+        rows.append({"graph": graph.name, "status": _status_text(graph), "p50_ms": latency.get("p50"),
+                     "p90_ms": latency.get("p90"), "p99_ms": latency.get("p99"), "mean_ms": latency.get("mean"),
+                     "std_ms": latency.get("std"), "items_per_s": throughput.get("items_per_s"),
+                     "tokens_per_s": throughput.get("tokens_per_s"), "create_s": graph.session_create_s,
+                     "rss_mb": graph.memory.get("rss_added_mb"), "gpu_mb": graph.memory.get("gpu_added_mb"),
+                     "size_mb": (graph.size or {}).get("total_mb"), "providers": ", ".join(graph.providers_used),
+                     "budget": _budget_text(graph)})
+    return rows
+
+
+def profile_markdown(report: ProfileReport) -> str:
+    """The human-readable profile (``profile.md``)."""
+    from lora_edge.report import markdown_table
+
+    settings, host, device = report.settings, report.host, report.device
+    lines = [f"# Profile: {Path(report.bundle).name} on device '{device['name']}'", "", f"> {report.note}", ""]
+    lines += [f"- {text}" for text in report.host_mismatches + report.notes]
+    lines += [f"- Inputs: batch {settings['batch']}, sequence {settings['seq']}; {settings['warmup']} warm-up and "
+              f"{settings['runs']} timed runs per graph, interleaved; per-op times from {settings['trace_runs']} "
+              "runs of a separate profiled session.",
+              f"- Host: {host['cpu_model']} ({host['machine']}), {host['usable_cores']} usable cores, "
+              f"{host['intra_op_threads_used']} intra-op threads; CPU flags: {', '.join(host['cpu_flags']) or 'none'}; "
+              f"onnxruntime {host['onnxruntime']} ({', '.join(host['available_providers'])})", ""]
+    columns = ["graph", "status", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "items_per_s", "tokens_per_s",
+               "create_s", "rss_mb", "gpu_mb", "size_mb", "providers", "budget"]
+    headers = ["graph", "status", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "items/s", "tokens/s",
+               "session s", "RSS + MB", "GPU + MB", "size MB", "providers used", "budget"]
+    lines += [markdown_table(summary_rows(report), columns, headers)]
+    for graph in report.graphs:
+        if graph.fallback:
+            lines.append(f"**{graph.name}**: {graph.fallback}.\n")
+        if graph.cpu_fallback_ops:
+            ops = ", ".join(f"{row['op_type']} ({row['nodes']} nodes, {row['percent']:.1f}%)"
+                            for row in graph.cpu_fallback_ops)
+            lines.append(f"**{graph.name}**: partial CPU fallback on a GPU device; on CPUExecutionProvider: {ops}.\n")
+        if graph.top_ops:
+            lines += [f"### Top operators: {graph.name}", "",
+                      markdown_table(graph.top_ops, ["op_type", "provider", "nodes", "ms_per_run", "percent"],
+                                     ["op type", "provider", "nodes", "ms/run", "% of node time"])]
+    return "\n".join(lines) + "\n"
+
+
+def profile_summary(report: ProfileReport, as_json: bool = False) -> str:
+    """What `lora-edge profile` prints: the summary table and where the reports are (or the JSON)."""
+    import json
+
+    from lora_edge.report import markdown_table
+
+    if as_json:
+        return json.dumps(report.to_json(), indent=2, default=str)
+    columns = ["graph", "status", "p50_ms", "p90_ms", "p99_ms", "items_per_s", "rss_mb", "size_mb", "providers",
+               "budget"]
+    reports = Path(report.bundle) / REPORTS_DIR
+    return (f"{report.note}\n\n{markdown_table(summary_rows(report), columns)}\n"
+            f"reports: {reports / PROFILE_MD}, {reports / PROFILE_JSON}")
