@@ -1,0 +1,387 @@
+"""Decoder LLMs with a KV cache: the wrapper module that is exported, and the causal-LM graph I/O.
+
+A Hugging Face causal LM keeps its key/value cache in a ``Cache`` object,
+which ``torch.export`` cannot take as a graph input. :class:`KVCacheDecoder`
+owns the cache instead: its forward takes the past keys and values as flat
+tensors, builds a :class:`transformers.DynamicCache` from them, runs the model
+and returns the logits plus every layer's grown keys and values.
+
+Graph I/O (the ``causal-lm`` contract every exporter, runner and check shares)::
+
+    inputs   input_ids                    int64  [batch, sequence]
+             attention_mask               int64  [batch, past_sequence + sequence]   1 = real token, 0 = padding
+             position_ids                 int64  [batch, sequence]
+             past_key_values.<i>.key      float  [batch, kv_heads, past_sequence, head_dim]   (i = 0 .. layers-1)
+             past_key_values.<i>.value    float  [batch, kv_heads, past_sequence, head_dim]
+    outputs  logits                       float  [batch, sequence, vocab]
+             present.<i>.key / .value     float  [batch, kv_heads, past_sequence + sequence, head_dim]
+
+Why ONE graph for prefill and decode (rather than a prefill/decode pair):
+the two graphs would hold the same weights twice (double the size on disk
+and in memory, which is what an edge device has least of), the hot-swap form
+would need every adapter activated on two sessions, and ONNX Runtime runs a
+zero-length past (prefill) and a one-token step (decode) through the same
+kernels without a measurable penalty (``benchmarks/decoder_latency.py``).
+Prefill feeds ``past_sequence = 0`` tensors; decode feeds the previous
+``present`` tensors back as ``past_key_values``.
+
+Padding: batches are LEFT padded. ``position_ids`` are ``cumsum(attention_mask) - 1``
+(0 on padding), exactly as ``transformers.GenerationMixin`` computes them, so a
+padded prompt sees the same positions as the prompt alone.
+
+Sliding-window attention (Mistral, Qwen2 with ``use_sliding_window``): the
+graph keeps the whole past and transformers' mask applies the window, so a
+sliding-window model stays exact at any length; the cache is not trimmed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+from lora_edge.errors import ExportError
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_edge.exporter import GraphIO
+
+INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
+PAST_NAME = "past_key_values.{layer}.{kind}"
+PRESENT_NAME = "present.{layer}.{kind}"
+KV_KINDS = ("key", "value")
+# Symbolic dimension names written into the graph (readable in Netron / get_inputs()).
+BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
+# Attention layer types whose cache is one growing key/value pair per layer: what this graph I/O carries.
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The sizes of a decoder's KV cache and vocabulary, read from its config."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int | None  # the context length; None when the config sets no limit
+
+    @classmethod
+    def from_config(cls, config) -> "DecoderShape":
+        """Read the cache geometry from a transformers config (Llama, Qwen2, Mistral, GPT-2, ...)."""
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return cls(int(config.num_hidden_layers), int(kv_heads), int(head_dim), int(config.vocab_size),
+                   int(max_positions) if max_positions else None)
+
+    @property
+    def past_names(self) -> list[str]:
+        """Graph input names of the past keys and values, in forward() order (layer 0 key, layer 0 value, ...)."""
+        return [PAST_NAME.format(layer=i, kind=kind) for i in range(self.num_layers) for kind in KV_KINDS]
+
+    @property
+    def present_names(self) -> list[str]:
+        """Graph output names of the grown keys and values, in the same order as :attr:`past_names`."""
+        return [PRESENT_NAME.format(layer=i, kind=kind) for i in range(self.num_layers) for kind in KV_KINDS]
+
+    @property
+    def input_names(self) -> list[str]:
+        """All graph input names, in the order of :meth:`KVCacheDecoder.forward`."""
+        return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + self.past_names
+
+    @property
+    def output_names(self) -> list[str]:
+        """All graph output names: logits, then the presents."""
+        return [LOGITS] + self.present_names
+
+    def empty_past(self, batch: int, dtype=None) -> list:
+        """Zero-length past tensors (numpy) for a prefill step of ``batch`` sequences."""
+        import numpy as np
+
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, dtype=dtype or np.float32) for _ in self.past_names]
+
+
+def check_supported(config) -> None:
+    """Raise ExportError when a config has layers whose cache is not one key/value pair per layer."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "is_encoder_decoder", False):
+        raise ExportError(f"{type(config).__name__} is an encoder-decoder model", "the model's config.json",
+                          "export a decoder-only causal LM (Llama, Qwen2, Mistral, GPT-2, ...)")
+    for index, layer_type in enumerate(getattr(text_config, "layer_types", None) or []):
+        if layer_type not in SUPPORTED_LAYER_TYPES:
+            raise ExportError(f"decoder layer {index} is of type '{layer_type}', whose cache is not one growing "
+                              "key/value pair per layer", "the model's config.json: layer_types",
+                              f"causal-lm graphs carry only {', '.join(SUPPORTED_LAYER_TYPES)} layers")
+    if getattr(text_config, "kv_sharing_modes", None):
+        raise ExportError("the model shares key/value caches between layers", "the model's config.json: "
+                          "kv_sharing_modes", "causal-lm graphs carry one cache per layer")
+
+
+def _kv_layers(cache) -> list:
+    """The per-layer caches of a transformers Cache (the model may wrap it, e.g. EncoderDecoderCache)."""
+    cache = getattr(cache, "self_attention_cache", cache)
+    return list(cache.layers)
+
+
+@functools.cache
+def _module_class() -> type:
+    """Build the KV-cache wrapper class on first use, so importing this module does not import torch."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class KVCacheDecoder(torch.nn.Module):
+        """A causal LM with its KV cache as flat tensors: the module exported to a ``causal-lm`` graph.
+
+        ``model`` may be a plain causal LM (base or merged), a PeftModel, a model
+        with :class:`~lora_edge.merge.LoraBranch` layers (branched, hot-swap) or any
+        module whose forward takes ``input_ids, attention_mask, position_ids, cache,
+        use_cache`` like a transformers causal LM. It is held as ``self.model``
+        and never modified.
+        """
+
+        def __init__(self, model, shape: DecoderShape):
+            super().__init__()
+            self.model = model
+            self.shape = shape
+
+        def forward(self, *inputs):
+            """Graph inputs in :attr:`DecoderShape.input_names` order -> (logits, present.0.key, ...)."""
+            from transformers import DynamicCache
+
+            if len(inputs) != len(self.shape.input_names):
+                raise ValueError(f"expected {len(self.shape.input_names)} inputs, got {len(inputs)}")
+            input_ids, attention_mask, position_ids, *past = inputs
+            # [batch, sequence] True where a new token is real (not left padding)
+            is_real = attention_mask[:, -input_ids.shape[1]:] > 0
+            cache = DynamicCache()
+            cache.layer_class_to_replicate = None
+            cache.layers = [PaddingZeroingLayer(key, value, is_real) for key, value in zip(past[0::2], past[1::2])]
+            with _failing_module(self, tracing=_is_fake(input_ids)):
+                outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     cache=cache, use_cache=True)
+            presents = []
+            for layer in _kv_layers(outputs.cache):
+                presents += [layer.keys, layer.values]
+            # Padded positions' outputs mean nothing (their attention rows are fully masked, and ONNX Runtime
+            # and PyTorch fill such rows differently): zero them so the graph is one well-defined function.
+            logits = torch.where(is_real.unsqueeze(-1), outputs.logits, 0.0)
+            return (logits, *presents)
+
+    class PaddingZeroingLayer(DynamicLayer):
+        """A DynamicLayer holding the given past, which stores the keys/values of padded new tokens as zeros.
+
+        Plain (non-sliding) layers: the whole past is kept and the attention mask
+        applies any sliding window. Zeroing touches only the new tokens, so a decode
+        step costs nothing extra; padded keys are masked out of attention anyway.
+        """
+
+        def __init__(self, past_key, past_value, is_real):
+            super().__init__()
+            super().update(past_key, past_value)
+            self.keep = is_real[:, None, :, None]  # broadcast over [batch, heads, sequence, head_dim]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            """Append the new tokens' keys and values (padded ones as zeros)."""
+            key_states = torch.where(self.keep, key_states, 0.0)
+            value_states = torch.where(self.keep, value_states, 0.0)
+            return super().update(key_states, value_states, *args, **kwargs)
+
+    return KVCacheDecoder
+
+
+def __getattr__(name: str):
+    """``KVCacheDecoder`` (the torch module class) is built lazily: generation on ONNX Runtime needs no torch."""
+    if name == "KVCacheDecoder":
+        return _module_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def wrap_decoder(model, config=None) -> "torch.nn.Module":
+    """Wrap a causal LM in the KV-cache module that is exported; eval mode.
+
+    ``config`` defaults to the model's own (``model.config``; PEFT forwards it).
+    Raises ExportError when the architecture's cache does not fit the graph I/O.
+    """
+    config = config if config is not None else model.config
+    check_supported(config)
+    return _module_class()(model, DecoderShape.from_config(config)).eval()
+
+
+def _model_dtype(model) -> "torch.dtype":
+    import torch
+
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def example_inputs(shape: DecoderShape, batch: int = 2, sequence: int = 3, past: int = 4, dtype=None,
+                   seed: int = 0) -> tuple:
+    """Random forward() inputs of a step with a non-empty past (no padding): for tracing.
+
+    Sizes are >= 2 and differ from each other so that the exporter neither
+    specialises a dynamic dimension nor ties two of them together.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, shape.vocab_size, (batch, sequence), generator=generator)
+    attention_mask = torch.ones(batch, past + sequence, dtype=torch.long)
+    position_ids = torch.arange(past, past + sequence).unsqueeze(0).expand(batch, sequence).contiguous()
+    return (input_ids, attention_mask, position_ids, *_random_past(shape, batch, past, dtype, generator))
+
+
+def _random_past(shape: DecoderShape, batch: int, length: int, dtype, generator) -> list:
+    import torch
+
+    return [torch.randn(batch, shape.num_kv_heads, length, shape.head_dim, generator=generator).to(dtype or torch.float32)
+            for _ in shape.past_names]
+
+
+def verify_inputs(shape: DecoderShape, prompts: list[list[int]], pad_token_id: int, dtype=None) -> list[tuple]:
+    """Inputs on which an exported graph must match PyTorch: the ways generation calls it.
+
+    1. prefill of left-padded prompts (empty past); 2. a one-token decode step
+    after a padded past; 3. several new tokens after a past (chunked prefill);
+    4. a single unpadded prompt. The past of 2 and 3 is seeded random data, so the
+    inputs are the same whatever model the graph was exported from.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    width = max(len(ids) for ids in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) * mask
+    empty = [torch.zeros(len(prompts), shape.num_kv_heads, 0, shape.head_dim, dtype=dtype or torch.float32)
+             for _ in shape.past_names]
+    cases = [(ids, mask, positions, *empty)]
+    for new_tokens in (1, 3):
+        batch = min(2, len(prompts))
+        step_ids = ids[:batch, -new_tokens:]
+        step_mask = torch.cat([mask[:batch], torch.ones(batch, new_tokens, dtype=torch.long)], dim=1)
+        step_positions = positions[:batch, -1:] + torch.arange(1, new_tokens + 1)
+        past = _random_past(shape, batch, width, dtype, generator)
+        cases.append((step_ids, step_mask, step_positions, *past))
+    single = torch.tensor([prompts[0]])
+    cases.append((single, torch.ones_like(single), torch.arange(single.shape[1]).unsqueeze(0),
+                  *[t[:1] for t in empty]))
+    return cases
+
+
+def dynamic_axes(shape: DecoderShape) -> dict[str, dict[int, str]]:
+    """Input name -> {axis: dim name}: batch, sequence, past and total (past + sequence) lengths."""
+    axes = {INPUT_IDS: {0: BATCH, 1: SEQUENCE}, ATTENTION_MASK: {0: BATCH, 1: TOTAL},
+            POSITION_IDS: {0: BATCH, 1: SEQUENCE}}
+    axes.update({name: {0: BATCH, 2: PAST} for name in shape.past_names})
+    return axes
+
+
+def causal_lm_graph_io(model, context) -> "GraphIO":
+    """Graph-I/O builder of ``Task.CAUSAL_LM`` (the exporter's registry): KV-cache wrapper + I/O + checks.
+
+    ``context`` is the exporter's ExportContext (tokenizer, config, sample texts).
+    """
+    from lora_edge.exporter import GraphIO
+
+    wrapper = wrap_decoder(model, context.config)
+    shape = wrapper.shape
+    dtype = _model_dtype(model)
+    tokenizer = context.tokenizer
+    prompts = [list(ids)[: context.max_length] for ids in
+               tokenizer(list(context.sample_texts[:3]), add_special_tokens=True)["input_ids"]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return GraphIO(module=wrapper, example_inputs=example_inputs(shape, dtype=dtype),
+                   input_names=shape.input_names, output_names=shape.output_names,
+                   dynamic_axes=dynamic_axes(shape), verify_inputs=verify_inputs(shape, prompts, pad, dtype),
+                   dim_min={PAST: 0, SEQUENCE: 1, TOTAL: 1})
+
+
+def _register() -> None:
+    from lora_edge.exporter import register_graph_io
+    from lora_edge.models import Task
+
+    register_graph_io(Task.CAUSAL_LM, causal_lm_graph_io)
+
+
+_register()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which module failed to export, and why.
+
+_USER_FRAME = re.compile(r'File "([^"]*/(?:transformers/models|peft)/[^"]+)", line (\d+), in (\w+)')
+
+
+def _is_fake(tensor) -> bool:
+    """True while torch.export traces (non-strict tracing runs the forward on fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
+@contextlib.contextmanager
+def _failing_module(wrapper, tracing: bool) -> Iterator[None]:
+    """While tracing, turn a failure inside the model into an ExportError naming the innermost module.
+
+    Forward hooks keep the stack of running submodules (removed again on exit, so
+    the model is not modified); the modules whose forward did not return are the
+    ones that failed. Outside tracing this does nothing.
+    """
+    if not tracing:
+        yield
+        return
+    names = {module: name.removeprefix("model.") for name, module in wrapper.named_modules() if name}
+    stack: list[str] = []
+
+    def enter(module, _args) -> None:
+        stack.append(names[module])
+
+    def leave(_module, _args, _output) -> None:  # must return None: a value would replace the output
+        if stack:
+            stack.pop()
+
+    handles = []
+    for module in names:
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise describe_export_failure(wrapper, stack, exc) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def describe_export_failure(wrapper, stack: list[str], exc: BaseException) -> ExportError:
+    """An ExportError naming the innermost module whose forward failed and the tracer's reason."""
+    module_name = stack[-1] if stack else ""
+    module = wrapper.model.get_submodule(module_name) if module_name else None
+    where = f"module '{module_name}' ({type(module).__name__})" if module is not None else "the model's forward"
+    reason = _first_reason(str(exc)) or exc.__class__.__name__
+    frames = _USER_FRAME.findall(str(exc))
+    if frames:
+        file, line, function = frames[-1]
+        reason += f" (at {file.split('/site-packages/')[-1]}:{line} in {function})"
+    return ExportError(f"{exc.__class__.__name__} while tracing for ONNX: {reason}", where,
+                       "this module's code does not trace with torch.export; use a supported causal LM "
+                       "(Llama, Qwen2, Mistral, GPT-2, ...) or a newer transformers")
+
+
+def _first_reason(text: str) -> str:
+    """The first non-empty line of a tracer error, shortened."""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:240]
+    return ""

@@ -1,0 +1,261 @@
+"""Text generation and language-model measures on ONNX Runtime, for ``causal-lm`` graphs.
+
+A :class:`DecoderRunner` holds one session of a graph with the I/O described
+in :mod:`lora_edge.decoder` (one graph serves prefill and decode) and reads
+the cache geometry from the graph itself, so generation needs neither torch
+nor the model's config. :func:`generate` runs a left-padded batch: greedy, or
+sampling with temperature / top-p from a seeded generator, with a per-call
+hot-swap adapter (``onnxruntime.LoraAdapter``), so one session serves every
+adapter. Below the loop: the measures the accuracy gate uses on language
+models (perplexity of a graph on a text set, its delta against PyTorch,
+next-token top-1 agreement).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from lora_edge.decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_NAME, POSITION_IDS, PRESENT_NAME, KV_KINDS
+from lora_edge.errors import AdapterMismatchError, ConfigError, DataError, ExportError
+from lora_edge.runtime import run
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime
+
+# ONNX tensor element types of a cache input -> numpy dtype names.
+_ORT_FLOAT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+@dataclass
+class SamplingSpec:
+    """How the next token is chosen."""
+
+    greedy: bool = field(default=True, metadata={"help": "Take the most likely token (ignores temperature/top-p)."})
+    temperature: float = field(default=1.0, metadata={"help": "Divide logits by this before sampling (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Sample from the smallest token set whose probability "
+                                                        "reaches top_p (0 < top_p <= 1)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling generator: same seed, same tokens."})
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature {self.temperature} is not positive", "--temperature",
+                              "use a value such as 0.7, or --greedy")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top-p {self.top_p} is outside (0, 1]", "--top-p", "use a value such as 0.9")
+
+
+@dataclass
+class GenerationResult:
+    """Token ids and timings of one :func:`generate` call (one row per prompt)."""
+
+    prompt_ids: list[list[int]]
+    new_ids: list[list[int]]  # without padding; a row stops at (and includes) its EOS token
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        """Prompt tokens (all rows, padding excluded) processed per second of prefill."""
+        tokens = sum(len(ids) for ids in self.prompt_ids)
+        return tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens produced per second of decoding, counting every row of the batch at each step."""
+        tokens = self.decode_steps * len(self.prompt_ids)
+        return tokens / self.decode_seconds if self.decode_seconds > 0 else float("inf")
+
+    def to_json(self) -> dict:
+        """JSON form printed by ``lora-edge generate --json``."""
+        return {"prompt_ids": self.prompt_ids, "new_ids": self.new_ids,
+                "prefill_tokens_per_second": round(self.prefill_tokens_per_second, 2),
+                "decode_tokens_per_second": round(self.decode_tokens_per_second, 2),
+                "prefill_seconds": round(self.prefill_seconds, 6), "decode_seconds": round(self.decode_seconds, 6)}
+
+
+class DecoderRunner:
+    """One ONNX Runtime session of a ``causal-lm`` graph, stepped with an explicit KV cache.
+
+    ``max_positions`` is the model's context length (None: unchecked).
+    """
+
+    def __init__(self, session: "onnxruntime.InferenceSession", max_positions: int | None = None):
+        self.session = session
+        self.max_positions = max_positions
+        inputs = {item.name: item for item in session.get_inputs()}
+        missing = [name for name in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) if name not in inputs]
+        first_past = PAST_NAME.format(layer=0, kind="key")
+        if missing or first_past not in inputs:
+            raise ExportError(f"the graph is not a causal-lm graph with a KV cache (missing "
+                              f"{(missing or [first_past])[0]})", session._model_path if hasattr(session, "_model_path")
+                              else "the graph", "export it with lora-edge export --task causal-lm")
+        self.num_layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+        self.past_names = [PAST_NAME.format(layer=i, kind=kind) for i in range(self.num_layers) for kind in KV_KINDS]
+        self.present_names = [PRESENT_NAME.format(layer=i, kind=kind)
+                              for i in range(self.num_layers) for kind in KV_KINDS]
+        past = inputs[first_past]
+        self.num_kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
+        self.cache_dtype = _ORT_FLOAT_TYPES.get(past.type, "float32")
+        self.output_names = [LOGITS] + self.present_names
+
+    def empty_past(self, batch: int) -> list["np.ndarray"]:
+        """Zero-length past tensors: the cache of a prefill step."""
+        import numpy as np
+
+        return [np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=self.cache_dtype)
+                for _ in self.past_names]
+
+    def step(self, input_ids: "np.ndarray", attention_mask: "np.ndarray", position_ids: "np.ndarray",
+             past: list["np.ndarray"], adapter: "onnxruntime.LoraAdapter | None" = None
+             ) -> tuple["np.ndarray", list["np.ndarray"]]:
+        """Run one prefill or decode step; returns (logits [batch, sequence, vocab], presents)."""
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids,
+                 **dict(zip(self.past_names, past))}
+        try:
+            outputs = run(self.session, feeds, adapter=adapter, output_names=self.output_names)
+        except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
+            if adapter is not None and ("lora" in str(exc).lower() or "shape" in str(exc).lower()):
+                raise AdapterMismatchError(f"the adapter does not fit this graph ({str(exc).splitlines()[0][:200]})",
+                                           "--adapter", "use an adapter trained on this bundle's base model") from exc
+            raise
+        return outputs[0], outputs[1:]
+
+    def check_context(self, prompt_lengths: list[int], max_new_tokens: int) -> int:
+        """Raise DataError when a prompt does not fit the context; return how many tokens may be added."""
+        longest = max(prompt_lengths)
+        if self.max_positions is None:
+            return max_new_tokens
+        if longest >= self.max_positions:
+            raise DataError(f"the prompt is {longest} tokens, the model's context is {self.max_positions}",
+                            "--prompt", f"shorten the prompt below {self.max_positions} tokens")
+        return min(max_new_tokens, self.max_positions - longest)
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """Left-pad token id lists into (input_ids, attention_mask), int64 [batch, longest]."""
+    import numpy as np
+
+    if not prompts or any(len(ids) == 0 for ids in prompts):
+        raise DataError("a prompt is empty", "--prompt", "give at least one token of text")
+    width = max(len(ids) for ids in prompts)
+    input_ids = np.full((len(prompts), width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = ids
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def positions_from_mask(attention_mask: "np.ndarray") -> "np.ndarray":
+    """``cumsum(mask) - 1`` with padding at 0: the position ids transformers' generate uses."""
+    import numpy as np
+
+    positions = np.cumsum(attention_mask, axis=1) - 1
+    return np.where(attention_mask == 0, 0, positions).astype(np.int64)
+
+
+def choose_tokens(logits: "np.ndarray", sampling: SamplingSpec, rng: "np.random.Generator") -> "np.ndarray":
+    """Next token per row from last-position logits [batch, vocab]: argmax, or temperature + top-p sampling."""
+    import numpy as np
+
+    if sampling.greedy:
+        return logits.argmax(axis=-1).astype(np.int64)
+    scaled = logits.astype(np.float64) / sampling.temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    probs = np.exp(scaled)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    chosen = np.empty(len(probs), dtype=np.int64)
+    for row, p in enumerate(probs):
+        order = np.argsort(-p, kind="stable")
+        cumulative = np.cumsum(p[order])
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        keep = int(np.searchsorted(cumulative, sampling.top_p, side="left")) + 1
+        kept = order[:keep]
+        weights = p[kept] / p[kept].sum()
+        chosen[row] = kept[rng.choice(len(kept), p=weights)]
+    return chosen
+
+
+def generate(runner: DecoderRunner, prompts: list[list[int]], max_new_tokens: int = 64,
+             sampling: SamplingSpec | None = None, eos_token_id: int | list[int] | None = None,
+             pad_token_id: int = 0, adapter: "onnxruntime.LoraAdapter | None" = None,
+             on_tokens: Callable[[list[int | None]], None] | None = None) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` tokens after each prompt (a left-padded batch) on ONNX Runtime.
+
+    Mirrors ``transformers`` ``generate``: position ids from the attention mask,
+    a row stops at an EOS token (later steps feed it ``pad_token_id``), the loop
+    ends when every row has stopped. ``adapter`` (a loaded ``.onnx_adapter``) is
+    activated on every run of a hot-swap graph; ``on_tokens`` receives each
+    step's token per row (None for rows that have stopped), for streaming.
+    Raises DataError when a prompt does not fit the model's context.
+    """
+    import numpy as np
+
+    sampling = sampling or SamplingSpec()
+    if max_new_tokens < 1:
+        raise ConfigError(f"max-new-tokens is {max_new_tokens}", "--max-new-tokens", "ask for at least 1 token")
+    max_new_tokens = runner.check_context([len(ids) for ids in prompts], max_new_tokens)
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    rng = np.random.default_rng(sampling.seed)
+    input_ids, attention_mask = left_pad(prompts, pad_token_id)
+    position_ids = positions_from_mask(attention_mask)
+    batch = len(prompts)
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    running = np.ones(batch, dtype=bool)
+    past = runner.empty_past(batch)
+
+    start = time.perf_counter()
+    logits, past = runner.step(input_ids, attention_mask, position_ids, past, adapter)
+    prefill_seconds = time.perf_counter() - start
+    steps, decode_start = 0, time.perf_counter()
+    while True:
+        tokens = choose_tokens(logits[:, -1, :], sampling, rng)
+        tokens = np.where(running, tokens, pad_token_id)
+        for row in np.flatnonzero(running):
+            new_ids[row].append(int(tokens[row]))
+        if on_tokens is not None:
+            on_tokens([int(t) if alive else None for t, alive in zip(tokens, running)])
+        running &= ~np.isin(tokens, list(eos))
+        if not running.any() or steps + 1 >= max_new_tokens:  # every running row holds steps + 1 tokens
+            break
+        attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        position_ids = position_ids[:, -1:] + 1
+        logits, past = runner.step(tokens[:, None], attention_mask, position_ids, past, adapter)
+        steps += 1
+    decode_seconds = time.perf_counter() - decode_start
+    return GenerationResult([list(map(int, ids)) for ids in prompts], new_ids, prefill_seconds, decode_seconds,
+                            steps)
+
+
+class TextStream:
+    """Turns a stream of token ids into text pieces, for printing as tokens arrive.
+
+    Decodes everything produced so far and emits only the new suffix, holding
+    back text that ends in an incomplete character (U+FFFD), so multi-token
+    words and byte-level BPE pieces print correctly.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now complete and not yet printed."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        if text.endswith("\ufffd") or not text.startswith(self.printed):
+            return ""
+        piece, self.printed = text[len(self.printed):], text
+        return piece
+
+
+def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, with the tokenizer's special tokens (as transformers' generate sees them)."""
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
