@@ -80,14 +80,17 @@ class ExportJob:
 
 
 def _graph_extra(path: Path, **values) -> dict:
-    """Manifest extras of a graph file: opset, input and output names, plus ``values``."""
+    """Manifest extras of a graph file: opset, input/output names, low-rank MatMul pairs, plus ``values``."""
     import onnx
+
+    from lora_edge.exporter import low_rank_pairs
 
     model = onnx.load(str(path), load_external_data=False)
     initializers = {init.name for init in model.graph.initializer}
     return {"opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
             "inputs": [i.name for i in model.graph.input if i.name not in initializers],
-            "outputs": [o.name for o in model.graph.output], **values}
+            "outputs": [o.name for o in model.graph.output], "low_rank_pairs": len(low_rank_pairs(model)),
+            **values}
 
 
 def _export_per_adapter(job: ExportJob, form: Form, make: Callable[["PeftModel"], object]) -> list[GraphRecord]:

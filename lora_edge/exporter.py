@@ -348,3 +348,50 @@ def export_and_verify(model: "nn.Module", reference: "nn.Module", context: Expor
     if progress:
         progress(f"  {graph_name}: {seconds:.1f} s, max abs diff vs PyTorch {diff:.2g}")
     return ExportResult(Path(path), diff, seconds)
+
+
+# --- structure ----------------------------------------------------------------------------------------
+
+def low_rank_pairs(model) -> list[tuple[str, str]]:
+    """(first weight, second weight) names of every low-rank MatMul pair in an ONNX model.
+
+    A pair is ``MatMul(MatMul(x, W1), W2)`` where W1 ``[in, r]`` and W2 ``[r, out]`` are
+    weights (initializers or graph inputs, possibly behind a Transpose) and the
+    inner size r is symbolic (a hot-swap rank axis) or smaller than both outer
+    sizes. Branched graphs have one per targeted layer, merged graphs none.
+    """
+    graph = model.graph
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    for value in graph.input:  # graph inputs win over same-named initializers (hot-swap defaults)
+        shapes[value.name] = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def weight(name: str) -> tuple[str, list] | None:
+        """(source name, effective 2-D shape) when ``name`` is a weight, else None."""
+        if name in shapes and len(shapes[name]) == 2:
+            return name, shapes[name]
+        node = producers.get(name)
+        if node is not None and node.op_type == "Transpose" and node.input[0] in shapes \
+                and len(shapes[node.input[0]]) == 2:
+            return node.input[0], shapes[node.input[0]][::-1]
+        return None
+
+    def low_rank(outer_in, inner, outer_out) -> bool:
+        if isinstance(inner, str):
+            return True
+        return all(isinstance(d, int) for d in (outer_in, outer_out)) and inner < min(outer_in, outer_out)
+
+    pairs = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or (first := weight(node.input[1])) is None:
+            continue
+        for follower in consumers.get(node.output[0], []):
+            if follower.op_type == "MatMul" and follower.input[0] == node.output[0] \
+                    and (second := weight(follower.input[1])) is not None \
+                    and low_rank(first[1][0], first[1][1], second[1][1]):
+                pairs.append((first[0], second[0]))
+    return pairs

@@ -292,9 +292,9 @@ def save_merged(model: str | Path, adapter: AdapterRef, out: Path, task: Task | 
     from lora_edge.models import Task, load_tokenizer, resolve_model_path
 
     model_path = resolve_model_path(model)
-    reference = load_reference(model_path, adapter, Task.parse(task) if task else None, trust_remote_code)
-    merged = merge_adapter(reference)
-    with atomic_directory(Path(out), force) as staging:
+    with atomic_directory(Path(out), force) as staging:  # entered first: an existing --out fails before any loading
+        reference = load_reference(model_path, adapter, Task.parse(task) if task else None, trust_remote_code)
+        merged = merge_adapter(reference)
         merged.save_pretrained(str(staging), safe_serialization=True)
         load_tokenizer(model_path, trust_remote_code).save_pretrained(str(staging))
         label_map = LabelMap.load(adapter.path)
