@@ -7,7 +7,6 @@ be tested on fixed inputs. Nothing here imports torch.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -127,7 +126,9 @@ class PeakMemory:
     """Peak resident memory added inside a ``with`` block, in MB (``.added_mb``).
 
     Uses the kernel's high-water mark where it can be reset (exact); otherwise
-    samples RSS every few milliseconds (may miss short spikes).
+    samples RSS every few milliseconds (may miss short spikes). Collect garbage
+    before a series of measurements (``gc.collect()``: slow with torch loaded),
+    so that freeing it does not hide memory a block adds.
     """
 
     def __init__(self, sample_interval_s: float = 0.002):
@@ -143,7 +144,6 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakMemory":
-        gc.collect()
         self._base = rss_bytes()
         self._peak = self._base
         self._kernel = _reset_hwm()

@@ -220,8 +220,8 @@ def _open_graph(bundle: Path, record: GraphRecord, manifest: dict, device: Devic
             profile.session_create_s = time.perf_counter() - began
             feeds = build_feeds(session, batch, seq, vocab_size=vocab)
             opened.adapter_object = load_lora_adapter(adapter_file) if adapter_file is not None else None
-            opened.runner = GraphRunner(session, feeds, opened.adapter_object, gpu_id)
-            opened.runner()  # the first run's allocations belong to "session + run"
+            runner = GraphRunner(session, feeds, opened.adapter_object, gpu_id)
+            runner()  # the first run's allocations belong to "session + run"
     except ProviderUnavailableError as exc:
         profile.status, profile.reason = NOT_MEASURED, exc.what
         return opened
@@ -229,6 +229,7 @@ def _open_graph(bundle: Path, record: GraphRecord, manifest: dict, device: Devic
         text = str(exc).strip().splitlines()
         profile.status, profile.reason = FAILED, (text[0] if text else exc.__class__.__name__)[:300]
         return opened
+    opened.runner = runner  # only a graph that ran once is timed
     profile.providers_registered = list(session.get_providers())
     profile.decoder = is_decoder(session)
     profile.memory = {"rss_added_mb": memory.added_mb, "method": memory.method}
@@ -306,6 +307,7 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
     gpu_id = _gpu_device_id(device) if device.uses_gpu and not device.missing_providers() else None
     vocab = _vocab_size(bundle, manifest)
     warm_up_runtime(settings)
+    gc.collect()
     opened = []
     for record in records:
         _log(f"profile: opening {record.name} ({device.name})", quiet)
@@ -313,8 +315,10 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
     live = {item.profile.name: item for item in opened if item.runner is not None}
     if live:
         _log(f"profile: timing {len(live)} graph(s), {warmup} warm-up + {runs} runs each, interleaved", quiet)
-        times = time_interleaved({name: item.runner for name, item in live.items()}, runs, warmup)
+        times = _time_graphs(live, runs, warmup)
         for name, item in live.items():
+            if name not in times:
+                continue
             _finish_graph(item, times[name], device, settings, batch, seq, gpu_id)
             _log(f"profile: {name}: p50 {item.profile.latency_ms['p50']:.3f} ms", quiet)
     report.graphs = [item.profile for item in opened]
@@ -328,6 +332,22 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
                                                      allow_fallback, records)
     write_profile(bundle, report)
     return report
+
+
+def _time_graphs(live: dict[str, _OpenGraph], runs: int, warmup: int) -> dict[str, list[float]]:
+    """Interleaved run times per graph; if a run fails, time each graph alone and record the failures."""
+    try:
+        return time_interleaved({name: item.runner for name, item in live.items()}, runs, warmup)
+    except Exception:  # find which graph failed; the others are still worth their numbers
+        times = {}
+        for name, item in live.items():
+            try:
+                times.update(time_interleaved({name: item.runner}, runs, warmup))
+            except Exception as exc:
+                text = str(exc).strip().splitlines()
+                item.profile.status = FAILED
+                item.profile.reason = (text[0] if text else exc.__class__.__name__)[:300]
+        return times
 
 
 def _gpu_device_id(device: DeviceTarget) -> int:

@@ -1,0 +1,205 @@
+"""The profiler: report fields and their sanity, no silent provider fallback, decoders, trace parsing.
+
+Runs are kept small (tens, not hundreds): these tests check what is recorded
+and how, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_edge.cli import main
+from lora_edge.errors import ProviderUnavailableError
+from lora_edge.measure import (PeakMemory, build_feeds, latency_stats, summarize_trace, time_interleaved)
+from lora_edge.profile import NOT_MEASURED, ProfileReport, profile_bundle, read_profile, select_graphs
+from lora_edge.runtime import CPU, available_providers
+from profile_bundles import copy_bundle, export_tiny_bundle, synthetic_bundle
+
+RUNS = dict(runs=12, warmup=2)
+
+
+def _missing_provider() -> str:
+    """A provider this host lacks: CUDA on CPU-only hosts (the usual case), else Core ML."""
+    return "CUDAExecutionProvider" if "CUDAExecutionProvider" not in available_providers() else "CoreMLExecutionProvider"
+
+
+def _device_file(tmp_path: Path, provider: str, name: str = "test-gpu") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'name = "{name}"\ndescription = "asks for {provider}"\nprecisions = ["fp32"]\n'
+                    f'intra_op_threads = 1\n\n[[providers]]\nname = "{provider}"\n\n[[providers]]\n'
+                    f'name = "CPUExecutionProvider"\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_model, tiny_adapter, tmp_path_factory):
+    """A real exported bundle (tiny BERT + random adapter, merged and hotswap fp32)."""
+    return export_tiny_bundle(tiny_model("bert"), tiny_adapter("bert"), tmp_path_factory.mktemp("b") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_bundle, tmp_path_factory):
+    bundle = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("p") / "bundle")
+    return profile_bundle(bundle, "host-cpu", batch=2, seq=16, quiet=True, **RUNS)
+
+
+def test_profile_fields_are_present_and_sane(tiny_report):
+    report = tiny_report
+    names = [graph.name for graph in report.graphs]
+    assert set(names) == {"merged.fp32", "hotswap.fp32"}
+    for graph in report.graphs:
+        assert graph.measured, graph.reason
+        stats = graph.latency_ms
+        assert 0 < stats["min"] <= stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+        assert stats["runs"] == RUNS["runs"] and stats["std"] >= 0
+        assert graph.throughput["items_per_s"] == pytest.approx(2 / (stats["mean"] / 1e3))
+        assert "tokens_per_s" not in graph.throughput  # encoders: items only
+        assert graph.session_create_s > 0
+        assert graph.providers_registered[0] == CPU and graph.providers_used == [CPU]
+        assert graph.size["total_mb"] == pytest.approx((Path(report.bundle) / graph.file).stat().st_size / 2**20)
+        assert graph.memory["rss_added_mb"] >= 0
+        ops = graph.top_ops
+        assert ops and all(op["provider"] == CPU for op in ops)
+        assert [op["ms_per_run"] for op in ops] == sorted((op["ms_per_run"] for op in ops), reverse=True)
+        assert sum(op["percent"] for op in ops) <= 100.0 + 1e-6
+        assert any(op["op_type"] in ("MatMul", "FusedMatMul", "Gemm", "Attention") for op in ops)
+    hotswap = report.graph("hotswap.fp32")
+    assert hotswap.adapter == "tiny" and hotswap.size["adapter_mb"] > 0  # timed with its adapter active
+    assert report.host["onnxruntime"] and CPU in report.host["available_providers"]
+    assert report.host["usable_cores"] >= 1 and report.host["intra_op_threads_used"] >= 1
+
+
+def test_eager_baselines_run_beside_the_graphs(tiny_report):
+    eager = {graph.name: graph for graph in tiny_report.eager}
+    assert set(eager) == {"pytorch.unmerged", "pytorch.merged"}
+    for graph in eager.values():
+        assert graph.measured, graph.reason
+        assert graph.latency_ms["p50"] <= graph.latency_ms["p90"] <= graph.latency_ms["p99"]
+        assert graph.providers_used == ["torch-cpu"]
+    # FLOPs of one item (batch 1 of the shape): 2 layers of a 32-wide BERT at seq 16, plus attention
+    assert tiny_report.model["flops_per_item"] > 2 * 16 * 2 * (4 * 32 * 32 + 2 * 32 * 64)
+
+
+def test_profile_reports_are_written_and_say_where_timings_come_from(tiny_report):
+    bundle = Path(tiny_report.bundle)
+    loaded = read_profile(bundle)
+    assert loaded.to_json() == json.loads(json.dumps(tiny_report.to_json()))
+    text = (bundle / "reports" / "profile.md").read_text()
+    assert "measured on this host" in text and "host-cpu" in text
+    assert "| merged.fp32 | measured |" in text
+    assert not list((bundle / "reports").glob(".*tmp*")), "no temporary files left behind"
+
+
+def test_unavailable_provider_is_not_measured_and_fails(tmp_path, capsys):
+    provider = _missing_provider()
+    bundle = synthetic_bundle(tmp_path / "bundle")
+    device = _device_file(tmp_path, provider)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", str(bundle), "--device", str(device), "--runs", "3", "--warmup", "1"])
+    assert exit_info.value.code == ProviderUnavailableError.exit_code
+    error = capsys.readouterr().err
+    assert f"{provider} is not available on this host" in error and "--allow-fallback" in error
+    report = read_profile(bundle)
+    assert [graph.status for graph in report.graphs] == [NOT_MEASURED, NOT_MEASURED]
+    assert all(graph.latency_ms is None and graph.reason == f"{provider} is not available on this host"
+               for graph in report.graphs)
+
+
+def test_allow_fallback_measures_and_records_it(tmp_path, capsys):
+    provider = _missing_provider()
+    bundle = synthetic_bundle(tmp_path / "bundle")
+    main_args = ["profile", str(bundle), "--device", str(_device_file(tmp_path, provider)), "--runs", "5",
+                 "--warmup", "1", "--allow-fallback", "--json"]
+    try:
+        main(main_args)
+    except SystemExit as exc:  # click's standalone_mode=False returns; a non-zero exit is a failure
+        assert exc.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    for graph in printed["graphs"]:
+        assert graph["status"] == "measured"
+        assert provider in graph["fallback"] and "--allow-fallback" in graph["fallback"]
+        assert graph["providers_used"] == [CPU]
+    assert "fallback" in (bundle / "reports" / "profile.md").read_text()
+
+
+def test_decoder_graph_gets_a_zero_length_past_and_tokens_per_second(tmp_path):
+    bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged",), decoder=True)
+    report = profile_bundle(bundle, "host-cpu", batch=2, seq=8, eager=False, quiet=True, **RUNS)
+    graph = report.graphs[0]
+    assert graph.measured and graph.decoder
+    assert graph.throughput["tokens_per_s"] == pytest.approx(graph.throughput["items_per_s"] * 8)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(bundle / graph.file), providers=[CPU])
+    feeds = build_feeds(session, batch=2, seq=8, vocab_size=100)
+    assert feeds["past_key_values.0.key"].shape == (2, 2, 0, 32)
+    assert feeds["attention_mask"].shape == (2, 8) and feeds["position_ids"].tolist()[1] == list(range(8))
+    present = session.run(["present.0.key"], feeds)[0]
+    assert present.shape == (2, 2, 8, 32)
+
+
+def test_graph_selection_follows_the_device_precisions(tmp_path):
+    from lora_edge.devices import load_device
+    from lora_edge.errors import BundleError
+
+    bundle = synthetic_bundle(tmp_path / "bundle")
+    records, notes = select_graphs(bundle, load_device("host-cpu"))
+    assert [r.name for r in records] == ["merged.fp32", "branched.fp32"] and not notes
+    records, notes = select_graphs(bundle, load_device("raspberry-pi-5"))  # int8/int4 only: profile all, say so
+    assert len(records) == 2 and "no graph in the device's precisions" in notes[0]
+    with pytest.raises(BundleError, match="use one of: merged.fp32, branched.fp32"):
+        select_graphs(bundle, load_device("host-cpu"), ["merged.int8"])
+
+
+def test_latency_stats_on_fixed_times():
+    stats = latency_stats([0.001 * value for value in range(1, 101)])  # 1..100 ms
+    assert stats["p50"] == pytest.approx(50.5) and stats["p90"] == pytest.approx(90.1)
+    assert stats["p99"] == pytest.approx(99.01) and stats["mean"] == pytest.approx(50.5)
+    assert stats["min"] == pytest.approx(1) and stats["max"] == pytest.approx(100)
+
+
+def test_time_interleaved_runs_each_runner_in_rotating_blocks():
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_interleaved(runners, runs=25, warmup=2, block=10)
+    assert {name: len(values) for name, values in times.items()} == {"a": 25, "b": 25, "c": 25}
+    timed = calls[6:]  # after 2 warm-up calls each
+    assert timed[:10] == ["a"] * 10 and timed[10:20] == ["b"] * 10 and timed[30:40] == ["b"] * 10  # round 2 starts at b
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory() as memory:
+        block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
+        del block
+    assert memory.added_mb >= 48, memory.method
+
+
+def _event(cat, name, ts, dur, **args):
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+def test_trace_summary_skips_warmup_and_groups_by_op_and_provider():
+    events = [_event("Session", "model_run", 0, 100), _event("Node", "warm_kernel_time", 10, 90, op_name="MatMul",
+                                                               provider="CUDAExecutionProvider")]
+    for run in range(2):
+        start = 1000 * (run + 1)
+        events += [_event("Session", "model_run", start, 500),
+                   _event("Node", "mm1_kernel_time", start + 1, 300, op_name="MatMul", provider="CUDAExecutionProvider"),
+                   _event("Node", "mm2_kernel_time", start + 2, 100, op_name="MatMul", provider="CUDAExecutionProvider"),
+                   _event("Node", "shape_kernel_time", start + 3, 100, op_name="Shape", provider=CPU),
+                   _event("Node", "mm1_fence_before", start + 4, 7, op_name="MatMul")]
+    summary = summarize_trace(events, skip_runs=1)
+    assert summary.runs == 2
+    assert summary.top_ops[0] == {"op_type": "MatMul", "provider": "CUDAExecutionProvider", "ms_per_run": 0.4,
+                                  "percent": 80.0, "nodes": 2}
+    assert summary.cpu_nodes == [{"op_type": "Shape", "provider": CPU, "ms_per_run": 0.1, "percent": 20.0, "nodes": 1}]
+    assert summary.providers_used == [CPU, "CUDAExecutionProvider"]
+
+
+def test_report_round_trips_through_json(tiny_report):
+    again = ProfileReport.from_json(json.loads(json.dumps(tiny_report.to_json())))
+    assert again.graph("hotswap.fp32").latency_ms == tiny_report.graph("hotswap.fp32").latency_ms
