@@ -215,6 +215,25 @@ def default_intent_files() -> DataFiles:
     return DataFiles(root / "train.jsonl", root / "validation.jsonl", root / "test.jsonl")
 
 
+SHIPPED_DATA_NAMES = ("default", "intent")  # --data values that mean the shipped intent task
+
+
+def resolve_data_files(data: str | Path, validation: str | Path | None = None, test: str | Path | None = None,
+                       seed: int = 0) -> DataFiles:
+    """``--data FILE [--validation FILE] [--test FILE]``, or ``default``/``intent`` for the shipped task.
+
+    Splits without a file are cut from ``data`` by ``seed``. The shipped task has
+    its own fixed splits, so it takes no --validation/--test.
+    """
+    if str(data) in SHIPPED_DATA_NAMES:
+        if validation or test:
+            raise DataError("--validation/--test go with a --data file, not the shipped intent task",
+                            "--data", "give --data FILE, or drop --validation/--test")
+        return default_intent_files()
+    return DataFiles(Path(data), Path(validation) if validation else None, Path(test) if test else None,
+                     seed=seed)
+
+
 def encode_texts(tokenizer, texts: list[str], max_length: int = 128, padding: str | bool = "longest") -> dict:
     """Tokenize ``texts`` into a dict of int64 torch tensors (input_ids, attention_mask, ...)."""
     return dict(tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length,

@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on 2 cores: one intra-op thread per worker. Two 2-thread workers oversubscribe the
+    # cores and torch's spinning OpenMP threads then run some steps 30x slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _has_cuda_provider() -> bool:
@@ -60,3 +64,29 @@ def tiny_adapter(tmp_path_factory, tiny_model):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def intent_adapter(tmp_path_factory) -> Path:
+    """The default model + LoRA r=8 on query,value, trained on the shipped intent task (default schedule).
+
+    Trained once per test run and shared by all pytest-xdist workers: the adapter
+    lives in the run's common temp directory and a file lock lets one worker train
+    while the others wait for it. Returns the adapter directory (PEFT files,
+    label_map.json, data.json with the test split, metrics.json).
+    """
+    import fcntl
+
+    from lora_edge.data import default_intent_files
+    from lora_edge.recipe import LoraSpec, TrainSpec
+    from lora_edge.train import METRICS_FILE, train_adapter
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "intent-adapter"
+    with open(shared / "intent-adapter.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (out / METRICS_FILE).is_file():  # written last, atomically with the rest of the directory
+            train_adapter("default", default_intent_files(), out, "seq-cls",
+                          LoraSpec(rank=8, targets=["query", "value"]), TrainSpec(), force=True, progress=False)
+    return out

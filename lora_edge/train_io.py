@@ -1,0 +1,102 @@
+"""Pieces of a training run that are not the loop: encoded datasets, progress lines, run records, plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from lora_edge.data import DataFiles, Example, LabelMap
+from lora_edge.models import Task, load_config
+from lora_edge.recipe import LoraSpec, TrainSpec
+from lora_edge.report import png_figure
+
+try:  # the progress callback subclasses transformers' own; importing it is only needed when training
+    from transformers import ProgressCallback as _ProgressCallback
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    _ProgressCallback = object
+
+
+class EncodedDataset:
+    """Tokenized examples (unpadded); a collator pads each batch to its longest row."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    @classmethod
+    def build(cls, tokenizer, examples: list[Example], label_map: LabelMap | None,
+              max_length: int) -> "EncodedDataset":
+        """Tokenize ``examples``; classification rows carry ``labels`` = class id."""
+        encoded = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length)
+        rows = [{key: encoded[key][i] for key in encoded} for i in range(len(examples))]
+        if label_map is not None:
+            for row, example in zip(rows, examples):
+                row["labels"] = label_map.id_of(example.label)
+        return cls(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+class StderrProgress(_ProgressCallback):
+    """transformers' progress bar, with its log lines on stderr (stdout stays for results)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Print one compact line per log event under the bar."""
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        shown = {k: v for k, v in logs.items() if k in ("loss", "eval_loss", "eval_accuracy", "eval_macro_f1",
+                                                         "learning_rate", "epoch")}
+        if shown:
+            text = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+            self.training_bar.write(f"step {state.global_step}: {text}", file=sys.stderr)
+
+
+def run_record(model_path: Path, task: Task, lora: LoraSpec, spec: TrainSpec, data: DataFiles) -> dict:
+    """The settings of a run, JSON-ready: stored with its checkpoints and in metrics.json."""
+    config = load_config(model_path)
+    record = {"model": {"path": str(model_path), "model_type": config.get("model_type")},
+              "task": task.value, "lora": asdict(lora), "train_spec": asdict(spec), "data": data.to_json(),
+              "batch": {"batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seed": spec.seed,
+                        "max_length": spec.max_length}}
+    return json.loads(json.dumps(record, default=str))
+
+
+def plot_training(metrics: dict, path: Path) -> Path:
+    """training.png: training/validation loss (left) and the validation metric (right) per step."""
+    history = metrics.get("history", [])
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    evals = [e for e in history if "eval_loss" in e]
+    with png_figure(path, width=10.0, height=4.0) as figure:
+        loss_axis, metric_axis = figure.subplots(1, 2)
+        if train:
+            loss_axis.plot(*zip(*train), label="training loss")
+        if evals:
+            loss_axis.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-",
+                           label="validation loss")
+        loss_axis.set(xlabel="step", ylabel="loss", title="Loss")
+        loss_axis.legend(loc="best")
+        if metrics.get("task") == Task.SEQ_CLS.value:
+            for key, name in (("eval_accuracy", "accuracy"), ("eval_macro_f1", "macro-F1")):
+                points = [(e["step"], e[key]) for e in evals if key in e]
+                if points:
+                    metric_axis.plot(*zip(*points), "o-", label=f"validation {name}")
+            metric_axis.set(xlabel="step", ylabel="score", title="Validation", ylim=(0, 1.02))
+        else:
+            points = [(e["step"], min(_exp(e["eval_loss"]), 1e6)) for e in evals]
+            if points:
+                metric_axis.plot(*zip(*points), "o-", label="validation perplexity")
+            metric_axis.set(xlabel="step", ylabel="perplexity", title="Validation")
+        if metric_axis.lines:
+            metric_axis.legend(loc="best")
+    return path
+
+
+def _exp(value: float) -> float:
+    from lora_edge.metrics import perplexity
+
+    return perplexity(value)
