@@ -52,6 +52,123 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 # Stage commands are registered below, one small function each.
 # --- train / sweep (trainer) ---
+# recipe.py holds only dataclasses (no torch): its defaults and help texts feed the options below.
+from lora_edge.recipe import LoraSpec as _LoraSpec  # noqa: E402
+from lora_edge.recipe import TrainSpec as _TrainSpec  # noqa: E402
+
+_TRAIN_DEFAULTS, _LORA_DEFAULTS = _TrainSpec(), _LoraSpec()
+
+
+def _training_options(with_rank: bool):
+    """The options `train` and `sweep` share (sweep takes --ranks instead of --rank)."""
+    options = [
+        click.option("--model", default="default", show_default=True,
+                     help="Base model: a local Hugging Face model directory, or 'default' (embedded all-MiniLM-L6-v2)."),
+        click.option("--data", default="default", show_default=True,
+                     help="Training data: JSONL/CSV with text,label (causal-lm: text, or a .txt file); "
+                          "'default' = the shipped voice-assistant intent task with its own splits."),
+        click.option("--validation", type=click.Path(path_type=Path),
+                     help="Validation file; default: cut from --data by --seed."),
+        click.option("--test", type=click.Path(path_type=Path), help="Test file; default: cut from --data by --seed."),
+        click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write (must not exist)."),
+        click.option("--task", type=click.Choice(["seq-cls", "causal-lm"]), default="seq-cls", show_default=True,
+                     help="Sequence classification (a head is trained with the adapter) or causal LM."),
+        click.option("--alpha", type=float, default=_LORA_DEFAULTS.alpha, show_default=True,
+                     help="LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)."),
+        click.option("--dropout", type=float, default=_LORA_DEFAULTS.dropout, show_default=True,
+                     help="Dropout on the LoRA branch during training."),
+        click.option("--targets", default="auto", show_default=True,
+                     help="Modules to adapt: comma-separated names (query,value), all-linear, or auto "
+                          "(the architecture's attention query/value projections)."),
+        click.option("--init", type=click.Choice(["default", "gaussian", "pissa"]), default="default",
+                     show_default=True, help="LoRA initialisation (pissa is saved converted to plain LoRA)."),
+        click.option("--rslora", is_flag=True, help="Rank-stabilised scaling alpha/sqrt(r)."),
+        click.option("--epochs", type=float, help=f"Training epochs [default: {_TRAIN_DEFAULTS.epochs:g}]."),
+        click.option("--max-steps", type=int, help="Train for this many optimizer steps instead of --epochs."),
+        click.option("--lr", type=float, help=f"Peak learning rate [default: {_TRAIN_DEFAULTS.learning_rate:g}]."),
+        click.option("--batch-size", type=int, help=f"Examples per device per step [default: {_TRAIN_DEFAULTS.batch_size}]."),
+        click.option("--grad-accum", type=int, help="Gradient accumulation steps [default: 1]."),
+        click.option("--max-length", type=int, help=f"Truncate examples to this many tokens [default: {_TRAIN_DEFAULTS.max_length}]."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for initialisation, data order and splits (same seed: same adapter bytes)."),
+        click.option("--force", is_flag=True, help="Replace --out (and discard unfinished checkpoints)."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--json", "as_json", is_flag=True, help="Print the results as JSON."),
+    ]
+    if with_rank:
+        options.insert(5, click.option("--rank", type=int, default=_LORA_DEFAULTS.rank, show_default=True,
+                                       help="LoRA rank r."))
+    else:
+        options.insert(5, click.option("--ranks", default="1,2,4,8,16", show_default=True,
+                                       help="Comma-separated ranks, one adapter each."))
+
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
+def _specs(rank: int, opts: dict):
+    """LoraSpec + TrainSpec from the shared training options (unset schedule options keep their defaults)."""
+    if opts["epochs"] is not None and opts["max_steps"] is not None:
+        raise ConfigError("--epochs and --max-steps both given", "--epochs/--max-steps", "give only one of them")
+    lora = _LoraSpec(rank=rank, alpha=opts["alpha"], dropout=opts["dropout"], targets=opts["targets"],
+                     init=opts["init"], rslora=opts["rslora"])
+    schedule = {"epochs": opts["epochs"], "max_steps": opts["max_steps"], "learning_rate": opts["lr"],
+                "batch_size": opts["batch_size"], "grad_accum": opts["grad_accum"],
+                "max_length": opts["max_length"], "seed": opts["seed"]}
+    return lora, _TrainSpec(**{key: value for key, value in schedule.items() if value is not None})
+
+
+def _data_files(opts: dict):
+    from lora_edge.data import resolve_data_files
+
+    return resolve_data_files(opts["data"], opts["validation"], opts["test"], seed=opts["seed"])
+
+
+@cli.command("train")
+@_training_options(with_rank=True)
+@click.option("--resume", is_flag=True, help="Continue an unfinished run from the checkpoints in OUT.checkpoints/.")
+def train_command(rank: int, resume: bool, **opts) -> None:
+    """Train a LoRA adapter (PEFT + transformers.Trainer) and write it with its metrics to --out.
+
+    OUT holds adapter_config.json + adapter_model.safetensors (PEFT format), label_map.json,
+    data.json, metrics.json (accuracy, precision, recall, macro-F1, per-class report, confusion
+    matrix; causal-lm: loss, perplexity) and training.png. Under `torchrun --nproc-per-node N -m
+    lora_edge train ...` it trains with DDP (gloo on CPU).
+    """
+    import json
+
+    from lora_edge.train import train_adapter
+
+    lora, spec = _specs(rank, opts)
+    result = train_adapter(opts["model"], _data_files(opts), opts["out"], opts["task"], lora, spec,
+                           resume=resume, force=opts["force"], progress=not opts["quiet"])
+    if result.is_main_process:
+        summary = result.summary()
+        click.echo(json.dumps(summary, indent=2) if opts["as_json"] else
+                   "\n".join(f"{key}: {value}" for key, value in summary.items()))
+
+
+@cli.command("sweep")
+@_training_options(with_rank=False)
+def sweep_command(ranks: str, **opts) -> None:
+    """Train one adapter per LoRA rank into OUT/r<rank>/ and compare them.
+
+    Writes sweep.md and sweep.json (rank, trainable parameters, adapter size on disk,
+    validation accuracy and macro-F1) and sweep.png. Alpha stays fixed across ranks.
+    """
+    import json
+
+    from lora_edge.sweep import run_sweep
+
+    lora, spec = _specs(1, opts)
+    table = run_sweep(opts["model"], _data_files(opts), opts["out"], parse_int_list(ranks, "--ranks"),
+                      opts["task"], lora, spec, force=opts["force"], progress=not opts["quiet"])
+    click.echo(json.dumps(table.to_json(), indent=2) if opts["as_json"] else table.markdown())
+
+
 # --- merge / export / infer (deployment forms) ---
 MODEL_HELP = "Base model: a local Hugging Face model directory, or 'default' (the embedded all-MiniLM-L6-v2)."
 TASK_HELP = "seq-cls or causal-lm (default: the adapter's PEFT task_type)."

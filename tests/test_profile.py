@@ -203,3 +203,21 @@ def test_trace_summary_skips_warmup_and_groups_by_op_and_provider():
 def test_report_round_trips_through_json(tiny_report):
     again = ProfileReport.from_json(json.loads(json.dumps(tiny_report.to_json())))
     assert again.graph("hotswap.fp32").latency_ms == tiny_report.graph("hotswap.fp32").latency_ms
+
+
+def test_compare_on_the_exported_bundle_puts_overhead_beside_the_adapter_flops(tiny_report):
+    from lora_edge.compare import compare_bundle
+    from lora_edge.flops import adapter_flops_per_token
+
+    bundle = Path(tiny_report.bundle)
+    comparison = compare_bundle(bundle, "host-cpu", batch=2, seq=16, quiet=True)  # re-uses the profile
+    rows = {row["graph"]: row for row in comparison.rows}
+    per_token = adapter_flops_per_token(bundle / "adapter" / "adapter_model.safetensors")
+    assert per_token == 4 * 2 * 4 * (32 + 32)  # query and value in 2 layers, 32 wide, rank 4
+    expected = 100 * per_token * 16 / tiny_report.model["flops_per_item"]
+    assert rows["hotswap.fp32"]["extra_flops_pct"] == pytest.approx(expected)
+    assert rows["pytorch.unmerged"]["extra_flops_pct"] == pytest.approx(expected)
+    assert rows["merged.fp32"]["extra_flops_pct"] == 0
+    hotswap, merged = tiny_report.graph("hotswap.fp32"), tiny_report.graph("merged.fp32")
+    assert rows["hotswap.fp32"]["overhead_pct"] == pytest.approx(
+        100 * (hotswap.latency_ms["p50"] - merged.latency_ms["p50"]) / merged.latency_ms["p50"])

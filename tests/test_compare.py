@@ -1,0 +1,125 @@
+"""Merged vs unmerged comparison: overhead and FLOPs arithmetic on fixed inputs, and the written reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_edge.compare import (comparison_rows, compare_bundle, extra_flops_percent, overhead_percent)
+from lora_edge.flops import adapter_flops_per_token, lora_pair_flops, lora_shapes, model_flops
+from lora_edge.profile import GraphProfile, read_profile
+from profile_bundles import synthetic_bundle
+
+
+def _graph(name, form, precision, p50, kind="onnx", adapter="a", rss=10.0, size=None, status="measured"):
+    return GraphProfile(name=name, kind=kind, form=form, precision=precision, adapter=adapter, status=status,
+                        latency_ms=None if status != "measured" else {"p50": p50, "p90": p50 * 1.5},
+                        memory={"rss_added_mb": rss}, size=size)
+
+
+def test_lora_pair_flops_on_a_known_shape():
+    # BERT-base query projection, r = 8: x·Aᵀ is 8·768 MACs, (x·Aᵀ)·Bᵀ is 768·8 MACs, per token
+    assert lora_pair_flops(768, 768, 8) == 2 * (8 * 768 + 768 * 8) == 24576
+    assert lora_pair_flops(768, 3072, 16, tokens=128) == 2 * 128 * 16 * (768 + 3072)
+    # against the base layer's 2·768·768 per token: 1/48 extra
+    assert lora_pair_flops(768, 768, 8) / (2 * 768 * 768) == pytest.approx(1 / 48)
+
+
+def test_adapter_flops_come_from_its_ranks_and_layer_shapes(tmp_path):
+    # synthetic adapter in PEFT's layout: 2 layers of 64 -> 64, rank 8
+    weights = synthetic_bundle(tmp_path / "bundle", forms=("branched",), rank=8, hidden=64) / "adapter" / \
+        "adapter_model.safetensors"
+    shapes = lora_shapes(weights)
+    assert [shape[0] for shape in shapes] == ["base_model.model.layer.0.dense", "base_model.model.layer.1.dense"]
+    assert all(shape[1:] == (64, 64, 8) for shape in shapes)
+    assert adapter_flops_per_token(weights) == 2 * lora_pair_flops(64, 64, 8) == 2 * 2 * 8 * (64 + 64)
+
+
+def test_model_flops_counts_a_linear_exactly():
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 16)
+
+        def forward(self, input_ids):
+            return self.linear(input_ids)
+
+    assert model_flops(Net(), {"input_ids": torch.ones(2, 3, 8)}) == 2 * (2 * 3) * 8 * 16
+
+
+def test_overhead_and_extra_flops_arithmetic():
+    assert overhead_percent(11.0, 10.0) == pytest.approx(10.0)
+    assert overhead_percent(9.0, 10.0) == pytest.approx(-10.0)
+    assert overhead_percent(None, 10.0) is None and overhead_percent(5.0, None) is None
+    assert extra_flops_percent(1000, seq=128, base_flops_per_item=12_800_000) == pytest.approx(1.0)
+    assert extra_flops_percent(1000, seq=128, base_flops_per_item=None) is None
+
+
+def test_comparison_rows_on_fixed_measurements():
+    graphs = [_graph("merged.fp32", "merged", "fp32", 10.0, size={"total_mb": 90.0}),
+              _graph("branched.fp32", "branched", "fp32", 10.5, size={"total_mb": 90.5}),
+              _graph("hotswap.fp32", "hotswap", "fp32", 12.0, size={"total_mb": 90.4, "adapter_mb": 0.6}),
+              _graph("merged.int8-dynamic", "merged", "int8-dynamic", 4.0),
+              _graph("branched.int8-dynamic", "branched", "int8-dynamic", 4.2),
+              _graph("hotswap.int4", "hotswap", "int4", None, status="not measured")]
+    eager = [_graph("pytorch.unmerged", "unmerged", "fp32", 30.0, kind="pytorch"),
+             _graph("pytorch.merged", "merged", "fp32", 20.0, kind="pytorch")]
+    rows = {row["graph"]: row for row in comparison_rows(graphs, eager, seq=100, adapter_flops={"a": 2000},
+                                                         base_flops_per_item=10_000_000)}
+    assert rows["merged.fp32"]["overhead_pct"] is None and rows["merged.fp32"]["extra_flops_pct"] == 0
+    assert rows["branched.fp32"]["overhead_pct"] == pytest.approx(5.0)
+    assert rows["branched.fp32"]["vs_merged"] == "merged.fp32"
+    assert rows["branched.fp32"]["extra_flops_pct"] == pytest.approx(2.0)  # 2000 · 100 / 1e7
+    assert rows["hotswap.fp32"]["overhead_pct"] == pytest.approx(20.0)
+    assert rows["hotswap.fp32"]["size_mb"] == pytest.approx(91.0)  # graph + its .onnx_adapter
+    assert rows["branched.int8-dynamic"]["overhead_pct"] == pytest.approx(5.0)  # against merged int8, not fp32
+    assert rows["branched.int8-dynamic"]["vs_merged"] == "merged.int8-dynamic"
+    assert rows["hotswap.int4"]["p50_ms"] is None and rows["hotswap.int4"]["overhead_pct"] is None
+    assert rows["hotswap.int4"]["status"].startswith("not measured")
+    assert rows["pytorch.unmerged"]["overhead_pct"] == pytest.approx(50.0)
+    assert rows["pytorch.unmerged"]["extra_flops_pct"] == pytest.approx(2.0)
+    assert rows["merged.fp32"]["speedup_vs_eager"] == pytest.approx(2.0)  # 20 ms eager merged / 10 ms
+    assert rows["merged.int8-dynamic"]["speedup_vs_eager"] == pytest.approx(5.0)
+    assert rows["merged.fp32"]["rss_mb"] == 10.0
+
+
+def test_compare_bundle_writes_table_and_chart_from_the_profile(tmp_path, capsys):
+    from lora_edge.cli import main
+
+    bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged", "branched"), rank=8, hidden=64)
+    main(["compare", str(bundle), "--device", "host-cpu", "--batch", "1", "--seq", "16", "--runs", "10",
+          "--warmup", "2", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads((bundle / "reports" / "compare.json").read_text())
+    assert printed == written
+    profile = read_profile(bundle)
+    rows = {row["graph"]: row for row in written["rows"]}
+    merged, branched = profile.graph("merged.fp32"), profile.graph("branched.fp32")
+    expected = 100 * (branched.latency_ms["p50"] - merged.latency_ms["p50"]) / merged.latency_ms["p50"]
+    assert rows["branched.fp32"]["overhead_pct"] == pytest.approx(expected)
+    assert rows["merged.fp32"]["size_mb"] == pytest.approx(merged.size["total_mb"])
+    # the synthetic model has no model directory: base FLOPs unknown, said so rather than invented
+    assert written["base_flops_per_item"] is None and rows["branched.fp32"]["extra_flops_pct"] is None
+    markdown = (bundle / "reports" / "compare.md").read_text()
+    assert "| branched.fp32 | measured |" in markdown and "latency.png" in markdown
+    png = (bundle / "reports" / "latency.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+    created = profile.created
+    main(["compare", str(bundle), "--device", "host-cpu", "--batch", "1", "--seq", "16"])  # re-uses the profile
+    assert read_profile(bundle).created == created and "using" in capsys.readouterr().err
+
+
+def test_compare_fails_like_profile_when_a_provider_is_missing(tmp_path):
+    from lora_edge.errors import ProviderUnavailableError
+    from lora_edge.runtime import available_providers
+
+    if "CUDAExecutionProvider" in available_providers():
+        pytest.skip("this host has the CUDA provider")
+    bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged",))
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider is not available on this host"):
+        compare_bundle(bundle, "t4-server", runs=2, warmup=0, quiet=True)
+    assert not (bundle / "reports" / "compare.json").exists()
