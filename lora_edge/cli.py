@@ -328,6 +328,75 @@ def compare(bundle: str, device: str, graphs: str, batch: int, seq: int, runs: i
 
 
 # --- check / run / demo ---
+RECIPE_HELP = "A recipe: a path to a .toml file (see export/), or the name of a shipped recipe (demo, tiny-bert...)."
+
+
+@cli.command("check")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", default=None, help="Labeled evaluation file (JSONL/CSV; causal LM: text). Default: the "
+                                          "test split recorded with each adapter, else generated inputs (the task "
+                                          "metric is then listed as skipped).")
+@click.option("--device", default=None, help="Device target whose providers run the graphs and whose tolerances "
+                                            "apply (a shipped name or a .toml path). Default: CPU provider.")
+@click.option("--max-examples", type=int, default=None, help="Evaluate at most this many examples per adapter.")
+@click.option("--junit", type=click.Path(path_type=Path), default=None,
+              help="Write the JUnit XML here (default: BUNDLE/reports/check.junit.xml).")
+@click.option("--json", "as_json", is_flag=True, help="Print reports/check.json on stdout.")
+def check_cmd(bundle: Path, data: str | None, device: str | None, max_examples: int | None, junit: Path | None,
+              as_json: bool) -> None:
+    """Accuracy gate: compare every graph of BUNDLE with the PyTorch model (base + adapter, fp32).
+
+    Each form, precision and (hot-swap) adapter file is run on the evaluation set; max/mean abs diff of
+    logits, cosine similarity, top-1 agreement and the task metric (accuracy and macro-F1; causal LM:
+    perplexity) are held to thresholds per precision (defaults, the device's tolerances, then the recipe's
+    [check.thresholds]). Writes reports/check.json, check.md and a JUnit XML. Exit 0: all passed; 1: a check
+    failed; other codes: unusable input (listed by `lora-edge --help`).
+    """
+    from lora_edge.check import check_command, gate
+    from lora_edge.check_report import check_summary
+
+    report = check_command(bundle, data, device, max_examples, junit, progress=lambda m: click.echo(m, err=True))
+    click.echo(check_summary(report, as_json, junit))
+    gate(report, Path(bundle) / "reports" / "check.md")
+
+
+@cli.command("run")
+@click.argument("recipe")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Directory for the bundle (replaces the recipe's `output`).")
+@click.option("--force", is_flag=True, help="Replace the bundle if it exists.")
+@click.option("--retrain", is_flag=True, help="Train the recipe's adapters again even when unchanged.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stages and the gate's report as JSON.")
+def run_cmd(recipe: str, out: Path | None, force: bool, retrain: bool, as_json: bool) -> None:
+    """Run a recipe end to end: train -> export -> quantize -> profile -> check -> report.
+
+    Writes the bundle to <output>/<name> with reports/report.md (tables and charts of every stage) and exits
+    with the accuracy gate's code: 0 when every graph passed, 1 when one failed.
+    """
+    from lora_edge.check import gate
+    from lora_edge.pipeline import run_recipe, run_summary
+
+    result = run_recipe(recipe, out=out, force=force, retrain=retrain)
+    click.echo(run_summary(result, as_json))
+    gate(result.check, result.report)
+
+
+@cli.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Directory for the demo bundle (default: runs/, the demo's own bundle is replaced).")
+def demo_cmd(out: Path | None) -> None:
+    """Train, export, quantize, profile and gate the embedded default model on the intent task.
+
+    Runs the shipped demo recipe (export/demo.toml): all-MiniLM-L6-v2 + an r=8 LoRA adapter trained on the
+    voice-assistant intents, merged/branched/hotswap graphs in fp32, int8 and int4, profiled on every CPU
+    device target this host can run, every graph gated against PyTorch. Prints a summary and the report's path.
+    """
+    from lora_edge.check import gate
+    from lora_edge.pipeline import run_recipe, run_summary
+
+    result = run_recipe("demo", out=out, force=True)
+    click.echo(run_summary(result))
+    gate(result.check, result.report)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,439 @@
+"""The accuracy gate: every graph of a bundle against the PyTorch reference, with thresholds per precision.
+
+:func:`check_bundle` runs each graph target -- every form and precision, and
+for hot-swap graphs every adapter through its ``.onnx_adapter`` file (plus the
+graph with no adapter against the base model) -- on an evaluation set, next to
+the PyTorch reference (base + adapter, fp32, unmerged; :func:`lora_edge.adapters.load_reference`).
+
+Evaluation set, first that applies: ``CheckSpec.data``; else the test split
+recorded with each adapter (``manifest adapters[].data``); else generated
+inputs, on which the logit metrics run and the task metric is listed as
+skipped. Thresholds: the documented defaults per precision
+(:data:`lora_edge.recipe.DEFAULT_THRESHOLDS`), then the device's tolerances,
+then the recipe's ``[check.thresholds.<precision>]``. A standalone
+``lora-edge check`` uses the ``[check]`` section of the recipe recorded in the
+manifest, so it applies the same gate as the ``lora-edge run`` that made the bundle.
+
+Results go to ``reports/check.json``, a JUnit XML and ``reports/check.md``
+(:mod:`lora_edge.check_report`). Anything that cannot run is listed as
+skipped with the reason; the caller turns a failed report into
+:class:`~lora_edge.errors.CheckFailedError` (exit 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from lora_edge.adapters import AdapterRef, load_reference
+from lora_edge.bundle import Form, GraphRecord, list_graphs, read_manifest, require_bundle
+from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
+from lora_edge.check_tasks import BACKENDS, EvalSet, compare_logits
+from lora_edge.data import DataFiles, read_examples
+from lora_edge.errors import BundleError, ConfigError, DataError, LoraEdgeError, ProviderUnavailableError
+from lora_edge.models import Task, load_tokenizer, resolve_model_path
+from lora_edge.recipe import CheckSpec
+from lora_edge.runtime import SessionSettings
+
+Progress = Callable[[str], None]
+BASE = "base"  # the target name suffix of a hot-swap graph run with no adapter
+
+
+@dataclass
+class CheckTarget:
+    """One thing the gate checks: a graph, with one adapter active (or none: the base model)."""
+
+    name: str
+    graph: GraphRecord
+    adapter: str | None  # None: a hot-swap graph with no adapter, compared with the base model
+
+
+@dataclass
+class CheckReport:
+    """The gate's findings over a bundle."""
+
+    bundle: str
+    task: str
+    device: str
+    created: str
+    data: dict[str, str] = field(default_factory=dict)  # adapter -> where its evaluation set came from
+    targets: list[TargetResult] = field(default_factory=list)
+    integrity: list[TargetResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def results(self) -> list[TargetResult]:
+        """Adapter integrity checks, then graph targets."""
+        return self.integrity + self.targets
+
+    def counts(self) -> dict[str, int]:
+        """How many metric checks passed, failed and were skipped."""
+        counts = {"passed": 0, "failed": 0, "skipped": 0}
+        for result in self.results:
+            for metric in result.metrics:
+                counts[metric.status] += 1
+        return counts
+
+    @property
+    def passed(self) -> bool:
+        """True when no check failed."""
+        return self.counts()["failed"] == 0
+
+    def failures(self) -> list[str]:
+        """One message per failed metric."""
+        return [m.message(r.target, r.precision) for r in self.results for m in r.metrics if m.status == FAILED]
+
+    def ran_anything(self) -> bool:
+        """True when at least one graph produced a verdict (not every graph skipped)."""
+        return any(m.status != SKIPPED for result in self.targets for m in result.metrics)
+
+    def to_json(self) -> dict:
+        """The content of reports/check.json."""
+        return {"bundle": self.bundle, "task": self.task, "device": self.device, "created": self.created,
+                "passed": self.passed, "summary": self.counts(), "seconds": round(self.seconds, 2),
+                "data": self.data, "failures": self.failures(),
+                "results": [result.to_json() for result in self.results]}
+
+
+def spec_from_manifest(manifest: dict) -> CheckSpec:
+    """The ``[check]`` section of the recipe recorded in the manifest, or the defaults."""
+    section = ((manifest.get("recipe") or {}).get("check")) or {}
+    known = {f.name for f in dataclasses.fields(CheckSpec)}
+    try:
+        return CheckSpec(**{k: v for k, v in section.items() if k in known})
+    except ConfigError as exc:
+        raise ConfigError(exc.what, f"manifest.json: recipe.{exc.where}", exc.fix) from None
+
+
+def plan_targets(graphs: list[GraphRecord], adapters: list[str]) -> list[CheckTarget]:
+    """Every graph with each adapter it serves: merged/branched with their own, hot-swap with each and none."""
+    targets = []
+    for graph in graphs:
+        if graph.form is Form.HOTSWAP:
+            for adapter in graph.adapters or adapters:
+                targets.append(CheckTarget(f"{graph.name}[{adapter}]", graph, adapter))
+            targets.append(CheckTarget(f"{graph.name}[{BASE}]", graph, None))
+        else:
+            adapter = graph.adapter or (adapters[0] if len(adapters) == 1 else None)
+            if adapter is None:
+                raise BundleError(f"graph {graph.name} does not say which adapter it holds", "manifest.json: graphs",
+                                  "re-export the bundle")
+            targets.append(CheckTarget(graph.name, graph, adapter))
+    return targets
+
+
+def hotswap_adapter_file(bundle: Path, graph: GraphRecord, adapter: str) -> Path:
+    """The ``.onnx_adapter`` file of ``adapter`` for a hot-swap graph (recorded in the graph's extra, else
+    the bundle's convention ``onnx/adapters/<name>.onnx_adapter``)."""
+    recorded = (graph.extra or {}).get("adapter_files", {}).get(adapter)
+    return bundle / (recorded or f"onnx/adapters/{adapter}.onnx_adapter")
+
+
+# --- evaluation sets ------------------------------------------------------------------------------
+
+def generated_texts(tokenizer, count: int, seed: int, max_tokens: int = 48) -> list[str]:
+    """``count`` random texts made of the tokenizer's own (non-special) tokens, lengths 4..max_tokens."""
+    rng = np.random.default_rng(seed)
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids)
+    usable = np.array(sorted(i for token, i in vocab.items()
+                             if i not in special and not (token.startswith("[") and token.endswith("]"))
+                             and not (token.startswith("<") and token.endswith(">"))))
+    texts = []
+    for _ in range(count):
+        ids = rng.choice(usable, size=int(rng.integers(4, max(5, max_tokens))))
+        texts.append(tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip() or "hello")
+    return texts
+
+
+def _labeled(examples, labels: list[str] | None, source: str, task: str) -> EvalSet:
+    texts = [ex.text for ex in examples]
+    if task != Task.SEQ_CLS.value:
+        return EvalSet(texts, source)
+    if not labels:
+        return EvalSet(texts, source, task_skip_reason="the adapter records no label names")
+    unknown = sorted({ex.label for ex in examples} - set(labels))
+    if unknown:
+        return EvalSet(texts, source, task_skip_reason=f"{source} has labels the adapter does not know "
+                                                       f"(e.g. '{unknown[0]}')")
+    return EvalSet(texts, source, [labels.index(ex.label) for ex in examples], len(labels))
+
+
+def eval_set(spec: CheckSpec, adapter: dict, task: str, tokenizer) -> EvalSet:
+    """The evaluation set of one adapter: --data, else its recorded test split, else generated inputs."""
+    labels = adapter.get("labels")
+    if spec.data:
+        evalset = _labeled(read_examples(spec.data, Task(task)), labels, f"--data {spec.data}", task)
+    else:
+        reason = "no data was given and the adapter records none"
+        record = adapter.get("data")
+        evalset = None
+        if record:
+            files = DataFiles.from_json(record)
+            try:
+                test = files.load(Task(task))["test"]
+                evalset = _labeled(test, labels, f"test split {files.test or files.train}", task)
+            except DataError as exc:
+                reason = f"the recorded data cannot be read ({exc.format_message()})"
+        if evalset is None:
+            texts = generated_texts(tokenizer, spec.generated_examples, spec.seed, min(48, spec.max_length - 2))
+            evalset = EvalSet(texts, f"{len(texts)} generated inputs ({reason})",
+                              task_skip_reason=f"no labeled data: {reason}; give --data FILE")
+    if spec.max_examples and len(evalset.texts) > spec.max_examples:
+        evalset.texts = evalset.texts[:spec.max_examples]
+        evalset.labels = evalset.labels[:spec.max_examples] if evalset.labels is not None else None
+    return evalset
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+class SessionCache:
+    """One ONNX Runtime session per graph file, shared by every adapter of a hot-swap graph."""
+
+    def __init__(self, settings: SessionSettings):
+        self.settings = settings
+        self.sessions: dict[Path, object] = {}
+
+    def get(self, path: Path):
+        """The session of ``path`` (created on first use)."""
+        from lora_edge.runtime import create_session
+
+        if path not in self.sessions:
+            self.sessions[path] = create_session(path, self.settings)
+        return self.sessions[path]
+
+
+def _unrunnable(exc: BaseException) -> str | None:
+    """The skip reason when a graph cannot run here for lack of a provider or kernel; None for a broken graph."""
+    if isinstance(exc, ProviderUnavailableError):
+        return exc.format_message()
+    if exc.__class__.__name__ == "NotImplemented":  # onnxruntime: no kernel for an op on this provider
+        return f"no kernel on this host's providers ({str(exc).splitlines()[0][:200]})"
+    return None
+
+
+def _result_for(target: CheckTarget, task: str, thresholds, spec_where: str) -> TargetResult:
+    graph = target.graph
+    return TargetResult(target.name, graph.name, graph.file, graph.form.value, graph.precision.value,
+                        target.adapter, task, thresholds.to_json())
+
+
+def run_target(target: CheckTarget, bundle: Path, backend, batches, reference: list[np.ndarray],
+               evalset: EvalSet, thresholds, sessions: SessionCache, threshold_where: str) -> TargetResult:
+    """Run one target over the batches and judge every metric."""
+    from lora_edge.runtime import load_lora_adapter
+
+    result = _result_for(target, backend.task, thresholds, threshold_where)
+    result.examples, result.data = len(evalset.texts), evalset.source
+    metrics = gated_metrics(backend.task)
+    started = time.perf_counter()
+    try:
+        session = sessions.get(bundle / target.graph.file)
+        result.providers = list(session.get_providers())
+        adapter = None
+        if target.graph.form is Form.HOTSWAP and target.adapter is not None:
+            adapter_file = hotswap_adapter_file(bundle, target.graph, target.adapter)
+            if not adapter_file.is_file():
+                raise BundleError(f"adapter file {adapter_file.name} is missing", adapter_file, "re-export the bundle")
+            adapter = load_lora_adapter(adapter_file)
+        outputs = [backend.graph(session, batch, adapter) for batch in batches]
+    except Exception as exc:  # a graph that cannot run is skipped (no provider) or failed (broken), never raised
+        reason = _unrunnable(exc)
+        line = exc.format_message() if isinstance(exc, LoraEdgeError) else str(exc).strip().splitlines()[0][:300]
+        result.error = reason or f"the graph could not run: {line}"
+        status = SKIPPED if reason else FAILED
+        result.metrics = [MetricResult(m, status, None, getattr(thresholds, m), thresholds.bound(m), result.error)
+                          for m in metrics]
+        result.seconds = time.perf_counter() - started
+        return result
+    values = compare_logits(backend, outputs, reference, batches)
+    skip = evalset.task_skip_reason
+    if target.adapter is None:
+        skip = "the base model has no task metric here (its head is not trained for the task)"
+    if not skip:
+        result.scores = backend.task_scores(outputs, reference, batches, evalset)
+        values.update({m: result.scores[m] for m in metrics if m in result.scores})
+    result.metrics = [judge(m, values.get(m), thresholds, skip, threshold_where) for m in metrics]
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _adapter_sha256(directory: Path) -> str | None:
+    """The sha256 export_bundle records for an adapter directory (adapter_config.json + weights), or None."""
+    from lora_edge.models import directory_sha256
+
+    if not (directory / "adapter_model.safetensors").is_file():
+        return None
+    return directory_sha256(directory, "adapter_*")
+
+
+def reference_adapter(bundle: Path, adapter: dict) -> tuple[TargetResult, Path | None]:
+    """Check the bundle's copy of an adapter against the manifest's sha256; pick the directory to trust.
+
+    Returns the integrity result and the adapter directory the reference is
+    built from: the bundle's copy when it matches, else the recorded source
+    directory when that matches, else None (no trustworthy reference).
+    """
+    name = adapter["name"]
+    copy = bundle / adapter.get("bundle_dir", "adapter")
+    result = TargetResult(f"adapter:{name}", f"adapter:{name}", str(adapter.get("bundle_dir")), "adapter", "fp32",
+                          name, "")
+    recorded = adapter.get("sha256")
+    if not recorded:
+        result.metrics = [MetricResult("sha256", SKIPPED, reason="the manifest records no sha256 for this adapter")]
+        return result, copy
+    if _adapter_sha256(copy) == recorded:
+        result.metrics = [MetricResult("sha256", "passed", reason="the bundle's adapter is the one exported")]
+        return result, copy
+    source = Path(adapter["source"]) if adapter.get("source") else None
+    trusted = source if source is not None and _adapter_sha256(source) == recorded else None
+    fallback = f"; the reference is built from the source {source}" if trusted else ""
+    result.metrics = [MetricResult("sha256", FAILED, reason=f"the adapter files in {copy} differ from the ones "
+                                                            f"exported (sha256 in the manifest){fallback}")]
+    return result, trusted
+
+
+def _load_reference(model_path: Path, adapter: AdapterRef, task: Task):
+    """The PyTorch reference, without transformers' progress bars and deprecation chatter."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return load_reference(model_path, adapter, task)
+
+
+def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batches,
+                base: bool) -> dict[bool, list[np.ndarray] | None]:
+    """Reference outputs per batch: ``{False: base + adapter, True: base model alone (when asked)}``."""
+    model = _load_reference(model_path, adapter, task)
+    outputs = {False: [backend.reference(model, batch) for batch in batches], True: None}
+    if base:
+        with model.disable_adapter():
+            outputs[True] = [backend.reference(model, batch) for batch in batches]
+    return outputs
+
+
+def _model_path(manifest: dict) -> Path:
+    model = manifest.get("model") or {}
+    return resolve_model_path("default" if model.get("default") else model.get("path", ""))
+
+
+def _tokenizer(bundle: Path, model_path: Path):
+    graph_dir = bundle / "onnx"
+    source = graph_dir if (graph_dir / "tokenizer_config.json").is_file() else model_path
+    return load_tokenizer(source)
+
+
+def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str | Path | None = None,
+                 progress: Progress | None = None, write: bool = True) -> CheckReport:
+    """Run the accuracy gate on every graph of ``bundle``; write the reports; return the findings.
+
+    ``spec`` defaults to the recipe recorded in the manifest. Raises
+    ConfigError/BundleError/DataError/ModelError for unusable input; a failed
+    threshold is not an exception here (see :attr:`CheckReport.passed`).
+    """
+    from datetime import datetime, timezone
+
+    from lora_edge.devices import load_device
+
+    started = time.perf_counter()
+    say = progress or (lambda message: None)
+    bundle = require_bundle(Path(bundle))
+    manifest = read_manifest(bundle)
+    spec = spec or spec_from_manifest(manifest)
+    task = Task.parse((manifest.get("model") or {}).get("task", "seq-cls"), "manifest.json: model.task").value
+    backend = BACKENDS[task]
+    device = load_device(spec.device) if spec.device else None
+    settings = device.session_settings() if device else SessionSettings()
+    tolerances, tolerance_where = (device.tolerances, f"{device.source}: tolerances") if device else ({}, "")
+    adapters = manifest.get("adapters") or []
+    if not adapters:
+        raise BundleError("the bundle lists no adapters", bundle / "manifest.json", "re-export the bundle")
+    graphs = list_graphs(bundle)
+    if not graphs:
+        raise BundleError("the bundle lists no graphs", bundle / "manifest.json", "re-export the bundle")
+    report = CheckReport(str(bundle), task, device.name if device else "CPUExecutionProvider (no device)",
+                         datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    targets = plan_targets(graphs, [a["name"] for a in adapters])
+    model_path = _model_path(manifest)
+    tokenizer = _tokenizer(bundle, model_path)
+    sessions = SessionCache(settings)
+    for adapter in adapters:
+        name = adapter["name"]
+        integrity, trusted = reference_adapter(bundle, adapter)
+        report.integrity.append(integrity)
+        mine = [t for t in targets if t.adapter == name or (t.adapter is None and name == adapters[0]["name"])]
+        if not mine:
+            continue
+        evalset = eval_set(spec, adapter, task, tokenizer)
+        report.data[name] = f"{evalset.source}, {len(evalset.texts)} examples"
+        say(f"check: adapter {name}: evaluating on {evalset.source} ({len(evalset.texts)} examples)")
+        batches = backend.batches(tokenizer, evalset, spec.batch_size, spec.max_length)
+        try:
+            if trusted is None:
+                raise BundleError("no copy of the adapter matches the manifest's sha256",
+                                  bundle / adapter.get("bundle_dir", "adapter"), "re-export the bundle from the adapter")
+            references = _references(model_path, AdapterRef(name, trusted), Task(task), backend, batches,
+                                     base=any(t.adapter is None for t in mine))
+        except LoraEdgeError as exc:  # no reference: every graph of this adapter fails, with the reason
+            reason = f"the PyTorch reference could not be built: {exc.format_message()}"
+            for target in mine:
+                precision = target.graph.precision.value
+                thresholds = spec.thresholds_for(precision, tolerances, tolerance_where)
+                result = _result_for(target, task, thresholds, "")
+                result.error = reason
+                result.metrics = [MetricResult(m, FAILED, None, getattr(thresholds, m), thresholds.bound(m), reason)
+                                  for m in gated_metrics(task)]
+                report.targets.append(result)
+            say(f"check: adapter {name}: {reason}")
+            continue
+        for target in mine:
+            precision = target.graph.precision.value
+            thresholds = spec.thresholds_for(precision, tolerances, tolerance_where)
+            result = run_target(target, bundle, backend, batches, references[target.adapter is None], evalset,
+                                thresholds, sessions, f"check.thresholds.{precision}")
+            report.targets.append(result)
+            failed = sum(m.status == FAILED for m in result.metrics)
+            skipped = sum(m.status == SKIPPED for m in result.metrics)
+            say(f"check: {target.name}: {result.status}"
+                + (f" ({failed} failed)" if failed else "") + (f" ({skipped} skipped)" if skipped else "")
+                + f", {result.seconds:.1f} s")
+    report.seconds = time.perf_counter() - started
+    if write:
+        from lora_edge.check_report import write_reports
+
+        write_reports(report, bundle, junit)
+    return report
+
+
+def gate(report: CheckReport, where: str | Path) -> None:
+    """Raise CheckFailedError when the report has a failure, ProviderUnavailableError when nothing could run."""
+    from lora_edge.errors import CheckFailedError
+
+    if not report.passed:
+        failures = report.failures()
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise CheckFailedError(f"{len(failures)} check(s) failed: {failures[0]}{more}", where,
+                               "re-export the drifting graphs, or loosen [check.thresholds] if the drift is expected")
+    if not report.ran_anything():
+        raise ProviderUnavailableError("no graph could run on this host, so nothing was checked", where,
+                                       "run the check on a host with the device's providers, or pick --device")
+
+
+def check_command(bundle: str | Path, data: str | None = None, device: str | None = None,
+                  max_examples: int | None = None, junit: str | Path | None = None,
+                  progress: Progress | None = None) -> CheckReport:
+    """`lora-edge check`: the recorded recipe's gate, with --data/--device/--max-examples replacing its values."""
+    bundle = require_bundle(Path(bundle))
+    spec = spec_from_manifest(read_manifest(bundle))
+    overrides = {"data": data, "device": device, "max_examples": max_examples}
+    spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    return check_bundle(bundle, spec, junit=junit, progress=progress)

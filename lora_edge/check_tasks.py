@@ -1,0 +1,165 @@
+"""How the accuracy gate feeds and reads each task's graphs and references (a registry per task).
+
+A task backend turns texts into batches, runs a batch through the PyTorch
+reference and through an ONNX Runtime session (with a hot-swap adapter when
+given), picks the logit rows to compare, and computes the task metric.
+Classification: one row per example, accuracy and macro-F1 on labels.
+Causal LM: one row per real token, perplexity of the next token and
+next-token agreement; the graph runs through the decoder engineer's
+:class:`~lora_edge.generate.DecoderRunner` (prefill with an empty past).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lora_edge.check_metrics import LogitComparison, classification_scores
+from lora_edge.data import encode_texts
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+
+@dataclass
+class Batch:
+    """One batch of the evaluation set: graph feeds (numpy) and, for causal LMs, the real-token mask."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    token_mask: np.ndarray | None = None  # causal LM: [batch, sequence] bool, True on real tokens
+
+
+@dataclass
+class EvalSet:
+    """The texts a check runs on, where they came from, and the labels (class ids) when there are any."""
+
+    texts: list[str]
+    source: str
+    labels: list[int] | None = None
+    n_classes: int = 0
+    task_skip_reason: str = ""  # why the task metric cannot run ("" = it can)
+
+
+@dataclass
+class TaskRun:
+    """What one graph (or the reference) produced over the whole evaluation set."""
+
+    logits: list[np.ndarray] = field(default_factory=list)  # per batch, as the task's rows need them
+
+
+class ClassificationBackend:
+    """Sequence classification: logits [batch, classes]."""
+
+    task = "seq-cls"
+
+    def batches(self, tokenizer, evalset: EvalSet, batch_size: int, max_length: int) -> list[Batch]:
+        """Tokenize the texts into padded batches (int64 feeds), with their labels."""
+        out = []
+        for start in range(0, len(evalset.texts), batch_size):
+            encoded = encode_texts(tokenizer, evalset.texts[start:start + batch_size], max_length)
+            labels = (np.asarray(evalset.labels[start:start + batch_size]) if evalset.labels is not None else None)
+            out.append(Batch({k: v.numpy().astype(np.int64) for k, v in encoded.items()}, labels))
+        return out
+
+    def reference(self, model, batch: Batch) -> np.ndarray:
+        """Logits of the PyTorch model on a batch."""
+        import torch
+
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        with torch.no_grad():
+            inputs = {k: torch.from_numpy(v) for k, v in batch.feeds.items() if k in names}
+            return model(**inputs).logits.float().numpy()
+
+    def graph(self, session: "onnxruntime.InferenceSession", batch: Batch,
+              adapter: "onnxruntime.LoraAdapter | None") -> np.ndarray:
+        """Logits of an ONNX graph on a batch."""
+        from lora_edge.runtime import run
+
+        names = [o.name for o in session.get_outputs()]
+        output = ["logits"] if "logits" in names else names[:1]
+        return np.asarray(run(session, batch.feeds, adapter=adapter, output_names=output)[0], dtype=np.float32)
+
+    def rows(self, logits: np.ndarray, batch: Batch) -> np.ndarray:
+        """Rows to compare: one per example."""
+        return logits
+
+    def task_scores(self, graph: list[np.ndarray], reference: list[np.ndarray], batches: list[Batch],
+                    evalset: EvalSet) -> dict[str, float]:
+        """Accuracy and macro-F1 of graph and reference, and the drops (points)."""
+        labels = np.concatenate([b.labels for b in batches])
+        return classification_scores(np.concatenate(graph), np.concatenate(reference), labels.tolist(),
+                                     evalset.n_classes)
+
+
+class CausalLMBackend:
+    """Causal LM: logits [batch, sequence, vocabulary], left-padded prefill through the KV-cache graph I/O."""
+
+    task = "causal-lm"
+
+    def batches(self, tokenizer, evalset: EvalSet, batch_size: int, max_length: int) -> list[Batch]:
+        """Left-padded batches with position ids (as generation computes them) and the real-token mask."""
+        from lora_edge.generate import positions_from_mask
+
+        tokenizer.padding_side = "left"
+        out = []
+        for start in range(0, len(evalset.texts), batch_size):
+            encoded = encode_texts(tokenizer, evalset.texts[start:start + batch_size], max_length)
+            ids = encoded["input_ids"].numpy().astype(np.int64)
+            mask = encoded["attention_mask"].numpy().astype(np.int64)
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask)}
+            out.append(Batch(feeds, None, mask.astype(bool)))
+        return out
+
+    def reference(self, model, batch: Batch) -> np.ndarray:
+        """Logits of the PyTorch model on a batch (no cache)."""
+        import torch
+
+        with torch.no_grad():
+            inputs = {k: torch.from_numpy(v) for k, v in batch.feeds.items()}
+            return model(**inputs, use_cache=False).logits.float().numpy()
+
+    def graph(self, session: "onnxruntime.InferenceSession", batch: Batch,
+              adapter: "onnxruntime.LoraAdapter | None") -> np.ndarray:
+        """Logits of the decoder graph on a batch: one prefill step from an empty past."""
+        from lora_edge.generate import DecoderRunner
+
+        runner = DecoderRunner(session)
+        ids = batch.feeds["input_ids"]
+        logits, _ = runner.step(ids, batch.feeds["attention_mask"], batch.feeds["position_ids"],
+                                runner.empty_past(ids.shape[0]), adapter=adapter)
+        return np.asarray(logits, dtype=np.float32)
+
+    def rows(self, logits: np.ndarray, batch: Batch) -> np.ndarray:
+        """Rows to compare: one per real (unpadded) token."""
+        return logits[batch.token_mask]
+
+    def task_scores(self, graph: list[np.ndarray], reference: list[np.ndarray], batches: list[Batch],
+                    evalset: EvalSet) -> dict[str, float]:
+        """Perplexity of graph and reference on the texts, and the increase in percent."""
+        from lora_edge.generate import next_token_nll
+        from lora_edge.metrics import perplexity
+
+        totals = {"graph": [0.0, 0], "reference": [0.0, 0]}
+        for g, r, batch in zip(graph, reference, batches):
+            for name, logits in (("graph", g), ("reference", r)):
+                nll, count = next_token_nll(logits, batch.feeds["input_ids"], batch.feeds["attention_mask"])
+                totals[name][0] += nll
+                totals[name][1] += count
+        ppl = {name: perplexity(total / max(count, 1)) for name, (total, count) in totals.items()}
+        return {"perplexity": ppl["graph"], "reference_perplexity": ppl["reference"],
+                "perplexity_increase": 100.0 * (ppl["graph"] - ppl["reference"]) / ppl["reference"]}
+
+
+BACKENDS: dict[str, Any] = {"seq-cls": ClassificationBackend(), "causal-lm": CausalLMBackend()}
+
+
+def compare_logits(backend, graph: list[np.ndarray], reference: list[np.ndarray],
+                   batches: list[Batch]) -> dict[str, float]:
+    """The logit metrics of a graph's outputs against the reference's, batch by batch."""
+    comparison = LogitComparison()
+    for g, r, batch in zip(graph, reference, batches):
+        comparison.update(backend.rows(g, batch), backend.rows(r, batch))
+    return comparison.results()

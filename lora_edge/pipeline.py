@@ -1,0 +1,332 @@
+"""Run a recipe end to end: train -> export -> quantize -> profile -> check -> report.
+
+:func:`run_recipe` calls each stage's public function in order, reporting
+progress per stage on stderr, and returns a :class:`RunResult` holding the
+gate's report; `lora-edge run` exits with the gate's code (0 pass, 1 fail).
+`lora-edge demo` is the same on the shipped ``demo`` recipe.
+
+Where things go (``<output>`` and ``<name>`` from the recipe)::
+
+    <output>/<name>/                 the bundle (manifest, adapter copies, onnx/, reports/)
+    <output>/<name>-adapters/<a>/    adapters trained by the recipe (re-used when the training block,
+                                     model and task are unchanged; --retrain trains again)
+    <output>/.models/tiny-<arch>/    tiny random models built locally for ``model = "tiny:<arch>"``
+
+Profiles go to ``reports/devices/<device>/`` (profile.json/md, compare.json/md,
+latency.png), one directory per device, because every device's profile is a
+complete report of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from lora_edge.errors import ProviderUnavailableError
+from lora_edge.recipe import AdapterSource, Recipe, load_recipe
+
+Progress = Callable[[str], None]
+STAGES = ("train", "export", "quantize", "profile", "check", "report")
+HOST_DEVICES = "host"  # in [profile] devices: every shipped CPU target this host can run
+TRAINING_RECORD = "recipe-training.json"
+DEVICE_REPORTS = ("profile.json", "profile.md", "compare.json", "compare.md", "latency.png")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class StageRecord:
+    """One stage of a run: how long it took and what it did, in one line."""
+
+    name: str
+    seconds: float = 0.0
+    summary: str = ""
+    skipped: bool = False
+
+
+@dataclass
+class DeviceRun:
+    """The profile of the bundle on one device (or why it was not measured)."""
+
+    device: str
+    report: object | None = None      # lora_edge.profile.ProfileReport
+    comparison: object | None = None  # lora_edge.compare.Comparison
+    directory: str = ""
+    error: str = ""
+
+
+@dataclass
+class RunResult:
+    """Everything a recipe run produced."""
+
+    recipe: Recipe
+    bundle: Path
+    stages: list[StageRecord] = field(default_factory=list)
+    training: dict[str, dict] = field(default_factory=dict)  # adapter -> metrics.json (trained adapters)
+    devices: list[DeviceRun] = field(default_factory=list)
+    check: object | None = None  # lora_edge.check.CheckReport
+    report: Path | None = None
+    seconds: float = 0.0
+
+
+class StageRunner:
+    """Announces each stage ("[2/6] export ..."), times it and keeps its record."""
+
+    def __init__(self, result: RunResult, progress: Progress):
+        self.result, self.progress = result, progress
+
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str) -> Iterator[StageRecord]:
+        """Run one stage inside the block; its record's ``summary`` may be set by the block."""
+        record = StageRecord(name)
+        self.progress(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what}")
+        started = time.perf_counter()
+        try:
+            yield record
+        finally:
+            record.seconds = time.perf_counter() - started
+            self.result.stages.append(record)
+        self.progress(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: "
+                      f"{record.summary or ('skipped' if record.skipped else 'done')} ({record.seconds:.1f} s)")
+
+
+# --- stage helpers -------------------------------------------------------------------------------------
+
+def resolve_model(recipe: Recipe) -> str | Path:
+    """The recipe's base model as export/train take it: 'default', a directory, or a tiny model built once."""
+    from lora_edge.tiny import ensure_tiny_model, is_tiny_spec
+
+    if is_tiny_spec(recipe.model):
+        return ensure_tiny_model(recipe.model, Path(recipe.output) / ".models")
+    return recipe.model
+
+
+def _training_record(recipe: Recipe, model: str | Path, source: AdapterSource) -> dict:
+    training = recipe.to_json()["adapters"][recipe.adapters.index(source)]["training"]
+    return {"model": str(model), "task": recipe.task, "training": training}
+
+
+def train_adapters(recipe: Recipe, model: str | Path, retrain: bool, progress: Progress) -> tuple[list, dict]:
+    """Adapter references for export: given paths as they are, training blocks trained (or re-used)."""
+    from lora_edge.adapters import AdapterRef
+    from lora_edge.train import load_metrics, train_adapter
+
+    refs, metrics = [], {}
+    for source in recipe.adapters:
+        if source.path:
+            refs.append(AdapterRef(source.name, Path(source.path)))
+            continue
+        out = Path(recipe.output) / f"{recipe.name}-adapters" / source.name
+        record = _training_record(recipe, model, source)
+        record_file = out / TRAINING_RECORD
+        same = record_file.is_file() and json.loads(record_file.read_text()) == record
+        if same and not retrain and (out / "adapter_model.safetensors").is_file():
+            progress(f"train: re-using {out} (same model, task and training block; --retrain trains again)")
+        else:
+            training = source.training
+            progress(f"train: adapter '{source.name}' on {training.data} -> {out}")
+            train_adapter(model, training.data_files(), out, recipe.task, training.lora, training.train,
+                          force=True, progress=True)
+            from lora_edge.bundle import write_json
+
+            write_json(record_file, record)
+        refs.append(AdapterRef(source.name, out))
+        metrics[source.name] = load_metrics(out)
+    return refs, metrics
+
+
+def expand_devices(names: list[str]) -> list[str]:
+    """Device names with ``host`` replaced by every shipped CPU target this host can run.
+
+    "Can run": its providers exist here, none of them is a GPU, and its CPU
+    architecture is this host's (or any).
+    """
+    from lora_edge.devices import list_devices, load_device
+
+    expanded = []
+    for name in names:
+        if name != HOST_DEVICES:
+            expanded.append(name)
+            continue
+        for shipped in list_devices():
+            device = load_device(shipped)
+            if not device.uses_gpu and not device.missing_providers() and not device.host_mismatches():
+                expanded.append(shipped)
+    return list(dict.fromkeys(expanded))
+
+
+def profile_devices(recipe: Recipe, bundle: Path, progress: Progress) -> list[DeviceRun]:
+    """Profile and compare the bundle on each device; each device's reports go to reports/devices/<name>/."""
+    from lora_edge.bundle import REPORTS_DIR
+    from lora_edge.compare import compare_bundle
+    from lora_edge.devices import load_device
+
+    spec, runs = recipe.profile, []
+    for name in expand_devices(spec.devices):
+        device = load_device(name)
+        run = DeviceRun(device.name, directory=f"{REPORTS_DIR}/devices/{device.name}")
+        progress(f"profile: device {device.name}")
+        try:
+            run.comparison = compare_bundle(bundle, device, None, spec.batch, spec.seq, spec.runs, spec.warmup,
+                                            spec.allow_fallback, reuse=False)
+        except ProviderUnavailableError as exc:  # listed in the report; the gate decides the exit code
+            run.error = exc.format_message()
+            progress(f"profile: {device.name} not measured: {run.error}")
+        from lora_edge.profile import read_profile
+
+        run.report = read_profile(bundle)
+        target = bundle / run.directory
+        target.mkdir(parents=True, exist_ok=True)
+        for file in DEVICE_REPORTS:
+            if (bundle / REPORTS_DIR / file).is_file():
+                shutil.move(str(bundle / REPORTS_DIR / file), str(target / file))
+        runs.append(run)
+    return runs
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force: bool = False,
+               retrain: bool = False, progress: Progress = _stderr) -> RunResult:
+    """Run a recipe (a path, a shipped recipe's name, or a Recipe) through every stage; return the results.
+
+    ``out`` replaces the recipe's output directory. An existing bundle is
+    replaced only with ``force``. Raises the stages' errors (config, data,
+    export, quantization...); a failed gate is not raised here: see
+    :func:`lora_edge.check.gate` on ``result.check``.
+    """
+    from lora_edge.check import check_bundle
+    from lora_edge.export_bundle import export_bundle
+    from lora_edge.pipeline_report import write_run_report
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if out is not None:
+        recipe.output = str(out)
+    bundle = recipe.bundle_dir
+    if bundle.exists() and not force:
+        from lora_edge.errors import BundleError
+
+        raise BundleError(f"'{bundle}' already exists", recipe.source or "recipe",
+                          "pass --force to replace it, or set another output")
+    result = RunResult(recipe, bundle)
+    stages = StageRunner(result, progress)
+    started = time.perf_counter()
+    _quiet_libraries()
+    progress(f"recipe {recipe.name}: {recipe.description or recipe.source}")
+    model = resolve_model(recipe)
+
+    trains = any(source.training for source in recipe.adapters)
+    with stages.stage("train", "training the adapters" if trains else "adapters given, nothing to train") as record:
+        adapters, result.training = train_adapters(recipe, model, retrain, progress)
+        record.skipped = not trains
+        record.summary = _training_summary(result.training)
+    with stages.stage("export", f"{', '.join(recipe.export.forms)} in fp32 -> {bundle}") as record:
+        export_bundle(model, adapters, recipe.export.forms, bundle, precisions=["fp32"],
+                      opset=recipe.export.opset or None, force=force, task=recipe.task, seed=recipe.seed,
+                      recipe=recipe.to_json(), trust_remote_code=recipe.trust_remote_code, progress=progress)
+        record.summary = f"{_graph_count(bundle)} graph(s)"
+    quantized = recipe.export.quantized_precisions
+    with stages.stage("quantize", ", ".join(quantized) or "fp32 only, nothing to quantize") as record:
+        if quantized:
+            quantize(recipe, bundle, quantized)
+            record.summary = f"{_graph_count(bundle)} graph(s) in all"
+        record.skipped = not quantized
+    with stages.stage("profile", ", ".join(recipe.profile.devices) or "no devices") as record:
+        result.devices = profile_devices(recipe, bundle, progress)
+        record.skipped = not result.devices
+        record.summary = ", ".join(f"{d.device}: {'measured' if not d.error else 'not measured'}"
+                                   for d in result.devices)
+    with stages.stage("check", "every graph against the PyTorch reference") as record:
+        result.check = check_bundle(bundle, recipe.check, progress=progress)
+        counts = result.check.counts()
+        record.summary = (f"{'PASSED' if result.check.passed else 'FAILED'}: {counts['passed']} passed, "
+                          f"{counts['failed']} failed, {counts['skipped']} skipped")
+    result.seconds = time.perf_counter() - started
+    with stages.stage("report", "reports/report.md") as record:
+        result.report = write_run_report(result)
+        record.summary = str(result.report)
+    return result
+
+
+def quantize(recipe: Recipe, bundle: Path, precisions: list[str]) -> None:
+    """Quantize the bundle's fp32 graphs to ``precisions`` with the recipe's settings."""
+    from lora_edge.quantize import quantize_bundle
+
+    options = {"block_size": recipe.export.block_size}
+    if recipe.export.calibration:
+        options["calibration"] = recipe.export.calibration
+    quantize_bundle(bundle, precisions, **options)
+
+
+def _graph_count(bundle: Path) -> int:
+    from lora_edge.bundle import list_graphs
+
+    return len(list_graphs(bundle))
+
+
+def _training_summary(training: dict[str, dict]) -> str:
+    parts = []
+    for name, metrics in training.items():
+        test = metrics.get("test") or {}
+        score = (f"test accuracy {test['accuracy']:.3f}" if "accuracy" in test
+                 else f"test perplexity {test['perplexity']:.3g}" if "perplexity" in test else "trained")
+        parts.append(f"{name}: {score}")
+    return "; ".join(parts)
+
+
+def _quiet_libraries() -> None:
+    """Hide transformers' weight-loading progress bars: the stages report their own progress."""
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def run_summary(result: RunResult, as_json: bool = False) -> str:
+    """What `lora-edge run`/`demo` print: stage times, the gate per graph, and where the reports are."""
+    from lora_edge.check_report import summary_rows
+    from lora_edge.report import markdown_table
+
+    if as_json:
+        return json.dumps({"bundle": str(result.bundle), "report": str(result.report),
+                           "passed": result.check.passed if result.check else None,
+                           "seconds": round(result.seconds, 1),
+                           "stages": [vars(stage) for stage in result.stages],
+                           "check": result.check.to_json() if result.check else None}, indent=2, default=str)
+    rows = summary_rows(result.check) if result.check else []
+    latency = _p50_by_graph(result)
+    for row in rows:
+        row["p50_ms"] = latency.get(row["graph"].split("[")[0])
+    columns = ["graph", "status", "max_abs_diff", "top1", "accuracy" if result.recipe.task == "seq-cls"
+               else "perplexity", "p50_ms"]
+    verdict = "PASSED" if result.check and result.check.passed else "FAILED"
+    device = result.devices[0].device if result.devices else None
+    lines = [markdown_table(rows, columns, ["graph", "gate", "max |Δ logit|", "top-1 agree",
+                                            columns[4].replace("_", " "),
+                                            f"p50 ms ({device})" if device else "p50 ms"]),
+             f"gate: {verdict} ({', '.join(f'{k} {v}' for k, v in result.check.counts().items())}); "
+             f"{result.seconds:.0f} s in all",
+             f"report: {result.report}"]
+    return "\n".join(lines)
+
+
+def _p50_by_graph(result: RunResult) -> dict[str, float]:
+    """p50 latency of each graph on the first measured device."""
+    for run in result.devices:
+        if run.report is not None:
+            return {g.name: (g.latency_ms or {}).get("p50") for g in run.report.graphs if g.latency_ms}
+    return {}
+
+
+def demo_recipe() -> Recipe:
+    """The shipped demo recipe."""
+    return load_recipe("demo")
+
