@@ -129,7 +129,8 @@ def export_hotswap_form(job: ExportJob) -> list[GraphRecord]:
     result = export_hotswap(base, job.references, job.context, job.graph_file(name),
                             job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR, name, job.opset, job.tolerance,
                             job.progress)
-    extra = _graph_extra(result.graph, max_abs_diff=result.max_abs_diff, export_seconds=round(result.seconds, 2),
+    extra = _graph_extra(result.graph, max_abs_diff=max(result.max_abs_diff.values()),
+                         max_abs_diff_by_adapter=result.max_abs_diff, export_seconds=round(result.seconds, 2),
                          adapter_files={n: job.relative(p) for n, p in result.adapter_files.items()},
                          adapter_inputs=[slot.name for slot in result.slots])
     return [GraphRecord(name, job.relative(result.graph), Form.HOTSWAP, Precision.FP32, job.task.value,
@@ -264,6 +265,6 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         if quantized:
             from lora_edge.quantize import quantize_bundle
 
-            quantize_bundle(staging, quantized, **(quantize_options or {}))
+            quantize_bundle(staging, quantized, progress=progress, **(quantize_options or {}))
     progress(f"wrote {out}")
     return Path(out)

@@ -65,6 +65,11 @@ class SwapSlot:
     rank_dim: str | None = None
 
     @property
+    def parameter(self) -> str:
+        """The parameter's path in the model (``<module>.<attribute>``)."""
+        return f"{self.module}.{self.attribute}"
+
+    @property
     def rank_axis(self) -> int | None:
         """Which axis of the input is the rank (0 for A ``[r, in]``, 1 for B ``[out, r]``)."""
         return {LORA_A: 0, LORA_B: 1}.get(self.kind)
@@ -140,7 +145,7 @@ def _parameter_paths(task_module: nn.Module, model: nn.Module, slots: list[SwapS
     paths = {id(param): name for name, param in task_module.named_parameters(remove_duplicate=False)}
     result = []
     for slot in slots:
-        param = getattr(model.get_submodule(slot.module), slot.attribute)
+        param = model.get_parameter(slot.parameter)
         if id(param) not in paths:
             raise ExportError(f"the task's graph wrapper does not hold the parameter of '{slot.module}'",
                               slot.name, "a graph-I/O builder must keep the model as a submodule")
@@ -154,7 +159,7 @@ def hotswap_graph_io(model: nn.Module, slots: list[SwapSlot], context: ExportCon
     examples = []
     for slot in slots:
         if slot.kind == TENSOR:
-            examples.append(getattr(model.get_submodule(slot.module), slot.attribute).detach().clone())
+            examples.append(model.get_parameter(slot.parameter).detach().clone())
         else:
             shape = [TRACE_RANK if axis == slot.rank_axis else size for axis, size in enumerate(slot.shape)]
             examples.append(torch.zeros(shape))
@@ -176,7 +181,7 @@ def default_initializers(model: nn.Module, slots: list[SwapSlot]) -> Callable:
         inputs = {value.name: value for value in onnx_model.graph.inputs}
         for slot in slots:
             if slot.kind == TENSOR:
-                default = getattr(model.get_submodule(slot.module), slot.attribute).detach().float().numpy().copy()
+                default = model.get_parameter(slot.parameter).detach().float().numpy().copy()
             else:
                 default = np.zeros(slot.shape, dtype=np.float32)
             value = inputs[slot.name]
