@@ -220,18 +220,22 @@ def _lm_scores(trainer: "Trainer", dataset, prefix: str) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' warnings (load reports, deprecations) for the duration of the block."""
+def _quiet_transformers(bars: bool = True):
+    """Silence transformers' warnings (load reports, deprecations), and its progress bars unless ``bars``."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars_were_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    if not bars:
+        hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers
             yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _check_finite(history: list[dict]) -> None:
@@ -271,7 +275,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
         _check_resume(checkpoints, record)
 
     tokenizer = load_tokenizer(model_path)
-    with _quiet_transformers():  # a new task head is always "missing" from the checkpoint: expected
+    with _quiet_transformers(bars=progress):  # a new task head is always "missing" from the checkpoint
         base = load_base_model(model_path, task, labels=list(label_map.labels) if label_map else None)
     set_seed(spec.seed)  # LoRA initialisation draws from the global RNG
     with _quiet_transformers():
