@@ -76,9 +76,8 @@ class DecoderShape:
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         return cls(int(config.num_hidden_layers), int(kv_heads), int(head_dim), int(config.vocab_size),
-                   int(max_positions) if max_positions else None)
+                   context_length(config.to_dict()))
 
     @property
     def past_names(self) -> list[str]:
@@ -106,6 +105,15 @@ class DecoderShape:
 
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=dtype or np.float32) for _ in self.past_names]
+
+
+def context_length(config: dict) -> int | None:
+    """The context length (most positions) a config.json allows; None when it sets no limit."""
+    config = config.get("text_config") or config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if config.get(key):
+            return int(config[key])
+    return None
 
 
 def check_supported(config) -> None:

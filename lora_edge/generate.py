@@ -6,9 +6,9 @@ the cache geometry from the graph itself, so generation needs neither torch
 nor the model's config. :func:`generate` runs a left-padded batch: greedy, or
 sampling with temperature / top-p from a seeded generator, with a per-call
 hot-swap adapter (``onnxruntime.LoraAdapter``), so one session serves every
-adapter. Below the loop: the measures the accuracy gate uses on language
-models (perplexity of a graph on a text set, its delta against PyTorch,
-next-token top-1 agreement).
+adapter. The measures the accuracy gate uses on language models (perplexity
+of a graph on a text set, its delta against PyTorch, next-token top-1
+agreement) are in :mod:`lora_edge.lm_metrics`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
-from lora_edge.decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_NAME, POSITION_IDS, PRESENT_NAME, KV_KINDS
+from lora_edge.decoder import ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME, POSITION_IDS, PRESENT_NAME
 from lora_edge.errors import AdapterMismatchError, ConfigError, DataError, ExportError
+from lora_edge.lm_metrics import next_token_nll  # noqa: F401  (re-exported: the accuracy gate imports it from here)
 from lora_edge.runtime import run
 
 if TYPE_CHECKING:
@@ -39,6 +40,16 @@ class SamplingSpec:
     top_p: float = field(default=1.0, metadata={"help": "Sample from the smallest token set whose probability "
                                                         "reaches top_p (0 < top_p <= 1)."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling generator: same seed, same tokens."})
+
+    @classmethod
+    def from_options(cls, greedy: bool, temperature: float | None, top_p: float | None, seed: int) -> "SamplingSpec":
+        """Greedy unless --temperature or --top-p asks for sampling; both at once is a ConfigError."""
+        sampling = temperature is not None or top_p is not None
+        if greedy and sampling:
+            raise ConfigError("--greedy and sampling options given together", "--greedy/--temperature/--top-p",
+                              "use --greedy, or --temperature/--top-p (with --seed) to sample")
+        return cls(greedy=not sampling, temperature=1.0 if temperature is None else temperature,
+                   top_p=1.0 if top_p is None else top_p, seed=seed)
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -171,14 +182,33 @@ def choose_tokens(logits: "np.ndarray", sampling: SamplingSpec, rng: "np.random.
     probs /= probs.sum(axis=-1, keepdims=True)
     chosen = np.empty(len(probs), dtype=np.int64)
     for row, p in enumerate(probs):
-        order = np.argsort(-p, kind="stable")
-        cumulative = np.cumsum(p[order])
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        keep = int(np.searchsorted(cumulative, sampling.top_p, side="left")) + 1
-        kept = order[:keep]
+        kept = _nucleus(p, sampling.top_p)
         weights = p[kept] / p[kept].sum()
         chosen[row] = kept[rng.choice(len(kept), p=weights)]
     return chosen
+
+
+def _nucleus(p: "np.ndarray", top_p: float, candidates: int = 1024) -> "np.ndarray":
+    """Token ids of the smallest most-likely set whose probability reaches ``top_p`` (at least one token).
+
+    Sorting the whole vocabulary per token is slow on large vocabularies, so the
+    top ``candidates`` are sorted first and the full sort runs only when they
+    hold less than ``top_p`` of the mass.
+    """
+    import numpy as np
+
+    if top_p >= 1.0:
+        return np.arange(len(p))
+    order = None
+    if len(p) > candidates:
+        top = np.argpartition(-p, candidates)[:candidates]
+        top = top[np.argsort(-p[top], kind="stable")]
+        if p[top].sum() >= top_p:
+            order = top
+    if order is None:
+        order = np.argsort(-p, kind="stable")
+    keep = int(np.searchsorted(np.cumsum(p[order]), top_p, side="left")) + 1
+    return order[:keep]
 
 
 def generate(runner: DecoderRunner, prompts: list[list[int]], max_new_tokens: int = 64,
@@ -259,3 +289,143 @@ class TextStream:
 def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, with the tokenizer's special tokens (as transformers' generate sees them)."""
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
+
+# --- generation from a bundle (``lora-edge generate``) ------------------------------------------------------
+
+@dataclass
+class BundleGeneration:
+    """What ``lora-edge generate`` produced: the graph and adapter used, the result and the decoded texts."""
+
+    graph: str
+    adapter: str | None
+    result: GenerationResult
+    texts: list[str]
+
+    def to_json(self) -> dict:
+        """JSON form: graph, adapter, prompt ids, new token ids, texts and tokens/s."""
+        return {"graph": self.graph, "adapter": self.adapter, **self.result.to_json(), "texts": self.texts}
+
+
+def _special_ids(config: dict, tokenizer) -> tuple[int | list[int] | None, int]:
+    """(EOS id(s), pad id) as transformers' generate takes them: the model config first, then the tokenizer."""
+    eos = config.get("eos_token_id", tokenizer.eos_token_id)
+    pad = config.get("pad_token_id")
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+            eos[0] if isinstance(eos, list) and eos else eos)
+    return eos, int(pad or 0)
+
+
+def adapter_for_run(bundle: Path, record, manifest: dict, adapter: str | None, session):
+    """(name, loaded LoraAdapter or None) for a run of ``record``: a bundle adapter's name or an .onnx_adapter file.
+
+    Merged and branched graphs carry their adapter (``adapter`` must be it or
+    None). Hot-swap graphs take a bundle adapter by name, ``none`` for the base
+    model, or a path to an ``.onnx_adapter`` file, which is checked against the
+    graph first (an adapter of another base model is refused naming the tensor).
+    """
+    from lora_edge.bundle import Form
+    from lora_edge.infer import _adapter_file, choose_adapter
+    from lora_edge.runtime import load_lora_adapter
+
+    if record.form is Form.HOTSWAP and adapter and adapter.endswith(".onnx_adapter"):
+        path = Path(adapter)
+        if not path.is_file():
+            raise AdapterMismatchError(f"adapter file '{path}' does not exist", "--adapter",
+                                       "give a bundle adapter name or an existing .onnx_adapter file")
+        check_adapter_fits(session, path)
+        return path.stem, load_lora_adapter(path)
+    chosen = choose_adapter(record, manifest, adapter)
+    if record.form is Form.HOTSWAP and chosen is not None:
+        path = _adapter_file(Path(bundle), record, chosen)
+        check_adapter_fits(session, path)
+        return chosen, load_lora_adapter(path)
+    return chosen, None
+
+
+def check_adapter_fits(session: "onnxruntime.InferenceSession", adapter_file: Path) -> None:
+    """Raise AdapterMismatchError unless every tensor of an ``.onnx_adapter`` file is a graph input of its shape.
+
+    The LoRA rank axis is free; every other axis must match (a different base
+    model shows here as another hidden size or a module the graph lacks).
+    """
+    import onnxruntime
+
+    inputs = {item.name: item.shape for item in session.get_inputs()}
+    inputs.update({item.name: item.shape for item in session.get_overridable_initializers()})
+    try:
+        parameters = onnxruntime.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
+    except Exception as exc:  # ORT raises its own error types for a corrupt file
+        raise AdapterMismatchError(f"cannot read the adapter file ({str(exc).splitlines()[0][:160]})",
+                                   adapter_file, "re-run lora-edge export") from None
+    for name, value in parameters.items():
+        if name not in inputs:
+            raise AdapterMismatchError(f"adapter tensor '{name}' has no input in the graph (adapter trained on "
+                                       "another base model?)", adapter_file,
+                                       "use an adapter exported for this bundle's base model")
+        want, got = inputs[name], list(value.shape())
+        fixed = [(w, g) for w, g in zip(want, got) if isinstance(w, int)]
+        if len(want) != len(got) or any(w != g for w, g in fixed):
+            raise AdapterMismatchError(f"adapter tensor '{name}' has shape {got}, the graph expects {want} "
+                                       "(adapter trained on another base model?)", adapter_file,
+                                       "use an adapter exported for this bundle's base model")
+
+
+def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: str | None = None,
+                         max_new_tokens: int = 64, sampling: SamplingSpec | None = None,
+                         on_text: Callable[[str], None] | None = None, settings=None) -> BundleGeneration:
+    """Generate text after each prompt with graph ``graph`` of ``bundle`` (``lora-edge generate``).
+
+    Uses the tokenizer and config.json beside the graphs. ``on_text`` receives
+    the text of a single prompt's completion piece by piece as tokens arrive.
+    Errors: BundleError (unknown graph), ConfigError (not a causal-lm graph, bad
+    options), DataError (a prompt longer than the context), AdapterMismatchError.
+    """
+    from lora_edge.bundle import ONNX_DIR, find_graph, read_manifest
+    from lora_edge.decoder import context_length
+    from lora_edge.models import Task, load_config, load_tokenizer
+    from lora_edge.runtime import create_session
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    record = find_graph(bundle, graph)
+    if record.task != Task.CAUSAL_LM.value:
+        raise ConfigError(f"graph {record.name} is a {record.task} graph", "--graph",
+                          "use lora-edge infer for classification graphs")
+    if not prompts:
+        raise ConfigError("no prompt given", "--prompt", "pass --prompt \"...\"")
+    onnx_dir = bundle / ONNX_DIR
+    tokenizer = load_tokenizer(onnx_dir)
+    config = load_config(onnx_dir)
+    session = create_session(bundle / record.file, settings)
+    chosen, lora = adapter_for_run(bundle, record, manifest, adapter, session)
+    runner = DecoderRunner(session, context_length(config))
+    eos, pad = _special_ids(config, tokenizer)
+    stream = TextStream(tokenizer) if on_text is not None and len(prompts) == 1 else None
+
+    def on_tokens(tokens: list[int | None]) -> None:
+        if stream is not None and tokens[0] is not None:
+            piece = stream.push(tokens[0])
+            if piece:
+                on_text(piece)
+
+    result = generate(runner, encode_prompts(tokenizer, prompts), max_new_tokens, sampling, eos, pad, lora,
+                      on_tokens)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.new_ids]
+    return BundleGeneration(record.name, chosen, result, texts)
+
+
+def format_generation(output: BundleGeneration, streamed: bool) -> str:
+    """The texts ``lora-edge generate`` prints after the run (a streamed single text is already out)."""
+    if streamed and len(output.texts) == 1:
+        return ""
+    return "\n".join(f"[{i}] {text}" for i, text in enumerate(output.texts))
+
+
+def format_speed(output: BundleGeneration) -> str:
+    """One line: tokens generated, prefill and decode tokens/s, graph and adapter."""
+    result = output.result
+    return (f"-- {sum(map(len, result.new_ids))} new tokens, prefill {result.prefill_tokens_per_second:.0f} "
+            f"tokens/s, decode {result.decode_tokens_per_second:.0f} tokens/s ({output.graph}"
+            + (f", adapter {output.adapter})" if output.adapter else ")"))

@@ -1,0 +1,281 @@
+"""Generation on ONNX Runtime against PyTorch generate; the generate CLI; language-model measures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from decoder_bundles import ARCHS, FORMS, adapter_dirs, bundle_for
+from lora_edge.adapters import AdapterRef, load_reference
+from lora_edge.bundle import ONNX_DIR, Form, find_graph
+from lora_edge.generate import (DecoderRunner, SamplingSpec, _nucleus, encode_prompts, generate,
+                                generate_from_bundle)
+from lora_edge.runtime import create_session, load_lora_adapter
+
+PROMPTS = ["the weather in paris is", "hello", "please set a timer for ten minutes and then play some jazz"]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory, tiny_model, tiny_adapter):
+    """Factory: ``bundles(arch, form)`` -> (bundle, graph name), exported once per session."""
+    root = tmp_path_factory.mktemp("decoder-bundles")
+    return lambda arch, form: bundle_for(arch, form, root, tiny_model, tiny_adapter)
+
+
+@pytest.fixture(scope="session")
+def references(tiny_model, tiny_adapter):
+    """Factory: ``references(arch, name)`` -> the PEFT model (base + adapter, fp32, unmerged), cached."""
+    cache = {}
+
+    def make(arch: str, name: str = "a"):
+        if (arch, name) not in cache:
+            cache[arch, name] = load_reference(tiny_model(arch), AdapterRef(name, adapter_dirs(arch, tiny_adapter)[name]))
+        return cache[arch, name]
+
+    return make
+
+
+def _tokenizer(bundle):
+    from lora_edge.models import load_tokenizer
+
+    return load_tokenizer(bundle / ONNX_DIR)
+
+
+def _runner(bundle, graph) -> DecoderRunner:
+    return DecoderRunner(create_session(bundle / find_graph(bundle, graph).file), max_positions=128)
+
+
+def torch_generate(model, prompts: list[list[int]], max_new_tokens: int, eos: int, pad: int,
+                   use_adapter: bool = True) -> list[list[int]]:
+    """transformers' greedy generate on a left-padded batch; new tokens per row, cut after EOS."""
+    import contextlib
+
+    import torch
+
+    from lora_edge.generate import left_pad
+
+    ids, mask = left_pad(prompts, pad)
+    context = contextlib.nullcontext() if use_adapter else model.disable_adapter()
+    with context, torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        rows.append(row[:row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+def _special(model) -> tuple[int, int]:
+    return model.config.eos_token_id, model.config.pad_token_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_pytorch_generate_for_every_form(arch, bundles, references):
+    reference = references(arch)
+    eos, pad = _special(reference)
+    bundle, _ = bundles(arch, Form.MERGED)
+    prompts = encode_prompts(_tokenizer(bundle), PROMPTS)
+    expected = torch_generate(reference, prompts, NEW_TOKENS, eos, pad)
+    base = torch_generate(reference, prompts, NEW_TOKENS, eos, pad, use_adapter=False)
+    assert all(len(row) == NEW_TOKENS for row in expected), "pick prompts that do not stop at EOS"
+    assert expected != base, "the adapter must change the generated tokens"
+    for form in FORMS:
+        bundle, graph = bundles(arch, form)
+        runner = _runner(bundle, graph)
+        adapter = None
+        if form is Form.HOTSWAP:
+            adapter = load_lora_adapter(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter")
+        result = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, adapter=adapter)
+        assert result.new_ids == expected, f"{arch} {form.value}: ONNX Runtime and PyTorch disagree"
+        if form is Form.HOTSWAP:  # the same session with no adapter active is the base model
+            assert generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad).new_ids == base
+
+
+def test_hotswap_switches_adapters_between_prompts_in_one_session(bundles, references):
+    bundle, graph = bundles("llama", Form.HOTSWAP)
+    runner = _runner(bundle, graph)
+    session = runner.session
+    files = {name: load_lora_adapter(bundle / ONNX_DIR / "adapters" / f"{name}.onnx_adapter") for name in "ab"}
+    eos, pad = _special(references("llama"))
+    prompts = encode_prompts(_tokenizer(bundle), PROMPTS[:2])
+    expected = {name: torch_generate(references("llama", name), prompts, NEW_TOKENS, eos, pad) for name in "ab"}
+    assert expected["a"] != expected["b"]
+    for name in ("a", "b", "a", "b"):  # switch back and forth, run by run
+        got = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, adapter=files[name])
+        assert got.new_ids == expected[name], f"adapter {name}"
+    assert runner.session is session
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time(bundles):
+    bundle, graph = bundles("llama", Form.BRANCHED)
+    runner = _runner(bundle, graph)
+    prompts = encode_prompts(_tokenizer(bundle), PROMPTS)
+    assert len({len(p) for p in prompts}) == len(prompts), "prompts of different lengths need padding"
+    batch = generate(runner, prompts, NEW_TOKENS, eos_token_id=None)
+    singles = [generate(runner, [p], NEW_TOKENS, eos_token_id=None).new_ids[0] for p in prompts]
+    assert batch.new_ids == singles
+    assert batch.prompt_ids == prompts
+
+
+def test_sampling_is_seeded_and_top_p_narrows_to_greedy(bundles):
+    bundle, graph = bundles("llama", Form.MERGED)
+    runner = _runner(bundle, graph)
+    prompts = encode_prompts(_tokenizer(bundle), PROMPTS[:2])
+
+    def run(**spec):
+        return generate(runner, prompts, 16, SamplingSpec(greedy=False, **spec), eos_token_id=None).new_ids
+
+    assert run(temperature=1.5, seed=3) == run(temperature=1.5, seed=3)
+    assert run(temperature=1.5, seed=3) != run(temperature=1.5, seed=4)
+    greedy = generate(runner, prompts, 16, eos_token_id=None).new_ids
+    assert run(temperature=1.0, top_p=1e-9, seed=5) == greedy  # only the top token survives
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    p = np.array([0.05, 0.5, 0.2, 0.25])
+    assert list(_nucleus(p, 0.5)) == [1]
+    assert list(_nucleus(p, 0.7)) == [1, 3]
+    assert list(_nucleus(p, 0.76)) == [1, 3, 2]
+    assert len(_nucleus(p, 1.0)) == 4
+    big = np.random.default_rng(0).dirichlet(np.full(5000, 0.05))
+    for top_p in (0.3, 0.9, 0.999):  # the candidate shortcut and the full sort agree
+        assert set(_nucleus(big, top_p, candidates=64)) == set(_nucleus(big, top_p, candidates=10**6))
+
+
+@pytest.mark.parametrize("spec, field", [(dict(temperature=0.0), "--temperature"), (dict(top_p=1.5), "--top-p")])
+def test_sampling_spec_rejects_bad_values(spec, field):
+    from lora_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        SamplingSpec(greedy=False, **spec)
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context(bundles):
+    from lora_edge.errors import DataError
+
+    bundle, graph = bundles("llama", Form.MERGED)
+    with pytest.raises(DataError, match="context is 128"):
+        generate_from_bundle(bundle, graph, ["word " * 200], max_new_tokens=4)
+    # a prompt that fits stops at the context instead of running past it
+    out = generate_from_bundle(bundle, graph, ["word " * 120], max_new_tokens=64)
+    assert len(out.result.prompt_ids[0]) + len(out.result.new_ids[0]) == 128
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------
+
+def _cli(args, capsys):
+    from lora_edge.cli import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_generate_streams_the_greedy_text(bundles, capsys):
+    bundle, graph = bundles("gpt2", Form.HOTSWAP)
+    code, out, err = _cli(["generate", str(bundle), "--graph", graph, "--adapter", "a", "--prompt", PROMPTS[0],
+                           "--max-new-tokens", "12", "--greedy"], capsys)
+    assert code == 0, err
+    expected = generate_from_bundle(bundle, graph, [PROMPTS[0]], "a", 12)
+    assert out.strip() == expected.texts[0].strip() and out.strip()
+    assert "tokens/s" in err
+
+
+def test_cli_generate_json(bundles, capsys):
+    bundle, graph = bundles("gpt2", Form.MERGED)
+    code, out, err = _cli(["generate", str(bundle), "--graph", graph, "--prompt", PROMPTS[1],
+                           "--max-new-tokens", "8", "--temperature", "0.7", "--top-p", "0.9", "--seed", "1",
+                           "--json"], capsys)
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["prompt_ids"] == encode_prompts(_tokenizer(bundle), [PROMPTS[1]])
+    assert len(payload["new_ids"][0]) == 8
+    assert payload["prefill_tokens_per_second"] > 0 and payload["decode_tokens_per_second"] > 0
+    again = json.loads(_cli(["generate", str(bundle), "--graph", graph, "--prompt", PROMPTS[1], "--max-new-tokens",
+                             "8", "--temperature", "0.7", "--top-p", "0.9", "--seed", "1", "--json"], capsys)[1])
+    assert again["new_ids"] == payload["new_ids"]
+
+
+def test_cli_generate_bad_input_has_distinct_exit_codes(bundles, capsys):
+    llama, llama_graph = bundles("llama", Form.HOTSWAP)
+    gpt2, _ = bundles("gpt2", Form.HOTSWAP)
+    cases = {
+        "unknown graph": (["--graph", "nope.fp32", "--prompt", "hi"], 9, "no graph named 'nope.fp32'"),
+        "prompt too long": (["--graph", llama_graph, "--adapter", "a", "--prompt", "word " * 200], 3, "context"),
+        "adapter of another base": (["--graph", llama_graph, "--adapter",
+                                     str(gpt2 / ONNX_DIR / "adapters" / "a.onnx_adapter"), "--prompt", "hi"], 4,
+                                    "another base model"),
+        "greedy and sampling": (["--graph", llama_graph, "--greedy", "--temperature", "0.5", "--prompt", "hi"], 2,
+                                "--greedy"),
+    }
+    for name, (args, exit_code, message) in cases.items():
+        code, out, err = _cli(["generate", str(llama)] + args, capsys)
+        assert code == exit_code, f"{name}: exit {code}, {err}"
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], f"{name}: {err}"
+
+
+# --- language-model measures -----------------------------------------------------------------------------
+
+def test_next_token_nll_matches_torch_cross_entropy():
+    import torch
+
+    from lora_edge.lm_metrics import next_token_nll, top1_agreement_count
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
+    ids = rng.integers(0, 11, size=(2, 5))
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    total, count = next_token_nll(logits, ids, mask)
+    expected = torch.nn.functional.cross_entropy(torch.from_numpy(logits[0, 2:4]), torch.from_numpy(ids[0, 3:5]),
+                                                 reduction="sum")
+    expected += torch.nn.functional.cross_entropy(torch.from_numpy(logits[1, :4]), torch.from_numpy(ids[1, 1:]),
+                                                  reduction="sum")
+    assert count == 6
+    assert total == pytest.approx(float(expected), rel=1e-6)
+    other = logits.copy()
+    other[1, 0] = -other[1, 0]
+    assert top1_agreement_count(logits, logits, mask) == (8, 8)
+    assert top1_agreement_count(other, logits, mask) == (7, 8)
+
+
+def test_language_model_scores_against_pytorch(bundles, references):
+    import torch
+
+    from lora_edge.lm_metrics import graph_perplexity, language_model_scores
+
+    reference = references("llama", "a")
+    bundle, graph = bundles("llama", Form.HOTSWAP)
+    runner = _runner(bundle, graph)
+    sequences = encode_prompts(_tokenizer(bundle), PROMPTS + ["turn the lights off in the kitchen"])
+    # PyTorch perplexity computed independently: one sequence at a time, the model's own loss
+    losses, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids in sequences:
+            tensor = torch.tensor([ids])
+            losses += float(reference(input_ids=tensor, labels=tensor).loss) * (len(ids) - 1)
+            tokens += len(ids) - 1
+    torch_ppl = float(np.exp(losses / tokens))
+
+    adapter = load_lora_adapter(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter")
+    scores = language_model_scores(runner, reference, sequences, batch_size=3, adapter=adapter)
+    assert scores.tokens == tokens
+    assert scores.reference_perplexity == pytest.approx(torch_ppl, rel=1e-5)
+    assert scores.perplexity == pytest.approx(torch_ppl, rel=1e-4)
+    assert abs(scores.perplexity_increase_percent) < 1e-2
+    assert scores.top1_agreement == 1.0
+    assert graph_perplexity(runner, sequences, adapter=adapter) == pytest.approx(scores.perplexity, rel=1e-6)
+
+    # the same graph without its adapter (the base model) must show up as a drift
+    drift = language_model_scores(runner, reference, sequences, batch_size=3, adapter=None)
+    assert abs(drift.perplexity_delta) > 1.0
+    assert drift.top1_agreement < 0.9
+    assert drift.to_json()["perplexity_delta"] == pytest.approx(drift.perplexity - drift.reference_perplexity)
