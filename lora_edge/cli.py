@@ -236,6 +236,44 @@ def infer_command(bundle: Path, graph: str, texts: tuple[str, ...], adapter: str
     click.echo(format_predictions(infer(bundle, graph, list(texts), adapter=adapter), as_json))
 
 # --- generate (decoders) ---
+
+
+@cli.command("generate")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--graph", default="merged.fp32", show_default=True,
+              help="Causal-LM graph from the bundle's manifest: merged.fp32, branched.fp32, hotswap.fp32, ...")
+@click.option("--adapter", default=None,
+              help="Hot-swap graphs: the bundle adapter to activate ('none' = base model) or an .onnx_adapter "
+                   "file. Merged/branched graphs carry their own adapter.")
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="Text to continue; repeat for a left-padded batch (one prompt streams as it generates).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Most tokens to add per prompt.")
+@click.option("--greedy", is_flag=True, help="Always take the most likely token (the default).")
+@click.option("--temperature", type=float, default=None, help="Sample with this temperature (> 0).")
+@click.option("--top-p", type=float, default=None, help="Sample from the top-p probability mass (0 < p <= 1).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed: same seed, same text.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: prompt ids, new token ids, texts, prefill and decode tokens/s.")
+def generate_command(bundle: Path, graph: str, adapter: str | None, prompts: tuple[str, ...], max_new_tokens: int,
+                     greedy: bool, temperature: float | None, top_p: float | None, seed: int, as_json: bool) -> None:
+    """Continue a prompt with a bundle's causal-LM graph on ONNX Runtime, streaming the text.
+
+    One graph serves prefill and decode (KV cache as inputs/outputs); hot-swap graphs
+    switch adapters per run without a new session.
+    """
+    import json
+
+    from lora_edge.generate import SamplingSpec, format_generation, format_speed, generate_from_bundle
+
+    sampling = SamplingSpec.from_options(greedy, temperature, top_p, seed)
+    stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
+    output = generate_from_bundle(bundle, graph, list(prompts), adapter, max_new_tokens, sampling, stream)
+    if as_json:
+        click.echo(json.dumps(output.to_json(), indent=2))
+        return
+    click.echo(format_generation(output, streamed=True))
+    click.echo(format_speed(output), err=True)
+
 # --- quantize ---
 # --- devices / profile / compare ---
 DEVICE_HELP = "Device target: a shipped name (see `lora-edge devices list`) or a path to a device .toml file."
