@@ -14,12 +14,17 @@ on disk, and the speed-up over the eager PyTorch model (adapter merged).
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from lora_edge.bundle import REPORTS_DIR, read_manifest, require_bundle, write_json
 from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.profile import GraphProfile, ProfileReport, profile_bundle, read_profile
+
+if TYPE_CHECKING:
+    from lora_edge.sweep import SweepTable
 
 COMPARE_JSON, COMPARE_MD, LATENCY_PNG = "compare.json", "compare.md", "latency.png"
 BRANCH_FORMS = ("branched", "hotswap")
@@ -249,3 +254,72 @@ def comparison_summary(comparison: Comparison, as_json: bool = False) -> str:
     reports = Path(comparison.bundle) / REPORTS_DIR
     return (f"{markdown_table(comparison.rows, COLUMNS, HEADERS)}\n"
             f"reports: {reports / COMPARE_MD}, {reports / LATENCY_PNG}")
+
+
+# --- the rank axis (lora-edge sweep --latency-device) -----------------------------------------
+
+RANK_COLUMNS = [("merged_p50_ms", "merged p50 ms"), ("branched_p50_ms", "branched p50 ms"),
+                ("branched_overhead_pct", "branched overhead %"), ("extra_flops_pct", "extra FLOPs %")]
+
+
+def _export_rank(model: str | Path, adapter: Path, rank: int, out: Path) -> Path:
+    """Merged and branched fp32 graphs of one sweep adapter (the default exporter of the rank axis)."""
+    from lora_edge.adapters import AdapterRef
+    from lora_edge.export_bundle import export_bundle
+
+    return export_bundle(model, [AdapterRef(f"r{rank}", Path(adapter))], ["merged", "branched"], out,
+                         progress=lambda message: None)
+
+
+def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str | Path | DeviceTarget,
+                      batch: int = 1, seq: int = 128, runs: int = 100, warmup: int = 10,
+                      allow_fallback: bool = False, quiet: bool = False,
+                      export: Callable[[str | Path, Path, int, Path], Path] = _export_rank) -> dict[int, dict]:
+    """Latency of the merged and branched fp32 graphs for each rank's adapter, on a device's settings.
+
+    ``adapters`` maps rank -> adapter directory. Each is exported (by ``export``,
+    into a temporary directory) and profiled; returns rank -> {merged_p50_ms,
+    branched_p50_ms, branched_overhead_pct, extra_flops_pct}. Raises like
+    :meth:`ProfileReport.check_measured` when the device cannot run here.
+    """
+    device = load_device(device)
+    rows, base = {}, None
+    with tempfile.TemporaryDirectory(prefix="lora-edge-rank-latency-") as workdir:
+        for rank, adapter in sorted(adapters.items()):
+            if not quiet:
+                import sys
+
+                print(f"sweep latency: rank {rank} on {device.name}", file=sys.stderr, flush=True)
+            bundle = export(model, Path(adapter), rank, Path(workdir) / f"r{rank}")
+            report = profile_bundle(bundle, device, ["merged.fp32", "branched.fp32"], batch, seq, runs, warmup,
+                                    allow_fallback, eager=False, quiet=True)
+            report.check_measured()
+            manifest = read_manifest(bundle)
+            if base is None:  # every rank shares the base model: count its FLOPs once
+                base = base_flops_per_item(manifest, batch, seq)
+            table = {row["form"]: row for row in comparison_rows(report.graphs, [], seq,
+                                                                 adapter_flops_per_token(bundle, manifest), base)}
+            rows[rank] = {"merged_p50_ms": table["merged"]["p50_ms"], "branched_p50_ms": table["branched"]["p50_ms"],
+                          "branched_overhead_pct": table["branched"]["overhead_pct"],
+                          "extra_flops_pct": table["branched"]["extra_flops_pct"]}
+    return rows
+
+
+def add_sweep_latency(table: "SweepTable", directory: Path, device: str | Path | DeviceTarget, **options) -> "SweepTable":
+    """Add per-rank latency columns (merged and branched, on ``device``) to a sweep and save it again.
+
+    ``options`` go to :func:`rank_latency_rows` (batch, seq, runs, warmup, ...).
+    """
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under DDP only the main process measures and writes
+        return table
+    device = load_device(device)
+    adapters = {row.rank: Path(directory) / row.adapter for row in table.rows}
+    rows = rank_latency_rows(table.settings.get("model", "default"), adapters, device, **options)
+    for key, header in RANK_COLUMNS:
+        table.add_column(key, f"{header} ({device.name})" if key.endswith("_ms") else header,
+                         {rank: values[key] for rank, values in rows.items()})
+    table.settings["latency"] = {"device": device.name, **{k: v for k, v in options.items() if k != "export"}}
+    table.save(Path(directory))
+    return table

@@ -123,3 +123,26 @@ def test_compare_fails_like_profile_when_a_provider_is_missing(tmp_path):
     with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider is not available on this host"):
         compare_bundle(bundle, "t4-server", runs=2, warmup=0, quiet=True)
     assert not (bundle / "reports" / "compare.json").exists()
+
+
+def test_sweep_gains_latency_columns_per_rank(tmp_path):
+    from lora_edge.compare import add_sweep_latency
+    from lora_edge.models import Task
+    from lora_edge.sweep import SweepRow, SweepTable
+
+    def synthetic_export(model, adapter, rank, out):  # stands in for export_bundle: a bundle per rank
+        return synthetic_bundle(out, forms=("merged", "branched"), rank=rank)
+
+    rows = [SweepRow(rank=rank, adapter=f"r{rank}", trainable_params=rank * 100, adapter_bytes=rank * 1000,
+                     train_seconds=1.0, validation_accuracy=0.9, validation_macro_f1=0.88) for rank in (2, 16)]
+    table = SweepTable(Task.SEQ_CLS, rows, [("rank", "rank")], settings={"model": "unused"})
+    add_sweep_latency(table, tmp_path, "host-cpu", seq=8, runs=6, warmup=1, quiet=True, export=synthetic_export)
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    keys = [column["key"] for column in saved["columns"]]
+    assert keys == ["rank", "merged_p50_ms", "branched_p50_ms", "branched_overhead_pct", "extra_flops_pct"]
+    assert "merged p50 ms (host-cpu)" in (tmp_path / "sweep.md").read_text()
+    for row in saved["rows"]:
+        assert row["merged_p50_ms"] > 0 and row["branched_p50_ms"] > 0
+        expected = 100 * (row["branched_p50_ms"] - row["merged_p50_ms"]) / row["merged_p50_ms"]
+        assert row["branched_overhead_pct"] == pytest.approx(expected)
+    assert saved["settings"]["latency"]["device"] == "host-cpu"
