@@ -153,6 +153,9 @@ def train_command(rank: int, resume: bool, **opts) -> None:
 
 @cli.command("sweep")
 @_training_options(with_rank=False)
+@click.option("--latency-device", default=None,
+              help="Also export each rank's adapter merged and branched (fp32) and time both with this device "
+                   "target's settings on this host: adds latency columns per rank (see `lora-edge compare`).")
 def sweep_command(ranks: str, **opts) -> None:
     """Train one adapter per LoRA rank into OUT/r<rank>/ and compare them.
 
@@ -166,6 +169,10 @@ def sweep_command(ranks: str, **opts) -> None:
     lora, spec = _specs(1, opts)
     table = run_sweep(opts["model"], _data_files(opts), opts["out"], parse_int_list(ranks, "--ranks"),
                       opts["task"], lora, spec, force=opts["force"], progress=not opts["quiet"])
+    if opts["latency_device"]:
+        from lora_edge.compare import add_sweep_latency
+
+        table = add_sweep_latency(table, opts["out"], opts["latency_device"], quiet=opts["quiet"])
     click.echo(json.dumps(table.to_json(), indent=2) if opts["as_json"] else table.markdown())
 
 
