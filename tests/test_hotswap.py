@@ -1,0 +1,99 @@
+"""Hot-swap: adapters of different ranks through ONE session, switching run by run; no adapter = base model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from safetensors.torch import load_file
+
+from export_helpers import TEST_BATCHES, feeds_for, torch_logits
+from lora_edge.adapters import AdapterRef, load_reference, lora_scaling, read_adapter_config
+from lora_edge.errors import ConfigError
+from lora_edge.exporter import ExportContext, low_rank_pairs
+from lora_edge.hotswap import export_hotswap, plan_slots, read_onnx_adapter
+from lora_edge.models import Task, load_base_model, load_tokenizer
+from lora_edge.runtime import create_session, load_lora_adapter, run
+from tiny_models import TINY_LABELS
+
+INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+LABELS = [f"LABEL_{i}" for i in range(3)]  # what load_reference names a head without a label map
+
+
+@pytest.fixture(scope="module")
+def swap(tiny_model, tiny_adapter, tmp_path_factory):
+    """One hot-swap graph for two bert adapters: r=4 on query/value, r=8 rsLoRA on query/key/value/dense."""
+    model_dir = tiny_model("bert")
+    adapters = {"small": tiny_adapter("bert"),
+                "large": tiny_adapter("bert", rank=8, alpha=4.0, seed=11, use_rslora=True,
+                                      target_modules=["query", "key", "value", "dense"])}
+    references = {name: load_reference(model_dir, AdapterRef(name, path)) for name, path in adapters.items()}
+    out = tmp_path_factory.mktemp("hotswap")
+    context = ExportContext(Task.SEQ_CLS, load_tokenizer(model_dir), references["small"].config)
+    result = export_hotswap(load_base_model(model_dir, Task.SEQ_CLS, labels=LABELS), references, context,
+                            out / "hotswap.fp32.onnx", out / "adapters")
+    return result, references, adapters, model_dir
+
+
+def test_two_ranks_switch_run_by_run_in_one_session(swap):
+    result, references, _, model_dir = swap
+    base = load_base_model(model_dir, Task.SEQ_CLS, labels=LABELS)
+    tokenizer = load_tokenizer(model_dir)
+    session = create_session(result.graph)  # the only session of this test
+    loaded = {name: load_lora_adapter(path) for name, path in result.adapter_files.items()}
+    outputs = {}
+    for step, name in enumerate(["small", "large", None, "small", "large", None]):
+        feeds = feeds_for(tokenizer, TEST_BATCHES[1 + step % 2], INPUTS)
+        (logits,) = run(session, feeds, adapter=loaded.get(name))
+        want = torch_logits(references[name] if name else base, feeds)
+        assert np.abs(logits - want).max() <= 1e-4, f"run {step} with adapter {name}"
+        outputs.setdefault(step % 2, []).append(logits)
+    for same_batch in outputs.values():  # small, large and none really differ on the same input
+        assert min(np.abs(a - b).max() for i, a in enumerate(same_batch) for b in same_batch[i + 1:]) > 1e-3
+
+
+def test_graph_inputs_have_dynamic_rank_and_same_named_defaults(swap):
+    result, _, _, model_dir = swap
+    model = onnx.load(str(result.graph))
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    inputs = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+              for value in model.graph.input}
+    lora_inputs = [name for name in inputs if ".lora_" in name]
+    assert len(lora_inputs) == 2 * 13  # 2 layers x (q, k, v, attention/intermediate/output dense) + pooler
+    for name in lora_inputs:
+        rank_axis = 0 if ".lora_A." in name else 1
+        assert isinstance(inputs[name][rank_axis], str), f"{name} needs a dynamic rank axis"
+        assert initializers[name].shape[rank_axis] == 0 and initializers[name].size == 0
+    base = load_base_model(model_dir, Task.SEQ_CLS, labels=LABELS)
+    head = initializers["base_model.model.classifier.weight"]
+    assert np.array_equal(head, base.classifier.weight.detach().numpy()), "head default = the base model's head"
+    assert len(low_rank_pairs(model)) == 13
+
+
+def test_adapter_files_hold_peft_keys_with_scaled_b(swap):
+    result, _, adapters, _ = swap
+    for name, directory in adapters.items():
+        config = read_adapter_config(directory)
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+        stored = read_onnx_adapter(result.adapter_files[name])
+        assert set(stored) == set(tensors)
+        for key, value in tensors.items():
+            if ".lora_B." in key:
+                module = key.removeprefix("base_model.model.").split(".lora_B.")[0]
+                rank, scale = lora_scaling(config, module)
+                assert value.shape[1] == rank
+                np.testing.assert_allclose(stored[key], scale * value.numpy(), rtol=1e-6)
+            else:
+                assert np.array_equal(stored[key], value.numpy())
+
+
+def test_adapters_with_another_head_size_are_refused(tiny_model, tiny_adapter, tmp_path):
+    from tiny_models import build_random_adapter, build_tiny_model
+
+    two_labels = build_tiny_model("bert", tmp_path / "bert2", labels=TINY_LABELS[:2])
+    other = build_random_adapter(two_labels, tmp_path / "two", "bert")
+    references = {"three": load_reference(tiny_model("bert"), AdapterRef("three", tiny_adapter("bert"))),
+                  "two": load_reference(tiny_model("bert"), AdapterRef("two", other))}
+    base = load_base_model(tiny_model("bert"), Task.SEQ_CLS, labels=LABELS)
+    with pytest.raises(ConfigError, match="'two' has 'classifier.weight' of shape"):
+        plan_slots(base, references)
