@@ -346,7 +346,8 @@ def profile(bundle: str, device: str, graphs: str, batch: int, seq: int, runs: i
     disk, providers used and the top operators; plus eager PyTorch baselines. Timings are taken on this host.
     Exits non-zero when a graph could not be measured (e.g. the device's provider is missing here).
     """
-    from lora_edge.profile import profile_bundle, profile_summary
+    from lora_edge.profile import profile_bundle
+    from lora_edge.profile_report import profile_summary
 
     report = profile_bundle(bundle, device, split_csv(graphs) or None, batch, seq, runs, warmup, allow_fallback,
                             eager=not no_eager)

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Callable
 
 from lora_edge.bundle import REPORTS_DIR, read_manifest, require_bundle, write_json
 from lora_edge.devices import DeviceTarget, load_device
-from lora_edge.profile import GraphProfile, ProfileReport, profile_bundle, read_profile
+from lora_edge.profile import profile_bundle
+from lora_edge.profile_report import GraphProfile, ProfileReport, read_profile
 
 if TYPE_CHECKING:
     from lora_edge.sweep import SweepTable

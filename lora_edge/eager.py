@@ -13,7 +13,7 @@ from lora_edge.bundle import GraphRecord
 from lora_edge.devices import DeviceTarget
 from lora_edge.errors import LoraEdgeError
 from lora_edge.measure import PeakMemory, latency_stats, time_interleaved
-from lora_edge.profile import FAILED, NOT_MEASURED, GraphProfile
+from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile
 
 if TYPE_CHECKING:
     import torch

@@ -8,7 +8,7 @@ import pytest
 
 from lora_edge.compare import (comparison_rows, compare_bundle, extra_flops_percent, overhead_percent)
 from lora_edge.flops import adapter_flops_per_token, lora_pair_flops, lora_shapes, model_flops
-from lora_edge.profile import GraphProfile, read_profile
+from lora_edge.profile_report import GraphProfile, read_profile
 from profile_bundles import synthetic_bundle
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from lora_edge.devices import load_device
-from lora_edge.profile import NOT_MEASURED, profile_bundle
+from lora_edge.profile import profile_bundle
+from lora_edge.profile_report import NOT_MEASURED
 from lora_edge.runtime import CPU, create_session
 from profile_bundles import export_tiny_bundle, synthetic_bundle
 

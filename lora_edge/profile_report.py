@@ -1,0 +1,196 @@
+"""The profile report: what was measured per graph, its JSON form and its Markdown rendering.
+
+Kept apart from :mod:`lora_edge.profile` (which measures) so that readers of
+``reports/profile.json`` (compare, the pipeline's report) need none of the
+measuring code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from lora_edge import __version__
+from lora_edge.bundle import REPORTS_DIR, atomic_file, write_json
+from lora_edge.errors import LoraEdgeError, ProviderUnavailableError
+
+PROFILE_JSON, PROFILE_MD = "profile.json", "profile.md"
+MEASURED, NOT_MEASURED, FAILED = "measured", "not measured", "failed"
+
+
+@dataclass
+class GraphProfile:
+    """What was measured for one graph (or one eager PyTorch baseline)."""
+
+    name: str
+    kind: str = "onnx"  # onnx | pytorch
+    form: str | None = None
+    precision: str | None = None
+    adapter: str | None = None
+    file: str | None = None
+    status: str = MEASURED
+    reason: str | None = None
+    decoder: bool = False
+    providers_requested: list[str] = field(default_factory=list)
+    providers_registered: list[str] = field(default_factory=list)  # what the session took
+    providers_used: list[str] = field(default_factory=list)        # what ran nodes (profiling trace)
+    fallback: str | None = None                                    # measured elsewhere than asked, and why
+    cpu_fallback_ops: list[dict] = field(default_factory=list)     # GPU device: op types that ran on the CPU
+    io_binding: bool = False
+    latency_ms: dict | None = None
+    throughput: dict | None = None
+    session_create_s: float | None = None
+    memory: dict = field(default_factory=dict)
+    size: dict | None = None
+    top_ops: list[dict] = field(default_factory=list)
+    within_budget: dict | None = None
+
+    @property
+    def measured(self) -> bool:
+        """True when the graph was timed."""
+        return self.status == MEASURED
+
+
+@dataclass
+class ProfileReport:
+    """The profile of a bundle on one device target (``reports/profile.json``)."""
+
+    bundle: str
+    device: dict
+    host: dict
+    settings: dict
+    note: str
+    host_mismatches: list[str] = field(default_factory=list)
+    graphs: list[GraphProfile] = field(default_factory=list)
+    eager: list[GraphProfile] = field(default_factory=list)
+    model: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    created: str = ""
+    lora_edge_version: str = __version__
+
+    def not_measured(self) -> list[GraphProfile]:
+        """Graphs that were not timed (missing provider, or a failure)."""
+        return [graph for graph in self.graphs if not graph.measured]
+
+    def check_measured(self) -> None:
+        """Raise when a graph was not measured: ProviderUnavailableError for a missing provider."""
+        where = Path(self.bundle) / REPORTS_DIR / PROFILE_JSON
+        for graph in self.not_measured():
+            if graph.status == NOT_MEASURED:
+                raise ProviderUnavailableError(f"graph {graph.name} not measured: {graph.reason}", where,
+                                               "run on a host with that provider (onnxruntime-gpu), or pass "
+                                               "--allow-fallback to measure on this host's providers")
+        for graph in self.not_measured():
+            raise LoraEdgeError(f"graph {graph.name} failed to run: {graph.reason}", where,
+                                "check that this device's providers support the graph's operators")
+
+    def graph(self, name: str) -> GraphProfile:
+        """The profile of graph ``name`` (ONNX or eager)."""
+        for graph in self.graphs + self.eager:
+            if graph.name == name:
+                return graph
+        raise KeyError(name)
+
+    def to_json(self) -> dict:
+        """JSON form written to ``profile.json``."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> "ProfileReport":
+        """Inverse of :meth:`to_json`."""
+        record = dict(record)
+        record["graphs"] = [GraphProfile(**item) for item in record.get("graphs", [])]
+        record["eager"] = [GraphProfile(**item) for item in record.get("eager", [])]
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in known})
+
+
+def write_profile(bundle: Path, report: ProfileReport) -> None:
+    """Write ``reports/profile.json`` and ``reports/profile.md`` atomically."""
+    reports = Path(bundle) / REPORTS_DIR
+    write_json(reports / PROFILE_JSON, report.to_json())
+    with atomic_file(reports / PROFILE_MD) as staging:
+        staging.write_text(profile_markdown(report))
+
+
+def read_profile(bundle: Path) -> ProfileReport | None:
+    """The bundle's last profile report, or None when there is none."""
+    path = Path(bundle) / REPORTS_DIR / PROFILE_JSON
+    if not path.is_file():
+        return None
+    return ProfileReport.from_json(json.loads(path.read_text()))
+
+
+def _status_text(graph: GraphProfile) -> str:
+    if graph.measured:
+        return "measured" + (" (fallback)" if graph.fallback else "")
+    return f"{graph.status}: {graph.reason}"
+
+
+def _budget_text(graph: GraphProfile) -> str | None:
+    if not graph.within_budget:
+        return None
+    over = [name for name, ok in graph.within_budget.items() if not ok]
+    return "over: " + ", ".join(over) if over else "ok"
+
+
+def summary_rows(report: ProfileReport) -> list[dict]:
+    """One flat row per graph and eager baseline (for tables and --json consumers)."""
+    rows = []
+    for graph in report.graphs + report.eager:
+        latency = graph.latency_ms or {}
+        throughput = graph.throughput or {}
+        rows.append({"graph": graph.name, "status": _status_text(graph), "p50_ms": latency.get("p50"),
+                     "p90_ms": latency.get("p90"), "p99_ms": latency.get("p99"), "mean_ms": latency.get("mean"),
+                     "std_ms": latency.get("std"), "items_per_s": throughput.get("items_per_s"),
+                     "tokens_per_s": throughput.get("tokens_per_s"), "create_s": graph.session_create_s,
+                     "rss_mb": graph.memory.get("rss_added_mb"), "gpu_mb": graph.memory.get("gpu_added_mb"),
+                     "size_mb": (graph.size or {}).get("total_mb"), "providers": ", ".join(graph.providers_used),
+                     "budget": _budget_text(graph)})
+    return rows
+
+
+def profile_markdown(report: ProfileReport) -> str:
+    """The human-readable profile (``profile.md``)."""
+    from lora_edge.report import markdown_table
+
+    settings, host, device = report.settings, report.host, report.device
+    lines = [f"# Profile: {Path(report.bundle).name} on device '{device['name']}'", "", f"> {report.note}", ""]
+    lines += [f"- {text}" for text in report.host_mismatches + report.notes]
+    lines += [f"- Inputs: batch {settings['batch']}, sequence {settings['seq']}; {settings['warmup']} warm-up and "
+              f"{settings['runs']} timed runs per graph, interleaved; per-op times from {settings['trace_runs']} "
+              "runs of a separate profiled session.",
+              f"- Host: {host['cpu_model']} ({host['machine']}), {host['usable_cores']} usable cores, "
+              f"{host['intra_op_threads_used']} intra-op threads; CPU flags: {', '.join(host['cpu_flags']) or 'none'}; "
+              f"onnxruntime {host['onnxruntime']} ({', '.join(host['available_providers'])})", ""]
+    columns = ["graph", "status", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "items_per_s", "tokens_per_s",
+               "create_s", "rss_mb", "gpu_mb", "size_mb", "providers", "budget"]
+    headers = ["graph", "status", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "items/s", "tokens/s",
+               "session s", "RSS + MB", "GPU + MB", "size MB", "providers used", "budget"]
+    lines += [markdown_table(summary_rows(report), columns, headers)]
+    for graph in report.graphs:
+        if graph.fallback:
+            lines.append(f"**{graph.name}**: {graph.fallback}.\n")
+        if graph.cpu_fallback_ops:
+            ops = ", ".join(f"{row['op_type']} ({row['nodes']} nodes, {row['percent']:.1f}%)"
+                            for row in graph.cpu_fallback_ops)
+            lines.append(f"**{graph.name}**: partial CPU fallback on a GPU device; on CPUExecutionProvider: {ops}.\n")
+        if graph.top_ops:
+            lines += [f"### Top operators: {graph.name}", "",
+                      markdown_table(graph.top_ops, ["op_type", "provider", "nodes", "ms_per_run", "percent"],
+                                     ["op type", "provider", "nodes", "ms/run", "% of node time"])]
+    return "\n".join(lines) + "\n"
+
+
+def profile_summary(report: ProfileReport, as_json: bool = False) -> str:
+    """What `lora-edge profile` prints: the summary table and where the reports are (or the JSON)."""
+    from lora_edge.report import markdown_table
+
+    if as_json:
+        return json.dumps(report.to_json(), indent=2, default=str)
+    columns = ["graph", "status", "p50_ms", "p90_ms", "p99_ms", "items_per_s", "rss_mb", "size_mb", "providers",
+               "budget"]
+    reports = Path(report.bundle) / REPORTS_DIR
+    return (f"{report.note}\n\n{markdown_table(summary_rows(report), columns)}\n"
+            f"reports: {reports / PROFILE_MD}, {reports / PROFILE_JSON}")
