@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -36,7 +37,7 @@ from lora_edge.data import DataFiles, Example, LabelMap
 from lora_edge.errors import BundleError, ConfigError, DataError, TrainingError
 from lora_edge.models import Task, load_base_model, load_tokenizer, resolve_model_path
 from lora_edge.recipe import LoraSpec, TrainSpec
-from lora_edge.train_io import EncodedDataset, StderrProgress, plot_training, run_record
+from lora_edge.train_io import EncodedDataset, plot_training, run_record, stderr_progress
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -85,6 +86,13 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
+def last_checkpoint(checkpoints: Path) -> str | None:
+    """The Trainer checkpoint (``checkpoint-<step>``) with the highest step in ``checkpoints``, if any."""
+    steps = {int(match.group(1)): path for path in (checkpoints.iterdir() if checkpoints.is_dir() else [])
+             if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name))}
+    return str(steps[max(steps)]) if steps else None
+
+
 def prepare_output(out: Path, resume: bool, force: bool) -> str | None:
     """Decide how a run may use ``out`` and its checkpoint directory; return the checkpoint to resume.
 
@@ -92,10 +100,8 @@ def prepare_output(out: Path, resume: bool, force: bool) -> str | None:
     * checkpoints of an unfinished run exist: ``resume`` continues from the latest,
       ``force`` discards them, anything else is refused (so no work is lost silently).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     checkpoints = checkpoint_dir(out)
-    latest = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    latest = last_checkpoint(checkpoints)
     if resume:
         if latest is None:
             raise TrainingError("there is no checkpoint to resume from", checkpoints,
@@ -178,6 +184,7 @@ def _training_arguments(spec: TrainSpec, checkpoints: Path, n_train: int, progre
     from transformers import TrainingArguments
 
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))  # set by torchrun
+    cpu_ddp = world > 1 and not torch.cuda.is_available()
     steps_per_epoch = max(1, math.ceil(n_train / (spec.batch_size * world * spec.grad_accum)))
     total = spec.max_steps if spec.max_steps > 0 else max(1, math.ceil(spec.epochs * steps_per_epoch))
     if spec.eval_steps:
@@ -197,8 +204,10 @@ def _training_arguments(spec: TrainSpec, checkpoints: Path, n_train: int, progre
         save_total_limit=1, seed=spec.seed, data_seed=spec.seed, report_to="none",
         disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"],
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
-        # DDP only under torchrun (WORLD_SIZE > 1): gloo where there is no GPU to run NCCL on.
-        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
+        # DDP under torchrun (WORLD_SIZE > 1) without a GPU: accelerate needs use_cpu to pick multi-CPU DDP
+        # (gloo); otherwise each rank would silently train alone.
+        use_cpu=cpu_ddp, ddp_backend="gloo" if cpu_ddp else None,
+        ddp_find_unused_parameters=False,  # every trainable tensor (LoRA pairs, head) is used in each step
         **cadence)
 
 
@@ -257,10 +266,6 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     (nothing to resume, diverged loss). Under ``torchrun`` every rank trains
     and only the main process writes ``out``.
     """
-    import torch
-    from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, PrinterCallback,
-                              ProgressCallback, Trainer, set_seed)
-
     task, lora, spec, out = Task.parse(task), lora or LoraSpec(), spec or TrainSpec(), Path(out)
     if lora.init.value == "pissa" and lora.rslora and (lora.rank_pattern or lora.alpha_pattern):
         raise ConfigError("PiSSA adapters cannot be converted to LoRA with rslora and rank/alpha patterns",
@@ -273,6 +278,11 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     record = run_record(model_path, task, lora, spec, data)
     if resume_from:
         _check_resume(checkpoints, record)
+
+    # Inputs are checked: now the heavy imports (bad input fails fast, without loading torch).
+    import torch
+    from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, PrinterCallback,
+                              ProgressCallback, Trainer, set_seed)
 
     tokenizer = load_tokenizer(model_path)
     with _quiet_transformers(bars=progress):  # a new task head is always "missing" from the checkpoint
@@ -301,7 +311,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     trainer.remove_callback(PrinterCallback)
     if progress:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(StderrProgress())
+        trainer.add_callback(stderr_progress())
     main = trainer.is_world_process_zero()
     if main:
         checkpoints.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,6 @@ from lora_edge.models import Task, load_config
 from lora_edge.recipe import LoraSpec, TrainSpec
 from lora_edge.report import png_figure
 
-try:  # the progress callback subclasses transformers' own; importing it is only needed when training
-    from transformers import ProgressCallback as _ProgressCallback
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    _ProgressCallback = object
-
-
 class EncodedDataset:
     """Tokenized examples (unpadded); a collator pads each batch to its longest row."""
 
@@ -42,18 +36,22 @@ class EncodedDataset:
         return self.rows[index]
 
 
-class StderrProgress(_ProgressCallback):
-    """transformers' progress bar, with its log lines on stderr (stdout stays for results)."""
+def stderr_progress():
+    """transformers' progress bar with its log lines on stderr (stdout stays for results)."""
+    from transformers import ProgressCallback  # imported here: importing this module stays torch-free
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        """Print one compact line per log event under the bar."""
-        if not state.is_world_process_zero or self.training_bar is None or not logs:
-            return
-        shown = {k: v for k, v in logs.items() if k in ("loss", "eval_loss", "eval_accuracy", "eval_macro_f1",
-                                                         "learning_rate", "epoch")}
-        if shown:
-            text = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
-            self.training_bar.write(f"step {state.global_step}: {text}", file=sys.stderr)
+    class StderrProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            """One compact line per log event, under the bar."""
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            shown = {k: v for k, v in logs.items() if k in ("loss", "eval_loss", "eval_accuracy", "eval_macro_f1",
+                                                             "learning_rate", "epoch")}
+            if shown:
+                text = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+                self.training_bar.write(f"step {state.global_step}: {text}", file=sys.stderr)
+
+    return StderrProgress()
 
 
 def run_record(model_path: Path, task: Task, lora: LoraSpec, spec: TrainSpec, data: DataFiles) -> dict:
