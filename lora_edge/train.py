@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -34,19 +33,17 @@ from typing import TYPE_CHECKING
 from lora_edge.adapters import ADAPTER_WEIGHTS, DATA_RECORD
 from lora_edge.bundle import atomic_directory, library_versions, write_json
 from lora_edge.data import DataFiles, Example, LabelMap
-from lora_edge.errors import BundleError, ConfigError, DataError, TrainingError
+from lora_edge.errors import ConfigError, DataError, TrainingError
 from lora_edge.models import Task, load_base_model, load_tokenizer, resolve_model_path
 from lora_edge.recipe import LoraSpec, TrainSpec
-from lora_edge.train_io import EncodedDataset, plot_training, run_record, stderr_progress
+from lora_edge.train_io import (RUN_RECORD, EncodedDataset, check_resume, checkpoint_dir, plot_training,
+                                prepare_output, run_record, stderr_progress)
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
 METRICS_FILE = "metrics.json"
 TRAINING_PLOT = "training.png"
-RUN_RECORD = "run.json"
-# Settings a resumed run must share with the run that wrote the checkpoints (the schedule may change).
-RESUME_MUST_MATCH = ("model", "task", "lora", "data", "batch")
 PISSA_INIT_DIR = "pissa-init"
 CURVE_POINTS = 25  # about this many loss points per run in training.png
 
@@ -78,43 +75,6 @@ class TrainResult:
                 if key in scores:
                     headline[f"{split}_{key}"] = scores[key]
         return headline
-
-
-def checkpoint_dir(out: Path) -> Path:
-    """Where an unfinished run into ``out`` keeps its Trainer checkpoints: ``<out>.checkpoints``."""
-    out = Path(out)
-    return out.with_name(out.name + ".checkpoints")
-
-
-def last_checkpoint(checkpoints: Path) -> str | None:
-    """The Trainer checkpoint (``checkpoint-<step>``) with the highest step in ``checkpoints``, if any."""
-    steps = {int(match.group(1)): path for path in (checkpoints.iterdir() if checkpoints.is_dir() else [])
-             if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name))}
-    return str(steps[max(steps)]) if steps else None
-
-
-def prepare_output(out: Path, resume: bool, force: bool) -> str | None:
-    """Decide how a run may use ``out`` and its checkpoint directory; return the checkpoint to resume.
-
-    * ``out`` exists: refused unless ``force`` (replace it) or ``resume`` with checkpoints left.
-    * checkpoints of an unfinished run exist: ``resume`` continues from the latest,
-      ``force`` discards them, anything else is refused (so no work is lost silently).
-    """
-    checkpoints = checkpoint_dir(out)
-    latest = last_checkpoint(checkpoints)
-    if resume:
-        if latest is None:
-            raise TrainingError("there is no checkpoint to resume from", checkpoints,
-                                "run again without --resume to start a new training run")
-        return latest
-    if Path(out).exists() and not force:
-        raise BundleError(f"'{out}' already exists", "--out", "pass --force to replace it or choose another path")
-    if latest is not None and not force:
-        raise BundleError("an unfinished training run left checkpoints here", checkpoints,
-                          "pass --resume to continue it, or --force to start over")
-    if checkpoints.exists():
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    return None
 
 
 def resolve_lora(lora: LoraSpec, model_type: str) -> dict:
@@ -277,7 +237,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     checkpoints = checkpoint_dir(out)
     record = run_record(model_path, task, lora, spec, data)
     if resume_from:
-        _check_resume(checkpoints, record)
+        check_resume(checkpoints, record)
 
     # Inputs are checked: now the heavy imports (bad input fails fast, without loading torch).
     import torch
@@ -349,18 +309,6 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
                                               force=force or resume)
         shutil.rmtree(checkpoints, ignore_errors=True)
     return result
-
-
-def _check_resume(checkpoints: Path, record: dict) -> None:
-    """Refuse to resume checkpoints written with other settings (model, task, LoRA, data, batch)."""
-    path = checkpoints / RUN_RECORD
-    if not path.is_file():
-        return
-    earlier = json.loads(path.read_text())
-    changed = [key for key in RESUME_MUST_MATCH if earlier.get(key) != record.get(key)]
-    if changed:
-        raise ConfigError(f"--resume with other settings ({', '.join(changed)}) than the unfinished run", path,
-                          "resume with the original options, or pass --force to start over")
 
 
 def _write_outputs(out: Path, peft_model, label_map: LabelMap | None, data: DataFiles, metrics: dict,

@@ -1,16 +1,73 @@
-"""Pieces of a training run that are not the loop: encoded datasets, progress lines, run records, plots."""
+"""What a training run reads and writes besides the loop: encoded data, checkpoint rules, records, plots."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from lora_edge.data import DataFiles, Example, LabelMap
+from lora_edge.errors import BundleError, ConfigError, TrainingError
 from lora_edge.models import Task, load_config
 from lora_edge.recipe import LoraSpec, TrainSpec
 from lora_edge.report import png_figure
+
+RUN_RECORD = "run.json"
+# Settings a resumed run must share with the run that wrote the checkpoints (the schedule may change).
+RESUME_MUST_MATCH = ("model", "task", "lora", "data", "batch")
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where an unfinished run into ``out`` keeps its Trainer checkpoints: ``<out>.checkpoints``."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def last_checkpoint(checkpoints: Path) -> str | None:
+    """The Trainer checkpoint (``checkpoint-<step>``) with the highest step in ``checkpoints``, if any."""
+    steps = {int(match.group(1)): path for path in (checkpoints.iterdir() if checkpoints.is_dir() else [])
+             if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name))}
+    return str(steps[max(steps)]) if steps else None
+
+
+def prepare_output(out: Path, resume: bool, force: bool) -> str | None:
+    """Decide how a run may use ``out`` and its checkpoint directory; return the checkpoint to resume.
+
+    * ``out`` exists: refused unless ``force`` (replace it) or ``resume`` with checkpoints left.
+    * checkpoints of an unfinished run exist: ``resume`` continues from the latest,
+      ``force`` discards them, anything else is refused (so no work is lost silently).
+    """
+    checkpoints = checkpoint_dir(out)
+    latest = last_checkpoint(checkpoints)
+    if resume:
+        if latest is None:
+            raise TrainingError("there is no checkpoint to resume from", checkpoints,
+                                "run again without --resume to start a new training run")
+        return latest
+    if Path(out).exists() and not force:
+        raise BundleError(f"'{out}' already exists", "--out", "pass --force to replace it or choose another path")
+    if latest is not None and not force:
+        raise BundleError("an unfinished training run left checkpoints here", checkpoints,
+                          "pass --resume to continue it, or --force to start over")
+    if checkpoints.exists():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return None
+
+
+def check_resume(checkpoints: Path, record: dict) -> None:
+    """Refuse to resume checkpoints written with other settings (model, task, LoRA, data, batch)."""
+    path = checkpoints / RUN_RECORD
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text())
+    changed = [key for key in RESUME_MUST_MATCH if earlier.get(key) != record.get(key)]
+    if changed:
+        raise ConfigError(f"--resume with other settings ({', '.join(changed)}) than the unfinished run", path,
+                          "resume with the original options, or pass --force to start over")
+
 
 class EncodedDataset:
     """Tokenized examples (unpadded); a collator pads each batch to its longest row."""
