@@ -18,6 +18,11 @@ _PUBLIC = {
     "resolve_model_path": "lora_edge.models",
     "read_examples": "lora_edge.data",
     "DataFiles": "lora_edge.data",
+    "LoraSpec": "lora_edge.recipe",
+    "TrainSpec": "lora_edge.recipe",
+    "train_adapter": "lora_edge.train",
+    "TrainResult": "lora_edge.train",
+    "run_sweep": "lora_edge.sweep",
 }
 
 
