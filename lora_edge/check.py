@@ -253,12 +253,18 @@ def run_target(target: CheckTarget, bundle: Path, backend, batches, reference: l
         return result
     values = compare_logits(backend, outputs, reference, batches)
     skip = evalset.task_skip_reason
+    skips = {}
     if target.adapter is None:
-        skip = "the base model has no task metric here (its head is not trained for the task)"
+        skip = "the base model has no task metric here (the task is the adapter's)"
+        if backend.task == Task.SEQ_CLS.value:
+            # A classifier's base head is untrained (random): its near-tied top classes flip at the
+            # smallest numeric change, so only the logit distances say whether the graph is the base model.
+            values.pop("top1_agreement", None)
+            skips["top1_agreement"] = "the base model's classifier head is untrained: its top class means nothing"
     if not skip:
         result.scores = backend.task_scores(outputs, reference, batches, evalset)
         values.update({m: result.scores[m] for m in metrics if m in result.scores})
-    result.metrics = [judge(m, values.get(m), thresholds, skip, threshold_where) for m in metrics]
+    result.metrics = [judge(m, values.get(m), thresholds, skips.get(m, skip), threshold_where) for m in metrics]
     result.seconds = time.perf_counter() - started
     return result
 
@@ -305,9 +311,14 @@ def _load_reference(model_path: Path, adapter: AdapterRef, task: Task):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return load_reference(model_path, adapter, task)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a headless base (like MiniLM) gets its "newly initialized head" report
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return load_reference(model_path, adapter, task)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batches,

@@ -4,8 +4,8 @@ A task backend turns texts into batches, runs a batch through the PyTorch
 reference and through an ONNX Runtime session (with a hot-swap adapter when
 given), picks the logit rows to compare, and computes the task metric.
 Classification: one row per example, accuracy and macro-F1 on labels.
-Causal LM: one row per real token, perplexity of the next token and
-next-token agreement; the graph runs through the decoder engineer's
+Causal LM: one row per real token (top-1 agreement there is next-token
+agreement) and perplexity; the graph runs through the decoder stage's
 :class:`~lora_edge.generate.DecoderRunner` (prefill with an empty past).
 """
 
@@ -95,51 +95,53 @@ class ClassificationBackend:
 
 
 class CausalLMBackend:
-    """Causal LM: logits [batch, sequence, vocabulary], left-padded prefill through the KV-cache graph I/O."""
+    """Causal LM: logits [batch, sequence, vocabulary] of one prefill step over left-padded batches.
+
+    Batching, the graph run and the PyTorch run are the decoder stage's own
+    (:mod:`lora_edge.generate`, :mod:`lora_edge.lm_metrics`), so the gate sees
+    exactly the positions and padding that generation uses.
+    """
 
     task = "causal-lm"
 
     def batches(self, tokenizer, evalset: EvalSet, batch_size: int, max_length: int) -> list[Batch]:
-        """Left-padded batches with position ids (as generation computes them) and the real-token mask."""
-        from lora_edge.generate import positions_from_mask
+        """Left-padded batches with position ids and the real-token mask."""
+        from lora_edge.generate import left_pad, positions_from_mask
 
-        tokenizer.padding_side = "left"
+        sequences = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in evalset.texts]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         out = []
-        for start in range(0, len(evalset.texts), batch_size):
-            encoded = encode_texts(tokenizer, evalset.texts[start:start + batch_size], max_length)
-            ids = encoded["input_ids"].numpy().astype(np.int64)
-            mask = encoded["attention_mask"].numpy().astype(np.int64)
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask)}
-            out.append(Batch(feeds, None, mask.astype(bool)))
+        for start in range(0, len(sequences), batch_size):
+            ids, mask = left_pad(sequences[start:start + batch_size], pad)
+            out.append(Batch({"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask)},
+                             None, np.asarray(mask) > 0))
         return out
 
     def reference(self, model, batch: Batch) -> np.ndarray:
         """Logits of the PyTorch model on a batch (no cache)."""
-        import torch
+        from lora_edge.lm_metrics import torch_logits
 
-        with torch.no_grad():
-            inputs = {k: torch.from_numpy(v) for k, v in batch.feeds.items()}
-            return model(**inputs, use_cache=False).logits.float().numpy()
+        return torch_logits(model, batch.feeds["input_ids"], batch.feeds["attention_mask"],
+                            batch.feeds["position_ids"])
 
     def graph(self, session: "onnxruntime.InferenceSession", batch: Batch,
               adapter: "onnxruntime.LoraAdapter | None") -> np.ndarray:
         """Logits of the decoder graph on a batch: one prefill step from an empty past."""
         from lora_edge.generate import DecoderRunner
+        from lora_edge.lm_metrics import graph_logits
 
-        runner = DecoderRunner(session)
-        ids = batch.feeds["input_ids"]
-        logits, _ = runner.step(ids, batch.feeds["attention_mask"], batch.feeds["position_ids"],
-                                runner.empty_past(ids.shape[0]), adapter=adapter)
+        logits = graph_logits(DecoderRunner(session), batch.feeds["input_ids"], batch.feeds["attention_mask"],
+                              batch.feeds["position_ids"], adapter=adapter)
         return np.asarray(logits, dtype=np.float32)
 
     def rows(self, logits: np.ndarray, batch: Batch) -> np.ndarray:
-        """Rows to compare: one per real (unpadded) token."""
+        """Rows to compare: one per real (unpadded) token, i.e. every next-token prediction."""
         return logits[batch.token_mask]
 
     def task_scores(self, graph: list[np.ndarray], reference: list[np.ndarray], batches: list[Batch],
                     evalset: EvalSet) -> dict[str, float]:
         """Perplexity of graph and reference on the texts, and the increase in percent."""
-        from lora_edge.generate import next_token_nll
+        from lora_edge.lm_metrics import next_token_nll
         from lora_edge.metrics import perplexity
 
         totals = {"graph": [0.0, 0], "reference": [0.0, 0]}

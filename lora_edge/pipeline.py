@@ -180,7 +180,7 @@ def profile_devices(recipe: Recipe, bundle: Path, progress: Progress) -> list[De
         except ProviderUnavailableError as exc:  # listed in the report; the gate decides the exit code
             run.error = exc.format_message()
             progress(f"profile: {device.name} not measured: {run.error}")
-        from lora_edge.profile import read_profile
+        from lora_edge.profile_report import read_profile
 
         run.report = read_profile(bundle)
         target = bundle / run.directory
@@ -283,11 +283,18 @@ def _training_summary(training: dict[str, dict]) -> str:
 
 
 def _quiet_libraries() -> None:
-    """Hide transformers' weight-loading progress bars: the stages report their own progress."""
+    """Hide transformers' weight-loading bars and load reports: the stages report their own progress.
+
+    (A headless base such as MiniLM gets a "newly initialized classifier" report every time a stage loads it.)
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
     with contextlib.suppress(ImportError):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def run_summary(result: RunResult, as_json: bool = False) -> str:
