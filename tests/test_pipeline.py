@@ -136,3 +136,21 @@ def test_trained_adapter_is_reused_when_nothing_changed(monkeypatch, tmp_path):
     train_adapters(recipe, "model-dir", retrain=False, progress=lambda m: None)
     train_adapters(recipe, "model-dir", retrain=True, progress=lambda m: None)
     assert calls == [30, 31, 31]  # a changed block, or --retrain, trains again
+
+
+def test_ci_template_runs_a_recipe_and_publishes_the_gates_junit():
+    import fnmatch
+
+    import yaml
+
+    from lora_edge.check_report import CHECK_JUNIT
+
+    template = Path(__file__).parent.parent / "examples" / "ci" / "export-check.yml"
+    workflow = yaml.safe_load(template.read_text())
+    steps = workflow["jobs"]["export-check"]["steps"]
+    run = next(step["run"] for step in steps if "lora-edge run" in step.get("run", ""))
+    assert '--out runs' in run
+    published = next(step["with"]["files"] for step in steps if "publish-unit-test-result" in step.get("uses", ""))
+    # The glob matches where `lora-edge run --out runs` puts the gate's JUnit file for any recipe.
+    recipe = load_recipe(workflow["env"]["RECIPE"].split("'")[1])
+    assert fnmatch.fnmatch(f"runs/{recipe.name}/reports/{CHECK_JUNIT}", published)
