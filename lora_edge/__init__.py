@@ -23,6 +23,12 @@ _PUBLIC = {
     "train_adapter": "lora_edge.train",
     "TrainResult": "lora_edge.train",
     "run_sweep": "lora_edge.sweep",
+    "Recipe": "lora_edge.recipe",
+    "CheckSpec": "lora_edge.recipe",
+    "Thresholds": "lora_edge.thresholds",
+    "load_recipe": "lora_edge.recipe",
+    "check_bundle": "lora_edge.check",
+    "run_recipe": "lora_edge.pipeline",
 }
 
 

@@ -1,8 +1,10 @@
-"""Typed specs for each stage, validated on construction, and (later) whole recipes from TOML.
+"""Typed specs for each stage, validated on construction, and whole recipes from TOML (``export/*.toml``).
 
 Every field carries its help text in ``metadata["help"]`` (shown by the CLI and
 the docs) and is checked in ``__post_init__``; a bad value raises a
-:class:`~lora_edge.errors.ConfigError` that names the field.
+:class:`~lora_edge.errors.ConfigError` that names the field. Loaded from a
+recipe file, the error names the file and the dotted field
+(``export/demo.toml: check.thresholds.int4.top1_agreement``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_edge.errors import ConfigError
+# The gate's thresholds (re-exported here: a recipe's [check] section overrides them).
+from lora_edge.thresholds import (DEFAULT_THRESHOLDS, THRESHOLD_FIELDS, Thresholds,  # noqa: F401
+                                  check_threshold_tables, resolve_thresholds)
 
 ALL_LINEAR = "all-linear"
 AUTO_TARGETS = "auto"  # the usual attention projections of the model's architecture (resolved by the trainer)
@@ -116,130 +121,6 @@ class TrainSpec:
             if not ok:
                 raise ConfigError(f"invalid {name} = {getattr(self, name)!r}", f"train.{name}",
                                   f"see --help: {field_help(TrainSpec)[name]}")
-
-
-# --------------------------------------------------------------------------------------------
-# Accuracy-gate thresholds
-# --------------------------------------------------------------------------------------------
-
-def _threshold(bound: str, help: str) -> Any:
-    """A threshold field: ``bound`` is "max" (value must stay at or under it) or "min" (at or over it)."""
-    return field(default=None, metadata={"help": help, "bound": bound})
-
-
-@dataclass
-class Thresholds:
-    """What a graph must reach against the PyTorch reference (base + adapter, fp32). None = not gated.
-
-    Logit metrics run on every example (and, for causal LMs, every token
-    position); task metrics need labeled data (classification) or text
-    (causal LM) and are skipped, with the reason, without it.
-    """
-
-    max_abs_diff: float | None = _threshold("max", "Largest |logit - reference logit| over all examples and outputs.")
-    mean_abs_diff: float | None = _threshold("max", "Mean |logit - reference logit| over all examples and outputs.")
-    cosine: float | None = _threshold("min", "Smallest cosine similarity between an example's logits and the "
-                                             "reference's (per token position for causal LMs).")
-    top1_agreement: float | None = _threshold("min", "Share of examples whose top-1 class equals the reference's "
-                                                     "(causal LM: next-token agreement over all positions).")
-    accuracy_drop: float | None = _threshold("max", "Reference accuracy minus the graph's, in percentage points.")
-    macro_f1_drop: float | None = _threshold("max", "Reference macro-F1 minus the graph's, in percentage points.")
-    perplexity_increase: float | None = _threshold("max", "Causal LM: perplexity increase over the reference, "
-                                                          "in percent.")
-
-    def __post_init__(self):
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            if value is None:
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"threshold must be a non-negative number, got {value!r}", spec.name,
-                                  "write e.g. 0.99, or false to not gate this metric")
-            if spec.name in ("cosine", "top1_agreement") and value > 1:
-                raise ConfigError(f"{spec.name} is a fraction in [0, 1], got {value!r}", spec.name,
-                                  "write e.g. 0.99")
-            setattr(self, spec.name, float(value))
-
-    @staticmethod
-    def bound(metric: str) -> str:
-        """"max" when a metric's value must stay at or under its threshold, "min" when at or over it."""
-        return THRESHOLD_FIELDS[metric].metadata["bound"]
-
-    def override(self, table: dict, where: str) -> "Thresholds":
-        """A copy with the metrics in ``table`` replaced (``false`` turns a metric's gate off).
-
-        Raises ConfigError naming ``where.<metric>`` for an unknown metric or a bad value.
-        """
-        if not isinstance(table, dict):
-            raise ConfigError("expected a table of metric = threshold", where, "write e.g. top1_agreement = 0.99")
-        values = {spec.name: getattr(self, spec.name) for spec in fields(self)}
-        for metric, value in table.items():
-            if metric not in values:
-                raise ConfigError(f"unknown metric '{metric}'", f"{where}.{metric}",
-                                  f"use one of: {', '.join(values)}")
-            try:
-                Thresholds(**{metric: None if value is False else value})
-            except ConfigError as exc:
-                raise ConfigError(exc.what, f"{where}.{metric}", exc.fix) from None
-            values[metric] = None if value is False else value
-        return Thresholds(**values)
-
-    def to_json(self) -> dict:
-        """``{metric: threshold}`` for the gated metrics."""
-        return {spec.name: getattr(self, spec.name) for spec in fields(self) if getattr(self, spec.name) is not None}
-
-
-THRESHOLD_FIELDS = {spec.name: spec for spec in fields(Thresholds)}
-
-# Documented defaults (README, "The accuracy gate"). fp32 is held to what the exporter
-# proves (1e-4 on logits); lower precisions to what their quantizers promise on the
-# default model: int8 top-1 >= 99% and <= 1 point accuracy drop, int4 <= 2 points,
-# fp16 <= 1e-2 on logits. Causal-LM perplexity may rise a little with each step down.
-DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
-    "fp32": Thresholds(max_abs_diff=1e-4, mean_abs_diff=1e-5, cosine=0.99999, top1_agreement=0.999,
-                       accuracy_drop=0.5, macro_f1_drop=0.5, perplexity_increase=0.1),
-    "fp16": Thresholds(max_abs_diff=1e-2, mean_abs_diff=2e-3, cosine=0.9999, top1_agreement=0.99,
-                       accuracy_drop=0.5, macro_f1_drop=1.0, perplexity_increase=1.0),
-    "int8-dynamic": Thresholds(max_abs_diff=1.0, mean_abs_diff=0.25, cosine=0.98, top1_agreement=0.99,
-                               accuracy_drop=1.0, macro_f1_drop=1.5, perplexity_increase=5.0),
-    "int8-static": Thresholds(max_abs_diff=1.0, mean_abs_diff=0.25, cosine=0.98, top1_agreement=0.99,
-                              accuracy_drop=1.0, macro_f1_drop=1.5, perplexity_increase=5.0),
-    "int4": Thresholds(max_abs_diff=2.0, mean_abs_diff=0.5, cosine=0.95, top1_agreement=0.95,
-                       accuracy_drop=2.0, macro_f1_drop=3.0, perplexity_increase=10.0),
-}
-
-
-def precision_names() -> list[str]:
-    """Valid precision names, as recipes and device files spell them."""
-    from lora_edge.bundle import Precision
-
-    return [p.value for p in Precision]
-
-
-def check_threshold_tables(tables: Any, where: str) -> dict[str, dict]:
-    """Validate ``{precision: {metric: threshold}}`` override tables; errors name ``where.<precision>.<metric>``."""
-    if not isinstance(tables, dict):
-        raise ConfigError("expected a table per precision", where, f"write [{where}.int8-dynamic]")
-    for precision, table in tables.items():
-        if precision not in DEFAULT_THRESHOLDS:
-            raise ConfigError(f"unknown precision '{precision}'", f"{where}.{precision}",
-                              f"use one of: {', '.join(DEFAULT_THRESHOLDS)}")
-        DEFAULT_THRESHOLDS[precision].override(table, f"{where}.{precision}")
-    return tables
-
-
-def resolve_thresholds(precision: str, *overrides: tuple[dict, str]) -> Thresholds:
-    """The thresholds for ``precision``: the documented defaults, then each ``(tables, where)`` in order.
-
-    Callers pass the device file's tolerances first and the recipe's thresholds
-    last, so the recipe (the job's explicit choice) has the final word.
-    """
-    key = str(getattr(precision, "value", precision))
-    thresholds = DEFAULT_THRESHOLDS[key]
-    for tables, where in overrides:
-        if tables and key in tables:
-            thresholds = thresholds.override(tables[key], f"{where}.{key}")
-    return thresholds
 
 
 @dataclass

@@ -230,3 +230,15 @@ def test_graph_whose_provider_is_missing_is_skipped_with_the_reason(bundle, tmp_
     assert report.targets[0].thresholds["max_abs_diff"] == 0.5  # the device's tolerance applied
     with pytest.raises(ProviderUnavailableError):
         gate(report, "reports/check.md")  # nothing ran: not a pass
+
+
+@pytest.mark.gpu
+def test_check_runs_every_graph_on_a_cuda_device(bundle, data_file):
+    """On a GPU host the gate runs the graphs on the device's CUDA provider, with its tolerances."""
+    from lora_edge.check import check_bundle
+
+    report = check_bundle(bundle, CheckSpec(data=str(data_file), device="t4-server"), write=False)
+    ran = [r for r in report.targets if r.status != SKIPPED]
+    assert ran and all("CUDAExecutionProvider" in r.providers for r in ran)
+    fp32 = [r for r in ran if r.precision == "fp32" and r.adapter is not None]
+    assert fp32 and all(r.status == PASSED for r in fp32), report.failures()

@@ -1,0 +1,65 @@
+"""The accuracy gate's evaluation sets: given data, the adapter's recorded test split, or generated inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lora_edge.check_tasks import EvalSet
+from lora_edge.data import DataFiles, read_examples
+from lora_edge.errors import DataError
+from lora_edge.models import Task
+from lora_edge.recipe import CheckSpec
+
+
+def generated_texts(tokenizer, count: int, seed: int, max_tokens: int = 48) -> list[str]:
+    """``count`` random texts made of the tokenizer's own (non-special) tokens, lengths 4..max_tokens."""
+    rng = np.random.default_rng(seed)
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids)
+    usable = np.array(sorted(i for token, i in vocab.items()
+                             if i not in special and not (token.startswith("[") and token.endswith("]"))
+                             and not (token.startswith("<") and token.endswith(">"))))
+    texts = []
+    for _ in range(count):
+        ids = rng.choice(usable, size=int(rng.integers(4, max(5, max_tokens))))
+        texts.append(tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip() or "hello")
+    return texts
+
+
+def _labeled(examples, labels: list[str] | None, source: str, task: str) -> EvalSet:
+    texts = [ex.text for ex in examples]
+    if task != Task.SEQ_CLS.value:
+        return EvalSet(texts, source)
+    if not labels:
+        return EvalSet(texts, source, task_skip_reason="the adapter records no label names")
+    unknown = sorted({ex.label for ex in examples} - set(labels))
+    if unknown:
+        return EvalSet(texts, source, task_skip_reason=f"{source} has labels the adapter does not know "
+                                                       f"(e.g. '{unknown[0]}')")
+    return EvalSet(texts, source, [labels.index(ex.label) for ex in examples], len(labels))
+
+
+def eval_set(spec: CheckSpec, adapter: dict, task: str, tokenizer) -> EvalSet:
+    """The evaluation set of one adapter: --data, else its recorded test split, else generated inputs."""
+    labels = adapter.get("labels")
+    if spec.data:
+        evalset = _labeled(read_examples(spec.data, Task(task)), labels, f"--data {spec.data}", task)
+    else:
+        reason = "no data was given and the adapter records none"
+        record = adapter.get("data")
+        evalset = None
+        if record:
+            files = DataFiles.from_json(record)
+            try:
+                test = files.load(Task(task))["test"]
+                evalset = _labeled(test, labels, f"test split {files.test or files.train}", task)
+            except DataError as exc:
+                reason = f"the recorded data cannot be read ({exc.format_message()})"
+        if evalset is None:
+            texts = generated_texts(tokenizer, spec.generated_examples, spec.seed, min(48, spec.max_length - 2))
+            evalset = EvalSet(texts, f"{len(texts)} generated inputs ({reason})",
+                              task_skip_reason=f"no labeled data: {reason}; give --data FILE")
+    if spec.max_examples and len(evalset.texts) > spec.max_examples:
+        evalset.texts = evalset.texts[:spec.max_examples]
+        evalset.labels = evalset.labels[:spec.max_examples] if evalset.labels is not None else None
+    return evalset
