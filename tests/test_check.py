@@ -242,3 +242,42 @@ def test_check_runs_every_graph_on_a_cuda_device(bundle, data_file):
     assert ran and all("CUDAExecutionProvider" in r.providers for r in ran)
     fp32 = [r for r in ran if r.precision == "fp32" and r.adapter is not None]
     assert fp32 and all(r.status == PASSED for r in fp32), report.failures()
+
+
+@pytest.fixture(scope="module")
+def decoder_bundle(tmp_path_factory, tiny_model, tiny_adapter):
+    """A tiny-Llama hot-swap bundle serving two adapters (one graph: the cheapest decoder bundle to export)."""
+    from lora_edge.adapters import AdapterRef
+    from lora_edge.export_bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("check-llama") / "bundle"
+    adapters = [AdapterRef("a", tiny_adapter("llama", alpha=32.0)),
+                AdapterRef("b", tiny_adapter("llama", rank=2, alpha=32.0, seed=7))]
+    export_bundle(tiny_model("llama"), adapters, ["hotswap"], out, task="causal-lm", progress=lambda message: None)
+    return out
+
+
+def test_causal_lm_gate_uses_next_token_logits_and_perplexity(decoder_bundle, tmp_path):
+    from lora_edge.check import check_bundle
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    report = check_bundle(decoder_bundle, CheckSpec(data=str(texts)), write=False)
+    assert report.passed, report.failures()
+    results = _by_target(report)
+    assert set(results) == {"hotswap.fp32[a]", "hotswap.fp32[b]", "hotswap.fp32[base]"}
+    for name in ("hotswap.fp32[a]", "hotswap.fp32[b]"):
+        metrics = {m.metric: m for m in results[name].metrics}
+        assert set(metrics) == {"max_abs_diff", "mean_abs_diff", "cosine", "top1_agreement", "perplexity_increase"}
+        assert metrics["top1_agreement"].value == 1.0 and metrics["perplexity_increase"].status == PASSED
+        assert results[name].scores["perplexity"] == pytest.approx(results[name].scores["reference_perplexity"],
+                                                                   rel=1e-4)
+    assert results["hotswap.fp32[a]"].scores["perplexity"] != results["hotswap.fp32[b]"].scores["perplexity"]
+
+    # The same gate catches a decoder adapter file swapped for another adapter's.
+    copy = _copy(decoder_bundle, tmp_path)
+    shutil.copy(copy / "onnx" / "adapters" / "b.onnx_adapter", copy / "onnx" / "adapters" / "a.onnx_adapter")
+    swapped = _by_target(check_bundle(copy, CheckSpec(data=str(texts)), write=False))
+    failed = {m.metric for m in swapped["hotswap.fp32[a]"].metrics if m.status == FAILED}
+    assert {"max_abs_diff", "perplexity_increase"} <= failed
+    assert swapped["hotswap.fp32[b]"].status == PASSED
