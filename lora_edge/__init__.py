@@ -29,6 +29,9 @@ _PUBLIC = {
     "load_recipe": "lora_edge.recipe",
     "check_bundle": "lora_edge.check",
     "run_recipe": "lora_edge.pipeline",
+    "merge_adapter": "lora_edge.merge",
+    "branch_adapter": "lora_edge.merge",
+    "unmerge_adapter": "lora_edge.merge",
 }
 
 
