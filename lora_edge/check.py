@@ -9,7 +9,7 @@ Evaluation set, first that applies: ``CheckSpec.data``; else the test split
 recorded with each adapter (``manifest adapters[].data``); else generated
 inputs, on which the logit metrics run and the task metric is listed as
 skipped. Thresholds: the documented defaults per precision
-(:data:`lora_edge.recipe.DEFAULT_THRESHOLDS`), then the device's tolerances,
+(:data:`lora_edge.thresholds.DEFAULT_THRESHOLDS`), then the device's tolerances,
 then the recipe's ``[check.thresholds.<precision>]``. A standalone
 ``lora-edge check`` uses the ``[check]`` section of the recipe recorded in the
 manifest, so it applies the same gate as the ``lora-edge run`` that made the bundle.
@@ -32,8 +32,8 @@ import numpy as np
 
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.bundle import Form, GraphRecord, list_graphs, read_manifest, require_bundle
-from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
 from lora_edge.check_data import eval_set
+from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
 from lora_edge.check_tasks import BACKENDS, EvalSet, compare_logits
 from lora_edge.errors import BundleError, ConfigError, LoraEdgeError, ProviderUnavailableError
 from lora_edge.models import Task, load_tokenizer, resolve_model_path
@@ -161,7 +161,7 @@ def _unrunnable(exc: BaseException) -> str | None:
     return None
 
 
-def _result_for(target: CheckTarget, task: str, thresholds, spec_where: str) -> TargetResult:
+def _result_for(target: CheckTarget, task: str, thresholds) -> TargetResult:
     graph = target.graph
     return TargetResult(target.name, graph.name, graph.file, graph.form.value, graph.precision.value,
                         target.adapter, task, thresholds.to_json())
@@ -172,7 +172,7 @@ def run_target(target: CheckTarget, bundle: Path, backend, batches, reference: l
     """Run one target over the batches and judge every metric."""
     from lora_edge.runtime import load_lora_adapter
 
-    result = _result_for(target, backend.task, thresholds, threshold_where)
+    result = _result_for(target, backend.task, thresholds)
     result.examples, result.data = len(evalset.texts), evalset.source
     metrics = gated_metrics(backend.task)
     started = time.perf_counter()
@@ -343,7 +343,7 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
             for target in mine:
                 precision = target.graph.precision.value
                 thresholds = spec.thresholds_for(precision, tolerances, tolerance_where)
-                result = _result_for(target, task, thresholds, "")
+                result = _result_for(target, task, thresholds)
                 result.error = reason
                 result.metrics = [MetricResult(m, FAILED, None, getattr(thresholds, m), thresholds.bound(m), reason)
                                   for m in gated_metrics(task)]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from lora_edge.errors import ProviderUnavailableError
+from lora_edge.errors import LoraEdgeError
 from lora_edge.recipe import AdapterSource, Recipe, load_recipe
 
 Progress = Callable[[str], None]
@@ -177,8 +177,8 @@ def profile_devices(recipe: Recipe, bundle: Path, progress: Progress) -> list[De
         try:
             run.comparison = compare_bundle(bundle, device, None, spec.batch, spec.seq, spec.runs, spec.warmup,
                                             spec.allow_fallback, reuse=False)
-        except ProviderUnavailableError as exc:  # listed in the report; the gate decides the exit code
-            run.error = exc.format_message()
+        except LoraEdgeError as exc:  # a missing provider or a graph that would not run: listed in the
+            run.error = exc.format_message()  # report; whether the graphs are right is the gate's call
             progress(f"profile: {device.name} not measured: {run.error}")
         from lora_edge.profile_report import read_profile
 
