@@ -1,0 +1,388 @@
+"""Quantize a bundle's fp32 graphs to fp16, int8 (dynamic or static) and int4, keeping LoRA pairs float.
+
+For each precision, every fp32 graph of the bundle gets a sibling
+``onnx/<form>[.<adapter>].<precision>.onnx`` and a manifest record whose
+``source`` names the fp32 graph. A graph is first fused for where it will run
+(:mod:`lora_edge.quantize_fusion`, each rewrite verified), then quantized by the
+precision's quantizer (:data:`lora_edge.quantize_methods.QUANTIZERS`). In branched
+and hot-swap graphs the LoRA MatMuls, and weights fed at run time, stay float
+(:mod:`lora_edge.quantize_lora`), so ``.onnx_adapter`` files keep working with
+the quantized base graph.
+
+All-or-nothing: graphs are written into a temporary directory inside the bundle
+and moved into place, and the manifest updated, only when every graph succeeded.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, GraphRecord, Precision, add_graphs, atomic_file,
+                              list_graphs, parse_choices, read_manifest, require_bundle)
+from lora_edge.errors import ConfigError, QuantizationError
+from lora_edge.models import Task
+from lora_edge.recipe import _field, parse_enum
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+    from lora_edge.quantize_fusion import FusionPlan
+
+Feeds = list[dict[str, "np.ndarray"]]
+# Keys of a fp32 record's "extra" that describe the quantized graph too.
+SHARED_EXTRA = ("opset", "inputs", "outputs", "adapter_files", "adapter_inputs")
+
+
+class CalibMethod(str, enum.Enum):
+    """How int8-static picks activation ranges from the calibration batches."""
+
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+
+
+@dataclass
+class QuantizeOptions:
+    """How to quantize: calibration for int8-static, per-channel scales, the int4 block size, fusions."""
+
+    calibration: str | Path | None = _field(None, "Calibration data (JSONL/CSV with a text column) for int8-static; "
+                                                  "default: the training data recorded with the adapter.")
+    calib_method: CalibMethod | str = _field(CalibMethod.MINMAX, "int8-static range estimation: minmax, entropy "
+                                                                 "or percentile.")
+    calib_size: int = _field(64, "Number of calibration texts (drawn with a fixed seed).")
+    per_channel: bool | None = _field(None, "Per-output-channel weight scales; default: off for int8-dynamic "
+                                            "(faster), on for int8-static (more accurate).")
+    block_size: int = _field(32, "int4: weights per quantization block (a power of two >= 16).")
+    int4_accuracy_level: int = _field(4, "int4: MatMulNBits compute type (0 = as input, 4 = int8 activations).")
+    fuse: bool = _field(True, "Fuse attention/LayerNorm for the target before quantizing (each rewrite verified).")
+
+    PER_CHANNEL_DEFAULTS = {Precision.INT8_DYNAMIC: False, Precision.INT8_STATIC: True}
+
+    def __post_init__(self):
+        self.calib_method = parse_enum(CalibMethod, self.calib_method, "--calib-method")
+        if self.calibration in ("", None):
+            self.calibration = None
+        else:
+            self.calibration = Path(self.calibration).expanduser()
+            if not self.calibration.is_file():
+                raise ConfigError(f"calibration file '{self.calibration}' does not exist", "--calibration",
+                                  "give an existing JSONL or CSV file with a text column")
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block size must be a power of two >= 16, got {self.block_size!r}", "--block-size",
+                              "use 32 or 128")
+        if not isinstance(self.calib_size, int) or self.calib_size < 1:
+            raise ConfigError(f"calibration size must be a positive integer, got {self.calib_size!r}",
+                              "--calib-size", "use e.g. 64")
+        if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"int4 accuracy level must be 0-4, got {self.int4_accuracy_level!r}",
+                              "int4_accuracy_level", "use 4 (int8 compute) or 0")
+
+    def per_channel_for(self, precision: Precision) -> bool:
+        """Per-channel setting for ``precision``: the user's choice, else the precision's default."""
+        return self.PER_CHANNEL_DEFAULTS.get(precision, False) if self.per_channel is None else self.per_channel
+
+
+@dataclass
+class QuantizeResult:
+    """One quantized graph: where it is and what was done to it."""
+
+    path: Path
+    precision: Precision
+    details: dict
+    fusion: dict
+    linears: dict
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def to_extra(self) -> dict:
+        """The manifest ``extra`` of the graph's record."""
+        return {**self.extra, "quantization": self.details, "fusion": self.fusion, "linears": self.linears,
+                "size_bytes": self.path.stat().st_size, "quantize_seconds": round(self.seconds, 2)}
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _node_in_message(message: str) -> str | None:
+    import re
+
+    match = (re.search(r"Name:'([^']+)'", message) or re.search(r"Node \(([^)]+)\)", message)
+             or re.search(r"node name: ([^)\s]+)", message))
+    return match.group(1) if match else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else exc.__class__.__name__)[:300]
+
+
+def complete_feeds(model: "onnx.ModelProto", feeds: dict[str, "np.ndarray"]) -> dict[str, "np.ndarray"]:
+    """Add what a graph needs beyond token ids and mask: position ids, empty past key/values.
+
+    Inputs with defaults (hot-swap initializers) are left out; a missing input
+    this cannot fill raises QuantizationError.
+    """
+    import numpy as np
+    from onnx import helper
+
+    initializers = {init.name for init in model.graph.initializer}
+    ids = feeds["input_ids"]
+    batch, length = ids.shape
+    result = {}
+    for value in model.graph.input:
+        name = value.name
+        if name in feeds:
+            result[name] = feeds[name]
+        elif name in initializers:
+            continue
+        elif name == "position_ids":
+            mask = feeds.get("attention_mask", np.ones_like(ids))
+            result[name] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+        elif name == "token_type_ids":
+            result[name] = np.zeros_like(ids)
+        else:
+            shape = value.type.tensor_type.shape.dim
+            dims = [0 if "past" in d.dim_param else (batch if i == 0 else length) if d.dim_param else d.dim_value
+                    for i, d in enumerate(shape)]
+            if 0 not in dims:
+                raise QuantizationError(f"cannot build calibration inputs for graph input '{name}'", name,
+                                        "use int8-dynamic for this graph")
+            dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            result[name] = np.zeros(dims, dtype=dtype)
+    return result
+
+
+def _quantizer_failure(src: Path, precision: Precision, exc: BaseException) -> QuantizationError:
+    """A QuantizationError naming the node: from the quantizer's message, else from running the source graph."""
+    from lora_edge.quantize_fusion import run_graph, sample_encoder_feeds
+
+    node = _node_in_message(str(exc))
+    if node is None:  # the quantizer rarely names nodes; ORT does when the source graph itself is broken
+        try:
+            import onnx
+
+            feeds = sample_encoder_feeds(onnx.load(str(src), load_external_data=False))
+            run_graph(str(src), feeds if "input_ids" in feeds else None)
+        except Exception as source_exc:
+            node = _node_in_message(str(source_exc))
+            if node:
+                return QuantizationError(f"the fp32 graph fails at node '{node}' ({_first_line(source_exc)})", src,
+                                         "re-export the graph (lora-edge export --force)")
+    return QuantizationError(f"{precision.value} quantization failed" + (f" at node '{node}'" if node else "")
+                             + f" ({_first_line(exc)})", src,
+                             "choose another precision for this graph, or report the node")
+
+
+def _check_runs(path: Path, model: "onnx.ModelProto", precision: Precision) -> None:
+    """Load the quantized graph and run it on a sample batch; a failure names the node ORT stopped at."""
+    import numpy as np
+
+    from lora_edge.quantize_fusion import run_graph, sample_encoder_feeds
+
+    feeds = sample_encoder_feeds(model)
+    try:
+        feeds = complete_feeds(model, feeds) if "input_ids" in feeds else {}
+    except QuantizationError:
+        feeds = {}  # inputs this module cannot build: loading the graph is all that is checked
+    try:
+        outputs = run_graph(str(path), feeds or None)
+    except Exception as exc:
+        node = _node_in_message(str(exc))
+        raise QuantizationError(f"the {precision.value} graph does not run" + (f" at node '{node}'" if node else "")
+                                + f" ({_first_line(exc)})", path,
+                                "choose another precision for this graph, or report the node") from None
+    if not all(np.isfinite(out).all() for out in outputs if out.dtype.kind == "f"):
+        raise QuantizationError(f"the {precision.value} graph outputs NaN or Inf", path,
+                                "choose another precision (fp16 overflow?) or report the model")
+
+
+def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
+                   options: QuantizeOptions | None = None, *, task: Task | str = Task.SEQ_CLS,
+                   plan: "FusionPlan | None" = None, calibration: Feeds | Callable[[], Feeds] | None = None,
+                   ) -> QuantizeResult:
+    """Quantize the fp32 graph ``src`` to ``precision`` and write it to ``dst`` (atomically).
+
+    ``plan`` (heads, model type) enables the fusions; ``calibration`` gives
+    int8-static its batches (feed dicts, or a callable returning them). LoRA
+    MatMuls and run-time-fed weights stay float. Raises QuantizationError naming
+    the node when the quantizer fails or the result does not run.
+    """
+    import onnx
+
+    from lora_edge.quantize_fusion import FusionReport, fuse_graph, name_all_nodes
+    from lora_edge.quantize_lora import inventory, linear_roles
+    from lora_edge.quantize_methods import GPU_PRECISIONS, QUANTIZERS, QuantizeJob, quiet_quantizers
+
+    started = time.perf_counter()
+    precision = Precision(precision)
+    options = options or QuantizeOptions()
+    quantizer = QUANTIZERS.get(precision)
+    if quantizer is None:
+        raise ConfigError(f"{precision.value} is not made by quantizing", "--precisions",
+                          f"use one or more of: {', '.join(p.value for p in QUANTIZERS)}")
+    if precision is Precision.INT8_STATIC and calibration is None:
+        raise ConfigError("int8-static needs calibration batches", "--calibration",
+                          "pass --calibration FILE (JSONL/CSV with a text column)")
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src))
+    name_all_nodes(model)
+    fusion = FusionReport()
+    if options.fuse and plan is not None and Task.parse(task) is Task.SEQ_CLS:
+        plan.for_gpu = precision in GPU_PRECISIONS
+        model, fusion = fuse_graph(model, plan, str(src))
+    roles = linear_roles(model)
+    feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))
+    with atomic_file(dst) as staging:
+        job = QuantizeJob(model, staging, roles, options, feeds_of)
+        try:
+            with quiet_quantizers():
+                details = quantizer(job)
+        except (QuantizationError, ConfigError):
+            raise
+        except Exception as exc:
+            raise _quantizer_failure(src, precision, exc) from None
+        quantized = onnx.load(str(staging))
+        found = inventory(quantized)
+        if found.quantized_lora():
+            raise QuantizationError(f"a LoRA MatMul was quantized ({found.quantized_lora()[0]})", src,
+                                    "report this: LoRA pairs must stay float")
+        _check_runs(staging, quantized, precision)
+    return QuantizeResult(dst, precision, details, fusion.to_json(), found.to_json(),
+                          time.perf_counter() - started)
+
+
+def _load_texts(bundle: Path, record: GraphRecord, manifest: dict, options: QuantizeOptions, task: Task) -> list[str]:
+    """Calibration texts: --calibration, else the data recorded with the graph's adapter (or the first that has some)."""
+    from lora_edge.data import DataFiles, read_examples
+
+    if options.calibration is not None:
+        texts = [example.text for example in read_examples(options.calibration, task)]
+    else:
+        adapters = manifest.get("adapters", [])
+        wanted = [a for a in adapters if a.get("name") == record.adapter] + adapters
+        data = next((a["data"] for a in wanted if a.get("data")), None)
+        if data is None:
+            raise ConfigError("int8-static needs calibration data and the bundle's adapters record none",
+                              "--calibration", "pass --calibration FILE (JSONL/CSV with a text column), or export "
+                                               "an adapter trained by `lora-edge train` (it records its data)")
+        texts = [example.text for example in DataFiles.from_json(data).load(task)["train"]]
+    random.Random(0).shuffle(texts)  # files are often grouped by label: draw across all of them
+    return texts[:options.calib_size]
+
+
+def _calibration(bundle: Path, record: GraphRecord, manifest: dict, options: QuantizeOptions,
+                 graph: Path) -> Callable[[], Feeds]:
+    """A callable building the int8-static feed batches for ``graph`` (tokenized with the bundle's tokenizer)."""
+
+    def build() -> Feeds:
+        import onnx
+
+        from lora_edge.data import calibration_batches
+        from lora_edge.models import load_tokenizer
+
+        task = Task.parse(record.task)
+        tokenizer_dir = bundle / ONNX_DIR if (bundle / ONNX_DIR / "tokenizer_config.json").is_file() \
+            else Path(manifest["model"]["path"])
+        tokenizer = load_tokenizer(tokenizer_dir)
+        texts = _load_texts(bundle, record, manifest, options, task)
+        model = onnx.load(str(graph), load_external_data=False)
+        return [complete_feeds(model, {k: v.numpy() for k, v in batch.items()})
+                for batch in calibration_batches(tokenizer, texts, limit=options.calib_size)]
+
+    return build
+
+
+def _fusion_plan(bundle: Path, manifest: dict) -> "FusionPlan | None":
+    from lora_edge.quantize_fusion import FusionPlan
+
+    for config in (bundle / ONNX_DIR / "config.json", Path(manifest.get("model", {}).get("path", "")) / "config.json"):
+        if config.is_file():
+            return FusionPlan.from_config(json.loads(config.read_text()))
+    return None
+
+
+def quantized_name(source: GraphRecord, precision: Precision) -> str:
+    """``merged.intent.fp32`` -> ``merged.intent.int8-dynamic``."""
+    return f"{source.name.removesuffix('.' + Precision.FP32.value)}.{precision.value}"
+
+
+def quantize_bundle(bundle: str | Path, precisions: Sequence[Precision | str], options: QuantizeOptions | None = None,
+                    progress: Callable[[str], None] = _stderr, **option_fields) -> list[GraphRecord]:
+    """Quantize every fp32 graph of ``bundle`` to each of ``precisions``; return the new graph records.
+
+    ``option_fields`` build a :class:`QuantizeOptions` when ``options`` is not
+    given. Nothing in the bundle changes unless every graph succeeds.
+    """
+    bundle = require_bundle(Path(bundle))
+    options = options or QuantizeOptions(**option_fields)
+    values = [p.value if isinstance(p, Precision) else p for p in precisions]
+    precisions = [p for p in dict.fromkeys(parse_choices(Precision, values, "--precisions"))
+                  if p is not Precision.FP32]
+    if not precisions:
+        raise ConfigError("fp32 graphs are made by export, not by quantize", "--precisions",
+                          "use one or more of: fp16, int8-dynamic, int8-static, int4")
+    manifest = read_manifest(bundle)
+    sources = [g for g in list_graphs(bundle) if g.precision is Precision.FP32]
+    if not sources:
+        raise QuantizationError("the bundle has no fp32 graph to quantize", bundle / MANIFEST_FILE,
+                                "export one first: lora-edge export ... --precisions fp32")
+    plan = _fusion_plan(bundle, manifest)
+    progress(f"quantizing {len(sources)} fp32 graph(s) to {', '.join(p.value for p in precisions)}")
+    staging = Path(tempfile.mkdtemp(prefix=".quantize-", dir=bundle / ONNX_DIR))
+    records, results = [], []
+    try:
+        for precision in precisions:
+            for source in sources:
+                name = quantized_name(source, precision)
+                graph = bundle / source.file
+                calibration = _calibration(bundle, source, manifest, options, graph) \
+                    if precision is Precision.INT8_STATIC else None
+                graph_plan = None if plan is None else type(plan)(**plan.__dict__)
+                result = quantize_graph(graph, staging / f"{name}.onnx", precision, options, task=source.task,
+                                        plan=graph_plan, calibration=calibration)
+                result.extra = {key: source.extra[key] for key in SHARED_EXTRA if key in source.extra}
+                fused = result.fusion
+                progress(f"  {name}: {result.linears.get('quantized', 0)} linears quantized, "
+                         f"{result.linears.get('float_lora', 0)} LoRA kept float, "
+                         f"{fused.get('attention', 0)} attention blocks fused, {result.seconds:.1f} s")
+                results.append((name, result))
+                records.append(GraphRecord(name, f"{ONNX_DIR}/{name}.onnx", source.form, precision, source.task,
+                                           adapter=source.adapter, adapters=list(source.adapters),
+                                           source=source.name, extra={}))
+        for (name, result), record in zip(results, records):
+            final = bundle / record.file
+            result.path.replace(final)
+            result.path = final
+            record.extra = result.to_extra()
+        add_graphs(bundle, records)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return records
+
+
+
+
+def format_records(records: list[GraphRecord], as_json: bool = False) -> str:
+    """The quantized graphs as a table (name, size, linears quantized / LoRA float, fused blocks) or JSON."""
+    if as_json:
+        return json.dumps([record.to_json() for record in records], indent=2)
+    rows = [("graph", "file", "MB", "quantized linears", "float LoRA", "fused attention")]
+    for record in records:
+        extra = record.extra
+        rows.append((record.name, record.file, f"{extra.get('size_bytes', 0) / 1e6:.1f}",
+                     str(extra.get("linears", {}).get("quantized", 0)),
+                     str(extra.get("linears", {}).get("float_lora", 0)),
+                     str(extra.get("fusion", {}).get("attention", 0))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

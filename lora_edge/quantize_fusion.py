@@ -1,0 +1,474 @@
+"""Graph rewrites that make encoder graphs fast on ONNX Runtime's CPU provider, run before quantizing.
+
+Two things cost most of the non-GEMM time of a quantized MiniLM on the CPU
+provider (measured with ORT's per-op profiler, onnxruntime 1.32, see
+benchmarks/README.md):
+
+* attention exported by ``torch.export`` is ~25 small ops per layer (head
+  split Reshape/Transpose, mask built with Where over B x H x S x S, IsNaN +
+  Where after Softmax for fully-masked rows). :func:`fuse_attention` replaces
+  each block with one ``com.microsoft.MultiHeadAttention`` node that takes the
+  Q/K/V projections as they are, so LoRA branches added to a projection stay
+  outside and untouched;
+* ORT fuses ``Add -> LayerNormalization`` into ``SkipLayerNormalization`` when
+  a session is created, and that CPU kernel is 5-7x slower than the two
+  unfused kernels at this size. :func:`keep_layernorm_unfused` writes the
+  residual sum as ``Sum`` (same result) so the fusion no longer matches.
+
+Each rewrite is checked by running the rewritten and the original graph on the
+same padded batch (:func:`verify_same_outputs`); a rewrite that does not match
+is dropped, never shipped.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+MS_DOMAIN = "com.microsoft"
+LAYOUT_OPS = {"Reshape", "Transpose"}
+SCALE_OPS = {"Mul", "Div"}
+PASS_THROUGH_OPS = {"Identity", "Dropout"}
+MASK_INPUT = "attention_mask"
+MASK_INT32 = "lora_edge_attention_mask_int32"
+
+
+class GraphIndex:
+    """Producer/consumer maps and constant lookup over an ONNX graph (rebuilt after each rewrite)."""
+
+    def __init__(self, model: "onnx.ModelProto"):
+        self.model = model
+        self.graph = model.graph
+        self.producer: dict[str, "onnx.NodeProto"] = {}
+        self.consumers: dict[str, list["onnx.NodeProto"]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.output:
+                self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.initializers = {init.name: init for init in self.graph.initializer}
+        self.graph_inputs = {value.name for value in self.graph.input}
+        self.graph_outputs = {value.name for value in self.graph.output}
+
+    def constant(self, name: str) -> "np.ndarray | None":
+        """The value of ``name`` when it is an initializer (not a graph input) or a Constant node's output."""
+        from onnx import numpy_helper
+
+        if name in self.initializers and name not in self.graph_inputs:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    return numpy_helper.to_array(attribute.t)
+        return None
+
+    def scalar(self, name: str) -> float | None:
+        """``name``'s value when it is a one-element constant."""
+        value = self.constant(name)
+        if value is None or value.size != 1:
+            return None
+        return float(value.reshape(-1)[0])
+
+    def only_consumer(self, name: str) -> "onnx.NodeProto | None":
+        """The single node reading ``name``, or None (several readers, or a graph output)."""
+        readers = self.consumers.get(name, [])
+        if len(readers) != 1 or name in self.graph_outputs:
+            return None
+        return readers[0]
+
+
+def _peel_scale(index: GraphIndex, name: str) -> tuple[str, float]:
+    """Walk up through Mul/Div by a scalar constant; return the unscaled tensor and the product of scales."""
+    scale = 1.0
+    while True:
+        node = index.producer.get(name)
+        if node is None:
+            return name, scale
+        if node.op_type in PASS_THROUGH_OPS:
+            name = node.input[0]
+            continue
+        if node.op_type not in SCALE_OPS:
+            return name, scale
+        factors = [index.scalar(node.input[1]), index.scalar(node.input[0]) if node.op_type == "Mul" else None]
+        if factors[0] is not None:
+            scale = scale * factors[0] if node.op_type == "Mul" else scale / factors[0]
+            name = node.input[0]
+        elif factors[1] is not None:
+            scale *= factors[1]
+            name = node.input[1]
+        else:
+            return name, scale
+
+
+def _head_split_source(index: GraphIndex, name: str) -> tuple[str, float] | None:
+    """Follow a Q/K/V operand of an attention MatMul up to the [B, S, hidden] projection it was cut from.
+
+    Walks through head-split layout ops (Reshape/Transpose) and scalar scales; None
+    when no Reshape was crossed (then this is not a head split).
+    """
+    scale = 1.0
+    crossed_reshape = False
+    while True:
+        name, factor = _peel_scale(index, name)
+        scale *= factor
+        node = index.producer.get(name)
+        if node is None or node.op_type not in LAYOUT_OPS:
+            return (name, scale) if crossed_reshape else None
+        crossed_reshape |= node.op_type == "Reshape"
+        name = node.input[0]
+
+
+@dataclass
+class AttentionMatch:
+    """One attention block found in a graph and what replaces it."""
+
+    query: str
+    key: str
+    value: str
+    output: str
+    scale: float
+    masked: bool
+    nodes: list = field(default_factory=list)  # the Softmax and the MatMuls around it, for naming
+
+
+def _match_attention(index: GraphIndex, softmax: "onnx.NodeProto") -> AttentionMatch | None:
+    """Recognise ``softmax(Q·Kᵀ·s + mask)·V`` around ``softmax`` in exported encoder graphs."""
+    scores = softmax.input[0]
+    masked = False
+    add = index.producer.get(scores)
+    if add is not None and add.op_type == "Add":
+        for side in (0, 1):
+            inner, _ = _peel_scale(index, add.input[side])
+            producer = index.producer.get(inner)
+            if producer is not None and producer.op_type == "MatMul":
+                scores, masked = add.input[side], True
+                break
+        else:
+            return None
+    scores, score_scale = _peel_scale(index, scores)
+    qk = index.producer.get(scores)
+    if qk is None or qk.op_type != "MatMul":
+        return None
+    query = _head_split_source(index, qk.input[0])
+    key = _head_split_source(index, qk.input[1])
+    probs = softmax.output[0]
+    readers = index.consumers.get(probs, [])
+    if {reader.op_type for reader in readers} == {"IsNaN", "Where"} and len(readers) == 2:
+        # torch.export's SDPA zeroes rows whose keys are all masked: Where(IsNaN(p), 0, p).
+        probs = next(reader for reader in readers if reader.op_type == "Where").output[0]
+    reader = index.only_consumer(probs)
+    while reader is not None and reader.op_type in PASS_THROUGH_OPS:
+        probs = reader.output[0]
+        reader = index.only_consumer(probs)
+    if reader is None or reader.op_type != "MatMul" or reader.input[0] != probs:
+        return None
+    value = _head_split_source(index, reader.input[1])
+    merge = index.only_consumer(reader.output[0])
+    if merge is None or merge.op_type != "Transpose":
+        return None
+    reshape = index.only_consumer(merge.output[0])
+    if reshape is None or reshape.op_type != "Reshape" or None in (query, key, value):
+        return None
+    if value[1] != 1.0:
+        return None
+    return AttentionMatch(query[0], key[0], value[0], reshape.output[0], query[1] * key[1] * score_scale,
+                          masked, [softmax, qk, reader])
+
+
+def fuse_attention(model: "onnx.ModelProto", num_heads: int) -> int:
+    """Replace every recognised attention block by one MultiHeadAttention node; return how many.
+
+    Masked blocks take ``attention_mask`` (cast to int32 once) as the key padding
+    mask; a graph without that input keeps masked blocks as they are. The
+    nodes left without readers are removed by :func:`remove_dead_nodes`.
+    """
+    from onnx import TensorProto, helper
+
+    index = GraphIndex(model)
+    matches = [m for m in (_match_attention(index, node) for node in model.graph.node
+                           if node.op_type == "Softmax") if m is not None]
+    has_mask = MASK_INPUT in index.graph_inputs
+    matches = [m for m in matches if has_mask or not m.masked]
+    if not matches:
+        return 0
+    new_nodes = []
+    if any(m.masked for m in matches) and MASK_INT32 not in index.producer:
+        new_nodes.append(helper.make_node("Cast", [MASK_INPUT], [MASK_INT32], name="lora_edge/mask_to_int32",
+                                          to=TensorProto.INT32))
+    replaced = set()
+    for number, match in enumerate(matches):
+        inputs = [match.query, match.key, match.value, "", MASK_INT32 if match.masked else ""]
+        new_nodes.append(helper.make_node("MultiHeadAttention", inputs, [match.output], domain=MS_DOMAIN,
+                                          name=f"lora_edge/attention_{number}", num_heads=num_heads,
+                                          scale=float(match.scale)))
+        replaced.add(match.output)
+    kept = [node for node in model.graph.node if not set(node.output) & replaced]
+    _replace_nodes(model, kept + new_nodes)
+    _ensure_opset(model, MS_DOMAIN, 1)
+    remove_dead_nodes(model)
+    return len(matches)
+
+
+def keep_layernorm_unfused(model: "onnx.ModelProto") -> int:
+    """Write each residual ``Add`` that feeds a LayerNormalization as ``Sum``; return how many.
+
+    ORT's SkipLayerNormFusion only matches ``Add``; its fused CPU kernel is several
+    times slower than Add + LayerNormalization for encoder shapes (benchmarks/README.md).
+    """
+    index = GraphIndex(model)
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization":
+            continue
+        add = index.producer.get(node.input[0])
+        if add is None or add.op_type != "Add" or index.only_consumer(add.output[0]) is not node:
+            continue
+        if any(index.constant(name) is not None for name in add.input):
+            continue  # a bias add, not a residual sum
+        add.op_type = "Sum"
+        count += 1
+    return count
+
+
+def remove_dead_nodes(model: "onnx.ModelProto") -> int:
+    """Drop nodes whose outputs nothing reads (and initializers no node reads); return how many nodes."""
+    graph = model.graph
+    needed = {value.name for value in graph.output}
+    kept = []
+    for node in reversed(list(graph.node)):
+        if set(node.output) & needed:
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+            for attribute in node.attribute:  # subgraph readers (If/Loop) keep what they use
+                for subgraph in list(attribute.g.node if attribute.g else []):
+                    needed.update(subgraph.input)
+    removed = len(graph.node) - len(kept)
+    _replace_nodes(model, list(reversed(kept)))
+    inputs = {value.name for value in graph.input}
+    unused = [init for init in graph.initializer if init.name not in needed and init.name not in inputs]
+    for init in unused:
+        graph.initializer.remove(init)
+    return removed
+
+
+def _replace_nodes(model: "onnx.ModelProto", nodes: list) -> None:
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    # New nodes were appended after their readers: restore a topological order.
+    _topological_sort(model.graph)
+
+
+def _topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs."""
+    available = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        progress = []
+        rest = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                progress.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if not progress:  # a cycle or an outer-scope name: keep the remaining order as it was
+            ordered.extend(rest)
+            break
+        ordered.extend(progress)
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _ensure_opset(model: "onnx.ModelProto", domain: str, version: int) -> None:
+    if not any(opset.domain == domain for opset in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def sample_encoder_feeds(model: "onnx.ModelProto", batch: int = 2, length: int = 16,
+                         seed: int = 0) -> dict[str, "np.ndarray"]:
+    """A padded batch for an encoder graph: random token ids (inside the vocabulary), the last row padded."""
+    import numpy as np
+
+    index = GraphIndex(model)
+    vocab = 1000
+    for node in index.consumers.get("input_ids", []):
+        if node.op_type == "Gather" and node.input[0] in index.initializers:
+            vocab = int(index.initializers[node.input[0]].dims[0])
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(min(1000, vocab - 1), vocab, size=(batch, length), dtype=np.int64)
+    mask = np.ones((batch, length), dtype=np.int64)
+    mask[-1, length // 2:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {name: value for name, value in feeds.items() if name in index.graph_inputs}
+
+
+def name_all_nodes(model: "onnx.ModelProto") -> None:
+    """Give every unnamed node a unique name (quantizers select and exclude nodes by name)."""
+    taken = {node.name for node in model.graph.node if node.name}
+    for number, node in enumerate(model.graph.node):
+        if not node.name:
+            candidate = f"{node.op_type}_{number}"
+            while candidate in taken:
+                candidate += "_"
+            node.name = candidate
+            taken.add(candidate)
+
+
+def run_graph(graph: str | bytes, feeds: dict[str, "np.ndarray"] | None) -> list["np.ndarray"]:
+    """Outputs of ``graph`` (a path or serialized model) on ``feeds``, CPU provider, warnings hidden.
+
+    With ``feeds`` None the graph is only loaded (an empty list is returned).
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    if feeds is None:
+        return []
+    declared = {value.name for value in session.get_inputs()}
+    return session.run(None, {name: value for name, value in feeds.items() if name in declared})
+
+
+def relative_difference(expected: list["np.ndarray"], actual: list["np.ndarray"]) -> float:
+    """Max abs difference of two output lists, relative to the expected outputs' scale (at least 1)."""
+    import numpy as np
+
+    diff = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(expected, actual))
+    scale = max(1.0, max(float(np.max(np.abs(a))) for a in expected))
+    return diff / scale
+
+
+# Hugging Face model_type -> the onnxruntime.transformers optimizer's model type (encoders it fuses).
+ORT_OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert",
+                       "electra": "bert", "camembert": "bert", "mpnet": "bert"}
+
+
+@dataclass
+class FusionPlan:
+    """Which fusions to run for a graph, from its model config and where it will run."""
+
+    model_type: str | None = None
+    num_heads: int | None = None
+    hidden_size: int | None = None
+    for_gpu: bool = False  # fp16 graphs: keep ORT's SkipLayerNormalization (fast on CUDA)
+
+    @classmethod
+    def from_config(cls, config: dict, for_gpu: bool = False) -> "FusionPlan":
+        """Read model type, heads and width from a transformers ``config.json`` dict."""
+        heads = config.get("num_attention_heads") or config.get("n_heads") or config.get("n_head")
+        hidden = config.get("hidden_size") or config.get("dim") or config.get("n_embd")
+        return cls(config.get("model_type"), heads, hidden, for_gpu)
+
+
+@dataclass
+class FusionReport:
+    """What :func:`fuse_graph` did, for the manifest."""
+
+    ort_fusions: dict = field(default_factory=dict)
+    attention: int = 0
+    layernorm_unfused: int = 0
+    max_abs_diff: float | None = None
+    dropped: str | None = None  # why a rewrite was not kept
+
+    def to_json(self) -> dict:
+        """JSON form (only non-empty fields)."""
+        return {key: value for key, value in self.__dict__.items() if value not in (None, {}, 0)}
+
+
+def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
+    """Run onnxruntime.transformers' fusions (python-only, opt_level 0) where the architecture has them."""
+    import logging
+
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    ort_type = ORT_OPTIMIZER_TYPES.get(plan.model_type or "")
+    if ort_type is None:
+        return model
+    options = FusionOptions(ort_type)
+    if not plan.for_gpu:
+        # Measured on ORT 1.32's CPU provider: SkipLayerNormalization is 5-7x slower than
+        # Add + LayerNormalization at encoder shapes, and EmbedLayerNormalization gains nothing.
+        options.enable_skip_layer_norm = False
+        options.enable_bias_skip_layer_norm = False
+        options.enable_embed_layer_norm = False
+    loggers = [logging.getLogger(name) for name in ("onnxruntime.transformers", "fusion_base", "onnx_model")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        optimized = optimizer.optimize_model(model, model_type=ort_type, num_heads=plan.num_heads or 0,
+                                             hidden_size=plan.hidden_size or 0, optimization_options=options,
+                                             opt_level=0, use_gpu=plan.for_gpu)
+    except Exception as exc:  # an optimizer failure only costs speed: keep the graph as it was
+        report.dropped = f"onnxruntime transformer optimizer failed ({exc.__class__.__name__}: {exc})"[:300]
+        return model
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+    report.ort_fusions = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+    return optimized.model
+
+
+def _lora_edge_rewrites(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
+    if plan.num_heads:
+        report.attention = fuse_attention(model, int(plan.num_heads))
+    if not plan.for_gpu:
+        report.layernorm_unfused = keep_layernorm_unfused(model)
+    return model
+
+
+def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
+               tolerance: float = 1e-4) -> tuple["onnx.ModelProto", FusionReport]:
+    """Fuse ``model`` (loaded from ``source``) for its target; every rewrite is checked against ``source``.
+
+    Tried in order, the first whose outputs match the source's within
+    ``tolerance`` (relative to the output scale) on a padded sample batch wins:
+    ORT's transformer fusions followed by :func:`fuse_attention` (for the blocks
+    they did not take: the torch.export pattern) and, for CPU targets,
+    :func:`keep_layernorm_unfused`; the lora-edge rewrites alone; the source
+    graph unchanged. ORT's optimizer is skipped for graphs with overridable
+    initializers (hot-swap inputs): it folds them as constants.
+    """
+    import copy
+
+    report = FusionReport()
+    feeds = sample_encoder_feeds(model)
+    try:
+        expected = run_graph(source, feeds) if "input_ids" in feeds else None
+    except Exception:  # inputs beyond an encoder's: nothing here can check a rewrite
+        expected = None
+    if expected is None:
+        return model, report
+    overridable = {value.name for value in model.graph.input} & {init.name for init in model.graph.initializer}
+    builders = [] if overridable else [lambda m, r: _lora_edge_rewrites(_ort_transformer_fusions(m, plan, r), plan, r)]
+    builders.append(lambda m, r: _lora_edge_rewrites(m, plan, r))
+    for build in builders:
+        attempt = FusionReport(dropped=report.dropped)
+        candidate = build(copy.deepcopy(model), attempt)
+        try:
+            attempt.max_abs_diff = relative_difference(expected, run_graph(candidate.SerializeToString(), feeds))
+        except Exception as exc:  # a rewrite ORT cannot load is a rewrite not to ship
+            report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {_first_line(exc)})"
+            continue
+        if attempt.max_abs_diff <= tolerance:
+            return candidate, attempt
+        report.dropped = f"fusions changed the outputs (relative max abs diff {attempt.max_abs_diff:.2e})"
+    return model, report
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else "")[:200]
