@@ -282,6 +282,50 @@ def generate_command(bundle: Path, graph: str, adapter: str | None, prompts: tup
     click.echo(format_speed(output), err=True)
 
 # --- quantize ---
+
+
+def quantize_flags(command):
+    """Options that build a QuantizeOptions (shared by commands that quantize)."""
+    flags = [
+        click.option("--calibration", default=None,
+                     help="int8-static calibration data: JSONL/CSV with a text column. Default: the training data "
+                          "recorded with the adapter (data.json)."),
+        click.option("--calib-method", default="minmax", show_default=True,
+                     help="int8-static activation ranges: minmax, entropy or percentile."),
+        click.option("--calib-size", type=int, default=64, show_default=True, help="Calibration texts to use."),
+        click.option("--per-channel/--no-per-channel", default=None,
+                     help="Per-output-channel weight scales. Default: off for int8-dynamic (faster), on for "
+                          "int8-static."),
+        click.option("--block-size", type=int, default=32, show_default=True,
+                     help="int4: weights per quantization block (power of two >= 16)."),
+        click.option("--no-fuse", "no_fuse", is_flag=True,
+                     help="Quantize the graphs as exported, without the (verified) attention/LayerNorm fusions."),
+    ]
+    for flag in reversed(flags):
+        command = flag(command)
+    return command
+
+
+@cli.command("quantize")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--precisions", default="int8-dynamic", show_default=True,
+              help="Comma-separated: fp16 (GPU targets), int8-dynamic, int8-static, int4.")
+@quantize_flags
+@click.option("--json", "as_json", is_flag=True, help="Print the new graph records as JSON.")
+def quantize_command(bundle: Path, precisions: str, calibration: str | None, calib_method: str, calib_size: int,
+                     per_channel: bool | None, block_size: int, no_fuse: bool, as_json: bool) -> None:
+    """Quantize every fp32 graph of BUNDLE; LoRA pairs stay float in branched and hotswap graphs.
+
+    Writes BUNDLE/onnx/<form>[.<adapter>].<precision>.onnx beside each fp32 graph and adds them to the
+    manifest (source = the fp32 graph). Hot-swap .onnx_adapter files work with the quantized graphs
+    unchanged. Nothing in BUNDLE changes when any graph fails.
+    """
+    from lora_edge.quantize import QuantizeOptions, format_records, quantize_bundle
+
+    options = QuantizeOptions(calibration=calibration, calib_method=calib_method, calib_size=calib_size,
+                              per_channel=per_channel, block_size=block_size, fuse=not no_fuse)
+    click.echo(format_records(quantize_bundle(bundle, split_csv(precisions), options), as_json))
+
 # --- devices / profile / compare ---
 DEVICE_HELP = "Device target: a shipped name (see `lora-edge devices list`) or a path to a device .toml file."
 
