@@ -163,6 +163,17 @@ def test_bad_input_gives_one_line_and_leaves_no_bundle(case, tiny_model, tiny_ad
     assert not out.parent.exists() or list(out.parent.iterdir()) == [], "no temporary directory left behind"
 
 
+def test_a_graph_that_drifts_fails_the_export_and_leaves_nothing(tiny_model, tiny_adapter, tmp_path):
+    from lora_edge.errors import ExportError
+    from lora_edge.export_bundle import export_bundle
+
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(ExportError, match=r"graph merged.fp32 drifts from the PyTorch reference: max abs diff"):
+        export_bundle(tiny_model("distilbert"), [AdapterRef("a", tiny_adapter("distilbert"))], ["merged"], out,
+                      tolerance=0.0, progress=lambda m: None)  # no graph is bit-exact: forces the failure path
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
 def test_existing_bundle_is_kept_without_force(bundles, tiny_model, capsys):
     from lora_edge.cli import main
 
