@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -199,6 +200,58 @@ def warm_up_runtime(settings) -> None:
         onnx.save(model, str(path))
         session = create_session(path, dataclasses.replace(settings, allow_fallback=True, enable_profiling=False))
         session.run(None, {"x": np.ones((1, 8), dtype=np.float32)})
+
+
+def session_memory(graph: Path, settings, batch: int, seq: int, vocab_size: int, adapter_file: Path | None = None,
+                   gpu_device_id: int | None = None, timeout_s: float = 600) -> dict:
+    """Memory one session of ``graph`` adds when created and run once, measured in a fresh process.
+
+    In a process that already created and freed other sessions, a new session
+    reuses freed heap pages and looks smaller than it is; a fresh interpreter
+    (with ONNX Runtime initialised by a throw-away session first) gives each
+    graph the same clean start. Returns ``rss_added_mb`` (and ``gpu_added_mb``
+    on a GPU) and the method, or ``error`` when the probe failed.
+    """
+    import lora_edge
+
+    request = {"graph": str(graph), "settings": dataclasses.asdict(settings), "batch": batch, "seq": seq,
+               "vocab_size": vocab_size, "adapter_file": str(adapter_file) if adapter_file else None,
+               "gpu_device_id": gpu_device_id}
+    package_root = str(Path(lora_edge.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-c", "from lora_edge.measure import _memory_probe; _memory_probe()"],
+                              input=json.dumps(request), capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"rss_added_mb": None, "error": f"memory probe took over {timeout_s:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"rss_added_mb": None, "error": f"memory probe failed: {last[:200]}"}
+    return json.loads(lines[-1])
+
+
+def _memory_probe() -> None:
+    """Child side of :func:`session_memory`: read the request on stdin, print the result as JSON."""
+    from lora_edge.runtime import SessionSettings, create_session, load_lora_adapter
+
+    request = json.loads(sys.stdin.read())
+    settings_record = request["settings"]
+    settings_record["providers"] = [(name, options) for name, options in settings_record["providers"]]
+    settings = SessionSettings(**settings_record)
+    gpu_id = request["gpu_device_id"]
+    warm_up_runtime(settings)  # ORT's one-time set-up (and the CUDA context) is not the graph's memory
+    gpu_before = gpu_memory_used_mb(gpu_id) if gpu_id is not None else None
+    with PeakMemory() as memory:
+        session = create_session(request["graph"], settings)
+        adapter = load_lora_adapter(request["adapter_file"]) if request["adapter_file"] else None
+        feeds = build_feeds(session, request["batch"], request["seq"], vocab_size=request["vocab_size"])
+        GraphRunner(session, feeds, adapter, gpu_id)()
+    result = {"rss_added_mb": memory.added_mb, "method": f"{memory.method}, fresh process"}
+    if gpu_before is not None:
+        gpu_after = gpu_memory_used_mb(gpu_id)
+        result["gpu_added_mb"] = None if gpu_after is None else max(0.0, gpu_after - gpu_before)
+    print(json.dumps(result))
 
 
 # --- graphs ----------------------------------------------------------------------------------

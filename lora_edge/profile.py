@@ -1,12 +1,12 @@
 """Profile a bundle's graphs on a device target's settings: latency, throughput, memory, size, per-op time.
 
-``profile_bundle(bundle, device)`` opens each selected graph with the device's
+``profile_bundle(bundle, device)`` times the eager PyTorch model (adapter
+unmerged and merged), then opens each selected graph with the device's
 providers, threads and optimization level, times it (interleaved with the
 other graphs, so their ratios hold on a busy machine), records the memory the
 session and its first run add, the size on disk, the providers that really
 ran nodes and the top operators from ONNX Runtime's profiling trace (taken
-from a separate session so the timed runs are not slowed), then times the
-eager PyTorch model (adapter unmerged and merged) on the same inputs. It writes
+from a separate session so the timed runs are not slowed). It writes
 ``BUNDLE/reports/profile.json`` and ``profile.md``.
 
 Timings are measured on THIS host with the device's settings: they say how
@@ -16,7 +16,8 @@ No silent fallback: a device asking for a provider this host lacks gets its
 graphs reported "not measured: <provider> is not available on this host", and
 :meth:`ProfileReport.check_measured` raises; ``allow_fallback`` measures on
 what is there and says so per graph. On a GPU device, operators that ran on
-the CPU provider are listed per graph. The report itself (JSON and Markdown)
+the CPU provider are listed per graph. Memory is measured per graph in a
+fresh process (:func:`lora_edge.measure.session_memory`). The report itself (JSON and Markdown)
 is :mod:`lora_edge.profile_report`.
 """
 
@@ -33,9 +34,8 @@ from typing import Any
 from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, list_graphs, read_manifest, require_bundle
 from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.errors import ConfigError, ProviderUnavailableError
-from lora_edge.measure import (GraphRunner, PeakMemory, build_feeds, cpu_info, gpu_memory_used_mb, graph_size,
-                               host_facts, is_decoder, latency_stats, time_interleaved, trace_session,
-                               warm_up_runtime)
+from lora_edge.measure import (GraphRunner, build_feeds, cpu_info, graph_size, host_facts, is_decoder,
+                               latency_stats, session_memory, time_interleaved, trace_session, warm_up_runtime)
 from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile, ProfileReport, write_profile
 
 TRACE_RUNS = 20  # runs recorded in the profiling trace (per-op times); enough for stable shares
@@ -101,7 +101,7 @@ class _OpenGraph:
 
 def _open_graph(bundle: Path, record: GraphRecord, manifest: dict, device: DeviceTarget, settings,
                 batch: int, seq: int, gpu_id: int | None, vocab: int) -> _OpenGraph:
-    """Create a graph's session (timed, memory tracked) and run it once; failures are recorded, not raised."""
+    """Create a graph's session (timed) and run it once; measure its memory apart; failures are recorded."""
     from lora_edge.runtime import create_session, load_lora_adapter
 
     path = Path(bundle) / record.file
@@ -122,16 +122,14 @@ def _open_graph(bundle: Path, record: GraphRecord, manifest: dict, device: Devic
         profile.adapter, adapter_file = _hotswap_adapter(bundle, record, manifest)
         if adapter_file is not None:
             profile.size["adapter_mb"] = adapter_file.stat().st_size / 2**20
-    gpu_before = gpu_memory_used_mb(gpu_id) if gpu_id is not None else None
     try:
-        with PeakMemory() as memory:
-            began = time.perf_counter()
-            session = create_session(path, settings)
-            profile.session_create_s = time.perf_counter() - began
-            feeds = build_feeds(session, batch, seq, vocab_size=vocab)
-            opened.adapter_object = load_lora_adapter(adapter_file) if adapter_file is not None else None
-            runner = GraphRunner(session, feeds, opened.adapter_object, gpu_id)
-            runner()  # the first run's allocations belong to "session + run"
+        began = time.perf_counter()
+        session = create_session(path, settings)
+        profile.session_create_s = time.perf_counter() - began
+        feeds = build_feeds(session, batch, seq, vocab_size=vocab)
+        opened.adapter_object = load_lora_adapter(adapter_file) if adapter_file is not None else None
+        runner = GraphRunner(session, feeds, opened.adapter_object, gpu_id)
+        runner()
     except ProviderUnavailableError as exc:
         profile.status, profile.reason = NOT_MEASURED, exc.what
         return opened
@@ -139,13 +137,10 @@ def _open_graph(bundle: Path, record: GraphRecord, manifest: dict, device: Devic
         text = str(exc).strip().splitlines()
         profile.status, profile.reason = FAILED, (text[0] if text else exc.__class__.__name__)[:300]
         return opened
+    profile.memory = session_memory(path, settings, batch, seq, vocab, adapter_file, gpu_id)
     opened.runner = runner  # only a graph that ran once is timed
     profile.providers_registered = list(session.get_providers())
     profile.decoder = is_decoder(session)
-    profile.memory = {"rss_added_mb": memory.added_mb, "method": memory.method}
-    if gpu_before is not None:
-        gpu_after = gpu_memory_used_mb(gpu_id)
-        profile.memory["gpu_added_mb"] = None if gpu_after is None else max(0.0, gpu_after - gpu_before)
     return opened
 
 
@@ -216,8 +211,14 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
     settings = device.session_settings(allow_fallback=allow_fallback, cache_dir=cache_dir)
     gpu_id = _gpu_device_id(device) if device.uses_gpu and not device.missing_providers() else None
     vocab = _vocab_size(bundle, manifest)
+    if eager:  # first, while the heap holds little freed memory that would hide what the models add
+        from lora_edge.eager import eager_baselines
+
+        _log("profile: eager PyTorch baselines (adapter unmerged and merged)", quiet)
+        report.eager, report.model = eager_baselines(bundle, manifest, device, batch, seq, runs, warmup,
+                                                     allow_fallback, records)
+        gc.collect()
     warm_up_runtime(settings)
-    gc.collect()
     opened = []
     for record in records:
         _log(f"profile: opening {record.name} ({device.name})", quiet)
@@ -232,14 +233,6 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
             _finish_graph(item, times[name], device, settings, batch, seq, gpu_id)
             _log(f"profile: {name}: p50 {item.profile.latency_ms['p50']:.3f} ms", quiet)
     report.graphs = [item.profile for item in opened]
-    del opened, live
-    gc.collect()
-    if eager:
-        from lora_edge.eager import eager_baselines
-
-        _log("profile: eager PyTorch baselines (adapter unmerged and merged)", quiet)
-        report.eager, report.model = eager_baselines(bundle, manifest, device, batch, seq, runs, warmup,
-                                                     allow_fallback, records)
     write_profile(bundle, report)
     return report
 
