@@ -222,3 +222,14 @@ def test_compare_on_the_exported_bundle_puts_overhead_beside_the_adapter_flops(t
     hotswap, merged = tiny_report.graph("hotswap.fp32"), tiny_report.graph("merged.fp32")
     assert rows["hotswap.fp32"]["overhead_pct"] == pytest.approx(
         100 * (hotswap.latency_ms["p50"] - merged.latency_ms["p50"]) / merged.latency_ms["p50"])
+
+
+def test_each_graph_memory_is_measured_from_a_clean_start(tmp_path):
+    # two graphs with a 40 MB embedding each: the second must not look smaller because the
+    # first one's freed pages were reused (each is measured in a fresh process)
+    bundle = synthetic_bundle(tmp_path / "bundle", vocab=20000, hidden=512)
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=8, eager=False, quiet=True, runs=3, warmup=1)
+    weights_mb = 20000 * 512 * 4 / 2**20
+    for graph in report.graphs:
+        assert "fresh process" in graph.memory["method"]
+        assert weights_mb * 0.9 <= graph.memory["rss_added_mb"] <= weights_mb * 4, graph.memory
