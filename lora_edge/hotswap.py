@@ -11,7 +11,8 @@ heads). After export, each such input gets a same-named initializer:
 
 * LoRA ``A`` ``[0, in]`` and ``B`` ``[out, 0]`` (a dynamic rank axis), so that with
   no adapter fed the graph is the base model;
-* head tensors the base model's values, so an adapter without a head uses the base head.
+* head tensors the base model's values, so an adapter without a head uses the base head;
+  a head axis that adapters size differently (their label counts) is dynamic.
 
 Input names are PEFT's file keys (``base_model.model.<module>.lora_A.weight``);
 B enters already multiplied by the layer's scale. An adapter becomes an ONNX
@@ -53,8 +54,9 @@ class SwapSlot:
     ``name`` is the graph input name (PEFT's file key), ``module`` the base-model
     path of the layer it belongs to, ``kind`` lora_A / lora_B / tensor (a head
     parameter), ``attribute`` the parameter's name on that module, ``shape`` the
-    PEFT layout (``[r, in]`` / ``[out, r]`` with r = 0 for LoRA), ``rank_dim`` the
-    dynamic rank axis's name (LoRA only).
+    default's shape (PEFT layout ``[0, in]`` / ``[out, 0]`` for LoRA, the base
+    model's for a head), ``dynamic`` the (axis, dim name) pairs that vary: the
+    rank of a LoRA factor, the label count of a head that adapters size differently.
     """
 
     name: str
@@ -62,7 +64,7 @@ class SwapSlot:
     kind: str
     attribute: str
     shape: tuple[int, ...]
-    rank_dim: str | None = None
+    dynamic: tuple[tuple[int, str], ...] = ()
 
     @property
     def parameter(self) -> str:
@@ -82,12 +84,13 @@ class SwapSlot:
 def plan_slots(base_model: nn.Module, references: dict[str, "PeftModel"]) -> list[SwapSlot]:
     """The graph inputs a hot-swap graph needs to serve every adapter in ``references``.
 
-    LoRA layers are the union of the adapters' targets; head tensors the union of
-    their ``modules_to_save``. Raises ConfigError when adapters disagree with the
-    base on a head's shape (one graph has one head shape).
+    LoRA layers are the union of the adapters' targets (each with its own rank
+    axis); head tensors the union of their ``modules_to_save``, with a dynamic
+    axis wherever adapters size a head differently (e.g. their label counts), so
+    one graph serves classifiers of different label sets.
     """
     lora: dict[str, tuple[int, int]] = {}
-    heads: dict[str, SwapSlot] = {}
+    heads: dict[str, tuple[str, str, tuple[int, ...], set]] = {}
     for adapter, reference in references.items():
         bias = getattr(reference.peft_config[reference.active_adapter], "bias", "none")
         if bias != "none":
@@ -96,21 +99,27 @@ def plan_slots(base_model: nn.Module, references: dict[str, "PeftModel"]) -> lis
         for pair in lora_pairs(reference):
             lora[pair.module] = (int(pair.lora_A.shape[1]), int(pair.lora_B.shape[0]))
         for module, wrapper in _saved_module_wrappers(reference):
-            saved = wrapper.modules_to_save[wrapper.active_adapter]
-            for attribute, param in saved.named_parameters():
-                name = f"{PEFT_PREFIX}{module}.{attribute}"
-                base_param = base_model.get_parameter(f"{module}.{attribute}")
-                if tuple(param.shape) != tuple(base_param.shape):
+            for attribute, param in wrapper.modules_to_save[wrapper.active_adapter].named_parameters():
+                base_shape = tuple(base_model.get_parameter(f"{module}.{attribute}").shape)
+                if param.dim() != len(base_shape):
                     raise ConfigError(f"adapter '{adapter}' has '{module}.{attribute}' of shape {tuple(param.shape)}, "
-                                      f"the base model {tuple(base_param.shape)}", "--forms hotswap",
-                                      "hot-swap adapters must share the label set size; export them in separate bundles")
-                heads[name] = SwapSlot(name, module, TENSOR, attribute, tuple(param.shape))
+                                      f"the base model {base_shape}", "--forms hotswap",
+                                      "export this adapter in the merged or branched form")
+                entry = heads.setdefault(f"{PEFT_PREFIX}{module}.{attribute}", (module, attribute, base_shape, set()))
+                entry[3].add(tuple(param.shape))
     slots = []
     for index, (module, (fan_in, fan_out)) in enumerate(sorted(lora.items())):
         rank_dim = f"rank_{index}"
-        slots.append(SwapSlot(f"{PEFT_PREFIX}{module}.lora_A.weight", module, LORA_A, "lora_A", (0, fan_in), rank_dim))
-        slots.append(SwapSlot(f"{PEFT_PREFIX}{module}.lora_B.weight", module, LORA_B, "lora_B", (fan_out, 0), rank_dim))
-    return slots + [heads[name] for name in sorted(heads)]
+        slots.append(SwapSlot(f"{PEFT_PREFIX}{module}.lora_A.weight", module, LORA_A, "lora_A", (0, fan_in),
+                              ((0, rank_dim),)))
+        slots.append(SwapSlot(f"{PEFT_PREFIX}{module}.lora_B.weight", module, LORA_B, "lora_B", (fan_out, 0),
+                              ((1, rank_dim),)))
+    for name, (module, attribute, base_shape, shapes) in sorted(heads.items()):
+        # Axes of one size share a dim (a classifier's weight rows and bias): torch.export needs them equal.
+        dynamic = tuple((axis, f"head_{size}") for axis, size in enumerate(base_shape)
+                        if any(shape[axis] != size for shape in shapes))
+        slots.append(SwapSlot(name, module, TENSOR, attribute, base_shape, dynamic))
+    return slots
 
 
 def hotswap_base(base_model: nn.Module, slots: list[SwapSlot]) -> nn.Module:
@@ -166,7 +175,7 @@ def hotswap_graph_io(model: nn.Module, slots: list[SwapSlot], context: ExportCon
     module = HotswapModule(task_io.module, _parameter_paths(task_io.module, model, slots), slots,
                            len(task_io.input_names))
     axes = dict(task_io.dynamic_axes)
-    axes.update({slot.name: {slot.rank_axis: slot.rank_dim} for slot in slots if slot.rank_dim})
+    axes.update({slot.name: dict(slot.dynamic) for slot in slots if slot.dynamic})
     io = GraphIO(module.eval(), task_io.example_inputs + tuple(examples), task_io.input_names + [s.name for s in slots],
                  task_io.output_names, axes, verify_inputs=[], dim_min=dict(task_io.dim_min))
     return io, task_io

@@ -1,4 +1,4 @@
-"""Hot-swap: adapters of different ranks through ONE session, switching run by run; no adapter = base model."""
+"""Hot-swap: adapters of different ranks and label sets through ONE session, run by run; no adapter = base."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from safetensors.torch import load_file
 
 from export_helpers import TEST_BATCHES, feeds_for, torch_logits
 from lora_edge.adapters import AdapterRef, load_reference, lora_scaling, read_adapter_config
-from lora_edge.errors import ConfigError
 from lora_edge.exporter import ExportContext, low_rank_pairs
-from lora_edge.hotswap import export_hotswap, plan_slots, read_onnx_adapter
+from lora_edge.hotswap import export_hotswap, read_onnx_adapter
 from lora_edge.models import Task, load_base_model, load_tokenizer
 from lora_edge.runtime import create_session, load_lora_adapter, run
 from tiny_models import TINY_LABELS
@@ -22,33 +21,44 @@ LABELS = [f"LABEL_{i}" for i in range(3)]  # what load_reference names a head wi
 
 @pytest.fixture(scope="module")
 def swap(tiny_model, tiny_adapter, tmp_path_factory):
-    """One hot-swap graph for two bert adapters: r=4 on query/value, r=8 rsLoRA on query/key/value/dense."""
+    """One hot-swap graph for three bert adapters: r=4 on query/value, r=8 rsLoRA on query/key/value/dense,
+    and r=2 on query with a two-label head (the others have three labels)."""
+    from tiny_models import build_random_adapter, build_tiny_model
+
     model_dir = tiny_model("bert")
+    out = tmp_path_factory.mktemp("hotswap")
+    # Same seed, same encoder weights as the three-label tiny bert: only the head's size differs.
+    two_labels = build_tiny_model("bert", out / "bert-2-labels", labels=TINY_LABELS[:2])
     adapters = {"small": tiny_adapter("bert"),
                 "large": tiny_adapter("bert", rank=8, alpha=4.0, seed=11, use_rslora=True,
-                                      target_modules=["query", "key", "value", "dense"])}
+                                      target_modules=["query", "key", "value", "dense"]),
+                "binary": build_random_adapter(two_labels, out / "binary", "bert", rank=2, seed=4,
+                                               target_modules=["query"])}
     references = {name: load_reference(model_dir, AdapterRef(name, path)) for name, path in adapters.items()}
-    out = tmp_path_factory.mktemp("hotswap")
     context = ExportContext(Task.SEQ_CLS, load_tokenizer(model_dir), references["small"].config)
     result = export_hotswap(load_base_model(model_dir, Task.SEQ_CLS, labels=LABELS), references, context,
                             out / "hotswap.fp32.onnx", out / "adapters")
     return result, references, adapters, model_dir
 
 
-def test_two_ranks_switch_run_by_run_in_one_session(swap):
+def test_ranks_and_label_sets_switch_run_by_run_in_one_session(swap):
     result, references, _, model_dir = swap
     base = load_base_model(model_dir, Task.SEQ_CLS, labels=LABELS)
     tokenizer = load_tokenizer(model_dir)
     session = create_session(result.graph)  # the only session of this test
     loaded = {name: load_lora_adapter(path) for name, path in result.adapter_files.items()}
     outputs = {}
-    for step, name in enumerate(["small", "large", None, "small", "large", None]):
-        feeds = feeds_for(tokenizer, TEST_BATCHES[1 + step % 2], INPUTS)
+    sequence = [("small", 1), ("large", 2), (None, 1), ("binary", 2), ("large", 1), ("small", 2), ("binary", 1),
+                (None, 2)]  # every adapter (and none) once on each batch, switching at every run
+    for step, (name, batch) in enumerate(sequence):
+        feeds = feeds_for(tokenizer, TEST_BATCHES[batch], INPUTS)
         (logits,) = run(session, feeds, adapter=loaded.get(name))
         want = torch_logits(references[name] if name else base, feeds)
+        assert logits.shape == want.shape == (len(feeds["input_ids"]), 2 if name == "binary" else 3)
         assert np.abs(logits - want).max() <= 1e-4, f"run {step} with adapter {name}"
-        outputs.setdefault(step % 2, []).append(logits)
-    for same_batch in outputs.values():  # small, large and none really differ on the same input
+        outputs.setdefault(batch, []).append(logits)
+    for same_batch in outputs.values():  # the adapters and the base really differ on the same input
+        same_batch = [logits for logits in same_batch if logits.shape[1] == 3]
         assert min(np.abs(a - b).max() for i, a in enumerate(same_batch) for b in same_batch[i + 1:]) > 1e-3
 
 
@@ -67,6 +77,8 @@ def test_graph_inputs_have_dynamic_rank_and_same_named_defaults(swap):
     base = load_base_model(model_dir, Task.SEQ_CLS, labels=LABELS)
     head = initializers["base_model.model.classifier.weight"]
     assert np.array_equal(head, base.classifier.weight.detach().numpy()), "head default = the base model's head"
+    assert isinstance(inputs["base_model.model.classifier.weight"][0], str), "label count varies across adapters"
+    assert inputs["base_model.model.classifier.weight"][0] == inputs["base_model.model.classifier.bias"][0]
     assert len(low_rank_pairs(model)) == 13
 
 
@@ -85,15 +97,3 @@ def test_adapter_files_hold_peft_keys_with_scaled_b(swap):
                 np.testing.assert_allclose(stored[key], scale * value.numpy(), rtol=1e-6)
             else:
                 assert np.array_equal(stored[key], value.numpy())
-
-
-def test_adapters_with_another_head_size_are_refused(tiny_model, tiny_adapter, tmp_path):
-    from tiny_models import build_random_adapter, build_tiny_model
-
-    two_labels = build_tiny_model("bert", tmp_path / "bert2", labels=TINY_LABELS[:2])
-    other = build_random_adapter(two_labels, tmp_path / "two", "bert")
-    references = {"three": load_reference(tiny_model("bert"), AdapterRef("three", tiny_adapter("bert"))),
-                  "two": load_reference(tiny_model("bert"), AdapterRef("two", other))}
-    base = load_base_model(tiny_model("bert"), Task.SEQ_CLS, labels=LABELS)
-    with pytest.raises(ConfigError, match="'two' has 'classifier.weight' of shape"):
-        plan_slots(base, references)
