@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -166,8 +165,10 @@ def _module_class() -> type:
             if len(inputs) != len(self.shape.input_names):
                 raise ValueError(f"expected {len(self.shape.input_names)} inputs, got {len(inputs)}")
             input_ids, attention_mask, position_ids, *past = inputs
-            # [batch, sequence] True where a new token is real (not left padding)
-            is_real = attention_mask[:, -input_ids.shape[1]:] > 0
+            # [batch, sequence] True where a new token is real (not left padding); narrow() keeps the
+            # graph's output axis named `sequence` (a negative slice would make it an expression of the total)
+            sequence = input_ids.shape[1]
+            is_real = attention_mask.narrow(1, attention_mask.shape[1] - sequence, sequence) > 0
             cache = DynamicCache()
             cache.layer_class_to_replicate = None
             cache.layers = [PaddingZeroingLayer(key, value, is_real) for key, value in zip(past[0::2], past[1::2])]
@@ -326,7 +327,8 @@ _register()
 # ---------------------------------------------------------------------------------------------------------
 # Which module failed to export, and why.
 
-_USER_FRAME = re.compile(r'File "([^"]*/(?:transformers/models|peft)/[^"]+)", line (\d+), in (\w+)')
+# Frames of these libraries are the tracer's, not the model's.
+_TRACER_PATHS = ("/torch/", "/lora_edge/decoder.py", "/contextlib.py")
 
 
 def _is_fake(tensor) -> bool:
@@ -378,13 +380,24 @@ def describe_export_failure(wrapper, stack: list[str], exc: BaseException) -> Ex
     module = wrapper.model.get_submodule(module_name) if module_name else None
     where = f"module '{module_name}' ({type(module).__name__})" if module is not None else "the model's forward"
     reason = _first_reason(str(exc)) or exc.__class__.__name__
-    frames = _USER_FRAME.findall(str(exc))
-    if frames:
-        file, line, function = frames[-1]
-        reason += f" (at {file.split('/site-packages/')[-1]}:{line} in {function})"
+    line = _user_line(exc)
+    if line:
+        reason += f" (at {line})"
     return ExportError(f"{exc.__class__.__name__} while tracing for ONNX: {reason}", where,
                        "this module's code does not trace with torch.export; use a supported causal LM "
                        "(Llama, Qwen2, Mistral, GPT-2, ...) or a newer transformers")
+
+
+def _user_line(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost model-code frame where the tracer failed ('' if none)."""
+    import traceback
+
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not any(part in frame.filename for part in _TRACER_PATHS)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f"{frame.filename.split('/site-packages/')[-1]}:{frame.lineno} in {frame.name}"
 
 
 def _first_reason(text: str) -> str:

@@ -223,6 +223,17 @@ def _error_line(exc: BaseException) -> str:
     return (lines or [exc.__class__.__name__])[0][:300]
 
 
+def _raised_by_module(exc: BaseException) -> ExportError | None:
+    """An ExportError that ``io.module`` itself raised while being traced, found in the exception chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ExportError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def _quiet_export():
     """Hide the exporter's warnings and info logs (torchvision missing, axis renames): users see one line."""
@@ -260,6 +271,9 @@ def export_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: s
                                         input_names=io.input_names, output_names=io.output_names,
                                         opset_version=opset, optimize=True, verbose=False)
     except Exception as exc:  # torch.export raises many types; all mean "this model does not export"
+        own = _raised_by_module(exc)
+        if own is not None:  # the task module named the failing submodule itself (e.g. the decoder wrapper)
+            raise own from exc
         raise ExportError(f"torch.onnx.export failed ({_error_line(exc)})", graph_name,
                           "re-run with --debug for the trace; try another --opset or report the architecture") from exc
     if edit is not None:
