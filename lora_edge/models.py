@@ -8,6 +8,7 @@ caller asks for it. ``"default"`` names the embedded all-MiniLM-L6-v2 from the
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
@@ -74,6 +75,31 @@ def resolve_model_path(model: str | Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' weight-loading progress bars, load reports and deprecation warnings.
+
+    A headless base such as MiniLM gets a "newly initialized classifier" report on
+    every load; lora-edge reports its own progress, so these only add noise.
+    """
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_config(model_path: Path) -> dict:
     """Read a model directory's ``config.json`` as a dict."""
     return json.loads((model_path / "config.json").read_text())
@@ -114,11 +140,12 @@ def load_base_model(model_path: Path, task: Task, labels: list[str] | None = Non
                 # size (training a new task on a fine-tuned classifier); the backbone must still match.
                 kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                               label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), quiet_transformers():
                 torch.manual_seed(HEAD_INIT_SEED)
                 model = AutoModelForSequenceClassification.from_pretrained(str(model_path), **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+            with quiet_transformers():
+                model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load the model for task {task.value} ({exc})", model_path,
                          "check that the directory holds a complete transformers model for this task") from exc
