@@ -1,4 +1,4 @@
-"""Text generation and language-model measures on ONNX Runtime, for ``causal-lm`` graphs.
+"""Text generation on ONNX Runtime with ``causal-lm`` graphs (``lora-edge generate``).
 
 A :class:`DecoderRunner` holds one session of a graph with the I/O described
 in :mod:`lora_edge.decoder` (one graph serves prefill and decode) and reads
@@ -102,9 +102,9 @@ class DecoderRunner:
         missing = [name for name in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) if name not in inputs]
         first_past = PAST_NAME.format(layer=0, kind="key")
         if missing or first_past not in inputs:
-            raise ExportError(f"the graph is not a causal-lm graph with a KV cache (missing "
-                              f"{(missing or [first_past])[0]})", session._model_path if hasattr(session, "_model_path")
-                              else "the graph", "export it with lora-edge export --task causal-lm")
+            raise ExportError(f"the graph is not a causal-lm graph with a KV cache (it has no input "
+                              f"'{(missing or [first_past])[0]}')", "--graph",
+                              "export it with lora-edge export --task causal-lm")
         self.num_layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
         self.past_names = [PAST_NAME.format(layer=i, kind=kind) for i in range(self.num_layers) for kind in KV_KINDS]
         self.present_names = [PRESENT_NAME.format(layer=i, kind=kind)

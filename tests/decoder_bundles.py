@@ -34,7 +34,8 @@ def adapter_dirs(arch: str, tiny_adapter) -> dict[str, Path]:
 
 
 def _export(out: Path, model_dir: Path, adapters: dict[str, Path], forms: list[str], via_cli: bool) -> Path:
-    key = (str(out),)
+    # Keyed by the bundle's name, not its path: test modules share one export per bundle in a session.
+    key = (out.name, str(model_dir))
     if key in _BUILT:
         return _BUILT[key]
     if via_cli:
