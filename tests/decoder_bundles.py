@@ -10,11 +10,20 @@ architecture x form exactly once:
 
 Adapters use a large alpha so that greedy tokens differ from the base model's
 (the tests assert that, so a no-op adapter cannot pass).
+
+Under pytest-xdist the workers share the bundles: the first worker that needs
+one exports it under a file lock in the run's common temporary directory, the
+others wait for it and reuse it (the tiny models and adapters are seeded, so
+every worker's references are the same models).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 from pathlib import Path
+from typing import Iterator
 
 from lora_edge.bundle import Form
 
@@ -33,11 +42,36 @@ def adapter_dirs(arch: str, tiny_adapter) -> dict[str, Path]:
     return dirs
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """A directory every xdist worker of this run sees (the workers' temp dirs are its siblings)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "decoder-bundles"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _export(out: Path, model_dir: Path, adapters: dict[str, Path], forms: list[str], via_cli: bool) -> Path:
-    # Keyed by the bundle's name, not its path: test modules share one export per bundle in a session.
-    key = (out.name, str(model_dir))
+    key = (str(out),)
     if key in _BUILT:
         return _BUILT[key]
+    with _locked(out.parent / f"{out.name}.lock"):
+        if not (out / "manifest.json").is_file():  # bundles are renamed into place complete
+            _export_now(out, model_dir, adapters, forms, via_cli)
+    _BUILT[key] = out
+    return out
+
+
+def _export_now(out: Path, model_dir: Path, adapters: dict[str, Path], forms: list[str], via_cli: bool) -> None:
     if via_cli:
         from lora_edge.cli import main
 
@@ -55,8 +89,6 @@ def _export(out: Path, model_dir: Path, adapters: dict[str, Path], forms: list[s
 
         export_bundle(model_dir, [AdapterRef(name, path) for name, path in adapters.items()], forms, out,
                       task="causal-lm", progress=lambda message: None)
-    _BUILT[key] = out
-    return out
 
 
 def bundle_for(arch: str, form: Form, root: Path, tiny_model, tiny_adapter) -> tuple[Path, str]:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from decoder_bundles import adapter_dirs, bundle_for
+from decoder_bundles import adapter_dirs, bundle_for, shared_root
 from lora_edge.bundle import ONNX_DIR, Form, find_graph, read_manifest
 from lora_edge.decoder import DecoderShape, wrap_decoder
 from lora_edge.errors import ExportError
@@ -16,7 +16,7 @@ from lora_edge.errors import ExportError
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory, tiny_model, tiny_adapter):
     """Factory: ``bundles(arch, form)`` -> (bundle, graph name), exported once per session."""
-    root = tmp_path_factory.mktemp("decoder-bundles")
+    root = shared_root(tmp_path_factory)
     return lambda arch, form: bundle_for(arch, form, root, tiny_model, tiny_adapter)
 
 

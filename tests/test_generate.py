@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from decoder_bundles import ARCHS, FORMS, adapter_dirs, bundle_for
+from decoder_bundles import ARCHS, FORMS, adapter_dirs, bundle_for, shared_root
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.bundle import ONNX_DIR, Form, find_graph
 from lora_edge.generate import (DecoderRunner, SamplingSpec, _nucleus, encode_prompts, generate,
@@ -21,7 +21,7 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory, tiny_model, tiny_adapter):
     """Factory: ``bundles(arch, form)`` -> (bundle, graph name), exported once per session."""
-    root = tmp_path_factory.mktemp("decoder-bundles")
+    root = shared_root(tmp_path_factory)
     return lambda arch, form: bundle_for(arch, form, root, tiny_model, tiny_adapter)
 
 
