@@ -95,6 +95,30 @@ def test_greedy_matches_pytorch_generate_for_every_form(arch, bundles, reference
             assert generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad).new_ids == base
 
 
+@pytest.mark.slow
+def test_sliding_window_attention_stays_exact_past_the_window(tiny_model, tiny_adapter, references, tmp_path):
+    """Mistral with a 6-token window, 40 new tokens: the graph keeps the whole past and the mask applies the window."""
+    import shutil
+
+    from lora_edge.export_bundle import export_bundle
+
+    windowed = tmp_path / "mistral-window"
+    shutil.copytree(tiny_model("mistral"), windowed)
+    config = json.loads((windowed / "config.json").read_text())
+    config["sliding_window"] = 6
+    (windowed / "config.json").write_text(json.dumps(config))
+    adapter = adapter_dirs("mistral", tiny_adapter)["a"]
+    bundle = export_bundle(windowed, [AdapterRef("a", adapter)], ["merged"], tmp_path / "bundle", task="causal-lm",
+                           progress=lambda message: None)
+    reference = load_reference(windowed, AdapterRef("a", adapter))
+    eos, pad = _special(reference)
+    prompts = encode_prompts(_tokenizer(bundle), PROMPTS)
+    expected = torch_generate(reference, prompts, 40, eos, pad)
+    assert expected != torch_generate(references("mistral"), prompts, 40, eos, pad), "the window must matter"
+    got = generate(_runner(bundle, "merged.fp32"), prompts, 40, eos_token_id=eos, pad_token_id=pad)
+    assert got.new_ids == expected
+
+
 def test_hotswap_switches_adapters_between_prompts_in_one_session(bundles, references):
     bundle, graph = bundles("llama", Form.HOTSWAP)
     runner = _runner(bundle, graph)
