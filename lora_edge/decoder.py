@@ -18,12 +18,13 @@ Graph I/O (the ``causal-lm`` contract every exporter, runner and check shares)::
 
 Why ONE graph for prefill and decode (rather than a prefill/decode pair):
 the two graphs would hold the same weights twice (double the size on disk
-and in memory, which is what an edge device has least of), the hot-swap form
-would need every adapter activated on two sessions, and ONNX Runtime runs a
-zero-length past (prefill) and a one-token step (decode) through the same
-kernels without a measurable penalty (``benchmarks/decoder_latency.py``).
+and in memory, which is what an edge device has least of), every quantized
+precision and every hot-swap adapter would have to be made and activated
+twice, and a pair saves only the concatenation of an empty past in prefill.
 Prefill feeds ``past_sequence = 0`` tensors; decode feeds the previous
-``present`` tensors back as ``past_key_values``.
+``present`` tensors back as ``past_key_values``; a chunked prefill (several
+new tokens after a past) works the same way. ``benchmarks/decoder_latency.py``
+measures both phases per form.
 
 Padding: batches are LEFT padded. ``position_ids`` are ``cumsum(attention_mask) - 1``
 (0 on padding), exactly as ``transformers.GenerationMixin`` computes them, so a
@@ -31,7 +32,13 @@ padded prompt sees the same positions as the prompt alone.
 
 Sliding-window attention (Mistral, Qwen2 with ``use_sliding_window``): the
 graph keeps the whole past and transformers' mask applies the window, so a
-sliding-window model stays exact at any length; the cache is not trimmed.
+sliding-window model stays exact at any length (tested past the window); the
+price is a cache that is not trimmed to the window.
+
+Padded positions: their attention rows are fully masked, and ONNX Runtime and
+PyTorch fill such rows differently, so the wrapper zeroes the logits and the
+new keys/values of padded tokens: the graph is one well-defined function and
+can be verified against PyTorch on padded batches.
 """
 
 from __future__ import annotations
