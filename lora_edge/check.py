@@ -196,17 +196,20 @@ def run_target(target: CheckTarget, bundle: Path, backend, batches, reference: l
         result.seconds = time.perf_counter() - started
         return result
     values = compare_logits(backend, outputs, reference, batches)
+    result.scores["cosine_min"] = values.pop("cosine_min", None)
     skip = evalset.task_skip_reason
     skips = {}
     if target.adapter is None:
         skip = "the base model has no task metric here (the task is the adapter's)"
         if backend.task == Task.SEQ_CLS.value:
-            # A classifier's base head is untrained (random): its near-tied top classes flip at the
-            # smallest numeric change, so only the logit distances say whether the graph is the base model.
-            values.pop("top1_agreement", None)
-            skips["top1_agreement"] = "the base model's classifier head is untrained: its top class means nothing"
+            # A classifier's base head is untrained (random): its logits are small and near-tied, so the
+            # top class and the direction of the logit vector swing at the smallest numeric change; only
+            # the logit distances say whether the graph is the base model.
+            for metric in ("top1_agreement", "cosine"):
+                values.pop(metric, None)
+                skips[metric] = "the base model's classifier head is untrained: only logit distances are gated"
     if not skip:
-        result.scores = backend.task_scores(outputs, reference, batches, evalset)
+        result.scores.update(backend.task_scores(outputs, reference, batches, evalset))
         values.update({m: result.scores[m] for m in metrics if m in result.scores})
     result.metrics = [judge(m, values.get(m), thresholds, skips.get(m, skip), threshold_where) for m in metrics]
     result.seconds = time.perf_counter() - started

@@ -31,7 +31,9 @@ def test_logit_comparison_on_fixed_rows():
     got = comparison.results()
     assert got["max_abs_diff"] == pytest.approx(3.0)
     assert got["mean_abs_diff"] == pytest.approx((0.5 + 3 + 0 + 3) / 6)
-    assert got["cosine"] == pytest.approx(1.0 / 10.0)  # row 2: (0*3 + 1 + 0) / (sqrt(10) * sqrt(10))
+    row1 = 15.0 / (math.sqrt(16.25) * math.sqrt(14.0))
+    assert got["cosine_min"] == pytest.approx(1.0 / 10.0)  # row 2: (0*3 + 1 + 0) / (sqrt(10) * sqrt(10))
+    assert got["cosine"] == pytest.approx((row1 + 0.1) / 2)  # the gate holds the mean over rows
     assert got["top1_agreement"] == pytest.approx(0.5)
     nan = LogitComparison()
     nan.update(np.array([[np.nan, 0.0]]), np.array([[1.0, 0.0]]))
