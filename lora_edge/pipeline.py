@@ -72,6 +72,7 @@ class RunResult:
     stages: list[StageRecord] = field(default_factory=list)
     training: dict[str, dict] = field(default_factory=dict)  # adapter -> metrics.json (trained adapters)
     devices: list[DeviceRun] = field(default_factory=list)
+    devices_left_out: list[str] = field(default_factory=list)  # "name (why)" for targets 'host' left out
     check: object | None = None  # lora_edge.check.CheckReport
     report: Path | None = None
     seconds: float = 0.0
@@ -143,34 +144,62 @@ def train_adapters(recipe: Recipe, model: str | Path, retrain: bool, progress: P
     return refs, metrics
 
 
-def expand_devices(names: list[str]) -> list[str]:
-    """Device names with ``host`` replaced by every shipped CPU target this host can run.
+def host_device_problem(device, flags: set[str], cores: int) -> str | None:
+    """Why this host cannot run a device target as specified (None when it can).
 
-    "Can run": its providers exist here, none of them is a GPU, and its CPU
-    architecture is this host's (or any).
+    It can when the device's providers exist here, none is a GPU, the CPU
+    architecture and features match, and its intra-op threads fit the cores
+    (more threads than cores would time oversubscription, not the device's setting).
     """
+    if device.uses_gpu or device.missing_providers():
+        return f"needs {', '.join(device.missing_providers()) or 'a GPU'}"
+    mismatches = device.host_mismatches(host_flags=flags)
+    if mismatches:
+        return mismatches[0]
+    if device.intra_op_threads > cores:
+        return f"asks for {device.intra_op_threads} threads, this host has {cores} usable cores"
+    return None
+
+
+def expand_devices(names: list[str], progress: Progress | None = None) -> list[str]:
+    """Device names with ``host`` replaced by every shipped CPU target this host can run as specified."""
+    import os
+
     from lora_edge.devices import list_devices, load_device
+    from lora_edge.measure import cpu_info
 
     expanded = []
     for name in names:
         if name != HOST_DEVICES:
             expanded.append(name)
             continue
+        flags, cores = cpu_info()["flags"], len(os.sched_getaffinity(0))
         for shipped in list_devices():
-            device = load_device(shipped)
-            if not device.uses_gpu and not device.missing_providers() and not device.host_mismatches():
+            problem = host_device_problem(load_device(shipped), flags, cores)
+            if problem is None:
                 expanded.append(shipped)
+            elif progress:
+                progress(f"profile: host: not {shipped} ({problem})")
     return list(dict.fromkeys(expanded))
 
 
-def profile_devices(recipe: Recipe, bundle: Path, progress: Progress) -> list[DeviceRun]:
-    """Profile and compare the bundle on each device; each device's reports go to reports/devices/<name>/."""
+def profile_devices(recipe: Recipe, bundle: Path, progress: Progress,
+                    left_out: list[str] | None = None) -> list[DeviceRun]:
+    """Profile and compare the bundle on each device; each device's reports go to reports/devices/<name>/.
+
+    ``left_out`` collects the shipped targets ``host`` did not include, with the reason.
+    """
     from lora_edge.bundle import REPORTS_DIR
     from lora_edge.compare import compare_bundle
     from lora_edge.devices import load_device
 
     spec, runs = recipe.profile, []
-    for name in expand_devices(spec.devices):
+    def note(message: str) -> None:
+        progress(message)
+        if left_out is not None:
+            left_out.append(message.removeprefix("profile: host: not "))
+
+    for name in expand_devices(spec.devices, note):
         device = load_device(name)
         run = DeviceRun(device.name, directory=f"{REPORTS_DIR}/devices/{device.name}")
         progress(f"profile: device {device.name}")
@@ -240,7 +269,7 @@ def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force
             record.summary = f"{_graph_count(bundle)} graph(s) in all"
         record.skipped = not quantized
     with stages.stage("profile", ", ".join(recipe.profile.devices) or "no devices") as record:
-        result.devices = profile_devices(recipe, bundle, progress)
+        result.devices = profile_devices(recipe, bundle, progress, result.devices_left_out)
         record.skipped = not result.devices
         record.summary = ", ".join(f"{d.device}: {'measured' if not d.error else 'not measured'}"
                                    for d in result.devices)

@@ -108,6 +108,8 @@ def write_run_report(result) -> Path:
                             ["stage", "seconds", "result"])]
     lines += _training_section(result, reports)
     lines += _graphs_section(bundle)
+    if result.devices_left_out:
+        lines += ["Device targets not profiled on this host: " + "; ".join(result.devices_left_out) + ".", ""]
     lines += _device_sections(result)
     if result.check is not None:
         lines += _check_section(result)

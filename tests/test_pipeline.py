@@ -98,17 +98,27 @@ def test_bad_recipe_is_a_usage_error_naming_the_field(tmp_path, capsys):
 
 
 def test_host_devices_are_the_cpu_targets_this_host_can_run():
-    from lora_edge.devices import load_device
-    from lora_edge.pipeline import expand_devices
+    import os
 
-    devices = expand_devices(["host", "host-cpu"])
+    from lora_edge.devices import load_device
+    from lora_edge.pipeline import expand_devices, host_device_problem
+
+    notes = []
+    devices = expand_devices(["host", "host-cpu"], notes.append)
     assert "host-cpu" in devices and len(devices) == len(set(devices))
     for name in devices:
         device = load_device(name)
         assert not device.uses_gpu and not device.missing_providers()
         assert device.cpu_arch in ("any", {"x86_64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(
             platform.machine().lower(), platform.machine()))
+        assert device.intra_op_threads <= len(os.sched_getaffinity(0))
     assert "jetson-orin" not in devices and "t4-server" not in devices
+    assert any("jetson-orin" in note for note in notes)  # every target left out is said, with why
+    # The reasons, on fixed host facts: 2 cores, AVX2 only.
+    server, laptop = load_device("x86-server-avx512"), load_device("x86-laptop-avx2")
+    assert "avx512" in host_device_problem(server, {"avx2", "fma"}, 64)
+    assert "4 threads" in host_device_problem(laptop, {"avx2", "fma"}, 2)
+    assert host_device_problem(laptop, {"avx2", "fma"}, 4) is None or platform.machine() not in ("x86_64", "AMD64")
 
 
 def test_trained_adapter_is_reused_when_nothing_changed(monkeypatch, tmp_path):
