@@ -8,7 +8,7 @@ gate's report; `lora-edge run` exits with the gate's code (0 pass, 1 fail).
 Where things go (``<output>`` and ``<name>`` from the recipe)::
 
     <output>/<name>/                 the bundle (manifest, adapter copies, onnx/, reports/)
-    <output>/<name>-adapters/<a>/    adapters trained by the recipe (re-used when the training block,
+    <output>/<name>-adapters/<a>/    adapters trained by the recipe (re-used when the training block, data,
                                      model and task are unchanged; --retrain trains again)
     <output>/.models/tiny-<arch>/    tiny random models built locally for ``model = "tiny:<arch>"``
 
@@ -111,13 +111,21 @@ def resolve_model(recipe: Recipe) -> str | Path:
 
 
 def _training_record(recipe: Recipe, model: str | Path, source: AdapterSource) -> dict:
+    """What a trained adapter depends on: model and data (with their sha256), task and training block."""
+    from lora_edge.models import directory_sha256, file_sha256, resolve_model_path
+
     training = recipe.to_json()["adapters"][recipe.adapters.index(source)]["training"]
-    return {"model": str(model), "task": recipe.task, "training": training}
+    files = source.training.data_files().files
+    data = {split: file_sha256(path) for split, path in files.items() if path and Path(path).is_file()}
+    model_dir = resolve_model_path(model) if str(model) == "default" or Path(model).is_dir() else None
+    return {"model": str(model), "model_sha256": directory_sha256(model_dir) if model_dir else None,
+            "task": recipe.task, "training": training, "data_sha256": data}
 
 
 def train_adapters(recipe: Recipe, model: str | Path, retrain: bool, progress: Progress) -> tuple[list, dict]:
     """Adapter references for export: given paths as they are, training blocks trained (or re-used)."""
     from lora_edge.adapters import AdapterRef
+    from lora_edge.bundle import write_json
     from lora_edge.train import load_metrics, train_adapter
 
     refs, metrics = [], {}
@@ -130,14 +138,12 @@ def train_adapters(recipe: Recipe, model: str | Path, retrain: bool, progress: P
         record_file = out / TRAINING_RECORD
         same = record_file.is_file() and json.loads(record_file.read_text()) == record
         if same and not retrain and (out / "adapter_model.safetensors").is_file():
-            progress(f"train: re-using {out} (same model, task and training block; --retrain trains again)")
+            progress(f"train: re-using {out} (same model, data, task and training block; --retrain trains again)")
         else:
             training = source.training
             progress(f"train: adapter '{source.name}' on {training.data} -> {out}")
             train_adapter(model, training.data_files(), out, recipe.task, training.lora, training.train,
                           force=True, progress=True)
-            from lora_edge.bundle import write_json
-
             write_json(record_file, record)
         refs.append(AdapterRef(source.name, out))
         metrics[source.name] = load_metrics(out)
