@@ -3,7 +3,7 @@
 For each precision, every fp32 graph of the bundle gets a sibling
 ``onnx/<form>[.<adapter>].<precision>.onnx`` and a manifest record whose
 ``source`` names the fp32 graph. A graph is first fused for where it will run
-(:mod:`lora_edge.quantize_fusion`, each rewrite verified), then quantized by the
+(:mod:`lora_edge.quantize_prepare`, each rewrite verified), then quantized by the
 precision's quantizer (:data:`lora_edge.quantize_methods.QUANTIZERS`). In branched
 and hot-swap graphs the LoRA MatMuls, and weights fed at run time, stay float
 (:mod:`lora_edge.quantize_lora`), so ``.onnx_adapter`` files keep working with
@@ -15,6 +15,7 @@ and moved into place, and the manifest updated, only when every graph succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import random
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     import numpy as np
     import onnx
 
-    from lora_edge.quantize_fusion import FusionPlan
+    from lora_edge.quantize_prepare import FusionPlan
 
 Feeds = list[dict[str, "np.ndarray"]]
 # Keys of a fp32 record's "extra" that describe the quantized graph too.
@@ -60,13 +61,11 @@ class QuantizeOptions:
     calib_method: CalibMethod | str = _field(CalibMethod.MINMAX, "int8-static range estimation: minmax, entropy "
                                                                  "or percentile.")
     calib_size: int = _field(64, "Number of calibration texts (drawn with a fixed seed).")
-    per_channel: bool | None = _field(None, "Per-output-channel weight scales; default: off for int8-dynamic "
-                                            "(faster), on for int8-static (more accurate).")
+    per_channel: bool = _field(True, "Per-output-channel int8 weight scales: on MiniLM/intent 2.4x lower logit "
+                                     "error than per-tensor for ~3% more latency (benchmarks/README.md).")
     block_size: int = _field(32, "int4: weights per quantization block (a power of two >= 16).")
     int4_accuracy_level: int = _field(4, "int4: MatMulNBits compute type (0 = as input, 4 = int8 activations).")
     fuse: bool = _field(True, "Fuse attention/LayerNorm for the target before quantizing (each rewrite verified).")
-
-    PER_CHANNEL_DEFAULTS = {Precision.INT8_DYNAMIC: False, Precision.INT8_STATIC: True}
 
     def __post_init__(self):
         self.calib_method = parse_enum(CalibMethod, self.calib_method, "--calib-method")
@@ -87,9 +86,6 @@ class QuantizeOptions:
             raise ConfigError(f"int4 accuracy level must be 0-4, got {self.int4_accuracy_level!r}",
                               "int4_accuracy_level", "use 4 (int8 compute) or 0")
 
-    def per_channel_for(self, precision: Precision) -> bool:
-        """Per-channel setting for ``precision``: the user's choice, else the precision's default."""
-        return self.PER_CHANNEL_DEFAULTS.get(precision, False) if self.per_channel is None else self.per_channel
 
 
 @dataclass
@@ -165,7 +161,8 @@ def complete_feeds(model: "onnx.ModelProto", feeds: dict[str, "np.ndarray"]) -> 
 
 def _quantizer_failure(src: Path, precision: Precision, exc: BaseException) -> QuantizationError:
     """A QuantizationError naming the node: from the quantizer's message, else from running the source graph."""
-    from lora_edge.quantize_fusion import run_graph, sample_encoder_feeds
+    from lora_edge.quantize_fusion import sample_encoder_feeds
+    from lora_edge.quantize_prepare import run_graph
 
     node = _node_in_message(str(exc))
     if node is None:  # the quantizer rarely names nodes; ORT does when the source graph itself is broken
@@ -188,7 +185,8 @@ def _check_runs(path: Path, model: "onnx.ModelProto", precision: Precision) -> N
     """Load the quantized graph and run it on a sample batch; a failure names the node ORT stopped at."""
     import numpy as np
 
-    from lora_edge.quantize_fusion import run_graph, sample_encoder_feeds
+    from lora_edge.quantize_fusion import sample_encoder_feeds
+    from lora_edge.quantize_prepare import run_graph
 
     feeds = sample_encoder_feeds(model)
     try:
@@ -220,7 +218,8 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     """
     import onnx
 
-    from lora_edge.quantize_fusion import FusionReport, fuse_graph, name_all_nodes
+    from lora_edge.quantize_fusion import name_all_nodes
+    from lora_edge.quantize_prepare import FusionReport, fuse_graph
     from lora_edge.quantize_lora import inventory, linear_roles
     from lora_edge.quantize_methods import GPU_PRECISIONS, QUANTIZERS, QuantizeJob, quiet_quantizers
 
@@ -239,8 +238,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     name_all_nodes(model)
     fusion = FusionReport()
     if options.fuse and plan is not None and Task.parse(task) is Task.SEQ_CLS:
-        plan.for_gpu = precision in GPU_PRECISIONS
-        model, fusion = fuse_graph(model, plan, str(src))
+        model, fusion = fuse_graph(model, dataclasses.replace(plan, for_gpu=precision in GPU_PRECISIONS), str(src))
     roles = linear_roles(model)
     feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))
     with atomic_file(dst) as staging:
@@ -281,9 +279,15 @@ def _load_texts(bundle: Path, record: GraphRecord, manifest: dict, options: Quan
     return texts[:options.calib_size]
 
 
-def _calibration(bundle: Path, record: GraphRecord, manifest: dict, options: QuantizeOptions,
-                 graph: Path) -> Callable[[], Feeds]:
-    """A callable building the int8-static feed batches for ``graph`` (tokenized with the bundle's tokenizer)."""
+def calibration_for(bundle: Path, record: GraphRecord, options: QuantizeOptions,
+                    manifest: dict | None = None) -> Callable[[], Feeds]:
+    """A callable building int8-static feed batches for a bundle's graph (tokenized with the bundle's tokenizer).
+
+    Texts come from ``options.calibration``, else from the data recorded with the
+    graph's adapter; the callable raises ConfigError when there are none.
+    """
+    manifest = manifest or read_manifest(bundle)
+    graph = bundle / record.file
 
     def build() -> Feeds:
         import onnx
@@ -303,9 +307,11 @@ def _calibration(bundle: Path, record: GraphRecord, manifest: dict, options: Qua
     return build
 
 
-def _fusion_plan(bundle: Path, manifest: dict) -> "FusionPlan | None":
-    from lora_edge.quantize_fusion import FusionPlan
+def fusion_plan_for(bundle: Path, manifest: dict | None = None) -> "FusionPlan | None":
+    """Heads, width and model type for the fusions, from the bundle's config.json (else the model's)."""
+    from lora_edge.quantize_prepare import FusionPlan
 
+    manifest = manifest or read_manifest(bundle)
     for config in (bundle / ONNX_DIR / "config.json", Path(manifest.get("model", {}).get("path", "")) / "config.json"):
         if config.is_file():
             return FusionPlan.from_config(json.loads(config.read_text()))
@@ -337,7 +343,7 @@ def quantize_bundle(bundle: str | Path, precisions: Sequence[Precision | str], o
     if not sources:
         raise QuantizationError("the bundle has no fp32 graph to quantize", bundle / MANIFEST_FILE,
                                 "export one first: lora-edge export ... --precisions fp32")
-    plan = _fusion_plan(bundle, manifest)
+    plan = fusion_plan_for(bundle, manifest)
     progress(f"quantizing {len(sources)} fp32 graph(s) to {', '.join(p.value for p in precisions)}")
     staging = Path(tempfile.mkdtemp(prefix=".quantize-", dir=bundle / ONNX_DIR))
     records, results = [], []
@@ -346,11 +352,10 @@ def quantize_bundle(bundle: str | Path, precisions: Sequence[Precision | str], o
             for source in sources:
                 name = quantized_name(source, precision)
                 graph = bundle / source.file
-                calibration = _calibration(bundle, source, manifest, options, graph) \
+                calibration = calibration_for(bundle, source, options, manifest) \
                     if precision is Precision.INT8_STATIC else None
-                graph_plan = None if plan is None else type(plan)(**plan.__dict__)
                 result = quantize_graph(graph, staging / f"{name}.onnx", precision, options, task=source.task,
-                                        plan=graph_plan, calibration=calibration)
+                                        plan=plan, calibration=calibration)
                 result.extra = {key: source.extra[key] for key in SHARED_EXTRA if key in source.extra}
                 fused = result.fusion
                 progress(f"  {name}: {result.linears.get('quantized', 0)} linears quantized, "

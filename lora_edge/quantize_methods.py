@@ -32,7 +32,7 @@ FP16_FLOAT_OPS = ["Pow", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2
 QUANTIZATION_LOGGERS = ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer", "root")
 # Static quantization touches only the linear layers: int8 LayerNorm/Softmax/residuals cost accuracy
 # and, as Q/DQ pairs around every op, time (DESIGN.md: QDQ on everything measured 1.4-4.5x slower).
-STATIC_OP_TYPES = ["MatMul", "Gemm"]
+STATIC_OP_TYPES = ["MatMul", "Gemm", "Gather"]
 
 
 @dataclass
@@ -48,14 +48,23 @@ class QuantizeJob:
 
 @contextlib.contextmanager
 def quiet_quantizers() -> Iterator[None]:
-    """Silence onnxruntime.quantization's per-node INFO logging and its pre-processing advice."""
+    """Silence onnxruntime.quantization's per-node INFO logging and its pre-processing advice.
+
+    The calibration sessions ORT creates itself would also log one "Initializer ... appears in
+    graph inputs" warning per hot-swap input (expected, DESIGN.md): ORT's default logger is
+    raised to errors meanwhile, then set back to its default (warnings).
+    """
+    import onnxruntime
+
     loggers = [logging.getLogger(name) for name in QUANTIZATION_LOGGERS]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.ERROR)
+    onnxruntime.set_default_logger_severity(3)
     try:
         yield
     finally:
+        onnxruntime.set_default_logger_severity(2)
         for log, level in zip(loggers, levels):
             log.setLevel(level)
 
@@ -88,7 +97,7 @@ def quantize_int8_dynamic(job: QuantizeJob) -> dict:
     """int8 weights (symmetric), activations quantized per run (u8): ``quantize_dynamic``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    per_channel = job.options.per_channel_for(Precision.INT8_DYNAMIC)
+    per_channel = job.options.per_channel
     # quantize_dynamic first rewrites Gemm as a MatMul named "<gemm>_MatMul", and it quantizes
     # initializers even when they are graph inputs (hot-swap heads): exclude both names.
     # Its rewrite also copies a transposed weight into a constant, which would freeze a hot-swap
@@ -118,7 +127,7 @@ def quantize_int8_static(job: QuantizeJob) -> dict:
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     feeds = job.calibration()
-    per_channel = job.options.per_channel_for(Precision.INT8_STATIC)
+    per_channel = job.options.per_channel
     extra = _common_extra_options()
     # Dequantize matmul outputs straight to float: ORT then runs MatMulIntegerToFloat, with
     # no extra Q/DQ pair between a linear layer and its bias/residual adds.

@@ -136,8 +136,8 @@ def test_fp16_graph_stays_close_on_cpu(tmp_path_factory, tiny_model, tiny_adapte
 
 def test_attention_fusion_is_exact_and_replaces_every_block(tmp_path_factory, tiny_model, tiny_adapter):
     from lora_edge.bundle import find_graph
-    from lora_edge.quantize_fusion import (FusionPlan, fuse_attention, keep_layernorm_unfused, relative_difference,
-                                           run_graph, sample_encoder_feeds)
+    from lora_edge.quantize_fusion import fuse_attention, keep_layernorm_unfused, sample_encoder_feeds
+    from lora_edge.quantize_prepare import FusionPlan, relative_difference, run_graph
 
     bundle = tiny_bundle(tmp_path_factory, tiny_model, tiny_adapter, "bert")
     source = bundle / find_graph(bundle, "branched.fp32").file
@@ -284,17 +284,14 @@ def _logits_of(graph: Path, batches: list[dict], adapter_file: Path | None = Non
 def _quantized(bundle: Path, form: str, precision: str) -> Path:
     """The bundle's graph, quantizing the fp32 one on first use (quantize_graph: one graph only)."""
     from lora_edge.bundle import find_graph
-    from lora_edge.quantize import QuantizeOptions, quantize_graph, _calibration, _fusion_plan
-    from lora_edge.bundle import read_manifest
+    from lora_edge.quantize import QuantizeOptions, calibration_for, fusion_plan_for, quantize_graph
 
     target = bundle / "onnx" / f"{form}.{precision}.onnx"
     if not target.is_file():
-        manifest = read_manifest(bundle)
-        source = find_graph(bundle, f"{form}.fp32")
-        options = QuantizeOptions()
-        calibration = _calibration(bundle, source, manifest, options, bundle / source.file)
-        quantize_graph(bundle / source.file, target, precision, options, plan=_fusion_plan(bundle, manifest),
-                       calibration=calibration if precision == "int8-static" else None)
+        source, options = find_graph(bundle, f"{form}.fp32"), QuantizeOptions()
+        calibration = calibration_for(bundle, source, options) if precision == "int8-static" else None
+        quantize_graph(bundle / source.file, target, precision, options, plan=fusion_plan_for(bundle),
+                       calibration=calibration)
     return target
 
 
@@ -332,8 +329,12 @@ def test_branched_int8_keeps_the_adapter_closer_than_merged_int8(intent_graphs, 
 
 @pytest.mark.slow
 def test_intent_hotswap_int8_with_adapter_file_follows_pytorch(intent_graphs, intent_eval):
-    batches, gold, expected = intent_eval
-    adapter_file = intent_graphs / "onnx" / "adapters" / "intent.onnx_adapter"
-    logits = _logits_of(intent_graphs / "onnx" / "hotswap.int8-dynamic.onnx", batches, adapter_file)
+    batches, _, expected = intent_eval
+    graph = intent_graphs / "onnx" / "hotswap.int8-dynamic.onnx"
+    logits = _logits_of(graph, batches, intent_graphs / "onnx" / "adapters" / "intent.onnx_adapter")
+    base = _logits_of(graph, batches)
+    error, adapter_effect = float(np.abs(logits - expected).mean()), float(np.abs(expected - base).mean())
+    print(f"hotswap int8 + adapter file: mean abs logit error {error:.4f}, adapter effect {adapter_effect:.4f}")
     assert float((logits.argmax(1) == expected.argmax(1)).mean()) >= 0.99
-    assert np.abs(logits - expected).max() <= 0.1 * np.abs(expected).max()
+    assert error <= 0.05 * np.abs(expected).max()
+    assert error < 0.1 * adapter_effect, "the adapter must matter far more than the int8 error"
