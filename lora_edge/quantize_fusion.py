@@ -36,6 +36,19 @@ SCALE_OPS = {"Mul", "Div"}
 PASS_THROUGH_OPS = {"Identity", "Dropout"}
 MASK_INPUT = "attention_mask"
 MASK_INT32 = "lora_edge_attention_mask_int32"
+MASK_ALL_ONES = "lora_edge_attention_mask_all_ones"
+
+
+def node_reads(node: "onnx.NodeProto") -> list[str]:
+    """Every tensor a node reads: its inputs plus what its subgraphs (If/Loop bodies) take from outside."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            inner = {value.name for value in graph.input} | {init.name for init in graph.initializer}
+            for inner_node in graph.node:
+                names.extend(name for name in node_reads(inner_node) if name not in inner)
+                inner.update(inner_node.output)
+    return names
 
 
 class GraphIndex:
@@ -49,9 +62,8 @@ class GraphIndex:
         for node in self.graph.node:
             for name in node.output:
                 self.producer[name] = node
-            for name in node.input:
-                if name:
-                    self.consumers[name].append(node)
+            for name in node_reads(node):
+                self.consumers[name].append(node)
         self.initializers = {init.name: init for init in self.graph.initializer}
         self.graph_inputs = {value.name for value in self.graph.input}
         self.graph_outputs = {value.name for value in self.graph.output}
@@ -182,11 +194,38 @@ def _match_attention(index: GraphIndex, softmax: "onnx.NodeProto") -> AttentionM
                           masked, [softmax, qk, reader])
 
 
-def fuse_attention(model: "onnx.ModelProto", num_heads: int) -> int:
+def _attention_node(match: AttentionMatch, num_heads: int, name: str, output: str, masked: bool):
+    from onnx import helper
+
+    inputs = [match.query, match.key, match.value] + (["", MASK_INT32] if masked else [])
+    return helper.make_node("MultiHeadAttention", inputs, [output], domain=MS_DOMAIN, name=name,
+                            num_heads=num_heads, scale=float(match.scale))
+
+
+def _mask_switch(match: AttentionMatch, num_heads: int, name: str):
+    """``If(mask is all ones) MHA(q, k, v) else MHA(q, k, v, mask)``.
+
+    ORT's CPU MultiHeadAttention takes a faster kernel when it has no mask
+    (measured 204 vs 259 us per MiniLM layer, 1 thread); an unpadded batch, the
+    usual single-request case, needs none. The If costs under 1 us.
+    """
+    from onnx import helper
+
+    branches = {}
+    for label, masked in (("unmasked", False), ("masked", True)):
+        out = f"{match.output}_{label}"
+        node = _attention_node(match, num_heads, f"{name}/{label}", out, masked)
+        branches[label] = helper.make_graph([node], f"{name}_{label}", [], [helper.make_tensor_value_info(out, 1, None)])
+    return helper.make_node("If", [MASK_ALL_ONES], [match.output], name=name,
+                            then_branch=branches["unmasked"], else_branch=branches["masked"])
+
+
+def fuse_attention(model: "onnx.ModelProto", num_heads: int, mask_switch: bool = False) -> int:
     """Replace every recognised attention block by one MultiHeadAttention node; return how many.
 
     Masked blocks take ``attention_mask`` (cast to int32 once) as the key padding
-    mask; a graph without that input keeps masked blocks as they are. The
+    mask; a graph without that input keeps masked blocks as they are. With
+    ``mask_switch`` (CPU targets) a masked block becomes :func:`_mask_switch`. The
     nodes left without readers are removed by :func:`remove_dead_nodes`.
     """
     from onnx import TensorProto, helper
@@ -202,12 +241,16 @@ def fuse_attention(model: "onnx.ModelProto", num_heads: int) -> int:
     if any(m.masked for m in matches) and MASK_INT32 not in index.producer:
         new_nodes.append(helper.make_node("Cast", [MASK_INPUT], [MASK_INT32], name="lora_edge/mask_to_int32",
                                           to=TensorProto.INT32))
+        if mask_switch:
+            new_nodes += [helper.make_node("ReduceMin", [MASK_INT32], [f"{MASK_ALL_ONES}_min"], keepdims=0,
+                                           name="lora_edge/mask_min"),
+                          helper.make_node("Cast", [f"{MASK_ALL_ONES}_min"], [MASK_ALL_ONES], to=TensorProto.BOOL,
+                                           name="lora_edge/mask_all_ones")]
     replaced = set()
     for number, match in enumerate(matches):
-        inputs = [match.query, match.key, match.value, "", MASK_INT32 if match.masked else ""]
-        new_nodes.append(helper.make_node("MultiHeadAttention", inputs, [match.output], domain=MS_DOMAIN,
-                                          name=f"lora_edge/attention_{number}", num_heads=num_heads,
-                                          scale=float(match.scale)))
+        name = f"lora_edge/attention_{number}"
+        new_nodes.append(_mask_switch(match, num_heads, name) if match.masked and mask_switch
+                         else _attention_node(match, num_heads, name, match.output, match.masked))
         replaced.add(match.output)
     kept = [node for node in model.graph.node if not set(node.output) & replaced]
     _replace_nodes(model, kept + new_nodes)
@@ -245,10 +288,7 @@ def remove_dead_nodes(model: "onnx.ModelProto") -> int:
     for node in reversed(list(graph.node)):
         if set(node.output) & needed:
             kept.append(node)
-            needed.update(name for name in node.input if name)
-            for attribute in node.attribute:  # subgraph readers (If/Loop) keep what they use
-                for subgraph in list(attribute.g.node if attribute.g else []):
-                    needed.update(subgraph.input)
+            needed.update(node_reads(node))
     removed = len(graph.node) - len(kept)
     _replace_nodes(model, list(reversed(kept)))
     inputs = {value.name for value in graph.input}
@@ -274,7 +314,7 @@ def _topological_sort(graph) -> None:
         progress = []
         rest = []
         for node in pending:
-            if all(name in available for name in node.input):
+            if all(name in available for name in node_reads(node)):
                 progress.append(node)
                 available.update(node.output)
             else:
@@ -295,9 +335,9 @@ def _ensure_opset(model: "onnx.ModelProto", domain: str, version: int) -> None:
         model.opset_import.append(helper.make_opsetid(domain, version))
 
 
-def sample_encoder_feeds(model: "onnx.ModelProto", batch: int = 2, length: int = 16,
-                         seed: int = 0) -> dict[str, "np.ndarray"]:
-    """A padded batch for an encoder graph: random token ids (inside the vocabulary), the last row padded."""
+def sample_encoder_feeds(model: "onnx.ModelProto", batch: int = 2, length: int = 16, seed: int = 0,
+                         padded: bool = True) -> dict[str, "np.ndarray"]:
+    """A batch for an encoder graph: random token ids (inside the vocabulary); ``padded``: the last row half padding."""
     import numpy as np
 
     index = GraphIndex(model)
@@ -308,7 +348,8 @@ def sample_encoder_feeds(model: "onnx.ModelProto", batch: int = 2, length: int =
     rng = np.random.default_rng(seed)
     ids = rng.integers(min(1000, vocab - 1), vocab, size=(batch, length), dtype=np.int64)
     mask = np.ones((batch, length), dtype=np.int64)
-    mask[-1, length // 2:] = 0
+    if padded:
+        mask[-1, length // 2:] = 0
     feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     return {name: value for name, value in feeds.items() if name in index.graph_inputs}
 

@@ -118,7 +118,7 @@ def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report:
 
 def _lora_edge_rewrites(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
     if plan.num_heads:
-        report.attention = fuse_attention(model, int(plan.num_heads))
+        report.attention = fuse_attention(model, int(plan.num_heads), mask_switch=not plan.for_gpu)
     if not plan.for_gpu:
         report.layernorm_unfused = keep_layernorm_unfused(model)
     return model
@@ -139,9 +139,10 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
     import copy
 
     report = FusionReport()
-    feeds = sample_encoder_feeds(model)
+    # Padded and unpadded batches: rewrites may take other paths for each (the mask switch does).
+    feed_sets = [sample_encoder_feeds(model), sample_encoder_feeds(model, padded=False)]
     try:
-        expected = run_graph(source, feeds) if "input_ids" in feeds else None
+        expected = [run_graph(source, feeds) for feeds in feed_sets] if "input_ids" in feed_sets[0] else None
     except Exception:  # inputs beyond an encoder's: nothing here can check a rewrite
         expected = None
     if expected is None:
@@ -153,7 +154,9 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
         attempt = FusionReport(dropped=report.dropped)
         candidate = build(copy.deepcopy(model), attempt)
         try:
-            attempt.max_abs_diff = relative_difference(expected, run_graph(candidate.SerializeToString(), feeds))
+            serialized = candidate.SerializeToString()
+            attempt.max_abs_diff = max(relative_difference(reference, run_graph(serialized, feeds))
+                                       for reference, feeds in zip(expected, feed_sets))
         except Exception as exc:  # a rewrite ORT cannot load is a rewrite not to ship
             report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {_first_line(exc)})"
             continue

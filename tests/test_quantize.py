@@ -134,7 +134,8 @@ def test_fp16_graph_stays_close_on_cpu(tmp_path_factory, tiny_model, tiny_adapte
     assert np.abs(actual - expected).max() <= 1e-2
 
 
-def test_attention_fusion_is_exact_and_replaces_every_block(tmp_path_factory, tiny_model, tiny_adapter):
+@pytest.mark.parametrize("mask_switch", [False, True])
+def test_attention_fusion_is_exact_and_replaces_every_block(tmp_path_factory, tiny_model, tiny_adapter, mask_switch):
     from lora_edge.bundle import find_graph
     from lora_edge.quantize_fusion import fuse_attention, keep_layernorm_unfused, sample_encoder_feeds
     from lora_edge.quantize_prepare import FusionPlan, relative_difference, run_graph
@@ -143,12 +144,15 @@ def test_attention_fusion_is_exact_and_replaces_every_block(tmp_path_factory, ti
     source = bundle / find_graph(bundle, "branched.fp32").file
     model = _onnx(source)
     plan = FusionPlan.from_config(json.loads((bundle / "onnx" / "config.json").read_text()))
-    assert fuse_attention(model, plan.num_heads) == 2  # one per layer
+    assert fuse_attention(model, plan.num_heads, mask_switch=mask_switch) == 2  # one per layer
     assert keep_layernorm_unfused(model) == 5  # embeddings + 2 per layer
     ops = [node.op_type for node in model.graph.node]
-    assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops and "Where" not in ops
-    feeds = sample_encoder_feeds(model, batch=3, length=24)  # last row half padding
-    assert relative_difference(run_graph(str(source), feeds), run_graph(model.SerializeToString(), feeds)) < 1e-5
+    assert ops.count("If" if mask_switch else "MultiHeadAttention") == 2
+    assert "Softmax" not in ops and "Where" not in ops and "SkipLayerNormalization" not in ops
+    fused = model.SerializeToString()
+    for padded in (True, False):  # the switch takes the unmasked kernel only for an unpadded batch
+        feeds = sample_encoder_feeds(model, batch=3, length=24, padded=padded)
+        assert relative_difference(run_graph(str(source), feeds), run_graph(fused, feeds)) < 1e-5
 
 
 def _cli(*args: str) -> tuple[int, str]:
