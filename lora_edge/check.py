@@ -251,27 +251,10 @@ def reference_adapter(bundle: Path, adapter: dict) -> tuple[TargetResult, Path |
     return result, trusted
 
 
-def _load_reference(model_path: Path, adapter: AdapterRef, task: Task):
-    """The PyTorch reference, without transformers' progress bars and deprecation chatter."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a headless base (like MiniLM) gets its "newly initialized head" report
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return load_reference(model_path, adapter, task)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
 def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batches,
                 base: bool) -> dict[bool, list[np.ndarray] | None]:
     """Reference outputs per batch: ``{False: base + adapter, True: base model alone (when asked)}``."""
-    model = _load_reference(model_path, adapter, task)
+    model = load_reference(model_path, adapter, task)
     outputs = {False: [backend.reference(model, batch) for batch in batches], True: None}
     if base:
         with model.disable_adapter():

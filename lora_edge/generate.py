@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Callable
 
 from lora_edge.decoder import ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME, POSITION_IDS, PRESENT_NAME
 from lora_edge.errors import AdapterMismatchError, ConfigError, DataError, ExportError
-from lora_edge.lm_metrics import next_token_nll  # noqa: F401  (re-exported: the accuracy gate imports it from here)
 from lora_edge.runtime import run
 
 if TYPE_CHECKING:

@@ -76,8 +76,8 @@ def resolve_model_path(model: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def quiet_transformers():
-    """Hide transformers' weight-loading progress bars, load reports and deprecation warnings.
+def quiet_transformers(progress_bars: bool = False):
+    """Hide transformers' load reports and deprecation warnings, and its progress bars unless asked.
 
     A headless base such as MiniLM gets a "newly initialized classifier" report on
     every load; lora-edge reports its own progress, so these only add noise.
@@ -89,7 +89,8 @@ def quiet_transformers():
     verbosity = hf_logging.get_verbosity()
     bars_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    if not progress_bars:
+        hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

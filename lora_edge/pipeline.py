@@ -254,7 +254,6 @@ def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force
     result = RunResult(recipe, bundle)
     stages = StageRunner(result, progress)
     started = time.perf_counter()
-    _quiet_libraries()
     progress(f"recipe {recipe.name}: {recipe.description or recipe.source}")
     model = resolve_model(recipe)
 
@@ -315,21 +314,6 @@ def _training_summary(training: dict[str, dict]) -> str:
                  else f"test perplexity {test['perplexity']:.3g}" if "perplexity" in test else "trained")
         parts.append(f"{name}: {score}")
     return "; ".join(parts)
-
-
-def _quiet_libraries() -> None:
-    """Hide transformers' weight-loading bars and load reports: the stages report their own progress.
-
-    (A headless base such as MiniLM gets a "newly initialized classifier" report every time a stage loads it.)
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    with contextlib.suppress(ImportError):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
 
 
 def run_summary(result: RunResult, as_json: bool = False) -> str:

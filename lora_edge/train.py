@@ -19,7 +19,6 @@ directory is removed once OUT is written. Only the main process writes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from lora_edge.adapters import ADAPTER_WEIGHTS, DATA_RECORD
 from lora_edge.bundle import atomic_directory, library_versions, write_json
 from lora_edge.data import DataFiles, Example, LabelMap
 from lora_edge.errors import ConfigError, DataError, TrainingError
-from lora_edge.models import Task, load_base_model, load_tokenizer, resolve_model_path
+from lora_edge.models import Task, load_base_model, load_tokenizer, quiet_transformers, resolve_model_path
 from lora_edge.recipe import LoraSpec, TrainSpec
 from lora_edge.train_io import (RUN_RECORD, EncodedDataset, check_resume, checkpoint_dir, plot_training,
                                 prepare_output, run_record, stderr_progress)
@@ -188,25 +187,6 @@ def _lm_scores(trainer: "Trainer", dataset, prefix: str) -> dict:
     return {"examples": len(dataset), "loss": loss, "perplexity": perplexity(loss)}
 
 
-@contextlib.contextmanager
-def _quiet_transformers(bars: bool = True):
-    """Silence transformers' warnings (load reports, deprecations), and its progress bars unless ``bars``."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars_were_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    if not bars:
-        hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
-
-
 def _check_finite(history: list[dict]) -> None:
     for entry in history:
         loss = entry.get("loss")
@@ -245,10 +225,10 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
                               ProgressCallback, Trainer, set_seed)
 
     tokenizer = load_tokenizer(model_path)
-    with _quiet_transformers(bars=progress):  # a new task head is always "missing" from the checkpoint
+    with quiet_transformers(progress_bars=progress):  # a new task head is always "missing" from the checkpoint
         base = load_base_model(model_path, task, labels=list(label_map.labels) if label_map else None)
     set_seed(spec.seed)  # LoRA initialisation draws from the global RNG
-    with _quiet_transformers():
+    with quiet_transformers():
         peft_model = _peft_model(base, task, lora)
     datasets = {name: EncodedDataset.build(tokenizer, examples, label_map, spec.max_length)
                 for name, examples in splits.items()}
@@ -264,7 +244,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
                 "macro_f1": macro_f1(prediction.label_ids, predicted, len(label_map.labels))}
 
     args = _training_arguments(spec, checkpoints, len(datasets["train"]), progress)
-    with _quiet_transformers():
+    with quiet_transformers():
         trainer = Trainer(model=peft_model, args=args, data_collator=collator, train_dataset=datasets["train"],
                           eval_dataset=datasets["validation"], processing_class=tokenizer,
                           compute_metrics=compute_metrics if task is Task.SEQ_CLS else None)
@@ -281,7 +261,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
 
     started = time.perf_counter()
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
         raise TrainingError("training was interrupted", checkpoints,
