@@ -139,18 +139,12 @@ class Precision(str, enum.Enum):
 
 def parse_choices(enum_class: type[enum.Enum], values: list[str], option: str) -> list:
     """Turn option strings into enum members; an unknown one raises ConfigError listing the valid ones."""
-    from lora_edge.errors import ConfigError
+    from lora_edge.errors import ConfigError, parse_enum
 
-    valid = {member.value: member for member in enum_class}
-    parsed = []
-    for value in values:
-        if value not in valid:
-            raise ConfigError(f"unknown {option.lstrip('-').rstrip('s')} '{value}'", option,
-                              f"use one or more of: {', '.join(valid)}")
-        parsed.append(valid[value])
-    if not parsed:
-        raise ConfigError(f"no value given for {option}", option, f"use one or more of: {', '.join(valid)}")
-    return parsed
+    if not values:
+        valid = ", ".join(member.value for member in enum_class)
+        raise ConfigError(f"no value given for {option}", option, f"use one or more of: {valid}")
+    return [parse_enum(enum_class, value, option, what=option.lstrip("-").rstrip("s")) for value in values]
 
 
 @dataclass

@@ -14,7 +14,9 @@ chains. An error holds three parts, kept apart from their formatting:
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
+from typing import Any
 
 
 class LoraEdgeError(Exception):
@@ -97,6 +99,17 @@ class TrainingError(LoraEdgeError):
     """Training could not run or diverged (non-finite loss)."""
 
     exit_code = 10
+
+
+def parse_enum(enum_class: type[enum.Enum], value: Any, where: str, what: str = "value") -> Any:
+    """Turn user input into a member of ``enum_class``, or raise a ConfigError listing the choices."""
+    if isinstance(value, enum_class):
+        return value
+    try:
+        return enum_class(value)
+    except ValueError:
+        valid = ", ".join(str(member.value) for member in enum_class)
+        raise ConfigError(f"unknown {what} '{value}'", where, f"use one of: {valid}") from None
 
 
 def exit_codes() -> dict[str, int]:

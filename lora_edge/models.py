@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_edge.errors import ConfigError, ModelError
+from lora_edge.errors import ModelError, parse_enum
 
 if TYPE_CHECKING:  # torch and transformers load lazily: `lora-edge --help` must stay fast
     import torch
@@ -38,13 +38,7 @@ class Task(str, enum.Enum):
     @classmethod
     def parse(cls, value: "str | Task", where: str = "--task") -> "Task":
         """Turn a user string into a Task, or raise a ConfigError listing the valid names."""
-        if isinstance(value, Task):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(t.value for t in cls)
-            raise ConfigError(f"unknown task '{value}'", where, f"use one of: {valid}") from None
+        return parse_enum(cls, value, where, what="task")
 
 
 def default_model_path() -> Path:

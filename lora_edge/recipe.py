@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lora_edge.errors import ConfigError
+from lora_edge.errors import ConfigError, parse_enum
 # The gate's thresholds (re-exported here: a recipe's [check] section overrides them).
 from lora_edge.thresholds import (DEFAULT_THRESHOLDS, THRESHOLD_FIELDS, Thresholds,  # noqa: F401
                                   check_threshold_tables, resolve_thresholds)
@@ -45,17 +45,6 @@ def _field(default: Any, help: str, **kwargs) -> Any:
 def field_help(spec_class: type) -> dict[str, str]:
     """Map each field of a spec dataclass to its help text."""
     return {f.name: f.metadata.get("help", "") for f in fields(spec_class)}
-
-
-def parse_enum(enum_class: type[enum.Enum], value: Any, where: str) -> Any:
-    """Turn a string into a member of ``enum_class``, or raise a ConfigError listing the choices."""
-    if isinstance(value, enum_class):
-        return value
-    try:
-        return enum_class(value)
-    except ValueError:
-        valid = ", ".join(member.value for member in enum_class)
-        raise ConfigError(f"unknown value '{value}'", where, f"use one of: {valid}") from None
 
 
 @dataclass
