@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lora_edge.quantize_fusion import fuse_attention, keep_layernorm_unfused, sample_encoder_feeds
+from lora_edge.quantize_fusion import fuse_attention, keep_layernorm_unfused, sample_encoder_feeds, share_lora_inputs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -73,6 +73,7 @@ class FusionReport:
     ort_fusions: dict = field(default_factory=dict)
     attention: int = 0
     layernorm_unfused: int = 0
+    lora_shared: int = 0  # LoRA pairs whose A factors were merged with a sibling's (same input)
     max_abs_diff: float | None = None
     dropped: str | None = None  # why a rewrite was not kept
 
@@ -119,6 +120,7 @@ def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report:
 def _lora_edge_rewrites(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
     if plan.num_heads:
         report.attention = fuse_attention(model, int(plan.num_heads), mask_switch=not plan.for_gpu)
+    report.lora_shared = share_lora_inputs(model)
     if not plan.for_gpu:
         report.layernorm_unfused = keep_layernorm_unfused(model)
     return model
