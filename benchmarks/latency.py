@@ -322,9 +322,15 @@ def summarize(variants: list[Variant], peer: dict[str, str], ops: dict) -> dict:
             "vs": baseline.name, "ratio": float(np.median(ratios)),
             "ratio_iqr": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
             "gops": ops["total"] / float(np.median(ms) / 1e3) / 1e9, "file": str(variant.path),
-            "size_mb": round(variant.path.stat().st_size / 1e6, 1),
+            "size_mb": round(graph_bytes(variant.path) / 1e6, 1),
         }
     return rows
+
+
+def graph_bytes(path: Path) -> int:
+    """Size of a graph file plus its external-data file, if torch.onnx.export wrote one beside it."""
+    external = path.with_name(path.name + ".data")
+    return path.stat().st_size + (external.stat().st_size if external.is_file() else 0)
 
 
 def pair_ratio(variants: dict[str, Variant], name: str, baseline: str) -> dict:
