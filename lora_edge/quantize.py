@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, GraphRecord, Precision, add_graphs, atomic_file,
                               list_graphs, parse_choices, read_manifest, require_bundle)
-from lora_edge.errors import ConfigError, QuantizationError
+from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError
 from lora_edge.models import Task
 from lora_edge.recipe import _field, parse_enum
 
@@ -246,7 +246,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
         try:
             with quiet_quantizers():
                 details = quantizer(job)
-        except (QuantizationError, ConfigError):
+        except LoraEdgeError:  # bad calibration data, missing files: already one line for the user
             raise
         except Exception as exc:
             raise _quantizer_failure(src, precision, exc) from None
@@ -357,10 +357,10 @@ def quantize_bundle(bundle: str | Path, precisions: Sequence[Precision | str], o
                 result = quantize_graph(graph, staging / f"{name}.onnx", precision, options, task=source.task,
                                         plan=plan, calibration=calibration)
                 result.extra = {key: source.extra[key] for key in SHARED_EXTRA if key in source.extra}
-                fused = result.fusion
-                progress(f"  {name}: {result.linears.get('quantized', 0)} linears quantized, "
-                         f"{result.linears.get('float_lora', 0)} LoRA kept float, "
-                         f"{fused.get('attention', 0)} attention blocks fused, {result.seconds:.1f} s")
+                weights = "fp16 weights" if precision is Precision.FP16 else \
+                    f"{result.linears.get('quantized', 0)} linears quantized"
+                progress(f"  {name}: {weights}, {result.linears.get('float_lora', 0)} LoRA MatMuls float, "
+                         f"{result.fusion.get('attention', 0)} attention blocks fused, {result.seconds:.1f} s")
                 results.append((name, result))
                 records.append(GraphRecord(name, f"{ONNX_DIR}/{name}.onnx", source.form, precision, source.task,
                                            adapter=source.adapter, adapters=list(source.adapters),
