@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, GraphRecord, Precision, add_graphs, atomic_file,
                               list_graphs, parse_choices, read_manifest, require_bundle)
-from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError
+from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError, parse_enum
 from lora_edge.models import Task
-from lora_edge.recipe import _field, parse_enum
+from lora_edge.recipe import _field
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,7 +68,7 @@ class QuantizeOptions:
     fuse: bool = _field(True, "Fuse attention/LayerNorm for the target before quantizing (each rewrite verified).")
 
     def __post_init__(self):
-        self.calib_method = parse_enum(CalibMethod, self.calib_method, "--calib-method")
+        self.calib_method = parse_enum(CalibMethod, self.calib_method, "--calib-method", "calibration method")
         if self.calibration in ("", None):
             self.calibration = None
         else:
