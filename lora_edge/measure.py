@@ -338,6 +338,7 @@ class GraphRunner:
         import onnxruntime
 
         self.session = session
+        self.adapter = adapter  # RunOptions keeps no reference: a collected adapter breaks later runs
         self.run_options = None
         if adapter is not None:
             self.run_options = onnxruntime.RunOptions()
