@@ -48,8 +48,14 @@ def export_forms(adapter: Path, work: Path) -> dict[str, dict]:
     return results
 
 
-def interleaved_latency(runners: dict[str, callable], runs: int, warmup: int) -> dict[str, list[float]]:
-    """Run every runner once per round, rotating the order; return the per-run times in ms."""
+def interleaved_latency(runners: dict[str, callable], runs: int, warmup: int,
+                        gap_s: float = 0.02) -> dict[str, list[float]]:
+    """Run every runner once per round, rotating the order; return the per-run times in ms.
+
+    Each timed run follows a ``gap_s`` pause: ORT's idle intra-op threads spin for a
+    while after a run, and the previous session's spinning threads would otherwise
+    steal the cores from the next one (that made timings bimodal here).
+    """
     for runner in runners.values():
         for _ in range(warmup):
             runner()
@@ -58,6 +64,7 @@ def interleaved_latency(runners: dict[str, callable], runs: int, warmup: int) ->
     for round_index in range(runs):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            time.sleep(gap_s)
             start = time.perf_counter()
             runners[name]()
             times[name].append((time.perf_counter() - start) * 1e3)
