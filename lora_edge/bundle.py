@@ -204,6 +204,22 @@ def find_graph(bundle: Path, name: str) -> GraphRecord:
                       f"use one of: {names}")
 
 
+# The command that runs each task's graphs, for errors that point users to the right one.
+TASK_COMMANDS = {"seq-cls": "lora-edge infer", "causal-lm": "lora-edge generate"}
+
+
+def find_task_graph(bundle: Path, name: str, task: str) -> tuple[dict, GraphRecord]:
+    """(manifest, graph record) of graph ``name``, which must be a ``task`` graph (ConfigError if not)."""
+    manifest = read_manifest(bundle)
+    record = find_graph(bundle, name)
+    if record.task != task:
+        from lora_edge.errors import ConfigError
+
+        raise ConfigError(f"graph {record.name} is a {record.task} graph", "--graph",
+                          f"use {TASK_COMMANDS.get(record.task, 'another command')} for {record.task} graphs")
+    return manifest, record
+
+
 def add_graphs(bundle: Path, records: list[GraphRecord]) -> dict:
     """Add (or replace, by name) graph records in a bundle's manifest, atomically."""
     manifest = read_manifest(bundle)

@@ -381,17 +381,13 @@ def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: 
     Errors: BundleError (unknown graph), ConfigError (not a causal-lm graph, bad
     options), DataError (a prompt longer than the context), AdapterMismatchError.
     """
-    from lora_edge.bundle import ONNX_DIR, find_graph, read_manifest
+    from lora_edge.bundle import ONNX_DIR, find_task_graph
     from lora_edge.decoder import context_length
     from lora_edge.models import Task, load_config, load_tokenizer
     from lora_edge.runtime import create_session
 
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    record = find_graph(bundle, graph)
-    if record.task != Task.CAUSAL_LM.value:
-        raise ConfigError(f"graph {record.name} is a {record.task} graph", "--graph",
-                          "use lora-edge infer for classification graphs")
+    manifest, record = find_task_graph(bundle, graph, Task.CAUSAL_LM.value)
     if not prompts:
         raise ConfigError("no prompt given", "--prompt", "pass --prompt \"...\"")
     onnx_dir = bundle / ONNX_DIR

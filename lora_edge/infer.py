@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, find_graph, read_manifest
+from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, find_task_graph
 from lora_edge.errors import BundleError, ConfigError
 from lora_edge.models import Task
 
@@ -83,11 +83,7 @@ def infer(bundle: Path, graph: str, texts: Sequence[str], adapter: str | None = 
     from lora_edge.runtime import create_session, load_lora_adapter, run
 
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    record = find_graph(bundle, graph)
-    if record.task != Task.SEQ_CLS.value:
-        raise ConfigError(f"graph {record.name} is a {record.task} graph", "--graph",
-                          "use lora-edge generate for causal-lm graphs")
+    manifest, record = find_task_graph(bundle, graph, Task.SEQ_CLS.value)
     if not texts:
         raise ConfigError("no text given", "--text", "pass --text \"...\" (repeatable)")
     chosen = choose_adapter(record, manifest, adapter)

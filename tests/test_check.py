@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_runner import exit_code_of
 from lora_edge.check_metrics import FAILED, PASSED, SKIPPED, LogitComparison, classification_scores, judge
 from lora_edge.recipe import DEFAULT_THRESHOLDS, CheckSpec, Thresholds
 
@@ -93,23 +94,13 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def _cli(*args: str) -> int:
-    from lora_edge.cli import main
-
-    try:
-        main(list(args))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
-
-
 def _by_target(report) -> dict:
     return {result.target: result for result in report.targets}
 
 
 def test_honest_bundle_passes_with_task_metrics(bundle, data_file, tmp_path, capsys):
     junit = tmp_path / "junit.xml"
-    assert _cli("check", str(bundle), "--data", str(data_file), "--junit", str(junit), "--json") == 0
+    assert exit_code_of("check", str(bundle), "--data", str(data_file), "--junit", str(junit), "--json") == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["passed"] and payload["summary"]["failed"] == 0
     results = {r["target"]: r for r in payload["results"]}
@@ -157,7 +148,7 @@ def test_one_perturbed_weight_fails_the_gate(bundle, data_file, tmp_path):
     target.CopyFrom(numpy_helper.from_array(array, target.name))
     onnx.save(model, str(path))
 
-    assert _cli("check", str(copy), "--data", str(data_file)) == 1
+    assert exit_code_of("check", str(copy), "--data", str(data_file)) == 1
     report = json.loads((copy / "reports" / "check.json").read_text())
     assert not report["passed"]
     failed = {(r["target"], name) for r in report["results"] for name, m in r["metrics"].items()

@@ -9,17 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_runner import exit_code_of
 from lora_edge.recipe import load_recipe
-
-
-def _cli(*args: str) -> int:
-    from lora_edge.cli import main
-
-    try:
-        main(list(args))
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
 
 
 @pytest.mark.slow
@@ -27,7 +18,7 @@ def test_run_tiny_bert_recipe_end_to_end(tmp_path, capsys):
     from lora_edge.bundle import read_manifest
 
     recipe = load_recipe("tiny-bert")
-    assert _cli("run", "tiny-bert", "--out", str(tmp_path)) == 0
+    assert exit_code_of("run", "tiny-bert", "--out", str(tmp_path)) == 0
     out = capsys.readouterr()
     bundle = tmp_path / "tiny-bert"
     for stage in ("[1/6] train", "[2/6] export", "[3/6] quantize", "[4/6] profile", "[5/6] check", "[6/6] report"):
@@ -64,7 +55,7 @@ def test_run_tiny_bert_recipe_end_to_end(tmp_path, capsys):
     assert (bundle / "reports" / "training.intent.png").stat().st_size > 1000
 
     # The bundle is never overwritten silently; the refusal comes before any work.
-    assert _cli("run", "tiny-bert", "--out", str(tmp_path)) == 9
+    assert exit_code_of("run", "tiny-bert", "--out", str(tmp_path)) == 9
 
 
 def test_run_exits_with_the_gate_code(monkeypatch, tmp_path, capsys):
@@ -83,9 +74,9 @@ def test_run_exits_with_the_gate_code(monkeypatch, tmp_path, capsys):
         return result
 
     monkeypatch.setattr(pipeline, "run_recipe", fake_run)
-    assert _cli("run", "tiny-bert") == 0
+    assert exit_code_of("run", "tiny-bert") == 0
     monkeypatch.setattr(pipeline, "run_recipe", lambda *a, **k: fake_run(*a, **k, status=FAILED))
-    assert _cli("run", "tiny-bert") == 1
+    assert exit_code_of("run", "tiny-bert") == 1
     err = capsys.readouterr().err
     assert "merged.int4: top1_agreement = 0.5" in err and "at least 0.95" in err
 
@@ -93,7 +84,7 @@ def test_run_exits_with_the_gate_code(monkeypatch, tmp_path, capsys):
 def test_bad_recipe_is_a_usage_error_naming_the_field(tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text('name = "x"\n[[adapters]]\npath = "a"\n[check.thresholds.int4]\ncosine = 2.0\n')
-    assert _cli("run", str(path)) == 2
+    assert exit_code_of("run", str(path)) == 2
     assert f"{path}: check.thresholds.int4.cosine" in capsys.readouterr().err
 
 
