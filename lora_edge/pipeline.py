@@ -284,7 +284,7 @@ def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force
         record.summary = (f"{'PASSED' if result.check.passed else 'FAILED'}: {counts['passed']} passed, "
                           f"{counts['failed']} failed, {counts['skipped']} skipped")
     result.seconds = time.perf_counter() - started
-    with stages.stage("report", "reports/report.md") as record:
+    with stages.stage("report", "writing the tables and charts into reports/report.md") as record:
         result.report = write_run_report(result)
         record.summary = str(result.report)
     return result
