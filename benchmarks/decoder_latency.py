@@ -27,9 +27,10 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from time import perf_counter
 
 import numpy as np
+
+from interleave import interleaved_times  # sibling module: the scripts run as benchmarks/<name>.py
 
 FORMS = ("merged", "branched", "hotswap")
 
@@ -87,17 +88,7 @@ def step_call(runner, adapter, new_tokens: int, past_length: int, seed: int = 0)
 
 def interleaved_ms(calls: dict[str, callable], runs: int, warmup: int) -> dict[str, float]:
     """Median milliseconds per call, every call once per round with a rotating order."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    names = list(calls)
-    times = {name: [] for name in names}
-    for round_index in range(runs):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = perf_counter()
-            calls[name]()
-            times[name].append((perf_counter() - start) * 1e3)
+    times = interleaved_times(calls, runs, warmup)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

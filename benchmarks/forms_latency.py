@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from interleave import interleaved_times  # sibling module: the scripts run as benchmarks/<name>.py
+
 FORMS = ("merged", "branched", "hotswap")
 TEXT = "please turn on the lights in the kitchen and tell me what the weather will be like tomorrow " * 20
 
@@ -46,29 +48,6 @@ def export_forms(adapter: Path, work: Path) -> dict[str, dict]:
         print(f"exported {form}: torch.onnx {graph.extra['export_seconds']:.1f} s, "
               f"with loading and verification {wall:.1f} s", file=sys.stderr)
     return results
-
-
-def interleaved_latency(runners: dict[str, callable], runs: int, warmup: int,
-                        gap_s: float = 0.02) -> dict[str, list[float]]:
-    """Run every runner once per round, rotating the order; return the per-run times in ms.
-
-    Each timed run follows a ``gap_s`` pause: ORT's idle intra-op threads spin for a
-    while after a run, and the previous session's spinning threads would otherwise
-    steal the cores from the next one (that made timings bimodal here).
-    """
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner()
-    names = list(runners)
-    times = {name: [] for name in names}
-    for round_index in range(runs):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            time.sleep(gap_s)
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def branch_kernel_share(graph: Path, feeds: dict, threads: int, runs: int = 50) -> float:
@@ -137,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         runners = {form: (lambda s=session, a=(lora if form == "hotswap" else None): run(s, feeds, adapter=a))
                    for form, session in sessions.items()}
         runners["hotswap (no adapter)"] = lambda: run(sessions["hotswap"], feeds)
-        times = interleaved_latency(runners, args.runs, args.warmup)
+        times = interleaved_times(runners, args.runs, args.warmup, gap_s=0.02)
         branched = exports["branched"]
         share = branch_kernel_share(branched["bundle"] / branched["graph"].file, feeds, args.threads)
 

@@ -148,29 +148,15 @@ class Variant:
     per_round: list[float] = field(default_factory=list)
 
 
-class Runner:
-    """One session on fixed feeds; hot-swap graphs run with their adapter active.
+def make_runner(variant: Variant, threads: int, spinning: bool, feeds: dict):
+    """lora-edge's GraphRunner on the benchmark's session; hot-swap graphs run with their adapter active."""
+    from lora_edge.measure import GraphRunner
+    from lora_edge.runtime import load_lora_adapter
 
-    The LoraAdapter is held here: RunOptions.add_active_adapter keeps no reference
-    to it, and a collected adapter leaves the run options pointing at freed memory.
-    """
-
-    def __init__(self, variant: Variant, threads: int, spinning: bool, feeds: dict):
-        import onnxruntime
-
-        from lora_edge.runtime import load_lora_adapter
-
-        self.session = make_session(variant.path, threads, spinning)
-        declared = {i.name for i in self.session.get_inputs()}
-        self.feeds = {k: v for k, v in feeds.items() if k in declared}
-        self.adapter = load_lora_adapter(variant.adapter_file) if variant.adapter_file else None
-        self.run_options = None
-        if self.adapter is not None:
-            self.run_options = onnxruntime.RunOptions()
-            self.run_options.add_active_adapter(self.adapter)
-
-    def __call__(self) -> None:
-        self.session.run(None, self.feeds, self.run_options)
+    session = make_session(variant.path, threads, spinning)
+    declared = {i.name for i in session.get_inputs()}
+    adapter = load_lora_adapter(variant.adapter_file) if variant.adapter_file else None
+    return GraphRunner(session, {k: v for k, v in feeds.items() if k in declared}, adapter)
 
 
 def time_rounds(variants: list[Variant], rounds: int, runs: int, gap_s: float, seed: int = 0) -> None:
@@ -428,7 +414,7 @@ def main() -> None:
     variants = [Variant(name, path, adapter_file if name.startswith("hotswap") else None)
                 for name, path in graphs.items()]
     for variant in variants:
-        variant.runner = Runner(variant, args.threads, spinning, feeds)
+        variant.runner = make_runner(variant, args.threads, spinning, feeds)
         for _ in range(3):
             variant.runner()
     load_before = [round(x, 2) for x in os.getloadavg()]
