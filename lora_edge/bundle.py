@@ -220,6 +220,21 @@ def find_task_graph(bundle: Path, name: str, task: str) -> tuple[dict, GraphReco
     return manifest, record
 
 
+def hotswap_adapter_file(bundle: Path, graph: GraphRecord, adapter: str) -> Path:
+    """The ``.onnx_adapter`` file of ``adapter`` for a hot-swap graph (recorded in the graph's extra, else
+    the bundle's convention ``onnx/adapters/<name>.onnx_adapter``); it may not exist."""
+    recorded = (graph.extra or {}).get("adapter_files", {}).get(adapter)
+    return Path(bundle) / (recorded or f"{ONNX_DIR}/adapters/{adapter}.onnx_adapter")
+
+
+def require_adapter_file(bundle: Path, graph: GraphRecord, adapter: str) -> Path:
+    """:func:`hotswap_adapter_file`, or a BundleError when that file is missing."""
+    path = hotswap_adapter_file(bundle, graph, adapter)
+    if not path.is_file():
+        raise BundleError(f"adapter file of '{adapter}' is missing", path, "re-run lora-edge export")
+    return path
+
+
 def add_graphs(bundle: Path, records: list[GraphRecord]) -> dict:
     """Add (or replace, by name) graph records in a bundle's manifest, atomically."""
     manifest = read_manifest(bundle)

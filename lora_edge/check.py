@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import Form, GraphRecord, list_graphs, read_manifest, require_bundle
+from lora_edge.bundle import Form, GraphRecord, list_graphs, read_manifest, require_adapter_file, require_bundle
 from lora_edge.check_data import eval_set
 from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
 from lora_edge.check_tasks import BACKENDS, EvalSet, compare_logits
@@ -127,13 +127,6 @@ def plan_targets(graphs: list[GraphRecord], adapters: list[str]) -> list[CheckTa
     return targets
 
 
-def hotswap_adapter_file(bundle: Path, graph: GraphRecord, adapter: str) -> Path:
-    """The ``.onnx_adapter`` file of ``adapter`` for a hot-swap graph (recorded in the graph's extra, else
-    the bundle's convention ``onnx/adapters/<name>.onnx_adapter``)."""
-    recorded = (graph.extra or {}).get("adapter_files", {}).get(adapter)
-    return bundle / (recorded or f"onnx/adapters/{adapter}.onnx_adapter")
-
-
 # --- running ---------------------------------------------------------------------------------------
 
 class SessionCache:
@@ -181,10 +174,7 @@ def run_target(target: CheckTarget, bundle: Path, backend, batches, reference: l
         result.providers = list(session.get_providers())
         adapter = None
         if target.graph.form is Form.HOTSWAP and target.adapter is not None:
-            adapter_file = hotswap_adapter_file(bundle, target.graph, target.adapter)
-            if not adapter_file.is_file():
-                raise BundleError(f"adapter file {adapter_file.name} is missing", adapter_file, "re-export the bundle")
-            adapter = load_lora_adapter(adapter_file)
+            adapter = load_lora_adapter(require_adapter_file(bundle, target.graph, target.adapter))
         outputs = [backend.graph(session, batch, adapter) for batch in batches]
     except Exception as exc:  # a graph that cannot run is skipped (no provider) or failed (broken), never raised
         reason = _unrunnable(exc)

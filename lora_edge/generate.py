@@ -324,8 +324,8 @@ def adapter_for_run(bundle: Path, record, manifest: dict, adapter: str | None, s
     model, or a path to an ``.onnx_adapter`` file, which is checked against the
     graph first (an adapter of another base model is refused naming the tensor).
     """
-    from lora_edge.bundle import Form
-    from lora_edge.infer import _adapter_file, choose_adapter
+    from lora_edge.bundle import Form, require_adapter_file
+    from lora_edge.infer import choose_adapter
     from lora_edge.runtime import load_lora_adapter
 
     if record.form is Form.HOTSWAP and adapter and adapter.endswith(".onnx_adapter"):
@@ -337,7 +337,7 @@ def adapter_for_run(bundle: Path, record, manifest: dict, adapter: str | None, s
         return path.stem, load_lora_adapter(path)
     chosen = choose_adapter(record, manifest, adapter)
     if record.form is Form.HOTSWAP and chosen is not None:
-        path = _adapter_file(Path(bundle), record, chosen)
+        path = require_adapter_file(Path(bundle), record, chosen)
         check_adapter_fits(session, path)
         return chosen, load_lora_adapter(path)
     return chosen, None

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, find_task_graph
-from lora_edge.errors import BundleError, ConfigError
+from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, find_task_graph, require_adapter_file
+from lora_edge.errors import ConfigError
 from lora_edge.models import Task
 
 if TYPE_CHECKING:
@@ -66,14 +66,6 @@ def _labels(manifest: dict, adapter: str | None, width: int) -> list[str]:
     return list(labels) if len(labels) == width else [f"LABEL_{i}" for i in range(width)]
 
 
-def _adapter_file(bundle: Path, record: GraphRecord, adapter: str) -> Path:
-    recorded = (record.extra or {}).get("adapter_files", {}).get(adapter)
-    path = bundle / (recorded or f"{ONNX_DIR}/adapters/{adapter}.onnx_adapter")
-    if not path.is_file():
-        raise BundleError(f"adapter file of '{adapter}' is missing", path, "re-run lora-edge export")
-    return path
-
-
 def infer(bundle: Path, graph: str, texts: Sequence[str], adapter: str | None = None,
           settings: "SessionSettings | None" = None, max_length: int = 128) -> list[Prediction]:
     """Classify ``texts`` with graph ``graph`` of ``bundle`` (for hot-swap, with ``adapter``; 'none' = base)."""
@@ -93,7 +85,7 @@ def infer(bundle: Path, graph: str, texts: Sequence[str], adapter: str | None = 
     encoded = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="np")
     feeds = {name: np.asarray(value, dtype=np.int64) for name, value in encoded.items()}
     session = create_session(bundle / record.file, settings)
-    lora = load_lora_adapter(_adapter_file(bundle, record, chosen)) \
+    lora = load_lora_adapter(require_adapter_file(bundle, record, chosen)) \
         if record.form is Form.HOTSWAP and chosen is not None else None
     (logits,) = run(session, feeds, adapter=lora, output_names=["logits"])
     logits = logits.astype(np.float64)

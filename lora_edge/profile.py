@@ -71,7 +71,7 @@ def select_graphs(bundle: Path, device: DeviceTarget, names: list[str] | None = 
 
 def _hotswap_adapter(bundle: Path, record: GraphRecord, manifest: dict) -> tuple[str | None, Path | None]:
     """The adapter a hot-swap graph is timed with: its first adapter's .onnx_adapter file."""
-    from lora_edge.check import hotswap_adapter_file
+    from lora_edge.bundle import hotswap_adapter_file
 
     names = record.adapters or [item["name"] for item in manifest.get("adapters", [])]
     for name in names:
