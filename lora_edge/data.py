@@ -234,10 +234,11 @@ def resolve_data_files(data: str | Path, validation: str | Path | None = None, t
                      seed=seed)
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int = 128, padding: str | bool = "longest") -> dict:
-    """Tokenize ``texts`` into a dict of int64 torch tensors (input_ids, attention_mask, ...)."""
+def encode_texts(tokenizer, texts: list[str], max_length: int = 128, padding: str | bool = "longest",
+                 tensors: str = "pt") -> dict:
+    """Tokenize ``texts`` into a dict of tensors (input_ids, attention_mask, ...): torch ("pt") or numpy ("np")."""
     return dict(tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length,
-                          return_tensors="pt"))
+                          return_tensors=tensors))
 
 
 def calibration_batches(tokenizer, texts: list[str], batch_size: int = 8, max_length: int = 128,

@@ -159,7 +159,9 @@ def encoder_input_names(model: "nn.Module", tokenizer) -> list[str]:
 
 def _encode(tokenizer, texts: Sequence[str], names: list[str], max_length: int,
             padding: str | bool = "longest") -> tuple["torch.Tensor", ...]:
-    encoded = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+    from lora_edge.data import encode_texts
+
+    encoded = encode_texts(tokenizer, texts, max_length, padding)
     return tuple(encoded[name].long() for name in names)
 
 

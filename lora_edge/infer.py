@@ -71,6 +71,7 @@ def infer(bundle: Path, graph: str, texts: Sequence[str], adapter: str | None = 
     """Classify ``texts`` with graph ``graph`` of ``bundle`` (for hot-swap, with ``adapter``; 'none' = base)."""
     import numpy as np
 
+    from lora_edge.data import encode_texts
     from lora_edge.models import load_config, load_tokenizer
     from lora_edge.runtime import create_session, load_lora_adapter, run
 
@@ -82,7 +83,7 @@ def infer(bundle: Path, graph: str, texts: Sequence[str], adapter: str | None = 
     onnx_dir = bundle / ONNX_DIR
     tokenizer = load_tokenizer(onnx_dir)
     max_length = min(max_length, load_config(onnx_dir).get("max_position_embeddings", 514) - 2)
-    encoded = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="np")
+    encoded = encode_texts(tokenizer, texts, max_length, tensors="np")
     feeds = {name: np.asarray(value, dtype=np.int64) for name, value in encoded.items()}
     session = create_session(bundle / record.file, settings)
     lora = load_lora_adapter(require_adapter_file(bundle, record, chosen)) \
