@@ -1,6 +1,6 @@
 """The bundle: one output directory per run, written atomically, described by manifest.json.
 
-Layout (see DESIGN.md)::
+Layout (docs/ARCHITECTURE.md, "The bundle")::
 
     <bundle>/manifest.json   adapter/ or adapters/<name>/   onnx/   reports/
 
@@ -120,7 +120,7 @@ def update_manifest(bundle: Path, **sections) -> dict:
 
 
 class Form(str, enum.Enum):
-    """The three deployment forms of an adapter (DESIGN.md)."""
+    """The three deployment forms of an adapter (docs/ARCHITECTURE.md)."""
 
     MERGED = "merged"      # B·A folded into W: one graph per adapter, no runtime cost
     BRANCHED = "branched"  # explicit low-rank MatMul pair beside each base linear

@@ -1,6 +1,6 @@
 """The hot-swap form: one base graph whose adapter tensors are graph inputs; adapters as .onnx_adapter files.
 
-How it is built (DESIGN.md, "Facts measured"): renaming initializers after a
+How it is built (docs/ARCHITECTURE.md, "Facts"): renaming initializers after a
 plain export cannot work (the exporter folds transposes into anonymous
 initializers), so the adapter's tensors are made explicit inputs of the
 exported function. :class:`HotswapModule` takes the task's graph inputs plus one

@@ -1,6 +1,6 @@
 """Which linear layers of a graph are LoRA pairs (kept float) and which are base weights (quantized).
 
-Conventions the exporter guarantees (DESIGN.md): in branched graphs every LoRA
+Conventions the exporter guarantees (docs/ARCHITECTURE.md, "The three deployment forms"): in branched graphs every LoRA
 weight initializer's name contains ``lora_A`` or ``lora_B``; in hot-swap graphs
 LoRA weights (and ``modules_to_save`` heads) are graph inputs. A linear layer is
 a ``MatMul``/``Gemm`` whose second operand is a weight: :func:`linear_roles`

@@ -31,7 +31,7 @@ FP16_FLOAT_OPS = ["Pow", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2
 # The onnxruntime.quantization loggers print one INFO line per node.
 QUANTIZATION_LOGGERS = ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer", "root")
 # Static quantization touches only the linear layers: int8 LayerNorm/Softmax/residuals cost accuracy
-# and, as Q/DQ pairs around every op, time (DESIGN.md: QDQ on everything measured 1.4-4.5x slower).
+# and, as Q/DQ pairs around every op, time (docs/ARCHITECTURE.md, "Facts": QDQ on everything measured 1.4-4.5x slower).
 STATIC_OP_TYPES = ["MatMul", "Gemm", "Gather"]
 
 
@@ -51,7 +51,7 @@ def quiet_quantizers() -> Iterator[None]:
     """Silence onnxruntime.quantization's per-node INFO logging and its pre-processing advice.
 
     The calibration sessions ORT creates itself would also log one "Initializer ... appears in
-    graph inputs" warning per hot-swap input (expected, DESIGN.md): ORT's default logger is
+    graph inputs" warning per hot-swap input (expected, docs/ARCHITECTURE.md, "Facts"): ORT's default logger is
     raised to errors meanwhile, then set back to its default (warnings).
     """
     import onnxruntime
@@ -73,7 +73,7 @@ def _common_extra_options() -> dict:
     from onnx import TensorProto
 
     # Tensors made by contrib ops (MultiHeadAttention, BiasGelu) have no inferred type; without
-    # this ORT's quantizer fails with "Unable to find data type for weight_name" (DESIGN.md).
+    # this ORT's quantizer fails with "Unable to find data type for weight_name" (docs/ARCHITECTURE.md, "Facts").
     return {"DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True}
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 CPU = "CPUExecutionProvider"
 # ORT's "Initializer ... appears in graph inputs" warnings are expected for hot-swap
-# graphs (DESIGN.md); warnings and below are hidden from users by default.
+# graphs (docs/ARCHITECTURE.md, "Facts"); warnings and below are hidden from users by default.
 DEFAULT_LOG_SEVERITY = 3
 
 

@@ -1,0 +1,86 @@
+"""The layer rule of docs/ARCHITECTURE.md: a module imports its own layer and lower layers only.
+
+The import graph is read from the source (no imports run), so a new upward
+arrow fails here with the two modules named. ``KNOWN_UPWARD`` lists the arrows
+that exist today and are to be removed; it may only shrink.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lora_edge"
+
+LAYERS = {
+    0: ["errors", "models", "bundle", "data", "metrics", "flops", "report", "thresholds", "tiny", "adapters",
+        "recipe", "__init__"],
+    1: ["runtime", "measure", "infer", "generate"],
+    2: ["train", "train_io"],
+    3: ["exporter", "decoder", "merge", "hotswap", "export_bundle"],
+    4: ["quantize", "quantize_fusion", "quantize_lora", "quantize_methods", "quantize_prepare"],
+    5: ["devices", "eager", "profile", "profile_report", "compare", "sweep"],
+    6: ["check", "check_data", "check_metrics", "check_report", "check_tasks", "lm_metrics"],
+    7: ["pipeline", "pipeline_report", "cli", "__main__"],
+}
+
+# (importer, imported): upward arrows that exist today; remove an entry when its arrow goes.
+KNOWN_UPWARD = {
+    ("generate", "decoder"),        # the torch-free decoder contract is still in decoder.py
+    ("export_bundle", "quantize"),  # export quantizes when asked to
+}
+
+MAX_DEPTH = 13  # the longest chain of internal imports; the goal is 8
+
+
+def layer_of() -> dict[str, int]:
+    return {module: layer for layer, modules in LAYERS.items() for module in modules}
+
+
+def internal_imports(path: Path) -> set[str]:
+    """The lora_edge modules a file imports, at any place in it (lazy imports count)."""
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lora_edge":
+            parts = node.module.split(".")
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:
+                found.update(alias.name for alias in node.names if alias.name in modules)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("lora_edge."))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {path.stem: internal_imports(path) - {path.stem} for path in PACKAGE.glob("*.py")}
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(set(import_graph()) - set(layer_of()))
+    assert not missing, f"add these modules to a layer in docs/ARCHITECTURE.md and LAYERS here: {missing}"
+
+
+def test_no_module_imports_a_later_layer():
+    layers = layer_of()
+    upward = {(module, imported) for module, imports in import_graph().items() for imported in imports
+              if layers.get(imported, -1) > layers.get(module, 99)}
+    new = sorted(upward - KNOWN_UPWARD)
+    assert not new, f"upward imports (a stage importing a later stage): {new}"
+    gone = sorted(KNOWN_UPWARD - upward)
+    assert not gone, f"these known upward imports are gone; remove them from KNOWN_UPWARD: {gone}"
+
+
+def test_import_depth_does_not_grow():
+    graph = import_graph()
+
+    @functools.lru_cache(maxsize=None)
+    def depth(module: str, seen: frozenset = frozenset()) -> int:
+        if module in seen:
+            return 0
+        return 1 + max((depth(m, seen | {module}) for m in graph.get(module, ())), default=0)
+
+    deepest = max(graph, key=depth)
+    assert depth(deepest) <= MAX_DEPTH, f"import chain from {deepest} is {depth(deepest)} deep (at most {MAX_DEPTH})"
