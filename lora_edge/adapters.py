@@ -9,7 +9,6 @@ itself load unchanged.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -152,23 +151,3 @@ def load_reference(model_path: Path, adapter: AdapterRef, task: Task | None = No
     labels = head_labels(adapter.path, weights) if task is Task.SEQ_CLS else None
     base = load_base_model(model_path, task, labels=labels, trust_remote_code=trust_remote_code)
     return attach_adapter(base, adapter, weights)
-
-
-def lora_scaling(config: dict, module_name: str) -> tuple[int, float]:
-    """(rank, scale) PEFT uses for ``module_name``, honouring rank/alpha patterns and rsLoRA.
-
-    Pattern keys match like PEFT's: a key matches when the module name ends with it
-    (as a dotted suffix) or equals it.
-    """
-    import re
-
-    def pick(pattern: dict, default):
-        for key, value in (pattern or {}).items():
-            if re.match(rf"(.*\.)?({key})$", module_name):
-                return value
-        return default
-
-    rank = pick(config.get("rank_pattern"), config["r"])
-    alpha = pick(config.get("alpha_pattern"), config["lora_alpha"])
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return int(rank), float(scale)

@@ -11,7 +11,7 @@ agreement) and perplexity; the graph runs through the decoder stage's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,13 +41,6 @@ class EvalSet:
     labels: list[int] | None = None
     n_classes: int = 0
     task_skip_reason: str = ""  # why the task metric cannot run ("" = it can)
-
-
-@dataclass
-class TaskRun:
-    """What one graph (or the reference) produced over the whole evaluation set."""
-
-    logits: list[np.ndarray] = field(default_factory=list)  # per batch, as the task's rows need them
 
 
 class ClassificationBackend:

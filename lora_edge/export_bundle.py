@@ -16,7 +16,6 @@ to ``lora_edge.quantize.quantize_bundle`` once the fp32 graphs exist.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -166,12 +165,6 @@ def _common_task(adapters: Sequence[AdapterRef], task: Task | None) -> Task:
     return chosen
 
 
-def _require_quantizer(precisions: Sequence[Precision]) -> None:
-    if any(p is not Precision.FP32 for p in precisions) and importlib.util.find_spec("lora_edge.quantize") is None:
-        raise ConfigError("quantized precisions are not available in this version (no lora_edge.quantize)",
-                          "--precisions", "use --precisions fp32")
-
-
 def _copy_adapter(adapter: AdapterRef, target: Path) -> None:
     target.mkdir(parents=True)
     for name in ADAPTER_FILES:
@@ -231,7 +224,6 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
                                            for p in precisions], "--precisions")
     adapters = list(adapters)
     _check_names(adapters)
-    _require_quantizer(precisions)
     model_path = resolve_model_path(model)
     task = _common_task(adapters, Task.parse(task) if task else None)
     with atomic_directory(Path(out), force) as staging:

@@ -351,8 +351,3 @@ def _p50_by_graph(result: RunResult) -> dict[str, float]:
             return {g.name: (g.latency_ms or {}).get("p50") for g in run.report.graphs if g.latency_ms}
     return {}
 
-
-def demo_recipe() -> Recipe:
-    """The shipped demo recipe."""
-    return load_recipe("demo")
-

@@ -8,7 +8,8 @@ import pytest
 from safetensors.torch import load_file
 
 from export_helpers import TEST_BATCHES, feeds_for, torch_logits
-from lora_edge.adapters import AdapterRef, load_reference, lora_scaling, read_adapter_config
+from lora_edge.adapters import AdapterRef, load_reference, read_adapter_config
+from lora_reference import lora_scaling
 from lora_edge.exporter import ExportContext, low_rank_pairs
 from lora_edge.hotswap import export_hotswap, read_onnx_adapter
 from lora_edge.models import Task, load_base_model, load_tokenizer

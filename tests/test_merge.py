@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from export_helpers import ADAPTER_NAME, TEST_BATCHES, feeds_for, labeled_adapter, torch_logits
-from lora_edge.adapters import AdapterRef, lora_scaling, load_reference, read_adapter_config
+from lora_edge.adapters import AdapterRef, load_reference, read_adapter_config
+from lora_reference import lora_scaling
 from lora_edge.errors import AdapterMismatchError
 from lora_edge.merge import (PEFT_PREFIX, LoraBranch, branch_adapter, count_branches, lora_pairs, merge_adapter,
                              unmerge_adapter)
