@@ -35,7 +35,7 @@ from lora_edge.bundle import atomic_file
 from lora_edge.errors import AdapterMismatchError, ConfigError, ExportError
 from lora_edge.exporter import (FP32_TOLERANCE, ExportContext, GraphIO, check_agreement,
                                 export_onnx, graph_io_for, reference_outputs, run_graph)
-from lora_edge.merge import PEFT_PREFIX, _saved_module_wrappers, branch_modules, lora_pairs
+from lora_edge.merge import PEFT_PREFIX, saved_module_wrappers, branch_modules, lora_pairs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,7 +98,7 @@ def plan_slots(base_model: nn.Module, references: dict[str, "PeftModel"]) -> lis
                               "--forms hotswap", "use the merged or branched form for this adapter")
         for pair in lora_pairs(reference):
             lora[pair.module] = (int(pair.lora_A.shape[1]), int(pair.lora_B.shape[0]))
-        for module, wrapper in _saved_module_wrappers(reference):
+        for module, wrapper in saved_module_wrappers(reference):
             for attribute, param in wrapper.modules_to_save[wrapper.active_adapter].named_parameters():
                 base_shape = tuple(base_model.get_parameter(f"{module}.{attribute}").shape)
                 if param.dim() != len(base_shape):
@@ -207,7 +207,7 @@ def adapter_tensors(reference: "PeftModel", slots: list[SwapSlot]) -> dict[str, 
     for pair in lora_pairs(reference):
         tensors[pair.key_A] = pair.lora_A.numpy()
         tensors[pair.key_B] = pair.scaled_B().numpy()
-    for module, wrapper in _saved_module_wrappers(reference):
+    for module, wrapper in saved_module_wrappers(reference):
         for attribute, param in wrapper.modules_to_save[wrapper.active_adapter].named_parameters():
             tensors[f"{PEFT_PREFIX}{module}.{attribute}"] = param.detach().float().numpy()
     missing = set(tensors) - wanted

@@ -134,7 +134,7 @@ def _lora_layers(peft_model: "PeftModel") -> list[tuple[str, nn.Module]]:
             if isinstance(module, LoraLayer)]
 
 
-def _saved_module_wrappers(peft_model: "PeftModel") -> list[tuple[str, nn.Module]]:
+def saved_module_wrappers(peft_model: "PeftModel") -> list[tuple[str, nn.Module]]:
     """(module path, PEFT ModulesToSaveWrapper) for every modules_to_save entry."""
     from peft.utils import ModulesToSaveWrapper
 
@@ -189,7 +189,7 @@ def _plain_copy(peft_model: "PeftModel") -> tuple[nn.Module, "PeftModel"]:
         clone = copy.deepcopy(peft_model)
     inner = clone.base_model.model
     inner.__dict__.pop("peft_config", None)  # PEFT's marker: the result is a plain transformers model
-    for module, wrapper in _saved_module_wrappers(clone):
+    for module, wrapper in saved_module_wrappers(clone):
         inner.set_submodule(module, wrapper.modules_to_save[_active_adapter(wrapper, module)])
     return inner, clone
 
@@ -236,7 +236,7 @@ def unmerge_adapter(merged_model: nn.Module, peft_model: "PeftModel") -> nn.Modu
         for pair in lora_pairs(peft_model):
             weight = _weight_of(merged_model.get_submodule(pair.module))
             weight.copy_((weight.float() - _checked_delta(pair, weight)).to(weight.dtype))
-        for module, wrapper in _saved_module_wrappers(peft_model):
+        for module, wrapper in saved_module_wrappers(peft_model):
             original = wrapper.original_module
             merged_model.get_submodule(module).load_state_dict(original.state_dict())
     return merged_model

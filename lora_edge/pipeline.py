@@ -110,7 +110,7 @@ def resolve_model(recipe: Recipe) -> str | Path:
     return recipe.model
 
 
-def _training_record(recipe: Recipe, model: str | Path, source: AdapterSource) -> dict:
+def training_record(recipe: Recipe, model: str | Path, source: AdapterSource) -> dict:
     """What a trained adapter depends on: model and data (with their sha256), task and training block."""
     from lora_edge.models import directory_sha256, file_sha256, resolve_model_path
 
@@ -134,7 +134,7 @@ def train_adapters(recipe: Recipe, model: str | Path, retrain: bool, progress: P
             refs.append(AdapterRef(source.name, Path(source.path)))
             continue
         out = Path(recipe.output) / f"{recipe.name}-adapters" / source.name
-        record = _training_record(recipe, model, source)
+        record = training_record(recipe, model, source)
         record_file = out / TRAINING_RECORD
         same = record_file.is_file() and json.loads(record_file.read_text()) == record
         if same and not retrain and (out / "adapter_model.safetensors").is_file():

@@ -29,7 +29,7 @@ LORA_TARGETS = {
 }
 
 
-def _config(arch: str):
+def tiny_config(arch: str):
     from transformers import (BertConfig, DistilBertConfig, GPT2Config, LlamaConfig, MistralConfig,
                               Qwen2Config, RobertaConfig)
 
@@ -68,7 +68,7 @@ def build_tiny_model(arch: str, directory: Path, labels: list[str] | None = None
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    config = _config(arch)
+    config = tiny_config(arch)
     torch.manual_seed(MODEL_SEED)
     if arch in ENCODERS and head:
         labels = labels or TINY_LABELS

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export_helpers import (ADAPTER_NAME, ALL_FORMS, TEST_BATCHES, feeds_for, labeled_adapter, session_inputs,
+from export_helpers import (ADAPTER_NAME, ALL_FORMS, TEST_BATCHES, feeds_for, session_inputs,
                             tiny_bundle, torch_logits)
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.bundle import Form, GraphRecord, list_graphs, read_manifest

@@ -114,7 +114,7 @@ def test_host_devices_are_the_cpu_targets_this_host_can_run():
 
 def test_trained_adapter_is_reused_when_nothing_changed(monkeypatch, tmp_path):
     import lora_edge.train as train
-    from lora_edge.pipeline import TRAINING_RECORD, _training_record, train_adapters
+    from lora_edge.pipeline import TRAINING_RECORD, training_record, train_adapters
 
     recipe = load_recipe("tiny-bert")
     recipe.output = str(tmp_path)
@@ -130,7 +130,7 @@ def test_trained_adapter_is_reused_when_nothing_changed(monkeypatch, tmp_path):
     refs, metrics = train_adapters(recipe, "model-dir", retrain=False, progress=lambda m: None)
     assert calls == [30] and refs[0].name == "intent" and metrics["intent"]["test"]["accuracy"] == 0.5
     record = json.loads((refs[0].path / TRAINING_RECORD).read_text())
-    assert record == _training_record(recipe, "model-dir", recipe.adapters[0])
+    assert record == training_record(recipe, "model-dir", recipe.adapters[0])
     train_adapters(recipe, "model-dir", retrain=False, progress=lambda m: None)
     assert calls == [30]  # same model, task and training block: re-used
     recipe.adapters[0].training.train.max_steps = 31
