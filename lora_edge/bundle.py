@@ -192,6 +192,15 @@ def list_graphs(bundle: Path) -> list[GraphRecord]:
     return [GraphRecord.from_json(item) for item in read_manifest(bundle).get("graphs", [])]
 
 
+def require_graphs(bundle: Path) -> list[GraphRecord]:
+    """:func:`list_graphs`, or a BundleError when the manifest lists none (every command says it the same way)."""
+    graphs = list_graphs(bundle)
+    if not graphs:
+        raise BundleError("the bundle lists no graphs", Path(bundle) / MANIFEST_FILE,
+                          "export graphs into it first (lora-edge export) or re-export the bundle")
+    return graphs
+
+
 def find_graph(bundle: Path, name: str) -> GraphRecord:
     """The graph called ``name`` (with or without ``.onnx``), or a BundleError listing the graphs."""
     name = name.removesuffix(".onnx")

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import Form, GraphRecord, list_graphs, read_manifest, require_adapter_file, require_bundle
+from lora_edge.bundle import Form, GraphRecord, read_manifest, require_adapter_file, require_bundle, require_graphs
 from lora_edge.check_data import eval_set
 from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
 from lora_edge.check_tasks import BACKENDS, EvalSet, compare_logits
@@ -288,9 +288,7 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
     adapters = manifest.get("adapters") or []
     if not adapters:
         raise BundleError("the bundle lists no adapters", bundle / "manifest.json", "re-export the bundle")
-    graphs = list_graphs(bundle)
-    if not graphs:
-        raise BundleError("the bundle lists no graphs", bundle / "manifest.json", "re-export the bundle")
+    graphs = require_graphs(bundle)
     report = CheckReport(str(bundle), task, device.name if device else "CPUExecutionProvider (no device)",
                          datetime.now(timezone.utc).isoformat(timespec="seconds"))
     targets = plan_targets(graphs, [a["name"] for a in adapters])

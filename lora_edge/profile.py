@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, list_graphs, read_manifest, require_bundle
+from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, read_manifest, require_bundle, require_graphs
 from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.errors import ConfigError, ProviderUnavailableError
 from lora_edge.measure import (GraphRunner, build_feeds, cpu_info, graph_size, host_facts, is_decoder,
@@ -57,9 +57,7 @@ def select_graphs(bundle: Path, device: DeviceTarget, names: list[str] | None = 
 
     if names:
         return [find_graph(bundle, name) for name in names], []
-    graphs = list_graphs(bundle)
-    if not graphs:
-        raise ConfigError("the bundle lists no graphs", Path(bundle) / "manifest.json", "run lora-edge export first")
+    graphs = require_graphs(bundle)
     order = {precision: index for index, precision in enumerate(device.precisions)}
     preferred = [graph for graph in graphs if graph.precision in order]
     if not preferred:

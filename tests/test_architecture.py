@@ -84,3 +84,20 @@ def test_import_depth_does_not_grow():
 
     deepest = max(graph, key=depth)
     assert depth(deepest) <= MAX_DEPTH, f"import chain from {deepest} is {depth(deepest)} deep (at most {MAX_DEPTH})"
+
+
+def test_a_bundle_without_graphs_is_the_same_error_in_every_command(tmp_path, capsys):
+    """One condition, one error class: profile and check both refuse it as a BundleError (exit 9)."""
+    import json
+
+    from cli_runner import exit_code_of
+    from lora_edge.errors import BundleError
+
+    bundle = tmp_path / "empty"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"model": {"task": "seq-cls"},
+                                                      "adapters": [{"name": "a", "bundle_dir": "adapter"}],
+                                                      "graphs": []}))
+    for command in (["profile", str(bundle), "--device", "host-cpu"], ["check", str(bundle)]):
+        assert exit_code_of(*command) == BundleError.exit_code, command
+        assert "lists no graphs" in capsys.readouterr().err
