@@ -287,6 +287,8 @@ def load_device_file(path: Path) -> DeviceTarget:
                           f"give a device name ({', '.join(list_devices())}) or a .toml path") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML ({exc})", path, "fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", path, "save the device file as UTF-8 TOML") from None
     return device_from_dict(data, str(path))
 
 
