@@ -134,6 +134,10 @@ class DeviceTarget:
     source: str = field(default="", metadata={"help": "File the device was loaded from."})
 
     def __post_init__(self):
+        for name in ("name", "description", "graph_optimization_level", "cpu_arch"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}", name,
+                                  f'write it in quotes, e.g. {name} = "{fields_default(self, name)}"')
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"device name {self.name!r} must be letters, digits, - and _", "name",
                               'write e.g. name = "my-board"')
@@ -221,6 +225,12 @@ class DeviceTarget:
         for precision, overrides in self.tolerances.items():
             lines.append(f"  tolerances.{precision}: " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
         return "\n".join(lines)
+
+
+def fields_default(target: DeviceTarget, name: str) -> str:
+    """The default of a DeviceTarget field, for error messages (``my-board`` for the empty name)."""
+    default = next(f.default for f in fields(target) if f.name == name)
+    return default or "my-board"
 
 
 def _provider(item: Any, index: int) -> ProviderSpec:
