@@ -254,3 +254,14 @@ def test_require_writable_file_path(tmp_path):
     for bad in (tmp_path, tmp_path / "file" / "report.xml"):
         with pytest.raises(ConfigError):
             require_writable_file_path(bad, "--junit")
+
+
+@pytest.mark.parametrize("variable", ["WORLD_SIZE", "RANK"])
+def test_a_junk_torchrun_variable_is_a_config_error(monkeypatch, variable):
+    from lora_edge.errors import env_int
+
+    monkeypatch.setenv(variable, "two")
+    with pytest.raises(ConfigError, match=variable):
+        env_int(variable, 0)
+    monkeypatch.setenv(variable, "3")
+    assert env_int(variable, 0) == 3
