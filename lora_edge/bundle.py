@@ -179,6 +179,9 @@ def atomic_directory(target: Path, force: bool = False, wait: bool = False) -> I
     with bundle_lock(target, wait), staging_directory(target) as staging:
         yield staging
         old = None
+        if target.exists() and not force:  # written by another process since the check above
+            raise BundleError(f"'{target}' was created while this run wrote it", "--out",
+                              "pass --force to replace it or choose another path")
         if target.exists():
             old = _staging_name(target, "old")
             target.rename(old)

@@ -265,3 +265,14 @@ def test_a_junk_torchrun_variable_is_a_config_error(monkeypatch, variable):
         env_int(variable, 0)
     monkeypatch.setenv(variable, "3")
     assert env_int(variable, 0) == 3
+
+
+def test_quantize_of_a_bundle_being_written_fails_clearly(copy):
+    from lora_edge.quantize import quantize_bundle
+
+    before = (copy / "manifest.json").read_text()
+    with bundle_lock(copy):  # another export/quantize of this bundle is under way
+        with pytest.raises(BundleError, match="another lora-edge process"):
+            quantize_bundle(copy, ["int8-dynamic"], progress=lambda message: None)
+    assert (copy / "manifest.json").read_text() == before
+    assert not list((copy / "onnx").glob("*int8*"))
