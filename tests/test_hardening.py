@@ -276,3 +276,9 @@ def test_quantize_of_a_bundle_being_written_fails_clearly(copy):
             quantize_bundle(copy, ["int8-dynamic"], progress=lambda message: None)
     assert (copy / "manifest.json").read_text() == before
     assert not list((copy / "onnx").glob("*int8*"))
+
+
+def test_profile_seq_longer_than_the_model_is_refused_up_front(bundle, capsys):
+    err = _refused(capsys, ConfigError.exit_code, "profile", bundle, "--device", "host-cpu", "--seq", "100000",
+                   "--no-eager", "--graphs", "merged.fp32")
+    assert "--seq" in err and "128" in err
