@@ -41,14 +41,18 @@ def require_task_support(model_path: Path, task: str) -> None:
     if not isinstance(model_type, str) or config.get("auto_map"):
         return
     task = getattr(task, "value", task)
+    source = "--task, the recipe's task or the adapter's task_type"
     known = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
     if model_type not in known:
         return
     if task == "causal-lm":
         encoder_only = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder")
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder_only:
-            raise ConfigError(f"'{model_type}' is an encoder-only model and cannot generate text", "--task causal-lm",
-                              "use --task seq-cls with this model, or a decoder model (llama, qwen2, gpt2, ...)")
+            raise ConfigError(f"'{model_type}' is an encoder-only model and cannot generate text",
+                              f"{model_path} with task causal-lm ({source})",
+                              "use task seq-cls with this model, or a decoder model (llama, qwen2, gpt2, ...) and "
+                              "its adapters")
     elif task == "seq-cls" and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise ConfigError(f"'{model_type}' has no sequence-classification head in transformers", "--task seq-cls",
-                          "use --task causal-lm with this model, or an encoder model for classification")
+        raise ConfigError(f"'{model_type}' has no sequence-classification head in transformers",
+                          f"{model_path} with task seq-cls ({source})",
+                          "use task causal-lm with this model, or an encoder model for classification")
