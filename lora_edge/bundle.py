@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
+import hashlib
 import json
 import os
 import platform
 import re
 import secrets
 import shutil
+import socket
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -35,9 +37,14 @@ TRACKED_LIBRARIES = ("lora-edge", "torch", "transformers", "peft", "onnx", "onnx
                      "onnxruntime-gpu", "onnxscript", "safetensors")
 
 
-# Staging names carry the owner's pid: ".<name>.tmp-<pid>-<random>" (also ".old-" while a replaced
-# directory is being removed). A later run that writes beside them removes those whose process is gone.
-STAGING_PATTERN = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-z]+$")
+# Staging names carry their owner: ".<name>.tmp-<pid>.<host>-<random>" (also ".old-" while a replaced
+# directory is being removed), <host> a hash of the host name. A later run on the same host that writes beside
+# them removes those whose process is gone; another host's (a shared file system, a container) are left alone.
+STAGING_PATTERN = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})-[0-9a-f]+$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 LOCK_SUFFIX = ".lock"
 
 
@@ -67,7 +74,7 @@ def remove_stale_staging(directory: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = STAGING_PATTERN.match(entry.name)
-        if not match or _process_alive(int(match["pid"])):
+        if not match or match["host"] != _host_tag() or _process_alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -79,7 +86,7 @@ def remove_stale_staging(directory: Path) -> list[Path]:
 
 
 def _staging_name(target: Path, kind: str = "tmp") -> Path:
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}.{_host_tag()}-{secrets.token_hex(4)}"
 
 
 def _prepare_parent(target: Path, option: str) -> None:

@@ -39,6 +39,14 @@ def _refused(capsys, code: int, *args: str) -> str:
     return err
 
 
+def _host_tag() -> str:
+    """This host's tag in staging names (the same hash lora_edge.bundle uses)."""
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
@@ -175,25 +183,27 @@ def test_without_json_stdout_stays_empty_on_error(bundle, capsys):
 # --- staging, locks, modes ----------------------------------------------------------------------------------------
 
 def test_stale_staging_of_dead_processes_is_removed_by_the_next_writer(tmp_path):
-    dead, alive = _dead_pid(), os.getppid()
-    stale_dir = tmp_path / f".bundle.tmp-{dead}-0a1b2c3d"
-    stale_file = tmp_path / f".manifest.json.tmp-{dead}-deadbeef"
-    old_dir = tmp_path / f".bundle.old-{dead}-0a1b2c3d"
-    live_dir = tmp_path / f".bundle.tmp-{alive}-0a1b2c3d"
+    dead, alive, host = _dead_pid(), os.getppid(), _host_tag()
+    stale_dir = tmp_path / f".bundle.tmp-{dead}.{host}-0a1b2c3d"
+    stale_file = tmp_path / f".manifest.json.tmp-{dead}.{host}-deadbeef"
+    old_dir = tmp_path / f".bundle.old-{dead}.{host}-0a1b2c3d"
+    live_dir = tmp_path / f".bundle.tmp-{alive}.{host}-0a1b2c3d"
+    other_host = tmp_path / f".bundle.tmp-{dead}.{'0' * 8 if host != '0' * 8 else '1' * 8}-0a1b2c3d"
     user_dir = tmp_path / ".bundle.tmp-notapid"
-    for directory in (stale_dir, old_dir, live_dir, user_dir):
+    for directory in (stale_dir, old_dir, live_dir, other_host, user_dir):
         directory.mkdir()
         (directory / "graph.onnx").write_text("partial")
     stale_file.write_text("partial")
     with atomic_directory(tmp_path / "bundle") as staging:
         (staging / "manifest.json").write_text("{}")
     assert not stale_dir.exists() and not stale_file.exists() and not old_dir.exists()
-    assert live_dir.exists() and user_dir.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_dir.name, user_dir.name, "bundle"])
+    assert live_dir.exists() and user_dir.exists() and other_host.exists()  # live, foreign or not ours: kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_dir.name, other_host.name, user_dir.name,
+                                                                 "bundle"])
 
 
 def test_remove_stale_staging_keeps_this_process_staging(tmp_path):
-    mine = tmp_path / f".x.tmp-{os.getpid()}-abcd"
+    mine = tmp_path / f".x.tmp-{os.getpid()}.{_host_tag()}-abcd"
     mine.mkdir()
     assert remove_stale_staging(tmp_path) == [] and mine.exists()
 
