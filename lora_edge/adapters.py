@@ -9,6 +9,7 @@ itself load unchanged.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,22 +56,62 @@ def read_adapter_config(path: Path) -> dict:
         raise AdapterMismatchError(f"no {ADAPTER_CONFIG} in '{path}'", "--adapter",
                                    "point --adapter at a PEFT adapter directory (save_pretrained output)")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterMismatchError(f"adapter config is not valid JSON ({exc.msg})", config_path,
                                    "re-save the adapter with PEFT") from None
+    except UnicodeDecodeError:
+        raise AdapterMismatchError("adapter config is not UTF-8 text", config_path,
+                                   "re-save the adapter with PEFT") from None
+    if not isinstance(config, dict):
+        raise AdapterMismatchError("adapter config is not a JSON object", config_path,
+                                   "re-save the adapter with PEFT")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterMismatchError(f"adapter is {config.get('peft_type')}, not LoRA", config_path,
                                    "lora-edge handles LoRA adapters only")
     if config.get("use_dora"):
         raise AdapterMismatchError("DoRA adapters are not supported", f"{config_path}: use_dora",
                                    "train a plain LoRA adapter (use_dora=false)")
+    _check_lora_fields(config, config_path)
     return config
+
+
+def _is_number(value, positive: bool = True) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > 0 if positive else True)
+
+
+def _check_lora_fields(config: dict, config_path: Path) -> None:
+    """The fields lora-edge computes with (rank, alpha, their patterns, targets) have usable types and values."""
+    import re
+
+    def bad(field: str, wanted: str) -> AdapterMismatchError:
+        return AdapterMismatchError(f"adapter config field '{field}' is {config.get(field)!r}, not {wanted}",
+                                    f"{config_path}: {field}", "re-save the adapter with PEFT")
+
+    if not (isinstance(config.get("r"), int) and not isinstance(config.get("r"), bool) and config["r"] > 0):
+        raise bad("r", "a positive integer")
+    if not _is_number(config.get("lora_alpha"), positive=False):
+        raise bad("lora_alpha", "a number")
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in pattern.items()):
+            raise bad(field, "an object of module name -> positive number")
+        for key in pattern:
+            try:
+                re.compile(key)
+            except re.error:
+                raise bad(field, f"a valid pattern (bad key {key!r})") from None
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise bad("target_modules", "a module name, a list of them, or null")
 
 
 def adapter_task(config: dict, where: Path) -> Task:
     """The task an adapter was trained for, from its PEFT ``task_type``."""
-    task = PEFT_TASKS.get(config.get("task_type"))
+    task_type = config.get("task_type")
+    task = PEFT_TASKS.get(task_type) if isinstance(task_type, str) else None
     if task is None:
         raise AdapterMismatchError(f"adapter task_type {config.get('task_type')!r} is not supported", where,
                                    "use a SEQ_CLS or CAUSAL_LM adapter")

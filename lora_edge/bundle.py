@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
+import hashlib
 import json
 import os
 import platform
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
-from lora_edge.errors import BundleError
+from lora_edge.errors import BundleError, ConfigError
 
 MANIFEST_FILE = "manifest.json"
 ONNX_DIR = "onnx"
@@ -33,40 +37,176 @@ TRACKED_LIBRARIES = ("lora-edge", "torch", "transformers", "peft", "onnx", "onnx
                      "onnxruntime-gpu", "onnxscript", "safetensors")
 
 
+# Staging names carry their owner: ".<name>.tmp-<pid>.<host>-<random>" (also ".old-" while a replaced
+# directory is being removed), <host> a hash of the host name. A later run on the same host that writes beside
+# them removes those whose process is gone; another host's (a shared file system, a container) are left alone.
+STAGING_PATTERN = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})-[0-9a-f]+$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+LOCK_SUFFIX = ".lock"
+
+
+def _process_alive(pid: int) -> bool:
+    """True when ``pid`` runs on this host (a zombie counts as dead: it will never finish its rename)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Remove the staging files and directories in ``directory`` whose owner process is dead; return them."""
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = STAGING_PATTERN.match(entry.name)
+        if not match or match["host"] != _host_tag() or _process_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+def _staging_name(target: Path, kind: str = "tmp") -> Path:
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}.{_host_tag()}-{secrets.token_hex(4)}"
+
+
+def _prepare_parent(target: Path, option: str) -> None:
+    """Create ``target``'s parent directory (a clear error when a path component is a file) and sweep it."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"cannot create '{target}': a part of its path is a file", option,
+                          "choose a path whose parent directories are directories") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create '{target}' ({exc.strerror})", option,
+                          "choose a writable location") from None
+    remove_stale_staging(target.parent)
+
+
+def require_writable_file_path(path: Path, option: str) -> Path:
+    """Check, before any work, that a file can be written at ``path`` (ConfigError naming ``option`` if not)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"'{path}' is a directory", option, "give a file path")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"cannot create '{path}': '{ancestor}' is a file", option,
+                          "choose a path whose parent directories are directories")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create '{path}': '{ancestor}' is not writable", option,
+                          "choose a writable location")
+    return path
+
+
 @contextlib.contextmanager
-def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
+def bundle_lock(target: Path, wait: bool = False, option: str = "--out") -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``target`` while writing it: one writer at a time.
+
+    Another writer (without ``wait``) gets a BundleError instead of a mixed
+    result. The lock is an ``flock``, so a killed holder releases it at once.
+    """
+    target = Path(target)
+    _prepare_parent(target, option)
+    path = target.parent / f".{target.name}{LOCK_SUFFIX}"
+    for _ in range(20):
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the lock file ({exc.strerror})", path, "choose a writable location") \
+                from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(handle)
+            raise BundleError(f"another lora-edge process is writing '{target}'", path,
+                              "wait for it to finish, or write to another path") from None
+        try:  # the holder before us may have removed the file: then lock the new one
+            same = os.stat(path).st_ino == os.fstat(handle).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(handle)
+    else:
+        raise BundleError("could not take the lock", path, "remove the lock file if no lora-edge process runs")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def staging_directory(target: Path, option: str = "--out") -> Iterator[Path]:
+    """A new empty directory beside ``target``, named for this process, removed when the block ends."""
+    target = Path(target)
+    _prepare_parent(target, option)
+    staging = _staging_name(target)
+    staging.mkdir()  # an ordinary mkdir: the user's umask decides the mode
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, force: bool = False, wait: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``target`` when the block succeeds.
 
-    Raises BundleError when ``target`` exists and ``force`` is false. On any
-    exception the temporary directory is removed and ``target`` is untouched.
+    Raises BundleError when ``target`` exists and ``force`` is false, or when
+    another process is writing ``target`` (unless ``wait``: then it waits its
+    turn). On any exception the temporary directory is removed and ``target``
+    is untouched. Staging left by killed processes beside ``target`` is removed.
     """
     target = Path(target)
     if target.exists() and not force:
         raise BundleError(f"'{target}' already exists", "--out", "pass --force to replace it or choose another path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with bundle_lock(target, wait), staging_directory(target) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        old = None
+        if target.exists() and not force:  # written by another process since the check above
+            raise BundleError(f"'{target}' was created while this run wrote it", "--out",
+                              "pass --force to replace it or choose another path")
+        if target.exists():
+            old = _staging_name(target, "old")
+            target.rename(old)
+        staging.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; it replaces ``target`` when the block succeeds."""
+def atomic_file(target: Path, option: str = "--out") -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; it replaces ``target`` when the block succeeds.
+
+    The file is created as an ordinary write would (the user's umask sets its mode).
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(handle)
-    staging = Path(name)
+    _prepare_parent(target, option)
+    staging = _staging_name(target)
+    os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield staging
     except BaseException:
@@ -106,9 +246,31 @@ def read_manifest(bundle: Path) -> dict:
     """Load a bundle's manifest.json."""
     path = require_bundle(bundle) / MANIFEST_FILE
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BundleError(f"manifest is not valid JSON ({exc.msg})", path, "re-run lora-edge export") from exc
+    except UnicodeDecodeError:
+        raise BundleError("manifest is not UTF-8 text", path, "re-run lora-edge export") from None
+    for key, kind in (("graphs", list), ("adapters", list), ("model", dict)):
+        if not isinstance(manifest, dict) or not isinstance(manifest.get(key, kind()), kind):
+            where = "the top level" if not isinstance(manifest, dict) else f"'{key}'"
+            raise BundleError(f"manifest has an unexpected structure at {where}", path, "re-run lora-edge export")
+    return manifest
+
+
+def load_graph(path: Path, load_external_data: bool = True):
+    """``onnx.load(path)``, or a BundleError naming the file when it is missing or not an ONNX model."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError("graph file is missing", path, "re-run lora-edge export (or quantize) for this graph")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf's DecodeError, a truncated or missing external-data file, ...
+        detail = (str(exc).splitlines() or [""])[0][:120]
+        raise BundleError(f"not a readable ONNX graph ({exc.__class__.__name__}{': ' + detail if detail else ''})",
+                          path, "re-run lora-edge export (or quantize) for this graph") from None
 
 
 def update_manifest(bundle: Path, **sections) -> dict:
@@ -139,7 +301,7 @@ class Precision(str, enum.Enum):
 
 def parse_choices(enum_class: type[enum.Enum], values: list[str], option: str) -> list:
     """Turn option strings into enum members; an unknown one raises ConfigError listing the valid ones."""
-    from lora_edge.errors import ConfigError, parse_enum
+    from lora_edge.errors import parse_enum
 
     if not values:
         valid = ", ".join(member.value for member in enum_class)
@@ -180,16 +342,25 @@ class GraphRecord:
         return record
 
     @classmethod
-    def from_json(cls, record: dict) -> "GraphRecord":
-        """Inverse of :meth:`to_json`."""
-        record = dict(record)
-        record["form"], record["precision"] = Form(record["form"]), Precision(record["precision"])
-        return cls(**record)
+    def from_json(cls, record: dict, where: str | Path = MANIFEST_FILE) -> "GraphRecord":
+        """Inverse of :meth:`to_json`; a BundleError when the record is not one lora-edge wrote."""
+        try:
+            record = dict(record)
+            record["form"], record["precision"] = Form(record["form"]), Precision(record["precision"])
+            graph = cls(**record)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"manifest lists a malformed graph record ({exc.__class__.__name__}: {exc})",
+                              where, "re-run lora-edge export") from None
+        if not isinstance(graph.name, str) or not isinstance(graph.file, str):
+            raise BundleError("manifest lists a graph without a name or file", where,
+                              "re-run lora-edge export")
+        return graph
 
 
 def list_graphs(bundle: Path) -> list[GraphRecord]:
     """The graphs a bundle's manifest lists."""
-    return [GraphRecord.from_json(item) for item in read_manifest(bundle).get("graphs", [])]
+    where = Path(bundle) / MANIFEST_FILE
+    return [GraphRecord.from_json(item, where) for item in read_manifest(bundle).get("graphs", [])]
 
 
 def require_graphs(bundle: Path) -> list[GraphRecord]:
@@ -222,8 +393,6 @@ def find_task_graph(bundle: Path, name: str, task: str) -> tuple[dict, GraphReco
     manifest = read_manifest(bundle)
     record = find_graph(bundle, name)
     if record.task != task:
-        from lora_edge.errors import ConfigError
-
         raise ConfigError(f"graph {record.name} is a {record.task} graph", "--graph",
                           f"use {TASK_COMMANDS.get(record.task, 'another command')} for {record.task} graphs")
     return manifest, record

@@ -31,7 +31,8 @@ from typing import Callable
 import numpy as np
 
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import Form, GraphRecord, read_manifest, require_adapter_file, require_bundle, require_graphs
+from lora_edge.bundle import (Form, GraphRecord, read_manifest, require_adapter_file, require_bundle, require_graphs,
+                              require_writable_file_path)
 from lora_edge.check_data import eval_set
 from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
 from lora_edge.check_tasks import BACKENDS, EvalSet, compare_logits
@@ -362,6 +363,8 @@ def check_command(bundle: str | Path, data: str | None = None, device: str | Non
                   progress: Progress | None = None) -> CheckReport:
     """`lora-edge check`: the recorded recipe's gate, with --data/--device/--max-examples replacing its values."""
     bundle = require_bundle(Path(bundle))
+    if junit is not None:  # before minutes of checking, not after
+        require_writable_file_path(Path(junit), "--junit")
     spec = spec_from_manifest(read_manifest(bundle))
     overrides = {"data": data, "device": device, "max_examples": max_examples}
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})

@@ -33,9 +33,10 @@ def _labeled(examples, labels: list[str] | None, source: str, task: str) -> Eval
     if not labels:
         return EvalSet(texts, source, task_skip_reason="the adapter records no label names")
     unknown = sorted({ex.label for ex in examples} - set(labels))
-    if unknown:
-        return EvalSet(texts, source, task_skip_reason=f"{source} has labels the adapter does not know "
-                                                       f"(e.g. '{unknown[0]}')")
+    if unknown:  # scoring them would be meaningless, and skipping the metric would pass the gate silently
+        shown = ", ".join(f"'{label}'" for label in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise DataError(f"{len(unknown)} label(s) are not in the bundle's label map ({shown})", source,
+                        f"use data labeled with: {', '.join(labels[:10])}{' ...' if len(labels) > 10 else ''}")
     return EvalSet(texts, source, [labels.index(ex.label) for ex in examples], len(labels))
 
 

@@ -488,21 +488,33 @@ def demo_cmd(out: Path | None) -> None:
     gate(result.check, result.report)
 
 
+def _report_error(message: str, code: int, kind: str, as_json: bool) -> None:
+    """Print ``error: message`` on stderr (and, for --json commands, ``{"error", "code", "type"}`` on stdout), exit."""
+    click.echo(f"error: {message}", err=True)
+    if as_json:  # CI scripts parse stdout: a failure is JSON there too
+        import json
+
+        click.echo(json.dumps({"error": message, "code": code, "type": kind}))
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI and turn LoraEdgeErrors into one-line errors."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    as_json = "--json" in args[:args.index("--")] if "--" in args else "--json" in args
     try:
         cli.main(args=args, prog_name="lora-edge", standalone_mode=False)
     except LoraEdgeError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
+        _report_error(exc.format_message(), exc.exit_code, exc.__class__.__name__, as_json)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
+        if as_json:
+            _report_error(exc.format_message(), ConfigError.exit_code, "UsageError", True)
         exc.show()
         sys.exit(ConfigError.exit_code)
     except click.exceptions.Exit as exc:
@@ -513,6 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # an unexpected failure still gets one line, unless --debug
         if debug:
             raise
-        click.echo(f"error: internal error ({exc.__class__.__name__}: {exc}), re-run with --debug for the traceback",
-                   err=True)
-        sys.exit(LoraEdgeError.exit_code)
+        if isinstance(exc, OSError) and exc.filename:  # a path cannot be read or written: the user's input
+            _report_error(f"{exc.strerror or exc.__class__.__name__}, in {exc.filename}, check the path and its "
+                          "permissions", ConfigError.exit_code, "ConfigError", as_json)
+        _report_error(f"internal error ({exc.__class__.__name__}: {exc}), re-run with --debug for the traceback",
+                      LoraEdgeError.exit_code, "InternalError", as_json)

@@ -311,9 +311,9 @@ def add_sweep_latency(table: "SweepTable", directory: Path, device: str | Path |
 
     ``options`` go to :func:`rank_latency_rows` (batch, seq, runs, warmup, ...).
     """
-    import os
+    from lora_edge.errors import env_int
 
-    if int(os.environ.get("RANK", "0")) != 0:  # under DDP only the main process measures and writes
+    if env_int("RANK", 0) != 0:  # under DDP only the main process measures and writes
         return table
     device = load_device(device)
     adapters = {row.rank: Path(directory) / row.adapter for row in table.rows}

@@ -68,7 +68,7 @@ class LabelMap:
             return None
         try:
             return cls(tuple(json.loads(path.read_text())["labels"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise DataError("label map is not valid JSON with a 'labels' list", path,
                             "re-run lora-edge train or fix the file") from exc
 
@@ -98,6 +98,18 @@ def read_examples(path: str | Path, task: Task) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file '{path}' does not exist", "--data", "give an existing .jsonl, .csv or .txt file")
+    try:
+        examples = _read_rows(path, task)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"file is not UTF-8 text (byte {exc.start} cannot be decoded)", path,
+                        "save the file as UTF-8") from None
+    if not examples:
+        raise DataError("data file holds no rows", path, "add examples to the file")
+    return examples
+
+
+def _read_rows(path: Path, task: Task) -> list[Example]:
+    """The examples of a .jsonl/.json, .csv or .txt file (DataError for a bad row or type)."""
     suffix = path.suffix.lower()
     examples: list[Example] = []
     if suffix in (".jsonl", ".json"):
@@ -131,8 +143,6 @@ def read_examples(path: str | Path, task: Task) -> list[Example]:
             examples = [Example(line.rstrip("\n")) for line in handle if line.strip()]
     else:
         raise DataError(f"unknown data file type '{suffix}'", path, "use .jsonl, .csv or .txt")
-    if not examples:
-        raise DataError("data file holds no rows", path, "add examples to the file")
     return examples
 
 

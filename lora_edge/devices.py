@@ -134,6 +134,10 @@ class DeviceTarget:
     source: str = field(default="", metadata={"help": "File the device was loaded from."})
 
     def __post_init__(self):
+        for name in ("name", "description", "graph_optimization_level", "cpu_arch"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}", name,
+                                  f'write it in quotes, e.g. {name} = "{fields_default(self, name)}"')
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"device name {self.name!r} must be letters, digits, - and _", "name",
                               'write e.g. name = "my-board"')
@@ -223,6 +227,12 @@ class DeviceTarget:
         return "\n".join(lines)
 
 
+def fields_default(target: DeviceTarget, name: str) -> str:
+    """The default of a DeviceTarget field, for error messages (``my-board`` for the empty name)."""
+    default = next(f.default for f in fields(target) if f.name == name)
+    return default or "my-board"
+
+
 def _provider(item: Any, index: int) -> ProviderSpec:
     """A ProviderSpec from a TOML table (or a bare name), with errors naming providers[index]."""
     if isinstance(item, ProviderSpec):
@@ -287,6 +297,8 @@ def load_device_file(path: Path) -> DeviceTarget:
                           f"give a device name ({', '.join(list_devices())}) or a .toml path") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML ({exc})", path, "fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", path, "save the device file as UTF-8 TOML") from None
     return device_from_dict(data, str(path))
 
 

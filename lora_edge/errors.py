@@ -112,6 +112,20 @@ def parse_enum(enum_class: type[enum.Enum], value: Any, where: str, what: str = 
         raise ConfigError(f"unknown {what} '{value}'", where, f"use one of: {valid}") from None
 
 
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable (torchrun's RANK, WORLD_SIZE), or a ConfigError naming it."""
+    import os
+
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer", name,
+                          f"unset {name} or set it to an integer (torchrun sets it for you)") from None
+
+
 def exit_codes() -> dict[str, int]:
     """Map every error class name to its exit code (documented in ``lora-edge --help``)."""
     classes = [CheckFailedError, ConfigError, DataError, AdapterMismatchError, ExportError,

@@ -28,9 +28,9 @@ from lora_edge import __version__
 from lora_edge.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, AdapterRef, adapter_task,
                                 load_reference, read_adapter_config)
 from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Form, GraphRecord, Precision, atomic_directory,
-                              library_versions, parse_choices, write_json)
+                              library_versions, load_graph, parse_choices, write_json)
 from lora_edge.data import LABEL_MAP_FILE, LabelMap
-from lora_edge.errors import ConfigError
+from lora_edge.errors import ConfigError, ExportError
 from lora_edge.exporter import FP32_TOLERANCE, ExportContext, export_and_verify
 from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_base_model, load_tokenizer,
                               resolve_model_path)
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABEL_MAP_FILE, DATA_RECORD, "README.md")
 ADAPTER_HOTSWAP_DIR = "adapters"  # under onnx/: the .onnx_adapter files
 LABEL_MAPS_DIR = "label_maps"     # under onnx/: one label map per adapter when a bundle has several
+# Opsets torch's ONNX exporter writes as asked: below 18 it silently writes 18, above 23 it has no translations.
+OPSET_RANGE = (18, 23)
 
 
 def _stderr(message: str) -> None:
@@ -78,15 +80,20 @@ class ExportJob:
         return Path(path).relative_to(self.staging).as_posix()
 
 
-def _graph_extra(path: Path, **values) -> dict:
-    """Manifest extras of a graph file: opset, input/output names, low-rank MatMul pairs, plus ``values``."""
-    import onnx
+def _graph_extra(path: Path, opset: int | None = None, **values) -> dict:
+    """Manifest extras of a graph file: opset, input/output names, low-rank MatMul pairs, plus ``values``.
 
+    Raises ExportError when the graph's opset is not the ``opset`` asked for (never silently another).
+    """
     from lora_edge.exporter import low_rank_pairs
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path, load_external_data=False)
     initializers = {init.name for init in model.graph.initializer}
-    return {"opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset and written != opset:
+        raise ExportError(f"the exporter wrote opset {written}, not the {opset} asked for", "--opset",
+                          f"use an opset from {OPSET_RANGE[0]} to {OPSET_RANGE[1]}, or leave --opset out")
+    return {"opset": written,
             "inputs": [i.name for i in model.graph.input if i.name not in initializers],
             "outputs": [o.name for o in model.graph.output], "low_rank_pairs": len(low_rank_pairs(model)),
             **values}
@@ -98,7 +105,8 @@ def _export_per_adapter(job: ExportJob, form: Form, make: Callable[["PeftModel"]
         name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
         result = export_and_verify(make(reference), reference, job.context, job.graph_file(name), name,
                                    job.opset, job.tolerance, job.progress)
-        extra = _graph_extra(result.path, max_abs_diff=result.max_abs_diff, export_seconds=round(result.seconds, 2))
+        extra = _graph_extra(result.path, job.opset, max_abs_diff=result.max_abs_diff,
+                             export_seconds=round(result.seconds, 2))
         records.append(GraphRecord(name, job.relative(result.path), form, Precision.FP32, job.task.value,
                                    adapter=adapter, extra=extra))
     return records
@@ -128,7 +136,7 @@ def export_hotswap_form(job: ExportJob) -> list[GraphRecord]:
     result = export_hotswap(base, job.references, job.context, job.graph_file(name),
                             job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR, name, job.opset, job.tolerance,
                             job.progress)
-    extra = _graph_extra(result.graph, max_abs_diff=max(result.max_abs_diff.values()),
+    extra = _graph_extra(result.graph, job.opset, max_abs_diff=max(result.max_abs_diff.values()),
                          max_abs_diff_by_adapter=result.max_abs_diff, export_seconds=round(result.seconds, 2),
                          adapter_files={n: job.relative(p) for n, p in result.adapter_files.items()},
                          adapter_inputs=[slot.name for slot in result.slots])
@@ -163,6 +171,14 @@ def _common_task(adapters: Sequence[AdapterRef], task: Task | None) -> Task:
             raise ConfigError(f"adapter '{name}' is for task {adapter_kind.value}, the bundle for {chosen.value}",
                               "--adapter", "export adapters of one task per bundle")
     return chosen
+
+
+def _require_opset(opset: int | None) -> None:
+    """Refuse an opset the exporter would not honour (it would write another one without a word)."""
+    low, high = OPSET_RANGE
+    if opset is not None and opset != 0 and not low <= opset <= high:
+        raise ConfigError(f"opset {opset} cannot be exported", "--opset",
+                          f"use an opset from {low} to {high}, or leave --opset out for the exporter's default")
 
 
 def _copy_adapter(adapter: AdapterRef, target: Path) -> None:
@@ -224,6 +240,8 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
                                            for p in precisions], "--precisions")
     adapters = list(adapters)
     _check_names(adapters)
+    _require_opset(opset)
+    opset = opset or None  # 0, as in recipes: the exporter's default
     model_path = resolve_model_path(model)
     task = _common_task(adapters, Task.parse(task) if task else None)
     with atomic_directory(Path(out), force) as staging:

@@ -260,8 +260,10 @@ def graph_size(path: Path) -> dict:
     """Size on disk of a graph and the external-data files it references, in MB."""
     import onnx
 
+    from lora_edge.bundle import load_graph
+
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path, load_external_data=False)
     external = set()
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

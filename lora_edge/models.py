@@ -126,6 +126,9 @@ def load_base_model(model_path: Path, task: Task, labels: list[str] | None = Non
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from lora_edge.model_tasks import require_task_support
+
+    require_task_support(model_path, task.value)  # before transformers builds a head the model cannot use
     kwargs = dict(local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
                   dtype=dtype or torch.float32)
     try:

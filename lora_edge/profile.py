@@ -33,7 +33,7 @@ from typing import Any
 
 from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, read_manifest, require_bundle, require_graphs
 from lora_edge.devices import DeviceTarget, load_device
-from lora_edge.errors import ConfigError, ProviderUnavailableError
+from lora_edge.errors import BundleError, ConfigError, ProviderUnavailableError
 from lora_edge.measure import (GraphRunner, build_feeds, cpu_info, graph_size, host_facts, is_decoder,
                                latency_stats, session_memory, time_interleaved, trace_session, warm_up_runtime)
 from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile, ProfileReport, write_profile
@@ -79,14 +79,34 @@ def _hotswap_adapter(bundle: Path, record: GraphRecord, manifest: dict) -> tuple
     return None, None
 
 
-def _vocab_size(bundle: Path, manifest: dict) -> int:
-    """Vocabulary size for random token ids: the graph directory's config, else the model's, else 1000."""
+def _model_config(bundle: Path, manifest: dict) -> dict:
+    """The graph directory's config.json, else the model's, else {} (BundleError when unreadable)."""
     import json
 
     for config in (Path(bundle) / ONNX_DIR / "config.json", Path(manifest.get("model", {}).get("path", "")) / "config.json"):
         if config.is_file():
-            return int(json.loads(config.read_text()).get("vocab_size", 1000))
-    return 1000
+            try:
+                loaded = json.loads(config.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise BundleError("config.json is not valid JSON", config, "re-run lora-edge export") from None
+            return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
+def _vocab_size(bundle: Path, manifest: dict) -> int:
+    """Vocabulary size for random token ids: from the model's config, else 1000."""
+    value = _model_config(bundle, manifest).get("vocab_size")
+    return value if isinstance(value, int) and value > 0 else 1000
+
+
+def _require_seq_fits(bundle: Path, manifest: dict, seq: int) -> None:
+    """Refuse a --seq longer than the model's positions (ORT would fail, or allocate for minutes)."""
+    config = _model_config(bundle, manifest)
+    limit = next((config[key] for key in ("max_position_embeddings", "n_positions")
+                  if isinstance(config.get(key), int)), None)
+    if limit is not None and seq > limit:
+        raise ConfigError(f"--seq {seq} is longer than the model's {limit} positions", "--seq",
+                          f"give a value <= {limit}")
 
 
 @dataclass
@@ -197,6 +217,7 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
         if value < minimum:
             raise ConfigError(f"{name} must be >= {minimum}, got {value}", name, f"give a value >= {minimum}")
     manifest = read_manifest(bundle)
+    _require_seq_fits(bundle, manifest, seq)
     records, notes = select_graphs(bundle, device, graphs)
     host = host_facts(device.intra_op_threads)
     report = ProfileReport(bundle=str(bundle), device=device.to_json(), host=host,

@@ -19,16 +19,15 @@ import dataclasses
 import enum
 import json
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, GraphRecord, Precision, add_graphs, atomic_file,
-                              list_graphs, parse_choices, read_manifest, require_bundle)
+from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, GraphRecord, Precision, add_graphs, atomic_file, bundle_lock,
+                              list_graphs, load_graph, parse_choices, read_manifest, require_bundle,
+                              staging_directory)
 from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError, parse_enum
 from lora_edge.models import Task
 from lora_edge.recipe import _field
@@ -234,7 +233,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
         raise ConfigError("int8-static needs calibration batches", "--calibration",
                           "pass --calibration FILE (JSONL/CSV with a text column)")
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src))
+    model = load_graph(src)
     name_all_nodes(model)
     fusion = FusionReport()
     if options.fuse and plan is not None and Task.parse(task) is Task.SEQ_CLS:
@@ -290,8 +289,6 @@ def calibration_for(bundle: Path, record: GraphRecord, options: QuantizeOptions,
     graph = bundle / record.file
 
     def build() -> Feeds:
-        import onnx
-
         from lora_edge.data import calibration_batches
         from lora_edge.models import load_tokenizer
 
@@ -300,7 +297,7 @@ def calibration_for(bundle: Path, record: GraphRecord, options: QuantizeOptions,
             else Path(manifest["model"]["path"])
         tokenizer = load_tokenizer(tokenizer_dir)
         texts = _load_texts(bundle, record, manifest, options, task)
-        model = onnx.load(str(graph), load_external_data=False)
+        model = load_graph(graph, load_external_data=False)
         return [complete_feeds(model, {k: v.numpy() for k, v in batch.items()})
                 for batch in calibration_batches(tokenizer, texts, limit=options.calib_size)]
 
@@ -338,6 +335,13 @@ def quantize_bundle(bundle: str | Path, precisions: Sequence[Precision | str], o
     if not precisions:
         raise ConfigError("fp32 graphs are made by export, not by quantize", "--precisions",
                           "use one or more of: fp16, int8-dynamic, int8-static, int4")
+    with bundle_lock(bundle, option="BUNDLE"):  # one writer per bundle: a second quantize or export fails clearly
+        return _quantize_locked(bundle, precisions, options, progress)
+
+
+def _quantize_locked(bundle: Path, precisions: list[Precision], options: QuantizeOptions,
+                     progress: Callable[[str], None]) -> list[GraphRecord]:
+    """:func:`quantize_bundle`'s work, under the bundle's lock: graphs are staged in onnx/, then renamed."""
     manifest = read_manifest(bundle)
     sources = [g for g in list_graphs(bundle) if g.precision is Precision.FP32]
     if not sources:
@@ -345,9 +349,8 @@ def quantize_bundle(bundle: str | Path, precisions: Sequence[Precision | str], o
                                 "export one first: lora-edge export ... --precisions fp32")
     plan = fusion_plan_for(bundle, manifest)
     progress(f"quantizing {len(sources)} fp32 graph(s) to {', '.join(p.value for p in precisions)}")
-    staging = Path(tempfile.mkdtemp(prefix=".quantize-", dir=bundle / ONNX_DIR))
     records, results = [], []
-    try:
+    with staging_directory(bundle / ONNX_DIR / "quantize", "BUNDLE") as staging:
         for precision in precisions:
             for source in sources:
                 name = quantized_name(source, precision)
@@ -371,8 +374,6 @@ def quantize_bundle(bundle: str | Path, precisions: Sequence[Precision | str], o
             result.path = final
             record.extra = result.to_extra()
         add_graphs(bundle, records)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return records
 
 

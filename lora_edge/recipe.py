@@ -417,6 +417,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML ({exc})", path, "fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", path, "save the recipe as UTF-8 TOML") from None
     recipe = recipe_from_dict(data, str(name_or_path) if Path(str(name_or_path)).is_file() else str(path))
     recipe.source = str(path)
     return recipe

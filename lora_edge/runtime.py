@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_edge.errors import ProviderUnavailableError
+from lora_edge.errors import BundleError, ProviderUnavailableError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -83,8 +83,7 @@ def create_session(graph: str | Path, settings: SessionSettings | None = None) -
         requested.append((CPU, {}))
     names = [name for name, _ in requested]
     provider_options = [opts for _, opts in requested]
-    session = onnxruntime.InferenceSession(str(graph), sess_options=options, providers=names,
-                                           provider_options=provider_options)
+    session = _open_session(onnxruntime, graph, options, names, provider_options)
     wanted = [name for name, _ in settings.providers]
     dropped = [name for name in wanted if name not in session.get_providers()]
     if dropped and not settings.allow_fallback:
@@ -93,12 +92,37 @@ def create_session(graph: str | Path, settings: SessionSettings | None = None) -
     return session
 
 
+# ONNX Runtime's errors that mean "this file is not a graph it can load" (a bundle problem, not a bug).
+UNLOADABLE_GRAPH_ERRORS = ("NoSuchFile", "InvalidProtobuf", "InvalidGraph")
+
+
+def _open_session(onnxruntime, graph, options, names: list[str], provider_options: list[dict]):
+    """``InferenceSession(graph)``; a missing, corrupt or invalid graph file raises BundleError naming it."""
+    if not Path(graph).is_file():
+        raise BundleError("graph file is missing", graph, "re-run lora-edge export (or quantize) for this graph")
+    try:
+        return onnxruntime.InferenceSession(str(graph), sess_options=options, providers=names,
+                                            provider_options=provider_options)
+    except Exception as exc:
+        if exc.__class__.__name__ not in UNLOADABLE_GRAPH_ERRORS:
+            raise
+        detail = str(exc).split(" failed:", 1)[-1].strip().splitlines()[0][:160]
+        raise BundleError(f"ONNX Runtime cannot load the graph ({detail})", graph,
+                          "re-run lora-edge export (or quantize) for this graph") from None
+
+
 def load_lora_adapter(adapter_file: str | Path) -> "onnxruntime.LoraAdapter":
-    """Load an ``.onnx_adapter`` file for use with :func:`run`."""
+    """Load an ``.onnx_adapter`` file for use with :func:`run`; BundleError when missing or corrupt."""
     import onnxruntime
 
+    if not Path(adapter_file).is_file():
+        raise BundleError("adapter file is missing", adapter_file, "re-run lora-edge export")
     adapter = onnxruntime.LoraAdapter()
-    adapter.Load(str(adapter_file))
+    try:
+        adapter.Load(str(adapter_file))
+    except RuntimeError:  # ORT's message is a C++ source location; the file is what matters
+        raise BundleError("not a valid .onnx_adapter file (ONNX Runtime cannot parse it)", adapter_file,
+                          "re-run lora-edge export, or give an adapter file written by it") from None
     return adapter
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field, fields, replace
@@ -26,7 +25,7 @@ from typing import Any, Iterator
 
 from lora_edge.bundle import atomic_directory, atomic_file, write_json
 from lora_edge.data import DataFiles
-from lora_edge.errors import BundleError, ConfigError
+from lora_edge.errors import BundleError, ConfigError, env_int
 from lora_edge.models import Task
 from lora_edge.recipe import LoraSpec, TrainSpec
 from lora_edge.report import markdown_table, png_figure
@@ -163,7 +162,7 @@ def check_ranks(ranks: list[int]) -> list[int]:
 @contextlib.contextmanager
 def _sweep_directory(out: Path, force: bool) -> Iterator[Path]:
     """The main process builds OUT atomically; other DDP ranks train into a throwaway directory."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env_int("RANK", 0) == 0:
         with atomic_directory(out, force=force) as staging:
             yield staging
         return
@@ -210,6 +209,6 @@ def run_sweep(model: str | Path, data: DataFiles, out: Path, ranks: list[int], t
                            settings={"model": str(model), "alpha": lora.alpha, "targets": lora.targets,
                                      "rslora": lora.rslora, "data": data.to_json(),
                                      "train_spec": {f.name: getattr(spec, f.name) for f in fields(spec)}})
-        if int(os.environ.get("RANK", "0")) == 0:
+        if env_int("RANK", 0) == 0:
             table.save(staging)
     return table

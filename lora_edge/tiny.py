@@ -144,6 +144,6 @@ def ensure_tiny_model(model: str, cache_dir: Path) -> Path:
     if not (directory / "config.json").is_file():
         from lora_edge.bundle import atomic_directory
 
-        with atomic_directory(directory, force=True) as staging:
+        with atomic_directory(directory, force=True, wait=True) as staging:  # parallel builders take turns
             build_tiny_model(arch, staging, head=False)
     return directory

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING
 from lora_edge.adapters import ADAPTER_WEIGHTS, DATA_RECORD
 from lora_edge.bundle import atomic_directory, library_versions, write_json
 from lora_edge.data import DataFiles, Example, LabelMap
-from lora_edge.errors import ConfigError, DataError, TrainingError
+from lora_edge.errors import ConfigError, DataError, TrainingError, env_int
 from lora_edge.models import Task, load_base_model, load_tokenizer, quiet_transformers, resolve_model_path
 from lora_edge.recipe import LoraSpec, TrainSpec
 from lora_edge.train_io import (RUN_RECORD, EncodedDataset, check_resume, checkpoint_dir, plot_training,
@@ -142,7 +141,7 @@ def _training_arguments(spec: TrainSpec, checkpoints: Path, n_train: int, progre
     import torch
     from transformers import TrainingArguments
 
-    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))  # set by torchrun
+    world = max(1, env_int("WORLD_SIZE", 1))  # set by torchrun
     cpu_ddp = world > 1 and not torch.cuda.is_available()
     steps_per_epoch = max(1, math.ceil(n_train / (spec.batch_size * world * spec.grad_accum)))
     total = spec.max_steps if spec.max_steps > 0 else max(1, math.ceil(spec.epochs * steps_per_epoch))
