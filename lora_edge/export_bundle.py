@@ -31,10 +31,11 @@ from lora_edge.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, Ad
 from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Form, GraphRecord, Precision, atomic_directory,
                               library_versions, parse_choices, write_json)
 from lora_edge.data import LABEL_MAP_FILE, LabelMap
-from lora_edge.errors import ConfigError
+from lora_edge.errors import ConfigError, ExportError
 from lora_edge.exporter import FP32_TOLERANCE, ExportContext, export_and_verify
 from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_base_model, load_tokenizer,
                               resolve_model_path)
+from lora_edge.onnx_spec import require_valid_graph
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -249,6 +250,8 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         _write_model_files(job, adapters)
         for form in dict.fromkeys(forms):
             job.records.extend(FORM_EXPORTERS[form](job))
+        for record in job.records:
+            require_valid_graph(staging / record.file, record.name, ExportError)
         manifest = {
             "lora_edge_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
