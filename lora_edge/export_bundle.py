@@ -36,6 +36,7 @@ from lora_edge.exporter import FP32_TOLERANCE, ExportContext, export_and_verify
 from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_base_model, load_tokenizer,
                               resolve_model_path)
 from lora_edge.onnx_spec import require_valid_graph
+from lora_edge.tokenizer import make_portable
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -202,6 +203,7 @@ def _write_model_files(job: ExportJob, adapters: Sequence[AdapterRef]) -> None:
     first = next(iter(job.references.values()))
     first.get_base_model().config.save_pretrained(str(onnx_dir))
     job.context.tokenizer.save_pretrained(str(onnx_dir))
+    make_portable(onnx_dir, getattr(first.get_base_model().config, "max_position_embeddings", None))
     first_labels = next(iter(job.labels.values()))
     if first_labels:
         LabelMap(tuple(first_labels)).save(onnx_dir)
