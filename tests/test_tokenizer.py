@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from export_helpers import tiny_bundle
 from tiny_models import TINY_LABELS
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["dim the bedroom lights to thirty percent", "ok",
          "Hello, World! It's a test. Don't you think?  ÉTÉ naïve 東京 🙂", "a " * 300]
 # Run in a fresh interpreter where `import torch` / `import transformers` fail, as on a device without them.
@@ -86,8 +88,11 @@ def test_portable_tokenizer_json_caps_truncation_at_the_position_table():
 
 
 def _run_without_torch(args: list[str]) -> str:
-    result = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=120,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    """Run the CLI where torch cannot be imported: the device environment of requirements-device.txt when CI
+    built one (LORA_EDGE_DEVICE_PYTHON), else this interpreter with torch and transformers blocked."""
+    python = os.environ.get("LORA_EDGE_DEVICE_PYTHON") or sys.executable
+    result = subprocess.run([python, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "IMPORTED []" in result.stdout, result.stdout[-500:]
     return result.stdout
