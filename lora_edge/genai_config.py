@@ -52,8 +52,8 @@ def default_graph(records: Sequence[GraphRecord]) -> GraphRecord | None:
 
 def build_genai_config(model_config: dict, graph: GraphRecord, pad_token_id: int | None = None) -> dict:
     """The genai_config.json dict for ``graph`` of a model whose HF ``config.json`` is ``model_config``."""
-    heads, layers, hidden = _first(model_config, "heads"), _first(model_config, "layers"), _first(model_config, "hidden")
-    context = _first(model_config, "context")
+    heads, layers = _first(model_config, "heads"), _first(model_config, "layers")
+    hidden, context = _first(model_config, "hidden"), _first(model_config, "context")
     inputs = graph.extra.get("inputs") or ["input_ids", "attention_mask", "position_ids"]
     eos = model_config.get("eos_token_id")
     pad = model_config.get("pad_token_id")

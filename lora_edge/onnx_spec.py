@@ -19,7 +19,7 @@ and :func:`require_valid_graph` runs ``onnx.checker.check_model(full_check=True)
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 

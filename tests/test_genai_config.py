@@ -50,7 +50,8 @@ def test_genai_config_matches_the_graph(form, graph, tmp_path_factory, tiny_mode
 def test_encoder_bundles_have_no_genai_config(tmp_path_factory, tiny_model, tiny_adapter):
     from export_helpers import tiny_bundle
 
-    assert not (tiny_bundle(tmp_path_factory, tiny_model, tiny_adapter, "bert") / ONNX_DIR / "genai_config.json").exists()
+    bundle = tiny_bundle(tmp_path_factory, tiny_model, tiny_adapter, "bert")
+    assert not (bundle / ONNX_DIR / "genai_config.json").exists()
 
 
 GENAI_RUN = """

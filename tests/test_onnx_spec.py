@@ -12,7 +12,6 @@ from export_helpers import tiny_bundle
 
 def _if_reading_a_later_value():
     """Graph: an If (then/else branches read outer 'late') placed before the Relu producing 'late'."""
-    import onnx
     from onnx import TensorProto, helper
 
     branch = lambda name: helper.make_graph(  # noqa: E731
