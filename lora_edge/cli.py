@@ -234,9 +234,8 @@ def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions
     graphs. Nothing is left at OUT when a step fails.
     """
     from lora_edge.adapters import AdapterRef
-    from lora_edge.export_bundle import export_bundle
-
     from lora_edge.console import progress_sink
+    from lora_edge.export_bundle import export_bundle
 
     bundle = export_bundle(model, [AdapterRef.parse(a) for a in adapters], split_csv(forms), out,
                            precisions=split_csv(precisions), opset=opset, force=force, task=task,
@@ -344,12 +343,11 @@ def quantize_command(bundle: Path, precisions: str, calibration: str | None, cal
     manifest (source = the fp32 graph). Hot-swap .onnx_adapter files work with the quantized graphs
     unchanged. Nothing in BUNDLE changes when any graph fails.
     """
+    from lora_edge.console import progress_sink
     from lora_edge.quantize import QuantizeOptions, format_records, quantize_bundle
 
     options = QuantizeOptions(calibration=calibration, calib_method=calib_method, calib_size=calib_size,
                               per_channel=per_channel, block_size=block_size, fuse=not no_fuse)
-    from lora_edge.console import progress_sink
-
     click.echo(format_records(quantize_bundle(bundle, split_csv(precisions), options, progress=progress_sink(quiet)),
                               as_json))
 
@@ -472,7 +470,6 @@ def check_cmd(bundle: Path, data: str | None, device: str | None, max_examples: 
     """
     from lora_edge.check import check_command, gate
     from lora_edge.check_report import check_summary
-
     from lora_edge.console import progress_sink
 
     report = check_command(bundle, data, device, max_examples, junit, progress=progress_sink(quiet))
