@@ -117,6 +117,11 @@ def _load_snippet(base: str, task: Task) -> list[str]:
     ]
 
 
+def _base_link(base: str) -> str:
+    """The base model as a Hub link when it is a Hub name, else as a path."""
+    return f"[{base}](https://huggingface.co/{base})" if _HUB_NAME.fullmatch(base) else f"`{base}`"
+
+
 def _model_argument(base: str) -> str:
     """``--model`` for lora-edge export: 'default', or a local directory (lora-edge does not download models)."""
     if base == DEFAULT_MODEL_HUB_NAME:
@@ -134,7 +139,7 @@ def build_card(base: str, adapter_config: dict, metrics: dict) -> str:
         "---", f"base_model: {base}", "library_name: peft", f"pipeline_tag: {pipeline}", "tags:",
         f"- base_model:adapter:{base}", "- lora", "- lora-edge", "---", "",
         f"# LoRA adapter for {base} ({task.value})", "",
-        f"A LoRA adapter of [{base}](https://huggingface.co/{base}) for "
+        f"A LoRA adapter of {_base_link(base)} for "
         + ("sequence classification" if task is Task.SEQ_CLS else "causal language modelling")
         + f", trained with lora-edge {__version__}.", "",
         "## Model", "",
