@@ -16,10 +16,11 @@ from pathlib import Path
 
 import click
 
+from lora_edge.console import configure_progress
 from lora_edge.errors import ConfigError, LoraEdgeError, exit_codes
 
-EXIT_CODE_HELP = "Exit codes: " + ", ".join(f"{code} {name}" for name, code in
-                                            sorted(exit_codes().items(), key=lambda item: item[1])) + "."
+EXIT_CODE_HELP = "Exit codes: 2 command-line usage (unknown option, missing argument), " + ", ".join(
+    f"{code} {name}" for name, code in sorted(exit_codes().items(), key=lambda item: item[1])) + "."
 
 
 def split_csv(value: str | None) -> list[str]:
@@ -187,7 +188,8 @@ TASK_HELP = "seq-cls or causal-lm (default: the adapter's PEFT task_type)."
 @click.option("--task", default=None, help=TASK_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write (must not exist).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def merge_command(model: str, adapter: str, task: str | None, out: Path, force: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the merged model directory, model and adapter.")
+def merge_command(model: str, adapter: str, task: str | None, out: Path, force: bool, as_json: bool) -> None:
     """Fold an adapter into its base model (W + s·B·A in fp32) and save a merged HF model directory.
 
     The result (safetensors, config, tokenizer, label_map.json) loads with
@@ -196,7 +198,15 @@ def merge_command(model: str, adapter: str, task: str | None, out: Path, force: 
     from lora_edge.adapters import AdapterRef
     from lora_edge.merge import save_merged
 
-    click.echo(str(save_merged(model, AdapterRef.parse(adapter), out, task=task, force=force)))
+    ref = AdapterRef.parse(adapter)
+    merged = save_merged(model, ref, out, task=task, force=force)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"out": str(merged), "model": str(model), "adapter": {"name": ref.name,
+                                                                                   "path": str(ref.path)}}, indent=2))
+        return
+    click.echo(str(merged))
 
 
 @cli.command("export")
@@ -213,8 +223,10 @@ def merge_command(model: str, adapter: str, task: str | None, out: Path, force: 
 @click.option("--task", default=None, help=TASK_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the bundle directory and its graph records.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions: str, opset: int | None,
-                   task: str | None, out: Path, force: bool) -> None:
+                   task: str | None, out: Path, force: bool, as_json: bool, quiet: bool) -> None:
     """Export base + adapter(s) to ONNX graphs in a bundle, each checked against PyTorch.
 
     Writes OUT/manifest.json, OUT/adapter/ (or adapters/<name>/), OUT/onnx/<form>[.<name>].<precision>.onnx,
@@ -222,10 +234,21 @@ def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions
     graphs. Nothing is left at OUT when a step fails.
     """
     from lora_edge.adapters import AdapterRef
+    from lora_edge.console import progress_sink
     from lora_edge.export_bundle import export_bundle
 
-    click.echo(str(export_bundle(model, [AdapterRef.parse(a) for a in adapters], split_csv(forms), out,
-                                 precisions=split_csv(precisions), opset=opset, force=force, task=task)))
+    bundle = export_bundle(model, [AdapterRef.parse(a) for a in adapters], split_csv(forms), out,
+                           precisions=split_csv(precisions), opset=opset, force=force, task=task,
+                           progress=progress_sink(quiet))
+    if as_json:
+        import json
+
+        from lora_edge.bundle import list_graphs
+
+        click.echo(json.dumps({"bundle": str(bundle), "graphs": [g.to_json() for g in list_graphs(bundle)]},
+                              indent=2))
+        return
+    click.echo(str(bundle))
 
 
 @cli.command("infer")
@@ -311,19 +334,22 @@ def quantize_flags(command):
               help="Comma-separated: fp16 (GPU targets), int8-dynamic, int8-static, int4.")
 @quantize_flags
 @click.option("--json", "as_json", is_flag=True, help="Print the new graph records as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def quantize_command(bundle: Path, precisions: str, calibration: str | None, calib_method: str, calib_size: int,
-                     per_channel: bool, block_size: int, no_fuse: bool, as_json: bool) -> None:
+                     per_channel: bool, block_size: int, no_fuse: bool, as_json: bool, quiet: bool) -> None:
     """Quantize every fp32 graph of BUNDLE; LoRA pairs stay float in branched and hotswap graphs.
 
     Writes BUNDLE/onnx/<form>[.<adapter>].<precision>.onnx beside each fp32 graph and adds them to the
     manifest (source = the fp32 graph). Hot-swap .onnx_adapter files work with the quantized graphs
     unchanged. Nothing in BUNDLE changes when any graph fails.
     """
+    from lora_edge.console import progress_sink
     from lora_edge.quantize import QuantizeOptions, format_records, quantize_bundle
 
     options = QuantizeOptions(calibration=calibration, calib_method=calib_method, calib_size=calib_size,
                               per_channel=per_channel, block_size=block_size, fuse=not no_fuse)
-    click.echo(format_records(quantize_bundle(bundle, split_csv(precisions), options), as_json))
+    click.echo(format_records(quantize_bundle(bundle, split_csv(precisions), options, progress=progress_sink(quiet)),
+                              as_json))
 
 # --- devices / profile / compare ---
 DEVICE_HELP = "Device target: a shipped name (see `lora-edge devices list`) or a path to a device .toml file."
@@ -431,8 +457,9 @@ RECIPE_HELP = "A recipe: a path to a .toml file (see export/), or the name of a 
 @click.option("--junit", type=click.Path(path_type=Path), default=None,
               help="Write the JUnit XML here (default: BUNDLE/reports/check.junit.xml).")
 @click.option("--json", "as_json", is_flag=True, help="Print reports/check.json on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def check_cmd(bundle: Path, data: str | None, device: str | None, max_examples: int | None, junit: Path | None,
-              as_json: bool) -> None:
+              as_json: bool, quiet: bool) -> None:
     """Accuracy gate: compare every graph of BUNDLE with the PyTorch model (base + adapter, fp32).
 
     Each form, precision and (hot-swap) adapter file is run on the evaluation set; max/mean abs diff of
@@ -443,8 +470,9 @@ def check_cmd(bundle: Path, data: str | None, device: str | None, max_examples: 
     """
     from lora_edge.check import check_command, gate
     from lora_edge.check_report import check_summary
+    from lora_edge.console import progress_sink
 
-    report = check_command(bundle, data, device, max_examples, junit, progress=lambda m: click.echo(m, err=True))
+    report = check_command(bundle, data, device, max_examples, junit, progress=progress_sink(quiet))
     click.echo(check_summary(report, as_json, junit))
     gate(report, Path(bundle) / "reports" / "check.md")
 
@@ -456,7 +484,9 @@ def check_cmd(bundle: Path, data: str | None, device: str | None, max_examples: 
 @click.option("--force", is_flag=True, help="Replace the bundle if it exists.")
 @click.option("--retrain", is_flag=True, help="Train the recipe's adapters again even when unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stages and the gate's report as JSON.")
-def run_cmd(recipe: str, out: Path | None, force: bool, retrain: bool, as_json: bool) -> None:
+@click.option("--quiet", is_flag=True, help="No progress on stderr (stage lines, training steps); the summary "
+                                           "still prints.")
+def run_cmd(recipe: str, out: Path | None, force: bool, retrain: bool, as_json: bool, quiet: bool) -> None:
     """Run a recipe end to end: train -> export -> quantize -> profile -> check -> report.
 
     Writes the bundle to <output>/<name> with reports/report.md (tables and charts of every stage) and exits
@@ -465,7 +495,7 @@ def run_cmd(recipe: str, out: Path | None, force: bool, retrain: bool, as_json: 
     from lora_edge.check import gate
     from lora_edge.pipeline import run_recipe, run_summary
 
-    result = run_recipe(recipe, out=out, force=force, retrain=retrain)
+    result = run_recipe(recipe, out=out, force=force, retrain=retrain, quiet=quiet)
     click.echo(run_summary(result, as_json))
     gate(result.check, result.report)
 
@@ -473,7 +503,10 @@ def run_cmd(recipe: str, out: Path | None, force: bool, retrain: bool, as_json: 
 @cli.command("demo")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Directory for the demo bundle (default: runs/, the demo's own bundle is replaced).")
-def demo_cmd(out: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the stages and the gate's report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr (stage lines, training steps); the summary "
+                                           "still prints.")
+def demo_cmd(out: Path | None, as_json: bool, quiet: bool) -> None:
     """Train, export, quantize, profile and gate the embedded default model on the intent task.
 
     Runs the shipped demo recipe (export/demo.toml): all-MiniLM-L6-v2 + an r=8 LoRA adapter trained on the
@@ -483,8 +516,8 @@ def demo_cmd(out: Path | None) -> None:
     from lora_edge.check import gate
     from lora_edge.pipeline import run_recipe, run_summary
 
-    result = run_recipe("demo", out=out, force=True)
-    click.echo(run_summary(result))
+    result = run_recipe("demo", out=out, force=True, quiet=quiet)
+    click.echo(run_summary(result, as_json))
     gate(result.check, result.report)
 
 
@@ -503,6 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     as_json = "--json" in args[:args.index("--")] if "--" in args else "--json" in args
+    configure_progress(quiet="--quiet" in args)  # before tqdm is imported: bars on a terminal only
     try:
         cli.main(args=args, prog_name="lora-edge", standalone_mode=False)
     except LoraEdgeError as exc:
@@ -512,9 +546,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # malformed command line: click's own code, 2
+        if as_json:
+            _report_error(exc.format_message(), exc.exit_code, "UsageError", True)
+        exc.show()
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         if as_json:
-            _report_error(exc.format_message(), ConfigError.exit_code, "UsageError", True)
+            _report_error(exc.format_message(), ConfigError.exit_code, "ConfigError", True)
         exc.show()
         sys.exit(ConfigError.exit_code)
     except click.exceptions.Exit as exc:

@@ -17,12 +17,12 @@ any other file.
 from __future__ import annotations
 
 import platform
-import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lora_edge import toml_compat
 from lora_edge.bundle import Precision
 from lora_edge.errors import ConfigError
 from lora_edge.recipe import _field, check_threshold_tables, field_help
@@ -291,11 +291,11 @@ def load_device_file(path: Path) -> DeviceTarget:
     """Load one device TOML file."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = toml_compat.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"device file '{path}' does not exist", "--device",
                           f"give a device name ({', '.join(list_devices())}) or a .toml path") from None
-    except tomllib.TOMLDecodeError as exc:
+    except toml_compat.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML ({exc})", path, "fix the syntax") from None
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text", path, "save the device file as UTF-8 TOML") from None

@@ -48,9 +48,12 @@ class CheckFailedError(LoraEdgeError):
 
 
 class ConfigError(LoraEdgeError):
-    """Bad command-line usage, recipe or device file: a field is missing or invalid."""
+    """A bad option value, recipe or device file: a field is missing or invalid.
 
-    exit_code = 2
+    Exit 11, apart from click's 2 for malformed command lines (unknown option, missing argument).
+    """
+
+    exit_code = 11
 
 
 class DataError(LoraEdgeError):

@@ -9,6 +9,7 @@ right after export, and writes (atomically: a temporary sibling renamed at the e
     <out>/onnx/merged[.<name>].fp32.onnx  branched[.<name>].fp32.onnx
     <out>/onnx/hotswap.fp32.onnx + onnx/adapters/<name>.onnx_adapter
     <out>/onnx/config.json, tokenizer files, label_map.json (+ label_maps/<name>.json with several adapters)
+    <out>/onnx/genai_config.json (causal LM: onnxruntime-genai runs the graphs as they are)
 
 so that ``onnx/`` can be used on its own. Precisions other than fp32 are handed
 to ``lora_edge.quantize.quantize_bundle`` once the fp32 graphs exist.
@@ -32,8 +33,11 @@ from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Form, GraphRecord, Precis
 from lora_edge.data import LABEL_MAP_FILE, LabelMap
 from lora_edge.errors import ConfigError, ExportError
 from lora_edge.exporter import FP32_TOLERANCE, ExportContext, export_and_verify
+from lora_edge.genai_config import write_genai_config
 from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_base_model, load_tokenizer,
                               resolve_model_path)
+from lora_edge.onnx_spec import require_valid_graph
+from lora_edge.tokenizer import make_portable
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -210,6 +214,7 @@ def _write_model_files(job: ExportJob, adapters: Sequence[AdapterRef]) -> None:
     first = next(iter(job.references.values()))
     first.get_base_model().config.save_pretrained(str(onnx_dir))
     job.context.tokenizer.save_pretrained(str(onnx_dir))
+    make_portable(onnx_dir, getattr(first.get_base_model().config, "max_position_embeddings", None))
     first_labels = next(iter(job.labels.values()))
     if first_labels:
         LabelMap(tuple(first_labels)).save(onnx_dir)
@@ -259,6 +264,10 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         _write_model_files(job, adapters)
         for form in dict.fromkeys(forms):
             job.records.extend(FORM_EXPORTERS[form](job))
+        for record in job.records:
+            require_valid_graph(staging / record.file, record.name, ExportError)
+        if task is Task.CAUSAL_LM:
+            write_genai_config(staging, job.records)  # onnxruntime-genai runs the graphs as they are
         manifest = {
             "lora_edge_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

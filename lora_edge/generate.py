@@ -383,15 +383,16 @@ def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: 
     """
     from lora_edge.bundle import ONNX_DIR, find_task_graph
     from lora_edge.decoder import context_length
-    from lora_edge.models import Task, load_config, load_tokenizer
+    from lora_edge.models import Task, load_config
     from lora_edge.runtime import create_session
+    from lora_edge.tokenizer import load_bundle_tokenizer
 
     bundle = Path(bundle)
     manifest, record = find_task_graph(bundle, graph, Task.CAUSAL_LM.value)
     if not prompts:
         raise ConfigError("no prompt given", "--prompt", "pass --prompt \"...\"")
     onnx_dir = bundle / ONNX_DIR
-    tokenizer = load_tokenizer(onnx_dir)
+    tokenizer = load_bundle_tokenizer(onnx_dir)
     config = load_config(onnx_dir)
     session = create_session(bundle / record.file, settings)
     chosen, lora = adapter_for_run(bundle, record, manifest, adapter, session)

@@ -72,8 +72,9 @@ def infer(bundle: Path, graph: str, texts: Sequence[str], adapter: str | None = 
     import numpy as np
 
     from lora_edge.data import encode_texts
-    from lora_edge.models import load_config, load_tokenizer
+    from lora_edge.models import load_config
     from lora_edge.runtime import create_session, load_lora_adapter, run
+    from lora_edge.tokenizer import load_bundle_tokenizer
 
     bundle = Path(bundle)
     manifest, record = find_task_graph(bundle, graph, Task.SEQ_CLS.value)
@@ -81,7 +82,7 @@ def infer(bundle: Path, graph: str, texts: Sequence[str], adapter: str | None = 
         raise ConfigError("no text given", "--text", "pass --text \"...\" (repeatable)")
     chosen = choose_adapter(record, manifest, adapter)
     onnx_dir = bundle / ONNX_DIR
-    tokenizer = load_tokenizer(onnx_dir)
+    tokenizer = load_bundle_tokenizer(onnx_dir)  # no transformers/torch on the device side
     max_length = min(max_length, load_config(onnx_dir).get("max_position_embeddings", 514) - 2)
     encoded = encode_texts(tokenizer, texts, max_length, tensors="np")
     feeds = {name: np.asarray(value, dtype=np.int64) for name, value in encoded.items()}

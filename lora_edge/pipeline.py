@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from lora_edge.console import silent
 from lora_edge.errors import LoraEdgeError
 from lora_edge.recipe import AdapterSource, Recipe, load_recipe
 
@@ -122,7 +123,8 @@ def training_record(recipe: Recipe, model: str | Path, source: AdapterSource) ->
             "task": recipe.task, "training": training, "data_sha256": data}
 
 
-def train_adapters(recipe: Recipe, model: str | Path, retrain: bool, progress: Progress) -> tuple[list, dict]:
+def train_adapters(recipe: Recipe, model: str | Path, retrain: bool, progress: Progress,
+                   quiet: bool = False) -> tuple[list, dict]:
     """Adapter references for export: given paths as they are, training blocks trained (or re-used)."""
     from lora_edge.adapters import AdapterRef
     from lora_edge.bundle import write_json
@@ -143,7 +145,7 @@ def train_adapters(recipe: Recipe, model: str | Path, retrain: bool, progress: P
             training = source.training
             progress(f"train: adapter '{source.name}' on {training.data} -> {out}")
             train_adapter(model, training.data_files(), out, recipe.task, training.lora, training.train,
-                          force=True, progress=True)
+                          force=True, progress=not quiet)
             write_json(record_file, record)
         refs.append(AdapterRef(source.name, out))
         metrics[source.name] = load_metrics(out)
@@ -230,18 +232,21 @@ def profile_devices(recipe: Recipe, bundle: Path, progress: Progress,
 # --- the run -------------------------------------------------------------------------------------------
 
 def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force: bool = False,
-               retrain: bool = False, progress: Progress = _stderr) -> RunResult:
+               retrain: bool = False, progress: Progress = _stderr, quiet: bool = False) -> RunResult:
     """Run a recipe (a path, a shipped recipe's name, or a Recipe) through every stage; return the results.
 
     ``out`` replaces the recipe's output directory. An existing bundle is
     replaced only with ``force``. Raises the stages' errors (config, data,
     export, quantization...); a failed gate is not raised here: see
-    :func:`lora_edge.check.gate` on ``result.check``.
+    :func:`lora_edge.check.gate` on ``result.check``. ``quiet``: no progress
+    at all (``progress`` is ignored, training shows no steps).
     """
     from lora_edge.check import check_bundle
     from lora_edge.export_bundle import export_bundle
     from lora_edge.pipeline_report import write_run_report
 
+    if quiet:
+        progress = silent
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if out is not None:
         recipe.output = str(out)
@@ -259,7 +264,7 @@ def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force
 
     trains = any(source.training for source in recipe.adapters)
     with stages.stage("train", "training the adapters" if trains else "adapters given, nothing to train") as record:
-        adapters, result.training = train_adapters(recipe, model, retrain, progress)
+        adapters, result.training = train_adapters(recipe, model, retrain, progress, quiet)
         record.skipped = not trains
         record.summary = _training_summary(result.training)
     with stages.stage("export", f"{', '.join(recipe.export.forms)} in fp32 -> {bundle}") as record:

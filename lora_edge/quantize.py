@@ -217,6 +217,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     """
     import onnx
 
+    from lora_edge.onnx_spec import conform_file, require_valid_graph
     from lora_edge.quantize_fusion import name_all_nodes
     from lora_edge.quantize_prepare import FusionReport, fuse_graph
     from lora_edge.quantize_lora import inventory, linear_roles
@@ -249,6 +250,8 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
             raise
         except Exception as exc:
             raise _quantizer_failure(src, precision, exc) from None
+        conform_file(staging)  # ORT's quantizers reorder nodes and leave stale types: ONNX-spec order again
+        require_valid_graph(staging, dst.stem, QuantizationError)
         quantized = onnx.load(str(staging))
         found = inventory(quantized)
         if found.quantized_lora():

@@ -410,12 +410,12 @@ def recipe_from_dict(data: dict, source: str = "") -> Recipe:
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Load and validate a recipe TOML file (or a shipped recipe by name)."""
-    import tomllib
+    from lora_edge import toml_compat
 
     path = find_recipe(name_or_path)
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        data = toml_compat.loads(path.read_text())
+    except toml_compat.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML ({exc})", path, "fix the syntax") from None
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text", path, "save the recipe as UTF-8 TOML") from None

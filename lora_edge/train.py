@@ -306,6 +306,8 @@ def _write_outputs(out: Path, peft_model, label_map: LabelMap | None, data: Data
             label_map.save(staging)
         write_json(staging / DATA_RECORD, data.to_json())
         write_json(staging / METRICS_FILE, metrics)
+        from lora_edge.adapter_card import write_adapter_card
+        write_adapter_card(staging, metrics)  # a portable base model name and a real README.md
         plot_training(metrics, staging / TRAINING_PLOT)
     return (out / ADAPTER_WEIGHTS).stat().st_size
 

@@ -15,10 +15,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_edge"
 
 LAYERS = {
     0: ["errors", "models", "bundle", "data", "metrics", "flops", "report", "thresholds", "tiny", "adapters",
-        "recipe", "model_tasks", "__init__"],
-    1: ["runtime", "measure", "infer", "generate"],
-    2: ["train", "train_io"],
-    3: ["exporter", "decoder", "merge", "hotswap", "export_bundle"],
+        "recipe", "model_tasks", "onnx_spec", "toml_compat", "console", "__init__"],
+    1: ["runtime", "measure", "infer", "generate", "tokenizer"],
+    2: ["train", "train_io", "adapter_card"],
+    3: ["exporter", "decoder", "merge", "hotswap", "export_bundle", "genai_config"],
     4: ["quantize", "quantize_fusion", "quantize_lora", "quantize_methods", "quantize_prepare"],
     5: ["devices", "eager", "profile", "profile_report", "compare", "sweep"],
     6: ["check", "check_data", "check_metrics", "check_report", "check_tasks", "lm_metrics"],

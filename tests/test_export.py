@@ -13,6 +13,7 @@ from export_helpers import (ADAPTER_NAME, ALL_FORMS, TEST_BATCHES, feeds_for, se
                             tiny_bundle, torch_logits)
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.bundle import Form, GraphRecord, list_graphs, read_manifest
+from lora_edge.errors import ConfigError
 from lora_edge.exporter import low_rank_pairs
 from lora_edge.merge import lora_pairs
 from lora_edge.models import directory_sha256, load_tokenizer
@@ -141,7 +142,8 @@ BAD_INPUTS = {
     "adapter-for-another-base": ("distilbert", lambda a, p: (a, "base model"), [], 4, ["query"]),
     "corrupt-safetensors": ("bert", _corrupt, [], 4, ["safetensors"]),
     "nan-weights": ("bert", _nan, [], 4, ["NaN"]),
-    "unknown-form": ("bert", lambda a, p: (a, "folded"), ["--forms", "merged,folded"], 2, ["merged, branched"]),
+    "unknown-form": ("bert", lambda a, p: (a, "folded"), ["--forms", "merged,folded"], ConfigError.exit_code,
+                     ["merged, branched"]),
 }
 
 

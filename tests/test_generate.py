@@ -10,6 +10,7 @@ import pytest
 from decoder_bundles import ARCHS, FORMS, adapter_dirs, bundle_for, shared_root
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.bundle import ONNX_DIR, Form, find_graph
+from lora_edge.errors import ConfigError
 from lora_edge.generate import (DecoderRunner, SamplingSpec, _nucleus, encode_prompts, generate,
                                 generate_from_bundle)
 from lora_edge.runtime import create_session, load_lora_adapter
@@ -238,8 +239,8 @@ def test_cli_generate_bad_input_has_distinct_exit_codes(bundles, capsys):
         "adapter of another base": (["--graph", llama_graph, "--adapter",
                                      str(gpt2 / ONNX_DIR / "adapters" / "a.onnx_adapter"), "--prompt", "hi"], 4,
                                     "another base model"),
-        "greedy and sampling": (["--graph", llama_graph, "--greedy", "--temperature", "0.5", "--prompt", "hi"], 2,
-                                "--greedy"),
+        "greedy and sampling": (["--graph", llama_graph, "--greedy", "--temperature", "0.5", "--prompt", "hi"],
+                                ConfigError.exit_code, "--greedy"),
     }
     for name, (args, exit_code, message) in cases.items():
         code, out, err = _cli(["generate", str(llama)] + args, capsys)

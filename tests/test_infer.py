@@ -9,6 +9,7 @@ import pytest
 
 from export_helpers import ADAPTER_NAME, feeds_for, tiny_bundle, torch_logits
 from lora_edge.adapters import AdapterRef, load_reference
+from lora_edge.errors import ConfigError
 from lora_edge.models import Task, load_base_model, load_tokenizer
 from tiny_models import TINY_LABELS
 
@@ -67,8 +68,8 @@ def test_human_output_is_one_line_per_text(bundle, capsys):
 
 @pytest.mark.parametrize("args, code, words", [
     (["--graph", "folded.fp32"], 9, "merged.fp32, branched.fp32, hotswap.fp32"),
-    (["--graph", "merged.fp32", "--adapter", "other"], 2, "holds adapter 'tiny'"),
-    (["--graph", "hotswap.fp32", "--adapter", "other"], 2, "choose one of: tiny"),
+    (["--graph", "merged.fp32", "--adapter", "other"], ConfigError.exit_code, "holds adapter 'tiny'"),
+    (["--graph", "hotswap.fp32", "--adapter", "other"], ConfigError.exit_code, "choose one of: tiny"),
 ])
 def test_bad_graph_or_adapter_names_the_choices(args, code, words, bundle, capsys):
     from lora_edge.cli import main

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from export_helpers import ADAPTER_NAME, TEST_BATCHES, feeds_for, tiny_bundle, torch_logits
+from lora_edge.errors import ConfigError
 
 CPU_PRECISIONS = ("int8-dynamic", "int8-static", "int4")
 
@@ -190,7 +191,7 @@ def _snapshot(bundle: Path) -> dict[str, bytes]:
 
 def test_unknown_precision_lists_the_valid_ones(bundle_copy):
     code, text = _cli("quantize", str(bundle_copy), "--precisions", "int8-dynamic,int3")
-    assert code == 2
+    assert code == ConfigError.exit_code
     assert "int3" in text and "int8-static" in text and "int4" in text and "Traceback" not in text
 
 
@@ -202,7 +203,7 @@ def test_int8_static_without_calibration_data_says_how_to_give_it(bundle_copy):
     update_manifest(bundle_copy, adapters=manifest["adapters"])
     before = _snapshot(bundle_copy)
     code, text = _cli("quantize", str(bundle_copy), "--precisions", "int8-static")
-    assert code == 2 and "--calibration" in text and "Traceback" not in text
+    assert code == ConfigError.exit_code and "--calibration" in text and "Traceback" not in text
     assert _snapshot(bundle_copy) == before
 
 

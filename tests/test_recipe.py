@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
 
+from lora_edge import toml_compat
 from lora_edge.errors import ConfigError
 from lora_edge.recipe import (DEFAULT_THRESHOLDS, CheckSpec, Recipe, Thresholds, list_recipes, load_recipe,
                               recipe_from_dict, recipes_dir, resolve_thresholds)
@@ -34,7 +34,7 @@ top1_agreement = 0.9
 
 
 def load_text(text: str, source: str = "export/job.toml") -> Recipe:
-    return recipe_from_dict(tomllib.loads(text), source)
+    return recipe_from_dict(toml_compat.loads(text), source)
 
 
 def test_minimal_recipe_fills_defaults_and_orders_precisions():
@@ -124,3 +124,27 @@ def test_shipped_recipes_load(name):
     # The shipped recipes also load through the top-level export/ link.
     top_level = Path(__file__).parent.parent / "export" / f"{name}.toml"
     assert load_recipe(top_level).to_json() == {**recipe.to_json(), "source": str(top_level)}
+
+
+def test_toml_reading_falls_back_to_tomli_where_tomllib_is_missing(monkeypatch, tmp_path):
+    """Python 3.10 has no tomllib: devices and recipes must still load (through tomli)."""
+    import importlib
+    import sys
+
+    pytest.importorskip("tomli")
+    from lora_edge.devices import list_devices, load_device
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now raises ModuleNotFoundError
+    try:
+        importlib.reload(toml_compat)
+        assert toml_compat.PARSER == "tomli"
+        assert load_device(list_devices()[0]).name == list_devices()[0]
+        from lora_edge.devices import load_device_file
+
+        (tmp_path / "bad.toml").write_text("[broken")
+        with pytest.raises(ConfigError, match="not valid TOML"):
+            load_device_file(tmp_path / "bad.toml")
+    finally:
+        monkeypatch.delitem(sys.modules, "tomllib")
+        importlib.reload(toml_compat)
+    assert toml_compat.PARSER == "tomllib"

@@ -1,0 +1,54 @@
+"""How the CLI talks while it works: progress bars on a terminal only, plain lines elsewhere, nothing with --quiet.
+
+tqdm (transformers' weight loading, the Trainer, the Hub) redraws its bar with
+carriage returns; in a CI log or a pipe every redraw becomes another copy of
+the line (a demo's stderr held 314). :func:`configure_progress` runs before
+any of those libraries is imported and, when stderr is not a terminal (or
+--quiet was given), turns tqdm off through its environment defaults
+(``TQDM_DISABLE``, ``HF_HUB_DISABLE_PROGRESS_BARS``). lora-edge's own progress
+is already plain lines (``stage: what``), and training still logs a
+``step N: loss ...`` line per logging step, so a log shows periodic progress
+without bars.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, TextIO
+
+# Environment defaults read by tqdm (at import: any TQDM_<ARG> sets that argument's default) and the Hub.
+NO_BARS_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def wants_bars(stream: TextIO | None = None, quiet: bool = False) -> bool:
+    """True when progress bars belong on ``stream`` (default stderr): a terminal, and not --quiet."""
+    stream = stream if stream is not None else sys.stderr
+    return not quiet and bool(getattr(stream, "isatty", lambda: False)())
+
+
+def configure_progress(quiet: bool = False, stream: TextIO | None = None) -> bool:
+    """Turn progress bars off for this process unless ``stream`` is a terminal (and not quiet); return wants_bars.
+
+    Must run before tqdm is imported (the CLI calls it first thing); a value
+    the user already set in the environment is kept.
+    """
+    bars = wants_bars(stream, quiet)
+    if not bars:
+        for name, value in NO_BARS_ENV.items():
+            os.environ.setdefault(name, value)
+    return bars
+
+
+def silent(message: str) -> None:
+    """The progress sink of --quiet: drops every message."""
+
+
+def stderr_lines(message: str) -> None:
+    """The default progress sink: one plain line on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def progress_sink(quiet: bool) -> Callable[[str], None]:
+    """:func:`silent` with --quiet, else :func:`stderr_lines`."""
+    return silent if quiet else stderr_lines
