@@ -43,8 +43,7 @@ import make_intent_data as intent  # noqa: E402  (the generator whose draws are 
 DEFAULT_OUT = ROOT / "lora_edge" / "resources" / "commands"
 INTENT_DIR = ROOT / "lora_edge" / "resources" / "intent"
 EVAL_ROWS = 100
-SYSTEM_PROMPT = ('Turn the voice command into one line of JSON: {"intent": name, "slots": {name: value}}. '
-                 "Slot values are copied from the command.")
+SYSTEM_PROMPT = 'Reply with the command as JSON: {"intent": ..., "slots": {...}}.'
 RENAME = {"weather_day": "day", "food": "item", "place": "destination"}
 
 
