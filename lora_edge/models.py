@@ -52,13 +52,26 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """Turn ``"default"`` or a local directory into a checked model directory path."""
+    """Turn ``"default"``, a pulled model's name, a local directory or a ``.gguf`` file into a model directory.
+
+    A GGUF file (or a directory holding exactly one) is converted once into a cached
+    directory (:mod:`lora_edge.gguf`); a name such as ``smollm2`` means the model
+    ``lora-edge models pull`` fetched (:mod:`lora_edge.pull`).
+    """
     if str(model) == DEFAULT_MODEL:
         return default_model_path()
     path = Path(model).expanduser()
+    from lora_edge import gguf, pull  # light modules; torch stays unloaded until a conversion runs
+
+    if not path.exists() and str(model) in pull.PULLABLE:
+        return pull.pulled_model_dir(str(model))
+    gguf_file = gguf.find_gguf(path)
+    if gguf_file is not None:
+        return gguf.gguf_model_dir(gguf_file)
     if not path.is_dir():
         raise ModelError(f"model directory '{path}' does not exist", "--model",
-                         "give a local Hugging Face model directory or 'default' (models are never downloaded)")
+                         "give a local Hugging Face model directory, a .gguf file, or 'default' "
+                         "(models are never downloaded)")
     if not (path / "config.json").is_file():
         raise ModelError("model directory has no config.json", path,
                          "point --model at a directory written by save_pretrained()")

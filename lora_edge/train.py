@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from lora_edge.adapters import ADAPTER_WEIGHTS, DATA_RECORD
 from lora_edge.bundle import atomic_directory, library_versions, write_json
+from lora_edge.chat import IGNORE_INDEX, require_chat_template
 from lora_edge.data import DataFiles, Example, LabelMap
 from lora_edge.errors import ConfigError, DataError, TrainingError, env_int
 from lora_edge.models import Task, load_base_model, load_tokenizer, quiet_transformers, resolve_model_path
@@ -44,6 +45,7 @@ METRICS_FILE = "metrics.json"
 TRAINING_PLOT = "training.png"
 PISSA_INIT_DIR = "pissa-init"
 CURVE_POINTS = 25  # about this many loss points per run in training.png
+ANSWER_SLACK_TOKENS = 8  # greedy answers may run this many tokens past the longest reference answer
 
 # LoRA targets for "auto" where PEFT's own per-architecture table has none.
 EXTRA_DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"]}
@@ -69,7 +71,7 @@ class TrainResult:
                     "steps": self.global_step}
         for split in ("validation", "test"):
             scores = self.metrics.get(split, {})
-            for key in ("accuracy", "macro_f1", "loss", "perplexity"):
+            for key in ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "base_exact_match"):
                 if key in scores:
                     headline[f"{split}_{key}"] = scores[key]
         return headline
@@ -120,11 +122,15 @@ def _peft_model(base, task: Task, lora: LoraSpec):
 
 def _check_splits(splits: dict[str, list[Example]], data: DataFiles, task: Task) -> LabelMap | None:
     """Refuse empty splits and evaluation labels the training split never shows."""
+    chat = splits["train"] and splits["train"][0].messages is not None
     for name, examples in splits.items():
+        source = data.files.get(name) or data.train
         if not examples:
-            source = data.files.get(name) or data.train
             raise DataError(f"the {name} split is empty", source,
                             "add examples, or give --validation/--test files")
+        if any((ex.messages is not None) != bool(chat) for ex in examples):
+            raise DataError(f"the {name} split mixes chat rows (messages) and text rows", source,
+                            "use one kind of row in every split")
     if task is not Task.SEQ_CLS:
         return None
     label_map = LabelMap.from_examples(splits["train"])
@@ -186,6 +192,29 @@ def _lm_scores(trainer: "Trainer", dataset, prefix: str) -> dict:
     return {"examples": len(dataset), "loss": loss, "perplexity": perplexity(loss)}
 
 
+def _answer_scores(peft_model, tokenizer, examples: list[Example], shown: int = 5) -> dict:
+    """Greedy answers to the held-out chats, scored by exact match with the adapter and without it (the base).
+
+    The answer budget is the longest reference answer plus ANSWER_SLACK_TOKENS, so a
+    model that does not stop is cut off rather than left to run.
+    """
+    from lora_edge.chat import answer_scores, greedy_answers
+
+    prompts = [ex.messages[:-1] for ex in examples]
+    references = [ex.messages[-1][1] for ex in examples]
+    budget = ANSWER_SLACK_TOKENS + max(len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                                       for text in references)
+    peft_model.eval()
+    answers = greedy_answers(peft_model, tokenizer, prompts, budget)
+    with peft_model.disable_adapter():
+        base_answers = greedy_answers(peft_model, tokenizer, prompts, budget)
+    base = answer_scores(base_answers, references)
+    samples = [{"utterance": ex.text, "answer": answer, "base_answer": base_answer, "reference": reference}
+               for ex, answer, base_answer, reference in zip(examples, answers, base_answers, references)][:shown]
+    return {**answer_scores(answers, references), "base_exact_match": base["exact_match"], "base": base,
+            "max_new_tokens": budget, "samples": samples}
+
+
 def _check_finite(history: list[dict]) -> None:
     for entry in history:
         loss = entry.get("loss")
@@ -220,10 +249,14 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
 
     # Inputs are checked: now the heavy imports (bad input fails fast, without loading torch).
     import torch
-    from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, PrinterCallback,
-                              ProgressCallback, Trainer, set_seed)
+    from transformers import (DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding,
+                              PrinterCallback, ProgressCallback, Trainer, set_seed)
 
     tokenizer = load_tokenizer(model_path)
+    chat = splits["train"][0].messages is not None
+    if chat:
+        require_chat_template(tokenizer, model_path)
+        tokenizer.padding_side = "right"  # training batches; greedy answers pad on the left
     with quiet_transformers(progress_bars=progress):  # a new task head is always "missing" from the checkpoint
         base = load_base_model(model_path, task, labels=list(label_map.labels) if label_map else None)
     set_seed(spec.seed)  # LoRA initialisation draws from the global RNG
@@ -232,6 +265,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     datasets = {name: EncodedDataset.build(tokenizer, examples, label_map, spec.max_length)
                 for name, examples in splits.items()}
     collator = (DataCollatorWithPadding(tokenizer) if task is Task.SEQ_CLS
+                else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX) if chat
                 else DataCollatorForLanguageModeling(tokenizer, mlm=False))
 
     def compute_metrics(prediction) -> dict:
@@ -274,6 +308,8 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
                   for name in ("validation", "test")}
     else:
         scores = {name: _lm_scores(trainer, datasets[name], name) for name in ("validation", "test")}
+        if chat and trainer.is_world_process_zero():
+            scores["test"].update(_answer_scores(peft_model, tokenizer, splits["test"]))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     metrics = {"task": task.value, "labels": list(label_map.labels) if label_map else None, **scores,
                "train": {"examples": len(datasets["train"]), "steps": trainer.state.global_step,

@@ -78,7 +78,15 @@ class EncodedDataset:
     @classmethod
     def build(cls, tokenizer, examples: list[Example], label_map: LabelMap | None,
               max_length: int) -> "EncodedDataset":
-        """Tokenize ``examples``; classification rows carry ``labels`` = class id."""
+        """Tokenize ``examples``; classification rows carry ``labels`` = class id.
+
+        Chat examples are rendered with the tokenizer's chat template and carry answer-only
+        ``labels`` (prompt tokens -100), see :func:`lora_edge.chat.encode_chat`.
+        """
+        if examples and examples[0].messages is not None:
+            from lora_edge.chat import encode_chat
+
+            return cls([encode_chat(tokenizer, ex.messages, max_length) for ex in examples])
         encoded = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length)
         rows = [{key: encoded[key][i] for key in encoded} for i in range(len(examples))]
         if label_map is not None:
