@@ -213,8 +213,11 @@ def merge_command(model: str, adapter: str, task: str | None, out: Path, force: 
 @click.option("--task", default=None, help=TASK_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--no-fuse", "no_fuse", is_flag=True,
+              help="Write the fp32 graphs as exported, without the CPU fusions (attention, LayerNorm, padding "
+                   "trim; each fused graph is checked against PyTorch and kept only if it matches).")
 def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions: str, opset: int | None,
-                   task: str | None, out: Path, force: bool) -> None:
+                   task: str | None, out: Path, force: bool, no_fuse: bool) -> None:
     """Export base + adapter(s) to ONNX graphs in a bundle, each checked against PyTorch.
 
     Writes OUT/manifest.json, OUT/adapter/ (or adapters/<name>/), OUT/onnx/<form>[.<name>].<precision>.onnx,
@@ -225,7 +228,8 @@ def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions
     from lora_edge.export_bundle import export_bundle
 
     click.echo(str(export_bundle(model, [AdapterRef.parse(a) for a in adapters], split_csv(forms), out,
-                                 precisions=split_csv(precisions), opset=opset, force=force, task=task)))
+                                 precisions=split_csv(precisions), opset=opset, force=force, task=task,
+                                 fuse=not no_fuse)))
 
 
 @cli.command("infer")
