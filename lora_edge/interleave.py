@@ -59,13 +59,13 @@ class RoundTimes:
 
 
 def time_rounds(calls: dict[str, Callable[[], object]], rounds: int, runs: int = 1, warmup: int = 1,
-                gap_s: float = 0.02, seed: int = 0, total: int | None = None) -> RoundTimes:
+                gap_s: float = 0.02, seed: int = 0, total: int | None = None, visit_warmup: int = 1) -> RoundTimes:
     """Interleaved timing: each round visits every call once in a shuffled order and times ``runs`` runs.
 
     ``warmup`` untimed runs per call come first; each visit then pauses
     ``gap_s`` (idle intra-op threads of the previous session stop spinning and
-    would otherwise steal the cores), runs once untimed (caches warm for this
-    graph) and times ``runs`` runs (fewer in the last rounds when ``total``
+    would otherwise steal the cores), runs ``visit_warmup`` times untimed (caches
+    warm for this graph) and times ``runs`` runs (fewer in the last rounds when ``total``
     caps the timed runs per call). A call that raises stops the loop.
     """
     if rounds < 1 or runs < 1:
@@ -86,7 +86,8 @@ def time_rounds(calls: dict[str, Callable[[], object]], rounds: int, runs: int =
                 continue
             if gap_s:
                 time.sleep(gap_s)
-            call()
+            for _ in range(visit_warmup):
+                call()
             round_times = []
             for _ in range(count):
                 began, cpu_began = time.perf_counter(), time.process_time()

@@ -37,7 +37,7 @@ PASS_THROUGH_OPS = {"Identity", "Dropout"}
 MASK_INPUT = "attention_mask"
 MASK_INT32 = "lora_edge_attention_mask_int32"
 MASK_ALL_ONES = "lora_edge_attention_mask_all_ones"
-TRIM_LENGTH = "lora_edge_trimmed_length"
+TRIM_LENGTH = "pad_trim_length"
 # Graph inputs with a sequence axis (axis 1) that padding trimming cuts to the last real column.
 SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -334,7 +334,7 @@ def trim_padding(model: "onnx.ModelProto") -> int:
     inner_reads = {name for node in model.graph.node for name in set(node_reads(node)) - set(node.input)}
     if inner_reads & names:
         return 0  # read inside a subgraph: renaming there is not worth the risk
-    prefix, opset = "lora_edge/trim", _default_opset(model)
+    prefix, opset = "pad_trim", _default_opset(model)
     constants = [numpy_helper.from_array(np.array(1, dtype=np.int64), f"{prefix}/one"),
                  numpy_helper.from_array(np.array([0], dtype=np.int64), f"{prefix}/zero_1d"),
                  numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}/one_1d"),

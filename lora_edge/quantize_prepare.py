@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lora_edge.quantize_fusion import (fuse_attention, keep_layernorm_unfused, restore_for_gpu, sample_encoder_feeds,
+from lora_edge.quantize_fusion import (MASK_ALL_ONES, fuse_attention, keep_layernorm_unfused, restore_for_gpu, sample_encoder_feeds,
                                        share_lora_inputs, trim_padding)
 
 if TYPE_CHECKING:
@@ -87,6 +87,8 @@ class FusionReport:
 
 def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
     """Run onnxruntime.transformers' fusions (python-only, opt_level 0) where the architecture has them."""
+    import contextlib
+    import io
     import logging
 
     from onnxruntime.transformers import optimizer
@@ -109,9 +111,11 @@ def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report:
     for log in loggers:
         log.setLevel(logging.ERROR)
     try:
-        optimized = optimizer.optimize_model(model, model_type=ort_type, num_heads=plan.num_heads or 0,
-                                             hidden_size=plan.hidden_size or 0, optimization_options=options,
-                                             opt_level=0, use_gpu=plan.for_gpu)
+        # its symbolic shape inference prints "failed in shape inference" on graphs with If subgraphs: harmless
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimized = optimizer.optimize_model(model, model_type=ort_type, num_heads=plan.num_heads or 0,
+                                                 hidden_size=plan.hidden_size or 0, optimization_options=options,
+                                                 opt_level=0, use_gpu=plan.for_gpu)
     except Exception as exc:  # an optimizer failure only costs speed: keep the graph as it was
         report.dropped = f"onnxruntime transformer optimizer failed ({exc.__class__.__name__}: {exc})"[:300]
         return model
@@ -124,7 +128,10 @@ def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report:
 
 def _lora_edge_rewrites(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
     if plan.num_heads:
-        report.attention = fuse_attention(model, int(plan.num_heads), mask_switch=not plan.for_gpu)
+        # a source graph fused at export already has its attention blocks: count those
+        report.attention = fuse_attention(model, int(plan.num_heads), mask_switch=not plan.for_gpu) \
+            or sum(node.op_type == "If" and MASK_ALL_ONES in node.input or node.op_type == "MultiHeadAttention"
+                   for node in model.graph.node)
     report.lora_shared = share_lora_inputs(model)
     if not plan.for_gpu:
         report.layernorm_unfused = keep_layernorm_unfused(model)
