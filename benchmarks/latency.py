@@ -43,7 +43,8 @@ INPUT_KIND_TEXT = {"real128": "128 real tokens", "padded": f"'{SHORT_TEXT}' padd
 # "peer fp32" / "peer int8" stand for the fastest peer of that precision in the run.
 TARGETS = [("merged int8-dynamic", "peer int8", 0.70), ("merged fp32", "peer fp32", 0.85),
            ("branched fp32", "merged fp32", 1.015), ("hotswap fp32", "merged fp32", 1.015),
-           ("branched int8-dynamic", "merged int8-dynamic", 1.05), ("hotswap int8-dynamic", "merged int8-dynamic", 1.05),
+           ("branched int8-dynamic", "merged int8-dynamic", 1.05),
+           ("hotswap int8-dynamic", "merged int8-dynamic", 1.05),
            ("branched int8-static", "merged int8-static", 1.05), ("hotswap int8-static", "merged int8-static", 1.05)]
 
 
@@ -115,7 +116,7 @@ def peer_recipes(model_path: Path, adapter: Path, out: Path, seq: int) -> dict[s
 
 
 def lora_edge_graphs(model: str, adapter: Path, out: Path, calibration: Path, int4: bool) -> Path:
-    """export_bundle (merged, branched, hotswap; fp32 fused) then quantize_bundle (int8-dynamic, int8-static[, int4])."""
+    """export_bundle (merged, branched, hotswap; fp32 fused), quantize_bundle (int8-dynamic, int8-static[, int4])."""
     from lora_edge.adapters import AdapterRef
     from lora_edge.export_bundle import export_bundle
     from lora_edge.quantize import QuantizeOptions, fusion_plan_for, quantize_bundle, quantize_graph
@@ -384,7 +385,8 @@ def format_kind(kind: str, summary: dict, targets: list[dict]) -> str:
 
 
 def format_footer(gemm: dict, ops: dict, noise: dict) -> str:
-    lines = [f"model work per run (128 tokens): {ops['total'] / 1e9:.2f} GOP ({ops['linear'] / 1e9:.2f} in linear layers)"]
+    lines = [f"model work per run (128 tokens): {ops['total'] / 1e9:.2f} GOP "
+             f"({ops['linear'] / 1e9:.2f} in linear layers)"]
     for label, figures in gemm.items():
         lines.append(f"  GEMM alone, {label:<24} {figures['gops']:7.1f} GOP/s best, "
                      f"{figures['gops_median']:7.1f} median ({figures['ms']:.2f} ms for the model's linears)")

@@ -5,8 +5,9 @@ the rewrites of :func:`lora_edge.quantize_prepare.fuse_graph` (attention as one
 MultiHeadAttention per layer with the unmasked kernel for unpadded batches,
 residual sums kept out of ORT's slow CPU SkipLayerNormalization, LoRA pairs on
 one input sharing their A MatMul, padding trimmed to the last attended column).
-They took merged fp32 from 1.00x to 0.77x of the peer recipe's fp32 graph in
-benchmarks/latency.py. The fused graph is then run on the exporter's verify
+They took merged fp32 from 1.00x to 0.77x of the dynamo-exported peer's fp32
+graph, and a short request padded to 128 runs at the cost of its real tokens
+(benchmarks/README.md). The fused graph is then run on the exporter's verify
 batches, and on the same batches padded to the export length, and compared with
 the PyTorch reference of each adapter; one that drifts beyond the export
 tolerance is not kept (the graph stays as exported, and the manifest says why).
@@ -43,8 +44,7 @@ def padded_inputs(io: "GraphIO", length: int, pad_id: int) -> list[tuple["torch.
     return padded
 
 
-def _checks_against_pytorch(record: "GraphRecord", staging: Path, references: dict, context: "ExportContext",
-                            ) -> list[tuple[object, Path | None]]:
+def _checks_against_pytorch(record: "GraphRecord", staging: Path, references: dict) -> list[tuple[object, Path | None]]:
     """(PyTorch reference, hot-swap adapter file or None) pairs a graph must match."""
     if record.adapters:  # hot-swap: every adapter, each with its file active
         files = record.extra.get("adapter_files", {})
@@ -61,7 +61,7 @@ def verify_fused(path: Path, record: "GraphRecord", staging: Path, references: d
     builder = graph_io_for(context.task)
     session = create_session(path)
     worst = 0.0
-    for reference, adapter_file in _checks_against_pytorch(record, staging, references, context):
+    for reference, adapter_file in _checks_against_pytorch(record, staging, references):
         io = builder(reference, context)
         pad_id = getattr(context.tokenizer, "pad_token_id", None) or 0
         length = min(context.max_length, getattr(context.config, "max_position_embeddings", 512) - 2)
@@ -104,7 +104,7 @@ def fuse_exported_graph(record: "GraphRecord", staging: Path, references: dict, 
 
 def fuse_exported_graphs(records: list["GraphRecord"], staging: Path, references: dict, context: "ExportContext",
                          tolerance: float, progress: Callable[[str], None]) -> None:
-    """Fuse every fp32 sequence-classification graph of a staged bundle; the outcome goes to ``record.extra['fusion']``."""
+    """Fuse every fp32 sequence-classification graph of a staged bundle; outcome in ``record.extra['fusion']``."""
     from lora_edge.bundle import Precision
     from lora_edge.models import Task
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lora_edge.quantize_fusion import (MASK_ALL_ONES, fuse_attention, keep_layernorm_unfused, restore_for_gpu, sample_encoder_feeds,
-                                       share_lora_inputs, trim_padding)
+from lora_edge.quantize_fusion import (MASK_ALL_ONES, fuse_attention, keep_layernorm_unfused, restore_for_gpu,
+                                       sample_encoder_feeds, share_lora_inputs, trim_padding)
 
 if TYPE_CHECKING:
     import numpy as np
