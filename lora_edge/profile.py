@@ -147,9 +147,9 @@ def _open_graph(bundle: Path, record: GraphRecord, manifest: dict, device: Devic
     return opened
 
 
-def _finish_graph(opened: _OpenGraph, times: list[float], rounds: list[float], device: DeviceTarget, settings, batch: int, seq: int,
-                  gpu_id: int | None) -> None:
-    """Fill in latency, throughput, budgets and the per-op trace of a timed graph."""
+def _finish_graph(opened: _OpenGraph, times: list[float], rounds: list[float], device: DeviceTarget, settings,
+                  batch: int, seq: int, gpu_id: int | None) -> None:
+    """Fill in latency, per-round medians, throughput, budgets and the per-op trace of a timed graph."""
     profile = opened.profile
     stats = latency_stats(times)
     profile.latency_ms = stats
