@@ -4,8 +4,9 @@ On the default model (all-MiniLM-L6-v2) with an r=8 adapter (a random one on
 query/value unless --adapter is given): each form is exported into its own
 bundle (timed: torch.onnx export alone, and the whole form with verification),
 then the three fp32 graphs run side by side on ONNX Runtime's CPU provider,
-batch 1, sequence 128, 2 intra-op threads, interleaved (the order rotates every
-round so no form always runs first), and the median of many runs is reported.
+batch 1, sequence 128, 2 intra-op threads, in interleaved rounds (shuffled
+order, lora_edge.interleave); each form's ratio to merged is the median of the
+within-round ratios, with a bootstrap interval.
 The branched overhead is set against the theoretical extra FLOPs of the
 low-rank pairs (lora_edge.flops), over the model's FLOPs counted by torch.
 
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from interleave import interleaved_times  # sibling module: the scripts run as benchmarks/<name>.py
+from lora_edge.interleave import ratio_stats, time_rounds
 
 FORMS = ("merged", "branched", "hotswap")
 TEXT = "please turn on the lights in the kitchen and tell me what the weather will be like tomorrow " * 20
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         runners = {form: (lambda s=session, a=(lora if form == "hotswap" else None): run(s, feeds, adapter=a))
                    for form, session in sessions.items()}
         runners["hotswap (no adapter)"] = lambda: run(sessions["hotswap"], feeds)
-        times = interleaved_times(runners, args.runs, args.warmup, gap_s=0.02)
+        timed = time_rounds(runners, rounds=max(1, args.runs // 5), runs=5, warmup=args.warmup, gap_s=0.02)
+        times = {name: [seconds * 1e3 for seconds in values] for name, values in timed.times.items()}
         branched = exports["branched"]
         share = branch_kernel_share(branched["bundle"] / branched["graph"].file, feeds, args.threads)
 
@@ -135,17 +137,22 @@ def main(argv: list[str] | None = None) -> dict:
                      "form_wall_s": exports[form]["form_wall_s"] if name == form else None,
                      "median_ms": round(medians[name], 3), "p10_ms": round(ordered[len(values) // 10], 3),
                      "p90_ms": round(ordered[9 * len(values) // 10], 3),
-                     "vs_merged": round(medians[name] / medians["merged"], 4)})
+                     "vs_merged": round(ratio_stats(timed.per_round[name], timed.per_round["merged"]).ratio, 4),
+                     "vs_merged_interval": [round(x, 4) for x in ratio_stats(timed.per_round[name],
+                                                                            timed.per_round["merged"]).interval]})
     result = {"model": "all-MiniLM-L6-v2", "rank": args.rank, "batch": 1, "sequence": args.sequence,
               "threads": args.threads, "runs": args.runs, "rows": rows,
               "model_gflop": round(model_total / 1e9, 4), "lora_extra_gflop": round(extra_total / 1e9, 5),
               "lora_extra_flops_fraction": round(extra_total / model_total, 5),
-              "branched_overhead": round(medians["branched"] / medians["merged"] - 1, 4),
+              "branched_overhead": round(ratio_stats(timed.per_round["branched"], timed.per_round["merged"]).ratio - 1,
+                                         4),
+              "load_average": {"before": timed.load_before, "after": timed.load_after},
               "branch_kernel_share": round(share, 4),
               "merged_gflops_per_s": round(model_total / (medians["merged"] / 1e3) / 1e9, 1)}
 
     print(f"\nMiniLM-L6 + r={args.rank} adapter, batch 1, seq {args.sequence}, {args.threads} threads, CPU EP, "
-          f"{args.runs} interleaved runs (median)\n")
+          f"{args.runs} runs in interleaved rounds (ratios within rounds); load average "
+          f"{timed.load_before} -> {timed.load_after}\n")
     print("| form | torch.onnx export s | export+load+verify s | median ms | p10 ms | p90 ms | vs merged |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:

@@ -1,29 +1,18 @@
-"""Interleaved timing shared by the benchmark scripts (imported as a sibling module)."""
+"""Interleaved timing for the benchmark scripts: the package's one loop (lora_edge.interleave), re-exported.
+
+Scripts run as ``benchmarks/<name>.py`` import this sibling; new code imports
+:mod:`lora_edge.interleave` directly.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Callable
+
+from lora_edge.interleave import RoundTimes, ratio_stats, time_rounds, verdict  # noqa: F401  (re-exported)
 
 
 def interleaved_times(calls: dict[str, Callable[[], object]], runs: int, warmup: int,
                       gap_s: float = 0.0) -> dict[str, list[float]]:
-    """Run every call once per round, rotating the order; return each call's run times in ms.
-
-    A ``gap_s`` pause before each timed run lets ORT's idle intra-op threads of the
-    previous session stop spinning, so they do not steal the cores from the next one.
-    """
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    names = list(calls)
-    times = {name: [] for name in names}
-    for round_index in range(runs):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            if gap_s:
-                time.sleep(gap_s)
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+    """Each call's run times in ms: ``runs`` shuffled rounds of one timed run per call, after ``warmup`` runs."""
+    timed = time_rounds(calls, rounds=runs, runs=1, warmup=warmup, gap_s=gap_s, visit_warmup=0)
+    return {name: [seconds * 1e3 for seconds in values] for name, values in timed.times.items()}

@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
-"""lora-edge's graphs against the peer recipe, side by side in one run: latency, ratios, GEMM throughput.
+"""lora-edge's graphs against the strongest stock recipe, side by side in one run: latency, ratios, GEMM throughput.
 
-The peer recipe is what a user does by hand today: PEFT ``merge_and_unload()`` ->
-``torch.onnx.export`` -> ``onnxruntime.quantization.quantize_dynamic(QInt8)``.
+The peer is what a user can do by hand today, in every stock variant, and the
+fastest of them (per precision and per input kind, in this run) is the one
+lora-edge is compared with: PEFT ``merge_and_unload()`` -> ``torch.onnx.export``
+with the TorchScript exporter (``dynamo=False``) and with the dynamo exporter
+(torch 2.13's default), plus the TorchScript graph through ORT's transformers
+optimizer (``optimize_model``: fused Attention, SkipLayerNormalization, ...);
+each fp32 graph then -> ``quantize_dynamic(QInt8)`` per-channel and per-tensor.
 Both sides start from the same base model (the embedded MiniLM by default) and
-the same r=8 adapter. Every variant runs batch 1, sequence 128, on the CPU
-provider with 2 intra-op threads; the variants are interleaved in rounds (a
-shuffled visit of every variant per round, a pause between visits so idle ORT
-threads stop spinning), and each round's ratios against the peer are taken
-within the round, so a busy neighbour slows both sides of a ratio alike.
+the same r=8 adapter.
 
-It also times the model's GEMMs alone (ORT MatMul / dynamic-int8 MatMul
-micro-graphs of the model's own shapes, and torch fp32 matmul) in the same run,
-to show how far each graph is from this machine's GEMM throughput, and with
-``--profile`` it prints ORT's per-op profile of the peer and lora-edge int8 graphs.
+Two input kinds, both reported: 128 real tokens, and a short sentence padded to
+128. Every graph runs batch 1 on the CPU provider with 2 intra-op threads; all
+graphs and both kinds are interleaved in rounds (lora_edge.interleave: shuffled
+order each round, a pause before each visit so idle ORT threads stop spinning),
+and ratios are taken within each round, so a busy neighbour slows both sides of
+a ratio alike. It also times the model's GEMMs alone, and with ``--profile``
+prints ORT's per-op profiles of the fastest peer and lora-edge int8 graphs.
 
     python benchmarks/latency.py                       # table on stdout, JSON in benchmarks/results/
     python benchmarks/latency.py --adapter DIR --rounds 60 --profile
@@ -25,17 +29,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 LABELS = [f"intent_{i}" for i in range(10)]
-# Targets of issue 5: (variant, baseline, bound): median(variant) <= bound * median(baseline).
-TARGETS = [("merged int8 (best)", "peer int8", 0.70), ("merged fp32", "peer fp32", 1.02),
-           ("branched int8", "merged int8-dynamic", 1.05), ("branched fp32", "merged fp32", 1.015)]
+SHORT_TEXT = "turn on the lights in the kitchen"
+INPUT_KINDS = ("real128", "padded")
+INPUT_KIND_TEXT = {"real128": "128 real tokens", "padded": f"'{SHORT_TEXT}' padded to 128"}
+# Targets of issue 12: (variant, baseline, bound): within-round ratio variant / baseline <= bound, per input kind.
+# "peer fp32" / "peer int8" stand for the fastest peer of that precision in the run.
+TARGETS = [("merged int8-dynamic", "peer int8", 0.70), ("merged fp32", "peer fp32", 0.85),
+           ("branched fp32", "merged fp32", 1.015), ("hotswap fp32", "merged fp32", 1.015),
+           ("branched int8-dynamic", "merged int8-dynamic", 1.05),
+           ("hotswap int8-dynamic", "merged int8-dynamic", 1.05),
+           ("branched int8-static", "merged int8-static", 1.05), ("hotswap int8-static", "merged int8-static", 1.05)]
 
 
 def log(message: str) -> None:
@@ -62,51 +72,74 @@ def random_adapter(model_path: Path, out: Path, rank: int, seed: int) -> Path:
     return out
 
 
-def peer_recipe(model_path: Path, adapter: Path, out: Path, batch: int, seq: int) -> dict[str, Path]:
-    """PEFT merge_and_unload -> torch.onnx.export -> quantize_dynamic(QInt8), as a user writes it."""
+def peer_recipes(model_path: Path, adapter: Path, out: Path, seq: int) -> dict[str, Path]:
+    """Every stock recipe: merge_and_unload -> TorchScript / dynamo export (-> ORT optimizer) -> quantize_dynamic."""
+    import onnx
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers import optimizer
 
     from lora_edge.adapters import AdapterRef, load_reference
+    from lora_edge.models import load_config
 
     out.mkdir(parents=True, exist_ok=True)
     merged = load_reference(model_path, AdapterRef("peer", adapter)).merge_and_unload().eval()
-    ids = torch.randint(1000, 20000, (batch, seq))
+    ids = torch.randint(1000, 20000, (1, seq))
     inputs = (ids, torch.ones_like(ids), torch.zeros_like(ids))
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    fp32, int8 = out / "peer.fp32.onnx", out / "peer.int8.onnx"
-    torch.onnx.export(merged, inputs, str(fp32), input_names=names, output_names=["logits"],
-                      dynamic_axes={name: {0: "batch", 1: "sequence"} for name in names})
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
-    return {"peer fp32": fp32, "peer int8": int8}
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    fp32 = {"torchscript": out / "torchscript.fp32.onnx", "dynamo": out / "dynamo.fp32.onnx",
+            "ort-optimizer": out / "ort-optimizer.fp32.onnx"}
+    if not fp32["torchscript"].is_file():
+        torch.onnx.export(merged, inputs, str(fp32["torchscript"]), input_names=names, output_names=["logits"],
+                          dynamic_axes=axes, dynamo=False, opset_version=17)
+    if not fp32["dynamo"].is_file():
+        torch.onnx.export(merged, inputs, str(fp32["dynamo"]), input_names=names, output_names=["logits"],
+                          dynamic_axes=axes, dynamo=True)
+    if not fp32["ort-optimizer"].is_file():
+        config = load_config(model_path)
+        optimized = optimizer.optimize_model(str(fp32["torchscript"]), model_type="bert",
+                                             num_heads=config["num_attention_heads"],
+                                             hidden_size=config["hidden_size"])
+        log(f"  ORT optimizer fused: {optimized.get_fused_operator_statistics()}")
+        optimized.save_model_to_file(str(fp32["ort-optimizer"]))
+    graphs = {}
+    for exporter, path in fp32.items():
+        graphs[f"peer fp32 [{exporter}]"] = path
+        for per_channel in (True, False):
+            int8 = out / f"{exporter}.int8{'-per-channel' if per_channel else ''}.onnx"
+            # DefaultTensorType: shape inference cannot type the contrib ops of the optimized graph
+            quantize_dynamic(str(path), str(int8), weight_type=QuantType.QInt8, per_channel=per_channel,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            graphs[f"peer int8 [{exporter}, {'per-channel' if per_channel else 'per-tensor'}]"] = int8
+    return graphs
 
 
-def lora_edge_graphs(model: str, adapter: Path, out: Path, calibration: Path) -> Path:
-    """export_bundle (merged, branched, hotswap) then quantize_bundle (int8-dynamic, int8-static, int4)."""
+def lora_edge_graphs(model: str, adapter: Path, out: Path, calibration: Path, int4: bool) -> Path:
+    """export_bundle (merged, branched, hotswap; fp32 fused), quantize_bundle (int8-dynamic, int8-static[, int4])."""
     from lora_edge.adapters import AdapterRef
     from lora_edge.export_bundle import export_bundle
-    from lora_edge.quantize import QuantizeOptions, quantize_bundle
+    from lora_edge.quantize import QuantizeOptions, fusion_plan_for, quantize_bundle, quantize_graph
 
     bundle = export_bundle(model, [AdapterRef("bench", adapter)], ["merged", "branched", "hotswap"], out,
                            force=True, progress=log)
-    quantize_bundle(bundle, ["int8-dynamic", "int8-static", "int4"], QuantizeOptions(calibration=calibration),
-                    progress=log)
-    extra_variants(bundle)
+    precisions = ["int8-dynamic", "int8-static"] + (["int4"] if int4 else [])
+    quantize_bundle(bundle, precisions, QuantizeOptions(calibration=calibration), progress=log)
+    onnx_dir = bundle / "onnx"  # outside the manifest, for comparison: per-tensor int8
+    quantize_graph(onnx_dir / "merged.fp32.onnx", onnx_dir / "extra.merged.int8-per-tensor.onnx", "int8-dynamic",
+                   QuantizeOptions(per_channel=False), plan=fusion_plan_for(bundle))
     return bundle
 
 
-def extra_variants(bundle: Path) -> None:
-    """Two graphs outside the manifest, for comparison: per-tensor int8, and the fp32 graph with the CPU fusions."""
-    import onnx
-
-    from lora_edge.quantize import QuantizeOptions, fusion_plan_for, quantize_graph
-    from lora_edge.quantize_prepare import fuse_graph
-
-    onnx_dir, plan = bundle / "onnx", fusion_plan_for(bundle)
-    quantize_graph(onnx_dir / "merged.fp32.onnx", onnx_dir / "extra.merged.int8-per-tensor.onnx", "int8-dynamic",
-                   QuantizeOptions(per_channel=False), plan=plan)
-    fused, _ = fuse_graph(onnx.load(str(onnx_dir / "merged.fp32.onnx")), plan, str(onnx_dir / "merged.fp32.onnx"))
-    onnx.save(fused, str(onnx_dir / "extra.merged.fp32-fused.onnx"))
+def graph_files(peers: dict[str, Path], bundle: Path, int4: bool) -> dict[str, Path]:
+    """Every graph to time, by the name the tables use."""
+    onnx_dir = bundle / "onnx"
+    graphs = dict(peers)
+    for precision in ("fp32", "int8-dynamic", "int8-static") + (("int4",) if int4 else ()):
+        for form in ("merged", "branched", "hotswap"):
+            graphs[f"{form} {precision}"] = onnx_dir / f"{form}.{precision}.onnx"
+    graphs["merged int8-per-tensor"] = onnx_dir / "extra.merged.int8-per-tensor.onnx"
+    return graphs
 
 
 # --- timing ---------------------------------------------------------------------------------------------
@@ -127,57 +160,48 @@ def make_session(path: Path, threads: int, spinning: bool, profile_prefix: str |
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def model_feeds(batch: int, seq: int, seed: int = 0) -> dict:
+def model_feeds(kind: str, seq: int, tokenizer_dir: Path) -> dict:
+    """``real128``: ``seq`` random token ids, no padding; ``padded``: a short sentence padded to ``seq``."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1000, 20000, size=(batch, seq), dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    if kind == "real128":
+        ids = np.random.default_rng(0).integers(1000, 20000, size=(1, seq), dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    from lora_edge.models import load_tokenizer
+
+    encoded = load_tokenizer(tokenizer_dir)([SHORT_TEXT], padding="max_length", max_length=seq, truncation=True,
+                                            return_tensors="np")
+    ids = encoded["input_ids"].astype(np.int64)
+    return {"input_ids": ids, "attention_mask": encoded["attention_mask"].astype(np.int64),
+            "token_type_ids": np.zeros_like(ids)}
 
 
 @dataclass
-class Variant:
-    """One graph to time, with the session and adapter it runs with."""
+class Graph:
+    """One graph to time: its file, session and (hot-swap) adapter."""
 
     name: str
     path: Path
-    adapter_file: Path | None = None
-    runner: object = None
-    times: list[float] = field(default_factory=list)
-    cpu_times: list[float] = field(default_factory=list)  # process CPU time (all threads) per run
-    per_round: list[float] = field(default_factory=list)
+    session: object = None
+    adapter: object = None
 
 
-def make_runner(variant: Variant, threads: int, spinning: bool, feeds: dict):
-    """lora-edge's GraphRunner on the benchmark's session; hot-swap graphs run with their adapter active."""
-    from lora_edge.measure import GraphRunner
+def open_graphs(graphs: dict[str, Path], adapter_file: Path, threads: int, spinning: bool) -> list[Graph]:
     from lora_edge.runtime import load_lora_adapter
 
-    session = make_session(variant.path, threads, spinning)
-    declared = {i.name for i in session.get_inputs()}
-    adapter = load_lora_adapter(variant.adapter_file) if variant.adapter_file else None
-    return GraphRunner(session, {k: v for k, v in feeds.items() if k in declared}, adapter)
+    opened = []
+    for name, path in graphs.items():
+        adapter = load_lora_adapter(adapter_file) if name.startswith("hotswap") else None
+        opened.append(Graph(name, path, make_session(path, threads, spinning), adapter))
+    return opened
 
 
-def time_rounds(variants: list[Variant], rounds: int, runs: int, gap_s: float, seed: int = 0) -> None:
-    """Interleaved timing: each round visits every variant once, in a shuffled order, ``runs`` timed runs each."""
-    import numpy as np
+def runner(graph: Graph, feeds: dict):
+    """lora-edge's GraphRunner on the benchmark's session (hot-swap graphs with their adapter active)."""
+    from lora_edge.measure import GraphRunner
 
-    order = list(variants)
-    shuffle = random.Random(seed)
-    for _ in range(rounds):
-        shuffle.shuffle(order)
-        for variant in order:
-            time.sleep(gap_s)  # let the previous session's threads stop spinning
-            variant.runner()  # one untimed run: caches warm for this graph
-            round_times = []
-            for _ in range(runs):
-                began, cpu_began = time.perf_counter(), time.process_time()
-                variant.runner()
-                round_times.append(time.perf_counter() - began)
-                variant.cpu_times.append(time.process_time() - cpu_began)
-            variant.times.extend(round_times)
-            variant.per_round.append(float(np.median(round_times)))
+    declared = {i.name for i in graph.session.get_inputs()}
+    return GraphRunner(graph.session, {k: v for k, v in feeds.items() if k in declared}, graph.adapter)
 
 
 # --- GEMM throughput --------------------------------------------------------------------------------------
@@ -289,169 +313,180 @@ def op_profile(path: Path, feeds: dict, threads: int, spinning: bool, runs: int,
 
 # --- report -------------------------------------------------------------------------------------------------
 
-def summarize(variants: list[Variant], peer: dict[str, str], ops: dict) -> dict:
-    """Medians, spreads, per-round ratios against the peer of the same precision class, GOP/s."""
-    import numpy as np
-
-    by_name = {v.name: v for v in variants}
-    rows = {}
-    for variant in variants:
-        ms = np.asarray(variant.times) * 1e3
-        baseline = by_name[peer["fp32"] if "fp32" in variant.name else peer["int8"]]
-        ratios = np.asarray(variant.per_round) / np.asarray(baseline.per_round)
-        cpu_ms = np.asarray(variant.cpu_times) * 1e3
-        baseline_cpu = float(np.median(baseline.cpu_times) * 1e3)
-        rows[variant.name] = {
-            "median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
-            "cpu_median_ms": float(np.median(cpu_ms)), "cpu_ratio": float(np.median(cpu_ms)) / baseline_cpu,
-            "p90_ms": float(np.percentile(ms, 90)), "runs": int(ms.size),
-            "vs": baseline.name, "ratio": float(np.median(ratios)),
-            "ratio_iqr": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
-            "gops": ops["total"] / float(np.median(ms) / 1e3) / 1e9, "file": str(variant.path),
-            "size_mb": round(graph_bytes(variant.path) / 1e6, 1),
-        }
-    return rows
-
-
 def graph_bytes(path: Path) -> int:
     """Size of a graph file plus its external-data file, if torch.onnx.export wrote one beside it."""
     external = path.with_name(path.name + ".data")
     return path.stat().st_size + (external.stat().st_size if external.is_file() else 0)
 
 
-def pair_ratio(variants: dict[str, Variant], name: str, baseline: str) -> dict:
-    """Median over rounds of median(name)/median(baseline) within each round, with its interquartile range."""
+def precision_class(name: str) -> str:
+    """fp32 graphs are compared with the fastest peer fp32 graph, every quantized one with the fastest peer int8."""
+    return "fp32" if "fp32" in name else "int8"
+
+
+def fastest_peers(medians: dict[str, float]) -> dict[str, str]:
+    """The fastest peer graph of each precision class in this run (by median)."""
+    return {cls: min((n for n in medians if n.startswith(f"peer {cls}")), key=medians.get) for cls in ("fp32", "int8")}
+
+
+def summarize_kind(timed, kind: str, graphs: dict[str, Path], ops: dict) -> dict:
+    """Per graph, for one input kind: medians, spreads, CPU time, and the within-round ratio to the fastest peer."""
     import numpy as np
 
-    ratios = np.asarray(variants[name].per_round) / np.asarray(variants[baseline].per_round)
-    return {"ratio": float(np.median(ratios)),
-            "iqr": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))]}
+    from lora_edge.interleave import ratio_stats
+
+    key = lambda name: f"{kind}|{name}"  # noqa: E731
+    medians = {name: float(np.median(timed.times[key(name)])) * 1e3 for name in graphs}
+    peers = fastest_peers(medians)
+    rows = {}
+    for name, path in graphs.items():
+        ms = np.asarray(timed.times[key(name)]) * 1e3
+        baseline = peers[precision_class(name)]
+        stats = ratio_stats(timed.per_round[key(name)], timed.per_round[key(baseline)])
+        rows[name] = {"median_ms": medians[name], "p10_ms": float(np.percentile(ms, 10)),
+                      "p90_ms": float(np.percentile(ms, 90)),
+                      "cpu_median_ms": float(np.median(timed.cpu_times[key(name)]) * 1e3), "runs": int(ms.size),
+                      "vs": baseline, "ratio": stats.ratio, "ratio_iqr": list(stats.iqr),
+                      "ratio_interval": list(stats.interval),
+                      "gops": ops["total"] / (medians[name] / 1e3) / 1e9, "file": str(path),
+                      "size_mb": round(graph_bytes(path) / 1e6, 1)}
+    return {"rows": rows, "fastest_peer": peers}
 
 
-def format_table(rows: dict, targets: list[dict], gemm: dict, ops: dict, noise: dict) -> str:
-    lines = [f"{'graph':<24} {'median ms':>9} {'p10':>7} {'p90':>7} {'ratio':>7} {'vs':<10} {'GOP/s':>7} "
-             f"{'cpu ms':>7} {'cpu ratio':>9} {'MB':>6}"]
-    for name, row in rows.items():
-        lines.append(f"{name:<24} {row['median_ms']:9.2f} {row['p10_ms']:7.2f} {row['p90_ms']:7.2f} "
-                     f"{row['ratio']:7.3f} {row['vs']:<10} {row['gops']:7.1f} {row['cpu_median_ms']:7.2f} "
-                     f"{row['cpu_ratio']:9.3f} {row['size_mb']:6.1f}")
-    lines.append("")
-    lines.append("targets (median over rounds of the within-round ratio; IQR in brackets):")
+def kind_targets(timed, kind: str, peers: dict[str, str]) -> list[dict]:
+    """Each issue-12 target on one input kind: within-round ratio, IQR, bootstrap interval, met or not."""
+    from lora_edge.interleave import ratio_stats
+
+    targets = []
+    for name, baseline, bound in TARGETS:
+        actual = peers["fp32" if baseline == "peer fp32" else "int8"] if baseline.startswith("peer") else baseline
+        stats = ratio_stats(timed.per_round[f"{kind}|{name}"], timed.per_round[f"{kind}|{actual}"])
+        targets.append({"variant": name, "baseline": actual, "bound": bound, "ratio": stats.ratio,
+                        "iqr": list(stats.iqr), "interval": list(stats.interval), "met": stats.ratio <= bound})
+    return targets
+
+
+def format_kind(kind: str, summary: dict, targets: list[dict]) -> str:
+    lines = [f"== {INPUT_KIND_TEXT[kind]} ==",
+             f"{'graph':<40} {'median ms':>9} {'p10':>7} {'p90':>7} {'ratio':>6} {'95% interval':>15} "
+             f"{'cpu ms':>7} {'GOP/s':>6} {'MB':>6}  vs"]
+    for name, row in summary["rows"].items():
+        low, high = row["ratio_interval"]
+        lines.append(f"{name:<40} {row['median_ms']:9.2f} {row['p10_ms']:7.2f} {row['p90_ms']:7.2f} "
+                     f"{row['ratio']:6.3f} [{low:6.3f}, {high:6.3f}] {row['cpu_median_ms']:7.2f} {row['gops']:6.0f} "
+                     f"{row['size_mb']:6.1f}  {row['vs']}")
+    lines.append("targets (median over rounds of the within-round ratio; IQR; 95% bootstrap interval):")
     for target in targets:
-        lines.append(f"  {target['variant']:<20} <= {target['bound']:.3f} x {target['baseline']:<20} "
-                     f"{target['ratio']:.3f} [{target['iqr'][0]:.3f}, {target['iqr'][1]:.3f}]  "
+        lines.append(f"  {target['variant']:<22} <= {target['bound']:.3f} x {target['baseline']:<38} "
+                     f"{target['ratio']:.3f} IQR [{target['iqr'][0]:.3f}, {target['iqr'][1]:.3f}] "
+                     f"CI [{target['interval'][0]:.3f}, {target['interval'][1]:.3f}]  "
                      f"{'met' if target['met'] else 'NOT met'}")
-    lines.append("")
-    lines.append(f"model work per run: {ops['total'] / 1e9:.2f} GOP ({ops['linear'] / 1e9:.2f} in linear layers)")
-    for label, figures in gemm.items():
-        lines.append(f"  GEMM alone, {label:<24} {figures['gops']:7.1f} GOP/s best, "
-                     f"{figures['gops_median']:7.1f} median ({figures['ms']:.2f} ms for the model's linears)")
-    lines.append(f"noise: load average {noise['load_before']} -> {noise['load_after']}, "
-                 f"{noise['rounds']} rounds x {noise['runs_per_round']} runs, spinning {noise['spinning']}; "
-                 f"per-round CV of the medians {min(noise['per_round_cv'].values()):.2f}-"
-                 f"{max(noise['per_round_cv'].values()):.2f}")
-    lines.append("ratio: median over rounds of (graph / its peer) within a round; cpu: process CPU time of "
-                 "all threads per run (robust to a busy machine when spinning is off)")
     return "\n".join(lines)
 
 
-def main() -> None:
+def format_footer(gemm: dict, ops: dict, noise: dict) -> str:
+    lines = [f"model work per run (128 tokens): {ops['total'] / 1e9:.2f} GOP "
+             f"({ops['linear'] / 1e9:.2f} in linear layers)"]
+    for label, figures in gemm.items():
+        lines.append(f"  GEMM alone, {label:<24} {figures['gops']:7.1f} GOP/s best, "
+                     f"{figures['gops_median']:7.1f} median ({figures['ms']:.2f} ms for the model's linears)")
+    lines.append(f"noise: load average {noise['load_before']} -> {noise['load_after']}, {noise['rounds']} rounds x "
+                 f"{noise['runs_per_round']} runs, spinning {noise['spinning']}, niceness {noise['niceness']}")
+    lines.append("ratio: median over rounds of (graph / the fastest peer of its precision) within a round; "
+                 "cpu: process CPU time of all threads per run")
+    return "\n".join(lines)
+
+
+def build(args, model_path: Path, work: Path) -> tuple[dict[str, Path], Path, Path]:
+    """The peer graphs and the lora-edge bundle (reused with --reuse); returns graphs, bundle, adapter."""
+    from lora_edge.data import default_intent_files
+
+    adapter = args.adapter or work / "adapter"
+    if args.adapter is None and not (args.reuse and adapter.is_dir()):
+        log(f"random r={args.rank} adapter -> {adapter}")
+        random_adapter(model_path, adapter, args.rank, seed=0)
+    peer_dir, bundle = work / "peer", work / "bundle"
+    if (peer_dir / "ort-optimizer.int8.onnx").is_file() and args.reuse:
+        peers = {}
+        for exporter in ("torchscript", "dynamo", "ort-optimizer"):
+            peers[f"peer fp32 [{exporter}]"] = peer_dir / f"{exporter}.fp32.onnx"
+            peers[f"peer int8 [{exporter}, per-channel]"] = peer_dir / f"{exporter}.int8-per-channel.onnx"
+            peers[f"peer int8 [{exporter}, per-tensor]"] = peer_dir / f"{exporter}.int8.onnx"
+    else:
+        log("peer recipes: merge_and_unload -> torch.onnx.export (TorchScript, dynamo; + ORT optimizer) -> "
+            "quantize_dynamic (per-channel, per-tensor)")
+        peers = peer_recipes(model_path, adapter, peer_dir, args.seq)
+    if not (args.reuse and (bundle / "onnx" / "extra.merged.int8-per-tensor.onnx").is_file()):
+        log("lora-edge: export (merged, branched, hotswap; fp32 fused) -> quantize (int8-dynamic, int8-static)")
+        lora_edge_graphs(args.model, adapter, bundle, args.calibration or default_intent_files().train, args.int4)
+    return graph_files(peers, bundle, args.int4), bundle, adapter
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="Base model directory or 'default' (MiniLM).")
     parser.add_argument("--adapter", type=Path, default=None,
                         help="PEFT adapter directory (default: a random r=--rank adapter on query/value).")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (and torch threads).")
     parser.add_argument("--rounds", type=int, default=40, help="Interleaved rounds.")
-    parser.add_argument("--runs", type=int, default=5, help="Timed runs per variant per round.")
+    parser.add_argument("--runs", type=int, default=5, help="Timed runs per graph and input kind per round.")
     parser.add_argument("--gap", type=float, default=0.02, help="Seconds of pause before each visit.")
     parser.add_argument("--spinning", choices=("on", "off"), default="on",
                         help="session.intra_op.allow_spinning for every session (ORT's default: on).")
+    parser.add_argument("--int4", action="store_true", help="Also build and time the int4 graphs.")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="int8-static calibration data (default: the shipped intent training split).")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lora-edge-latency"))
     parser.add_argument("--reuse", action="store_true", help="Reuse graphs already in --workdir.")
     parser.add_argument("--profile", action="store_true", help="Also print ORT per-op profiles of the int8 graphs.")
+    parser.add_argument("--no-gemm", action="store_true", help="Skip timing the GEMMs alone.")
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "latency.json")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    import numpy as np
 
-    from lora_edge.data import default_intent_files
+def main() -> None:
+    args = parse_args()
+
+    from lora_edge.interleave import time_rounds
     from lora_edge.measure import host_facts
     from lora_edge.models import load_config, resolve_model_path
 
     model_path = resolve_model_path(args.model)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    adapter = args.adapter or work / "adapter"
-    if args.adapter is None and not (args.reuse and adapter.is_dir()):
-        log(f"random r={args.rank} adapter -> {adapter}")
-        random_adapter(model_path, adapter, args.rank, seed=0)
-    peer_dir, bundle = work / "peer", work / "bundle"
-    if not (args.reuse and (peer_dir / "peer.int8.onnx").is_file()):
-        log("peer recipe: merge_and_unload -> torch.onnx.export -> quantize_dynamic(QInt8)")
-        peer_recipe(model_path, adapter, peer_dir, args.batch, args.seq)
-    if not (args.reuse and (bundle / "onnx" / "extra.merged.fp32-fused.onnx").is_file()):
-        log("lora-edge: export (merged, branched, hotswap) -> quantize (int8-dynamic, int8-static, int4)")
-        lora_edge_graphs(args.model, adapter, bundle, args.calibration or default_intent_files().train)
-    graphs = {"peer fp32": peer_dir / "peer.fp32.onnx", "peer int8": peer_dir / "peer.int8.onnx"}
-    onnx_dir = bundle / "onnx"
-    graphs.update({"merged fp32": onnx_dir / "merged.fp32.onnx", "branched fp32": onnx_dir / "branched.fp32.onnx",
-                   "hotswap fp32": onnx_dir / "hotswap.fp32.onnx",
-                   "merged fp32 fused": onnx_dir / "extra.merged.fp32-fused.onnx",
-                   "merged int8-dynamic": onnx_dir / "merged.int8-dynamic.onnx",
-                   "merged int8-per-tensor": onnx_dir / "extra.merged.int8-per-tensor.onnx",
-                   "merged int8-static": onnx_dir / "merged.int8-static.onnx",
-                   "branched int8": onnx_dir / "branched.int8-dynamic.onnx",
-                   "hotswap int8": onnx_dir / "hotswap.int8-dynamic.onnx",
-                   "merged int4": onnx_dir / "merged.int4.onnx"})
-    adapter_file = onnx_dir / "adapters" / "bench.onnx_adapter"
-    feeds = model_feeds(args.batch, args.seq)
+    graphs, bundle, adapter = build(args, model_path, work)
     spinning = args.spinning == "on"
-    variants = [Variant(name, path, adapter_file if name.startswith("hotswap") else None)
-                for name, path in graphs.items()]
-    for variant in variants:
-        variant.runner = make_runner(variant, args.threads, spinning, feeds)
-        for _ in range(3):
-            variant.runner()
-    load_before = [round(x, 2) for x in os.getloadavg()]
-    log(f"timing {len(variants)} graphs: {args.rounds} rounds x {args.runs} runs, load average {load_before}")
-    time_rounds(variants, args.rounds, args.runs, args.gap)
+    opened = open_graphs(graphs, bundle / "onnx" / "adapters" / "bench.onnx_adapter", args.threads, spinning)
+    feeds = {kind: model_feeds(kind, args.seq, bundle / "onnx") for kind in INPUT_KINDS}
+    calls = {f"{kind}|{graph.name}": runner(graph, feeds[kind]) for kind in INPUT_KINDS for graph in opened}
+    log(f"timing {len(opened)} graphs x {len(INPUT_KINDS)} input kinds: {args.rounds} rounds x {args.runs} runs")
+    timed = time_rounds(calls, args.rounds, args.runs, warmup=3, gap_s=args.gap)
     config = load_config(model_path)
-    log("timing the model's GEMMs alone")
-    gemm = gemm_throughput(config, args.batch, args.seq, args.threads, spinning, work)
-    load_after = [round(x, 2) for x in os.getloadavg()]
-
-    ops = model_ops(config, args.seq, args.batch)
-    rows = summarize(variants, {"fp32": "peer fp32", "int8": "peer int8"}, ops)
-    by_name = {v.name: v for v in variants}
-    best_int8 = min(("merged int8-dynamic", "merged int8-per-tensor", "merged int8-static"),
-                    key=lambda n: rows[n]["median_ms"])
-    targets = []
-    for name, baseline, bound in TARGETS:
-        actual = best_int8 if name == "merged int8 (best)" else name
-        figures = pair_ratio(by_name, actual, baseline)
-        targets.append({"variant": name, "measured": actual, "baseline": baseline, "bound": bound,
-                        **figures, "met": figures["ratio"] <= bound})
-    noise = {"load_before": load_before, "load_after": load_after, "rounds": args.rounds,
-             "runs_per_round": args.runs, "spinning": args.spinning,
-             "per_round_cv": {name: float(np.std(v.per_round) / np.mean(v.per_round)) for name, v in by_name.items()}}
+    gemm = {} if args.no_gemm else gemm_throughput(config, 1, args.seq, args.threads, spinning, work)
+    ops = model_ops(config, args.seq, 1)
+    noise = {"load_before": timed.load_before, "load_after": timed.load_after, "rounds": args.rounds,
+             "runs_per_round": args.runs, "spinning": args.spinning, "niceness": os.nice(0)}
     report = {"settings": vars(args) | {"model_path": str(model_path), "adapter": str(adapter)},
-              "host": host_facts(args.threads), "model_ops": ops, "graphs": rows, "targets": targets,
-              "gemm": gemm, "noise": noise}
+              "host": host_facts(args.threads), "model_ops": ops, "gemm": gemm, "noise": noise, "kinds": {}}
+    for kind in INPUT_KINDS:
+        summary = summarize_kind(timed, kind, graphs, ops)
+        targets = kind_targets(timed, kind, summary["fastest_peer"])
+        report["kinds"][kind] = {"input": INPUT_KIND_TEXT[kind], **summary, "targets": targets}
+        print(format_kind(kind, summary, targets) + "\n")
+    print(format_footer(gemm, ops, noise))
     if args.profile:
-        log("per-op profiles")
-        report["profiles"] = {name: op_profile(graphs[name], feeds, args.threads, spinning, 40, work,
-                                               adapter_file if name.startswith("hotswap") else None)
-                              for name in ("peer int8", best_int8, "branched int8")}
-    print(format_table(rows, targets, gemm, ops, noise))
-    for name, profile in report.get("profiles", {}).items():
-        print(f"\nper-op profile, {name} (model_run median {profile['model_run_ms_median']:.2f} ms):")
-        for op in profile["top_ops"]:
-            print(f"  {op['op_type']:<28} {op['ms_per_run']:7.3f} ms  {op['percent']:5.1f}%  {op['nodes']:3d} nodes")
+        peer_int8 = report["kinds"]["real128"]["fastest_peer"]["int8"]
+        report["profiles"] = {name: op_profile(graphs[name], feeds["real128"], args.threads, spinning, 40, work,
+                                               bundle / "onnx" / "adapters" / "bench.onnx_adapter"
+                                               if name.startswith("hotswap") else None)
+                              for name in (peer_int8, "merged int8-dynamic", "branched int8-dynamic")}
+        for name, profile in report["profiles"].items():
+            print(f"\nper-op profile, {name} (model_run median {profile['model_run_ms_median']:.2f} ms):")
+            for op in profile["top_ops"]:
+                print(f"  {op['op_type']:<28} {op['ms_per_run']:7.3f} ms  {op['percent']:5.1f}%  "
+                      f"{op['nodes']:3d} nodes")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     log(f"wrote {args.json}")

@@ -227,8 +227,11 @@ def merge_command(model: str, adapter: str, task: str | None, out: Path, force: 
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the bundle directory and its graph records.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.option("--no-fuse", "no_fuse", is_flag=True,
+              help="Write the fp32 graphs as exported, without the CPU fusions (attention, LayerNorm, padding "
+                   "trim; each fused graph is checked against PyTorch and kept only if it matches).")
 def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions: str, opset: int | None,
-                   task: str | None, out: Path, force: bool, as_json: bool, quiet: bool) -> None:
+                   task: str | None, out: Path, force: bool, as_json: bool, quiet: bool, no_fuse: bool) -> None:
     """Export base + adapter(s) to ONNX graphs in a bundle, each checked against PyTorch.
 
     Writes OUT/manifest.json, OUT/adapter/ (or adapters/<name>/), OUT/onnx/<form>[.<name>].<precision>.onnx,
@@ -241,7 +244,7 @@ def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions
 
     bundle = export_bundle(model, [AdapterRef.parse(a) for a in adapters], split_csv(forms), out,
                            precisions=split_csv(precisions), opset=opset, force=force, task=task,
-                           progress=progress_sink(quiet))
+                           fuse=not no_fuse, progress=progress_sink(quiet))
     if as_json:
         import json
 

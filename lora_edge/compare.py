@@ -6,7 +6,10 @@ inputs, else profiling) and writes one table and one chart:
 ``reports/compare.json``, ``reports/compare.md`` and ``reports/latency.png``.
 
 For each graph: p50 latency, the overhead of the branched and hot-swap forms
-over the merged graph of the same precision (in %), the extra FLOPs of the
+over the merged graph of the same precision (in %: the median over the
+profile's interleaved rounds of the within-round ratio, with a bootstrap
+interval and a verdict: faster, slower, or not distinguishable at this noise,
+see :mod:`lora_edge.interleave`), the extra FLOPs of the
 adapter's low-rank pairs over the base model (in %, from its ranks and layer
 shapes: see :mod:`lora_edge.flops`), the memory the session adds and the size
 on disk, and the speed-up over the eager PyTorch model (adapter merged).
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 from lora_edge.bundle import REPORTS_DIR, read_manifest, require_bundle, write_json
 from lora_edge.devices import DeviceTarget, load_device
+from lora_edge.interleave import VERDICT_MARGIN_PCT, ratio_stats, verdict
 from lora_edge.profile import profile_bundle
 from lora_edge.profile_report import GraphProfile, ProfileReport, read_profile
 
@@ -44,6 +48,8 @@ class Comparison:
     seq: int
     base_flops_per_item: float | None
     rows: list[dict] = field(default_factory=list)
+    load_average: dict = field(default_factory=dict)  # before and after the timed rounds
+    rounds: int | None = None
 
     def to_json(self) -> dict:
         """JSON form written to ``compare.json``."""
@@ -62,6 +68,21 @@ def extra_flops_percent(adapter_flops_per_token: int, seq: int, base_flops_per_i
     if not base_flops_per_item:
         return None
     return 100.0 * adapter_flops_per_token * seq / base_flops_per_item
+
+
+def pair_overhead(graph: GraphProfile, peer: GraphProfile) -> dict:
+    """Overhead of ``graph`` over ``peer`` from their within-round ratios: %, interval, IQR and verdict.
+
+    Falls back to the ratio of p50s (no interval, no verdict) when the two were
+    not timed in the same rounds (a profile written before rounds were kept).
+    """
+    rounds, peer_rounds = graph.rounds_ms, peer.rounds_ms
+    if rounds and len(rounds) == len(peer_rounds):
+        stats = ratio_stats(rounds, peer_rounds)
+        return {"overhead_pct": stats.overhead_pct, "overhead_interval_pct": list(stats.interval_pct),
+                "overhead_iqr_pct": [100.0 * (q - 1.0) for q in stats.iqr], "verdict": verdict(stats)}
+    return {"overhead_pct": overhead_percent(_p50(graph), _p50(peer)), "overhead_interval_pct": None,
+            "overhead_iqr_pct": None, "verdict": None}
 
 
 def _p50(graph: GraphProfile) -> float | None:
@@ -98,12 +119,14 @@ def comparison_rows(graphs: list[GraphProfile], eager: list[GraphProfile], seq: 
         flops = adapter_flops.get(graph.adapter, single_adapter) if branches else 0
         eager_peer = eager_merged.get(graph.adapter) or next(iter(eager_merged.values()), None)
         size = graph.size or {}
+        overhead = pair_overhead(graph, peer) if peer and _p50(graph) is not None and _p50(peer) is not None \
+            else {"overhead_pct": None, "overhead_interval_pct": None, "overhead_iqr_pct": None, "verdict": None}
         rows.append({
             "graph": graph.name, "kind": graph.kind, "form": graph.form, "precision": graph.precision,
             "adapter": graph.adapter, "status": graph.status if graph.measured else f"{graph.status}: {graph.reason}",
             "p50_ms": _p50(graph), "p90_ms": graph.latency_ms["p90"] if _p50(graph) is not None else None,
             "vs_merged": peer.name if peer else None,
-            "overhead_pct": overhead_percent(_p50(graph), _p50(peer)) if peer else None,
+            **overhead,
             "extra_flops_pct": None if flops is None else extra_flops_percent(flops, seq, base_flops_per_item),
             "speedup_vs_eager": (_p50(eager_peer) / _p50(graph) if eager_peer and _p50(graph) else None),
             "rss_mb": graph.memory.get("rss_added_mb"), "gpu_mb": graph.memory.get("gpu_added_mb"),
@@ -178,17 +201,37 @@ def compare_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
     manifest = read_manifest(bundle)
     base = report.model.get("flops_per_item") or base_flops_per_item(manifest, batch, seq)
     comparison = Comparison(bundle=str(bundle), device=device.name, note=report.note, seq=seq,
-                            base_flops_per_item=base,
+                            base_flops_per_item=base, load_average=report.settings.get("load_average") or {},
+                            rounds=report.settings.get("rounds"),
                             rows=comparison_rows(selected, report.eager, seq, adapter_flops_per_token(bundle, manifest),
                                                  base))
     write_comparison(bundle, comparison)
     return comparison
 
 
-COLUMNS = ["graph", "status", "p50_ms", "p90_ms", "overhead_pct", "vs_merged", "extra_flops_pct",
-           "speedup_vs_eager", "rss_mb", "gpu_mb", "size_mb"]
-HEADERS = ["graph", "status", "p50 ms", "p90 ms", "overhead %", "vs", "extra FLOPs %", "× eager merged",
-           "RSS + MB", "GPU + MB", "size MB"]
+COLUMNS = ["graph", "status", "p50_ms", "p90_ms", "overhead_pct", "overhead_interval", "verdict", "vs_merged",
+           "extra_flops_pct", "speedup_vs_eager", "rss_mb", "gpu_mb", "size_mb"]
+HEADERS = ["graph", "status", "p50 ms", "p90 ms", "overhead %", "95% interval", "verdict", "vs", "extra FLOPs %",
+           "× eager merged", "RSS + MB", "GPU + MB", "size MB"]
+
+
+def _table_rows(comparison: Comparison) -> list[dict]:
+    """The rows with the overhead interval written as text."""
+    rows = []
+    for row in comparison.rows:
+        interval = row.get("overhead_interval_pct")
+        rows.append({**row, "overhead_interval": f"[{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else None})
+    return rows
+
+
+def noise_line(comparison: Comparison) -> str:
+    """How the overheads were measured, and the load average around the timed rounds."""
+    load = comparison.load_average or {}
+    rounds = f"{comparison.rounds} interleaved rounds" if comparison.rounds else "interleaved runs"
+    return (f"Overhead: median over {rounds} (shuffled order) of the within-round ratio to the merged graph; "
+            f"95% bootstrap interval; verdict 'faster'/'slower' only when the whole interval lies beyond "
+            f"±{VERDICT_MARGIN_PCT:g}%. Load average (1, 5, 15 min) {load.get('before')} before, "
+            f"{load.get('after')} after.")
 
 
 def comparison_markdown(comparison: Comparison) -> str:
@@ -198,9 +241,10 @@ def comparison_markdown(comparison: Comparison) -> str:
     base = comparison.base_flops_per_item
     flops = f"{base / 1e9:.3g} GFLOP per item" if base else "unknown (base model not available)"
     return (f"# Merged vs unmerged: {Path(comparison.bundle).name} on '{comparison.device}'\n\n> {comparison.note}\n\n"
-            f"Overhead: p50 latency of a form over the merged graph of the same precision. Extra FLOPs: the "
-            f"adapter's low-rank pairs over the base model ({flops}, sequence {comparison.seq}); the merged form "
-            f"adds none.\n\n{markdown_table(comparison.rows, COLUMNS, HEADERS)}\n![latency]({LATENCY_PNG})\n")
+            f"{noise_line(comparison)} Overheads are against the merged graph of the same precision. Extra "
+            f"FLOPs: the adapter's low-rank pairs over the base model ({flops}, sequence {comparison.seq}); the "
+            f"merged form adds none.\n\n{markdown_table(_table_rows(comparison), COLUMNS, HEADERS)}\n"
+            f"![latency]({LATENCY_PNG})\n")
 
 
 def latency_chart(comparison: Comparison, path: Path) -> Path:
@@ -253,7 +297,7 @@ def comparison_summary(comparison: Comparison, as_json: bool = False) -> str:
     if as_json:
         return json.dumps(comparison.to_json(), indent=2, default=str)
     reports = Path(comparison.bundle) / REPORTS_DIR
-    return (f"{markdown_table(comparison.rows, COLUMNS, HEADERS)}\n"
+    return (f"{markdown_table(_table_rows(comparison), COLUMNS, HEADERS)}\n{noise_line(comparison)}\n"
             f"reports: {reports / COMPARE_MD}, {reports / LATENCY_PNG}")
 
 

@@ -229,7 +229,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
                   precisions: Sequence[Precision | str] = (Precision.FP32,), opset: int | None = None,
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
                   seed: int | None = None, recipe: dict | None = None, trust_remote_code: bool = False,
-                  quantize_options: dict | None = None,
+                  quantize_options: dict | None = None, fuse: bool = True,
                   progress: Callable[[str], None] = _stderr) -> Path:
     """Export ``forms`` of ``model`` + each adapter into a new bundle at ``out``; returns ``out``.
 
@@ -237,8 +237,9 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
     (max abs diff <= ``tolerance``, else ExportError naming the graph). With
     precisions other than fp32, ``lora_edge.quantize.quantize_bundle(bundle,
     precisions, **quantize_options)`` runs on the finished fp32 bundle before it
-    is moved into place. Nothing is left at ``out`` when any step fails; an
-    existing ``out`` is replaced only with ``force``.
+    is moved into place. With ``fuse`` the fp32 encoder graphs get the verified
+    CPU fusions (:mod:`lora_edge.export_fusion`). Nothing is left at ``out`` when
+    any step fails; an existing ``out`` is replaced only with ``force``.
     """
     forms = parse_choices(Form, [Form(f).value if isinstance(f, Form) else f for f in forms], "--forms")
     precisions = parse_choices(Precision, [Precision(p).value if isinstance(p, Precision) else p
@@ -264,6 +265,10 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         _write_model_files(job, adapters)
         for form in dict.fromkeys(forms):
             job.records.extend(FORM_EXPORTERS[form](job))
+        if fuse:  # CPU fusions, each fused graph checked against PyTorch (lora_edge.export_fusion)
+            from lora_edge.export_fusion import fuse_exported_graphs
+
+            fuse_exported_graphs(job.records, staging, references, context, tolerance, progress)
         for record in job.records:
             require_valid_graph(staging / record.file, record.name, ExportError)
         if task is Task.CAUSAL_LM:

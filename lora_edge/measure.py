@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,26 +377,16 @@ def latency_stats(seconds: list[float]) -> dict:
 
 def time_interleaved(runners: dict[str, Callable[[], None]], runs: int, warmup: int,
                      block: int = 10) -> dict[str, list[float]]:
-    """Time each runner ``runs`` times after ``warmup`` runs, in interleaved blocks.
+    """Run times (seconds) of each runner: ``runs`` timed runs after ``warmup``, in interleaved rounds.
 
-    Interleaving (blocks of ``block`` runs, rotating which runner goes first)
-    spreads slow phases of a shared machine over all runners alike, so their
-    ratios stay meaningful even when the absolute numbers drift.
+    The loop is :func:`lora_edge.interleave.time_rounds` (rounds of ``block``
+    runs per runner, shuffled order, no pause); callers that want the per-round
+    medians and within-round ratios use it directly.
     """
-    for run_once in runners.values():
-        for _ in range(warmup):
-            run_once()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    for round_index in range(math.ceil(runs / block)):
-        start = round_index % len(names)
-        for name in names[start:] + names[:start]:
-            run_once, timings = runners[name], times[name]
-            for _ in range(min(block, runs - len(timings))):
-                began = time.perf_counter()
-                run_once()
-                timings.append(time.perf_counter() - began)
-    return times
+    from lora_edge.interleave import split_runs, time_rounds
+
+    rounds, per_round = split_runs(runs, block)
+    return time_rounds(runners, rounds, per_round, warmup, gap_s=0.0, total=runs).times
 
 
 # --- ORT profiling traces ----------------------------------------------------------------------

@@ -34,11 +34,14 @@ from typing import Any
 from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, read_manifest, require_bundle, require_graphs
 from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.errors import BundleError, ConfigError, ProviderUnavailableError
+from lora_edge.interleave import RoundTimes, split_runs, time_rounds
 from lora_edge.measure import (GraphRunner, build_feeds, cpu_info, graph_size, host_facts, is_decoder,
-                               latency_stats, session_memory, time_interleaved, trace_session, warm_up_runtime)
+                               latency_stats, session_memory, trace_session, warm_up_runtime)
 from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile, ProfileReport, write_profile
 
 TRACE_RUNS = 20  # runs recorded in the profiling trace (per-op times); enough for stable shares
+RUNS_PER_ROUND = 5  # timed runs per graph per interleaved round (200 runs: 40 rounds)
+GAP_S = 0.02  # pause before each visit: the previous session's idle ORT threads stop spinning
 
 
 def _log(message: str, quiet: bool) -> None:
@@ -162,12 +165,13 @@ def _open_graph(bundle: Path, record: GraphRecord, manifest: dict, device: Devic
     return opened
 
 
-def _finish_graph(opened: _OpenGraph, times: list[float], device: DeviceTarget, settings, batch: int, seq: int,
-                  gpu_id: int | None) -> None:
-    """Fill in latency, throughput, budgets and the per-op trace of a timed graph."""
+def _finish_graph(opened: _OpenGraph, times: list[float], rounds: list[float], device: DeviceTarget, settings,
+                  batch: int, seq: int, gpu_id: int | None) -> None:
+    """Fill in latency, per-round medians, throughput, budgets and the per-op trace of a timed graph."""
     profile = opened.profile
     stats = latency_stats(times)
     profile.latency_ms = stats
+    profile.rounds_ms = [1e3 * seconds for seconds in rounds]
     seconds = stats["mean"] / 1e3
     profile.throughput = {"items_per_s": batch / seconds}
     if profile.decoder:
@@ -244,32 +248,43 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
         opened.append(_open_graph(bundle, record, manifest, device, settings, batch, seq, gpu_id, vocab))
     live = {item.profile.name: item for item in opened if item.runner is not None}
     if live:
-        _log(f"profile: timing {len(live)} graph(s), {warmup} warm-up + {runs} runs each, interleaved", quiet)
-        times = _time_graphs(live, runs, warmup)
+        rounds, per_round = split_runs(runs, RUNS_PER_ROUND)
+        _log(f"profile: timing {len(live)} graph(s), {warmup} warm-up + {runs} runs each, in {rounds} interleaved "
+             f"rounds of {per_round} (shuffled order)", quiet)
+        timed = _time_graphs(live, runs, warmup)
+        report.settings.update(rounds=rounds, runs_per_round=per_round, gap_s=GAP_S,
+                               load_average={"before": timed.load_before, "after": timed.load_after})
+        _log(f"profile: load average {timed.load_before} before, {timed.load_after} after", quiet)
         for name, item in live.items():
-            if name not in times:
+            if not timed.times.get(name):
                 continue
-            _finish_graph(item, times[name], device, settings, batch, seq, gpu_id)
+            _finish_graph(item, timed.times[name], timed.per_round[name], device, settings, batch, seq, gpu_id)
             _log(f"profile: {name}: p50 {item.profile.latency_ms['p50']:.3f} ms", quiet)
     report.graphs = [item.profile for item in opened]
     write_profile(bundle, report)
     return report
 
 
-def _time_graphs(live: dict[str, _OpenGraph], runs: int, warmup: int) -> dict[str, list[float]]:
-    """Interleaved run times per graph; if a run fails, time each graph alone and record the failures."""
+def _time_graphs(live: dict[str, _OpenGraph], runs: int, warmup: int) -> RoundTimes:
+    """Interleaved rounds over every graph; if a run fails, find the failing graphs and time the others again."""
+    rounds, per_round = split_runs(runs, RUNS_PER_ROUND)
+
+    def timed(runners: dict) -> RoundTimes:
+        return time_rounds(runners, rounds, per_round, warmup, gap_s=GAP_S, total=runs)
+
     try:
-        return time_interleaved({name: item.runner for name, item in live.items()}, runs, warmup)
+        return timed({name: item.runner for name, item in live.items()})
     except Exception:  # find which graph failed; the others are still worth their numbers
-        times = {}
+        working = {}
         for name, item in live.items():
             try:
-                times.update(time_interleaved({name: item.runner}, runs, warmup))
+                item.runner()
+                working[name] = item.runner
             except Exception as exc:
                 text = str(exc).strip().splitlines()
                 item.profile.status = FAILED
                 item.profile.reason = (text[0] if text else exc.__class__.__name__)[:300]
-        return times
+        return timed(working) if working else RoundTimes()
 
 
 def _gpu_device_id(device: DeviceTarget) -> int:

@@ -39,6 +39,7 @@ class GraphProfile:
     cpu_fallback_ops: list[dict] = field(default_factory=list)     # GPU device: op types that ran on the CPU
     io_binding: bool = False
     latency_ms: dict | None = None
+    rounds_ms: list[float] = field(default_factory=list)  # median of each interleaved round (same rounds per graph)
     throughput: dict | None = None
     session_create_s: float | None = None
     memory: dict = field(default_factory=dict)
@@ -158,9 +159,13 @@ def profile_markdown(report: ProfileReport) -> str:
     settings, host, device = report.settings, report.host, report.device
     lines = [f"# Profile: {Path(report.bundle).name} on device '{device['name']}'", "", f"> {report.note}", ""]
     lines += [f"- {text}" for text in report.host_mismatches + report.notes]
+    rounds = (f"in {settings['rounds']} interleaved rounds of {settings['runs_per_round']} (shuffled order)"
+              if settings.get("rounds") else "interleaved")
+    load = settings.get("load_average") or {}
     lines += [f"- Inputs: batch {settings['batch']}, sequence {settings['seq']}; {settings['warmup']} warm-up and "
-              f"{settings['runs']} timed runs per graph, interleaved; per-op times from {settings['trace_runs']} "
-              "runs of a separate profiled session.",
+              f"{settings['runs']} timed runs per graph, {rounds}; per-op times from {settings['trace_runs']} "
+              f"runs of a separate profiled session. Load average (1, 5, 15 min): {load.get('before')} before, "
+              f"{load.get('after')} after.",
               f"- Host: {host['cpu_model']} ({host['machine']}), {host['usable_cores']} usable cores, "
               f"{host['intra_op_threads_used']} intra-op threads; CPU flags: {', '.join(host['cpu_flags']) or 'none'}; "
               f"onnxruntime {host['onnxruntime']} ({', '.join(host['available_providers'])})", ""]

@@ -37,6 +37,9 @@ PASS_THROUGH_OPS = {"Identity", "Dropout"}
 MASK_INPUT = "attention_mask"
 MASK_INT32 = "lora_edge_attention_mask_int32"
 MASK_ALL_ONES = "lora_edge_attention_mask_all_ones"
+TRIM_LENGTH = "pad_trim_length"
+# Graph inputs with a sequence axis (axis 1) that padding trimming cuts to the last real column.
+SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 def node_reads(node: "onnx.NodeProto") -> list[str]:
@@ -280,6 +283,121 @@ def keep_layernorm_unfused(model: "onnx.ModelProto") -> int:
     return count
 
 
+def _default_opset(model: "onnx.ModelProto") -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
+def _reduce_max(name: str, source: str, output: str, opset: int, keepdims: int, constants: list) -> "onnx.NodeProto":
+    """ReduceMax over axis 0, with ``axes`` as an input from opset 18 on, as an attribute before."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if opset >= 18:
+        axes = f"{name}_axes"
+        constants.append(numpy_helper.from_array(np.array([0], dtype=np.int64), axes))
+        return helper.make_node("ReduceMax", [source, axes], [output], name=name, keepdims=keepdims)
+    return helper.make_node("ReduceMax", [source], [output], name=name, axes=[0], keepdims=keepdims)
+
+
+def _sequence_free_outputs(model: "onnx.ModelProto") -> bool:
+    """True when no graph output can have a sequence axis: rank <= 2 and only the first (batch) dim symbolic."""
+    for value in model.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        if not value.type.tensor_type.HasField("shape") or len(dims) > 2:
+            return False
+        if any(not dim.HasField("dim_value") for dim in list(dims)[1:]):
+            return False
+    return True
+
+
+def trim_padding(model: "onnx.ModelProto") -> int:
+    """Cut the sequence inputs to the last column any row attends to; return how many inputs are cut.
+
+    A batch padded to a fixed length (a short request padded to 128, say) then
+    costs what its real tokens cost: columns after the last attended one are
+    padding in every row, their keys are masked out, positions before them keep
+    their embeddings, so outputs without a sequence axis (classification logits)
+    are unchanged. An unpadded batch keeps its length. Only for graphs whose
+    outputs have no sequence axis and that read the inputs at the top level.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    index = GraphIndex(model)
+    inputs = [value for value in model.graph.input if value.name in SEQUENCE_INPUTS and value.name not in
+              index.initializers and len(value.type.tensor_type.shape.dim) == 2]
+    names = {value.name for value in inputs}
+    if MASK_INPUT not in names or "input_ids" not in names or TRIM_LENGTH in index.producer:
+        return 0
+    if not _sequence_free_outputs(model):
+        return 0
+    inner_reads = {name for node in model.graph.node for name in set(node_reads(node)) - set(node.input)}
+    if inner_reads & names:
+        return 0  # read inside a subgraph: renaming there is not worth the risk
+    prefix, opset = "pad_trim", _default_opset(model)
+    constants = [numpy_helper.from_array(np.array(1, dtype=np.int64), f"{prefix}/one"),
+                 numpy_helper.from_array(np.array([0], dtype=np.int64), f"{prefix}/zero_1d"),
+                 numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}/one_1d"),
+                 numpy_helper.from_array(np.array(0, dtype=np.int64), f"{prefix}/zero")]
+    nodes = [helper.make_node("Cast", [MASK_INPUT], [f"{prefix}/mask"], name=f"{prefix}/mask", to=TensorProto.INT64),
+             helper.make_node("Shape", [f"{prefix}/mask"], [f"{prefix}/shape"], name=f"{prefix}/shape"),
+             helper.make_node("Gather", [f"{prefix}/shape", f"{prefix}/one"], [f"{prefix}/length"],
+                              name=f"{prefix}/length", axis=0),
+             helper.make_node("Add", [f"{prefix}/length", f"{prefix}/one"], [f"{prefix}/end"], name=f"{prefix}/end"),
+             helper.make_node("Range", [f"{prefix}/one", f"{prefix}/end", f"{prefix}/one"], [f"{prefix}/positions"],
+                              name=f"{prefix}/positions"),
+             _reduce_max(f"{prefix}/column_max", f"{prefix}/mask", f"{prefix}/column_max", opset, 0, constants),
+             helper.make_node("Greater", [f"{prefix}/column_max", f"{prefix}/zero"], [f"{prefix}/attended"],
+                              name=f"{prefix}/attended"),
+             helper.make_node("Where", [f"{prefix}/attended", f"{prefix}/positions", f"{prefix}/zero"],
+                              [f"{prefix}/attended_positions"], name=f"{prefix}/attended_positions"),
+             _reduce_max(f"{prefix}/last", f"{prefix}/attended_positions", f"{prefix}/last", opset, 1, constants),
+             helper.make_node("Max", [f"{prefix}/last", f"{prefix}/one_1d"], [TRIM_LENGTH], name=f"{prefix}/keep")]
+    renamed = {}
+    for value in inputs:
+        renamed[value.name] = f"{value.name}_trimmed"
+        nodes.append(helper.make_node("Slice", [value.name, f"{prefix}/zero_1d", TRIM_LENGTH, f"{prefix}/one_1d"],
+                                      [renamed[value.name]], name=f"{prefix}/{value.name}"))
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            if name in renamed:
+                node.input[position] = renamed[name]
+    model.graph.initializer.extend(constants)
+    _replace_nodes(model, nodes + list(model.graph.node))
+    return len(renamed)
+
+
+def restore_for_gpu(model: "onnx.ModelProto") -> int:
+    """Undo the CPU-only rewrites of an already fused graph (residual ``Sum`` -> ``Add``, mask ``If`` -> masked MHA).
+
+    fp16 graphs are quantized from the fp32 graph, which export fuses for the
+    CPU; on CUDA, ORT's SkipLayerNormalization (which matches ``Add`` only) is
+    the fast kernel and the masked MultiHeadAttention needs no switch.
+    Returns how many nodes were changed.
+    """
+    changed, nodes = 0, []
+    index = GraphIndex(model)
+    for node in model.graph.node:
+        if node.op_type == "Sum" and len(node.input) == 2:
+            reader = index.only_consumer(node.output[0])
+            if reader is not None and reader.op_type == "LayerNormalization":
+                node.op_type = "Add"
+                changed += 1
+        if node.op_type == "If" and list(node.input) == [MASK_ALL_ONES]:
+            masked = next(a.g for a in node.attribute if a.name == "else_branch")
+            inner = masked.node[0]
+            inner.output[0] = node.output[0]
+            inner.name = node.name
+            nodes.append(inner)
+            changed += 1
+            continue
+        nodes.append(node)
+    if changed:
+        _replace_nodes(model, nodes)
+        remove_dead_nodes(model)
+    return changed
+
+
 def share_lora_inputs(model: "onnx.ModelProto") -> int:
     """One ``x·[A_1 | A_2 | ...]`` MatMul for the LoRA pairs that read the same input; return how many were merged.
 
@@ -385,8 +503,12 @@ def _ensure_opset(model: "onnx.ModelProto", domain: str, version: int) -> None:
 
 
 def sample_encoder_feeds(model: "onnx.ModelProto", batch: int = 2, length: int = 16, seed: int = 0,
-                         padded: bool = True) -> dict[str, "np.ndarray"]:
-    """A batch for an encoder graph: random token ids (inside the vocabulary); ``padded``: the last row half padding."""
+                         padded: bool = True, trailing: bool = False) -> dict[str, "np.ndarray"]:
+    """A batch for an encoder graph: random token ids (inside the vocabulary).
+
+    ``padded``: the last row is half padding; ``trailing``: every row ends in
+    padding (the first row at 3/4 of the length), as a batch padded to a fixed length.
+    """
     import numpy as np
 
     index = GraphIndex(model)
@@ -399,6 +521,8 @@ def sample_encoder_feeds(model: "onnx.ModelProto", batch: int = 2, length: int =
     mask = np.ones((batch, length), dtype=np.int64)
     if padded:
         mask[-1, length // 2:] = 0
+    if trailing:
+        mask[:, 3 * length // 4:] = 0
     feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     return {name: value for name, value in feeds.items() if name in index.graph_inputs}
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lora_edge.quantize_fusion import fuse_attention, keep_layernorm_unfused, sample_encoder_feeds, share_lora_inputs
+from lora_edge.quantize_fusion import (MASK_ALL_ONES, fuse_attention, keep_layernorm_unfused, restore_for_gpu,
+                                       sample_encoder_feeds, share_lora_inputs, trim_padding)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,6 +75,8 @@ class FusionReport:
     attention: int = 0
     layernorm_unfused: int = 0
     lora_shared: int = 0  # LoRA pairs whose A factors were merged with a sibling's (same input)
+    padding_trimmed: int = 0  # sequence inputs cut to the last attended column (CPU targets)
+    restored_for_gpu: int = 0  # CPU-only rewrites of an already fused graph undone for a GPU target
     max_abs_diff: float | None = None
     dropped: str | None = None  # why a rewrite was not kept
 
@@ -84,6 +87,8 @@ class FusionReport:
 
 def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
     """Run onnxruntime.transformers' fusions (python-only, opt_level 0) where the architecture has them."""
+    import contextlib
+    import io
     import logging
 
     from onnxruntime.transformers import optimizer
@@ -106,9 +111,11 @@ def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report:
     for log in loggers:
         log.setLevel(logging.ERROR)
     try:
-        optimized = optimizer.optimize_model(model, model_type=ort_type, num_heads=plan.num_heads or 0,
-                                             hidden_size=plan.hidden_size or 0, optimization_options=options,
-                                             opt_level=0, use_gpu=plan.for_gpu)
+        # its symbolic shape inference prints "failed in shape inference" on graphs with If subgraphs: harmless
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimized = optimizer.optimize_model(model, model_type=ort_type, num_heads=plan.num_heads or 0,
+                                                 hidden_size=plan.hidden_size or 0, optimization_options=options,
+                                                 opt_level=0, use_gpu=plan.for_gpu)
     except Exception as exc:  # an optimizer failure only costs speed: keep the graph as it was
         report.dropped = f"onnxruntime transformer optimizer failed ({exc.__class__.__name__}: {exc})"[:300]
         return model
@@ -121,10 +128,20 @@ def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report:
 
 def _lora_edge_rewrites(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
     if plan.num_heads:
-        report.attention = fuse_attention(model, int(plan.num_heads), mask_switch=not plan.for_gpu)
+        # a source graph fused at export already has its attention blocks: count those
+        report.attention = fuse_attention(model, int(plan.num_heads), mask_switch=not plan.for_gpu) \
+            or sum(node.op_type == "If" and MASK_ALL_ONES in node.input or node.op_type == "MultiHeadAttention"
+                   for node in model.graph.node)
     report.lora_shared = share_lora_inputs(model)
     if not plan.for_gpu:
         report.layernorm_unfused = keep_layernorm_unfused(model)
+        report.padding_trimmed = trim_padding(model)
+    return model
+
+
+def _restore_for_gpu(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
+    if plan.for_gpu:
+        report.restored_for_gpu = restore_for_gpu(model)
     return model
 
 
@@ -136,15 +153,19 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
     ``tolerance`` (relative to the output scale) on a padded sample batch wins:
     ORT's transformer fusions followed by :func:`fuse_attention` (for the blocks
     they did not take: the torch.export pattern) and, for CPU targets,
-    :func:`keep_layernorm_unfused`; the lora-edge rewrites alone; the source
+    :func:`keep_layernorm_unfused` and :func:`trim_padding` (for GPU targets, a
+    graph already fused for the CPU is first restored: :func:`restore_for_gpu`);
+    the lora-edge rewrites alone; the source
     graph unchanged. ORT's optimizer is skipped for graphs with overridable
     initializers (hot-swap inputs): it folds them as constants.
     """
     import copy
 
     report = FusionReport()
-    # Padded and unpadded batches: rewrites may take other paths for each (the mask switch does).
-    feed_sets = [sample_encoder_feeds(model), sample_encoder_feeds(model, padded=False)]
+    # Padded, unpadded and end-padded batches: rewrites take other paths for each (the mask switch and the
+    # padding trim do).
+    feed_sets = [sample_encoder_feeds(model), sample_encoder_feeds(model, padded=False),
+                 sample_encoder_feeds(model, padded=False, trailing=True)]
     try:
         expected = [run_graph(source, feeds) for feeds in feed_sets] if "input_ids" in feed_sets[0] else None
     except Exception:  # inputs beyond an encoder's: nothing here can check a rewrite
@@ -152,8 +173,9 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
     if expected is None:
         return model, report
     overridable = {value.name for value in model.graph.input} & {init.name for init in model.graph.initializer}
-    builders = [] if overridable else [lambda m, r: _lora_edge_rewrites(_ort_transformer_fusions(m, plan, r), plan, r)]
-    builders.append(lambda m, r: _lora_edge_rewrites(m, plan, r))
+    builders = [] if overridable else [lambda m, r: _lora_edge_rewrites(
+        _ort_transformer_fusions(_restore_for_gpu(m, plan, r), plan, r), plan, r)]
+    builders.append(lambda m, r: _lora_edge_rewrites(_restore_for_gpu(m, plan, r), plan, r))
     for build in builders:
         attempt = FusionReport(dropped=report.dropped)
         candidate = build(copy.deepcopy(model), attempt)

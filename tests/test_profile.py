@@ -163,13 +163,21 @@ def test_latency_stats_on_fixed_times():
     assert stats["min"] == pytest.approx(1) and stats["max"] == pytest.approx(100)
 
 
-def test_time_interleaved_runs_each_runner_in_rotating_blocks():
+def test_time_interleaved_runs_each_runner_in_shuffled_rounds():
     calls = []
     runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     times = time_interleaved(runners, runs=25, warmup=2, block=10)
     assert {name: len(values) for name, values in times.items()} == {"a": 25, "b": 25, "c": 25}
-    timed = calls[6:]  # after 2 warm-up calls each
-    assert timed[:10] == ["a"] * 10 and timed[10:20] == ["b"] * 10 and timed[30:40] == ["b"] * 10  # round 2 starts at b
+    visits = calls[6:]  # after 2 warm-up calls each; each visit: 1 untimed run + up to 10 timed
+    sizes = [11] * 6 + [6] * 3  # rounds of 10, 10 and the remaining 5
+    blocks, start = [], 0
+    for size in sizes:
+        blocks.append(visits[start:start + size])
+        start += size
+    assert start == len(visits) and all(len(set(block)) == 1 for block in blocks)
+    rounds = [{block[0] for block in blocks[i:i + 3]} for i in (0, 3, 6)]
+    assert rounds == [set("abc")] * 3  # every runner once per round
+    assert len({tuple(block[0] for block in blocks[i:i + 3]) for i in (0, 3, 6)}) > 1  # order shuffled
 
 
 def test_peak_memory_sees_an_allocation():
@@ -220,8 +228,12 @@ def test_compare_on_the_exported_bundle_puts_overhead_beside_the_adapter_flops(t
     assert rows["pytorch.unmerged"]["extra_flops_pct"] == pytest.approx(expected)
     assert rows["merged.fp32"]["extra_flops_pct"] == 0
     hotswap, merged = tiny_report.graph("hotswap.fp32"), tiny_report.graph("merged.fp32")
+    from lora_edge.interleave import ratio_stats
+
+    assert len(hotswap.rounds_ms) == len(merged.rounds_ms) == 3  # 12 runs: rounds of 5, 5 and 2
     assert rows["hotswap.fp32"]["overhead_pct"] == pytest.approx(
-        100 * (hotswap.latency_ms["p50"] - merged.latency_ms["p50"]) / merged.latency_ms["p50"])
+        ratio_stats(hotswap.rounds_ms, merged.rounds_ms).overhead_pct)
+    assert tiny_report.settings["rounds"] == 3 and set(tiny_report.settings["load_average"]) == {"before", "after"}
 
 
 def test_each_graph_memory_is_measured_from_a_clean_start(tmp_path):
