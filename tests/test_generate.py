@@ -10,7 +10,7 @@ import pytest
 from decoder_bundles import ARCHS, FORMS, adapter_dirs, bundle_for, shared_root
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.bundle import ONNX_DIR, Form, find_graph
-from lora_edge.generate import (DecoderRunner, SamplingSpec, _nucleus, encode_prompts, generate,
+from lora_edge.generate import (BoundAdapter, DecoderRunner, SamplingSpec, _nucleus, encode_prompts, generate,
                                 generate_from_bundle)
 from lora_edge.runtime import create_session, load_lora_adapter
 
@@ -86,11 +86,14 @@ def test_greedy_matches_pytorch_generate_for_every_form(arch, bundles, reference
     for form in FORMS:
         bundle, graph = bundles(arch, form)
         runner = _runner(bundle, graph)
-        adapter = None
-        if form is Form.HOTSWAP:
-            adapter = load_lora_adapter(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter")
-        result = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, adapter=adapter)
-        assert result.new_ids == expected, f"{arch} {form.value}: ONNX Runtime and PyTorch disagree"
+        adapters = [None]
+        if form is Form.HOTSWAP:  # bound to the cache-keeping loop, and through session.run's RunOptions
+            path = bundle / ONNX_DIR / "adapters" / "a.onnx_adapter"
+            adapters = [BoundAdapter.load(path), load_lora_adapter(path)]
+        for adapter in adapters:
+            result = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, adapter=adapter)
+            assert result.new_ids == expected, f"{arch} {form.value} {type(adapter).__name__}: ONNX Runtime and " \
+                                               "PyTorch disagree"
         if form is Form.HOTSWAP:  # the same session with no adapter active is the base model
             assert generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad).new_ids == base
 
@@ -123,7 +126,7 @@ def test_hotswap_switches_adapters_between_prompts_in_one_session(bundles, refer
     bundle, graph = bundles("llama", Form.HOTSWAP)
     runner = _runner(bundle, graph)
     session = runner.session
-    files = {name: load_lora_adapter(bundle / ONNX_DIR / "adapters" / f"{name}.onnx_adapter") for name in "ab"}
+    files = {name: BoundAdapter.load(bundle / ONNX_DIR / "adapters" / f"{name}.onnx_adapter") for name in "ab"}
     eos, pad = _special(references("llama"))
     prompts = encode_prompts(_tokenizer(bundle), PROMPTS[:2])
     expected = {name: torch_generate(references("llama", name), prompts, NEW_TOKENS, eos, pad) for name in "ab"}
