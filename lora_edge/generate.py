@@ -203,14 +203,23 @@ class DecoderRunner:
         return exc
 
     def check_context(self, prompt_lengths: list[int], max_new_tokens: int) -> int:
-        """Raise DataError when a prompt does not fit the context; return how many tokens may be added."""
+        """Return ``max_new_tokens`` when every prompt and its new tokens fit the model's context.
+
+        Raises DataError for a prompt that alone fills the context, ConfigError when
+        ``max_new_tokens`` would run past it (saying how many tokens fit).
+        """
         longest = max(prompt_lengths)
         if self.max_positions is None:
             return max_new_tokens
         if longest >= self.max_positions:
             raise DataError(f"the prompt is {longest} tokens, the model's context is {self.max_positions}",
                             "--prompt", f"shorten the prompt below {self.max_positions} tokens")
-        return min(max_new_tokens, self.max_positions - longest)
+        room = self.max_positions - longest
+        if max_new_tokens > room:
+            raise ConfigError(f"a {longest}-token prompt + {max_new_tokens} new tokens runs past the model's "
+                              f"context of {self.max_positions}", "--max-new-tokens",
+                              f"ask for at most {room} new tokens, or shorten the prompt")
+        return max_new_tokens
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple["np.ndarray", "np.ndarray"]:
