@@ -241,10 +241,10 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
         model, fusion = fuse_graph(model, dataclasses.replace(plan, for_gpu=precision in GPU_PRECISIONS), str(src))
     tied = None
     if Task.parse(task) is Task.CAUSAL_LM:
-        from lora_edge.quantize_decoder import context_beside, find_tied_embedding, fuse_decoder
+        from lora_edge.quantize_decoder import config_beside, find_tied_embedding, fuse_decoder
 
         if options.fuse and precision not in GPU_PRECISIONS:
-            model, fusion = fuse_decoder(model, str(src), context_beside(src))
+            model, fusion = fuse_decoder(model, str(src), config_beside(src))
         tied = find_tied_embedding(model) if precision is Precision.INT4 else None
     roles = linear_roles(model)
     feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))

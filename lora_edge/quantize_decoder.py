@@ -46,6 +46,7 @@ class DecoderFusionReport:
     rms_norm: int = 0
     skip_rms_norm: int = 0
     rotary: int = 0
+    grouped_attention: int = 0
     lora_shared: int = 0  # branched LoRA pairs whose A factors were merged with a sibling's (same input)
     nodes_before: int = 0
     nodes_after: int = 0
@@ -237,6 +238,114 @@ def fuse_rotary(model: "onnx.ModelProto", max_positions: int, report: DecoderFus
     return _prune(model)
 
 
+def _walk_up(graph: _Graph, name: str, through: tuple[str, ...]) -> str:
+    """Follow ``name`` up through nodes of the given types (first input) to where it comes from."""
+    node = graph.producer.get(name)
+    while node is not None and node.op_type in through:
+        name = node.input[0]
+        node = graph.producer.get(name)
+    return name
+
+
+def _scalar(graph: _Graph, node) -> tuple[str, float] | None:
+    """(other input, constant) of a Mul by a scalar constant, else None."""
+    for index in (0, 1):
+        value = graph.constants.get(node.input[index])
+        if value is not None and value.size == 1:
+            return node.input[1 - index], float(value.reshape(-1)[0])
+    return None
+
+
+def fuse_grouped_attention(model: "onnx.ModelProto", heads: int, kv_heads: int,
+                           report: DecoderFusionReport) -> "onnx.ModelProto":
+    """Grouped-query attention without repeating the cache: no Expand/Transpose copies of K and V per step.
+
+    The exported graph repeats each key/value head for its ``heads / kv_heads``
+    query heads (Unsqueeze -> Expand -> Reshape: a copy of the whole cache per
+    layer and step) and transposes the repeated keys (another copy). The rewrite
+    groups the query heads instead: ``Q [b, kv, g*s, d]`` times the cache
+    ``K [b, kv, t, d]`` with ``FusedMatMul(transB, alpha = scale)``, the mask tiled
+    over the g groups, Softmax (and the graph's own NaN guard) unchanged, times
+    ``V [b, kv, t, d]``, reshaped back to ``[b, heads, s, d]``.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if kv_heads < 1 or heads % kv_heads:
+        return model
+    group = heads // kv_heads
+    graph = _Graph(model)
+    presents = {value.name for value in model.graph.output if value.name.startswith("present.")}
+    path = ("Mul", "Reshape", "Transpose", "Expand", "Unsqueeze")
+    plans, dead = [], set()
+    for softmax in [node for node in model.graph.node if node.op_type == "Softmax"]:
+        add = graph.parent(softmax, 0, "Add")
+        scores = next((graph.parent(add, i, "MatMul") for i in (0, 1) if graph.parent(add, i, "MatMul")), None) \
+            if add is not None else None
+        readers = graph.consumers.get(softmax.output[0], [])
+        isnan = next((n for n in readers if n.op_type == "IsNaN"), None)
+        guard = next((n for n in readers if n.op_type == "Where"), None)
+        if scores is None or isnan is None or guard is None or len(readers) != 2:
+            continue
+        weighted = graph.consumers.get(guard.output[0], [])
+        if len(weighted) != 1 or weighted[0].op_type != "MatMul" or weighted[0].input[0] != guard.output[0]:
+            continue
+        q_mul, k_mul = graph.producer.get(scores.input[0]), graph.producer.get(scores.input[1])
+        if q_mul is None or k_mul is None or q_mul.op_type != "Mul" or k_mul.op_type != "Mul":
+            continue
+        q_scaled, k_scaled = _scalar(graph, q_mul), _scalar(graph, k_mul)
+        key = _walk_up(graph, scores.input[1], path)
+        value = _walk_up(graph, weighted[0].input[1], path[1:])
+        if q_scaled is None or k_scaled is None or key not in presents or value not in presents:
+            continue
+        mask = add.input[1] if add.input[0] == scores.output[0] else add.input[0]
+        plans.append((softmax, isnan, guard, weighted[0], q_scaled[0], q_scaled[1] * k_scaled[1], key, value, mask))
+    if not plans:
+        return model
+    head_dim = next(int(v.type.tensor_type.shape.dim[3].dim_value) for v in model.graph.input
+                    if v.name.startswith("past_key_values."))
+    shared = {"gqa_q_shape": np.array([0, kv_heads, -1, head_dim], np.int64),
+              "gqa_out_shape": np.array([0, heads, -1, head_dim], np.int64),
+              "gqa_mask_tiles": np.array([1, 1, group, 1], np.int64)}
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items())
+    new_nodes: dict[str, list] = {}
+    for i, (softmax, isnan, guard, weighted, query, alpha, key, value, mask) in enumerate(plans):
+        p = f"gqa_{i}"
+        new_nodes[softmax.name] = [
+            helper.make_node("Reshape", [query, "gqa_q_shape"], [f"{p}_q"], name=f"{p}_q_reshape"),
+            helper.make_node("FusedMatMul", [f"{p}_q", key], [f"{p}_scores"], name=f"{p}_scores", domain=MICROSOFT,
+                             transB=1, alpha=alpha),
+            helper.make_node("Tile", [mask, "gqa_mask_tiles"], [f"{p}_mask"], name=f"{p}_mask_tile"),
+            helper.make_node("Add", [f"{p}_scores", f"{p}_mask"], [f"{p}_masked"], name=f"{p}_mask_add"),
+            helper.make_node("Softmax", [f"{p}_masked"], [f"{p}_probs"], name=f"{p}_softmax", axis=-1),
+            helper.make_node("IsNaN", [f"{p}_probs"], [f"{p}_nan"], name=f"{p}_isnan"),
+            helper.make_node("Where", [f"{p}_nan", guard.input[1], f"{p}_probs"], [f"{p}_guarded"],
+                             name=f"{p}_guard"),
+            helper.make_node("MatMul", [f"{p}_guarded", value], [f"{p}_out"], name=f"{p}_weighted"),
+            helper.make_node("Reshape", [f"{p}_out", "gqa_out_shape"], [weighted.output[0]], name=f"{p}_out_reshape"),
+        ]
+        dead.update({isnan.name, guard.name, weighted.name})
+    nodes = []
+    for node in model.graph.node:
+        if node.name in new_nodes:
+            nodes.extend(new_nodes[node.name])
+        elif node.name not in dead:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _ensure_opset(model)
+    report.grouped_attention = len(plans)
+    pruned = _prune(model)
+    _topological_sort(pruned)
+    return pruned
+
+
+def _topological_sort(model: "onnx.ModelProto") -> None:
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    OnnxModel(model).topological_sort()
+
+
 def _ensure_opset(model: "onnx.ModelProto") -> None:
     """Declare the com.microsoft domain (contrib ops) if the graph does not yet."""
     from onnx import helper
@@ -277,12 +386,13 @@ def _relative_diff(expected: list["np.ndarray"], actual: list["np.ndarray"]) -> 
     return worst
 
 
-def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, max_positions: int | None,
+def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | None,
                  tolerance: float = FUSION_TOLERANCE) -> tuple["onnx.ModelProto", DecoderFusionReport]:
     """Fuse a ``causal-lm`` graph for CPUs; keep the result only when it matches ``source``.
 
-    ``max_positions`` (the context length) sizes the rotary caches; None skips
-    the rotary fusion. Returns (graph, report); on a mismatch or a load failure
+    ``config`` (the model's config.json) gives the context length, which sizes
+    the rotary caches, and the query / key-value head counts of grouped
+    attention; without it only the norms are fused. Returns (graph, report); on a mismatch or a load failure
     the input graph comes back unchanged with ``report.dropped`` saying why.
     """
     report = DecoderFusionReport(nodes_before=len(model.graph.node))
@@ -292,8 +402,16 @@ def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, max_positions: i
     serialized_source = source if isinstance(source, bytes) else open(source, "rb").read()
     expected = [_run(serialized_source, feed) for feed in feeds]
     candidate = fuse_rms_norms(copy.deepcopy(model), report)
+    from lora_edge.decoder import context_length
+
+    max_positions = context_length(config) if config else None
     if max_positions:
         candidate = fuse_rotary(candidate, int(max_positions), report)
+    text = (config or {}).get("text_config") or config or {}
+    heads = text.get("num_attention_heads")
+    if heads:
+        candidate = fuse_grouped_attention(candidate, int(heads), int(text.get("num_key_value_heads") or heads),
+                                           report)
     report.lora_shared = share_lora_inputs(candidate)
     try:
         serialized = candidate.SerializeToString()
@@ -324,9 +442,13 @@ class TiedEmbedding:
 def find_tied_embedding(model: "onnx.ModelProto") -> TiedEmbedding | None:
     """The tied embedding / LM head pair of a float decoder graph (tie_word_embeddings), else None.
 
-    The exporter stores the head as its own transposed initializer, so the int4
-    quantizer would keep two copies of the vocabulary matrix; the values are
-    compared, not the names.
+    The exporter writes the head either as ``MatMul(x, Transpose(W))`` on the
+    embedding's own tensor, which the int4 quantizer cannot quantize (its weight
+    is not an initializer: the head would stay fp32, and ONNX Runtime would fold
+    the Transpose into a second fp32 copy at load), or as its own transposed
+    initializer (two int4 copies). The first is rewritten to read ``W.T`` as an
+    initializer, so the head is quantized; :func:`share_tied_embedding` then makes
+    the lookup read it. Tied values are compared, not names.
     """
     import numpy as np
     from onnx import numpy_helper
@@ -340,8 +462,17 @@ def find_tied_embedding(model: "onnx.ModelProto") -> TiedEmbedding | None:
     embedding = numpy_helper.to_array(initializers[gather.input[0]])
     if embedding.ndim != 2:
         return None
+    producers = {output: node for node in model.graph.node for output in node.output}
     for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in initializers:
+        if node.op_type != "MatMul":
+            continue
+        transpose = producers.get(node.input[1])
+        if transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] == gather.input[0]:
+            head = f"{gather.input[0]}_head"
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(embedding.T), head))
+            node.input[1] = head
+            return TiedEmbedding(gather.name, gather.input[0], head)
+        if node.input[1] not in initializers:
             continue
         dims = list(initializers[node.input[1]].dims)
         if dims == [embedding.shape[1], embedding.shape[0]] and \
@@ -390,23 +521,19 @@ def share_tied_embedding(model: "onnx.ModelProto", tied: TiedEmbedding) -> bool:
         nodes.extend(replacement if node is lookup else [node])
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
     _ensure_opset(model)
+    pruned = _prune(model)  # the float embedding and any Transpose of it are dead now
+    if pruned is not model:
+        model.CopyFrom(pruned)
     return True
 
 
-def context_beside(graph: "str | Path") -> int | None:
-    """The context length in the ``config.json`` beside a bundle's graph (None when absent)."""
+def config_beside(graph: "str | Path") -> dict | None:
+    """The ``config.json`` beside a bundle's graph (None when absent or unreadable)."""
     import json
     from pathlib import Path
 
-    from lora_edge.decoder import context_length
-
-    config = Path(graph).parent / "config.json"
     try:
-        return context_length(json.loads(config.read_text()))
+        return json.loads((Path(graph).parent / "config.json").read_text())
     except (OSError, ValueError):
         return None

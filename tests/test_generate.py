@@ -328,9 +328,11 @@ def test_fused_decoder_graphs_generate_like_pytorch(bundles, references, tmp_pat
     for form in (Form.MERGED, Form.HOTSWAP):
         bundle, graph = bundles("llama", form)
         source = bundle / find_graph(bundle, graph).file
-        fused, report = fuse_decoder(onnx.load(source), str(source), 128)
+        config = json.loads((bundle / ONNX_DIR / "config.json").read_text())
+        fused, report = fuse_decoder(onnx.load(source), str(source), config)
         assert report.dropped is None and report.max_abs_diff < 1e-4
         assert report.rms_norm + report.skip_rms_norm == 2 * layers + 1 and report.rotary == 2 * layers
+        assert report.grouped_attention == layers
         assert report.nodes_after < report.nodes_before
         path = tmp_path / f"{form.value}.fused.onnx"
         onnx.save(fused, path)
