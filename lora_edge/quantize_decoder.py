@@ -94,7 +94,8 @@ def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "on
                                                                       FusionSkipSimplifiedLayerNormalization)
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    loggers = [logging.getLogger(name) for name in ("onnxruntime.transformers", "fusion_base", "onnx_model")]
+    loggers = [logging.getLogger(name) for name in ("onnxruntime.transformers", "fusion_base", "onnx_model",
+                                                    "onnxruntime.tools.symbolic_shape_infer", "symbolic_shape_infer")]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.ERROR)
@@ -386,40 +387,47 @@ def _relative_diff(expected: list["np.ndarray"], actual: list["np.ndarray"]) -> 
     return worst
 
 
+def _rewrite(model: "onnx.ModelProto", config: dict | None, report: DecoderFusionReport) -> "onnx.ModelProto":
+    """The rewrites in order: norms, rotary (needs the context length), grouped attention (the head counts)."""
+    from lora_edge.decoder import context_length
+
+    model = fuse_rms_norms(model, report)
+    max_positions = context_length(config) if config else None
+    if max_positions:
+        model = fuse_rotary(model, int(max_positions), report)
+    text = (config or {}).get("text_config") or config or {}
+    heads = text.get("num_attention_heads")
+    if heads:
+        model = fuse_grouped_attention(model, int(heads), int(text.get("num_key_value_heads") or heads), report)
+    report.lora_shared = share_lora_inputs(model)
+    return model
+
+
 def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | None,
                  tolerance: float = FUSION_TOLERANCE) -> tuple["onnx.ModelProto", DecoderFusionReport]:
     """Fuse a ``causal-lm`` graph for CPUs; keep the result only when it matches ``source``.
 
     ``config`` (the model's config.json) gives the context length, which sizes
     the rotary caches, and the query / key-value head counts of grouped
-    attention; without it only the norms are fused. Returns (graph, report); on a mismatch or a load failure
-    the input graph comes back unchanged with ``report.dropped`` saying why.
+    attention; without it only the norms are fused. Returns (graph, report); on a
+    mismatch or a failure the input graph comes back unchanged with
+    ``report.dropped`` saying why.
     """
     report = DecoderFusionReport(nodes_before=len(model.graph.node))
     if not any(value.name.startswith("past_key_values.") for value in model.graph.input):
         return model, report
     feeds = sample_decoder_feeds(model)
     serialized_source = source if isinstance(source, bytes) else open(source, "rb").read()
-    expected = [_run(serialized_source, feed) for feed in feeds]
-    candidate = fuse_rms_norms(copy.deepcopy(model), report)
-    from lora_edge.decoder import context_length
-
-    max_positions = context_length(config) if config else None
-    if max_positions:
-        candidate = fuse_rotary(candidate, int(max_positions), report)
-    text = (config or {}).get("text_config") or config or {}
-    heads = text.get("num_attention_heads")
-    if heads:
-        candidate = fuse_grouped_attention(candidate, int(heads), int(text.get("num_key_value_heads") or heads),
-                                           report)
-    report.lora_shared = share_lora_inputs(candidate)
     try:
+        expected = [_run(serialized_source, feed) for feed in feeds]
+        candidate = _rewrite(copy.deepcopy(model), config, report)
         serialized = candidate.SerializeToString()
         report.max_abs_diff = max(_relative_diff(want, _run(serialized, feed)) for want, feed in zip(expected, feeds))
-    except Exception as exc:  # a rewrite ORT cannot load is a rewrite not to ship
+    except Exception as exc:  # a rewrite that fails or that ORT cannot load is a rewrite not to ship
         lines = str(exc).strip().splitlines()
         return model, DecoderFusionReport(nodes_before=report.nodes_before,
-                                          dropped=f"fused graph does not load ({(lines or [''])[0][:200]})")
+                                          dropped=f"rewrites failed ({exc.__class__.__name__}: "
+                                                  f"{(lines or [''])[0][:200]})")
     if not report.max_abs_diff <= tolerance:
         return model, DecoderFusionReport(nodes_before=report.nodes_before, max_abs_diff=report.max_abs_diff,
                                           dropped=f"fusions changed the outputs (relative max abs diff "
