@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def lora_edge_engine(args):
@@ -111,7 +112,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    prompt = json.loads(open(args.prompt_ids).read())
+    prompt = json.loads(Path(args.prompt_ids).read_text())
     run = ENGINES[args.engine](args)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_edge.quantize_fusion import share_lora_inputs
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import numpy as np
     import onnx
 
@@ -90,8 +89,10 @@ def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "on
     """RMSNorm -> SimplifiedLayerNormalization, residual Add + it -> SkipSimplifiedLayerNormalization."""
     import logging
 
-    from onnxruntime.transformers.fusion_simplified_layernorm import (FusionSimplifiedLayerNormalization,
-                                                                      FusionSkipSimplifiedLayerNormalization)
+    from onnxruntime.transformers.fusion_simplified_layernorm import (
+        FusionSimplifiedLayerNormalization,
+        FusionSkipSimplifiedLayerNormalization,
+    )
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     loggers = [logging.getLogger(name) for name in ("onnxruntime.transformers", "fusion_base", "onnx_model",
@@ -417,7 +418,7 @@ def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | N
     if not any(value.name.startswith("past_key_values.") for value in model.graph.input):
         return model, report
     feeds = sample_decoder_feeds(model)
-    serialized_source = source if isinstance(source, bytes) else open(source, "rb").read()
+    serialized_source = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
         expected = [_run(serialized_source, feed) for feed in feeds]
         candidate = _rewrite(copy.deepcopy(model), config, report)
@@ -536,10 +537,9 @@ def share_tied_embedding(model: "onnx.ModelProto", tied: TiedEmbedding) -> bool:
     return True
 
 
-def config_beside(graph: "str | Path") -> dict | None:
+def config_beside(graph: str | Path) -> dict | None:
     """The ``config.json`` beside a bundle's graph (None when absent or unreadable)."""
     import json
-    from pathlib import Path
 
     try:
         return json.loads((Path(graph).parent / "config.json").read_text())
