@@ -88,6 +88,31 @@ class GenerationResult:
                 "prefill_seconds": round(self.prefill_seconds, 6), "decode_seconds": round(self.decode_seconds, 6)}
 
 
+@dataclass
+class BoundAdapter:
+    """A hot-swap ``.onnx_adapter`` for runs with IO binding: its tensors, bound as graph inputs.
+
+    ONNX Runtime applies ``RunOptions.add_active_adapter`` in ``session.run``
+    only, not in ``run_with_iobinding``, so the bound decode loop feeds the
+    adapter's tensors itself (ONNX Runtime values, no copy per step).
+    """
+
+    path: Path
+    parameters: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BoundAdapter":
+        """Read an ``.onnx_adapter`` file's tensors (raises AdapterMismatchError when it cannot be read)."""
+        import onnxruntime
+
+        try:
+            parameters = onnxruntime.AdapterFormat.read_adapter(str(path)).get_parameters()
+        except Exception as exc:  # ORT raises its own error types for a corrupt file
+            raise AdapterMismatchError(f"cannot read the adapter file ({str(exc).splitlines()[0][:160]})",
+                                       path, "re-run lora-edge export") from None
+        return cls(Path(path), dict(parameters))
+
+
 class DecoderRunner:
     """One ONNX Runtime session of a ``causal-lm`` graph, stepped with an explicit KV cache.
 
@@ -129,21 +154,72 @@ class DecoderRunner:
         try:
             outputs = run(self.session, feeds, adapter=adapter, output_names=self.output_names)
         except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
-            if adapter is not None and ("lora" in str(exc).lower() or "shape" in str(exc).lower()):
-                raise AdapterMismatchError(f"the adapter does not fit this graph ({str(exc).splitlines()[0][:200]})",
-                                           "--adapter", "use an adapter trained on this bundle's base model") from exc
-            raise
+            error = self._adapter_error(exc, adapter)
+            if error is exc:
+                raise
+            raise error from exc
         return outputs[0], outputs[1:]
 
+    def bound_step(self, input_ids: "np.ndarray", attention_mask: "np.ndarray", position_ids: "np.ndarray",
+                   past: list | None, adapter: BoundAdapter | None = None
+                   ) -> tuple["np.ndarray", list["onnxruntime.OrtValue"]]:
+        """One step with the cache kept inside ONNX Runtime: (last-position logits [batch, vocab], presents).
+
+        ``past`` is None for prefill, else the presents (``OrtValue``) of the
+        previous call. The presents are bound as ONNX Runtime outputs and fed
+        back as the next step's past without ever becoming numpy arrays, so
+        the loop copies no cache; only the last position's logits leave.
+        """
+        import numpy as np
+
+        binding = self.session.io_binding()
+        for name, value in ((INPUT_IDS, input_ids), (ATTENTION_MASK, attention_mask), (POSITION_IDS, position_ids)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        if past is None:
+            empty = self.empty_past(len(input_ids))
+            for name, value in zip(self.past_names, empty):
+                binding.bind_cpu_input(name, value)
+        else:
+            for name, value in zip(self.past_names, past):
+                binding.bind_ortvalue_input(name, value)
+        for name, value in (adapter.parameters.items() if adapter is not None else ()):
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
+            raise self._adapter_error(exc, adapter) from exc
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[:, -1, :]
+        return logits, list(outputs[1:])
+
+    @staticmethod
+    def _adapter_error(exc: Exception, adapter) -> Exception:
+        """AdapterMismatchError when an active adapter is the likely cause of a run failure, else ``exc``."""
+        if adapter is not None and ("lora" in str(exc).lower() or "shape" in str(exc).lower()):
+            return AdapterMismatchError(f"the adapter does not fit this graph ({str(exc).splitlines()[0][:200]})",
+                                        "--adapter", "use an adapter trained on this bundle's base model")
+        return exc
+
     def check_context(self, prompt_lengths: list[int], max_new_tokens: int) -> int:
-        """Raise DataError when a prompt does not fit the context; return how many tokens may be added."""
+        """Return ``max_new_tokens`` when every prompt and its new tokens fit the model's context.
+
+        Raises DataError for a prompt that alone fills the context, ConfigError when
+        ``max_new_tokens`` would run past it (saying how many tokens fit).
+        """
         longest = max(prompt_lengths)
         if self.max_positions is None:
             return max_new_tokens
         if longest >= self.max_positions:
             raise DataError(f"the prompt is {longest} tokens, the model's context is {self.max_positions}",
                             "--prompt", f"shorten the prompt below {self.max_positions} tokens")
-        return min(max_new_tokens, self.max_positions - longest)
+        room = self.max_positions - longest
+        if max_new_tokens > room:
+            raise ConfigError(f"a {longest}-token prompt + {max_new_tokens} new tokens runs past the model's "
+                              f"context of {self.max_positions}", "--max-new-tokens",
+                              f"ask for at most {room} new tokens, or shorten the prompt")
+        return max_new_tokens
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple["np.ndarray", "np.ndarray"]:
@@ -212,14 +288,17 @@ def _nucleus(p: "np.ndarray", top_p: float, candidates: int = 1024) -> "np.ndarr
 
 def generate(runner: DecoderRunner, prompts: list[list[int]], max_new_tokens: int = 64,
              sampling: SamplingSpec | None = None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int = 0, adapter: "onnxruntime.LoraAdapter | None" = None,
+             pad_token_id: int = 0, adapter: "BoundAdapter | onnxruntime.LoraAdapter | None" = None,
              on_tokens: Callable[[list[int | None]], None] | None = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after each prompt (a left-padded batch) on ONNX Runtime.
 
     Mirrors ``transformers`` ``generate``: position ids from the attention mask,
     a row stops at an EOS token (later steps feed it ``pad_token_id``), the loop
     ends when every row has stopped. ``adapter`` (a loaded ``.onnx_adapter``) is
-    activated on every run of a hot-swap graph; ``on_tokens`` receives each
+    activated on every run of a hot-swap graph; as a :class:`BoundAdapter` (or
+    with no adapter) the cache stays in ONNX Runtime between steps
+    (:meth:`DecoderRunner.bound_step`), an ``onnxruntime.LoraAdapter`` runs
+    through numpy feeds (``session.run``); ``on_tokens`` receives each
     step's token per row (None for rows that have stopped), for streaming.
     Raises DataError when a prompt does not fit the model's context.
     """
@@ -236,14 +315,14 @@ def generate(runner: DecoderRunner, prompts: list[list[int]], max_new_tokens: in
     batch = len(prompts)
     new_ids: list[list[int]] = [[] for _ in prompts]
     running = np.ones(batch, dtype=bool)
-    past = runner.empty_past(batch)
+    step = _step_function(runner, adapter)
 
     start = time.perf_counter()
-    logits, past = runner.step(input_ids, attention_mask, position_ids, past, adapter)
+    logits, past = step(input_ids, attention_mask, position_ids, None)
     prefill_seconds = time.perf_counter() - start
     steps, decode_start = 0, time.perf_counter()
     while True:
-        tokens = choose_tokens(logits[:, -1, :], sampling, rng)
+        tokens = choose_tokens(logits, sampling, rng)
         tokens = np.where(running, tokens, pad_token_id)
         for row in np.flatnonzero(running):
             new_ids[row].append(int(tokens[row]))
@@ -254,11 +333,24 @@ def generate(runner: DecoderRunner, prompts: list[list[int]], max_new_tokens: in
             break
         attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         position_ids = position_ids[:, -1:] + 1
-        logits, past = runner.step(tokens[:, None], attention_mask, position_ids, past, adapter)
+        logits, past = step(tokens[:, None], attention_mask, position_ids, past)
         steps += 1
     decode_seconds = time.perf_counter() - decode_start
     return GenerationResult([list(map(int, ids)) for ids in prompts], new_ids, prefill_seconds, decode_seconds,
                             steps)
+
+
+def _step_function(runner: DecoderRunner, adapter) -> Callable:
+    """``step(ids, mask, positions, past or None) -> (last logits, presents)`` for ``adapter``'s kind."""
+    if adapter is None or isinstance(adapter, BoundAdapter):
+        return lambda ids, mask, positions, past: runner.bound_step(ids, mask, positions, past, adapter)
+
+    def numpy_step(ids, mask, positions, past):
+        logits, presents = runner.step(ids, mask, positions, runner.empty_past(len(ids)) if past is None else past,
+                                       adapter)
+        return logits[:, -1, :], presents
+
+    return numpy_step
 
 
 class TextStream:
@@ -317,7 +409,7 @@ def _special_ids(config: dict, tokenizer) -> tuple[int | list[int] | None, int]:
 
 
 def adapter_for_run(bundle: Path, record, manifest: dict, adapter: str | None, session):
-    """(name, loaded LoraAdapter or None) for a run of ``record``: a bundle adapter's name or an .onnx_adapter file.
+    """(name, :class:`BoundAdapter` or None) for a run of ``record``: a bundle adapter's name or an .onnx_adapter file.
 
     Merged and branched graphs carry their adapter (``adapter`` must be it or
     None). Hot-swap graphs take a bundle adapter by name, ``none`` for the base
@@ -326,7 +418,6 @@ def adapter_for_run(bundle: Path, record, manifest: dict, adapter: str | None, s
     """
     from lora_edge.bundle import Form, require_adapter_file
     from lora_edge.infer import choose_adapter
-    from lora_edge.runtime import load_lora_adapter
 
     if record.form is Form.HOTSWAP and adapter and adapter.endswith(".onnx_adapter"):
         path = Path(adapter)
@@ -334,12 +425,12 @@ def adapter_for_run(bundle: Path, record, manifest: dict, adapter: str | None, s
             raise AdapterMismatchError(f"adapter file '{path}' does not exist", "--adapter",
                                        "give a bundle adapter name or an existing .onnx_adapter file")
         check_adapter_fits(session, path)
-        return path.stem, load_lora_adapter(path)
+        return path.stem, BoundAdapter.load(path)
     chosen = choose_adapter(record, manifest, adapter)
     if record.form is Form.HOTSWAP and chosen is not None:
         path = require_adapter_file(Path(bundle), record, chosen)
         check_adapter_fits(session, path)
-        return chosen, load_lora_adapter(path)
+        return chosen, BoundAdapter.load(path)
     return chosen, None
 
 

@@ -278,11 +278,13 @@ def export_hotswap(base_model: nn.Module, references: dict[str, "PeftModel"], co
     session = create_session(graph_path)
     builder = graph_io_for(context.task)
     diffs = {"base": check_agreement(graph_name, reference_outputs(task_io), run_graph(session, task_io),
-                                     tolerance, "the base model (no adapter fed)")}
+                                     tolerance, "the base model (no adapter fed)",
+                                     relative=task_io.relative_tolerance)}
     for name, ref in references.items():
         expected = reference_outputs(builder(ref, context))
         actual = run_graph(session, task_io, adapter=load_lora_adapter(files[name]))
-        diffs[name] = check_agreement(f"{graph_name} + {name}", expected, actual, tolerance)
+        diffs[name] = check_agreement(f"{graph_name} + {name}", expected, actual, tolerance,
+                                      relative=task_io.relative_tolerance)
     if progress:
         progress(f"  {graph_name}: {seconds:.1f} s, max abs diff vs PyTorch "
                  + ", ".join(f"{name} {diff:.2g}" for name, diff in diffs.items()))

@@ -239,6 +239,13 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     fusion = FusionReport()
     if options.fuse and plan is not None and Task.parse(task) is Task.SEQ_CLS:
         model, fusion = fuse_graph(model, dataclasses.replace(plan, for_gpu=precision in GPU_PRECISIONS), str(src))
+    tied = None
+    if Task.parse(task) is Task.CAUSAL_LM:
+        from lora_edge.quantize_decoder import config_beside, find_tied_embedding, fuse_decoder
+
+        if options.fuse and precision not in GPU_PRECISIONS:
+            model, fusion = fuse_decoder(model, str(src), config_beside(src))
+        tied = find_tied_embedding(model) if precision is Precision.INT4 else None
     roles = linear_roles(model)
     feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))
     with atomic_file(dst) as staging:
@@ -253,6 +260,12 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
         conform_file(staging)  # ORT's quantizers reorder nodes and leave stale types: ONNX-spec order again
         require_valid_graph(staging, dst.stem, QuantizationError)
         quantized = onnx.load(str(staging))
+        if tied is not None:
+            from lora_edge.quantize_decoder import share_tied_embedding
+
+            if share_tied_embedding(quantized, tied):
+                onnx.save(quantized, str(staging))
+                details["tied_embedding"] = "shared with the int4 LM head"
         found = inventory(quantized)
         if found.quantized_lora():
             raise QuantizationError(f"a LoRA MatMul was quantized ({found.quantized_lora()[0]})", src,

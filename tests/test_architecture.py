@@ -20,7 +20,7 @@ LAYERS = {
     2: ["train", "train_io", "adapter_card"],
     3: ["exporter", "decoder", "merge", "hotswap", "export_bundle", "genai_config", "export_fusion", "quantize_fusion",
         "quantize_prepare"],
-    4: ["quantize", "quantize_lora", "quantize_methods"],
+    4: ["quantize", "quantize_lora", "quantize_methods", "quantize_decoder"],
     5: ["devices", "eager", "profile", "profile_report", "compare", "sweep"],
     6: ["check", "check_data", "check_metrics", "check_report", "check_tasks", "lm_metrics"],
     7: ["pipeline", "pipeline_report", "cli", "__main__"],

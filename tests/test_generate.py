@@ -11,7 +11,7 @@ from decoder_bundles import ARCHS, FORMS, adapter_dirs, bundle_for, shared_root
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.bundle import ONNX_DIR, Form, find_graph
 from lora_edge.errors import ConfigError
-from lora_edge.generate import (DecoderRunner, SamplingSpec, _nucleus, encode_prompts, generate,
+from lora_edge.generate import (BoundAdapter, DecoderRunner, SamplingSpec, _nucleus, encode_prompts, generate,
                                 generate_from_bundle)
 from lora_edge.runtime import create_session, load_lora_adapter
 
@@ -87,11 +87,14 @@ def test_greedy_matches_pytorch_generate_for_every_form(arch, bundles, reference
     for form in FORMS:
         bundle, graph = bundles(arch, form)
         runner = _runner(bundle, graph)
-        adapter = None
-        if form is Form.HOTSWAP:
-            adapter = load_lora_adapter(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter")
-        result = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, adapter=adapter)
-        assert result.new_ids == expected, f"{arch} {form.value}: ONNX Runtime and PyTorch disagree"
+        adapters = [None]
+        if form is Form.HOTSWAP:  # bound to the cache-keeping loop, and through session.run's RunOptions
+            path = bundle / ONNX_DIR / "adapters" / "a.onnx_adapter"
+            adapters = [BoundAdapter.load(path), load_lora_adapter(path)]
+        for adapter in adapters:
+            result = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, adapter=adapter)
+            assert result.new_ids == expected, f"{arch} {form.value} {type(adapter).__name__}: ONNX Runtime and " \
+                                               "PyTorch disagree"
         if form is Form.HOTSWAP:  # the same session with no adapter active is the base model
             assert generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad).new_ids == base
 
@@ -124,7 +127,7 @@ def test_hotswap_switches_adapters_between_prompts_in_one_session(bundles, refer
     bundle, graph = bundles("llama", Form.HOTSWAP)
     runner = _runner(bundle, graph)
     session = runner.session
-    files = {name: load_lora_adapter(bundle / ONNX_DIR / "adapters" / f"{name}.onnx_adapter") for name in "ab"}
+    files = {name: BoundAdapter.load(bundle / ONNX_DIR / "adapters" / f"{name}.onnx_adapter") for name in "ab"}
     eos, pad = _special(references("llama"))
     prompts = encode_prompts(_tokenizer(bundle), PROMPTS[:2])
     expected = {name: torch_generate(references("llama", name), prompts, NEW_TOKENS, eos, pad) for name in "ab"}
@@ -180,14 +183,17 @@ def test_sampling_spec_rejects_bad_values(spec, field):
 
 
 def test_generate_refuses_a_prompt_longer_than_the_context(bundles):
-    from lora_edge.errors import DataError
+    from lora_edge.errors import ConfigError, DataError
 
     bundle, graph = bundles("llama", Form.MERGED)
     with pytest.raises(DataError, match="context is 128"):
         generate_from_bundle(bundle, graph, ["word " * 200], max_new_tokens=4)
-    # a prompt that fits stops at the context instead of running past it
-    out = generate_from_bundle(bundle, graph, ["word " * 120], max_new_tokens=64)
-    assert len(out.result.prompt_ids[0]) + len(out.result.new_ids[0]) == 128
+    # a prompt that fits, with more new tokens than the context leaves, is refused before any step runs
+    with pytest.raises(ConfigError, match="--max-new-tokens|runs past the model's context") as caught:
+        generate_from_bundle(bundle, graph, ["word " * 120], max_new_tokens=64)
+    assert "at most" in caught.value.fix
+    out = generate_from_bundle(bundle, graph, ["word " * 120], max_new_tokens=int(caught.value.fix.split()[4]))
+    assert len(out.result.prompt_ids[0]) + len(out.result.new_ids[0]) <= 128
 
 
 # --- the CLI ---------------------------------------------------------------------------------------------
@@ -236,6 +242,8 @@ def test_cli_generate_bad_input_has_distinct_exit_codes(bundles, capsys):
     cases = {
         "unknown graph": (["--graph", "nope.fp32", "--prompt", "hi"], 9, "no graph named 'nope.fp32'"),
         "prompt too long": (["--graph", llama_graph, "--adapter", "a", "--prompt", "word " * 200], 3, "context"),
+        "new tokens past the context": (["--graph", llama_graph, "--adapter", "a", "--prompt", "hi",
+                                         "--max-new-tokens", "500"], 2, "--max-new-tokens"),
         "adapter of another base": (["--graph", llama_graph, "--adapter",
                                      str(gpt2 / ONNX_DIR / "adapters" / "a.onnx_adapter"), "--prompt", "hi"], 4,
                                     "another base model"),
@@ -305,3 +313,75 @@ def test_language_model_scores_against_pytorch(bundles, references):
     assert abs(drift.perplexity_delta) > 1.0
     assert drift.top1_agreement < 0.9
     assert drift.to_json()["perplexity_delta"] == pytest.approx(drift.perplexity - drift.reference_perplexity)
+
+
+# --- decoder graph rewrites (lora_edge.quantize_decoder) ----------------------------------------------------
+
+def test_fused_decoder_graphs_generate_like_pytorch(bundles, references, tmp_path):
+    """RMSNorm/rotary fusions keep merged and hot-swap graphs token-exact with PyTorch greedy generate."""
+    import onnx
+
+    from lora_edge.quantize_decoder import fuse_decoder
+
+    reference = references("llama")
+    eos, pad = _special(reference)
+    layers = reference.config.num_hidden_layers
+    for form in (Form.MERGED, Form.HOTSWAP):
+        bundle, graph = bundles("llama", form)
+        source = bundle / find_graph(bundle, graph).file
+        config = json.loads((bundle / ONNX_DIR / "config.json").read_text())
+        fused, report = fuse_decoder(onnx.load(source), str(source), config)
+        assert report.dropped is None and report.max_abs_diff < 1e-4
+        assert report.rms_norm + report.skip_rms_norm == 2 * layers + 1 and report.rotary == 2 * layers
+        assert report.grouped_attention == layers
+        assert report.nodes_after < report.nodes_before
+        path = tmp_path / f"{form.value}.fused.onnx"
+        onnx.save(fused, path)
+        runner = DecoderRunner(create_session(path), max_positions=128)
+        prompts = encode_prompts(_tokenizer(bundle), PROMPTS)
+        adapter = BoundAdapter.load(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter") if form is Form.HOTSWAP else None
+        got = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, adapter=adapter)
+        assert got.new_ids == torch_generate(reference, prompts, NEW_TOKENS, eos, pad), form.value
+
+
+def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp_path):
+    """A tied embedding/LM head is one int4 tensor: the lookup returns exactly the head's dequantized rows."""
+    import shutil
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from lora_edge.quantize import quantize_graph
+
+    bundle, graph = bundles("llama", Form.MERGED)
+    model = onnx.load(bundle / find_graph(bundle, graph).file)
+    inits = {init.name: init for init in model.graph.initializer}
+    embedding = next(node.input[0] for node in model.graph.node if node.op_type == "Gather" and node.input[0] in inits)
+    weight = numpy_helper.to_array(inits[embedding])
+    head = next(node.input[1] for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in inits
+                and list(inits[node.input[1]].dims) == [weight.shape[1], weight.shape[0]])
+    inits[head].CopyFrom(numpy_helper.from_array(weight.T.copy(), head))  # tie them, as SmolLM2 is
+    (tmp_path / "onnx").mkdir()
+    shutil.copy(bundle / ONNX_DIR / "config.json", tmp_path / "onnx" / "config.json")
+    onnx.save(model, tmp_path / "onnx" / "tied.fp32.onnx")
+    result = quantize_graph(tmp_path / "onnx" / "tied.fp32.onnx", tmp_path / "onnx" / "tied.int4.onnx", "int4",
+                            task="causal-lm")
+    assert result.details.get("tied_embedding")
+    quantized = onnx.load(result.path)
+    vocab_tensors = [init.name for init in quantized.graph.initializer if init.dims and init.dims[0] == weight.shape[0]]
+    assert sorted(vocab_tensors) == sorted([f"{head}_Q4", f"{head}_scales"])  # the head's only
+    lookup = next(node for node in quantized.graph.node if node.op_type == "GatherBlockQuantized")
+    rows = next(node.output[0] for node in quantized.graph.node if lookup.output[0] in node.input)
+    quantized.graph.output.append(helper.make_tensor_value_info(rows, onnx.TensorProto.FLOAT, None))
+    from lora_edge.quantize_decoder import sample_decoder_feeds
+
+    session = __import__("onnxruntime").InferenceSession(quantized.SerializeToString(),
+                                                         providers=["CPUExecutionProvider"])
+    feeds = sample_decoder_feeds(quantized)[0]
+    got = session.run([rows], {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+    packed = numpy_helper.to_array(next(i for i in quantized.graph.initializer if i.name == f"{head}_Q4"))
+    scales = numpy_helper.to_array(next(i for i in quantized.graph.initializer if i.name == f"{head}_scales"))
+    nibbles = np.stack([packed & 15, packed >> 4], -1).reshape(len(packed), -1, 32).astype(np.float32)
+    dequantized = ((nibbles - 8) * scales.reshape(len(packed), -1, 1)).reshape(len(packed), -1)
+    np.testing.assert_array_equal(got, dequantized[feeds["input_ids"]])
+    assert np.abs(got - weight[feeds["input_ids"]]).max() < np.abs(weight).max() / 4  # 4-bit rounding only
