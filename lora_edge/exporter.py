@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import logging
 import time
@@ -53,6 +54,7 @@ from lora_edge.models import Task
 
 if TYPE_CHECKING:
     import numpy as np
+    import onnx
     import onnxruntime
     import torch
     from torch import nn
@@ -283,6 +285,66 @@ def export_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: s
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     return Path(path)
+
+
+# The exporters a trace may use, fastest first. TorchScript (``dynamo=False``) traces a model several times
+# faster than torch.export + onnxscript (docs/ARCHITECTURE.md, "Facts"); torch has deprecated it, so when it
+# is missing, fails, or gives a graph that drifts, the torch.export-based exporter is used instead.
+EXPORTERS = ("torchscript", "dynamo")
+TORCHSCRIPT_OPSET = 18
+
+
+def torchscript_available() -> bool:
+    """True while this torch still ships the TorchScript ONNX exporter (``torch.onnx.export(dynamo=False)``)."""
+    import torch
+
+    return "dynamo" in inspect.signature(torch.onnx.export).parameters and \
+        importlib.util.find_spec("torch.onnx._internal.torchscript_exporter") is not None
+
+
+def trace_onnx(io: GraphIO, opset: int | None = None, graph_name: str = "graph",
+               exporter: str = "torchscript") -> "onnx.ModelProto":
+    """Trace ``io.module`` to an in-memory ONNX model with ``exporter`` (see :data:`EXPORTERS`).
+
+    Raises ExportError naming the graph when tracing fails.
+    """
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}")
+    io.module.eval()
+    try:
+        with _quiet_export(), torch.no_grad():
+            if exporter == "torchscript":
+                return _trace_torchscript(io, opset)
+            program = torch.onnx.export(io.module, io.example_inputs, dynamo=True,
+                                        dynamic_shapes=_dynamic_shapes(io), input_names=io.input_names,
+                                        output_names=io.output_names, opset_version=opset, optimize=True,
+                                        verbose=False)
+    except Exception as exc:  # the tracers raise many types; all mean "this model does not export"
+        own = _raised_by_module(exc)
+        if own is not None:
+            raise own from exc
+        raise ExportError(f"torch.onnx.export ({exporter}) failed ({_error_line(exc)})", graph_name,
+                          "re-run with --debug for the trace; try another --opset or report the architecture") from exc
+    import onnx_ir as ir
+
+    return ir.serde.serialize_model(program.model)
+
+
+def _trace_torchscript(io: GraphIO, opset: int | None) -> "onnx.ModelProto":
+    import io as bytes_io
+
+    import onnx
+    import torch
+
+    buffer = bytes_io.BytesIO()
+    torch.onnx.export(io.module, io.example_inputs, buffer, dynamo=False, input_names=io.input_names,
+                      output_names=io.output_names, dynamic_axes=io.dynamic_axes,
+                      opset_version=opset or TORCHSCRIPT_OPSET, do_constant_folding=True)
+    model = onnx.ModelProto()
+    model.ParseFromString(buffer.getbuffer())
+    return model
 
 
 def reference_outputs(io: GraphIO) -> list[list["np.ndarray"]]:
