@@ -138,7 +138,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
 
     from torch import nn
 
-    from lora_edge.exporter import graph_io_for, reference_outputs, trace_onnx
+    from lora_edge.exporter import graph_io_for, name_output_dims, reference_outputs, trace_onnx
     from lora_edge.hotswap import (add_default_initializers, adapter_tensors, hotswap_base, hotswap_graph_io,
                                    plan_slots)
     from lora_edge.merge import base_view
@@ -157,6 +157,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
     with clock.stage(f"trace ({exporter})"):
         traced = trace_onnx(io, job.opset, GraphRecord.graph_name(Form.HOTSWAP, Precision.FP32), exporter)
         add_default_initializers(traced, model, slots)
+        name_output_dims(traced, task_io, expected[None])
     verify_io = dataclasses.replace(task_io, module=nn.Identity())
     del base, model, io, task_io, first
     job.references.clear()

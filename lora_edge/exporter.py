@@ -332,6 +332,37 @@ def trace_onnx(io: GraphIO, opset: int | None = None, graph_name: str = "graph",
     return ir.serde.serialize_model(program.model)
 
 
+def name_output_dims(model: "onnx.ModelProto", io: GraphIO, outputs: list[list["np.ndarray"]]) -> None:
+    """Name the output axes of a traced ``model`` after the input dims they follow, in place.
+
+    The TorchScript exporter names output axes after ops (``Wherelogits_dim_0``);
+    the torch.export-based one after the input dims. ``outputs`` (the reference's
+    outputs on ``io.verify_inputs``) tell which input dim each output axis equals
+    on every verify input (or which sum of two, e.g. ``past_sequence + sequence``):
+    that name is written; any other symbolic axis
+    keeps the exporter's name (a hot-swap head's label count varies by adapter).
+    """
+    named: dict[str, list[int]] = {}
+    for case, inputs in enumerate(io.verify_inputs):
+        for name, tensor in zip(io.input_names, inputs):
+            for axis, dim in io.dynamic_axes.get(name, {}).items():
+                if len(named.setdefault(dim, [])) == case:
+                    named[dim].append(int(tensor.shape[axis]))
+    for index, value in enumerate(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            seen = [int(case[index].shape[axis]) for case in outputs if index < len(case) and axis < case[index].ndim]
+            if len(seen) != len(outputs):
+                continue
+            if not dim.HasField("dim_param"):
+                continue
+            sums = [f"{a} + {b}" for i, (a, x) in enumerate(named.items()) for b, y in list(named.items())[i + 1:]
+                    if [p + q for p, q in zip(x, y)] == seen]
+            matches = [name for name, values in named.items() if values == seen]
+            if len(sums) == 1 or len(matches) == 1:  # a sum says how the axis grows (the KV cache): preferred
+                dim.dim_param = sums[0] if len(sums) == 1 else matches[0]
+
+
 def _trace_torchscript(io: GraphIO, opset: int | None) -> "onnx.ModelProto":
     import io as bytes_io
 
