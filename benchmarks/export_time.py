@@ -118,14 +118,33 @@ def random_adapter(model: Path, out: Path, arch: str, **kwargs) -> Path:
 
 
 def stages_of(bundle: Path) -> dict[str, float]:
-    """lora-edge's seconds per stage, from the bundle's manifest."""
+    """lora-edge's seconds per stage, from the bundle's manifest (older versions: per-graph export/quantize seconds)."""
     manifest = json.loads((bundle / "manifest.json").read_text())
-    return {stage["stage"]: stage["seconds"] for stage in manifest.get("export_stages", [])}
+    if "export_stages" in manifest:
+        return {stage["stage"]: stage["seconds"] for stage in manifest["export_stages"]}
+    stages = {}
+    for graph in manifest["graphs"]:
+        for key, label in (("export_seconds", "export"), ("quantize_seconds", "quantize")):
+            if key in graph["extra"]:
+                stages[f"{label} {graph['name']}"] = graph["extra"][key]
+    return stages
 
 
-def case_commands(case: str, work: Path, smollm2: Path) -> dict[str, list]:
-    """side -> list of (label, command, env) steps; a side's time and peak are over its steps."""
+def case_commands(case: str, work: Path, smollm2: Path, before: Path | None) -> dict[str, list]:
+    """side -> list of (label, command, env) steps; a side's time and peak are over its steps.
+
+    With ``before`` (a checkout of an earlier lora-edge), its export runs as one more side.
+    """
     env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    sides = _case_sides(case, work, smollm2, env)
+    if before is not None:
+        label, command, _ = sides["lora-edge"][0]
+        command = [c.replace(str(work / "bundle"), str(work / "bundle-before")) for c in command]
+        sides["before"] = [(label, command, {**env, "PYTHONPATH": str(before)})]
+    return sides
+
+
+def _case_sides(case: str, work: Path, smollm2: Path, env: dict) -> dict[str, list]:
     if case == "minilm":
         sys.path.insert(0, str(ROOT))
         from lora_edge.models import default_model_path
@@ -165,12 +184,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/lora-edge-export-time"))
     parser.add_argument("--smollm2", type=Path, default=Path("/work/cache/smollm2-hf"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--before", type=Path, default=None, help="an earlier lora-edge checkout, run as a third side")
     args = parser.parse_args()
     results = {}
     for case in args.case or ["minilm"]:
         work = args.work / case
         work.mkdir(parents=True, exist_ok=True)
-        sides = case_commands(case, work, args.smollm2)
+        sides = case_commands(case, work, args.smollm2, args.before)
         rows = []
         for round_index in range(args.rounds):
             order = list(sides)
@@ -183,11 +203,11 @@ def main() -> None:
                     seconds, peak = seconds + step_seconds, max(peak, step_peak)
                     steps[label] = round(step_seconds, 1)
                 row[side] = {"seconds": round(seconds, 1), "peak_mb": round(peak), "steps": steps}
-                if side == "lora-edge":
-                    row[side]["stages"] = stages_of(work / "bundle")
+                if side in ("lora-edge", "before"):
+                    row[side]["stages"] = stages_of(work / ("bundle" if side == "lora-edge" else "bundle-before"))
                 print(f"[{case} round {round_index + 1}] {side}: {seconds:.1f} s, peak {peak:.0f} MB {steps}",
                       flush=True)
-            other = next(s for s in sides if s != "lora-edge")
+            other = next(s for s in sides if s not in ("lora-edge", "before"))
             row["time_ratio"] = round(row["lora-edge"]["seconds"] / row[other]["seconds"], 2)
             row["peak_ratio"] = round(row["lora-edge"]["peak_mb"] / row[other]["peak_mb"], 2)
             rows.append(row)

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABEL_MAP_FILE, DATA_RECORD, "README.md")
 ADAPTER_HOTSWAP_DIR = "adapters"  # under onnx/: the .onnx_adapter files
 LABEL_MAPS_DIR = "label_maps"     # under onnx/: one label map per adapter when a bundle has several
+TRACE_FILE = ".trace.onnx"        # under onnx/ while an export runs: the one traced graph, removed once loaded
 
 
 def _stderr(message: str) -> None:
@@ -136,11 +137,12 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
     import dataclasses
     import gc
 
+    import onnx
     from torch import nn
 
     from lora_edge.exporter import graph_io_for, name_output_dims, reference_outputs, trace_onnx
-    from lora_edge.hotswap import (add_default_initializers, adapter_tensors, hotswap_base, hotswap_graph_io,
-                                   plan_slots)
+    from lora_edge.hotswap import (TENSOR, add_default_initializers, adapter_tensors, hotswap_base,
+                                   hotswap_graph_io, plan_slots)
     from lora_edge.merge import base_view
 
     builder = graph_io_for(job.task)
@@ -154,14 +156,21 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
             expected[None] = reference_outputs(builder(first, job.context))
         model = hotswap_base(base, slots)
         io, task_io = hotswap_graph_io(model, slots, job.context)
+    trace_file = job.staging / ONNX_DIR / TRACE_FILE
     with clock.stage(f"trace ({exporter})"):
-        traced = trace_onnx(io, job.opset, GraphRecord.graph_name(Form.HOTSWAP, Precision.FP32), exporter)
-        add_default_initializers(traced, model, slots)
-        name_output_dims(traced, task_io, expected[None])
+        trace_onnx(io, trace_file, job.opset, GraphRecord.graph_name(Form.HOTSWAP, Precision.FP32), exporter)
     verify_io = dataclasses.replace(task_io, module=nn.Identity())
+    defaults = {slot.name: model.get_parameter(slot.parameter).detach().float().numpy().copy()
+                for slot in slots if slot.kind == TENSOR}
     del base, model, io, task_io, first
     job.references.clear()
     gc.collect()
+    with clock.stage("load trace"):
+        traced = onnx.load(str(trace_file))
+        for path in trace_file.parent.glob(TRACE_FILE + "*"):
+            path.unlink()
+        add_default_initializers(traced, defaults, slots)
+        name_output_dims(traced, verify_io, expected[None])
     return TracePlan(slots, tensors, expected, verify_io, traced, exporter)
 
 
@@ -182,6 +191,8 @@ def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: di
 
 def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: Stopwatch) -> list[GraphRecord]:
     """Derive, write and verify every requested form from the one trace (docs/ARCHITECTURE.md, "The three forms")."""
+    import gc
+
     from lora_edge.exporter import EXTERNAL_DATA_BYTES
     from lora_edge.forms import derive, find_branches, write_model
     from lora_edge.hotswap import ADAPTER_SUFFIX, LORA_A, LORA_B, TENSOR, write_onnx_adapter
@@ -194,7 +205,7 @@ def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: S
     branches = find_branches(plan.traced, pairs)
     weight_bytes = sum(len(init.raw_data) for init in plan.traced.graph.initializer)
     external = 1024 if weight_bytes > EXTERNAL_DATA_BYTES else None
-    records = []
+    written = []  # (record, checks): every graph is written first, then the trace is freed and each verified
     for form in forms:
         for adapter in ([None] if form is Form.HOTSWAP else list(plan.tensors)):
             name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
@@ -206,26 +217,31 @@ def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: S
                     files = {n: write_onnx_adapter(job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR
                                                    / f"{n}{ADAPTER_SUFFIX}", tensors)
                              for n, tensors in plan.tensors.items()}
-            with clock.stage(f"verify {name}"):
-                checks = {None: None, **files} if form is Form.HOTSWAP else {adapter: None}
-                diffs = _verify(job, plan, path, name, checks)
-            job.progress(f"  {name}: max abs diff vs PyTorch " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
-            seconds = {"export_seconds": clock.seconds(f"write {name}"),
-                       "verify_seconds": clock.seconds(f"verify {name}")}
-            if form is Form.HOTSWAP:
-                extra = _graph_extra(plan.traced, derived, max_abs_diff=max(diffs.values()),
-                                     max_abs_diff_by_adapter=diffs, exporter=plan.exporter, **seconds,
-                                     adapter_files={n: job.relative(p) for n, p in files.items()},
-                                     adapter_inputs=[slot.name for slot in plan.slots])
-                records.append(GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
-                                           adapters=list(plan.tensors), extra=extra))
-            else:
-                extra = _graph_extra(plan.traced, derived, max_abs_diff=diffs[adapter], exporter=plan.exporter,
-                                     **seconds)
-                records.append(GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
-                                           adapter=adapter, extra=extra))
+            extra = _graph_extra(plan.traced, derived, exporter=plan.exporter,
+                                 export_seconds=clock.seconds(f"write {name}"))
             del derived
-    return records
+            if form is Form.HOTSWAP:
+                extra.update(adapter_files={n: job.relative(p) for n, p in files.items()},
+                             adapter_inputs=[slot.name for slot in plan.slots])
+                record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
+                                     adapters=list(plan.tensors), extra=extra)
+                written.append((record, {None: None, **files}))
+            else:
+                record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
+                                     adapter=adapter, extra=extra)
+                written.append((record, {adapter: None}))
+    plan.traced = None  # the ONNX Runtime sessions below hold a copy of the weights each, one at a time
+    gc.collect()
+    for record, checks in written:
+        with clock.stage(f"verify {record.name}"):
+            diffs = _verify(job, plan, job.staging / record.file, record.name, checks)
+        job.progress(f"  {record.name}: max abs diff vs PyTorch "
+                     + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
+        record.extra["max_abs_diff"] = max(diffs.values())
+        if record.form is Form.HOTSWAP:
+            record.extra["max_abs_diff_by_adapter"] = diffs
+        record.extra["verify_seconds"] = clock.seconds(f"verify {record.name}")
+    return [record for record, _ in written]
 
 
 def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, exporter: str | None = None,

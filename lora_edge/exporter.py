@@ -302,10 +302,12 @@ def torchscript_available() -> bool:
         importlib.util.find_spec("torch.onnx._internal.torchscript_exporter") is not None
 
 
-def trace_onnx(io: GraphIO, opset: int | None = None, graph_name: str = "graph",
-               exporter: str = "torchscript") -> "onnx.ModelProto":
-    """Trace ``io.module`` to an in-memory ONNX model with ``exporter`` (see :data:`EXPORTERS`).
+def trace_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: str = "graph",
+               exporter: str = "torchscript") -> Path:
+    """Trace ``io.module`` with ``exporter`` (see :data:`EXPORTERS`) into the ONNX file ``path``; returns it.
 
+    The graph goes to a file rather than memory so that the caller can release the
+    PyTorch model before loading it (one copy of the weights alive at a time).
     Raises ExportError naming the graph when tracing fails.
     """
     import torch
@@ -313,23 +315,25 @@ def trace_onnx(io: GraphIO, opset: int | None = None, graph_name: str = "graph",
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}")
     io.module.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in io.module.parameters())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
         with _quiet_export(), torch.no_grad():
             if exporter == "torchscript":
-                return _trace_torchscript(io, opset)
-            program = torch.onnx.export(io.module, io.example_inputs, dynamo=True,
-                                        dynamic_shapes=_dynamic_shapes(io), input_names=io.input_names,
-                                        output_names=io.output_names, opset_version=opset, optimize=True,
-                                        verbose=False)
+                _trace_torchscript(io, opset, Path(path))
+            else:
+                program = torch.onnx.export(io.module, io.example_inputs, dynamo=True,
+                                            dynamic_shapes=_dynamic_shapes(io), input_names=io.input_names,
+                                            output_names=io.output_names, opset_version=opset, optimize=True,
+                                            verbose=False)
+                program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     except Exception as exc:  # the tracers raise many types; all mean "this model does not export"
         own = _raised_by_module(exc)
         if own is not None:
             raise own from exc
         raise ExportError(f"torch.onnx.export ({exporter}) failed ({_error_line(exc)})", graph_name,
                           "re-run with --debug for the trace; try another --opset or report the architecture") from exc
-    import onnx_ir as ir
-
-    return ir.serde.serialize_model(program.model)
+    return Path(path)
 
 
 def name_output_dims(model: "onnx.ModelProto", io: GraphIO, outputs: list[list["np.ndarray"]]) -> None:
@@ -363,19 +367,12 @@ def name_output_dims(model: "onnx.ModelProto", io: GraphIO, outputs: list[list["
                 dim.dim_param = sums[0] if len(sums) == 1 else matches[0]
 
 
-def _trace_torchscript(io: GraphIO, opset: int | None) -> "onnx.ModelProto":
-    import io as bytes_io
-
-    import onnx
+def _trace_torchscript(io: GraphIO, opset: int | None, path: Path) -> None:
     import torch
 
-    buffer = bytes_io.BytesIO()
-    torch.onnx.export(io.module, io.example_inputs, buffer, dynamo=False, input_names=io.input_names,
+    torch.onnx.export(io.module, io.example_inputs, str(path), dynamo=False, input_names=io.input_names,
                       output_names=io.output_names, dynamic_axes=io.dynamic_axes,
                       opset_version=opset or TORCHSCRIPT_OPSET, do_constant_folding=True)
-    model = onnx.ModelProto()
-    model.ParseFromString(buffer.getbuffer())
-    return model
 
 
 def reference_outputs(io: GraphIO) -> list[list["np.ndarray"]]:

@@ -218,16 +218,16 @@ def default_initializers(model: nn.Module, slots: list[SwapSlot]) -> Callable:
     return edit
 
 
-def add_default_initializers(model, base: nn.Module, slots: list[SwapSlot]) -> None:
-    """Give every slot input of the traced ONNX ``model`` a same-named initializer (its default), in place."""
+def add_default_initializers(model, heads: dict[str, "np.ndarray"], slots: list[SwapSlot]) -> None:
+    """Give every slot input of the traced ONNX ``model`` a same-named initializer (its default), in place.
+
+    ``heads`` holds the base values of the head slots (name -> array); LoRA factors default to empty.
+    """
     import numpy as np
     from onnx import numpy_helper
 
     for slot in slots:
-        if slot.kind == TENSOR:
-            default = base.get_parameter(slot.parameter).detach().float().numpy()
-        else:
-            default = np.zeros(slot.shape, dtype=np.float32)
+        default = heads[slot.name] if slot.kind == TENSOR else np.zeros(slot.shape, dtype=np.float32)
         model.graph.initializer.append(numpy_helper.from_array(default, slot.name))
 
 

@@ -76,9 +76,11 @@ def test_the_adapters_really_differ_and_patterns_shape_the_branches(patterned, t
     graphs = {g.name: g for g in list_graphs(bundle)}
     branched = onnx.load(str(bundle / graphs["branched.rs.fp32"].file))
     shapes = {init.name: list(init.dims) for init in branched.graph.initializer}
-    ranks = {first.split(".attention.")[1].removesuffix(".lora_A"): shapes[first][1]
+    ranks = {first.removeprefix("bert.").removesuffix(".lora_A"): shapes[first][1]
              for first, _ in low_rank_pairs(branched)}
-    assert ranks["self.query"] == 2 and ranks["self.key"] == 8 and len(ranks) == 4  # query, key, value, output dense
+    layer = "encoder.layer.1.attention."
+    assert ranks[layer + "self.query"] == 2 and ranks[layer + "self.key"] == 8 == ranks["pooler.dense"]
+    assert len(ranks) == 13  # 2 layers x (q, k, v, attention/intermediate/output dense) + pooler dense
     assert len(low_rank_pairs(onnx.load(str(bundle / graphs["branched.plain.fp32"].file)))) == 4  # 2 layers x q, v
     tokenizer = load_tokenizer(bundle / "onnx")
     feeds = feeds_for(tokenizer, list(TEST_BATCHES[1]), INPUTS)
