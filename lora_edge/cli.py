@@ -213,8 +213,9 @@ def merge_command(model: str, adapter: str, task: str | None, out: Path, force: 
 @click.option("--task", default=None, help=TASK_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the bundle and the seconds of each export stage.")
 def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions: str, opset: int | None,
-                   task: str | None, out: Path, force: bool) -> None:
+                   task: str | None, out: Path, force: bool, as_json: bool) -> None:
     """Export base + adapter(s) to ONNX graphs in a bundle, each checked against PyTorch.
 
     Writes OUT/manifest.json, OUT/adapter/ (or adapters/<name>/), OUT/onnx/<form>[.<name>].<precision>.onnx,
@@ -224,8 +225,17 @@ def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions
     from lora_edge.adapters import AdapterRef
     from lora_edge.export_bundle import export_bundle
 
-    click.echo(str(export_bundle(model, [AdapterRef.parse(a) for a in adapters], split_csv(forms), out,
-                                 precisions=split_csv(precisions), opset=opset, force=force, task=task)))
+    bundle = export_bundle(model, [AdapterRef.parse(a) for a in adapters], split_csv(forms), out,
+                           precisions=split_csv(precisions), opset=opset, force=force, task=task)
+    if as_json:
+        import json
+
+        from lora_edge.bundle import read_manifest
+
+        click.echo(json.dumps({"bundle": str(bundle), "export_stages": read_manifest(bundle)["export_stages"]},
+                              indent=2))
+    else:
+        click.echo(str(bundle))
 
 
 @cli.command("infer")

@@ -190,3 +190,19 @@ def test_decoder_forms_with_all_linear_rslora_patterns_match_pytorch(arch, tiny_
         session = create_session(bundle / graph.file)
         actual = run_graph(session, io, adapter=load_lora_adapter(bundle / adapter_file) if adapter_file else None)
         assert max_abs_diff(expected, actual) <= 1e-4, graph.name
+
+
+def test_cli_export_json_prints_the_seconds_of_each_stage(tiny_model, tiny_adapter, tmp_path, capsys):
+    import json
+
+    from cli_runner import exit_code_of
+
+    out = tmp_path / "bundle"
+    code = exit_code_of("export", "--model", str(tiny_model("distilbert")), "--adapter",
+                        f"a={tiny_adapter('distilbert')}", "--forms", "merged", "--out", str(out), "--json")
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["bundle"] == str(out)
+    assert printed["export_stages"] == read_manifest(out)["export_stages"]
+    assert {"load", "reference outputs", "trace (torchscript)", "write merged.fp32", "verify merged.fp32"} <= \
+        {s["stage"] for s in printed["export_stages"]}
