@@ -153,20 +153,20 @@ def _case_sides(case: str, work: Path, smollm2: Path, env: dict) -> dict[str, li
         adapter = random_adapter(model, work / "minilm-r8", "bert")
         (work / "stock").mkdir(exist_ok=True)
         (work / "stock.py").write_text(STOCK_MINILM)
-        (work / "lora_edge.py").write_text(LORA_EDGE)
+        (work / "run_lora_edge.py").write_text(LORA_EDGE)
         return {
-            "lora-edge": [("export", [PYTHON, str(work / "lora_edge.py"), "default", str(adapter),
+            "lora-edge": [("export", [PYTHON, str(work / "run_lora_edge.py"), "default", str(adapter),
                                       str(work / "bundle"), "merged,branched,hotswap", "fp32,int8-dynamic",
                                       "seq-cls", "1e-4"], env)],
             "stock": [("merge+export+quantize", [PYTHON, str(work / "stock.py"), str(model), str(adapter),
                                                   str(work / "stock")], env)],
         }
     adapter = random_adapter(smollm2, work / "smollm2-all-linear", "llama", target_modules="all-linear")
-    (work / "lora_edge.py").write_text(LORA_EDGE)
+    (work / "run_lora_edge.py").write_text(LORA_EDGE)
     (work / "merge.py").write_text(MERGE_FOR_BUILDER)
     genai = ensure_genai_venv()
     return {
-        "lora-edge": [("export", [PYTHON, str(work / "lora_edge.py"), str(smollm2), str(adapter),
+        "lora-edge": [("export", [PYTHON, str(work / "run_lora_edge.py"), str(smollm2), str(adapter),
                                   str(work / "bundle"), "merged,hotswap", "int4", "causal-lm", str(LLM_TOLERANCE)],
                        env)],
         "builder": [("peft merge+save", [PYTHON, str(work / "merge.py"), str(smollm2), str(adapter),

@@ -34,7 +34,7 @@ from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Form, GraphRecord, Precis
 from lora_edge.data import LABEL_MAP_FILE, LabelMap
 from lora_edge.errors import ConfigError
 from lora_edge.exporter import FP32_TOLERANCE, ExportContext
-from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_base_model, load_tokenizer,
+from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_tokenizer,
                               resolve_model_path)
 
 if TYPE_CHECKING:

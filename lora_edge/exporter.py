@@ -43,7 +43,6 @@ import importlib
 import importlib.util
 import inspect
 import logging
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,41 +418,6 @@ def check_agreement(graph_name: str, expected: list[list["np.ndarray"]], actual:
         raise ExportError(f"graph {graph_name} drifts from {against}: max abs diff {diff:.3g} > {tolerance:g}",
                           graph_name, "re-run with --debug; try another --opset or report the architecture")
     return diff
-
-
-def verify_graph(path: Path, io: GraphIO, expected: list[list["np.ndarray"]], graph_name: str,
-                 tolerance: float = FP32_TOLERANCE) -> float:
-    """Run the ONNX graph at ``path`` on ``io.verify_inputs`` and compare with ``expected``; return the max diff."""
-    from lora_edge.runtime import create_session
-
-    session = create_session(path)
-    return check_agreement(graph_name, expected, run_graph(session, io), tolerance)
-
-
-@dataclass
-class ExportResult:
-    """An exported and verified graph: its file, the reference diff and the export time in seconds."""
-
-    path: Path
-    max_abs_diff: float
-    seconds: float
-
-
-def export_and_verify(model: "nn.Module", reference: "nn.Module", context: ExportContext, path: Path,
-                      graph_name: str, opset: int | None = None, tolerance: float = FP32_TOLERANCE,
-                      progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Export ``model`` for ``context.task`` to ``path`` and check it against ``reference`` (same task I/O)."""
-    builder = graph_io_for(context.task)
-    io, reference_io = builder(model, context), builder(reference, context)
-    if progress:
-        progress(f"exporting {graph_name}")
-    start = time.perf_counter()
-    export_onnx(io, path, opset, graph_name)
-    seconds = time.perf_counter() - start
-    diff = verify_graph(path, io, reference_outputs(reference_io), graph_name, tolerance)
-    if progress:
-        progress(f"  {graph_name}: {seconds:.1f} s, max abs diff vs PyTorch {diff:.2g}")
-    return ExportResult(Path(path), diff, seconds)
 
 
 # --- structure ----------------------------------------------------------------------------------------

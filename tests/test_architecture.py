@@ -18,7 +18,7 @@ LAYERS = {
         "recipe", "__init__"],
     1: ["runtime", "measure", "infer", "generate"],
     2: ["train", "train_io"],
-    3: ["exporter", "decoder", "merge", "hotswap", "export_bundle"],
+    3: ["exporter", "decoder", "merge", "hotswap", "forms", "export_bundle"],
     4: ["quantize", "quantize_fusion", "quantize_lora", "quantize_methods", "quantize_prepare"],
     5: ["devices", "eager", "profile", "profile_report", "compare", "sweep"],
     6: ["check", "check_data", "check_metrics", "check_report", "check_tasks", "lm_metrics"],
