@@ -61,10 +61,11 @@ quantize_dynamic(out + "/merged.fp32.onnx", out + "/merged.int8.onnx", weight_ty
 
 LORA_EDGE = """
 import sys, json
+from pathlib import Path
 from lora_edge.adapters import AdapterRef
 from lora_edge.export_bundle import export_bundle
 model, adapter, out, forms, precisions, task, tolerance = sys.argv[1:8]
-export_bundle(model, [AdapterRef("a", adapter)], forms.split(","), out, precisions=precisions.split(","),
+export_bundle(model, [AdapterRef("a", Path(adapter))], forms.split(","), out, precisions=precisions.split(","),
               force=True, task=task, tolerance=float(tolerance))
 """
 

@@ -81,6 +81,16 @@ class ExportJob:
         return Path(path).relative_to(self.staging).as_posix()
 
 
+def _peak_rss_mb() -> int | None:
+    """The process's peak resident memory so far, in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak / (1024 * 1024 if sys.platform == "darwin" else 1024))
+
+
 class Stopwatch:
     """Seconds per stage of an export, reported as each stage ends and recorded in the manifest."""
 
@@ -95,7 +105,7 @@ class Stopwatch:
         start = time.perf_counter()
         yield
         seconds = time.perf_counter() - start
-        self.stages.append({"stage": name, "seconds": round(seconds, 2)})
+        self.stages.append({"stage": name, "seconds": round(seconds, 2), "peak_rss_mb": _peak_rss_mb()})
         self.progress(f"  {name}: {seconds:.1f} s  [{time.perf_counter() - self.started:.1f} s]")
 
     def seconds(self, prefix: str) -> float:
