@@ -91,6 +91,18 @@ def _peak_rss_mb() -> int | None:
     return int(peak / (1024 * 1024 if sys.platform == "darwin" else 1024))
 
 
+def _return_freed_memory() -> None:
+    """Hand the memory of the released model and trace back to the OS (glibc keeps freed heap otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class Stopwatch:
     """Seconds per stage of an export, reported as each stage ends and recorded in the manifest."""
 
@@ -405,6 +417,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         if quantized:
             from lora_edge.quantize import quantize_bundle
 
+            _return_freed_memory()
             with clock.stage("quantize"):
                 quantize_bundle(staging, quantized, progress=progress, **(quantize_options or {}))
             manifest = read_manifest(staging)
