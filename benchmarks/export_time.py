@@ -82,12 +82,16 @@ AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
 
 def run(command: list[str], env: dict | None = None) -> tuple[float, float]:
     """(seconds, peak RSS in MB of the process and its children) of one command; raises when it fails."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace")
+    import tempfile
+
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: nobody reads a pipe while wait4 waits
+        start = time.perf_counter()
+        process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                                   stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        stderr = log.read().decode(errors="replace")
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} ... failed ({process.returncode}):\n{stderr[-3000:]}")

@@ -269,7 +269,6 @@ def _array(value: "np.ndarray") -> Lazy:
 def _fold(branch: Branch, tensors: dict, sources: dict, weight_inputs: dict, users: dict) -> None:
     """Add sB·A to the base weight; a weight other nodes read too (tied embeddings) gets a merged copy instead."""
     import numpy as np
-    from onnx import numpy_helper
 
     lora_A, scaled_B = tensors[branch.key_A], tensors[branch.key_B]
     original = sources[branch.base_weight]
@@ -280,9 +279,9 @@ def _fold(branch: Branch, tensors: dict, sources: dict, weight_inputs: dict, use
     transpose_copy = shared and branch.transpose_node is not None
 
     def merged() -> "np.ndarray":
-        weight = original() if isinstance(original, Lazy) else numpy_helper.to_array(original)
-        delta = scaled_B.astype(np.float64) @ lora_A.astype(np.float64)  # [out, in]
-        result = (weight.astype(np.float64) + (delta if branch.transposed else delta.T)).astype(weight.dtype)
+        weight = original() if isinstance(original, Lazy) else array_of(original)
+        delta = scaled_B.astype(np.float32) @ lora_A.astype(np.float32)  # [out, in], fp32 like merge.merge_adapter
+        result = (weight.astype(np.float32) + (delta if branch.transposed else delta.T)).astype(weight.dtype)
         if not np.isfinite(result).all():
             raise ExportError(f"merged weight of '{module}' is not finite in {weight.dtype}", branch.key_A,
                               "use the branched form, or a wider dtype for the base model")
@@ -316,10 +315,15 @@ _GRAPH_FIELD = b"\x3a"        # ModelProto.graph = 7, length-delimited
 _INITIALIZER_FIELD = b"\x2a"  # GraphProto.initializer = 5, length-delimited
 
 
-def _tensor_proto(name: str, source: Source):
-    from onnx import numpy_helper
+def array_of(tensor) -> "np.ndarray":
+    """A TensorProto's values as a read-only array over its raw bytes (no copy where it has raw data)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
 
-    return numpy_helper.from_array(source(), name) if isinstance(source, Lazy) else source
+    if not tensor.raw_data or tensor.data_location == tensor.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
 
 
 def stub_tensor(name: str, source: Source):
@@ -365,6 +369,24 @@ def analysis_model(shell: "onnx.ModelProto", derived: Derived) -> "onnx.ModelPro
     return model
 
 
+_RAW_DATA_FIELD = b"\x4a"  # TensorProto.raw_data = 9, length-delimited
+
+
+def _lazy_head(name: str, source: Lazy, length: int) -> bytes:
+    """A lazy tensor's TensorProto encoding up to its raw bytes (name, type, dims, raw_data's tag and length)."""
+    return stub_tensor(name, source).SerializeToString() + _RAW_DATA_FIELD + _varint(length)
+
+
+def _raw(source: Source):
+    """A tensor's values as little-endian bytes (a zero-copy view for arrays)."""
+    import numpy as np
+
+    if not isinstance(source, Lazy):
+        return source.raw_data  # only tensors with raw data are large enough to go external
+    values = np.ascontiguousarray(source(), dtype=np.dtype(source.dtype).newbyteorder("<"))
+    return memoryview(values).cast("B")
+
+
 def write_model(shell: "onnx.ModelProto", derived: Derived, path: Path, external_bytes: int | None = None) -> Path:
     """Write ``shell`` (opsets, metadata; its graph ignored) with ``derived``'s graph and initializers to ``path``.
 
@@ -390,33 +412,29 @@ def write_model(shell: "onnx.ModelProto", derived: Derived, path: Path, external
             stub = _external(stub_tensor(name, source), data_path.name, offset, length)
             plan.append((name, source, stub, stub.ByteSize()))
             offset += -(-length // 4096) * 4096
-            continue
-        if isinstance(source, Lazy):
-            size = stub_tensor(name, source).ByteSize() + 1 + len(_varint(length)) + length if length else None
+        elif isinstance(source, Lazy):
+            plan.append((name, source, None, len(_lazy_head(name, source, length)) + length))
         else:
-            size = source.ByteSize()
-        plan.append((name, source, None, size))
+            plan.append((name, source, None, source.ByteSize()))
+    graph_size = len(graph_bytes) + sum(1 + len(_varint(size)) + size for *_, size in plan)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as out, (open(data_path, "wb") if offset else open(os.devnull, "wb")) as data:
         out.write(head.SerializeToString())
-        bodies = {}
-        sizes = []
-        for name, source, stub, size in plan:
-            if size is None:  # an empty lazy tensor: serialize it to learn its size
-                bodies[name] = _tensor_proto(name, source).SerializeToString()
-                size = len(bodies[name])
-            sizes.append(size)
-        graph_size = len(graph_bytes) + sum(1 + len(_varint(size)) + size for size in sizes)
         out.write(_GRAPH_FIELD + _varint(graph_size) + graph_bytes)
-        for (name, source, stub, _), size in zip(plan, sizes):
+        for name, source, stub, size in plan:
+            out.write(_INITIALIZER_FIELD + _varint(size))
             if stub is not None:
-                raw = _tensor_proto(name, source).raw_data
-                data.write(raw + b"\0" * (-len(raw) % 4096))
-                body = stub.SerializeToString()
+                values = _raw(source)
+                data.write(values)
+                data.write(b"\0" * (-len(values) % 4096))
+                out.write(stub.SerializeToString())
+            elif isinstance(source, Lazy):
+                values = _raw(source)
+                if len(values) != size - len(_lazy_head(name, source, len(values))):
+                    raise ExportError(f"initializer '{name}' has {len(values)} bytes, its shape says otherwise",
+                                      path, "report this: a derived weight has the wrong shape")
+                out.write(_lazy_head(name, source, len(values)))
+                out.write(values)
             else:
-                body = bodies.pop(name, None) or _tensor_proto(name, source).SerializeToString()
-            if len(body) != size:
-                raise ExportError(f"initializer '{name}' serialized to {len(body)} bytes, {size} expected", path,
-                                  "report this: the ONNX writer's size estimate is wrong")
-            out.write(_INITIALIZER_FIELD + _varint(len(body)) + body)
+                out.write(source.SerializeToString())
     return path

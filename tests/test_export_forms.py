@@ -206,3 +206,26 @@ def test_cli_export_json_prints_the_seconds_of_each_stage(tiny_model, tiny_adapt
     assert printed["export_stages"] == read_manifest(out)["export_stages"]
     assert {"load", "reference outputs", "trace (torchscript)", "write merged.fp32", "verify merged.fp32"} <= \
         {s["stage"] for s in printed["export_stages"]}
+
+
+@pytest.mark.parametrize("external", [None, 64])
+def test_streamed_graph_file_loads_with_inline_or_external_weights(tmp_path, external):
+    """write_model appends initializers one at a time (lazy ones as raw bytes); ORT reads the file as written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lora_edge.forms import Derived, Lazy, write_model
+
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6])])
+    shell = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    derived = Derived(graph, {"w": Lazy(lambda: weight, weight.shape), "b": numpy_helper.from_array(bias, "b")})
+    path = write_model(shell, derived, tmp_path / "g.onnx", external_bytes=external)
+    assert (tmp_path / "g.onnx.data").is_file() == (external is not None)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    (y,) = create_session(path).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ weight + bias, rtol=1e-5, atol=1e-6)
+    loaded = onnx.load(str(path))
+    assert [init.name for init in loaded.graph.initializer] == ["w", "b"]
