@@ -1,8 +1,9 @@
 """Write an export bundle: the deployment forms of one base model with one or more adapters.
 
 ``export_bundle`` loads the PyTorch reference (base + adapter, unmerged) of every
-adapter, exports the requested forms, verifies each graph against its reference
-right after export, and writes (atomically: a temporary sibling renamed at the end)::
+adapter, traces base + LoRA branches ONCE (the hot-swap graph), derives the other
+forms from that trace (``lora_edge/forms.py``), verifies each graph against its
+reference, and writes (atomically: a temporary sibling renamed at the end)::
 
     <out>/manifest.json
     <out>/adapter/ (one adapter) or <out>/adapters/<name>/   PEFT copies

@@ -1,4 +1,4 @@
-"""torch -> ONNX with the torch.export-based exporter (``torch.onnx.export(dynamo=True)``, onnxscript).
+"""torch -> ONNX: TorchScript (``torch.onnx.export(dynamo=False)``) first, the torch.export-based exporter as fallback.
 
 The exporter knows nothing about tasks: what a graph takes and returns comes
 from a :class:`GraphIO`, which a task's *graph-I/O builder* makes for a model.
