@@ -143,8 +143,8 @@ def _base_linear(index: _Index, output: str, x: str, key: str):
         node = index.producer.get(node.input[0])
     if node is not None and node.op_type == "Add":
         candidates = [index.producer.get(name) for name in node.input if name not in index.initializers]
-        node = next((c for c in candidates if c is not None and c.op_type in LINEAR_OPS and _reads(index, c.input[0], x)),
-                    None)
+        node = next((c for c in candidates
+                     if c is not None and c.op_type in LINEAR_OPS and _reads(index, c.input[0], x)), None)
     if node is None or node.op_type not in LINEAR_OPS or not _reads(index, node.input[0], x):
         raise _fail(key, "no base MatMul/Gemm beside the LoRA branch")
     weight, transpose = node.input[1], None

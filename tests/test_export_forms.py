@@ -217,7 +217,8 @@ def test_streamed_graph_file_loads_with_inline_or_external_weights(tmp_path, ext
 
     rng = np.random.default_rng(0)
     weight, bias = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])],
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])]
+    graph = helper.make_graph(nodes,
                               "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6])])
     shell = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
