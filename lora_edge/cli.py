@@ -225,7 +225,7 @@ def merge_command(model: str, adapter: str, task: str | None, out: Path, force: 
 @click.option("--task", default=None, help=TASK_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: the bundle directory and its graph records.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the bundle, its graph records and the seconds of each export stage.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--no-fuse", "no_fuse", is_flag=True,
               help="Write the fp32 graphs as exported, without the CPU fusions (attention, LayerNorm, padding "
@@ -248,10 +248,10 @@ def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions
     if as_json:
         import json
 
-        from lora_edge.bundle import list_graphs
+        from lora_edge.bundle import list_graphs, read_manifest
 
-        click.echo(json.dumps({"bundle": str(bundle), "graphs": [g.to_json() for g in list_graphs(bundle)]},
-                              indent=2))
+        click.echo(json.dumps({"bundle": str(bundle), "graphs": [g.to_json() for g in list_graphs(bundle)],
+                               "export_stages": read_manifest(bundle).get("export_stages", [])}, indent=2))
         return
     click.echo(str(bundle))
 

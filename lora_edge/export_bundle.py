@@ -1,8 +1,9 @@
 """Write an export bundle: the deployment forms of one base model with one or more adapters.
 
 ``export_bundle`` loads the PyTorch reference (base + adapter, unmerged) of every
-adapter, exports the requested forms, verifies each graph against its reference
-right after export, and writes (atomically: a temporary sibling renamed at the end)::
+adapter, traces base + LoRA branches ONCE (the hot-swap graph), derives the other
+forms from that trace (``lora_edge/forms.py``), verifies each graph against its
+reference, and writes (atomically: a temporary sibling renamed at the end)::
 
     <out>/manifest.json
     <out>/adapter/ (one adapter) or <out>/adapters/<name>/   PEFT copies
@@ -17,9 +18,11 @@ to ``lora_edge.quantize.quantize_bundle`` once the fp32 graphs exist.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,12 +32,12 @@ from lora_edge import __version__
 from lora_edge.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, AdapterRef, adapter_task,
                                 load_reference, read_adapter_config)
 from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Form, GraphRecord, Precision, atomic_directory,
-                              library_versions, load_graph, parse_choices, write_json)
+                              library_versions, parse_choices, read_manifest, write_json)
 from lora_edge.data import LABEL_MAP_FILE, LabelMap
 from lora_edge.errors import ConfigError, ExportError
-from lora_edge.exporter import FP32_TOLERANCE, ExportContext, export_and_verify
+from lora_edge.exporter import FP32_TOLERANCE, ExportContext
 from lora_edge.genai_config import write_genai_config
-from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_base_model, load_tokenizer,
+from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_tokenizer,
                               resolve_model_path)
 from lora_edge.onnx_spec import require_valid_graph
 from lora_edge.tokenizer import make_portable
@@ -48,6 +51,7 @@ ADAPTER_HOTSWAP_DIR = "adapters"  # under onnx/: the .onnx_adapter files
 LABEL_MAPS_DIR = "label_maps"     # under onnx/: one label map per adapter when a bundle has several
 # Opsets torch's ONNX exporter writes as asked: below 18 it silently writes 18, above 23 it has no translations.
 OPSET_RANGE = (18, 23)
+TRACE_FILE = ".trace.onnx"        # under onnx/ while an export runs: the one traced graph, removed once loaded
 
 
 def _stderr(message: str) -> None:
@@ -73,7 +77,7 @@ class ExportJob:
     @property
     def several(self) -> bool:
         """True when the bundle has several adapters (graph names then carry the adapter's name)."""
-        return len(self.references) > 1
+        return len(self.labels) > 1
 
     def graph_file(self, name: str) -> Path:
         """Absolute path of graph ``name`` inside the staging bundle."""
@@ -84,17 +88,59 @@ class ExportJob:
         return Path(path).relative_to(self.staging).as_posix()
 
 
-def _graph_extra(path: Path, opset: int | None = None, **values) -> dict:
-    """Manifest extras of a graph file: opset, input/output names, low-rank MatMul pairs, plus ``values``.
+def _peak_rss_mb() -> int | None:
+    """The process's peak resident memory so far, in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak / (1024 * 1024 if sys.platform == "darwin" else 1024))
 
-    Raises ExportError when the graph's opset is not the ``opset`` asked for (never silently another).
-    """
+
+def _return_freed_memory() -> None:
+    """Hand the memory of the released model and trace back to the OS (glibc keeps freed heap otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+class Stopwatch:
+    """Seconds per stage of an export, reported as each stage ends and recorded in the manifest."""
+
+    def __init__(self, progress: Callable[[str], None]):
+        self.progress = progress
+        self.started = time.perf_counter()
+        self.stages: list[dict] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time the block as stage ``name``; report it with the elapsed total when it ends."""
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.stages.append({"stage": name, "seconds": round(seconds, 2), "peak_rss_mb": _peak_rss_mb()})
+        self.progress(f"  {name}: {seconds:.1f} s  [{time.perf_counter() - self.started:.1f} s]")
+
+    def seconds(self, prefix: str) -> float:
+        """Total seconds of the stages named ``prefix`` or ``prefix ...``."""
+        return round(sum(s["seconds"] for s in self.stages if s["stage"].split(" (")[0] == prefix), 2)
+
+
+def _graph_extra(shell, derived, opset: int | None = None, **values) -> dict:
+    """Manifest extras of a derived graph (read in memory): opset, input/output names, low-rank pairs, ``values``."""
     from lora_edge.exporter import low_rank_pairs
+    from lora_edge.forms import analysis_model
 
-    model = load_graph(path, load_external_data=False)
-    initializers = {init.name for init in model.graph.initializer}
+    model = analysis_model(shell, derived)
+    initializers = set(derived.initializers)
     written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset and written != opset:
+    if opset and written != opset:  # never silently another opset than the one asked for
         raise ExportError(f"the exporter wrote opset {written}, not the {opset} asked for", "--opset",
                           f"use an opset from {OPSET_RANGE[0]} to {OPSET_RANGE[1]}, or leave --opset out")
     return {"opset": written,
@@ -103,56 +149,156 @@ def _graph_extra(path: Path, opset: int | None = None, **values) -> dict:
             **values}
 
 
-def _export_per_adapter(job: ExportJob, form: Form, make: Callable[["PeftModel"], object]) -> list[GraphRecord]:
-    records = []
-    for adapter, reference in job.references.items():
-        name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
-        result = export_and_verify(make(reference), reference, job.context, job.graph_file(name), name,
-                                   job.opset, job.tolerance, job.progress)
-        extra = _graph_extra(result.path, job.opset, max_abs_diff=result.max_abs_diff,
-                             export_seconds=round(result.seconds, 2))
-        records.append(GraphRecord(name, job.relative(result.path), form, Precision.FP32, job.task.value,
-                                   adapter=adapter, extra=extra))
-    return records
+@dataclass
+class TracePlan:
+    """What every form needs once the model is traced: slots, adapter tensors, PyTorch outputs, the verify I/O."""
+
+    slots: list
+    tensors: dict[str, dict]  # adapter name -> its hot-swap tensors (A, s·B, heads)
+    expected: dict[str | None, list]  # adapter name (None: no adapter) -> PyTorch outputs on the verify inputs
+    verify_io: object  # GraphIO without a model: verify inputs and I/O names
+    traced: object = None  # the traced hot-swap onnx.ModelProto
+    exporter: str | None = None
 
 
-def export_merged(job: ExportJob) -> list[GraphRecord]:
-    """One merged graph per adapter (B·A folded into W)."""
-    from lora_edge.merge import merge_adapter
+def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan:
+    """Reference outputs and ONE trace of base + LoRA branches (the hot-swap graph), then the model is released.
 
-    return _export_per_adapter(job, Form.MERGED, merge_adapter)
+    The base is a view of the first reference (no weight copy); the references are
+    dropped from ``job`` once traced: every later stage works on the ONNX model.
+    """
+    import dataclasses
+    import gc
+
+    import onnx
+    from torch import nn
+
+    from lora_edge.exporter import graph_io_for, name_output_dims, reference_outputs, trace_onnx
+    from lora_edge.hotswap import (TENSOR, add_default_initializers, adapter_tensors, hotswap_base,
+                                   hotswap_graph_io, plan_slots)
+    from lora_edge.merge import base_view
+
+    builder = graph_io_for(job.task)
+    first = next(iter(job.references.values()))
+    with clock.stage("reference outputs"):
+        base = base_view(first)
+        slots = plan_slots(base, job.references)
+        tensors = {name: adapter_tensors(ref, slots) for name, ref in job.references.items()}
+        expected = {name: reference_outputs(builder(ref, job.context)) for name, ref in job.references.items()}
+        with first.disable_adapter():
+            expected[None] = reference_outputs(builder(first, job.context))
+        model = hotswap_base(base, slots)
+        io, task_io = hotswap_graph_io(model, slots, job.context)
+    trace_file = job.staging / ONNX_DIR / TRACE_FILE
+    with clock.stage(f"trace ({exporter})"):
+        trace_onnx(io, trace_file, job.opset, GraphRecord.graph_name(Form.HOTSWAP, Precision.FP32), exporter)
+    verify_io = dataclasses.replace(task_io, module=nn.Identity())
+    defaults = {slot.name: model.get_parameter(slot.parameter).detach().float().numpy().copy()
+                for slot in slots if slot.kind == TENSOR}
+    del base, model, io, task_io, first
+    job.references.clear()
+    gc.collect()
+    with clock.stage("load trace"):
+        traced = onnx.load(str(trace_file))
+        for path in trace_file.parent.glob(TRACE_FILE + "*"):
+            path.unlink()
+        add_default_initializers(traced, defaults, slots)
+        name_output_dims(traced, verify_io, expected[None])
+    return TracePlan(slots, tensors, expected, verify_io, traced, exporter)
 
 
-def export_branched(job: ExportJob) -> list[GraphRecord]:
-    """One branched graph per adapter (explicit low-rank pairs named lora_A / lora_B)."""
-    from lora_edge.merge import branch_adapter
+def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
+    """Check the graph at ``path`` in ONE session, once per adapter (None: no adapter); return the diffs."""
+    from lora_edge.exporter import check_agreement, run_graph
+    from lora_edge.runtime import create_session, load_lora_adapter
 
-    return _export_per_adapter(job, Form.BRANCHED, branch_adapter)
-
-
-def export_hotswap_form(job: ExportJob) -> list[GraphRecord]:
-    """One hot-swap graph for all adapters, plus one .onnx_adapter file per adapter."""
-    from lora_edge.hotswap import export_hotswap
-
-    name = GraphRecord.graph_name(Form.HOTSWAP, Precision.FP32)
-    first = next(iter(job.labels.values()))
-    base = load_base_model(job.model_path, job.task, labels=first, trust_remote_code=job.trust_remote_code)
-    result = export_hotswap(base, job.references, job.context, job.graph_file(name),
-                            job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR, name, job.opset, job.tolerance,
-                            job.progress)
-    extra = _graph_extra(result.graph, job.opset, max_abs_diff=max(result.max_abs_diff.values()),
-                         max_abs_diff_by_adapter=result.max_abs_diff, export_seconds=round(result.seconds, 2),
-                         adapter_files={n: job.relative(p) for n, p in result.adapter_files.items()},
-                         adapter_inputs=[slot.name for slot in result.slots])
-    return [GraphRecord(name, job.relative(result.graph), Form.HOTSWAP, Precision.FP32, job.task.value,
-                        adapters=list(job.references), extra=extra)]
+    session = create_session(path)
+    diffs = {}
+    for adapter, adapter_file in adapters.items():
+        actual = run_graph(session, plan.verify_io, adapter=load_lora_adapter(adapter_file) if adapter_file else None)
+        label = f"{name} + {adapter}" if adapter_file else name
+        against = "the base model (no adapter fed)" if adapter is None else "the PyTorch reference"
+        diffs[adapter or "base"] = check_agreement(label, plan.expected[adapter], actual, job.tolerance, against,
+                                                   relative=plan.verify_io.relative_tolerance)
+    return diffs
 
 
-FORM_EXPORTERS: dict[Form, Callable[[ExportJob], list[GraphRecord]]] = {
-    Form.MERGED: export_merged,
-    Form.BRANCHED: export_branched,
-    Form.HOTSWAP: export_hotswap_form,
-}
+def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: Stopwatch) -> list[GraphRecord]:
+    """Derive, write and verify every requested form from the one trace (docs/ARCHITECTURE.md, "The three forms")."""
+    import gc
+
+    from lora_edge.exporter import EXTERNAL_DATA_BYTES
+    from lora_edge.forms import derive, find_branches, write_model
+    from lora_edge.hotswap import ADAPTER_SUFFIX, LORA_A, LORA_B, TENSOR, write_onnx_adapter
+
+    slots_by_module: dict[str, dict] = {}
+    for slot in plan.slots:
+        slots_by_module.setdefault(slot.module, {})[slot.kind] = slot.name
+    pairs = [(kinds[LORA_A], kinds[LORA_B]) for kinds in slots_by_module.values() if LORA_A in kinds]
+    heads = [slot.name for slot in plan.slots if slot.kind == TENSOR]
+    branches = find_branches(plan.traced, pairs)
+    weight_bytes = sum(len(init.raw_data) for init in plan.traced.graph.initializer)
+    external = 1024 if weight_bytes > EXTERNAL_DATA_BYTES else None
+    written = []  # (record, checks): every graph is written first, then the trace is freed and each verified
+    for form in forms:
+        for adapter in ([None] if form is Form.HOTSWAP else list(plan.tensors)):
+            name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
+            with clock.stage(f"write {name}"):
+                derived = derive(plan.traced, branches, heads, form.value, plan.tensors.get(adapter))
+                path = write_model(plan.traced, derived, job.graph_file(name), external)
+                files = {}
+                if form is Form.HOTSWAP:
+                    files = {n: write_onnx_adapter(job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR
+                                                   / f"{n}{ADAPTER_SUFFIX}", tensors)
+                             for n, tensors in plan.tensors.items()}
+            extra = _graph_extra(plan.traced, derived, job.opset, exporter=plan.exporter,
+                                 export_seconds=clock.seconds(f"write {name}"))
+            del derived
+            if form is Form.HOTSWAP:
+                extra.update(adapter_files={n: job.relative(p) for n, p in files.items()},
+                             adapter_inputs=[slot.name for slot in plan.slots])
+                record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
+                                     adapters=list(plan.tensors), extra=extra)
+                written.append((record, {None: None, **files}))
+            else:
+                record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
+                                     adapter=adapter, extra=extra)
+                written.append((record, {adapter: None}))
+    plan.traced = None  # the ONNX Runtime sessions below hold a copy of the weights each, one at a time
+    gc.collect()
+    for record, checks in written:
+        with clock.stage(f"verify {record.name}"):
+            diffs = _verify(job, plan, job.staging / record.file, record.name, checks)
+        job.progress(f"  {record.name}: max abs diff vs PyTorch "
+                     + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
+        record.extra["max_abs_diff"] = max(diffs.values())
+        if record.form is Form.HOTSWAP:
+            record.extra["max_abs_diff_by_adapter"] = diffs
+        record.extra["verify_seconds"] = clock.seconds(f"verify {record.name}")
+    return [record for record, _ in written]
+
+
+def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, exporter: str | None = None,
+                 reload: Callable[[], dict] | None = None) -> list[GraphRecord]:
+    """Trace once and write every form; a TorchScript trace that fails or drifts is redone with torch.export.
+
+    ``reload`` loads the references again (they are released after the trace).
+    """
+    from lora_edge.errors import ExportError
+    from lora_edge.exporter import EXPORTERS, torchscript_available
+
+    exporters = [exporter] if exporter else [e for e in EXPORTERS if e != "torchscript" or torchscript_available()]
+    for attempt, name in enumerate(exporters):
+        try:
+            plan = plan_and_trace(job, clock, name)
+            return write_forms(job, plan, forms, clock)
+        except ExportError as exc:
+            if attempt == len(exporters) - 1 or reload is None:
+                raise
+            job.progress(f"  the {name} trace failed ({exc.what}); tracing again with {exporters[attempt + 1]}")
+            with clock.stage("reload"):
+                job.references.update(reload())
+    raise AssertionError("unreachable")
 
 
 def _check_names(adapters: Sequence[AdapterRef]) -> None:
@@ -230,7 +376,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
                   seed: int | None = None, recipe: dict | None = None, trust_remote_code: bool = False,
                   quantize_options: dict | None = None, fuse: bool = True,
-                  progress: Callable[[str], None] = _stderr) -> Path:
+                  progress: Callable[[str], None] = _stderr, exporter: str | None = None) -> Path:
     """Export ``forms`` of ``model`` + each adapter into a new bundle at ``out``; returns ``out``.
 
     Every graph is checked against its PyTorch reference right after export
@@ -240,6 +386,11 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
     is moved into place. With ``fuse`` the fp32 encoder graphs get the verified
     CPU fusions (:mod:`lora_edge.export_fusion`). Nothing is left at ``out`` when
     any step fails; an existing ``out`` is replaced only with ``force``.
+
+    The model is traced once (``exporter``: "torchscript" or "dynamo"; default the
+    first that works, see ``lora_edge.exporter.EXPORTERS``) and every form derived
+    from that trace; ``manifest.json`` records the seconds of each stage
+    (``export_stages``).
     """
     forms = parse_choices(Form, [Form(f).value if isinstance(f, Form) else f for f in forms], "--forms")
     precisions = parse_choices(Precision, [Precision(p).value if isinstance(p, Precision) else p
@@ -250,25 +401,36 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
     opset = opset or None  # 0, as in recipes: the exporter's default
     model_path = resolve_model_path(model)
     task = _common_task(adapters, Task.parse(task) if task else None)
+    clock = Stopwatch(progress)
     with atomic_directory(Path(out), force) as staging:
         progress(f"loading {model_path.name} with {len(adapters)} adapter(s)")
-        references = {a.name: load_reference(model_path, a, task, trust_remote_code) for a in adapters}
-        first = next(iter(references.values()))
-        context = ExportContext(task, load_tokenizer(model_path, trust_remote_code), first.get_base_model().config)
+
+        def load() -> dict[str, "PeftModel"]:
+            return {a.name: load_reference(model_path, a, task, trust_remote_code) for a in adapters}
+
+        with clock.stage("load"):
+            references = load()
+            first = next(iter(references.values()))
+            context = ExportContext(task, load_tokenizer(model_path, trust_remote_code),
+                                    first.get_base_model().config)
+            del first
         job = ExportJob(model_path, task, context, references,
                         {name: _labels_of(ref, task) for name, ref in references.items()}, staging,
                         opset, tolerance, trust_remote_code, progress)
+        del references
         records_dirs = {}
         for adapter in adapters:
             records_dirs[adapter.name] = "adapter" if not job.several else f"adapters/{adapter.name}"
             _copy_adapter(adapter, staging / records_dirs[adapter.name])
         _write_model_files(job, adapters)
-        for form in dict.fromkeys(forms):
-            job.records.extend(FORM_EXPORTERS[form](job))
-        if fuse:  # CPU fusions, each fused graph checked against PyTorch (lora_edge.export_fusion)
+        job.records.extend(export_forms(job, list(dict.fromkeys(forms)), clock, exporter, load))
+        if fuse and task is Task.SEQ_CLS:  # CPU fusions, each fused graph checked against PyTorch again
             from lora_edge.export_fusion import fuse_exported_graphs
 
-            fuse_exported_graphs(job.records, staging, references, context, tolerance, progress)
+            with clock.stage("fuse"):  # the trace released the references: load them for this check
+                references = load()
+                fuse_exported_graphs(job.records, staging, references, context, tolerance, progress)
+                del references
         for record in job.records:
             require_valid_graph(staging / record.file, record.name, ExportError)
         if task is Task.CAUSAL_LM:
@@ -283,12 +445,18 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
             "adapters": [_adapter_record(a, records_dirs[a.name], job.labels[a.name]) for a in adapters],
             "graphs": [record.to_json() for record in job.records],
             "recipe": recipe,
+            "export_stages": clock.stages,
         }
         write_json(staging / MANIFEST_FILE, manifest)
         quantized = [p for p in precisions if p is not Precision.FP32]
         if quantized:
             from lora_edge.quantize import quantize_bundle
 
-            quantize_bundle(staging, quantized, progress=progress, **(quantize_options or {}))
+            _return_freed_memory()
+            with clock.stage("quantize"):
+                quantize_bundle(staging, quantized, progress=progress, **(quantize_options or {}))
+            manifest = read_manifest(staging)
+            manifest["export_stages"] = clock.stages
+            write_json(staging / MANIFEST_FILE, manifest)
     progress(f"wrote {out}")
     return Path(out)

@@ -1,4 +1,4 @@
-"""torch -> ONNX with the torch.export-based exporter (``torch.onnx.export(dynamo=True)``, onnxscript).
+"""torch -> ONNX: TorchScript (``torch.onnx.export(dynamo=False)``) first, the torch.export-based exporter as fallback.
 
 The exporter knows nothing about tasks: what a graph takes and returns comes
 from a :class:`GraphIO`, which a task's *graph-I/O builder* makes for a model.
@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import logging
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,7 @@ from lora_edge.models import Task
 
 if TYPE_CHECKING:
     import numpy as np
+    import onnx
     import onnxruntime
     import torch
     from torch import nn
@@ -289,6 +290,94 @@ def export_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: s
     return Path(path)
 
 
+# The exporters a trace may use, fastest first. TorchScript (``dynamo=False``) traces a model several times
+# faster than torch.export + onnxscript (docs/ARCHITECTURE.md, "Facts"); torch has deprecated it, so when it
+# is missing, fails, or gives a graph that drifts, the torch.export-based exporter is used instead.
+EXPORTERS = ("torchscript", "dynamo")
+TORCHSCRIPT_OPSET = 18
+
+
+def torchscript_available() -> bool:
+    """True while this torch still ships the TorchScript ONNX exporter (``torch.onnx.export(dynamo=False)``)."""
+    import torch
+
+    return "dynamo" in inspect.signature(torch.onnx.export).parameters and \
+        importlib.util.find_spec("torch.onnx._internal.torchscript_exporter") is not None
+
+
+def trace_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: str = "graph",
+               exporter: str = "torchscript") -> Path:
+    """Trace ``io.module`` with ``exporter`` (see :data:`EXPORTERS`) into the ONNX file ``path``; returns it.
+
+    The graph goes to a file rather than memory so that the caller can release the
+    PyTorch model before loading it (one copy of the weights alive at a time).
+    Raises ExportError naming the graph when tracing fails.
+    """
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}")
+    io.module.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in io.module.parameters())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet_export(), torch.no_grad():
+            if exporter == "torchscript":
+                _trace_torchscript(io, opset, Path(path))
+            else:
+                program = torch.onnx.export(io.module, io.example_inputs, dynamo=True,
+                                            dynamic_shapes=_dynamic_shapes(io), input_names=io.input_names,
+                                            output_names=io.output_names, opset_version=opset, optimize=True,
+                                            verbose=False)
+                program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    except Exception as exc:  # the tracers raise many types; all mean "this model does not export"
+        own = _raised_by_module(exc)
+        if own is not None:
+            raise own from exc
+        raise ExportError(f"torch.onnx.export ({exporter}) failed ({_error_line(exc)})", graph_name,
+                          "re-run with --debug for the trace; try another --opset or report the architecture") from exc
+    return Path(path)
+
+
+def name_output_dims(model: "onnx.ModelProto", io: GraphIO, outputs: list[list["np.ndarray"]]) -> None:
+    """Name the output axes of a traced ``model`` after the input dims they follow, in place.
+
+    The TorchScript exporter names output axes after ops (``Wherelogits_dim_0``);
+    the torch.export-based one after the input dims. ``outputs`` (the reference's
+    outputs on ``io.verify_inputs``) tell which input dim each output axis equals
+    on every verify input (or which sum of two, e.g. ``past_sequence + sequence``):
+    that name is written; any other symbolic axis
+    keeps the exporter's name (a hot-swap head's label count varies by adapter).
+    """
+    named: dict[str, list[int]] = {}
+    for case, inputs in enumerate(io.verify_inputs):
+        for name, tensor in zip(io.input_names, inputs):
+            for axis, dim in io.dynamic_axes.get(name, {}).items():
+                if len(named.setdefault(dim, [])) == case:
+                    named[dim].append(int(tensor.shape[axis]))
+    for index, value in enumerate(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            seen = [int(case[index].shape[axis]) for case in outputs if index < len(case) and axis < case[index].ndim]
+            if len(seen) != len(outputs):
+                continue
+            if not dim.HasField("dim_param"):
+                continue
+            sums = [f"{a} + {b}" for i, (a, x) in enumerate(named.items()) for b, y in list(named.items())[i + 1:]
+                    if [p + q for p, q in zip(x, y)] == seen]
+            matches = [name for name, values in named.items() if values == seen]
+            if len(sums) == 1 or len(matches) == 1:  # a sum says how the axis grows (the KV cache): preferred
+                dim.dim_param = sums[0] if len(sums) == 1 else matches[0]
+
+
+def _trace_torchscript(io: GraphIO, opset: int | None, path: Path) -> None:
+    import torch
+
+    torch.onnx.export(io.module, io.example_inputs, str(path), dynamo=False, input_names=io.input_names,
+                      output_names=io.output_names, dynamic_axes=io.dynamic_axes,
+                      opset_version=opset or TORCHSCRIPT_OPSET, do_constant_folding=True)
+
+
 def reference_outputs(io: GraphIO) -> list[list["np.ndarray"]]:
     """Outputs of ``io.module`` (in PyTorch, fp32) on each of ``io.verify_inputs``."""
     import torch
@@ -347,41 +436,6 @@ def check_agreement(graph_name: str, expected: list[list["np.ndarray"]], actual:
         raise ExportError(f"graph {graph_name} drifts from {against}: {what}",
                           graph_name, "re-run with --debug; try another --opset or report the architecture")
     return diff
-
-
-def verify_graph(path: Path, io: GraphIO, expected: list[list["np.ndarray"]], graph_name: str,
-                 tolerance: float = FP32_TOLERANCE) -> float:
-    """Run the ONNX graph at ``path`` on ``io.verify_inputs`` and compare with ``expected``; return the max diff."""
-    from lora_edge.runtime import create_session
-
-    session = create_session(path)
-    return check_agreement(graph_name, expected, run_graph(session, io), tolerance, relative=io.relative_tolerance)
-
-
-@dataclass
-class ExportResult:
-    """An exported and verified graph: its file, the reference diff and the export time in seconds."""
-
-    path: Path
-    max_abs_diff: float
-    seconds: float
-
-
-def export_and_verify(model: "nn.Module", reference: "nn.Module", context: ExportContext, path: Path,
-                      graph_name: str, opset: int | None = None, tolerance: float = FP32_TOLERANCE,
-                      progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Export ``model`` for ``context.task`` to ``path`` and check it against ``reference`` (same task I/O)."""
-    builder = graph_io_for(context.task)
-    io, reference_io = builder(model, context), builder(reference, context)
-    if progress:
-        progress(f"exporting {graph_name}")
-    start = time.perf_counter()
-    export_onnx(io, path, opset, graph_name)
-    seconds = time.perf_counter() - start
-    diff = verify_graph(path, io, reference_outputs(reference_io), graph_name, tolerance)
-    if progress:
-        progress(f"  {graph_name}: {seconds:.1f} s, max abs diff vs PyTorch {diff:.2g}")
-    return ExportResult(Path(path), diff, seconds)
 
 
 # --- structure ----------------------------------------------------------------------------------------

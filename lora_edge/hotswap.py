@@ -132,7 +132,13 @@ def hotswap_base(base_model: nn.Module, slots: list[SwapSlot]) -> nn.Module:
 
 
 class HotswapModule(nn.Module):
-    """forward(*task_inputs, *slot_tensors): the task module with the slot tensors substituted for its parameters."""
+    """forward(*task_inputs, *slot_tensors): the task module with the slot tensors substituted for its parameters.
+
+    torch.export traces ``torch.func.functional_call``; the TorchScript tracer refuses it
+    ("the stateless API can't be used with Jitted modules"), so while it traces, the
+    tensors are put in the modules' parameter tables for the call and the parameters
+    restored afterwards (nothing else reads the model meanwhile).
+    """
 
     def __init__(self, task_module: nn.Module, parameter_paths: list[str], slots: list[SwapSlot],
                  task_input_count: int):
@@ -146,7 +152,19 @@ class HotswapModule(nn.Module):
         task_inputs, adapter_inputs = inputs[:self.task_input_count], inputs[self.task_input_count:]
         overrides = {path: slot.to_branch(tensor)
                      for path, slot, tensor in zip(self.parameter_paths, self.slots, adapter_inputs)}
-        return torch.func.functional_call(self.task_module, overrides, task_inputs)
+        if not torch.jit.is_tracing():
+            return torch.func.functional_call(self.task_module, overrides, task_inputs)
+        saved = []
+        try:
+            for path, tensor in overrides.items():
+                owner_path, _, attribute = path.rpartition(".")
+                owner = self.task_module.get_submodule(owner_path)
+                saved.append((owner, attribute, owner._parameters[attribute]))
+                owner._parameters[attribute] = tensor
+            return self.task_module(*task_inputs)
+        finally:
+            for owner, attribute, parameter in reversed(saved):
+                owner._parameters[attribute] = parameter
 
 
 def _parameter_paths(task_module: nn.Module, model: nn.Module, slots: list[SwapSlot]) -> list[str]:
@@ -198,6 +216,19 @@ def default_initializers(model: nn.Module, slots: list[SwapSlot]) -> Callable:
             onnx_model.graph.register_initializer(value)
 
     return edit
+
+
+def add_default_initializers(model, heads: dict[str, "np.ndarray"], slots: list[SwapSlot]) -> None:
+    """Give every slot input of the traced ONNX ``model`` a same-named initializer (its default), in place.
+
+    ``heads`` holds the base values of the head slots (name -> array); LoRA factors default to empty.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    for slot in slots:
+        default = heads[slot.name] if slot.kind == TENSOR else np.zeros(slot.shape, dtype=np.float32)
+        model.graph.initializer.append(numpy_helper.from_array(default, slot.name))
 
 
 def adapter_tensors(reference: "PeftModel", slots: list[SwapSlot]) -> dict[str, "np.ndarray"]:

@@ -194,6 +194,29 @@ def _plain_copy(peft_model: "PeftModel") -> tuple[nn.Module, "PeftModel"]:
     return inner, clone
 
 
+def base_view(peft_model: "PeftModel") -> nn.Module:
+    """The base model under ``peft_model`` as a plain transformers model that SHARES its tensors (no weight copy).
+
+    LoRA layers become their base layers and ``modules_to_save`` wrappers their
+    original (base) modules. Only the module tree is copied, so the view costs no
+    memory for weights; it must not be modified in place where the reference is
+    still needed (replacing submodules, as the hot-swap form does, is fine).
+    """
+    import itertools
+
+    memo = {id(tensor): tensor for tensor in itertools.chain(peft_model.parameters(), peft_model.buffers())}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        clone = copy.deepcopy(peft_model, memo)
+    inner = clone.base_model.model
+    inner.__dict__.pop("peft_config", None)
+    for module, layer in _lora_layers(clone):
+        inner.set_submodule(module, layer.get_base_layer())
+    for module, wrapper in saved_module_wrappers(clone):
+        inner.set_submodule(module, wrapper.original_module)
+    return inner
+
+
 def merge_adapter(peft_model: "PeftModel") -> nn.Module:
     """The base model with the adapter folded in: ``W' = W + s·B·A`` per targeted layer.
 

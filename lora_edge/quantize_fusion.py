@@ -185,7 +185,12 @@ def _match_attention(index: GraphIndex, softmax: "onnx.NodeProto") -> AttentionM
     if reader is None or reader.op_type != "MatMul" or reader.input[0] != probs:
         return None
     value = _head_split_source(index, reader.input[1])
-    merge = index.only_consumer(reader.output[0])
+    context = reader.output[0]
+    readers = index.consumers.get(context, [])
+    if sorted(r.op_type for r in readers) == ["Reshape", "Shape"]:
+        # The TorchScript exporter's SDPA reshapes its result back to the input's own shape (a no-op here).
+        context = next(r for r in readers if r.op_type == "Reshape").output[0]
+    merge = index.only_consumer(context)
     if merge is None or merge.op_type != "Transpose":
         return None
     reshape = index.only_consumer(merge.output[0])

@@ -18,7 +18,7 @@ LAYERS = {
         "recipe", "model_tasks", "onnx_spec", "toml_compat", "console", "chat", "gguf", "pull", "__init__"],
     1: ["runtime", "measure", "infer", "generate", "tokenizer", "interleave"],
     2: ["train", "train_io", "adapter_card"],
-    3: ["exporter", "decoder", "merge", "hotswap", "export_bundle", "genai_config", "export_fusion", "quantize_fusion",
+    3: ["exporter", "decoder", "merge", "hotswap", "forms", "export_bundle", "genai_config", "export_fusion", "quantize_fusion",
         "quantize_prepare"],
     4: ["quantize", "quantize_lora", "quantize_methods", "quantize_decoder"],
     5: ["devices", "eager", "profile", "profile_report", "compare", "sweep"],
