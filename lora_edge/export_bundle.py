@@ -285,9 +285,9 @@ def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, export
     ``reload`` loads the references again (they are released after the trace).
     """
     from lora_edge.errors import ExportError
-    from lora_edge.exporter import EXPORTERS, torchscript_available
+    from lora_edge.exporter import exporter_order
 
-    exporters = [exporter] if exporter else [e for e in EXPORTERS if e != "torchscript" or torchscript_available()]
+    exporters = [exporter] if exporter else exporter_order(job.task)
     for attempt, name in enumerate(exporters):
         try:
             plan = plan_and_trace(job, clock, name)

@@ -297,6 +297,19 @@ EXPORTERS = ("torchscript", "dynamo")
 TORCHSCRIPT_OPSET = 18
 
 
+# Per task, the exporter tried first. Decoders go through torch.export: the CPU decoder rewrites made before
+# quantizing (lora_edge.quantize_decoder: RMSNorm, rotary) match its graphs, not TorchScript's, and they are
+# what makes int4 decoding fast (benchmarks/README.md); the one trace still serves every form.
+PREFERRED_EXPORTER: dict[Task, str] = {Task.CAUSAL_LM: "dynamo"}
+
+
+def exporter_order(task: Task) -> list[str]:
+    """The exporters to try for ``task``, in order: its preferred one first, TorchScript only while torch has it."""
+    available = [e for e in EXPORTERS if e != "torchscript" or torchscript_available()]
+    preferred = PREFERRED_EXPORTER.get(Task(task))
+    return sorted(available, key=lambda e: e != preferred) if preferred else available
+
+
 def torchscript_available() -> bool:
     """True while this torch still ships the TorchScript ONNX exporter (``torch.onnx.export(dynamo=False)``)."""
     import torch

@@ -112,7 +112,42 @@ def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "on
     ops = [node.op_type for node in wrapped.model.graph.node]
     report.rms_norm = ops.count("SimplifiedLayerNormalization")
     report.skip_rms_norm = ops.count("SkipSimplifiedLayerNormalization")
-    return wrapped.model
+    return expand_plain_rms_norms(wrapped.model)
+
+
+def expand_plain_rms_norms(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """Write each plain SimplifiedLayerNormalization back in standard ONNX ops.
+
+    ONNX Runtime registers that op in the default ONNX domain, where the ONNX
+    checker (which every graph lora-edge writes must pass) knows no such op. Only
+    norms without a residual before them stay plain (the first of a decoder), so
+    computing them as x * 1/sqrt(mean(x^2) + eps) * scale costs nothing measurable;
+    the residual norms stay fused as com.microsoft SkipSimplifiedLayerNormalization.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "SimplifiedLayerNormalization" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x, scale, p = node.input[0], node.input[1], node.name or node.output[0]
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array([int(attrs.get("axis", -1))], dtype=np.int64), f"{p}_axes"),
+            numpy_helper.from_array(np.array(float(attrs.get("epsilon", 1e-5)), dtype=np.float32), f"{p}_eps")])
+        nodes += [helper.make_node("Mul", [x, x], [f"{p}_sq"], name=f"{p}_sq"),
+                  helper.make_node("ReduceMean", [f"{p}_sq", f"{p}_axes"], [f"{p}_mean"], name=f"{p}_mean",
+                                   keepdims=1),
+                  helper.make_node("Add", [f"{p}_mean", f"{p}_eps"], [f"{p}_var"], name=f"{p}_var"),
+                  helper.make_node("Sqrt", [f"{p}_var"], [f"{p}_std"], name=f"{p}_std"),
+                  helper.make_node("Reciprocal", [f"{p}_std"], [f"{p}_inv"], name=f"{p}_inv"),
+                  helper.make_node("Mul", [x, f"{p}_inv"], [f"{p}_normed"], name=f"{p}_normed"),
+                  helper.make_node("Mul", [f"{p}_normed", scale], [node.output[0]], name=f"{p}_scaled")]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 @dataclass

@@ -243,7 +243,7 @@ def test_cli_generate_bad_input_has_distinct_exit_codes(bundles, capsys):
         "unknown graph": (["--graph", "nope.fp32", "--prompt", "hi"], 9, "no graph named 'nope.fp32'"),
         "prompt too long": (["--graph", llama_graph, "--adapter", "a", "--prompt", "word " * 200], 3, "context"),
         "new tokens past the context": (["--graph", llama_graph, "--adapter", "a", "--prompt", "hi",
-                                         "--max-new-tokens", "500"], 2, "--max-new-tokens"),
+                                         "--max-new-tokens", "500"], ConfigError.exit_code, "--max-new-tokens"),
         "adapter of another base": (["--graph", llama_graph, "--adapter",
                                      str(gpt2 / ONNX_DIR / "adapters" / "a.onnx_adapter"), "--prompt", "hi"], 4,
                                     "another base model"),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import exit_code_of
+from lora_edge.errors import ConfigError
 from lora_edge.recipe import load_recipe
 
 
@@ -64,7 +65,7 @@ def test_run_exits_with_the_gate_code(monkeypatch, tmp_path, capsys):
     from lora_edge.check import CheckReport
     from lora_edge.check_metrics import FAILED, PASSED, MetricResult, TargetResult
 
-    def fake_run(recipe, out=None, force=False, retrain=False, progress=None, status=PASSED):
+    def fake_run(recipe, out=None, force=False, retrain=False, progress=None, status=PASSED, **options):
         report = CheckReport(str(tmp_path), "seq-cls", "cpu", "now")
         target = TargetResult("merged.int4", "merged.int4", "onnx/merged.int4.onnx", "merged", "int4", "a", "seq-cls")
         target.metrics = [MetricResult("top1_agreement", status, 0.5, 0.95, "min")]
@@ -84,7 +85,7 @@ def test_run_exits_with_the_gate_code(monkeypatch, tmp_path, capsys):
 def test_bad_recipe_is_a_usage_error_naming_the_field(tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text('name = "x"\n[[adapters]]\npath = "a"\n[check.thresholds.int4]\ncosine = 2.0\n')
-    assert exit_code_of("run", str(path)) == 2
+    assert exit_code_of("run", str(path)) == ConfigError.exit_code
     assert f"{path}: check.thresholds.int4.cosine" in capsys.readouterr().err
 
 
