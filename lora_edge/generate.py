@@ -1,7 +1,7 @@
 """Text generation on ONNX Runtime with ``causal-lm`` graphs (``lora-edge generate``).
 
 A :class:`DecoderRunner` holds one session of a graph with the I/O described
-in :mod:`lora_edge.decoder` (one graph serves prefill and decode) and reads
+in :mod:`lora_edge.decoder_io` (one graph serves prefill and decode) and reads
 the cache geometry from the graph itself, so generation needs neither torch
 nor the model's config. :func:`generate` runs a left-padded batch: greedy, or
 sampling with temperature / top-p from a seeded generator, with a per-call
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lora_edge.decoder import ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME, POSITION_IDS, PRESENT_NAME
+from lora_edge.decoder_io import ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME, POSITION_IDS, PRESENT_NAME
 from lora_edge.errors import AdapterMismatchError, ConfigError, DataError, ExportError
 from lora_edge.runtime import run
 
@@ -473,7 +473,7 @@ def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: 
     options), DataError (a prompt longer than the context), AdapterMismatchError.
     """
     from lora_edge.bundle import ONNX_DIR, find_task_graph
-    from lora_edge.decoder import context_length
+    from lora_edge.decoder_io import context_length
     from lora_edge.models import Task, load_config
     from lora_edge.runtime import create_session
     from lora_edge.tokenizer import load_bundle_tokenizer

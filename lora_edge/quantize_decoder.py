@@ -425,7 +425,7 @@ def _relative_diff(expected: list["np.ndarray"], actual: list["np.ndarray"]) -> 
 
 def _rewrite(model: "onnx.ModelProto", config: dict | None, report: DecoderFusionReport) -> "onnx.ModelProto":
     """The rewrites in order: norms, rotary (needs the context length), grouped attention (the head counts)."""
-    from lora_edge.decoder import context_length
+    from lora_edge.decoder_io import context_length
 
     model = fuse_rms_norms(model, report)
     max_positions = context_length(config) if config else None

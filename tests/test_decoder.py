@@ -9,7 +9,8 @@ import pytest
 
 from decoder_bundles import adapter_dirs, bundle_for, shared_root
 from lora_edge.bundle import ONNX_DIR, Form, find_graph, read_manifest
-from lora_edge.decoder import DecoderShape, wrap_decoder
+from lora_edge.decoder import wrap_decoder
+from lora_edge.decoder_io import DecoderShape
 from lora_edge.errors import ExportError
 
 
