@@ -313,6 +313,7 @@ def save_merged(model: str | Path, adapter: AdapterRef, out: Path, task: Task | 
     from lora_edge.bundle import atomic_directory
     from lora_edge.data import LabelMap
     from lora_edge.models import Task, load_tokenizer, resolve_model_path
+    from lora_edge.tokenizer import make_portable
 
     model_path = resolve_model_path(model)
     with atomic_directory(Path(out), force) as staging:  # entered first: an existing --out fails before any loading
@@ -320,6 +321,8 @@ def save_merged(model: str | Path, adapter: AdapterRef, out: Path, task: Task | 
         merged = merge_adapter(reference)
         merged.save_pretrained(str(staging), safe_serialization=True)
         load_tokenizer(model_path, trust_remote_code).save_pretrained(str(staging))
+        # no fixed padding to the base model's length, as in bundles (lora_edge.tokenizer)
+        make_portable(staging, getattr(merged.config, "max_position_embeddings", None))
         label_map = LabelMap.load(adapter.path)
         if label_map is not None:
             label_map.save(staging)

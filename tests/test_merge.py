@@ -122,10 +122,19 @@ def test_merge_cli_writes_a_loadable_hf_model(tiny_model, tiny_adapter, tmp_path
 
     from lora_edge.cli import main
 
+    import json
+    import shutil
+
     adapter = labeled_adapter(tiny_adapter("roberta"), tmp_path / ADAPTER_NAME)
+    base = shutil.copytree(tiny_model("roberta"), tmp_path / "base")  # a base that pads to a fixed length, as MiniLM
+    tokenizer_json = json.loads((base / "tokenizer.json").read_text())
+    tokenizer_json["padding"] = {"strategy": {"Fixed": 128}, "direction": "Right", "pad_to_multiple_of": None,
+                                 "pad_id": 1, "pad_type_id": 0, "pad_token": "<pad>"}
+    (base / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     out = tmp_path / "merged"
-    main(["merge", "--model", str(tiny_model("roberta")), "--adapter", str(adapter), "--out", str(out)])
+    main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(out)])
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert json.loads((out / "tokenizer.json").read_text())["padding"] is None  # no fixed padding in the copy
     merged = AutoModelForSequenceClassification.from_pretrained(str(out), local_files_only=True).eval()
     assert [merged.config.id2label[i] for i in range(3)] == ["negative", "neutral", "positive"]
     reference = _reference(tiny_model("roberta"), adapter)
