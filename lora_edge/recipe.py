@@ -57,6 +57,9 @@ class LoraSpec:
     targets: list[str] | str = _field(["query", "value"],
                                       "Module names to adapt (suffix match), 'all-linear', or 'auto' "
                                       "(the architecture's attention query/value projections).")
+    layers: list[int] = _field([], "Adapt the targets only in these transformer blocks (0-based indices); "
+                                   "empty: in every block. LoRA on the top blocks only stops the backward "
+                                   "pass there, so each step costs less.")
     init: LoraInit = _field(LoraInit.DEFAULT, "Initialisation of A/B: default, gaussian or pissa.")
     rslora: bool = _field(False, "Use rank-stabilised scaling alpha/sqrt(r).")
     rank_pattern: dict[str, int] = _field({}, "Per-module rank overrides, {module-name regex: rank}.")
@@ -74,6 +77,10 @@ class LoraSpec:
         if not self.targets:
             raise ConfigError("no target modules given", "lora.targets", "name modules like query,value or all-linear")
         self.init = parse_enum(LoraInit, self.init, "lora.init")
+        if not isinstance(self.layers, list) or any(not isinstance(i, int) or isinstance(i, bool) or i < 0
+                                                    for i in self.layers):
+            raise ConfigError(f"layers must be a list of block indices >= 0, got {self.layers!r}", "lora.layers",
+                              "write e.g. layers = [22, 23, 24, 25, 26, 27, 28, 29]")
         for name, value in self.rank_pattern.items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"rank for '{name}' must be a positive integer", "lora.rank_pattern", "fix the value")
@@ -83,6 +90,7 @@ class LoraSpec:
         targets = None if self.targets == AUTO_TARGETS else self.targets  # None: PEFT's per-model default
         return dict(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                     target_modules=targets, init_lora_weights=self.init.peft_value(),
+                    layers_to_transform=sorted(set(self.layers)) or None,
                     use_rslora=self.rslora, rank_pattern=dict(self.rank_pattern),
                     alpha_pattern=dict(self.alpha_pattern))
 
@@ -157,7 +165,8 @@ RECIPE_SUFFIX = ".toml"
 class TrainingSpec:
     """A training block: train the adapter from data instead of naming a directory."""
 
-    data: str = _field(SHIPPED_DATA, "Training data file (JSONL/CSV/txt), or 'intent' for the shipped intent task.")
+    data: str = _field(SHIPPED_DATA, "Training data file (JSONL/CSV/txt), 'intent' for the shipped intent task, "
+                                     "or 'commands' for the shipped command-parsing chat task (causal-lm).")
     validation: str = _field("", "Validation file; empty: cut from the training data by seed.")
     test: str = _field("", "Test file (the gate's default evaluation set); empty: cut from the data by seed.")
     lora: LoraSpec = _field(None, "The LoRA adapter to train ([adapters.training.lora]).")
@@ -171,10 +180,12 @@ class TrainingSpec:
 
     def data_files(self):
         """The data files to train on, as the trainer records them (:class:`~lora_edge.data.DataFiles`)."""
-        from lora_edge.data import DataFiles, default_intent_files
+        from lora_edge.data import SHIPPED_CHAT_DATA, DataFiles, command_files, default_intent_files
 
         if self.data == SHIPPED_DATA:
             return default_intent_files()
+        if self.data == SHIPPED_CHAT_DATA:
+            return command_files()
         return DataFiles(Path(self.data), Path(self.validation) if self.validation else None,
                          Path(self.test) if self.test else None, seed=self.train.seed)
 

@@ -115,7 +115,7 @@ def test_check_spec_validates_its_own_fields():
     assert info.value.where == "check.batch_size"
 
 
-@pytest.mark.parametrize("name", ["demo", "tiny-bert", "tiny-llama"])
+@pytest.mark.parametrize("name", ["demo", "tiny-bert", "tiny-llama", "smollm2-commands"])
 def test_shipped_recipes_load(name):
     assert name in list_recipes()
     recipe = load_recipe(name)
@@ -148,3 +148,38 @@ def test_toml_reading_falls_back_to_tomli_where_tomllib_is_missing(monkeypatch, 
         monkeypatch.delitem(sys.modules, "tomllib")
         importlib.reload(toml_compat)
     assert toml_compat.PARSER == "tomllib"
+
+
+def test_training_block_takes_the_shipped_commands_task():
+    from lora_edge.data import command_files
+    from lora_edge.recipe import TrainingSpec
+
+    assert TrainingSpec(data="commands").data_files().files == command_files().files
+    recipe = load_recipe("smollm2-commands")
+    assert recipe.task == "causal-lm" and recipe.adapters[0].training.data == "commands"
+
+
+def test_lora_layers_put_adapters_in_those_blocks_only(tiny_model):
+    """``layers`` becomes PEFT's layers_to_transform: the named blocks get LoRA, the others none."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_edge.recipe import LoraSpec
+    from lora_edge.train import resolve_lora
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
+    kwargs = resolve_lora(LoraSpec(rank=2, targets=["q_proj", "down_proj"], layers=[1]), base.config.model_type)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, **kwargs))
+    adapted = sorted(name.split(".layers.")[1].rsplit(".lora_A", 1)[0] for name, _ in model.named_modules()
+                     if name.endswith("lora_A.default"))
+    assert adapted == ["1.mlp.down_proj", "1.self_attn.q_proj"]
+    assert LoraSpec().peft_config_kwargs()["layers_to_transform"] is None  # default: every block
+
+
+@pytest.mark.parametrize("layers", [[-1], ["top"], 3])
+def test_lora_layers_must_be_block_indices(layers):
+    from lora_edge.recipe import LoraSpec
+
+    with pytest.raises(ConfigError) as info:
+        LoraSpec(layers=layers)
+    assert info.value.where == "lora.layers"
