@@ -29,14 +29,14 @@ if TYPE_CHECKING:
     import onnx
 
 
-def _reads(node: "onnx.NodeProto") -> list[str]:
+def node_reads(node: "onnx.NodeProto") -> list[str]:
     """Every tensor a node reads: its inputs plus what its subgraphs (If/Loop bodies) take from outside."""
     names = [name for name in node.input if name]
     for attribute in node.attribute:
         for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
             inner = {value.name for value in graph.input} | {init.name for init in graph.initializer}
             for inner_node in graph.node:
-                names.extend(name for name in _reads(inner_node) if name not in inner)
+                names.extend(name for name in node_reads(inner_node) if name not in inner)
                 inner.update(inner_node.output)
     return names
 
@@ -64,7 +64,7 @@ def topological_sort(graph: "onnx.GraphProto") -> int:
     waiting = [0] * len(nodes)
     readers: dict[int, list[int]] = defaultdict(list)
     for index, node in enumerate(nodes):
-        for source in {producer[name] for name in _reads(node) if name in producer} - {index}:
+        for source in {producer[name] for name in node_reads(node) if name in producer} - {index}:
             waiting[index] += 1
             readers[source].append(index)
     ready = [index for index, count in enumerate(waiting) if count == 0]

@@ -26,6 +26,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lora_edge.onnx_spec import node_reads
+
 if TYPE_CHECKING:
     import numpy as np
     import onnx
@@ -40,18 +42,6 @@ MASK_ALL_ONES = "lora_edge_attention_mask_all_ones"
 TRIM_LENGTH = "pad_trim_length"
 # Graph inputs with a sequence axis (axis 1) that padding trimming cuts to the last real column.
 SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
-
-def node_reads(node: "onnx.NodeProto") -> list[str]:
-    """Every tensor a node reads: its inputs plus what its subgraphs (If/Loop bodies) take from outside."""
-    names = [name for name in node.input if name]
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            inner = {value.name for value in graph.input} | {init.name for init in graph.initializer}
-            for inner_node in graph.node:
-                names.extend(name for name in node_reads(inner_node) if name not in inner)
-                inner.update(inner_node.output)
-    return names
 
 
 class GraphIndex:
