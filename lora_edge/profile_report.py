@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lora_edge import __version__
 from lora_edge.bundle import REPORTS_DIR, atomic_file, write_json
-from lora_edge.errors import LoraEdgeError, ProviderUnavailableError
+from lora_edge.errors import ProviderUnavailableError
 
 PROFILE_JSON, PROFILE_MD = "profile.json", "profile.md"
 MEASURED, NOT_MEASURED, FAILED = "measured", "not measured", "failed"
@@ -75,7 +75,8 @@ class ProfileReport:
         return [graph for graph in self.graphs if not graph.measured]
 
     def check_measured(self) -> None:
-        """Raise when a graph was not measured: ProviderUnavailableError for a missing provider."""
+        """Raise ProviderUnavailableError (exit 7) when a graph was not measured: its provider is missing here,
+        or the device's providers could not run it (a user's choice of device and graph, never an internal error)."""
         where = Path(self.bundle) / REPORTS_DIR / PROFILE_JSON
         for graph in self.not_measured():
             if graph.status == NOT_MEASURED:
@@ -83,8 +84,8 @@ class ProfileReport:
                                                "run on a host with that provider (onnxruntime-gpu), or pass "
                                                "--allow-fallback to measure on this host's providers")
         for graph in self.not_measured():
-            raise LoraEdgeError(f"graph {graph.name} failed to run: {graph.reason}", where,
-                                "check that this device's providers support the graph's operators")
+            raise ProviderUnavailableError(f"graph {graph.name} failed to run: {graph.reason}", where,
+                                           "check that this device's providers support the graph's operators")
 
     def graph(self, name: str) -> GraphProfile:
         """The profile of graph ``name`` (ONNX or eager)."""

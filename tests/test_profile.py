@@ -245,3 +245,14 @@ def test_each_graph_memory_is_measured_from_a_clean_start(tmp_path):
     for graph in report.graphs:
         assert "fresh process" in graph.memory["method"]
         assert weights_mb * 0.9 <= graph.memory["rss_added_mb"] <= weights_mb * 4, graph.memory
+
+
+def test_a_graph_that_failed_to_run_is_a_provider_error_not_an_internal_one(tmp_path):
+    """A device whose providers cannot run a graph is the user's choice of device: exit 7, never 70."""
+    from lora_edge.errors import ProviderUnavailableError
+    from lora_edge.profile_report import FAILED, GraphProfile
+
+    report = ProfileReport(str(tmp_path), {}, {}, {}, "",
+                           graphs=[GraphProfile("merged.fp32", status=FAILED, reason="NOT_IMPLEMENTED: Op X")])
+    with pytest.raises(ProviderUnavailableError, match="merged.fp32 failed to run: NOT_IMPLEMENTED"):
+        report.check_measured()
