@@ -33,6 +33,7 @@ from lora_edge.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, Ad
                                 load_reference, read_adapter_config)
 from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Form, GraphRecord, Precision, atomic_directory,
                               library_versions, parse_choices, read_manifest, write_json)
+from lora_edge.console import stderr_lines
 from lora_edge.data import LABEL_MAP_FILE, LabelMap
 from lora_edge.errors import ConfigError, ExportError
 from lora_edge.exporter import FP32_TOLERANCE, ExportContext
@@ -54,9 +55,6 @@ OPSET_RANGE = (18, 23)
 TRACE_FILE = ".trace.onnx"        # under onnx/ while an export runs: the one traced graph, removed once loaded
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
 
 @dataclass
 class ExportJob:
@@ -71,7 +69,7 @@ class ExportJob:
     opset: int | None = None
     tolerance: float = FP32_TOLERANCE
     trust_remote_code: bool = False
-    progress: Callable[[str], None] = _stderr
+    progress: Callable[[str], None] = stderr_lines
     records: list[GraphRecord] = field(default_factory=list)
 
     @property
@@ -376,7 +374,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
                   seed: int | None = None, recipe: dict | None = None, trust_remote_code: bool = False,
                   quantize_options: dict | None = None, fuse: bool = True,
-                  progress: Callable[[str], None] = _stderr, exporter: str | None = None) -> Path:
+                  progress: Callable[[str], None] = stderr_lines, exporter: str | None = None) -> Path:
     """Export ``forms`` of ``model`` + each adapter into a new bundle at ``out``; returns ``out``.
 
     Every graph is checked against its PyTorch reference right after export

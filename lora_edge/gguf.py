@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+from lora_edge.console import stderr_lines
 from lora_edge.errors import ModelError
 from lora_edge.models import file_sha256
 
@@ -134,12 +134,8 @@ def _say(progress: Callable[[str], None] | None, message: str) -> None:
         progress(message)
 
 
-def default_progress(message: str) -> None:
-    """Progress lines go to stderr (stdout stays for results)."""
-    print(message, file=sys.stderr, flush=True)
 
-
-def gguf_model_dir(path: str | Path, progress: Callable[[str], None] | None = default_progress) -> Path:
+def gguf_model_dir(path: str | Path, progress: Callable[[str], None] | None = stderr_lines) -> Path:
     """The cached Hugging Face directory for the GGUF file ``path``, converting it on first use.
 
     Raises ModelError for a missing, truncated, corrupt or unsupported file; nothing is left in the cache then.

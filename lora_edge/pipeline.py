@@ -22,13 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from lora_edge.console import silent
+from lora_edge.console import silent, stderr_lines
 from lora_edge.errors import LoraEdgeError
 from lora_edge.recipe import AdapterSource, Recipe, load_recipe
 
@@ -38,9 +37,6 @@ HOST_DEVICES = "host"  # in [profile] devices: every shipped CPU target this hos
 TRAINING_RECORD = "recipe-training.json"
 DEVICE_REPORTS = ("profile.json", "profile.md", "compare.json", "compare.md", "latency.png")
 
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -232,7 +228,7 @@ def profile_devices(recipe: Recipe, bundle: Path, progress: Progress,
 # --- the run -------------------------------------------------------------------------------------------
 
 def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force: bool = False,
-               retrain: bool = False, progress: Progress = _stderr, quiet: bool = False) -> RunResult:
+               retrain: bool = False, progress: Progress = stderr_lines, quiet: bool = False) -> RunResult:
     """Run a recipe (a path, a shipped recipe's name, or a Recipe) through every stage; return the results.
 
     ``out`` replaces the recipe's output directory. An existing bundle is

