@@ -309,6 +309,47 @@ def generate_command(bundle: Path, graph: str, adapter: str | None, prompts: tup
     click.echo(format_generation(output, streamed=True))
     click.echo(format_speed(output), err=True)
 
+# --- adapters: hot-swap adapter files ---
+
+
+@cli.group("adapters")
+def adapters_group() -> None:
+    """Hot-swap adapter files (.onnx_adapter): convert between lora-edge's layout and Olive's."""
+
+
+@adapters_group.command("convert")
+@click.argument("adapter_file", type=click.Path(path_type=Path))
+@click.option("--graph", required=True, type=click.Path(path_type=Path),
+              help="The lora-edge hot-swap graph the adapter is for: an .onnx file, or a bundle directory "
+                   "(its hotswap.fp32 graph).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The .onnx_adapter file to write.")
+@click.option("--layout", default="lora-edge", show_default=True, type=click.Choice(["lora-edge", "olive"]),
+              help="Layout to write: lora-edge (the graph's inputs) or olive (what `olive convert-adapters` "
+                   "writes, for graphs built by Olive's ExtractAdapters pass).")
+@click.option("--from", "source", default="auto", show_default=True,
+              type=click.Choice(["auto", "lora-edge", "olive"]),
+              help="Layout of ADAPTER_FILE; auto tells it from the tensors' shapes against the graph.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: files, layouts read and written, counts.")
+def adapters_convert(adapter_file: Path, graph: Path, out: Path, layout: str, source: str, force: bool,
+                     as_json: bool) -> None:
+    """Convert ADAPTER_FILE (lora-edge's or Olive's layout) for a hot-swap graph, checked against its inputs.
+
+    Olive's `olive convert-adapters` writes PEFT's tensors transposed, decoder names as model.layers...;
+    this reads either layout and writes the graph's (or, with --layout olive, Olive's). Tensors the graph
+    has no input for, or whose shapes fit it neither as they are nor transposed (another base model, an
+    incomplete or mixed file), are refused and nothing is written.
+    """
+    from lora_edge.adapter_layout import convert_adapter_file
+
+    result = convert_adapter_file(adapter_file, graph, out, layout=layout, source=source, force=force)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    click.echo(result.summary())
+
 # --- quantize ---
 
 
