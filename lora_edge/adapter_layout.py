@@ -202,6 +202,8 @@ def detect_layout(tensors: dict[str, "np.ndarray"], names: dict[str, str], input
         raise AdapterMismatchError(f"tensor '{votes[Layout.LORA_EDGE]}' fits the graph as it is but "
                                    f"'{votes[Layout.OLIVE]}' only transposed: the file mixes layouts", where,
                                    "re-create the file with lora-edge export or olive convert-adapters")
+    if not votes and all(tensor.ndim < 2 for tensor in tensors.values()):
+        return Layout.LORA_EDGE  # 1-D tensors read the same either way
     if not votes:
         raise AdapterMismatchError("every tensor fits the graph both as it is and transposed (square or 1-D), "
                                    "so the file's layout cannot be told", where,

@@ -76,7 +76,7 @@ def test_ours_to_olive_is_what_olive_writes_and_round_trips_exactly(bert, tmp_pa
     assert set(written) == set(olive)
     for name, tensor in olive.items():
         assert written[name].shape == tensor.shape and written[name].dtype == tensor.dtype
-        np.testing.assert_allclose(written[name], tensor, rtol=1e-6, atol=0)
+        assert np.array_equal(written[name], tensor), name  # B: s·B in fp32 either way, same rounding
     assert _convert(as_olive, "--graph", graph, "--out", back) == 0
     original, versions = read_adapter_file(ours)
     returned, returned_versions = read_adapter_file(back)
