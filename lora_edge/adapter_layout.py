@@ -1,28 +1,33 @@
-"""Hot-swap adapter files in two layouts: lora-edge's and Olive's, converted against a hot-swap graph's inputs.
+"""Hot-swap adapter files in lora-edge's layout and Olive's, converted onto a hot-swap graph's inputs.
 
 An ``.onnx_adapter`` file (ONNX Runtime's ``AdapterFormat``) maps graph input
-names to tensors. Two writers lay the same LoRA adapter out differently:
+names to tensors. The same LoRA adapter is laid out three ways:
 
 * **lora-edge** (``hotswap.py``): PEFT's file keys as names
   (``base_model.model.<module>.lora_A.weight``) and PEFT's layout, A ``[r, in]``
   and s·B ``[out, r]`` with each layer's own scale (rank/alpha patterns,
   rsLoRA), heads (``modules_to_save``) as PEFT stores them.
-* **Olive** (``olive convert-adapters``, olive/cli/convert_adapters.py, olive-ai
-  0.13.0): every PEFT tensor transposed (A ``[in, r]``, s·B ``[r, out]``, heads
-  too), names with ``base_model.model.model`` replaced by ``model`` (a decoder's
-  ``model.layers.0...``; encoder names stay PEFT's), B scaled by the adapter's
-  global ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA; rank and alpha patterns
-  are not applied), float32 or float16. Olive's ``ExtractAdapters`` pass builds
-  graphs that take exactly those names and layouts. With ``--quantize_int4`` it
+* **Olive's converter** (``olive convert-adapters``, olive/cli/convert_adapters.py,
+  olive-ai 0.13.0): every PEFT tensor transposed (A ``[in, r]``, s·B ``[r, out]``,
+  heads too), names with ``base_model.model.model`` replaced by ``model`` (a
+  decoder's ``model.layers.0...``; encoder names stay PEFT's), B scaled by the
+  adapter's global ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA; rank and alpha
+  patterns are not applied), float32 or float16. With ``--quantize_int4`` it
   writes ``.quant.weight`` / ``.quant.scale`` / ``.quant.zero_point`` tensors
-  instead, which only Olive's quantized graphs take.
+  instead. This is the layout of graphs Olive's ``ExtractAdapters`` pass finds
+  as MatMul weights (olive/passes/onnx/extract_adapters.py, TorchScript path).
+* **Olive-built graphs** name their inputs after the parameters they found:
+  with torch 2.13's exporter (``use_dynamo_exporter``) ``model.layers.0.self_attn
+  .q_proj.lora_A.default.weight`` in PEFT's layout (seen with olive-ai 0.13.0).
 
-Our hot-swap graph rejects an Olive file as it is (transposed shapes), and
-Olive's graphs reject ours. :func:`convert_adapter_file` reads either layout,
-tells which one it is from the tensors' shapes against the graph's adapter
-inputs (docs/ARCHITECTURE.md, "The three deployment forms"), and writes the
-graph's layout or Olive's. Anything that does not fit the graph is refused
-before a file is written. numpy and ONNX Runtime only: no torch.
+A tensor's identity is therefore its module path and factor
+(:func:`canonical_name`), and its layout is told by its shape against the
+graph's input: as it is, or transposed. :func:`convert_adapter_file` maps a file
+in any of these layouts onto the inputs of the graph it is for (ours or an
+Olive-built one; docs/ARCHITECTURE.md, "The three deployment forms"), and
+writes what that graph takes, or Olive's converter layout. Anything that does
+not fit the graph is refused before a file is written. numpy and ONNX Runtime
+only: no torch.
 """
 
 from __future__ import annotations
@@ -45,18 +50,30 @@ ORT_FLOAT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "te
 
 
 class Layout(str, enum.Enum):
-    """How an adapter file names and lays out its tensors."""
+    """How an adapter file names and lays out its tensors (what ``--from`` and ``--layout`` name)."""
 
     LORA_EDGE = "lora-edge"
     OLIVE = "olive"
 
 
 AUTO = "auto"  # --from auto: tell the layout from the tensors' shapes
+GRAPH = "graph"  # --layout graph: what the graph takes
 
 
 def olive_name(name: str) -> str:
     """The name ``olive convert-adapters`` gives a PEFT key (olive/cli/convert_adapters.py: the same replace)."""
     return name.replace("base_model.model.model", "model")
+
+
+def canonical_name(name: str) -> str:
+    """The module path + factor a tensor belongs to, whichever writer named it.
+
+    PEFT's key (``base_model.model.model.layers.0.q.lora_A.weight``), Olive's
+    converter's (``model.layers.0.q.lora_A.weight``) and an Olive-built graph's
+    (``model.layers.0.q.lora_A.default.weight``) all give ``model.layers.0.q.lora_A.weight``.
+    """
+    name = olive_name(name).removeprefix(PEFT_PREFIX)
+    return name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
 
 
 @dataclass(frozen=True)
@@ -73,7 +90,13 @@ class AdapterInput:
                                                      for want, got in zip(self.shape, shape))
 
     def describe(self) -> str:
+        """The shape for messages: ``[r, 32]`` (``r`` on a dynamic axis)."""
         return "[" + ", ".join("r" if dim is None else str(dim) for dim in self.shape) + "]"
+
+
+def is_lora_edge_graph(inputs: dict[str, AdapterInput]) -> bool:
+    """True for our hot-swap graphs (every adapter input is a PEFT key, in PEFT's layout)."""
+    return all(name.startswith(PEFT_PREFIX) for name in inputs)
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,7 @@ class ConvertResult:
                 "transposed": self.transposed, "renamed": self.renamed}
 
     def summary(self) -> str:
-        return (f"{self.out}: {self.tensors} tensors, {self.read_layout} layout -> {self.layout} "
+        return (f"{self.out}: {self.tensors} tensors, read as {self.read_layout}, written as {self.layout} "
                 f"({self.transposed} transposed, {self.renamed} renamed)")
 
 
@@ -113,15 +136,16 @@ def resolve_graph(graph: Path) -> Path:
 
 
 def graph_adapter_inputs(graph: Path) -> dict[str, AdapterInput]:
-    """The adapter inputs of a lora-edge hot-swap graph: its inputs with same-named defaults (initializers)."""
+    """A hot-swap graph's adapter inputs: inputs with same-named defaults that are PEFT keys or LoRA factors."""
     from lora_edge.runtime import SessionSettings, create_session
 
     session = create_session(graph, SessionSettings(graph_optimization_level="disable"))
     inputs = {item.name: AdapterInput(item.name, tuple(d if isinstance(d, int) else None for d in item.shape),
                                       ORT_FLOAT_TYPES.get(item.type, item.type))
-              for item in session.get_overridable_initializers() if item.name.startswith(PEFT_PREFIX)}
+              for item in session.get_overridable_initializers()
+              if item.name.startswith(PEFT_PREFIX) or ".lora_A." in item.name or ".lora_B." in item.name}
     if not inputs:
-        raise ConfigError("the graph has no adapter inputs (not a lora-edge hot-swap graph)", graph,
+        raise ConfigError("the graph has no adapter inputs (not a hot-swap graph)", graph,
                           "give a hotswap.<precision>.onnx graph of the adapter's base model")
     return inputs
 
@@ -164,15 +188,15 @@ def write_onnx_adapter(path: Path, tensors: dict[str, "np.ndarray"], adapter_ver
 
 def match_inputs(tensors: dict[str, "np.ndarray"], inputs: dict[str, AdapterInput],
                  where: Path) -> dict[str, str]:
-    """File name -> graph input name (PEFT's key, or Olive's renamed one); refuses what the graph lacks."""
-    by_olive = {olive_name(name): name for name in inputs}
+    """File name -> graph input name, matched by :func:`canonical_name`; refuses what the graph lacks."""
+    by_canonical = {canonical_name(name): name for name in inputs}
     names = {}
     for name in tensors:
         if name.endswith(OLIVE_INT4_SUFFIXES):
             raise AdapterMismatchError(f"tensor '{name}' is an int4-quantized LoRA factor (olive convert-adapters "
                                        "--quantize_int4)", where, "convert the PEFT adapter again without "
-                                       "--quantize_int4: lora-edge hot-swap graphs take float factors")
-        target = name if name in inputs else by_olive.get(name)
+                                       "--quantize_int4: hot-swap graphs take float factors")
+        target = name if name in inputs else by_canonical.get(canonical_name(name))
         if target is None:
             raise AdapterMismatchError(f"adapter tensor '{name}' has no input in the graph (an adapter of another "
                                        "base model, or of modules this graph was not exported for)", where,
@@ -181,14 +205,14 @@ def match_inputs(tensors: dict[str, "np.ndarray"], inputs: dict[str, AdapterInpu
     return names
 
 
-def detect_layout(tensors: dict[str, "np.ndarray"], names: dict[str, str], inputs: dict[str, AdapterInput],
-                  where: Path) -> Layout:
-    """The file's layout, from each tensor's shape against its graph input: as it is (lora-edge) or transposed.
+def detect_transposed(tensors: dict[str, "np.ndarray"], names: dict[str, str], inputs: dict[str, AdapterInput],
+                      where: Path) -> bool:
+    """Whether the file holds the graph's inputs transposed, told from each tensor's shape against its input.
 
     A tensor that fits only one way decides; every one that decides must agree.
     Square and 1-D tensors fit both ways and say nothing.
     """
-    votes: dict[Layout, str] = {}
+    votes: dict[bool, str] = {}
     for name, tensor in tensors.items():
         slot = inputs[names[name]]
         as_is, transposed = slot.fits(tensor.shape), slot.fits(tensor.shape[::-1])
@@ -197,60 +221,66 @@ def detect_layout(tensors: dict[str, "np.ndarray"], names: dict[str, str], input
                                        f"'{slot.name}' takes {slot.describe()} (nor does it fit transposed)", where,
                                        "use an adapter of this graph's base model and LoRA targets")
         if as_is != transposed:
-            votes.setdefault(Layout.LORA_EDGE if as_is else Layout.OLIVE, name)
+            votes.setdefault(transposed, name)
     if len(votes) == 2:
-        raise AdapterMismatchError(f"tensor '{votes[Layout.LORA_EDGE]}' fits the graph as it is but "
-                                   f"'{votes[Layout.OLIVE]}' only transposed: the file mixes layouts", where,
+        raise AdapterMismatchError(f"tensor '{votes[False]}' fits the graph as it is but '{votes[True]}' only "
+                                   "transposed: the file mixes layouts", where,
                                    "re-create the file with lora-edge export or olive convert-adapters")
-    if not votes and all(tensor.ndim < 2 for tensor in tensors.values()):
-        return Layout.LORA_EDGE  # 1-D tensors read the same either way
-    if not votes:
+    if not votes and any(tensor.ndim > 1 for tensor in tensors.values()):
         raise AdapterMismatchError("every tensor fits the graph both as it is and transposed (square or 1-D), "
                                    "so the file's layout cannot be told", where,
                                    "name it: --from lora-edge or --from olive")
-    return next(iter(votes))
+    return bool(votes) and next(iter(votes))
 
 
-def check_pairs(tensors: dict[str, "np.ndarray"], where: Path) -> None:
-    """Every LoRA layer has both factors, of one rank (tensors in lora-edge's layout, finite)."""
+def check_pairs(tensors: dict[str, "np.ndarray"], where: Path, peft_layout: bool) -> None:
+    """Tensors are finite and every LoRA layer has both factors, of one rank when the layout is PEFT's (known)."""
     import numpy as np
 
     for name, tensor in tensors.items():
         if np.issubdtype(tensor.dtype, np.floating) and not np.isfinite(tensor).all():
             raise AdapterMismatchError(f"tensor '{name}' holds NaN or Inf values", where, "re-create the adapter")
-        if ".lora_A." not in name:
-            continue
-        partner = name.replace(".lora_A.", ".lora_B.")
-        if partner not in tensors:
-            raise AdapterMismatchError(f"'{name}' has no matching lora_B tensor", where,
-                                       "convert a complete adapter (both factors of every layer)")
-        if tensor.shape[0] != tensors[partner].shape[1]:
-            raise AdapterMismatchError(f"'{name}' has rank {tensor.shape[0]} but its lora_B rank "
-                                       f"{tensors[partner].shape[1]}", where, "re-create the adapter")
-    orphans = [name for name in tensors if ".lora_B." in name and name.replace(".lora_B.", ".lora_A.") not in tensors]
-    if orphans:
-        raise AdapterMismatchError(f"'{orphans[0]}' has no matching lora_A tensor", where,
-                                   "convert a complete adapter (both factors of every layer)")
+    for name in tensors:
+        for factor, other in ((".lora_A.", ".lora_B."), (".lora_B.", ".lora_A.")):
+            partner = name.replace(factor, other)
+            if factor in name and partner not in tensors:
+                raise AdapterMismatchError(f"'{name}' has no matching {other.strip('.')} tensor", where,
+                                           "convert a complete adapter (both factors of every layer)")
+            if factor == ".lora_A." and factor in name and peft_layout \
+                    and tensors[name].shape[0] != tensors[partner].shape[1]:
+                raise AdapterMismatchError(f"'{name}' has rank {tensors[name].shape[0]} but its lora_B rank "
+                                           f"{tensors[partner].shape[1]}", where, "re-create the adapter")
 
 
 def to_graph_layout(tensors: dict[str, "np.ndarray"], inputs: dict[str, AdapterInput], where: Path,
-                    source: str = AUTO) -> tuple[dict[str, "np.ndarray"], Layout]:
-    """(the tensors as the graph takes them: its names, shapes and dtypes, the layout they were read in)."""
+                    source: str = AUTO) -> tuple[dict[str, "np.ndarray"], bool]:
+    """(the tensors as the graph takes them: its names, shapes and dtypes; whether they were read transposed).
+
+    ``source`` names the file's layout (lora-edge: PEFT's, olive: transposed)
+    where the shapes cannot tell; it needs one of our graphs, whose layout is PEFT's.
+    """
     import numpy as np
 
+    ours = is_lora_edge_graph(inputs)
     names = match_inputs(tensors, inputs, where)
-    layout = detect_layout(tensors, names, inputs, where) if source == AUTO else parse_enum(Layout, source, "--from")
+    if source == AUTO:
+        transposed = detect_transposed(tensors, names, inputs, where)
+    elif not ours:
+        raise ConfigError("--from names a layout relative to lora-edge's, but this graph is not a lora-edge graph",
+                          "--from", "drop --from: the shapes against the graph tell the layout")
+    else:
+        transposed = parse_enum(Layout, source, "--from", "layout") is Layout.OLIVE
     converted = {}
     for name, tensor in tensors.items():
         slot = inputs[names[name]]
-        array = np.transpose(tensor) if layout is Layout.OLIVE else tensor
+        array = np.transpose(tensor) if transposed else tensor
         if not slot.fits(array.shape):
-            raise AdapterMismatchError(f"adapter tensor '{name}' read in the {layout.value} layout has shape "
-                                       f"{list(array.shape)}, the graph's input takes {slot.describe()}", where,
-                                       f"drop --from {layout.value} (let the shapes tell the layout)")
+            raise AdapterMismatchError(f"adapter tensor '{name}' read {'transposed' if transposed else 'as it is'} "
+                                       f"has shape {list(array.shape)}, the graph's input takes {slot.describe()}",
+                                       where, f"drop --from {source} (let the shapes tell the layout)")
         converted[slot.name] = np.ascontiguousarray(array.astype(slot.dtype, copy=False))
-    check_pairs(converted, where)
-    return converted, layout
+    check_pairs(converted, where, peft_layout=ours)
+    return converted, transposed
 
 
 def to_olive_layout(tensors: dict[str, "np.ndarray"]) -> dict[str, "np.ndarray"]:
@@ -260,16 +290,25 @@ def to_olive_layout(tensors: dict[str, "np.ndarray"]) -> dict[str, "np.ndarray"]
     return {olive_name(name): np.ascontiguousarray(np.transpose(tensor)) for name, tensor in tensors.items()}
 
 
-def convert_adapter_file(adapter_file: Path, graph: Path, out: Path, layout: str = Layout.LORA_EDGE.value,
+def _layout_names(ours: bool, transposed: bool) -> tuple[str, str]:
+    """(the layout read, the graph's layout) for messages and --json."""
+    if ours:
+        return (Layout.OLIVE.value if transposed else Layout.LORA_EDGE.value), Layout.LORA_EDGE.value
+    return ("transposed" if transposed else GRAPH), GRAPH
+
+
+def convert_adapter_file(adapter_file: Path, graph: Path, out: Path, layout: str = GRAPH,
                          source: str = AUTO, force: bool = False) -> ConvertResult:
     """Convert an ``.onnx_adapter`` file for the hot-swap ``graph`` (``lora-edge adapters convert``).
 
-    The file may be in either layout; ``layout`` is the one written: lora-edge
-    (the graph's own inputs) or olive (for graphs Olive's ExtractAdapters built).
-    Refuses, before writing anything, tensors the graph has no input for or whose
-    shapes fit it neither as they are nor transposed.
+    The file may be in any layout above; ``layout`` is the one written: graph
+    (the graph's own inputs: lora-edge's for our graphs, an Olive-built graph's
+    own) or olive (Olive's converter layout; needs one of our graphs, which
+    checks the tensors). Refuses, before writing anything, tensors the graph has
+    no input for or whose shapes fit it neither as they are nor transposed.
     """
-    target = parse_enum(Layout, layout, "--layout", "layout")
+    if layout not in (GRAPH, Layout.OLIVE.value):
+        raise ConfigError(f"unknown layout '{layout}'", "--layout", f"use {GRAPH} or {Layout.OLIVE.value}")
     if source != AUTO:
         parse_enum(Layout, source, "--from", "layout")
     out = require_writable_file_path(Path(out), "--out")
@@ -279,9 +318,17 @@ def convert_adapter_file(adapter_file: Path, graph: Path, out: Path, layout: str
     tensors, versions = read_adapter_file(adapter_file)
     if not tensors:
         raise AdapterMismatchError("the adapter file holds no tensors", adapter_file, "give a non-empty adapter")
-    converted, read_layout = to_graph_layout(tensors, graph_adapter_inputs(graph_path), Path(adapter_file), source)
-    written = to_olive_layout(converted) if target is Layout.OLIVE else converted
+    inputs = graph_adapter_inputs(graph_path)
+    ours = is_lora_edge_graph(inputs)
+    if layout == Layout.OLIVE.value and not ours:
+        raise ConfigError("--layout olive needs a lora-edge hot-swap graph to check the tensors against", "--graph",
+                          "give the lora-edge graph, or convert for the Olive-built graph with --layout graph")
+    converted, transposed = to_graph_layout(tensors, inputs, Path(adapter_file), source)
+    written = to_olive_layout(converted) if layout == Layout.OLIVE.value else converted
     write_onnx_adapter(out, written, *versions)
-    transposed = sum(tensor.ndim > 1 and read_layout is not target for tensor in converted.values())
-    return ConvertResult(out, Path(adapter_file), graph_path, read_layout.value, target.value, len(written),
-                         transposed, len(set(tensors) - set(written)))
+    read_layout, graph_layout = _layout_names(ours, transposed)
+    flips = transposed != (layout == Layout.OLIVE.value)
+    return ConvertResult(out, Path(adapter_file), graph_path, read_layout,
+                         Layout.OLIVE.value if layout == Layout.OLIVE.value else graph_layout,
+                         len(written), sum(flips and tensor.ndim > 1 for tensor in converted.values()),
+                         len(set(tensors) - set(written)))

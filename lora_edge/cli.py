@@ -320,12 +320,12 @@ def adapters_group() -> None:
 @adapters_group.command("convert")
 @click.argument("adapter_file", type=click.Path(path_type=Path))
 @click.option("--graph", required=True, type=click.Path(path_type=Path),
-              help="The lora-edge hot-swap graph the adapter is for: an .onnx file, or a bundle directory "
-                   "(its hotswap.fp32 graph).")
+              help="The hot-swap graph the adapter is for: a lora-edge or Olive-built .onnx graph, or a bundle "
+                   "directory (its hotswap.fp32 graph).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The .onnx_adapter file to write.")
-@click.option("--layout", default="lora-edge", show_default=True, type=click.Choice(["lora-edge", "olive"]),
-              help="Layout to write: lora-edge (the graph's inputs) or olive (what `olive convert-adapters` "
-                   "writes, for graphs built by Olive's ExtractAdapters pass).")
+@click.option("--layout", default="graph", show_default=True, type=click.Choice(["graph", "olive"]),
+              help="Layout to write: graph (what --graph takes: lora-edge's layout for our graphs) or olive "
+                   "(what `olive convert-adapters` writes; --graph must then be a lora-edge graph).")
 @click.option("--from", "source", default="auto", show_default=True,
               type=click.Choice(["auto", "lora-edge", "olive"]),
               help="Layout of ADAPTER_FILE; auto tells it from the tensors' shapes against the graph.")
@@ -335,9 +335,10 @@ def adapters_convert(adapter_file: Path, graph: Path, out: Path, layout: str, so
                      as_json: bool) -> None:
     """Convert ADAPTER_FILE (lora-edge's or Olive's layout) for a hot-swap graph, checked against its inputs.
 
-    Olive's `olive convert-adapters` writes PEFT's tensors transposed, decoder names as model.layers...;
-    this reads either layout and writes the graph's (or, with --layout olive, Olive's). Tensors the graph
-    has no input for, or whose shapes fit it neither as they are nor transposed (another base model, an
+    `olive convert-adapters` writes PEFT's tensors transposed and a decoder's keys as model.layers...;
+    Olive-built graphs name their inputs ...lora_A.default.weight. Tensors are matched to the graph's
+    inputs by module and factor, and transposed where their shapes ask for it. Tensors the graph has no
+    input for, or whose shapes fit it neither as they are nor transposed (another base model, an
     incomplete or mixed file), are refused and nothing is written.
     """
     from lora_edge.adapter_layout import convert_adapter_file

@@ -12,8 +12,8 @@ import pytest
 
 from cli_runner import exit_code_of
 from export_helpers import ADAPTER_NAME, TEST_BATCHES, feeds_for, session_inputs, tiny_bundle, torch_logits
-from lora_edge.adapter_layout import (AdapterInput, Layout, detect_layout, olive_name, read_adapter_file,
-                                      read_onnx_adapter, to_graph_layout, write_onnx_adapter)
+from lora_edge.adapter_layout import (AdapterInput, canonical_name, detect_transposed, olive_name,
+                                      read_adapter_file, read_onnx_adapter, to_graph_layout, write_onnx_adapter)
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.bundle import ONNX_DIR, Form, find_graph
 from lora_edge.errors import AdapterMismatchError, BundleError, ConfigError
@@ -175,21 +175,75 @@ def test_layout_is_told_by_the_tensors_that_fit_one_way_only(tmp_path):
                                                                "float32")}
     names = {name: name for name in inputs}
     a, b = np.arange(8, dtype=np.float32).reshape(2, 4), np.arange(8, dtype=np.float32).reshape(4, 2)
-    assert detect_layout({"base_model.model.x.lora_A.weight": a, "base_model.model.x.lora_B.weight": b}, names,
-                         inputs, tmp_path) is Layout.LORA_EDGE
+    ours = {"base_model.model.x.lora_A.weight": a, "base_model.model.x.lora_B.weight": b}
     olive = {"base_model.model.x.lora_A.weight": a.T, "base_model.model.x.lora_B.weight": b.T}
-    assert detect_layout(olive, names, inputs, tmp_path) is Layout.OLIVE
+    assert detect_transposed(ours, names, inputs, tmp_path) is False
+    assert detect_transposed(olive, names, inputs, tmp_path) is True
     square = {"base_model.model.x.lora_A.weight": np.ones((4, 4), np.float32) * np.arange(4, dtype=np.float32),
               "base_model.model.x.lora_B.weight": np.eye(4, dtype=np.float32)}
     with pytest.raises(AdapterMismatchError, match="--from"):  # rank = hidden: both readings fit
-        detect_layout(square, names, inputs, tmp_path)
-    as_olive, layout = to_graph_layout(square, inputs, tmp_path, source="olive")
-    assert layout is Layout.OLIVE
+        detect_transposed(square, names, inputs, tmp_path)
+    as_olive, transposed = to_graph_layout(square, inputs, tmp_path, source="olive")
+    assert transposed
+    assert np.array_equal(as_olive["base_model.model.x.lora_A.weight"], square["base_model.model.x.lora_A.weight"].T)
     half, _ = to_graph_layout({k: v.astype(np.float16) for k, v in olive.items()}, inputs, tmp_path)
     assert all(v.dtype == np.float32 for v in half.values()), "olive convert-adapters --dtype float16: cast to the input's"
-    assert np.array_equal(as_olive["base_model.model.x.lora_A.weight"], square["base_model.model.x.lora_A.weight"].T)
-    assert olive_name("base_model.model.model.layers.0.q.lora_A.weight") == "model.layers.0.q.lora_A.weight"
-    assert olive_name("base_model.model.bert.encoder.q.lora_A.weight") == "base_model.model.bert.encoder.q.lora_A.weight"
+
+
+def test_one_module_one_name_whoever_wrote_it():
+    peft, olive = "base_model.model.model.layers.0.q_proj.lora_A.weight", "model.layers.0.q_proj.lora_A.weight"
+    assert olive_name(peft) == olive
+    assert canonical_name(peft) == canonical_name(olive) == canonical_name("model.layers.0.q_proj.lora_A.default.weight")
+    encoder = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
+    assert olive_name(encoder) == encoder and canonical_name(encoder) == encoder.removeprefix("base_model.model.")
+    assert canonical_name("base_model.model.classifier.weight") == "classifier.weight"
+
+
+def _olive_built(graph: Path, out: Path) -> Path:
+    """Our hot-swap graph with its adapter inputs named as Olive's ExtractAdapters names them (olive-ai 0.13.0,
+    torch 2.13 dynamo export: ``model.layers.0.self_attn.q_proj.lora_A.default.weight``, PEFT's layout)."""
+    import onnx
+
+    model = onnx.load(str(graph))
+    renames = {init.name: canonical_name(init.name).replace(".lora_A.", ".lora_A.default.")
+               .replace(".lora_B.", ".lora_B.default.") for init in model.graph.initializer if ".lora_" in init.name}
+    for value in list(model.graph.initializer) + list(model.graph.input):
+        value.name = renames.get(value.name, value.name)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    onnx.save(model, str(out))
+    return out
+
+
+def test_ours_and_olive_files_convert_for_an_olive_built_graph(tmp_path_factory, tiny_model, tiny_adapter, capsys):
+    """Either file, mapped onto an Olive-named graph's inputs, gives that graph PyTorch's logits."""
+    import torch
+
+    from decoder_bundles import adapter_dirs, bundle_for, shared_root
+    from lora_edge.generate import DecoderRunner
+
+    bundle, name = bundle_for("llama", Form.HOTSWAP, shared_root(tmp_path_factory), tiny_model, tiny_adapter)
+    tmp = tmp_path_factory.mktemp("olive-built")
+    graph = _olive_built(bundle / find_graph(bundle, name).file, tmp / "model.onnx")
+    adapter_dir = adapter_dirs("llama", tiny_adapter)["a"]
+    sources = {"ours": bundle / ONNX_DIR / "adapters" / "a.onnx_adapter",
+               "olive": olive_convert_adapters(adapter_dir, tmp / "olive.onnx_adapter")}
+    runner = DecoderRunner(create_session(graph))
+    ids = np.array([[5, 17, 42, 9, 3, 77, 12]], dtype=np.int64)
+    mask, positions = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
+    reference = load_reference(tiny_model("llama"), AdapterRef("a", adapter_dir))
+    with torch.no_grad():
+        want = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    for kind, source in sources.items():
+        out = tmp / f"{kind}-for-olive-graph.onnx_adapter"
+        assert _convert(source, "--graph", graph, "--out", out, "--json") == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["read_layout"] == ("graph" if kind == "ours" else "transposed")
+        assert all(".default." in key for key in read_onnx_adapter(out))
+        logits, _ = runner.step(ids, mask, positions, runner.empty_past(1), adapter=load_lora_adapter(out))
+        assert np.abs(logits - want).max() <= FP32 * max(1.0, np.abs(want).max()), kind
+    assert _convert(sources["ours"], "--graph", graph, "--out", tmp / "x", "--layout", "olive") == \
+        ConfigError.exit_code  # Olive's converter layout is checked against one of our graphs
 
 
 @pytest.mark.slow
