@@ -64,6 +64,8 @@ class QuantizeOptions:
                                      "error than per-tensor for ~3% more latency (benchmarks/README.md).")
     block_size: int = _field(32, "int4: weights per quantization block (a power of two >= 16).")
     int4_accuracy_level: int = _field(4, "int4: MatMulNBits compute type (0 = as input, 4 = int8 activations).")
+    int4_symmetric: bool = _field(False, "int4: symmetric blocks (no zero points); asymmetric is more accurate at "
+                                         "the same speed.")
     fuse: bool = _field(True, "Fuse attention/LayerNorm for the target before quantizing (each rewrite verified).")
 
     def __post_init__(self):
@@ -246,7 +248,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     roles = linear_roles(model)
     feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))
     with atomic_file(dst) as staging:
-        job = QuantizeJob(model, staging, roles, options, feeds_of)
+        job = QuantizeJob(model, staging, roles, options, feeds_of, tied.head if tied else None)
         try:
             with quiet_quantizers():
                 details = quantizer(job)
@@ -262,7 +264,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
 
             if share_tied_embedding(quantized, tied):
                 onnx.save(quantized, str(staging))
-                details["tied_embedding"] = "shared with the int4 LM head"
+                details["tied_embedding"] = "shared with the quantized LM head"
         found = inventory(quantized)
         if found.quantized_lora():
             raise QuantizationError(f"a LoRA MatMul was quantized ({found.quantized_lora()[0]})", src,
