@@ -99,7 +99,7 @@ def test_one_trace_serves_every_form_and_the_manifest_times_each_stage(patterned
         if graph.precision is Precision.FP32:
             assert f"write {graph.name}" in names and f"verify {graph.name}" in names
             assert graph.extra["exporter"] in ("torchscript", "dynamo") and graph.extra["verify_seconds"] >= 0
-    assert all(isinstance(stage["seconds"], float) for stage in stages)
+    assert all(isinstance(stage.seconds, float) for stage in stages)
     assert any(message.strip().startswith("trace (") and message.rstrip().endswith(" s]") for message in messages)
 
 
