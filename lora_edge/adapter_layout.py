@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_edge.bundle import MANIFEST_FILE, atomic_file, find_graph, require_writable_file_path
+from lora_edge.bundle import MANIFEST_FILE, atomic_file, require_writable_file_path
+from lora_edge.manifest import find_graph
 from lora_edge.errors import AdapterMismatchError, BundleError, ConfigError, parse_enum
 
 if TYPE_CHECKING:

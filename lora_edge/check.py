@@ -31,13 +31,13 @@ from typing import Callable
 import numpy as np
 
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import (Form, GraphRecord, read_manifest, require_adapter_file, require_bundle, require_graphs,
-                              require_writable_file_path)
+from lora_edge.bundle import Form, require_bundle, require_writable_file_path
 from lora_edge.check_data import eval_set
 from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
 from lora_edge.check_tasks import BACKENDS, EvalSet, compare_logits
 from lora_edge.errors import BundleError, ConfigError, LoraEdgeError, ProviderUnavailableError
-from lora_edge.models import Task, load_tokenizer, resolve_model_path
+from lora_edge.manifest import AdapterRecord, GraphRecord, Manifest, require_adapter_file, require_graphs
+from lora_edge.models import Task, load_tokenizer
 from lora_edge.recipe import CheckSpec
 from lora_edge.runtime import SessionSettings
 
@@ -101,9 +101,9 @@ class CheckReport:
                 "results": [result.to_json() for result in self.results]}
 
 
-def spec_from_manifest(manifest: dict) -> CheckSpec:
+def spec_from_manifest(manifest: Manifest) -> CheckSpec:
     """The ``[check]`` section of the recipe recorded in the manifest, or the defaults."""
-    section = ((manifest.get("recipe") or {}).get("check")) or {}
+    section = manifest.recipe_section("check")
     known = {f.name for f in dataclasses.fields(CheckSpec)}
     try:
         return CheckSpec(**{k: v for k, v in section.items() if k in known})
@@ -216,25 +216,24 @@ def _adapter_sha256(directory: Path) -> str | None:
     return directory_sha256(directory, "adapter_*")
 
 
-def reference_adapter(bundle: Path, adapter: dict) -> tuple[TargetResult, Path | None]:
+def reference_adapter(bundle: Path, adapter: AdapterRecord) -> tuple[TargetResult, Path | None]:
     """Check the bundle's copy of an adapter against the manifest's sha256; pick the directory to trust.
 
     Returns the integrity result and the adapter directory the reference is
     built from: the bundle's copy when it matches, else the recorded source
     directory when that matches, else None (no trustworthy reference).
     """
-    name = adapter["name"]
-    copy = bundle / adapter.get("bundle_dir", "adapter")
-    result = TargetResult(f"adapter:{name}", f"adapter:{name}", str(adapter.get("bundle_dir")), "adapter", "fp32",
-                          name, "")
-    recorded = adapter.get("sha256")
+    name = adapter.name
+    copy = bundle / adapter.bundle_dir
+    result = TargetResult(f"adapter:{name}", f"adapter:{name}", adapter.bundle_dir, "adapter", "fp32", name, "")
+    recorded = adapter.sha256
     if not recorded:
         result.metrics = [MetricResult("sha256", SKIPPED, reason="the manifest records no sha256 for this adapter")]
         return result, copy
     if _adapter_sha256(copy) == recorded:
         result.metrics = [MetricResult("sha256", "passed", reason="the bundle's adapter is the one exported")]
         return result, copy
-    source = Path(adapter["source"]) if adapter.get("source") else None
+    source = Path(adapter.source) if adapter.source else None
     trusted = source if source is not None and _adapter_sha256(source) == recorded else None
     fallback = f"; the reference is built from the source {source}" if trusted else ""
     result.metrics = [MetricResult("sha256", FAILED, reason=f"the adapter files in {copy} differ from the ones "
@@ -251,11 +250,6 @@ def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batc
         with model.disable_adapter():
             outputs[True] = [backend.reference(model, batch) for batch in batches]
     return outputs
-
-
-def _model_path(manifest: dict) -> Path:
-    model = manifest.get("model") or {}
-    return resolve_model_path("default" if model.get("default") else model.get("path", ""))
 
 
 def _tokenizer(bundle: Path, model_path: Path):
@@ -279,28 +273,28 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
     started = time.perf_counter()
     say = progress or (lambda message: None)
     bundle = require_bundle(Path(bundle))
-    manifest = read_manifest(bundle)
+    manifest = Manifest.read(bundle)
     spec = spec or spec_from_manifest(manifest)
-    task = Task.parse((manifest.get("model") or {}).get("task", "seq-cls"), "manifest.json: model.task").value
+    task = manifest.model.task.value
     backend = BACKENDS[task]
     device = load_device(spec.device) if spec.device else None
     settings = device.session_settings() if device else SessionSettings()
     tolerances, tolerance_where = (device.tolerances, f"{device.source}: tolerances") if device else ({}, "")
-    adapters = manifest.get("adapters") or []
+    adapters = manifest.adapters
     if not adapters:
         raise BundleError("the bundle lists no adapters", bundle / "manifest.json", "re-export the bundle")
     graphs = require_graphs(bundle)
     report = CheckReport(str(bundle), task, device.name if device else "CPUExecutionProvider (no device)",
                          datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    targets = plan_targets(graphs, [a["name"] for a in adapters])
-    model_path = _model_path(manifest)
+    targets = plan_targets(graphs, manifest.adapter_names)
+    model_path = manifest.model.resolved_path()
     tokenizer = _tokenizer(bundle, model_path)
     sessions = SessionCache(settings)
     for adapter in adapters:
-        name = adapter["name"]
+        name = adapter.name
         integrity, trusted = reference_adapter(bundle, adapter)
         report.integrity.append(integrity)
-        mine = [t for t in targets if t.adapter == name or (t.adapter is None and name == adapters[0]["name"])]
+        mine = [t for t in targets if t.adapter == name or (t.adapter is None and name == adapters[0].name)]
         if not mine:
             continue
         evalset = eval_set(spec, adapter, task, tokenizer)
@@ -310,7 +304,7 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
         try:
             if trusted is None:
                 raise BundleError("no copy of the adapter matches the manifest's sha256",
-                                  bundle / adapter.get("bundle_dir", "adapter"), "re-export the bundle from the adapter")
+                                  bundle / adapter.bundle_dir, "re-export the bundle from the adapter")
             references = _references(model_path, AdapterRef(name, trusted), Task(task), backend, batches,
                                      base=any(t.adapter is None for t in mine))
         except LoraEdgeError as exc:  # no reference: every graph of this adapter fails, with the reason
@@ -365,7 +359,7 @@ def check_command(bundle: str | Path, data: str | None = None, device: str | Non
     bundle = require_bundle(Path(bundle))
     if junit is not None:  # before minutes of checking, not after
         require_writable_file_path(Path(junit), "--junit")
-    spec = spec_from_manifest(read_manifest(bundle))
+    spec = spec_from_manifest(Manifest.read(bundle))
     overrides = {"data": data, "device": device, "max_examples": max_examples}
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     return check_bundle(bundle, spec, junit=junit, progress=progress)

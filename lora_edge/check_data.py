@@ -7,6 +7,7 @@ import numpy as np
 from lora_edge.check_tasks import EvalSet
 from lora_edge.data import DataFiles, read_examples
 from lora_edge.errors import DataError
+from lora_edge.manifest import AdapterRecord
 from lora_edge.models import Task
 from lora_edge.recipe import CheckSpec
 
@@ -40,17 +41,16 @@ def _labeled(examples, labels: list[str] | None, source: str, task: str) -> Eval
     return EvalSet(texts, source, [labels.index(ex.label) for ex in examples], len(labels))
 
 
-def eval_set(spec: CheckSpec, adapter: dict, task: str, tokenizer) -> EvalSet:
+def eval_set(spec: CheckSpec, adapter: AdapterRecord, task: str, tokenizer) -> EvalSet:
     """The evaluation set of one adapter: --data, else its recorded test split, else generated inputs."""
-    labels = adapter.get("labels")
+    labels = adapter.labels
     if spec.data:
         evalset = _labeled(read_examples(spec.data, Task(task)), labels, f"--data {spec.data}", task)
     else:
         reason = "no data was given and the adapter records none"
-        record = adapter.get("data")
         evalset = None
-        if record:
-            files = DataFiles.from_json(record)
+        if adapter.data:
+            files = DataFiles.from_json(adapter.data)
             try:
                 test = files.load(Task(task))["test"]
                 evalset = _labeled(test, labels, f"test split {files.test or files.train}", task)

@@ -248,10 +248,11 @@ def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions
     if as_json:
         import json
 
-        from lora_edge.bundle import list_graphs, read_manifest
+        from lora_edge.manifest import Manifest
 
-        click.echo(json.dumps({"bundle": str(bundle), "graphs": [g.to_json() for g in list_graphs(bundle)],
-                               "export_stages": read_manifest(bundle).get("export_stages", [])}, indent=2))
+        manifest = Manifest.read(bundle)
+        click.echo(json.dumps({"bundle": str(bundle), "graphs": [g.to_json() for g in manifest.graphs],
+                               "export_stages": [s.to_json() for s in manifest.export_stages]}, indent=2))
         return
     click.echo(str(bundle))
 

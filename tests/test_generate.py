@@ -9,7 +9,8 @@ import pytest
 
 from decoder_bundles import ARCHS, FORMS, adapter_dirs, bundle_for, shared_root
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import ONNX_DIR, Form, find_graph
+from lora_edge.bundle import ONNX_DIR, Form
+from lora_edge.manifest import find_graph
 from lora_edge.errors import ConfigError
 from lora_edge.generate import (BoundAdapter, DecoderRunner, SamplingSpec, _nucleus, encode_prompts, generate,
                                 generate_from_bundle)
