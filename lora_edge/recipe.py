@@ -135,11 +135,15 @@ class CheckSpec:
     max_length: int = _field(128, "Token length examples are truncated to.")
     generated_examples: int = _field(32, "How many random inputs to generate when there is no data.")
     seed: int = _field(0, "Seed for generated inputs.")
+    greedy_prompts: int = _field(20, "Causal LM: prompts the graph and the reference each continue greedily "
+                                     "(greedy agreement, exact match on chat data); 0 = skip those metrics.")
+    greedy_tokens: int = _field(48, "Causal LM: most tokens generated per prompt (a continuation stops at EOS).")
     thresholds: dict[str, dict[str, float]] = _field({}, "Overrides per precision, e.g. "
                                                          "[check.thresholds.int4] top1_agreement = 0.97.")
 
     def __post_init__(self):
-        for name, minimum in (("max_examples", 0), ("batch_size", 1), ("max_length", 8), ("generated_examples", 1)):
+        for name, minimum in (("max_examples", 0), ("batch_size", 1), ("max_length", 8), ("generated_examples", 1),
+                              ("greedy_prompts", 0), ("greedy_tokens", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", f"check.{name}",
@@ -147,10 +151,10 @@ class CheckSpec:
         check_threshold_tables(self.thresholds, "check.thresholds")
 
     def thresholds_for(self, precision: str, device_tolerances: dict | None = None,
-                       device_where: str = "device.tolerances") -> Thresholds:
-        """Defaults for ``precision``, overridden by the device's tolerances, then by this spec."""
+                       device_where: str = "device.tolerances", task: str = "seq-cls") -> Thresholds:
+        """The task's defaults for ``precision``, overridden by the device's tolerances, then by this spec."""
         return resolve_thresholds(precision, (device_tolerances or {}, device_where),
-                                  (self.thresholds, "check.thresholds"))
+                                  (self.thresholds, "check.thresholds"), task=task)
 
 
 # --------------------------------------------------------------------------------------------
