@@ -288,10 +288,15 @@ def infer_command(bundle: Path, graph: str, texts: tuple[str, ...], adapter: str
 @click.option("--temperature", type=float, default=None, help="Sample with this temperature (> 0).")
 @click.option("--top-p", type=float, default=None, help="Sample from the top-p probability mass (0 < p <= 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed: same seed, same text.")
+@click.option("--chat/--raw", "chat", default=None,
+              help="--chat: each prompt is a user turn in the bundle's chat template (the default when the bundle "
+                   "has one, as instruct models expect); --raw: continue the prompt as plain text.")
+@click.option("--system", default=None, help="A system message before each prompt (chat template only).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON: prompt ids, new token ids, texts, prefill and decode tokens/s.")
 def generate_command(bundle: Path, graph: str, adapter: str | None, prompts: tuple[str, ...], max_new_tokens: int,
-                     greedy: bool, temperature: float | None, top_p: float | None, seed: int, as_json: bool) -> None:
+                     greedy: bool, temperature: float | None, top_p: float | None, seed: int, chat: bool | None,
+                     system: str | None, as_json: bool) -> None:
     """Continue a prompt with a bundle's causal-LM graph on ONNX Runtime, streaming the text.
 
     One graph serves prefill and decode (KV cache as inputs/outputs); hot-swap graphs
@@ -303,7 +308,8 @@ def generate_command(bundle: Path, graph: str, adapter: str | None, prompts: tup
 
     sampling = SamplingSpec.from_options(greedy, temperature, top_p, seed)
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
-    output = generate_from_bundle(bundle, graph, list(prompts), adapter, max_new_tokens, sampling, stream)
+    output = generate_from_bundle(bundle, graph, list(prompts), adapter, max_new_tokens, sampling, stream,
+                                  chat=chat, system=system)
     if as_json:
         click.echo(json.dumps(output.to_json(), indent=2))
         return

@@ -465,15 +465,27 @@ def check_adapter_fits(session: "onnxruntime.InferenceSession", adapter_file: Pa
                                        "use an adapter exported for this bundle's base model")
 
 
+def encode_chat_prompts(tokenizer, texts: list[str], system: str | None = None) -> list[list[int]]:
+    """Each text as the user's turn of a chat (after ``system``), rendered by the bundle's chat template."""
+    head = [{"role": "system", "content": system}] if system else []
+    rendered = [tokenizer.apply_chat_template(head + [{"role": "user", "content": text}]) for text in texts]
+    return [list(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+
+
 def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: str | None = None,
                          max_new_tokens: int = 64, sampling: SamplingSpec | None = None,
-                         on_text: Callable[[str], None] | None = None, settings=None) -> BundleGeneration:
+                         on_text: Callable[[str], None] | None = None, settings=None,
+                         chat: bool | None = None, system: str | None = None) -> BundleGeneration:
     """Generate text after each prompt with graph ``graph`` of ``bundle`` (``lora-edge generate``).
 
-    Uses the tokenizer and config.json beside the graphs. ``on_text`` receives
-    the text of a single prompt's completion piece by piece as tokens arrive.
-    Errors: BundleError (unknown graph), ConfigError (not a causal-lm graph, bad
-    options), DataError (a prompt longer than the context), AdapterMismatchError.
+    Uses the tokenizer and config.json beside the graphs. ``chat``: each prompt
+    is a user turn rendered by the bundle's chat template (after ``system``);
+    None = when the bundle has a template, as an instruct model expects; False =
+    the plain text. ``on_text`` receives the text of a single prompt's
+    completion piece by piece as tokens arrive. Errors: BundleError (unknown
+    graph), ConfigError (not a causal-lm graph, bad options), ModelError (chat
+    asked of a bundle without a template), DataError (a prompt longer than the
+    context), AdapterMismatchError.
     """
     from lora_edge.bundle import ONNX_DIR
     from lora_edge.decoder_io import context_length
@@ -501,8 +513,11 @@ def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: 
             if piece:
                 on_text(piece)
 
-    result = generate(runner, encode_prompts(tokenizer, prompts), max_new_tokens, sampling, eos, pad, lora,
-                      on_tokens)
+    use_chat = bool(tokenizer.chat_template) if chat is None else chat
+    if system and not use_chat:
+        raise ConfigError("--system needs the chat template", "--system", "drop --raw, or drop --system")
+    ids = encode_chat_prompts(tokenizer, prompts, system) if use_chat else encode_prompts(tokenizer, prompts)
+    result = generate(runner, ids, max_new_tokens, sampling, eos, pad, lora, on_tokens)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.new_ids]
     return BundleGeneration(record.name, chosen, result, texts)
 

@@ -24,6 +24,7 @@ from lora_edge.errors import ModelError
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves a tokenizer's chat template
 # What transformers' BERT-style tokenizers return; a graph takes the subset it declares.
 OUTPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -66,9 +67,10 @@ def make_portable(directory: Path, max_positions: int | None = None) -> bool:
 class BundleTokenizer:
     """``tokenizer.json`` + ``tokenizer_config.json`` as the subset of a transformers tokenizer lora-edge uses."""
 
-    def __init__(self, backend, config: dict):
+    def __init__(self, backend, config: dict, chat_template: str | None = None):
         self.backend = backend
         self.config = config
+        self.chat_template = chat_template or config.get("chat_template") or None
         self.padding_side = config.get("padding_side", "right")
         self.truncation_side = config.get("truncation_side", "right")
         self.eos_token = _token_content(config.get("eos_token"))
@@ -133,6 +135,36 @@ class BundleTokenizer:
                 text = text.replace(before, after)
         return text
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template rendered as transformers renders it (sandboxed jinja2, trimmed blocks), as text.
+
+        Raises ModelError when the bundle's tokenizer has no chat template.
+        """
+        if not self.chat_template:
+            raise ModelError("the bundle's tokenizer has no chat template", "tokenizer_config.json",
+                             "pass --raw to continue the prompt as plain text")
+        return _compiled_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=_token_content(self.config.get("bos_token")) or "", eos_token=self.eos_token or "")
+
+
+def _compiled_template(source: str):
+    """A chat template compiled the way transformers compiles it (``ImmutableSandboxedEnvironment``)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+    environment.globals["raise_exception"] = raise_exception
+    try:
+        return environment.from_string(source)
+    except TemplateError as exc:
+        raise ModelError(f"the chat template does not compile ({exc})", CHAT_TEMPLATE_FILE,
+                         "re-export the bundle from a model with a valid chat template, or pass --raw") from None
+
 
 def load_bundle_tokenizer(directory: str | Path) -> BundleTokenizer:
     """The tokenizer stored in ``directory`` (a bundle's ``onnx/``): needs ``tokenizer.json``, not transformers."""
@@ -150,4 +182,6 @@ def load_bundle_tokenizer(directory: str | Path) -> BundleTokenizer:
                          "re-export the bundle (lora-edge export)") from None
     config_path = directory / TOKENIZER_CONFIG
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    return BundleTokenizer(backend, config)
+    template_path = directory / CHAT_TEMPLATE_FILE
+    template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
+    return BundleTokenizer(backend, config, template)

@@ -11,7 +11,7 @@ from decoder_bundles import ARCHS, FORMS, adapter_dirs, bundle_for, shared_root
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.bundle import ONNX_DIR, Form
 from lora_edge.manifest import find_graph
-from lora_edge.errors import ConfigError
+from lora_edge.errors import ConfigError, ModelError
 from lora_edge.generate import (BoundAdapter, DecoderRunner, SamplingSpec, _nucleus, encode_prompts, generate,
                                 generate_from_bundle)
 from lora_edge.runtime import create_session, load_lora_adapter
@@ -235,6 +235,33 @@ def test_cli_generate_json(bundles, capsys):
     again = json.loads(_cli(["generate", str(bundle), "--graph", graph, "--prompt", PROMPTS[1], "--max-new-tokens",
                              "8", "--temperature", "0.7", "--top-p", "0.9", "--seed", "1", "--json"], capsys)[1])
     assert again["new_ids"] == payload["new_ids"]
+
+
+def test_cli_generate_renders_the_bundles_chat_template(bundles, tmp_path, capsys):
+    """With a chat template (a copy of the bundle given one) prompts are user turns, as transformers renders them."""
+    import shutil
+
+    from gguf_helpers import CHATML
+
+    source, graph = bundles("llama", Form.MERGED)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(source, bundle)
+    (bundle / ONNX_DIR / "chat_template.jinja").write_text(CHATML)
+    tokenizer = _tokenizer(bundle)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]
+    expected = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)["input_ids"]
+    args = ["generate", str(bundle), "--graph", graph, "--prompt", PROMPTS[0], "--max-new-tokens", "4", "--json"]
+    code, out, err = _cli(args + ["--system", "Be brief."], capsys)
+    assert code == 0, err
+    assert json.loads(out)["prompt_ids"] == [list(expected)]
+    code, out, err = _cli(args + ["--raw"], capsys)  # --raw: the plain text, as without a template
+    assert code == 0 and json.loads(out)["prompt_ids"] == encode_prompts(tokenizer, [PROMPTS[0]])
+    # a bundle without a template: plain text by default, --chat refused in one line
+    code, out, err = _cli(["generate", str(source), "--graph", graph, "--prompt", "hi", "--chat"], capsys)
+    assert code == ModelError.exit_code and err.strip().startswith("error: ") and "chat template" in err
+    code, out, err = _cli(["generate", str(source), "--graph", graph, "--prompt", "hi", "--system", "x"], capsys)
+    assert code == ConfigError.exit_code and "--system" in err
 
 
 def test_cli_generate_bad_input_has_distinct_exit_codes(bundles, capsys):
