@@ -54,7 +54,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 # Stage commands are registered below, one small function each.
 # Options that set a stage's config are generated from its dataclass (lora_edge.recipe, no torch): the help text
 # and the default live there, and the value is validated there (lora_edge.config_fields).
-from lora_edge.config_fields import click_options  # noqa: E402
+from lora_edge.config_fields import click_options, enum_choice  # noqa: E402
+from lora_edge.models import Task  # noqa: E402
 from lora_edge.recipe import (CheckSpec, ExportSpec, LoraSpec, MeasureSpec, QuantizeOptions, Recipe,  # noqa: E402
                               TrainSpec)
 
@@ -168,16 +169,17 @@ def sweep_command(ranks: str, **opts) -> None:
 # --- merge / export / infer (deployment forms) ---
 MODEL_HELP = "Base model: a local Hugging Face model directory, or 'default' (the embedded all-MiniLM-L6-v2)."
 TASK_HELP = "seq-cls or causal-lm (default: the adapter's PEFT task_type)."
+ADAPTER_TASK = enum_choice(Task, "--task", "task")  # no default: the adapter's own task
 
 
 @cli.command("merge")
 @click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--adapter", required=True, help="PEFT LoRA adapter directory ([NAME=]DIR).")
-@click.option("--task", default=None, help=TASK_HELP)
+@click.option("--task", type=ADAPTER_TASK, default=None, help=TASK_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write (must not exist).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the merged model directory, model and adapter.")
-def merge_command(model: str, adapter: str, task: str | None, out: Path, force: bool, as_json: bool) -> None:
+def merge_command(model: str, adapter: str, task: Task | None, out: Path, force: bool, as_json: bool) -> None:
     """Fold an adapter into its base model (W + s·B·A in fp32) and save a merged HF model directory.
 
     The result (safetensors, config, tokenizer, label_map.json) loads with
@@ -202,7 +204,7 @@ def merge_command(model: str, adapter: str, task: str | None, out: Path, force: 
 @click.option("--adapter", "adapters", multiple=True, required=True,
               help="PEFT LoRA adapter directory, [NAME=]DIR; repeat for several (NAME defaults to the dir name).")
 @EXPORT_OPTIONS
-@click.option("--task", default=None, help=TASK_HELP)
+@click.option("--task", type=ADAPTER_TASK, default=None, help=TASK_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the bundle, its graph records and the seconds of each export stage.")
@@ -210,7 +212,7 @@ def merge_command(model: str, adapter: str, task: str | None, out: Path, force: 
 @click.option("--no-fuse", "no_fuse", is_flag=True,
               help="Write the fp32 graphs as exported, without the CPU fusions (attention, LayerNorm, padding "
                    "trim; each fused graph is checked against PyTorch and kept only if it matches).")
-def export_command(model: str, adapters: tuple[str, ...], task: str | None, out: Path, force: bool, as_json: bool,
+def export_command(model: str, adapters: tuple[str, ...], task: Task | None, out: Path, force: bool, as_json: bool,
                    quiet: bool, no_fuse: bool, **opts) -> None:
     """Export base + adapter(s) to ONNX graphs in a bundle, each checked against PyTorch.
 

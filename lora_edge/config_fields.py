@@ -105,22 +105,19 @@ def _item_type(spec: Field, default: list) -> type:
     return spec.metadata.get("item") or (type(default[0]) if default else str)
 
 
-class EnumChoice:
-    """A click type listing an enum's values; an unknown value is a ConfigError naming the option.
+def enum_choice(enum_class: type[enum.Enum], option: str, what: str = "value"):
+    """A click type listing an enum's values; it returns the member, and an unknown value is a ConfigError.
 
-    Built lazily (click is imported by :func:`click_options` only); the value
-    the command receives is the enum member, parsed here once.
+    The error names ``option`` and lists the choices (exit code 11, like any
+    other bad value), where click's own Choice would give a usage error (2).
     """
+    import click
 
-    @staticmethod
-    def make(enum_class: type[enum.Enum], option: str, what: str):
-        import click
+    class EnumChoice(click.Choice):
+        def convert(self, value, param, ctx):  # noqa: D102 - click's hook
+            return parse_enum(enum_class, value, option, what=what)
 
-        class _Choice(click.Choice):
-            def convert(self, value, param, ctx):  # noqa: D102 - click's hook
-                return parse_enum(enum_class, value, option, what=what)
-
-        return _Choice([str(member.value) for member in enum_class])
+    return EnumChoice([str(member.value) for member in enum_class])
 
 
 class ClickOptions:
@@ -169,7 +166,7 @@ class ClickOptions:
             kwargs.update({} if default else {"is_flag": True})
             shown = name.removeprefix("--") if default and self.show_defaults else None
         elif isinstance(default, enum.Enum):
-            kwargs["type"] = EnumChoice.make(type(default), name, what=spec.name.replace("_", " "))
+            kwargs["type"] = enum_choice(type(default), name, what=spec.name.replace("_", " "))
         elif isinstance(default, int):
             kwargs["type"] = int
         elif isinstance(default, float):

@@ -77,6 +77,8 @@ def test_no_options_build_the_dataclass_defaults(command, tmp_path):
     (["export", "--adapter", "a", "--out", "{tmp}/o", "--forms", "merged,folded"], "--forms"),
     (["export", "--adapter", "a", "--out", "{tmp}/o", "--precisions", "int3"], "--precisions"),
     (["export", "--adapter", "a", "--out", "{tmp}/o", "--opset", "-1"], "--opset"),
+    (["export", "--adapter", "a", "--out", "{tmp}/o", "--task", "qa"], "--task"),
+    (["merge", "--adapter", "a", "--out", "{tmp}/o", "--task", "qa"], "--task"),
     (["train", "--out", "{tmp}/o", "--dropout", "1.5"], "--dropout"),
     (["train", "--out", "{tmp}/o", "--lr", "0"], "--lr"),
     (["train", "--out", "{tmp}/o", "--layers", "1,x"], "--layers"),
