@@ -93,6 +93,8 @@ def split_list(value: str, item: type, option: str) -> list:
     parts = [part.strip() for part in value.split(",") if part.strip()]
     if item is str:
         return parts
+    if issubclass(item, enum.Enum):
+        return [parse_enum(item, part, option, what=option.lstrip("-").rstrip("s")) for part in parts]
     try:
         return [item(part) for part in parts]
     except ValueError:

@@ -170,3 +170,9 @@ def test_one_default_for_the_measurement_settings():
         assert not {"batch", "seq", "runs", "warmup"} & set(parameters), function.__name__
         assert parameters["measure"].default is None
     assert ProfileSpec().measure_settings() == MeasureSpec()
+
+
+def test_a_list_of_choices_lists_the_valid_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--adapter", "a", "--out", str(tmp_path / "o"), "--forms", "merged,folded"])
+    assert "unknown form 'folded', in --forms, use one of: merged, branched, hotswap" in capsys.readouterr().err
