@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
+from lora_edge.config_fields import StrChoice
 from lora_edge.errors import BundleError, ConfigError
 
 MANIFEST_FILE = "manifest.json"
@@ -281,7 +282,7 @@ def update_manifest(bundle: Path, **sections) -> dict:
     return manifest
 
 
-class Form(str, enum.Enum):
+class Form(StrChoice):
     """The three deployment forms of an adapter (docs/ARCHITECTURE.md)."""
 
     MERGED = "merged"      # B·A folded into W: one graph per adapter, no runtime cost
@@ -289,7 +290,7 @@ class Form(str, enum.Enum):
     HOTSWAP = "hotswap"    # LoRA weights are graph inputs; adapters are .onnx_adapter files
 
 
-class Precision(str, enum.Enum):
+class Precision(StrChoice):
     """Numeric precision of a graph's base weights (LoRA pairs stay float)."""
 
     FP32 = "fp32"

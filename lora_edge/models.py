@@ -9,12 +9,12 @@ caller asks for it. ``"default"`` names the embedded all-MiniLM-L6-v2 from the
 from __future__ import annotations
 
 import contextlib
-import enum
 import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_edge.config_fields import StrChoice
 from lora_edge.errors import ModelError, parse_enum
 
 if TYPE_CHECKING:  # torch and transformers load lazily: `lora-edge --help` must stay fast
@@ -29,7 +29,7 @@ DEFAULT_MODEL = "default"
 HEAD_INIT_SEED = 0
 
 
-class Task(str, enum.Enum):
+class Task(StrChoice):
     """What a model is used for; decides the head and the exported graph's outputs."""
 
     SEQ_CLS = "seq-cls"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_edge.bundle import Form, Precision, parse_choices
-from lora_edge.config_fields import config_field, field_default, field_help, field_of, same_field
+from lora_edge.config_fields import StrChoice, config_field, field_default, field_help, field_of, same_field
 from lora_edge.errors import ConfigError, parse_enum
 from lora_edge.models import Task
 # The gate's thresholds (re-exported here: a recipe's [check] section overrides them).
@@ -28,7 +28,7 @@ ALL_LINEAR = "all-linear"
 AUTO_TARGETS = "auto"  # the usual attention projections of the model's architecture (resolved by the trainer)
 
 
-class LoraInit(str, enum.Enum):
+class LoraInit(StrChoice):
     """How the LoRA A/B matrices start (PEFT's ``init_lora_weights``)."""
 
     DEFAULT = "default"
@@ -207,7 +207,7 @@ class AdapterSource:
                               'write e.g. name = "intent"')
 
 
-class CalibMethod(str, enum.Enum):
+class CalibMethod(StrChoice):
     """How int8-static picks activation ranges from the calibration batches."""
 
     MINMAX = "minmax"
