@@ -176,3 +176,14 @@ def test_a_list_of_choices_lists_the_valid_ones(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--adapter", "a", "--out", str(tmp_path / "o"), "--forms", "merged,folded"])
     assert "unknown form 'folded', in --forms, use one of: merged, branched, hotswap" in capsys.readouterr().err
+
+
+def test_typed_choices_print_as_their_values():
+    import json
+
+    from lora_edge.bundle import Form, Precision
+    from lora_edge.models import Task
+
+    assert f"{Form.MERGED}.{Precision.INT8_DYNAMIC}" == "merged.int8-dynamic" == ".".join([Form.MERGED, "int8-dynamic"])
+    assert str(Task.CAUSAL_LM) == "causal-lm" and Task.CAUSAL_LM == "causal-lm"
+    assert json.dumps({"task": Task.SEQ_CLS, "forms": [Form.HOTSWAP]}) == '{"task": "seq-cls", "forms": ["hotswap"]}'
