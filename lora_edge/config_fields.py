@@ -19,9 +19,10 @@ for :func:`config_field` without it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import MISSING, Field, field, fields
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from lora_edge.errors import ConfigError, parse_enum
 
@@ -222,21 +223,16 @@ class ClickOptions:
         """One option's value, popped from ``values``: what the user gave, else the field's default."""
         return self.given({name: values.pop(name, None)}).get(name, field_default(field_of(self.spec_class, name)))
 
-    def naming_options(self):
+    @contextlib.contextmanager
+    def naming_options(self) -> Iterator[None]:
         """A context in which a ConfigError that names one of these fields names its option instead."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def renaming():
-            try:
-                yield
-            except ConfigError as exc:
-                option = self._option_for(exc.where)
-                if option is None:
-                    raise
-                raise ConfigError(exc.what, option, exc.fix) from None
-
-        return renaming()
+        try:
+            yield
+        except ConfigError as exc:
+            option = self._option_for(exc.where)
+            if option is None:
+                raise
+            raise ConfigError(exc.what, option, exc.fix) from None
 
     def _option_for(self, where: Any) -> str | None:
         """The option of the field a ConfigError's ``where`` names (``lora.rank``, ``rank``, ``--rank``)."""
