@@ -24,11 +24,10 @@ import secrets
 import shutil
 import socket
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
-from lora_edge.config_fields import StrChoice
+from lora_edge.choices import Form, Precision  # noqa: F401 - the bundle's vocabulary, imported from here too
 from lora_edge.errors import BundleError, ConfigError
 
 MANIFEST_FILE = "manifest.json"
@@ -225,6 +224,8 @@ def write_json(path: Path, payload: dict) -> Path:
 
 def library_versions() -> dict[str, str]:
     """Installed versions of the libraries that shape an export, plus Python and platform."""
+    from importlib import metadata  # here: `lora-edge --help` imports this module, and metadata costs ~13 ms
+
     versions = {"python": platform.python_version(), "platform": platform.platform()}
     for name in TRACKED_LIBRARIES:
         try:
@@ -280,24 +281,6 @@ def update_manifest(bundle: Path, **sections) -> dict:
     manifest.update(sections)
     write_json(Path(bundle) / MANIFEST_FILE, manifest)
     return manifest
-
-
-class Form(StrChoice):
-    """The three deployment forms of an adapter (docs/ARCHITECTURE.md)."""
-
-    MERGED = "merged"      # B·A folded into W: one graph per adapter, no runtime cost
-    BRANCHED = "branched"  # explicit low-rank MatMul pair beside each base linear
-    HOTSWAP = "hotswap"    # LoRA weights are graph inputs; adapters are .onnx_adapter files
-
-
-class Precision(StrChoice):
-    """Numeric precision of a graph's base weights (LoRA pairs stay float)."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    INT8_DYNAMIC = "int8-dynamic"
-    INT8_STATIC = "int8-static"
-    INT4 = "int4"
 
 
 def parse_choices(enum_class: type[enum.Enum], values: list[str], option: str) -> list:

@@ -55,7 +55,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 # Options that set a stage's config are generated from its dataclass (lora_edge.recipe, no torch): the help text
 # and the default live there, and the value is validated there (lora_edge.config_fields).
 from lora_edge.config_fields import click_options, enum_choice  # noqa: E402
-from lora_edge.models import Task  # noqa: E402
+from lora_edge.choices import Task  # noqa: E402
 from lora_edge.recipe import (CheckSpec, ExportSpec, LoraSpec, MeasureSpec, QuantizeOptions, Recipe,  # noqa: E402
                               TrainSpec)
 

@@ -27,21 +27,6 @@ from typing import Any, Callable, Iterable, Iterator
 from lora_edge.errors import ConfigError, parse_enum
 
 
-class StrChoice(str, enum.Enum):
-    """A setting with named string values (Task, Form, Precision...): compares, prints and formats as its value.
-
-    ``f"{Form.MERGED}.{Precision.FP32}"`` is ``merged.fp32`` on every Python
-    (3.11 changed ``format()`` of str-mixin enums to ``Form.MERGED``), so a
-    typed value can go wherever its string went.
-    """
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
-
-
 def config_field(default: Any, help: str, *, option: str | None = None, item: type | None = None,
                  **kwargs) -> Any:
     """A dataclass field with its help text (and CLI spelling) in its metadata.

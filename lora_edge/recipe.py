@@ -16,10 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lora_edge.bundle import Form, Precision, parse_choices
-from lora_edge.config_fields import StrChoice, config_field, field_default, field_help, field_of, same_field
+from lora_edge.choices import Form, Precision, StrChoice, Task
+from lora_edge.config_fields import config_field, field_default, field_help, field_of, same_field
 from lora_edge.errors import ConfigError, parse_enum
-from lora_edge.models import Task
 # The gate's thresholds (re-exported here: a recipe's [check] section overrides them).
 from lora_edge.thresholds import (DEFAULT_THRESHOLDS, THRESHOLD_FIELDS, Thresholds,  # noqa: F401
                                   check_threshold_tables, resolve_thresholds)
@@ -273,6 +272,8 @@ class ExportSpec:
     block_size: int = same_field(QuantizeOptions, "block_size")
 
     def __post_init__(self):
+        from lora_edge.bundle import parse_choices
+
         self.forms = list(dict.fromkeys(parse_choices(Form, _as_list(self.forms), "export.forms")))
         precisions = parse_choices(Precision, _as_list(self.precisions), "export.precisions")
         self.precisions = [Precision.FP32] + [p for p in dict.fromkeys(precisions) if p is not Precision.FP32]

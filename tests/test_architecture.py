@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_edge"
 
 LAYERS = {
     0: ["errors", "models", "bundle", "data", "metrics", "flops", "report", "thresholds", "tiny", "adapters",
-        "recipe", "config_fields", "model_tasks", "onnx_spec", "toml_compat", "console", "chat", "gguf", "pull", "decoder_io",
+        "recipe", "config_fields", "choices", "model_tasks", "onnx_spec", "toml_compat", "console", "chat", "gguf", "pull", "decoder_io",
         "__init__"],
     1: ["runtime", "measure", "infer", "generate", "tokenizer", "interleave"],
     2: ["train", "train_io", "adapter_card"],
