@@ -62,8 +62,9 @@ def export_forms(model: Path, adapter: Path, out: Path) -> Path:
 
 def runners(bundle: Path, threads: int) -> dict[str, tuple]:
     """Form -> (DecoderRunner, LoraAdapter or None) with ``threads`` intra-op threads on the CPU provider."""
-    from lora_edge.bundle import ONNX_DIR, find_graph
+    from lora_edge.bundle import ONNX_DIR
     from lora_edge.generate import DecoderRunner
+    from lora_edge.manifest import find_graph
     from lora_edge.runtime import SessionSettings, create_session, load_lora_adapter
 
     settings = SessionSettings(intra_op_threads=threads, inter_op_threads=1)

@@ -34,7 +34,7 @@ TEXT = "please turn on the lights in the kitchen and tell me what the weather wi
 def export_forms(adapter: Path, work: Path) -> dict[str, dict]:
     """Export each form into its own bundle; return per form the bundle and its export times."""
     from lora_edge.adapters import AdapterRef
-    from lora_edge.bundle import list_graphs
+    from lora_edge.manifest import list_graphs
     from lora_edge.export_bundle import export_bundle
 
     results = {}

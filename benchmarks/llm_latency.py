@@ -163,9 +163,9 @@ class Worker:
 
 
 def graph_file(bundle: Path, name: str) -> Path:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    record = next(g for g in manifest["graphs"] if g["name"] == name)
-    return bundle / record["file"]
+    from lora_edge.manifest import find_graph
+
+    return bundle / find_graph(bundle, name).file
 
 
 def hotswap_adapter(bundle: Path) -> Path:

@@ -7,7 +7,8 @@ Layout (docs/ARCHITECTURE.md, "The bundle")::
 New bundles are built in a temporary sibling directory and renamed into place
 at the end (:func:`atomic_directory`); files added to an existing bundle are
 written to a temporary name and renamed (:func:`atomic_file`). Nothing is ever
-left half-written, and nothing is overwritten without ``force``.
+left half-written, and nothing is overwritten without ``force``. The manifest
+itself is read and written through :mod:`lora_edge.manifest`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import re
 import secrets
 import shutil
 import socket
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -244,22 +244,6 @@ def require_bundle(path: Path) -> Path:
     return path
 
 
-def read_manifest(bundle: Path) -> dict:
-    """Load a bundle's manifest.json."""
-    path = require_bundle(bundle) / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"manifest is not valid JSON ({exc.msg})", path, "re-run lora-edge export") from exc
-    except UnicodeDecodeError:
-        raise BundleError("manifest is not UTF-8 text", path, "re-run lora-edge export") from None
-    for key, kind in (("graphs", list), ("adapters", list), ("model", dict)):
-        if not isinstance(manifest, dict) or not isinstance(manifest.get(key, kind()), kind):
-            where = "the top level" if not isinstance(manifest, dict) else f"'{key}'"
-            raise BundleError(f"manifest has an unexpected structure at {where}", path, "re-run lora-edge export")
-    return manifest
-
-
 def load_graph(path: Path, load_external_data: bool = True):
     """``onnx.load(path)``, or a BundleError naming the file when it is missing or not an ONNX model."""
     import onnx
@@ -275,14 +259,6 @@ def load_graph(path: Path, load_external_data: bool = True):
                           path, "re-run lora-edge export (or quantize) for this graph") from None
 
 
-def update_manifest(bundle: Path, **sections) -> dict:
-    """Merge top-level ``sections`` into a bundle's manifest and rewrite it atomically."""
-    manifest = read_manifest(bundle)
-    manifest.update(sections)
-    write_json(Path(bundle) / MANIFEST_FILE, manifest)
-    return manifest
-
-
 def parse_choices(enum_class: type[enum.Enum], values: list[str], option: str) -> list:
     """Turn option strings into enum members; an unknown one raises ConfigError listing the valid ones."""
     from lora_edge.errors import parse_enum
@@ -291,118 +267,3 @@ def parse_choices(enum_class: type[enum.Enum], values: list[str], option: str) -
         valid = ", ".join(member.value for member in enum_class)
         raise ConfigError(f"no value given for {option}", option, f"use one or more of: {valid}")
     return [parse_enum(enum_class, value, option, what=option.lstrip("-").rstrip("s")) for value in values]
-
-
-@dataclass
-class GraphRecord:
-    """One ONNX graph of a bundle, as listed in ``manifest.json["graphs"]``.
-
-    ``name`` is how users refer to it (``merged.fp32``, ``branched.intent.int8-dynamic``);
-    ``file`` is relative to the bundle. ``adapter`` is the adapter folded or
-    branched into the graph (None for hotswap graphs, which take ``adapters``).
-    ``source`` names the fp32 graph a quantized graph was made from.
-    """
-
-    name: str
-    file: str
-    form: Form
-    precision: Precision
-    task: str
-    adapter: str | None = None
-    adapters: list[str] = field(default_factory=list)
-    source: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    @staticmethod
-    def graph_name(form: Form, precision: Precision, adapter: str | None = None) -> str:
-        """``<form>[.<adapter>].<precision>``; the adapter part only when a bundle has several."""
-        parts = [Form(form).value] + ([adapter] if adapter else []) + [Precision(precision).value]
-        return ".".join(parts)
-
-    def to_json(self) -> dict:
-        """JSON form for the manifest."""
-        record = asdict(self)
-        record["form"], record["precision"] = self.form.value, self.precision.value
-        return record
-
-    @classmethod
-    def from_json(cls, record: dict, where: str | Path = MANIFEST_FILE) -> "GraphRecord":
-        """Inverse of :meth:`to_json`; a BundleError when the record is not one lora-edge wrote."""
-        try:
-            record = dict(record)
-            record["form"], record["precision"] = Form(record["form"]), Precision(record["precision"])
-            graph = cls(**record)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"manifest lists a malformed graph record ({exc.__class__.__name__}: {exc})",
-                              where, "re-run lora-edge export") from None
-        if not isinstance(graph.name, str) or not isinstance(graph.file, str):
-            raise BundleError("manifest lists a graph without a name or file", where,
-                              "re-run lora-edge export")
-        return graph
-
-
-def list_graphs(bundle: Path) -> list[GraphRecord]:
-    """The graphs a bundle's manifest lists."""
-    where = Path(bundle) / MANIFEST_FILE
-    return [GraphRecord.from_json(item, where) for item in read_manifest(bundle).get("graphs", [])]
-
-
-def require_graphs(bundle: Path) -> list[GraphRecord]:
-    """:func:`list_graphs`, or a BundleError when the manifest lists none (every command says it the same way)."""
-    graphs = list_graphs(bundle)
-    if not graphs:
-        raise BundleError("the bundle lists no graphs", Path(bundle) / MANIFEST_FILE,
-                          "export graphs into it first (lora-edge export) or re-export the bundle")
-    return graphs
-
-
-def find_graph(bundle: Path, name: str) -> GraphRecord:
-    """The graph called ``name`` (with or without ``.onnx``), or a BundleError listing the graphs."""
-    name = name.removesuffix(".onnx")
-    graphs = list_graphs(bundle)
-    for graph in graphs:
-        if graph.name == name:
-            return graph
-    names = ", ".join(g.name for g in graphs) or "none"
-    raise BundleError(f"no graph named '{name}' in the bundle", Path(bundle) / MANIFEST_FILE,
-                      f"use one of: {names}")
-
-
-# The command that runs each task's graphs, for errors that point users to the right one.
-TASK_COMMANDS = {"seq-cls": "lora-edge infer", "causal-lm": "lora-edge generate"}
-
-
-def find_task_graph(bundle: Path, name: str, task: str) -> tuple[dict, GraphRecord]:
-    """(manifest, graph record) of graph ``name``, which must be a ``task`` graph (ConfigError if not)."""
-    manifest = read_manifest(bundle)
-    record = find_graph(bundle, name)
-    if record.task != task:
-        raise ConfigError(f"graph {record.name} is a {record.task} graph", "--graph",
-                          f"use {TASK_COMMANDS.get(record.task, 'another command')} for {record.task} graphs")
-    return manifest, record
-
-
-def hotswap_adapter_file(bundle: Path, graph: GraphRecord, adapter: str) -> Path:
-    """The ``.onnx_adapter`` file of ``adapter`` for a hot-swap graph (recorded in the graph's extra, else
-    the bundle's convention ``onnx/adapters/<name>.onnx_adapter``); it may not exist."""
-    recorded = (graph.extra or {}).get("adapter_files", {}).get(adapter)
-    return Path(bundle) / (recorded or f"{ONNX_DIR}/adapters/{adapter}.onnx_adapter")
-
-
-def require_adapter_file(bundle: Path, graph: GraphRecord, adapter: str) -> Path:
-    """:func:`hotswap_adapter_file`, or a BundleError when that file is missing."""
-    path = hotswap_adapter_file(bundle, graph, adapter)
-    if not path.is_file():
-        raise BundleError(f"adapter file of '{adapter}' is missing", path, "re-run lora-edge export")
-    return path
-
-
-def add_graphs(bundle: Path, records: list[GraphRecord]) -> dict:
-    """Add (or replace, by name) graph records in a bundle's manifest, atomically."""
-    manifest = read_manifest(bundle)
-    by_name = {item["name"]: item for item in manifest.get("graphs", [])}
-    for record in records:
-        by_name[record.name] = record.to_json()
-    manifest["graphs"] = list(by_name.values())
-    write_json(Path(bundle) / MANIFEST_FILE, manifest)
-    return manifest

@@ -40,6 +40,11 @@ def _as_dicts(messages: Messages) -> list[dict]:
     return [{"role": role, "content": content} for role, content in messages]
 
 
+def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: Messages) -> str:
+    """The whole chat (answer included) as the model's chat template writes it."""
+    return tokenizer.apply_chat_template(_as_dicts(messages), tokenize=False)
+
+
 def prompt_ids(tokenizer: "PreTrainedTokenizerBase", messages: Messages) -> list[int]:
     """Token ids of the chat template applied to ``messages`` plus the assistant's generation prompt."""
     text = tokenizer.apply_chat_template(_as_dicts(messages), add_generation_prompt=True, tokenize=False)

@@ -31,18 +31,35 @@ from typing import Callable
 import numpy as np
 
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import (Form, GraphRecord, read_manifest, require_adapter_file, require_bundle, require_graphs,
-                              require_writable_file_path)
+from lora_edge.bundle import Form, require_bundle, require_writable_file_path
 from lora_edge.check_data import eval_set
 from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
-from lora_edge.check_tasks import BACKENDS, EvalSet, compare_logits
+from lora_edge.check_tasks import BACKENDS, Continuations, EvalSet, Generation, compare_logits
 from lora_edge.errors import BundleError, ConfigError, LoraEdgeError, ProviderUnavailableError
-from lora_edge.models import Task, load_tokenizer, resolve_model_path
+from lora_edge.manifest import AdapterRecord, GraphRecord, Manifest, require_adapter_file, require_graphs
+from lora_edge.models import Task, load_tokenizer
 from lora_edge.recipe import CheckSpec
 from lora_edge.runtime import SessionSettings
 
 Progress = Callable[[str], None]
 BASE = "base"  # the target name suffix of a hot-swap graph run with no adapter
+
+
+@dataclass
+class Reference:
+    """The PyTorch reference's outputs on an evaluation set: logits per batch; greedy continuations (causal LM)."""
+
+    logits: list[np.ndarray]
+    continuations: Continuations | None = None
+
+
+@dataclass
+class GreedyPlan:
+    """What a causal-LM gate continues greedily: the prompts, how, and the tokenizer that decodes the answers."""
+
+    prompts: list[list[int]]
+    generation: Generation
+    tokenizer: object
 
 
 @dataclass
@@ -101,9 +118,9 @@ class CheckReport:
                 "results": [result.to_json() for result in self.results]}
 
 
-def spec_from_manifest(manifest: dict) -> CheckSpec:
+def spec_from_manifest(manifest: Manifest) -> CheckSpec:
     """The ``[check]`` section of the recipe recorded in the manifest, or the defaults."""
-    section = ((manifest.get("recipe") or {}).get("check")) or {}
+    section = manifest.recipe_section("check")
     known = {f.name for f in dataclasses.fields(CheckSpec)}
     try:
         return CheckSpec(**{k: v for k, v in section.items() if k in known})
@@ -161,9 +178,10 @@ def _result_for(target: CheckTarget, task: str, thresholds) -> TargetResult:
                         target.adapter, task, thresholds.to_json())
 
 
-def run_target(target: CheckTarget, bundle: Path, backend, batches, reference: list[np.ndarray],
-               evalset: EvalSet, thresholds, sessions: SessionCache, threshold_where: str) -> TargetResult:
-    """Run one target over the batches and judge every metric."""
+def run_target(target: CheckTarget, bundle: Path, backend, batches, reference: Reference,
+               evalset: EvalSet, thresholds, sessions: SessionCache, threshold_where: str,
+               greedy: GreedyPlan | None = None) -> TargetResult:
+    """Run one target over the batches (and, for causal LMs, the greedy prompts) and judge every metric."""
     from lora_edge.runtime import load_lora_adapter
 
     result = _result_for(target, backend.task, thresholds)
@@ -177,6 +195,8 @@ def run_target(target: CheckTarget, bundle: Path, backend, batches, reference: l
         if target.graph.form is Form.HOTSWAP and target.adapter is not None:
             adapter = load_lora_adapter(require_adapter_file(bundle, target.graph, target.adapter))
         outputs = [backend.graph(session, batch, adapter) for batch in batches]
+        continuations = (backend.graph_continuations(session, greedy.tokenizer, greedy.prompts, greedy.generation,
+                                                     adapter) if greedy and reference.continuations else None)
     except Exception as exc:  # a graph that cannot run is skipped (no provider) or failed (broken), never raised
         reason = _unrunnable(exc)
         line = exc.format_message() if isinstance(exc, LoraEdgeError) else str(exc).strip().splitlines()[0][:300]
@@ -186,25 +206,48 @@ def run_target(target: CheckTarget, bundle: Path, backend, batches, reference: l
                           for m in metrics]
         result.seconds = time.perf_counter() - started
         return result
-    values = compare_logits(backend, outputs, reference, batches)
+    values = compare_logits(backend, outputs, reference.logits, batches)
     result.scores["cosine_min"] = values.pop("cosine_min", None)
-    skip = evalset.task_skip_reason
-    skips = {}
-    if target.adapter is None:
-        skip = "the base model has no task metric here (the task is the adapter's)"
-        if backend.task == Task.SEQ_CLS.value:
+    skips = _skip_reasons(target, backend.task, evalset, continuations)
+    if "perplexity_increase" not in skips and "accuracy_drop" not in skips:
+        result.scores.update(backend.task_scores(outputs, reference.logits, batches, evalset))
+    if continuations is not None:
+        answers = evalset.answers if target.adapter is not None else None
+        result.scores.update(backend.generation_scores(continuations, reference.continuations, answers))
+    for metric in skips:
+        values.pop(metric, None)
+    values.update({m: result.scores[m] for m in metrics if m in result.scores and m not in skips})
+    result.metrics = [judge(m, values.get(m), thresholds, skips.get(m, ""), threshold_where) for m in metrics]
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _skip_reasons(target: CheckTarget, task: str, evalset: EvalSet,
+                  continuations: Continuations | None) -> dict[str, str]:
+    """Metric -> why it is not judged for this target (absent: judged)."""
+    skips: dict[str, str] = {}
+    if task == Task.SEQ_CLS.value:
+        task_skip = evalset.task_skip_reason
+        if target.adapter is None:
+            task_skip = "the base model has no task metric here (the task is the adapter's)"
             # A classifier's base head is untrained (random): its logits are small and near-tied, so the
             # top class and the direction of the logit vector swing at the smallest numeric change; only
             # the logit distances say whether the graph is the base model.
             for metric in ("top1_agreement", "cosine"):
-                values.pop(metric, None)
                 skips[metric] = "the base model's classifier head is untrained: only logit distances are gated"
-    if not skip:
-        result.scores.update(backend.task_scores(outputs, reference, batches, evalset))
-        values.update({m: result.scores[m] for m in metrics if m in result.scores})
-    result.metrics = [judge(m, values.get(m), thresholds, skips.get(m, skip), threshold_where) for m in metrics]
-    result.seconds = time.perf_counter() - started
-    return result
+        if task_skip:
+            skips.update({"accuracy_drop": task_skip, "macro_f1_drop": task_skip})
+        return skips
+    if continuations is None:
+        reason = ("check.greedy_prompts is 0" if evalset.prompts else "no prompt to continue (texts under 2 tokens)")
+        skips.update({"greedy_agreement": reason, "exact_match_drop": reason})
+    elif target.adapter is None:
+        skips["exact_match_drop"] = "the base model is not expected to give the adapter's answers"
+    elif not evalset.answers:
+        skips["exact_match_drop"] = 'no expected answers: exact match needs chat rows ({"messages": [...]})'
+    if evalset.task_skip_reason:  # generated inputs: no text to score perplexity or answers on
+        skips.update({"perplexity_increase": evalset.task_skip_reason, "exact_match_drop": evalset.task_skip_reason})
+    return skips
 
 
 def _adapter_sha256(directory: Path) -> str | None:
@@ -216,25 +259,24 @@ def _adapter_sha256(directory: Path) -> str | None:
     return directory_sha256(directory, "adapter_*")
 
 
-def reference_adapter(bundle: Path, adapter: dict) -> tuple[TargetResult, Path | None]:
+def reference_adapter(bundle: Path, adapter: AdapterRecord) -> tuple[TargetResult, Path | None]:
     """Check the bundle's copy of an adapter against the manifest's sha256; pick the directory to trust.
 
     Returns the integrity result and the adapter directory the reference is
     built from: the bundle's copy when it matches, else the recorded source
     directory when that matches, else None (no trustworthy reference).
     """
-    name = adapter["name"]
-    copy = bundle / adapter.get("bundle_dir", "adapter")
-    result = TargetResult(f"adapter:{name}", f"adapter:{name}", str(adapter.get("bundle_dir")), "adapter", "fp32",
-                          name, "")
-    recorded = adapter.get("sha256")
+    name = adapter.name
+    copy = bundle / adapter.bundle_dir
+    result = TargetResult(f"adapter:{name}", f"adapter:{name}", adapter.bundle_dir, "adapter", "fp32", name, "")
+    recorded = adapter.sha256
     if not recorded:
         result.metrics = [MetricResult("sha256", SKIPPED, reason="the manifest records no sha256 for this adapter")]
         return result, copy
     if _adapter_sha256(copy) == recorded:
         result.metrics = [MetricResult("sha256", "passed", reason="the bundle's adapter is the one exported")]
         return result, copy
-    source = Path(adapter["source"]) if adapter.get("source") else None
+    source = Path(adapter.source) if adapter.source else None
     trusted = source if source is not None and _adapter_sha256(source) == recorded else None
     fallback = f"; the reference is built from the source {source}" if trusted else ""
     result.metrics = [MetricResult("sha256", FAILED, reason=f"the adapter files in {copy} differ from the ones "
@@ -242,20 +284,40 @@ def reference_adapter(bundle: Path, adapter: dict) -> tuple[TargetResult, Path |
     return result, trusted
 
 
-def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batches,
-                base: bool) -> dict[bool, list[np.ndarray] | None]:
-    """Reference outputs per batch: ``{False: base + adapter, True: base model alone (when asked)}``."""
+def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batches, base: bool,
+                greedy: GreedyPlan | None) -> dict[bool, Reference | None]:
+    """Reference outputs: ``{False: base + adapter, True: base model alone (when asked)}``."""
     model = load_reference(model_path, adapter, task)
-    outputs = {False: [backend.reference(model, batch) for batch in batches], True: None}
+
+    def outputs() -> Reference:
+        logits = [backend.reference(model, batch) for batch in batches]
+        continuations = (backend.reference_continuations(model, greedy.tokenizer, greedy.prompts, greedy.generation)
+                         if greedy else None)
+        return Reference(logits, continuations)
+
+    references = {False: outputs(), True: None}
     if base:
         with model.disable_adapter():
-            outputs[True] = [backend.reference(model, batch) for batch in batches]
-    return outputs
+            references[True] = outputs()
+    return references
 
 
-def _model_path(manifest: dict) -> Path:
-    model = manifest.get("model") or {}
-    return resolve_model_path("default" if model.get("default") else model.get("path", ""))
+def greedy_plan(spec: CheckSpec, evalset: EvalSet, tokenizer, bundle: Path) -> GreedyPlan | None:
+    """The greedy continuations a causal-LM gate compares (None: not asked for, or no prompts)."""
+    import json
+
+    if not spec.greedy_prompts or not evalset.prompts:
+        return None
+    try:
+        config = json.loads((bundle / "onnx" / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    eos = config.get("eos_token_id", tokenizer.eos_token_id)
+    eos = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    pad = config.get("pad_token_id")
+    pad = pad if pad is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else
+                                       min(eos, default=0))
+    return GreedyPlan(evalset.prompts[:spec.greedy_prompts], Generation(spec.greedy_tokens, eos, int(pad)), tokenizer)
 
 
 def _tokenizer(bundle: Path, model_path: Path):
@@ -279,28 +341,28 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
     started = time.perf_counter()
     say = progress or (lambda message: None)
     bundle = require_bundle(Path(bundle))
-    manifest = read_manifest(bundle)
+    manifest = Manifest.read(bundle)
     spec = spec or spec_from_manifest(manifest)
-    task = Task.parse((manifest.get("model") or {}).get("task", "seq-cls"), "manifest.json: model.task").value
+    task = manifest.model.task.value
     backend = BACKENDS[task]
     device = load_device(spec.device) if spec.device else None
     settings = device.session_settings() if device else SessionSettings()
     tolerances, tolerance_where = (device.tolerances, f"{device.source}: tolerances") if device else ({}, "")
-    adapters = manifest.get("adapters") or []
+    adapters = manifest.adapters
     if not adapters:
         raise BundleError("the bundle lists no adapters", bundle / "manifest.json", "re-export the bundle")
     graphs = require_graphs(bundle)
     report = CheckReport(str(bundle), task, device.name if device else "CPUExecutionProvider (no device)",
                          datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    targets = plan_targets(graphs, [a["name"] for a in adapters])
-    model_path = _model_path(manifest)
+    targets = plan_targets(graphs, manifest.adapter_names)
+    model_path = manifest.model.resolved_path()
     tokenizer = _tokenizer(bundle, model_path)
     sessions = SessionCache(settings)
     for adapter in adapters:
-        name = adapter["name"]
+        name = adapter.name
         integrity, trusted = reference_adapter(bundle, adapter)
         report.integrity.append(integrity)
-        mine = [t for t in targets if t.adapter == name or (t.adapter is None and name == adapters[0]["name"])]
+        mine = [t for t in targets if t.adapter == name or (t.adapter is None and name == adapters[0].name)]
         if not mine:
             continue
         evalset = eval_set(spec, adapter, task, tokenizer)
@@ -310,14 +372,15 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
         try:
             if trusted is None:
                 raise BundleError("no copy of the adapter matches the manifest's sha256",
-                                  bundle / adapter.get("bundle_dir", "adapter"), "re-export the bundle from the adapter")
+                                  bundle / adapter.bundle_dir, "re-export the bundle from the adapter")
+            greedy = greedy_plan(spec, evalset, tokenizer, bundle) if task == Task.CAUSAL_LM.value else None
             references = _references(model_path, AdapterRef(name, trusted), Task(task), backend, batches,
-                                     base=any(t.adapter is None for t in mine))
+                                     any(t.adapter is None for t in mine), greedy)
         except LoraEdgeError as exc:  # no reference: every graph of this adapter fails, with the reason
             reason = f"the PyTorch reference could not be built: {exc.format_message()}"
             for target in mine:
                 precision = target.graph.precision.value
-                thresholds = spec.thresholds_for(precision, tolerances, tolerance_where)
+                thresholds = spec.thresholds_for(precision, tolerances, tolerance_where, task)
                 result = _result_for(target, task, thresholds)
                 result.error = reason
                 result.metrics = [MetricResult(m, FAILED, None, getattr(thresholds, m), thresholds.bound(m), reason)
@@ -327,9 +390,9 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
             continue
         for target in mine:
             precision = target.graph.precision.value
-            thresholds = spec.thresholds_for(precision, tolerances, tolerance_where)
+            thresholds = spec.thresholds_for(precision, tolerances, tolerance_where, task)
             result = run_target(target, bundle, backend, batches, references[target.adapter is None], evalset,
-                                thresholds, sessions, f"check.thresholds.{precision}")
+                                thresholds, sessions, f"check.thresholds.{precision}", greedy)
             report.targets.append(result)
             failed = sum(m.status == FAILED for m in result.metrics)
             skipped = sum(m.status == SKIPPED for m in result.metrics)
@@ -365,7 +428,7 @@ def check_command(bundle: str | Path, data: str | None = None, device: str | Non
     bundle = require_bundle(Path(bundle))
     if junit is not None:  # before minutes of checking, not after
         require_writable_file_path(Path(junit), "--junit")
-    spec = spec_from_manifest(read_manifest(bundle))
+    spec = spec_from_manifest(Manifest.read(bundle))
     overrides = {"data": data, "device": device, "max_examples": max_examples}
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     return check_bundle(bundle, spec, junit=junit, progress=progress)

@@ -7,6 +7,7 @@ import numpy as np
 from lora_edge.check_tasks import EvalSet
 from lora_edge.data import DataFiles, read_examples
 from lora_edge.errors import DataError
+from lora_edge.manifest import AdapterRecord
 from lora_edge.models import Task
 from lora_edge.recipe import CheckSpec
 
@@ -26,7 +27,28 @@ def generated_texts(tokenizer, count: int, seed: int, max_tokens: int = 48) -> l
     return texts
 
 
-def _labeled(examples, labels: list[str] | None, source: str, task: str) -> EvalSet:
+def _causal_lm(examples, source: str, tokenizer) -> EvalSet:
+    """Chat rows: the rendered chats, their prompts and expected answers; text rows: each text's first half as prompt."""
+    from lora_edge.chat import prompt_ids, render_chat, require_chat_template
+
+    if examples and all(ex.messages for ex in examples):
+        require_chat_template(tokenizer, source)
+        return EvalSet([render_chat(tokenizer, ex.messages) for ex in examples], source,
+                       prompts=[prompt_ids(tokenizer, ex.messages[:-1]) for ex in examples],
+                       answers=[ex.messages[-1][1] for ex in examples])
+    return _with_text_prompts(EvalSet([ex.text for ex in examples], source), tokenizer)
+
+
+def _with_text_prompts(evalset: EvalSet, tokenizer) -> EvalSet:
+    """Plain texts: the first half of each text's tokens is a prompt to continue (texts of two tokens or more)."""
+    encoded = [tokenizer(text)["input_ids"] for text in evalset.texts]
+    evalset.prompts = [ids[:len(ids) // 2] for ids in encoded if len(ids) >= 2]
+    return evalset
+
+
+def _labeled(examples, labels: list[str] | None, source: str, task: str, tokenizer) -> EvalSet:
+    if task == Task.CAUSAL_LM.value:
+        return _causal_lm(examples, source, tokenizer)
     texts = [ex.text for ex in examples]
     if task != Task.SEQ_CLS.value:
         return EvalSet(texts, source)
@@ -40,27 +62,30 @@ def _labeled(examples, labels: list[str] | None, source: str, task: str) -> Eval
     return EvalSet(texts, source, [labels.index(ex.label) for ex in examples], len(labels))
 
 
-def eval_set(spec: CheckSpec, adapter: dict, task: str, tokenizer) -> EvalSet:
+def eval_set(spec: CheckSpec, adapter: AdapterRecord, task: str, tokenizer) -> EvalSet:
     """The evaluation set of one adapter: --data, else its recorded test split, else generated inputs."""
-    labels = adapter.get("labels")
+    labels = adapter.labels
     if spec.data:
-        evalset = _labeled(read_examples(spec.data, Task(task)), labels, f"--data {spec.data}", task)
+        evalset = _labeled(read_examples(spec.data, Task(task)), labels, f"--data {spec.data}", task, tokenizer)
     else:
         reason = "no data was given and the adapter records none"
-        record = adapter.get("data")
         evalset = None
-        if record:
-            files = DataFiles.from_json(record)
+        if adapter.data:
+            files = DataFiles.from_json(adapter.data)
             try:
                 test = files.load(Task(task))["test"]
-                evalset = _labeled(test, labels, f"test split {files.test or files.train}", task)
+                evalset = _labeled(test, labels, f"test split {files.test or files.train}", task, tokenizer)
             except DataError as exc:
                 reason = f"the recorded data cannot be read ({exc.format_message()})"
         if evalset is None:
             texts = generated_texts(tokenizer, spec.generated_examples, spec.seed, min(48, spec.max_length - 2))
             evalset = EvalSet(texts, f"{len(texts)} generated inputs ({reason})",
                               task_skip_reason=f"no labeled data: {reason}; give --data FILE")
+            if task == Task.CAUSAL_LM.value:
+                evalset = _with_text_prompts(evalset, tokenizer)
     if spec.max_examples and len(evalset.texts) > spec.max_examples:
         evalset.texts = evalset.texts[:spec.max_examples]
         evalset.labels = evalset.labels[:spec.max_examples] if evalset.labels is not None else None
+        evalset.prompts = evalset.prompts[:spec.max_examples] if evalset.prompts is not None else None
+        evalset.answers = evalset.answers[:spec.max_examples] if evalset.answers is not None else None
     return evalset

@@ -20,7 +20,8 @@ PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
 # Which gated metrics apply to which task; the others are not listed at all.
 LOGIT_METRICS = ("max_abs_diff", "mean_abs_diff", "cosine", "top1_agreement")
-TASK_METRICS = {"seq-cls": ("accuracy_drop", "macro_f1_drop"), "causal-lm": ("perplexity_increase",)}
+TASK_METRICS = {"seq-cls": ("accuracy_drop", "macro_f1_drop"),
+                "causal-lm": ("perplexity_increase", "greedy_agreement", "exact_match_drop")}
 
 
 def gated_metrics(task: str) -> tuple[str, ...]:

@@ -6,7 +6,9 @@ given), picks the logit rows to compare, and computes the task metric.
 Classification: one row per example, accuracy and macro-F1 on labels.
 Causal LM: one row per real token (top-1 agreement there is next-token
 agreement) and perplexity; the graph runs through the decoder stage's
-:class:`~lora_edge.generate.DecoderRunner` (prefill with an empty past).
+:class:`~lora_edge.generate.DecoderRunner` (prefill with an empty past). Then
+greedy continuations of the evaluation prompts, graph against reference:
+token agreement, and on chat data the exact match of the answers.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ class EvalSet:
     labels: list[int] | None = None
     n_classes: int = 0
     task_skip_reason: str = ""  # why the task metric cannot run ("" = it can)
+    prompts: list[list[int]] | None = None  # causal LM: token ids each graph and the reference continue greedily
+    answers: list[str] | None = None  # causal LM on chat data: the expected answer to each prompt
+
+
+@dataclass
+class Continuations:
+    """Greedy continuations of an evaluation set's prompts (token ids, each cut after its first EOS)."""
+
+    tokens: list[list[int]]
+    texts: list[str]
 
 
 class ClassificationBackend:
@@ -146,6 +158,48 @@ class CausalLMBackend:
         ppl = {name: perplexity(total / max(count, 1)) for name, (total, count) in totals.items()}
         return {"perplexity": ppl["graph"], "reference_perplexity": ppl["reference"],
                 "perplexity_increase": 100.0 * (ppl["graph"] - ppl["reference"]) / ppl["reference"]}
+
+    def reference_continuations(self, model, tokenizer, prompts: list[list[int]], spec: "Generation") -> Continuations:
+        """The PyTorch reference's greedy continuations (transformers ``generate``)."""
+        from lora_edge.lm_metrics import torch_greedy
+
+        tokens = torch_greedy(model, prompts, spec.max_new_tokens, spec.eos, spec.pad_token_id)
+        return Continuations(tokens, [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens])
+
+    def graph_continuations(self, session: "onnxruntime.InferenceSession", tokenizer, prompts: list[list[int]],
+                            spec: "Generation", adapter: "onnxruntime.LoraAdapter | None") -> Continuations:
+        """The graph's greedy continuations (``lora-edge generate``'s decode loop)."""
+        from lora_edge.generate import DecoderRunner
+        from lora_edge.lm_metrics import graph_greedy
+
+        tokens = graph_greedy(DecoderRunner(session), prompts, spec.max_new_tokens, spec.eos, spec.pad_token_id,
+                              adapter)
+        return Continuations(tokens, [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens])
+
+    def generation_scores(self, graph: Continuations, reference: Continuations,
+                          answers: list[str] | None) -> dict[str, float]:
+        """Greedy token agreement; with expected answers, exact match of both sides and the drop in points."""
+        from lora_edge.chat import exact_match
+        from lora_edge.lm_metrics import greedy_agreement
+
+        scores = {"greedy_agreement": greedy_agreement(graph.tokens, reference.tokens),
+                  "greedy_prompts": float(len(reference.tokens))}
+        if answers:
+            def share(texts: list[str]) -> float:
+                return sum(exact_match(text, answer) for text, answer in zip(texts, answers)) / len(answers)
+
+            scores["exact_match"], scores["reference_exact_match"] = share(graph.texts), share(reference.texts)
+            scores["exact_match_drop"] = 100.0 * (scores["reference_exact_match"] - scores["exact_match"])
+        return scores
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the gate generates: most new tokens per prompt, the stop tokens, the padding token."""
+
+    max_new_tokens: int
+    eos: frozenset[int]
+    pad_token_id: int
 
 
 BACKENDS: dict[str, Any] = {"seq-cls": ClassificationBackend(), "causal-lm": CausalLMBackend()}

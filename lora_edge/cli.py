@@ -231,10 +231,11 @@ def export_command(model: str, adapters: tuple[str, ...], task: Task | None, out
     if as_json:
         import json
 
-        from lora_edge.bundle import list_graphs, read_manifest
+        from lora_edge.manifest import Manifest
 
-        click.echo(json.dumps({"bundle": str(bundle), "graphs": [g.to_json() for g in list_graphs(bundle)],
-                               "export_stages": read_manifest(bundle).get("export_stages", [])}, indent=2))
+        manifest = Manifest.read(bundle)
+        click.echo(json.dumps({"bundle": str(bundle), "graphs": [g.to_json() for g in manifest.graphs],
+                               "export_stages": [s.to_json() for s in manifest.export_stages]}, indent=2))
         return
     click.echo(str(bundle))
 
@@ -291,6 +292,48 @@ def generate_command(bundle: Path, graph: str, adapter: str | None, prompts: tup
         return
     click.echo(format_generation(output, streamed=True))
     click.echo(format_speed(output), err=True)
+
+# --- adapters: hot-swap adapter files ---
+
+
+@cli.group("adapters")
+def adapters_group() -> None:
+    """Hot-swap adapter files (.onnx_adapter): convert between lora-edge's layout and Olive's."""
+
+
+@adapters_group.command("convert")
+@click.argument("adapter_file", type=click.Path(path_type=Path))
+@click.option("--graph", required=True, type=click.Path(path_type=Path),
+              help="The hot-swap graph the adapter is for: a lora-edge or Olive-built .onnx graph, or a bundle "
+                   "directory (its hotswap.fp32 graph).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The .onnx_adapter file to write.")
+@click.option("--layout", default="graph", show_default=True, type=click.Choice(["graph", "olive"]),
+              help="Layout to write: graph (what --graph takes: lora-edge's layout for our graphs) or olive "
+                   "(what `olive convert-adapters` writes; --graph must then be a lora-edge graph).")
+@click.option("--from", "source", default="auto", show_default=True,
+              type=click.Choice(["auto", "lora-edge", "olive"]),
+              help="Layout of ADAPTER_FILE; auto tells it from the tensors' shapes against the graph.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: files, layouts read and written, counts.")
+def adapters_convert(adapter_file: Path, graph: Path, out: Path, layout: str, source: str, force: bool,
+                     as_json: bool) -> None:
+    """Convert ADAPTER_FILE (lora-edge's or Olive's layout) for a hot-swap graph, checked against its inputs.
+
+    `olive convert-adapters` writes PEFT's tensors transposed and a decoder's keys as model.layers...;
+    Olive-built graphs name their inputs ...lora_A.default.weight. Tensors are matched to the graph's
+    inputs by module and factor, and transposed where their shapes ask for it. Tensors the graph has no
+    input for, or whose shapes fit it neither as they are nor transposed (another base model, an
+    incomplete or mixed file), are refused and nothing is written.
+    """
+    from lora_edge.adapter_layout import convert_adapter_file
+
+    result = convert_adapter_file(adapter_file, graph, out, layout=layout, source=source, force=force)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    click.echo(result.summary())
 
 # --- quantize ---
 

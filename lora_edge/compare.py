@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lora_edge.bundle import REPORTS_DIR, read_manifest, require_bundle, write_json
+from lora_edge.bundle import REPORTS_DIR, require_bundle, write_json
 from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.interleave import VERDICT_MARGIN_PCT, ratio_stats, verdict
+from lora_edge.manifest import Manifest
 from lora_edge.profile import profile_bundle
 from lora_edge.profile_report import GraphProfile, ProfileReport, read_profile
 from lora_edge.recipe import MeasureSpec
@@ -136,31 +137,30 @@ def comparison_rows(graphs: list[GraphProfile], eager: list[GraphProfile], seq: 
     return rows
 
 
-def adapter_flops_per_token(bundle: Path, manifest: dict) -> dict[str, int]:
+def adapter_flops_per_token(bundle: Path, manifest: Manifest) -> dict[str, int]:
     """Extra FLOPs per token of each bundled adapter's branches, from its safetensors shapes."""
     from lora_edge.adapters import ADAPTER_WEIGHTS
     from lora_edge.flops import adapter_flops_per_token as flops_of
 
     result = {}
-    for entry in manifest.get("adapters", []):
-        weights = Path(bundle) / entry["bundle_dir"] / ADAPTER_WEIGHTS
+    for entry in manifest.adapters:
+        weights = Path(bundle) / entry.bundle_dir / ADAPTER_WEIGHTS
         if weights.is_file():
-            result[entry["name"]] = flops_of(weights)
+            result[entry.name] = flops_of(weights)
     return result
 
 
-def base_flops_per_item(manifest: dict, batch: int, seq: int) -> float | None:
+def base_flops_per_item(manifest: Manifest, batch: int, seq: int) -> float | None:
     """FLOPs of one item through the base model (what the merged form costs), or None without the model."""
     import torch
 
     from lora_edge.errors import LoraEdgeError
     from lora_edge.flops import model_flops
-    from lora_edge.models import Task, load_base_model, load_config, resolve_model_path
+    from lora_edge.models import load_base_model, load_config
 
-    info = manifest.get("model", {})
     try:
-        path = resolve_model_path("default" if info.get("default") else info.get("path", ""))
-        model = load_base_model(path, Task.parse(info.get("task", "seq-cls")))
+        path = manifest.model.resolved_path()
+        model = load_base_model(path, manifest.model.task)
     except LoraEdgeError:
         return None
     vocab = int(load_config(path).get("vocab_size", 1000))
@@ -201,7 +201,7 @@ def compare_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
         print(f"compare: using {bundle / REPORTS_DIR / 'profile.json'} ({report.created})", file=sys.stderr)
     report.check_measured()
     selected = [g for g in report.graphs if not graphs or g.name in graphs]
-    manifest = read_manifest(bundle)
+    manifest = Manifest.read(bundle)
     base = report.model.get("flops_per_item") or base_flops_per_item(manifest, batch, seq)
     comparison = Comparison(bundle=str(bundle), device=device.name, note=report.note, seq=seq,
                             base_flops_per_item=base, load_average=report.settings.get("load_average") or {},
@@ -341,7 +341,7 @@ def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str 
             report = profile_bundle(bundle, device, ["merged.fp32", "branched.fp32"], measure, eager=False,
                                     quiet=True)
             report.check_measured()
-            manifest = read_manifest(bundle)
+            manifest = Manifest.read(bundle)
             if base is None:  # every rank shares the base model: count its FLOPs once
                 base = base_flops_per_item(manifest, measure.batch, measure.seq)
             table = {row["form"]: row for row in comparison_rows(report.graphs, [], measure.seq,

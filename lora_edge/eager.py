@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_edge.bundle import GraphRecord
 from lora_edge.devices import DeviceTarget
 from lora_edge.errors import LoraEdgeError
+from lora_edge.manifest import AdapterRecord, GraphRecord, Manifest
 from lora_edge.measure import PeakMemory, latency_stats, time_interleaved
 from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile
 
@@ -21,12 +21,11 @@ if TYPE_CHECKING:
 EAGER_FORMS = ("unmerged", "merged")
 
 
-def _adapter_entries(manifest: dict, records: list[GraphRecord]) -> list[dict]:
+def _adapter_entries(manifest: Manifest, records: list[GraphRecord]) -> list[AdapterRecord]:
     """The adapters the profiled graphs use (each once), else the bundle's first adapter."""
-    adapters = manifest.get("adapters") or []
     used = {record.adapter for record in records if record.adapter}
-    chosen = [entry for entry in adapters if entry["name"] in used]
-    return chosen or adapters[:1]
+    chosen = [entry for entry in manifest.adapters if entry.name in used]
+    return chosen or list(manifest.adapters[:1])
 
 
 def _inputs(batch: int, seq: int, vocab: int, device: str) -> dict[str, "torch.Tensor"]:
@@ -51,7 +50,7 @@ def _torch_device(device: DeviceTarget, allow_fallback: bool) -> tuple[str | Non
     return None, "torch has no CUDA on this host"
 
 
-def eager_baselines(bundle: Path, manifest: dict, device: DeviceTarget, batch: int, seq: int, runs: int,
+def eager_baselines(bundle: Path, manifest: Manifest, device: DeviceTarget, batch: int, seq: int, runs: int,
                     warmup: int, allow_fallback: bool, records: list[GraphRecord]) -> tuple[list[GraphProfile], dict]:
     """Time the PyTorch reference (unmerged) and its merged copy; also count the model's FLOPs per item.
 
@@ -65,28 +64,27 @@ def eager_baselines(bundle: Path, manifest: dict, device: DeviceTarget, batch: i
     from lora_edge.adapters import AdapterRef, load_reference
     from lora_edge.flops import model_flops
     from lora_edge.merge import merge_adapter
-    from lora_edge.models import Task, load_config, resolve_model_path
+    from lora_edge.models import Task, load_config
 
-    model_info = manifest.get("model", {})
     entries = _adapter_entries(manifest, records)
     several = len(entries) > 1
-    names = {entry["name"]: [f"pytorch.{entry['name']}.{form}" if several else f"pytorch.{form}"
-                             for form in EAGER_FORMS] for entry in entries}
-    profiles = [GraphProfile(name=name, kind="pytorch", form=form, precision="fp32", adapter=entry["name"],
+    names = {entry.name: [f"pytorch.{entry.name}.{form}" if several else f"pytorch.{form}"
+                          for form in EAGER_FORMS] for entry in entries}
+    profiles = [GraphProfile(name=name, kind="pytorch", form=form, precision="fp32", adapter=entry.name,
                              providers_requested=["torch"])
-                for entry in entries for name, form in zip(names[entry["name"]], EAGER_FORMS)]
+                for entry in entries for name, form in zip(names[entry.name], EAGER_FORMS)]
     torch_device, reason = _torch_device(device, allow_fallback)
     if torch_device is None:
         for profile in profiles:
             profile.status, profile.reason = NOT_MEASURED, reason
         return profiles, {}
     try:
-        model_path = resolve_model_path("default" if model_info.get("default") else model_info.get("path", ""))
+        model_path = manifest.model.resolved_path()
     except LoraEdgeError as exc:
         for profile in profiles:
             profile.status, profile.reason = NOT_MEASURED, f"base model not found ({exc.what})"
         return profiles, {}
-    task = Task.parse(model_info.get("task", "seq-cls"))
+    task = manifest.model.task
     vocab = int(load_config(model_path).get("vocab_size", 1000))
     inputs = _inputs(batch, seq, vocab, torch_device)
     threads = torch.get_num_threads()
@@ -96,8 +94,8 @@ def eager_baselines(bundle: Path, manifest: dict, device: DeviceTarget, batch: i
     try:
         runners, by_name = {}, {profile.name: profile for profile in profiles}
         for entry in entries:
-            adapter = AdapterRef(entry["name"], Path(bundle) / entry["bundle_dir"])
-            unmerged_name, merged_name = names[entry["name"]]
+            adapter = AdapterRef(entry.name, Path(bundle) / entry.bundle_dir)
+            unmerged_name, merged_name = names[entry.name]
             with PeakMemory() as memory:
                 reference = load_reference(model_path, adapter, task).to(torch_device)
                 runners[unmerged_name] = _runner(reference, inputs, torch_device)

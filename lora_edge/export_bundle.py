@@ -19,6 +19,7 @@ to ``lora_edge.quantize.quantize_bundle`` once the fp32 graphs exist.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import sys
@@ -31,13 +32,13 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lora_edge import __version__
 from lora_edge.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, AdapterRef, adapter_task,
                                 load_reference, read_adapter_config)
-from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Form, GraphRecord, Precision, atomic_directory,
-                              library_versions, parse_choices, read_manifest, write_json)
+from lora_edge.bundle import ONNX_DIR, Form, Precision, atomic_directory, library_versions, parse_choices, write_json
 from lora_edge.console import stderr_lines
 from lora_edge.data import LABEL_MAP_FILE, LabelMap
 from lora_edge.errors import ConfigError, ExportError
 from lora_edge.exporter import FP32_TOLERANCE, ExportContext
 from lora_edge.genai_config import write_genai_config
+from lora_edge.manifest import AdapterRecord, ExportStage, GraphRecord, Manifest, ModelRecord
 from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_tokenizer,
                               resolve_model_path)
 from lora_edge.onnx_spec import require_valid_graph
@@ -115,7 +116,7 @@ class Stopwatch:
     def __init__(self, progress: Callable[[str], None]):
         self.progress = progress
         self.started = time.perf_counter()
-        self.stages: list[dict] = []
+        self.stages: list[ExportStage] = []
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -123,12 +124,12 @@ class Stopwatch:
         start = time.perf_counter()
         yield
         seconds = time.perf_counter() - start
-        self.stages.append({"stage": name, "seconds": round(seconds, 2), "peak_rss_mb": _peak_rss_mb()})
+        self.stages.append(ExportStage(name, round(seconds, 2), _peak_rss_mb()))
         self.progress(f"  {name}: {seconds:.1f} s  [{time.perf_counter() - self.started:.1f} s]")
 
     def seconds(self, prefix: str) -> float:
         """Total seconds of the stages named ``prefix`` or ``prefix ...``."""
-        return round(sum(s["seconds"] for s in self.stages if s["stage"].split(" (")[0] == prefix), 2)
+        return round(sum(s.seconds for s in self.stages if s.stage.split(" (")[0] == prefix), 2)
 
 
 def _graph_extra(shell, derived, opset: int | None = None, **values) -> dict:
@@ -166,7 +167,6 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
     The base is a view of the first reference (no weight copy); the references are
     dropped from ``job`` once traced: every later stage works on the ONNX model.
     """
-    import dataclasses
     import gc
 
     import onnx
@@ -337,12 +337,12 @@ def _copy_adapter(adapter: AdapterRef, target: Path) -> None:
             shutil.copy2(adapter.path / name, target / name)
 
 
-def _adapter_record(adapter: AdapterRef, bundle_dir: str, labels: list[str] | None) -> dict:
+def _adapter_record(adapter: AdapterRef, bundle_dir: str, labels: list[str] | None) -> AdapterRecord:
     data_file = adapter.path / DATA_RECORD
-    return {"name": adapter.name, "source": str(adapter.path.resolve()),
-            "sha256": directory_sha256(adapter.path, "adapter_*"), "bundle_dir": bundle_dir,
-            "lora_config": read_adapter_config(adapter.path), "labels": labels,
-            "data": json.loads(data_file.read_text()) if data_file.is_file() else None}
+    return AdapterRecord(adapter.name, bundle_dir, source=str(adapter.path.resolve()),
+                         sha256=directory_sha256(adapter.path, "adapter_*"),
+                         lora_config=read_adapter_config(adapter.path), labels=labels,
+                         data=json.loads(data_file.read_text()) if data_file.is_file() else None)
 
 
 def _labels_of(reference: "PeftModel", task: Task) -> list[str] | None:
@@ -433,19 +433,18 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
             require_valid_graph(staging / record.file, record.name, ExportError)
         if task is Task.CAUSAL_LM:
             write_genai_config(staging, job.records)  # onnxruntime-genai runs the graphs as they are
-        manifest = {
-            "lora_edge_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "libraries": library_versions(),
-            "seed": seed,
-            "model": {"path": str(model_path), "sha256": directory_sha256(model_path), "task": task.value,
-                      "default": str(model) == DEFAULT_MODEL},
-            "adapters": [_adapter_record(a, records_dirs[a.name], job.labels[a.name]) for a in adapters],
-            "graphs": [record.to_json() for record in job.records],
-            "recipe": recipe,
-            "export_stages": clock.stages,
-        }
-        write_json(staging / MANIFEST_FILE, manifest)
+        manifest = Manifest(
+            lora_edge_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            libraries=library_versions(),
+            seed=seed,
+            model=ModelRecord(str(model_path), directory_sha256(model_path), task, str(model) == DEFAULT_MODEL),
+            adapters=[_adapter_record(a, records_dirs[a.name], job.labels[a.name]) for a in adapters],
+            graphs=job.records,
+            recipe=recipe,
+            export_stages=clock.stages,
+        )
+        manifest.write(staging)
         quantized = [p for p in precisions if p is not Precision.FP32]
         if quantized:
             from lora_edge.quantize import quantize_bundle
@@ -453,8 +452,6 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
             _return_freed_memory()
             with clock.stage("quantize"):
                 quantize_bundle(staging, quantized, quantize_options, progress=progress)
-            manifest = read_manifest(staging)
-            manifest["export_stages"] = clock.stages
-            write_json(staging / MANIFEST_FILE, manifest)
+            dataclasses.replace(Manifest.read(staging), export_stages=clock.stages).write(staging)
     progress(f"wrote {out}")
     return Path(out)

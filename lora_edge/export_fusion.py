@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import torch
 
-    from lora_edge.bundle import GraphRecord
     from lora_edge.exporter import ExportContext, GraphIO
+    from lora_edge.manifest import GraphRecord
 
 
 def padded_inputs(io: "GraphIO", length: int, pad_id: int) -> list[tuple["torch.Tensor", ...]]:

@@ -25,7 +25,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, Precision
+from lora_edge.bundle import ONNX_DIR, Form, Precision
+from lora_edge.manifest import GraphRecord
 
 GENAI_CONFIG_FILE = "genai_config.json"
 # Model types onnxruntime-genai runs as plain decoders (its ModelType::IsLLM); others run as the generic "decoder".

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import numpy as np
     import onnxruntime
 
+    from lora_edge.manifest import Manifest
+
 # ONNX tensor element types of a cache input -> numpy dtype names.
 _ORT_FLOAT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 
@@ -408,7 +410,7 @@ def _special_ids(config: dict, tokenizer) -> tuple[int | list[int] | None, int]:
     return eos, int(pad or 0)
 
 
-def adapter_for_run(bundle: Path, record, manifest: dict, adapter: str | None, session):
+def adapter_for_run(bundle: Path, record, manifest: "Manifest", adapter: str | None, session):
     """(name, :class:`BoundAdapter` or None) for a run of ``record``: a bundle adapter's name or an .onnx_adapter file.
 
     Merged and branched graphs carry their adapter (``adapter`` must be it or
@@ -416,8 +418,9 @@ def adapter_for_run(bundle: Path, record, manifest: dict, adapter: str | None, s
     model, or a path to an ``.onnx_adapter`` file, which is checked against the
     graph first (an adapter of another base model is refused naming the tensor).
     """
-    from lora_edge.bundle import Form, require_adapter_file
+    from lora_edge.bundle import Form
     from lora_edge.infer import choose_adapter
+    from lora_edge.manifest import require_adapter_file
 
     if record.form is Form.HOTSWAP and adapter and adapter.endswith(".onnx_adapter"):
         path = Path(adapter)
@@ -472,14 +475,15 @@ def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: 
     Errors: BundleError (unknown graph), ConfigError (not a causal-lm graph, bad
     options), DataError (a prompt longer than the context), AdapterMismatchError.
     """
-    from lora_edge.bundle import ONNX_DIR, find_task_graph
+    from lora_edge.bundle import ONNX_DIR
     from lora_edge.decoder_io import context_length
+    from lora_edge.manifest import find_task_graph
     from lora_edge.models import Task, load_config
     from lora_edge.runtime import create_session
     from lora_edge.tokenizer import load_bundle_tokenizer
 
     bundle = Path(bundle)
-    manifest, record = find_task_graph(bundle, graph, Task.CAUSAL_LM.value)
+    manifest, record = find_task_graph(bundle, graph, Task.CAUSAL_LM)
     if not prompts:
         raise ConfigError("no prompt given", "--prompt", "pass --prompt \"...\"")
     onnx_dir = bundle / ONNX_DIR

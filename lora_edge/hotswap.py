@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from lora_edge.bundle import atomic_file
+from lora_edge.adapter_layout import read_onnx_adapter, write_onnx_adapter  # noqa: F401 (re-exported)
 from lora_edge.errors import AdapterMismatchError, ConfigError, ExportError
 from lora_edge.exporter import (FP32_TOLERANCE, ExportContext, GraphIO, check_agreement,
                                 export_onnx, graph_io_for, reference_outputs, run_graph)
@@ -246,30 +246,6 @@ def adapter_tensors(reference: "PeftModel", slots: list[SwapSlot]) -> dict[str, 
         raise AdapterMismatchError(f"the hot-swap graph has no input for '{sorted(missing)[0]}'", "hotswap graph",
                                    "export the hot-swap graph with this adapter among --adapter")
     return {name: tensor.copy() for name, tensor in tensors.items()}
-
-
-def write_onnx_adapter(path: Path, tensors: dict[str, "np.ndarray"], adapter_version: int = 1,
-                       model_version: int = 1) -> Path:
-    """Write ``tensors`` (graph input name -> array) as an ONNX Runtime ``.onnx_adapter`` file, atomically."""
-    import numpy as np
-    import onnxruntime
-
-    arrays = {name: np.ascontiguousarray(tensor) for name, tensor in tensors.items()}  # kept alive for export
-    adapter = onnxruntime.AdapterFormat()
-    adapter.set_adapter_version(adapter_version)
-    adapter.set_model_version(model_version)
-    adapter.set_parameters({name: onnxruntime.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()})
-    with atomic_file(Path(path)) as staging:
-        adapter.export_adapter(str(staging))
-    return Path(path)
-
-
-def read_onnx_adapter(path: Path) -> dict[str, "np.ndarray"]:
-    """The tensors of an ``.onnx_adapter`` file (name -> numpy array)."""
-    import onnxruntime
-
-    return {name: value.numpy().copy()
-            for name, value in onnxruntime.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
 
 
 @dataclass

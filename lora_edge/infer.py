@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, find_task_graph, require_adapter_file
+from lora_edge.bundle import ONNX_DIR, Form
 from lora_edge.errors import ConfigError
+from lora_edge.manifest import GraphRecord, Manifest, find_task_graph, require_adapter_file
 from lora_edge.models import Task
 
 if TYPE_CHECKING:
@@ -35,9 +36,9 @@ class Prediction:
         return {"text": self.text, "label": self.label, "scores": self.scores}
 
 
-def choose_adapter(record: GraphRecord, manifest: dict, adapter: str | None) -> str | None:
+def choose_adapter(record: GraphRecord, manifest: Manifest, adapter: str | None) -> str | None:
     """The adapter a run of ``record`` uses: the graph's own, or for hot-swap the asked one (None = base)."""
-    names = [entry["name"] for entry in manifest.get("adapters", [])]
+    names = manifest.adapter_names
     if record.form is not Form.HOTSWAP:
         own = record.adapter or (names[0] if len(names) == 1 else None)
         if adapter not in (None, own):
@@ -58,11 +59,10 @@ def choose_adapter(record: GraphRecord, manifest: dict, adapter: str | None) -> 
     return adapter
 
 
-def _labels(manifest: dict, adapter: str | None, width: int) -> list[str]:
-    entries = {entry["name"]: entry for entry in manifest.get("adapters", [])}
+def _labels(manifest: Manifest, adapter: str | None, width: int) -> list[str]:
     # The base model of a hot-swap graph carries the first adapter's label names (export_bundle builds it so).
-    entry = entries.get(adapter) or next(iter(entries.values()), {})
-    labels = entry.get("labels") or []
+    entry = manifest.adapter(adapter) or next(iter(manifest.adapters), None)
+    labels = (entry.labels if entry else None) or []
     return list(labels) if len(labels) == width else [f"LABEL_{i}" for i in range(width)]
 
 
@@ -77,7 +77,7 @@ def infer(bundle: Path, graph: str, texts: Sequence[str], adapter: str | None = 
     from lora_edge.tokenizer import load_bundle_tokenizer
 
     bundle = Path(bundle)
-    manifest, record = find_task_graph(bundle, graph, Task.SEQ_CLS.value)
+    manifest, record = find_task_graph(bundle, graph, Task.SEQ_CLS)
     if not texts:
         raise ConfigError("no text given", "--text", "pass --text \"...\" (repeatable)")
     chosen = choose_adapter(record, manifest, adapter)

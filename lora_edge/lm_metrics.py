@@ -1,18 +1,17 @@
-"""Language-model measures of a causal-lm graph against PyTorch: perplexity, its delta, top-1 agreement.
+"""Language-model measures of a causal-lm graph against PyTorch: next-token NLL, logits, greedy continuations.
 
-These are the numbers the accuracy gate uses for decoders. Everything is
-computed from one prefill step per left-padded batch (no generation), with
-the same batches fed to the graph (ONNX Runtime, through
-:class:`~lora_edge.generate.DecoderRunner`) and to the PyTorch reference, so
-the two see identical positions and padding.
+These are the accuracy gate's decoder scores (:mod:`lora_edge.check_tasks`).
+Logits come from one prefill step per left-padded batch, fed identically to
+the graph (ONNX Runtime, through :class:`~lora_edge.generate.DecoderRunner`)
+and to the PyTorch reference, so both see the same positions and padding.
+Greedy continuations run each side's own decode loop (the graph's is
+``lora-edge generate``'s, the reference's is transformers' ``generate``) on
+the same left-padded prompts, and are compared token by token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
-
-from lora_edge.errors import DataError
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,52 +40,6 @@ def next_token_nll(logits: "np.ndarray", input_ids: "np.ndarray", attention_mask
     return float(nll.sum()), int(pairs.sum())
 
 
-def top1_agreement_count(logits: "np.ndarray", reference_logits: "np.ndarray",
-                         attention_mask: "np.ndarray") -> tuple[int, int]:
-    """(positions where the two argmax next tokens agree, real positions) over a batch."""
-    import numpy as np
-
-    real = np.asarray(attention_mask) > 0
-    agree = np.asarray(logits).argmax(axis=-1) == np.asarray(reference_logits).argmax(axis=-1)
-    return int((agree & real).sum()), int(real.sum())
-
-
-@dataclass
-class LanguageModelScores:
-    """A graph against the PyTorch reference on a text set: perplexities, their delta, top-1 agreement."""
-
-    perplexity: float
-    reference_perplexity: float
-    top1_agreement: float  # fraction of real positions whose argmax next token matches the reference's
-    tokens: int            # next-token predictions scored
-
-    @property
-    def perplexity_delta(self) -> float:
-        """Graph perplexity minus reference perplexity (positive: the graph is worse)."""
-        return self.perplexity - self.reference_perplexity
-
-    @property
-    def perplexity_increase_percent(self) -> float:
-        """The delta relative to the reference, in percent."""
-        return 100.0 * self.perplexity_delta / self.reference_perplexity
-
-    def to_json(self) -> dict:
-        """JSON form with the derived deltas."""
-        return {"perplexity": self.perplexity, "reference_perplexity": self.reference_perplexity,
-                "perplexity_delta": self.perplexity_delta,
-                "perplexity_increase_percent": self.perplexity_increase_percent,
-                "top1_agreement": self.top1_agreement, "tokens": self.tokens}
-
-
-def _batches(sequences: list[list[int]], batch_size: int, pad_token_id: int) -> Iterator[tuple]:
-    """(input_ids, attention_mask, position_ids) of each left-padded batch, as generation builds them."""
-    from lora_edge.generate import left_pad, positions_from_mask
-
-    for start in range(0, len(sequences), batch_size):
-        input_ids, attention_mask = left_pad(sequences[start:start + batch_size], pad_token_id)
-        yield input_ids, attention_mask, positions_from_mask(attention_mask)
-
-
 def graph_logits(runner: "DecoderRunner", input_ids, attention_mask, position_ids, adapter=None) -> "np.ndarray":
     """Logits of a causal-lm graph on a left-padded batch: one prefill step from an empty past."""
     logits, _ = runner.step(input_ids, attention_mask, position_ids, runner.empty_past(len(input_ids)), adapter)
@@ -103,37 +56,41 @@ def torch_logits(model, input_ids, attention_mask, position_ids) -> "np.ndarray"
     return output.logits.float().numpy()
 
 
-def graph_perplexity(runner: "DecoderRunner", sequences: list[list[int]], batch_size: int = 8,
-                     pad_token_id: int = 0, adapter=None) -> float:
-    """Perplexity of a causal-lm graph on token sequences (exp of the mean next-token NLL)."""
-    from lora_edge.metrics import perplexity
-
-    total, count = 0.0, 0
-    for batch in _batches(sequences, batch_size, pad_token_id):
-        nll, n = next_token_nll(graph_logits(runner, *batch, adapter=adapter), batch[0], batch[1])
-        total, count = total + nll, count + n
-    return perplexity(total / max(count, 1))
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """A continuation up to and including its first EOS token."""
+    for index, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:index + 1]
+    return tokens
 
 
-def language_model_scores(runner: "DecoderRunner", reference, sequences: list[list[int]], batch_size: int = 8,
-                          pad_token_id: int = 0, adapter=None) -> LanguageModelScores:
-    """Perplexity of the graph and of the PyTorch ``reference`` on ``sequences``, and next-token top-1 agreement.
+def graph_greedy(runner: "DecoderRunner", prompts: list[list[int]], max_new_tokens: int, eos: set[int],
+                 pad_token_id: int, adapter=None) -> list[list[int]]:
+    """Greedy continuation of each prompt by the graph (one left-padded batch), each cut after its first EOS."""
+    from lora_edge.generate import generate
 
-    Both see the same left-padded batches; sequences need >= 2 tokens to be scored.
-    """
-    from lora_edge.metrics import perplexity
+    result = generate(runner, prompts, max_new_tokens, eos_token_id=sorted(eos), pad_token_id=pad_token_id,
+                      adapter=adapter)
+    return [_until_eos(ids, eos) for ids in result.new_ids]
 
-    sums = {"graph": [0.0, 0], "reference": [0.0, 0]}
-    agree, positions = 0, 0
-    for batch in _batches(sequences, batch_size, pad_token_id):
-        outputs = {"graph": graph_logits(runner, *batch, adapter=adapter), "reference": torch_logits(reference, *batch)}
-        for name, logits in outputs.items():
-            nll, n = next_token_nll(logits, batch[0], batch[1])
-            sums[name][0] += nll
-            sums[name][1] += n
-        same, real = top1_agreement_count(outputs["graph"], outputs["reference"], batch[1])
-        agree, positions = agree + same, positions + real
-    if sums["graph"][1] == 0:
-        raise DataError("no text has two tokens or more", "the text set", "give longer texts to score perplexity")
-    ppl = {name: perplexity(total / count) for name, (total, count) in sums.items()}
-    return LanguageModelScores(ppl["graph"], ppl["reference"], agree / positions, sums["graph"][1])
+
+def torch_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: set[int],
+                 pad_token_id: int) -> list[list[int]]:
+    """Greedy continuation of each prompt by a PyTorch causal LM (transformers ``generate``, left-padded batch)."""
+    import torch
+
+    from lora_edge.generate import left_pad
+
+    input_ids, attention_mask = left_pad(prompts, pad_token_id)
+    with torch.no_grad():
+        output = model.generate(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(eos),
+                                pad_token_id=pad_token_id)
+    return [_until_eos(row.tolist(), eos) for row in output[:, input_ids.shape[1]:]]
+
+
+def greedy_agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of the reference's continuation tokens the graph matches at the same position (1.0: identical)."""
+    same = sum(a == b for ids, ref in zip(tokens, reference) for a, b in zip(ids, ref))
+    total = sum(len(ref) for ref in reference)
+    return same / total if total else 1.0

@@ -299,7 +299,7 @@ def quantize(recipe: Recipe, bundle: Path, precisions: list[Precision]) -> None:
 
 
 def _graph_count(bundle: Path) -> int:
-    from lora_edge.bundle import list_graphs
+    from lora_edge.manifest import list_graphs
 
     return len(list_graphs(bundle))
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from lora_edge.bundle import REPORTS_DIR, atomic_file, list_graphs
+from lora_edge.bundle import REPORTS_DIR, atomic_file
+from lora_edge.manifest import list_graphs
 from lora_edge.report import markdown_table
 
 REPORT_MD = "report.md"

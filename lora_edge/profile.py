@@ -31,10 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lora_edge.bundle import ONNX_DIR, Form, GraphRecord, read_manifest, require_bundle, require_graphs
+from lora_edge.bundle import ONNX_DIR, Form, require_bundle
 from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.errors import BundleError, ConfigError, ProviderUnavailableError
 from lora_edge.interleave import RoundTimes, split_runs, time_rounds
+from lora_edge.manifest import GraphRecord, Manifest, find_graph, hotswap_adapter_file, require_graphs
 from lora_edge.measure import (GraphRunner, build_feeds, cpu_info, graph_size, host_facts, is_decoder,
                                latency_stats, session_memory, trace_session, warm_up_runtime)
 from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile, ProfileReport, write_profile
@@ -57,8 +58,6 @@ def select_graphs(bundle: Path, device: DeviceTarget, names: list[str] | None = 
     ones); else every graph in a precision the device lists, best first; else,
     when the bundle has none of those, every graph (with a note saying so).
     """
-    from lora_edge.bundle import find_graph
-
     if names:
         return [find_graph(bundle, name) for name in names], []
     graphs = require_graphs(bundle)
@@ -71,11 +70,9 @@ def select_graphs(bundle: Path, device: DeviceTarget, names: list[str] | None = 
     return preferred, []
 
 
-def _hotswap_adapter(bundle: Path, record: GraphRecord, manifest: dict) -> tuple[str | None, Path | None]:
+def _hotswap_adapter(bundle: Path, record: GraphRecord, manifest: Manifest) -> tuple[str | None, Path | None]:
     """The adapter a hot-swap graph is timed with: its first adapter's .onnx_adapter file."""
-    from lora_edge.bundle import hotswap_adapter_file
-
-    names = record.adapters or [item["name"] for item in manifest.get("adapters", [])]
+    names = record.adapters or manifest.adapter_names
     for name in names:
         path = hotswap_adapter_file(Path(bundle), record, name)
         if path.is_file():
@@ -83,11 +80,11 @@ def _hotswap_adapter(bundle: Path, record: GraphRecord, manifest: dict) -> tuple
     return None, None
 
 
-def _model_config(bundle: Path, manifest: dict) -> dict:
+def _model_config(bundle: Path, manifest: Manifest) -> dict:
     """The graph directory's config.json, else the model's, else {} (BundleError when unreadable)."""
     import json
 
-    for config in (Path(bundle) / ONNX_DIR / "config.json", Path(manifest.get("model", {}).get("path", "")) / "config.json"):
+    for config in (Path(bundle) / ONNX_DIR / "config.json", manifest.model.config_file()):
         if config.is_file():
             try:
                 loaded = json.loads(config.read_text(encoding="utf-8"))
@@ -97,13 +94,13 @@ def _model_config(bundle: Path, manifest: dict) -> dict:
     return {}
 
 
-def _vocab_size(bundle: Path, manifest: dict) -> int:
+def _vocab_size(bundle: Path, manifest: Manifest) -> int:
     """Vocabulary size for random token ids: from the model's config, else 1000."""
     value = _model_config(bundle, manifest).get("vocab_size")
     return value if isinstance(value, int) and value > 0 else 1000
 
 
-def _require_seq_fits(bundle: Path, manifest: dict, seq: int) -> None:
+def _require_seq_fits(bundle: Path, manifest: Manifest, seq: int) -> None:
     """Refuse a --seq longer than the model's positions (ORT would fail, or allocate for minutes)."""
     config = _model_config(bundle, manifest)
     limit = next((config[key] for key in ("max_position_embeddings", "n_positions")
@@ -121,7 +118,7 @@ class _OpenGraph:
     adapter_object: Any = None
 
 
-def _open_graph(bundle: Path, record: GraphRecord, manifest: dict, device: DeviceTarget, settings,
+def _open_graph(bundle: Path, record: GraphRecord, manifest: Manifest, device: DeviceTarget, settings,
                 batch: int, seq: int, gpu_id: int | None, vocab: int) -> _OpenGraph:
     """Create a graph's session (timed) and run it once; measure its memory apart; failures are recorded."""
     from lora_edge.runtime import create_session, load_lora_adapter
@@ -223,7 +220,7 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
                                                 measure.allow_fallback)
     bundle = require_bundle(Path(bundle))
     device = load_device(device)
-    manifest = read_manifest(bundle)
+    manifest = Manifest.read(bundle)
     _require_seq_fits(bundle, manifest, seq)
     records, notes = select_graphs(bundle, device, graphs)
     host = host_facts(device.intra_op_threads)

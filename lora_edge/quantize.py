@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, GraphRecord, Precision, add_graphs, atomic_file, bundle_lock,
-                              list_graphs, load_graph, parse_choices, read_manifest, require_bundle,
-                              staging_directory)
+from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Precision, atomic_file, bundle_lock, load_graph, parse_choices,
+                              require_bundle, staging_directory)
 from lora_edge.console import stderr_lines
 from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError
+from lora_edge.manifest import GraphRecord, Manifest, add_graphs
 from lora_edge.models import Task
 # The settings of this stage (defined with the other stage configs; imported from here too).
 from lora_edge.recipe import CalibMethod, QuantizeOptions  # noqa: F401
@@ -202,7 +202,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     roles = linear_roles(model)
     feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))
     with atomic_file(dst) as staging:
-        job = QuantizeJob(model, staging, roles, options, feeds_of)
+        job = QuantizeJob(model, staging, roles, options, feeds_of, tied.head if tied else None)
         try:
             with quiet_quantizers():
                 details = quantizer(job)
@@ -218,7 +218,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
 
             if share_tied_embedding(quantized, tied):
                 onnx.save(quantized, str(staging))
-                details["tied_embedding"] = "shared with the int4 LM head"
+                details["tied_embedding"] = "shared with the quantized LM head"
         found = inventory(quantized)
         if found.quantized_lora():
             raise QuantizationError(f"a LoRA MatMul was quantized ({found.quantized_lora()[0]})", src,
@@ -228,42 +228,42 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
                           time.perf_counter() - started)
 
 
-def _load_texts(bundle: Path, record: GraphRecord, manifest: dict, options: QuantizeOptions, task: Task) -> list[str]:
+def _load_texts(bundle: Path, record: GraphRecord, manifest: Manifest, options: QuantizeOptions,
+                task: Task) -> list[str]:
     """Calibration texts: --calibration, else the data recorded with the graph's adapter (or the first that has some)."""
     from lora_edge.data import DataFiles, read_examples
 
     if options.calibration is not None:
         texts = [example.text for example in read_examples(options.calibration, task)]
     else:
-        adapters = manifest.get("adapters", [])
-        wanted = [a for a in adapters if a.get("name") == record.adapter] + adapters
-        data = next((a["data"] for a in wanted if a.get("data")), None)
+        wanted = [a for a in manifest.adapters if a.name == record.adapter] + list(manifest.adapters)
+        data = next((DataFiles.from_json(a.data) for a in wanted if a.data), None)
         if data is None:
             raise ConfigError("int8-static needs calibration data and the bundle's adapters record none",
                               "--calibration", "pass --calibration FILE (JSONL/CSV with a text column), or export "
                                                "an adapter trained by `lora-edge train` (it records its data)")
-        texts = [example.text for example in DataFiles.from_json(data).load(task)["train"]]
+        texts = [example.text for example in data.load(task)["train"]]
     random.Random(0).shuffle(texts)  # files are often grouped by label: draw across all of them
     return texts[:options.calib_size]
 
 
 def calibration_for(bundle: Path, record: GraphRecord, options: QuantizeOptions,
-                    manifest: dict | None = None) -> Callable[[], Feeds]:
+                    manifest: Manifest | None = None) -> Callable[[], Feeds]:
     """A callable building int8-static feed batches for a bundle's graph (tokenized with the bundle's tokenizer).
 
     Texts come from ``options.calibration``, else from the data recorded with the
     graph's adapter; the callable raises ConfigError when there are none.
     """
-    manifest = manifest or read_manifest(bundle)
+    manifest = manifest or Manifest.read(bundle)
     graph = bundle / record.file
 
     def build() -> Feeds:
         from lora_edge.data import calibration_batches
         from lora_edge.models import load_tokenizer
 
-        task = Task.parse(record.task)
+        task = record.task
         tokenizer_dir = bundle / ONNX_DIR if (bundle / ONNX_DIR / "tokenizer_config.json").is_file() \
-            else Path(manifest["model"]["path"])
+            else Path(manifest.model.path)
         tokenizer = load_tokenizer(tokenizer_dir)
         texts = _load_texts(bundle, record, manifest, options, task)
         model = load_graph(graph, load_external_data=False)
@@ -273,12 +273,12 @@ def calibration_for(bundle: Path, record: GraphRecord, options: QuantizeOptions,
     return build
 
 
-def fusion_plan_for(bundle: Path, manifest: dict | None = None) -> "FusionPlan | None":
+def fusion_plan_for(bundle: Path, manifest: Manifest | None = None) -> "FusionPlan | None":
     """Heads, width and model type for the fusions, from the bundle's config.json (else the model's)."""
     from lora_edge.quantize_prepare import FusionPlan
 
-    manifest = manifest or read_manifest(bundle)
-    for config in (bundle / ONNX_DIR / "config.json", Path(manifest.get("model", {}).get("path", "")) / "config.json"):
+    manifest = manifest or Manifest.read(bundle)
+    for config in (bundle / ONNX_DIR / "config.json", manifest.model.config_file()):
         if config.is_file():
             return FusionPlan.from_config(json.loads(config.read_text()))
     return None
@@ -310,8 +310,8 @@ def quantize_bundle(bundle: str | Path, precisions: Sequence[Precision | str], o
 def _quantize_locked(bundle: Path, precisions: list[Precision], options: QuantizeOptions,
                      progress: Callable[[str], None]) -> list[GraphRecord]:
     """:func:`quantize_bundle`'s work, under the bundle's lock: graphs are staged in onnx/, then renamed."""
-    manifest = read_manifest(bundle)
-    sources = [g for g in list_graphs(bundle) if g.precision is Precision.FP32]
+    manifest = Manifest.read(bundle)
+    sources = [g for g in manifest.graphs if g.precision is Precision.FP32]
     if not sources:
         raise QuantizationError("the bundle has no fp32 graph to quantize", bundle / MANIFEST_FILE,
                                 "export one first: lora-edge export ... --precisions fp32")

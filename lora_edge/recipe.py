@@ -131,11 +131,15 @@ class CheckSpec:
     max_length: int = config_field(128, "Token length examples are truncated to.")
     generated_examples: int = config_field(32, "How many random inputs to generate when there is no data.")
     seed: int = config_field(0, "Seed for generated inputs.")
+    greedy_prompts: int = config_field(20, "Causal LM: prompts the graph and the reference each continue greedily "
+                                          "(greedy agreement, exact match on chat data); 0 = skip those metrics.")
+    greedy_tokens: int = config_field(48, "Causal LM: most tokens generated per prompt (a continuation stops at EOS).")
     thresholds: dict[str, dict[str, float]] = config_field({}, "Overrides per precision, e.g. "
                                                               "[check.thresholds.int4] top1_agreement = 0.97.")
 
     def __post_init__(self):
-        for name, minimum in (("max_examples", 0), ("batch_size", 1), ("max_length", 8), ("generated_examples", 1)):
+        for name, minimum in (("max_examples", 0), ("batch_size", 1), ("max_length", 8), ("generated_examples", 1),
+                              ("greedy_prompts", 0), ("greedy_tokens", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", f"check.{name}",
@@ -143,10 +147,10 @@ class CheckSpec:
         check_threshold_tables(self.thresholds, "check.thresholds")
 
     def thresholds_for(self, precision: str, device_tolerances: dict | None = None,
-                       device_where: str = "device.tolerances") -> Thresholds:
-        """Defaults for ``precision``, overridden by the device's tolerances, then by this spec."""
+                       device_where: str = "device.tolerances", task: str = "seq-cls") -> Thresholds:
+        """The task's defaults for ``precision``, overridden by the device's tolerances, then by this spec."""
         return resolve_thresholds(precision, (device_tolerances or {}, device_where),
-                                  (self.thresholds, "check.thresholds"))
+                                  (self.thresholds, "check.thresholds"), task=task)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +233,8 @@ class QuantizeOptions:
                                            "(benchmarks/README.md).")
     block_size: int = config_field(32, "int4: weights per quantization block (a power of two >= 16).")
     int4_accuracy_level: int = config_field(4, "int4: MatMulNBits compute type (0 = as input, 4 = int8 activations).")
+    int4_symmetric: bool = config_field(False, "int4: symmetric blocks (no zero points); asymmetric is more accurate "
+                                               "at the same speed.")
     fuse: bool = config_field(True, "Fuse attention/LayerNorm for the target before quantizing (each rewrite "
                                     "verified); off: quantize the graphs as exported.")
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_edge.bundle import Form, GraphRecord, Precision, write_json
+from lora_edge.bundle import Form, Precision, write_json
+from lora_edge.manifest import GraphRecord
 
 ADAPTER_NAME = "tiny"
 _BUILT: dict[tuple, Path] = {}

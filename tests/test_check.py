@@ -13,6 +13,7 @@ import pytest
 
 from cli_runner import exit_code_of
 from lora_edge.check_metrics import FAILED, PASSED, SKIPPED, LogitComparison, classification_scores, judge
+from lora_edge.errors import LoraEdgeError
 from lora_edge.recipe import DEFAULT_THRESHOLDS, CheckSpec, Thresholds
 
 LABELS = ["LABEL_0", "LABEL_1", "LABEL_2"]  # what a tiny random adapter's head is called
@@ -261,8 +262,12 @@ def test_causal_lm_gate_uses_next_token_logits_and_perplexity(decoder_bundle, tm
     assert set(results) == {"hotswap.fp32[a]", "hotswap.fp32[b]", "hotswap.fp32[base]"}
     for name in ("hotswap.fp32[a]", "hotswap.fp32[b]"):
         metrics = {m.metric: m for m in results[name].metrics}
-        assert set(metrics) == {"max_abs_diff", "mean_abs_diff", "cosine", "top1_agreement", "perplexity_increase"}
+        assert set(metrics) == {"max_abs_diff", "mean_abs_diff", "cosine", "top1_agreement", "perplexity_increase",
+                                "greedy_agreement", "exact_match_drop"}
         assert metrics["top1_agreement"].value == 1.0 and metrics["perplexity_increase"].status == PASSED
+        # greedy continuations of every text's first half: the graph's decode loop gives PyTorch's tokens
+        assert metrics["greedy_agreement"].value == 1.0 and results[name].scores["greedy_prompts"] == len(TEXTS)
+        assert metrics["exact_match_drop"].status == SKIPPED and "chat rows" in metrics["exact_match_drop"].reason
         assert results[name].scores["perplexity"] == pytest.approx(results[name].scores["reference_perplexity"],
                                                                    rel=1e-4)
     assert results["hotswap.fp32[a]"].scores["perplexity"] != results["hotswap.fp32[b]"].scores["perplexity"]
@@ -272,5 +277,33 @@ def test_causal_lm_gate_uses_next_token_logits_and_perplexity(decoder_bundle, tm
     shutil.copy(copy / "onnx" / "adapters" / "b.onnx_adapter", copy / "onnx" / "adapters" / "a.onnx_adapter")
     swapped = _by_target(check_bundle(copy, CheckSpec(data=str(texts)), write=False))
     failed = {m.metric for m in swapped["hotswap.fp32[a]"].metrics if m.status == FAILED}
-    assert {"max_abs_diff", "perplexity_increase"} <= failed
+    assert {"max_abs_diff", "perplexity_increase", "greedy_agreement"} <= failed
     assert swapped["hotswap.fp32[b]"].status == PASSED
+
+
+def test_causal_lm_gate_scores_exact_match_on_chat_rows(decoder_bundle, tmp_path):
+    """Chat rows: the gate renders them with the chat template and compares greedy answers' exact match."""
+    from lora_edge.check import check_bundle
+    from gguf_helpers import CHATML
+
+    copy = _copy(decoder_bundle, tmp_path)
+    config_file = copy / "onnx" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "chat_template": CHATML}))
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t},
+                                                     {"role": "assistant", "content": "ok"}]}) + "\n"
+                            for t in TEXTS[:6]))
+    report = check_bundle(copy, CheckSpec(data=str(rows), greedy_tokens=6), write=False)
+    assert report.passed, report.failures()
+    results = _by_target(report)
+    scores = results["hotswap.fp32[a]"].scores
+    assert scores["greedy_prompts"] == 6 and scores["greedy_agreement"] == 1.0
+    assert scores["exact_match"] == scores["reference_exact_match"] and scores["exact_match_drop"] == 0.0
+    base = {m.metric: m for m in results["hotswap.fp32[base]"].metrics}
+    assert base["greedy_agreement"].value == 1.0 and base["exact_match_drop"].status == SKIPPED
+    # no template: chat rows are refused with the template named
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
+                                       if k != "chat_template"}))
+    (copy / "onnx" / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(LoraEdgeError, match="chat template"):
+        check_bundle(copy, CheckSpec(data=str(rows)), write=False)

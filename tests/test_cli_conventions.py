@@ -58,7 +58,7 @@ def test_training_progress_is_plain_lines_off_a_terminal(tiny_model, tmp_path):
 
 
 def test_export_json_and_quiet(tiny_model, tiny_adapter, tmp_path, capsys):
-    from lora_edge.bundle import list_graphs
+    from lora_edge.manifest import list_graphs
 
     out = tmp_path / "bundle"
     assert exit_code_of("export", "--model", str(tiny_model("bert")), "--adapter", f"a={tiny_adapter('bert')}",

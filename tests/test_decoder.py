@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from decoder_bundles import adapter_dirs, bundle_for, shared_root
-from lora_edge.bundle import ONNX_DIR, Form, find_graph, read_manifest
+from lora_edge.bundle import ONNX_DIR, Form
 from lora_edge.decoder import wrap_decoder
 from lora_edge.decoder_io import DecoderShape
 from lora_edge.errors import ExportError
+from lora_edge.manifest import Manifest, find_graph
+from lora_edge.models import Task
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +31,9 @@ def test_cli_export_writes_decoder_graphs_with_kv_cache_io(bundles):
     import onnx
 
     bundle, _ = bundles("gpt2", Form.MERGED)  # exported with `lora-edge export --task causal-lm`
-    manifest = read_manifest(bundle)
-    assert manifest["model"]["task"] == "causal-lm"
-    assert {g["name"] for g in manifest["graphs"]} == {"merged.fp32", "branched.fp32", "hotswap.fp32"}
+    manifest = Manifest.read(bundle)
+    assert manifest.model.task is Task.CAUSAL_LM
+    assert {g.name for g in manifest.graphs} == {"merged.fp32", "branched.fp32", "hotswap.fp32"}
     layers = [f"{kind}.{i}.{part}" for kind in ("past_key_values",) for i in range(2) for part in ("key", "value")]
     for form in (Form.MERGED, Form.BRANCHED, Form.HOTSWAP):
         record = find_graph(bundle, f"{form.value}.fp32")

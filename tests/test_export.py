@@ -12,9 +12,10 @@ import pytest
 from export_helpers import (ADAPTER_NAME, ALL_FORMS, TEST_BATCHES, feeds_for, session_inputs,
                             tiny_bundle, torch_logits)
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import Form, GraphRecord, list_graphs, read_manifest
+from lora_edge.bundle import Form
 from lora_edge.errors import ConfigError
 from lora_edge.exporter import low_rank_pairs
+from lora_edge.manifest import GraphRecord, Manifest, list_graphs
 from lora_edge.merge import lora_pairs
 from lora_edge.models import directory_sha256, load_tokenizer
 from lora_edge.runtime import create_session, load_lora_adapter, run
@@ -68,7 +69,7 @@ def test_branched_keeps_one_named_low_rank_pair_per_layer_and_merged_none(arch, 
 
 def test_manifest_records_what_went_in(bundles, tiny_model):
     bundle = bundles("bert")
-    manifest = read_manifest(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())  # the file as docs/ARCHITECTURE.md describes it
     assert manifest["model"] == {"path": str(tiny_model("bert")), "sha256": directory_sha256(tiny_model("bert")),
                                  "task": "seq-cls", "default": False}
     (adapter,) = manifest["adapters"]
@@ -77,6 +78,7 @@ def test_manifest_records_what_went_in(bundles, tiny_model):
     assert adapter["lora_config"]["r"] == 4 and adapter["labels"] == TINY_LABELS
     assert adapter["data"]["train"] == "/data/train.jsonl"
     assert {"torch", "onnx", "onnxruntime", "peft", "transformers"} <= set(manifest["libraries"])
+    assert Manifest.from_json(manifest).to_json() == manifest  # the typed manifest reads and writes it unchanged
     names = {GraphRecord.from_json(g).name for g in manifest["graphs"]}
     assert names == {"merged.fp32", "branched.fp32", "hotswap.fp32"}
     for graph in list_graphs(bundle):
@@ -198,7 +200,7 @@ def test_default_minilm_all_forms(tmp_path):
     adapter = build_random_adapter(default_model_path(), tmp_path / "minilm-r8", "bert", rank=8, alpha=16.0, seed=1)
     bundle = export_bundle("default", [AdapterRef("r8", adapter)], ALL_FORMS, tmp_path / "bundle",
                            progress=lambda m: None)
-    assert read_manifest(bundle)["model"]["default"] is True
+    assert Manifest.read(bundle).model.default is True
     reference = load_reference(default_model_path(), AdapterRef("r8", adapter))
     tokenizer = load_tokenizer(bundle / "onnx")
     long_text = " ".join(["please turn the kitchen lights on and then tell me the weather"] * 12)

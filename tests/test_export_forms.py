@@ -13,7 +13,8 @@ import pytest
 
 from export_helpers import TEST_BATCHES, feeds_for, torch_logits
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import Form, Precision, list_graphs, read_manifest
+from lora_edge.bundle import Form, Precision
+from lora_edge.manifest import Manifest, list_graphs
 from lora_edge.models import load_tokenizer
 from lora_edge.runtime import create_session, load_lora_adapter, run
 
@@ -90,15 +91,15 @@ def test_the_adapters_really_differ_and_patterns_shape_the_branches(patterned, t
 
 def test_one_trace_serves_every_form_and_the_manifest_times_each_stage(patterned):
     bundle, _, messages = patterned
-    stages = read_manifest(bundle)["export_stages"]
-    names = [stage["stage"] for stage in stages]
+    stages = Manifest.read(bundle).export_stages
+    names = [stage.stage for stage in stages]
     assert sum(name.startswith("trace") for name in names) == 1, names
     assert names[0] == "load" and names[-1] == "quantize"
     for graph in list_graphs(bundle):
         if graph.precision is Precision.FP32:
             assert f"write {graph.name}" in names and f"verify {graph.name}" in names
             assert graph.extra["exporter"] in ("torchscript", "dynamo") and graph.extra["verify_seconds"] >= 0
-    assert all(isinstance(stage["seconds"], float) for stage in stages)
+    assert all(isinstance(stage.seconds, float) for stage in stages)
     assert any(message.strip().startswith("trace (") and message.rstrip().endswith(" s]") for message in messages)
 
 
@@ -203,7 +204,7 @@ def test_cli_export_json_prints_the_seconds_of_each_stage(tiny_model, tiny_adapt
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["bundle"] == str(out)
-    assert printed["export_stages"] == read_manifest(out)["export_stages"]
+    assert printed["export_stages"] == [stage.to_json() for stage in Manifest.read(out).export_stages]
     assert {"load", "reference outputs", "trace (torchscript)", "write merged.fp32", "verify merged.fp32"} <= \
         {s["stage"] for s in printed["export_stages"]}
 

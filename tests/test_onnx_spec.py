@@ -62,7 +62,7 @@ def test_export_refuses_a_graph_the_checker_rejects(tmp_path):
 
 
 def _assert_every_graph_valid(bundle, expected: int) -> None:
-    from lora_edge.bundle import list_graphs
+    from lora_edge.manifest import list_graphs
     from lora_edge.onnx_spec import check_errors
 
     records = list_graphs(bundle)

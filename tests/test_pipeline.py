@@ -11,12 +11,13 @@ import pytest
 
 from cli_runner import exit_code_of
 from lora_edge.errors import ConfigError
+from lora_edge.models import Task
 from lora_edge.recipe import load_recipe
 
 
 @pytest.mark.slow
 def test_run_tiny_bert_recipe_end_to_end(tmp_path, capsys):
-    from lora_edge.bundle import read_manifest
+    from lora_edge.manifest import Manifest
 
     recipe = load_recipe("tiny-bert")
     assert exit_code_of("run", "tiny-bert", "--out", str(tmp_path)) == 0
@@ -26,11 +27,11 @@ def test_run_tiny_bert_recipe_end_to_end(tmp_path, capsys):
         assert stage in out.err  # progress per stage
     assert "gate: PASSED" in out.out and str(bundle / "reports" / "report.md") in out.out
 
-    manifest = read_manifest(bundle)
-    assert manifest["recipe"]["name"] == "tiny-bert" and manifest["model"]["task"] == "seq-cls"
+    manifest = Manifest.read(bundle)
+    assert manifest.recipe["name"] == "tiny-bert" and manifest.model.task is Task.SEQ_CLS
     expected = {f"{form}.{precision}" for form in recipe.export.forms for precision in recipe.export.precisions}
-    assert {g["name"] for g in manifest["graphs"]} == expected
-    assert manifest["adapters"][0]["data"]["test"].endswith("test.jsonl")  # training recorded its data
+    assert {g.name for g in manifest.graphs} == expected
+    assert manifest.adapters[0].data["test"].endswith("test.jsonl")  # training recorded its data
 
     # The gate ran every graph (hot-swap with the adapter file and with none) on the recorded test split.
     check = json.loads((bundle / "reports" / "check.json").read_text())

@@ -152,11 +152,11 @@ graph_records = st.one_of(values, st.fixed_dictionaries(
 @given(st.one_of(values, st.fixed_dictionaries({"graphs": st.one_of(st.lists(graph_records, max_size=3), values),
                                                 "adapters": values, "model": values})))
 def test_manifests(manifest):
-    from lora_edge.bundle import find_graph, list_graphs, read_manifest
+    from lora_edge.manifest import Manifest, find_graph, list_graphs
 
     with tempfile.TemporaryDirectory() as directory:
         _write(directory, "manifest.json", json.dumps(manifest))
-        _outcome(read_manifest, Path(directory))
+        _outcome(Manifest.read, Path(directory))
         _outcome(list_graphs, Path(directory))
         _outcome(find_graph, Path(directory), "merged.fp32")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -50,7 +51,7 @@ def quantized_tiny(tmp_path_factory, tiny_model, tiny_adapter):
 @pytest.mark.parametrize("precision", CPU_PRECISIONS)
 @pytest.mark.parametrize("form", ["merged", "branched", "hotswap"])
 def test_lora_matmuls_stay_float_and_every_base_linear_is_quantized(quantized_tiny, form, precision):
-    from lora_edge.bundle import find_graph
+    from lora_edge.manifest import find_graph
     from lora_edge.quantize_lora import inventory, linear_roles
 
     record = find_graph(quantized_tiny, f"{form}.{precision}")
@@ -79,11 +80,11 @@ RELATIVE_TOLERANCE = {"int8-dynamic": 0.08, "int8-static": 0.15, "int4": 0.25}
 @pytest.mark.parametrize("form", ["merged", "branched"])
 def test_quantized_graphs_follow_pytorch(quantized_tiny, form, precision):
     from lora_edge.adapters import AdapterRef, load_reference
-    from lora_edge.bundle import find_graph, read_manifest
+    from lora_edge.manifest import Manifest, find_graph
     from lora_edge.models import load_tokenizer
 
-    manifest = read_manifest(quantized_tiny)
-    reference = load_reference(Path(manifest["model"]["path"]), AdapterRef(ADAPTER_NAME, quantized_tiny / "adapter"))
+    manifest = Manifest.read(quantized_tiny)
+    reference = load_reference(Path(manifest.model.path), AdapterRef(ADAPTER_NAME, quantized_tiny / "adapter"))
     tokenizer = load_tokenizer(quantized_tiny / "onnx")
     record = find_graph(quantized_tiny, f"{form}.{precision}")
     for texts in TEST_BATCHES:
@@ -97,13 +98,13 @@ def test_quantized_graphs_follow_pytorch(quantized_tiny, form, precision):
 @pytest.mark.parametrize("precision", CPU_PRECISIONS)
 def test_hotswap_adapter_file_runs_on_the_quantized_graph(quantized_tiny, precision):
     from lora_edge.adapters import AdapterRef, load_reference
-    from lora_edge.bundle import find_graph, read_manifest
+    from lora_edge.manifest import Manifest, find_graph
     from lora_edge.models import Task, load_base_model, load_tokenizer
 
-    manifest = read_manifest(quantized_tiny)
-    model_path = Path(manifest["model"]["path"])
+    manifest = Manifest.read(quantized_tiny)
+    model_path = Path(manifest.model.path)
     reference = load_reference(model_path, AdapterRef(ADAPTER_NAME, quantized_tiny / "adapter"))
-    base = load_base_model(model_path, Task.SEQ_CLS, labels=manifest["adapters"][0]["labels"])
+    base = load_base_model(model_path, Task.SEQ_CLS, labels=manifest.adapters[0].labels)
     record = find_graph(quantized_tiny, f"hotswap.{precision}")
     adapter_file = quantized_tiny / record.extra["adapter_files"][ADAPTER_NAME]
     tokenizer = load_tokenizer(quantized_tiny / "onnx")
@@ -119,7 +120,7 @@ def test_hotswap_adapter_file_runs_on_the_quantized_graph(quantized_tiny, precis
 
 
 def test_fp16_graph_stays_close_on_cpu(tmp_path_factory, tiny_model, tiny_adapter, tmp_path):
-    from lora_edge.bundle import find_graph
+    from lora_edge.manifest import find_graph
     from lora_edge.models import load_tokenizer
     from lora_edge.quantize import quantize_graph
     from lora_edge.quantize_lora import inventory
@@ -157,7 +158,7 @@ def _unfused_bundle(tmp_path_factory, tiny_model, tiny_adapter):
 
 @pytest.mark.parametrize("mask_switch", [False, True])
 def test_attention_fusion_is_exact_and_replaces_every_block(tmp_path_factory, tiny_model, tiny_adapter, mask_switch):
-    from lora_edge.bundle import find_graph
+    from lora_edge.manifest import find_graph
     from lora_edge.quantize_fusion import fuse_attention, keep_layernorm_unfused, sample_encoder_feeds
     from lora_edge.quantize_prepare import FusionPlan, relative_difference, run_graph
 
@@ -212,11 +213,10 @@ def test_unknown_precision_lists_the_valid_ones(bundle_copy):
 
 
 def test_int8_static_without_calibration_data_says_how_to_give_it(bundle_copy):
-    from lora_edge.bundle import update_manifest
+    from lora_edge.manifest import Manifest, update_manifest
 
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["adapters"][0]["data"] = None
-    update_manifest(bundle_copy, adapters=manifest["adapters"])
+    adapters = Manifest.read(bundle_copy).adapters
+    update_manifest(bundle_copy, adapters=[dataclasses.replace(adapters[0], data=None), *adapters[1:]])
     before = _snapshot(bundle_copy)
     code, text = _cli("quantize", str(bundle_copy), "--precisions", "int8-static")
     assert code == ConfigError.exit_code and "--calibration" in text and "Traceback" not in text
@@ -224,12 +224,12 @@ def test_int8_static_without_calibration_data_says_how_to_give_it(bundle_copy):
 
 
 def test_int8_static_uses_the_data_recorded_with_the_adapter(bundle_copy):
-    from lora_edge.bundle import find_graph, update_manifest
     from lora_edge.data import default_intent_files
+    from lora_edge.manifest import Manifest, find_graph, update_manifest
 
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["adapters"][0]["data"] = default_intent_files().to_json()
-    update_manifest(bundle_copy, adapters=manifest["adapters"])
+    adapters = Manifest.read(bundle_copy).adapters
+    update_manifest(bundle_copy, adapters=[dataclasses.replace(adapters[0], data=default_intent_files().to_json()),
+                                           *adapters[1:]])
     code, text = _cli("quantize", str(bundle_copy), "--precisions", "int8-static", "--calib-size", "8", "--json")
     assert code == 0, text
     record = find_graph(bundle_copy, "merged.int8-static")
@@ -241,7 +241,7 @@ def test_a_graph_that_cannot_be_quantized_names_the_node_and_leaves_the_bundle_a
     import onnx
     from onnx import numpy_helper
 
-    from lora_edge.bundle import find_graph
+    from lora_edge.manifest import find_graph
     from lora_edge.quantize_lora import linear_roles
 
     # Break the branched graph: one base weight gets a wrong inner size, so the graph cannot run.
@@ -308,7 +308,7 @@ def _logits_of(graph: Path, batches: list[dict], adapter_file: Path | None = Non
 
 def _quantized(bundle: Path, form: str, precision: str) -> Path:
     """The bundle's graph, quantizing the fp32 one on first use (quantize_graph: one graph only)."""
-    from lora_edge.bundle import find_graph
+    from lora_edge.manifest import find_graph
     from lora_edge.quantize import QuantizeOptions, calibration_for, fusion_plan_for, quantize_graph
 
     target = bundle / "onnx" / f"{form}.{precision}.onnx"
