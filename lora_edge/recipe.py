@@ -147,7 +147,7 @@ class CheckSpec:
         check_threshold_tables(self.thresholds, "check.thresholds")
 
     def thresholds_for(self, precision: str, device_tolerances: dict | None = None,
-                       device_where: str = "device.tolerances", task: str = "seq-cls") -> Thresholds:
+                       device_where: str = "device.tolerances", task: Task = Task.SEQ_CLS) -> Thresholds:
         """The task's defaults for ``precision``, overridden by the device's tolerances, then by this spec."""
         return resolve_thresholds(precision, (device_tolerances or {}, device_where),
                                   (self.thresholds, "check.thresholds"), task=task)
