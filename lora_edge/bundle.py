@@ -24,10 +24,10 @@ import re
 import secrets
 import shutil
 import socket
-from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
+from lora_edge.choices import Form, Precision  # noqa: F401 - the bundle's vocabulary, imported from here too
 from lora_edge.errors import BundleError, ConfigError
 
 MANIFEST_FILE = "manifest.json"
@@ -224,6 +224,8 @@ def write_json(path: Path, payload: dict) -> Path:
 
 def library_versions() -> dict[str, str]:
     """Installed versions of the libraries that shape an export, plus Python and platform."""
+    from importlib import metadata  # here: `lora-edge --help` imports this module, and metadata costs ~13 ms
+
     versions = {"python": platform.python_version(), "platform": platform.platform()}
     for name in TRACKED_LIBRARIES:
         try:
@@ -255,24 +257,6 @@ def load_graph(path: Path, load_external_data: bool = True):
         detail = (str(exc).splitlines() or [""])[0][:120]
         raise BundleError(f"not a readable ONNX graph ({exc.__class__.__name__}{': ' + detail if detail else ''})",
                           path, "re-run lora-edge export (or quantize) for this graph") from None
-
-
-class Form(str, enum.Enum):
-    """The three deployment forms of an adapter (docs/ARCHITECTURE.md)."""
-
-    MERGED = "merged"      # B·A folded into W: one graph per adapter, no runtime cost
-    BRANCHED = "branched"  # explicit low-rank MatMul pair beside each base linear
-    HOTSWAP = "hotswap"    # LoRA weights are graph inputs; adapters are .onnx_adapter files
-
-
-class Precision(str, enum.Enum):
-    """Numeric precision of a graph's base weights (LoRA pairs stay float)."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    INT8_DYNAMIC = "int8-dynamic"
-    INT8_STATIC = "int8-static"
-    INT4 = "int4"
 
 
 def parse_choices(enum_class: type[enum.Enum], values: list[str], option: str) -> list:

@@ -343,7 +343,7 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
     bundle = require_bundle(Path(bundle))
     manifest = Manifest.read(bundle)
     spec = spec or spec_from_manifest(manifest)
-    task = manifest.model.task.value
+    task = manifest.model.task
     backend = BACKENDS[task]
     device = load_device(spec.device) if spec.device else None
     settings = device.session_settings() if device else SessionSettings()
@@ -374,7 +374,7 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
                 raise BundleError("no copy of the adapter matches the manifest's sha256",
                                   bundle / adapter.bundle_dir, "re-export the bundle from the adapter")
             greedy = greedy_plan(spec, evalset, tokenizer, bundle) if task == Task.CAUSAL_LM.value else None
-            references = _references(model_path, AdapterRef(name, trusted), Task(task), backend, batches,
+            references = _references(model_path, AdapterRef(name, trusted), task, backend, batches,
                                      any(t.adapter is None for t in mine), greedy)
         except LoraEdgeError as exc:  # no reference: every graph of this adapter fails, with the reason
             reason = f"the PyTorch reference could not be built: {exc.format_message()}"

@@ -62,18 +62,18 @@ def _labeled(examples, labels: list[str] | None, source: str, task: str, tokeniz
     return EvalSet(texts, source, [labels.index(ex.label) for ex in examples], len(labels))
 
 
-def eval_set(spec: CheckSpec, adapter: AdapterRecord, task: str, tokenizer) -> EvalSet:
+def eval_set(spec: CheckSpec, adapter: AdapterRecord, task: Task, tokenizer) -> EvalSet:
     """The evaluation set of one adapter: --data, else its recorded test split, else generated inputs."""
     labels = adapter.labels
     if spec.data:
-        evalset = _labeled(read_examples(spec.data, Task(task)), labels, f"--data {spec.data}", task, tokenizer)
+        evalset = _labeled(read_examples(spec.data, task), labels, f"--data {spec.data}", task, tokenizer)
     else:
         reason = "no data was given and the adapter records none"
         evalset = None
         if adapter.data:
             files = DataFiles.from_json(adapter.data)
             try:
-                test = files.load(Task(task))["test"]
+                test = files.load(task)["test"]
                 evalset = _labeled(test, labels, f"test split {files.test or files.train}", task, tokenizer)
             except DataError as exc:
                 reason = f"the recorded data cannot be read ({exc.format_message()})"

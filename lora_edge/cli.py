@@ -52,15 +52,26 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 # Stage commands are registered below, one small function each.
-# --- train / sweep (trainer) ---
-# recipe.py holds only dataclasses (no torch): its defaults and help texts feed the options below.
-from lora_edge.recipe import LoraSpec as _LoraSpec  # noqa: E402
-from lora_edge.recipe import TrainSpec as _TrainSpec  # noqa: E402
+# Options that set a stage's config are generated from its dataclass (lora_edge.recipe, no torch): the help text
+# and the default live there, and the value is validated there (lora_edge.config_fields).
+from lora_edge.config_fields import click_options, enum_choice  # noqa: E402
+from lora_edge.choices import Task  # noqa: E402
+from lora_edge.recipe import (CheckSpec, ExportSpec, LoraSpec, MeasureSpec, QuantizeOptions, Recipe,  # noqa: E402
+                              TrainSpec)
 
-_TRAIN_DEFAULTS, _LORA_DEFAULTS = _TrainSpec(), _LoraSpec()
+TASK_OPTION = click_options(Recipe, include=["task"])
+LORA_OPTIONS = click_options(LoraSpec, include=["rank", "alpha", "dropout", "targets", "layers", "init", "rslora"])
+SWEEP_LORA_OPTIONS = click_options(LoraSpec, include=["alpha", "dropout", "targets", "layers", "init", "rslora"])
+TRAIN_OPTIONS = click_options(TrainSpec)
+EXPORT_OPTIONS = click_options(ExportSpec, include=["forms", "precisions", "opset"])
+QUANTIZE_OPTIONS = click_options(QuantizeOptions, include=["calibration", "calib_method", "calib_size", "per_channel",
+                                                           "block_size", "fuse"])
+MEASURE_OPTIONS = click_options(MeasureSpec)
+# `check` options replace the [check] values of the recipe recorded in the bundle: no default of their own.
+CHECK_OPTIONS = click_options(CheckSpec, include=["data", "device", "max_examples"], show_defaults=False)
 
 
-def _training_options(with_rank: bool):
+def _training_options(lora_options):
     """The options `train` and `sweep` share (sweep takes --ranks instead of --rank)."""
     options = [
         click.option("--model", default="default", show_default=True,
@@ -74,36 +85,13 @@ def _training_options(with_rank: bool):
                      help="Validation file; default: cut from --data by --seed."),
         click.option("--test", type=click.Path(path_type=Path), help="Test file; default: cut from --data by --seed."),
         click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write (must not exist)."),
-        click.option("--task", type=click.Choice(["seq-cls", "causal-lm"]), default="seq-cls", show_default=True,
-                     help="Sequence classification (a head is trained with the adapter) or causal LM."),
-        click.option("--alpha", type=float, default=_LORA_DEFAULTS.alpha, show_default=True,
-                     help="LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)."),
-        click.option("--dropout", type=float, default=_LORA_DEFAULTS.dropout, show_default=True,
-                     help="Dropout on the LoRA branch during training."),
-        click.option("--targets", default="auto", show_default=True,
-                     help="Modules to adapt: comma-separated names (query,value), all-linear, or auto "
-                          "(the architecture's attention query/value projections)."),
-        click.option("--init", type=click.Choice(["default", "gaussian", "pissa"]), default="default",
-                     show_default=True, help="LoRA initialisation (pissa is saved converted to plain LoRA)."),
-        click.option("--rslora", is_flag=True, help="Rank-stabilised scaling alpha/sqrt(r)."),
-        click.option("--epochs", type=float, help=f"Training epochs [default: {_TRAIN_DEFAULTS.epochs:g}]."),
-        click.option("--max-steps", type=int, help="Train for this many optimizer steps instead of --epochs."),
-        click.option("--lr", type=float, help=f"Peak learning rate [default: {_TRAIN_DEFAULTS.learning_rate:g}]."),
-        click.option("--batch-size", type=int, help=f"Examples per device per step [default: {_TRAIN_DEFAULTS.batch_size}]."),
-        click.option("--grad-accum", type=int, help="Gradient accumulation steps [default: 1]."),
-        click.option("--max-length", type=int, help=f"Truncate examples to this many tokens [default: {_TRAIN_DEFAULTS.max_length}]."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed for initialisation, data order and splits (same seed: same adapter bytes)."),
+        *TASK_OPTION.options(),
+        *lora_options.options(),
+        *TRAIN_OPTIONS.options(),
         click.option("--force", is_flag=True, help="Replace --out (and discard unfinished checkpoints)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
         click.option("--json", "as_json", is_flag=True, help="Print the results as JSON."),
     ]
-    if with_rank:
-        options.insert(5, click.option("--rank", type=int, default=_LORA_DEFAULTS.rank, show_default=True,
-                                       help="LoRA rank r."))
-    else:
-        options.insert(5, click.option("--ranks", default="1,2,4,8,16", show_default=True,
-                                       help="Comma-separated ranks, one adapter each."))
 
     def decorate(func):
         for option in reversed(options):
@@ -112,28 +100,24 @@ def _training_options(with_rank: bool):
     return decorate
 
 
-def _specs(rank: int, opts: dict):
-    """LoraSpec + TrainSpec from the shared training options (unset schedule options keep their defaults)."""
-    if opts["epochs"] is not None and opts["max_steps"] is not None:
+def _specs(opts: dict, lora_options, **lora_fixed):
+    """LoraSpec + TrainSpec from the shared training options (popped from ``opts``; unset ones keep their defaults)."""
+    schedule = TRAIN_OPTIONS.given(opts)
+    if "epochs" in schedule and "max_steps" in schedule:
         raise ConfigError("--epochs and --max-steps both given", "--epochs/--max-steps", "give only one of them")
-    lora = _LoraSpec(rank=rank, alpha=opts["alpha"], dropout=opts["dropout"], targets=opts["targets"],
-                     init=opts["init"], rslora=opts["rslora"])
-    schedule = {"epochs": opts["epochs"], "max_steps": opts["max_steps"], "learning_rate": opts["lr"],
-                "batch_size": opts["batch_size"], "grad_accum": opts["grad_accum"],
-                "max_length": opts["max_length"], "seed": opts["seed"]}
-    return lora, _TrainSpec(**{key: value for key, value in schedule.items() if value is not None})
+    return lora_options.build(opts, **lora_fixed), TRAIN_OPTIONS.make(schedule)
 
 
-def _data_files(opts: dict):
+def _data_files(opts: dict, seed: int):
     from lora_edge.data import resolve_data_files
 
-    return resolve_data_files(opts["data"], opts["validation"], opts["test"], seed=opts["seed"])
+    return resolve_data_files(opts["data"], opts["validation"], opts["test"], seed=seed)
 
 
 @cli.command("train")
-@_training_options(with_rank=True)
+@_training_options(LORA_OPTIONS)
 @click.option("--resume", is_flag=True, help="Continue an unfinished run from the checkpoints in OUT.checkpoints/.")
-def train_command(rank: int, resume: bool, **opts) -> None:
+def train_command(resume: bool, **opts) -> None:
     """Train a LoRA adapter (PEFT + transformers.Trainer) and write it with its metrics to --out.
 
     OUT holds adapter_config.json + adapter_model.safetensors (PEFT format), label_map.json,
@@ -145,8 +129,9 @@ def train_command(rank: int, resume: bool, **opts) -> None:
 
     from lora_edge.train import train_adapter
 
-    lora, spec = _specs(rank, opts)
-    result = train_adapter(opts["model"], _data_files(opts), opts["out"], opts["task"], lora, spec,
+    task = TASK_OPTION.value(opts, "task")
+    lora, spec = _specs(opts, LORA_OPTIONS)
+    result = train_adapter(opts["model"], _data_files(opts, spec.seed), opts["out"], task, lora, spec,
                            resume=resume, force=opts["force"], progress=not opts["quiet"])
     if result.is_main_process:
         summary = result.summary()
@@ -155,7 +140,8 @@ def train_command(rank: int, resume: bool, **opts) -> None:
 
 
 @cli.command("sweep")
-@_training_options(with_rank=False)
+@click.option("--ranks", default="1,2,4,8,16", show_default=True, help="Comma-separated ranks, one adapter each.")
+@_training_options(SWEEP_LORA_OPTIONS)
 @click.option("--latency-device", default=None,
               help="Also export each rank's adapter merged and branched (fp32) and time both with this device "
                    "target's settings on this host: adds latency columns per rank (see `lora-edge compare`).")
@@ -169,9 +155,10 @@ def sweep_command(ranks: str, **opts) -> None:
 
     from lora_edge.sweep import run_sweep
 
-    lora, spec = _specs(1, opts)
-    table = run_sweep(opts["model"], _data_files(opts), opts["out"], parse_int_list(ranks, "--ranks"),
-                      opts["task"], lora, spec, force=opts["force"], progress=not opts["quiet"])
+    task = TASK_OPTION.value(opts, "task")
+    lora, spec = _specs(opts, SWEEP_LORA_OPTIONS, rank=1)
+    table = run_sweep(opts["model"], _data_files(opts, spec.seed), opts["out"], parse_int_list(ranks, "--ranks"),
+                      task, lora, spec, force=opts["force"], progress=not opts["quiet"])
     if opts["latency_device"]:
         from lora_edge.compare import add_sweep_latency
 
@@ -182,16 +169,17 @@ def sweep_command(ranks: str, **opts) -> None:
 # --- merge / export / infer (deployment forms) ---
 MODEL_HELP = "Base model: a local Hugging Face model directory, or 'default' (the embedded all-MiniLM-L6-v2)."
 TASK_HELP = "seq-cls or causal-lm (default: the adapter's PEFT task_type)."
+ADAPTER_TASK = enum_choice(Task, "--task", "task")  # no default: the adapter's own task
 
 
 @cli.command("merge")
 @click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--adapter", required=True, help="PEFT LoRA adapter directory ([NAME=]DIR).")
-@click.option("--task", default=None, help=TASK_HELP)
+@click.option("--task", type=ADAPTER_TASK, default=None, help=TASK_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write (must not exist).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the merged model directory, model and adapter.")
-def merge_command(model: str, adapter: str, task: str | None, out: Path, force: bool, as_json: bool) -> None:
+def merge_command(model: str, adapter: str, task: Task | None, out: Path, force: bool, as_json: bool) -> None:
     """Fold an adapter into its base model (W + s·B·A in fp32) and save a merged HF model directory.
 
     The result (safetensors, config, tokenizer, label_map.json) loads with
@@ -215,14 +203,8 @@ def merge_command(model: str, adapter: str, task: str | None, out: Path, force: 
 @click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--adapter", "adapters", multiple=True, required=True,
               help="PEFT LoRA adapter directory, [NAME=]DIR; repeat for several (NAME defaults to the dir name).")
-@click.option("--forms", default="merged,branched,hotswap", show_default=True,
-              help="Deployment forms, comma-separated: merged (B·A folded into W), branched (explicit low-rank "
-                   "pairs), hotswap (one base graph + .onnx_adapter per adapter).")
-@click.option("--precisions", default="fp32", show_default=True,
-              help="Comma-separated: fp32, fp16, int8-dynamic, int8-static, int4 (others than fp32 are quantized "
-                   "from the fp32 graphs).")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-@click.option("--task", default=None, help=TASK_HELP)
+@EXPORT_OPTIONS
+@click.option("--task", type=ADAPTER_TASK, default=None, help=TASK_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the bundle, its graph records and the seconds of each export stage.")
@@ -230,8 +212,8 @@ def merge_command(model: str, adapter: str, task: str | None, out: Path, force: 
 @click.option("--no-fuse", "no_fuse", is_flag=True,
               help="Write the fp32 graphs as exported, without the CPU fusions (attention, LayerNorm, padding "
                    "trim; each fused graph is checked against PyTorch and kept only if it matches).")
-def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions: str, opset: int | None,
-                   task: str | None, out: Path, force: bool, as_json: bool, quiet: bool, no_fuse: bool) -> None:
+def export_command(model: str, adapters: tuple[str, ...], task: Task | None, out: Path, force: bool, as_json: bool,
+                   quiet: bool, no_fuse: bool, **opts) -> None:
     """Export base + adapter(s) to ONNX graphs in a bundle, each checked against PyTorch.
 
     Writes OUT/manifest.json, OUT/adapter/ (or adapters/<name>/), OUT/onnx/<form>[.<name>].<precision>.onnx,
@@ -242,9 +224,10 @@ def export_command(model: str, adapters: tuple[str, ...], forms: str, precisions
     from lora_edge.console import progress_sink
     from lora_edge.export_bundle import export_bundle
 
-    bundle = export_bundle(model, [AdapterRef.parse(a) for a in adapters], split_csv(forms), out,
-                           precisions=split_csv(precisions), opset=opset, force=force, task=task,
-                           fuse=not no_fuse, progress=progress_sink(quiet))
+    spec = EXPORT_OPTIONS.build(opts)
+    bundle = export_bundle(model, [AdapterRef.parse(a) for a in adapters], spec.forms, out,
+                           precisions=spec.precisions, opset=spec.opset or None, force=force, task=task,
+                           quantize_options=spec.quantize_options(), fuse=not no_fuse, progress=progress_sink(quiet))
     if as_json:
         import json
 
@@ -361,36 +344,14 @@ def adapters_convert(adapter_file: Path, graph: Path, out: Path, layout: str, so
 # --- quantize ---
 
 
-def quantize_flags(command):
-    """Options that build a QuantizeOptions (shared by commands that quantize)."""
-    flags = [
-        click.option("--calibration", default=None,
-                     help="int8-static calibration data: JSONL/CSV with a text column. Default: the training data "
-                          "recorded with the adapter (data.json)."),
-        click.option("--calib-method", default="minmax", show_default=True,
-                     help="int8-static activation ranges: minmax, entropy or percentile."),
-        click.option("--calib-size", type=int, default=64, show_default=True, help="Calibration texts to use."),
-        click.option("--per-channel/--no-per-channel", default=True, show_default=True,
-                     help="Per-output-channel int8 weight scales (--no-per-channel: ~3% faster, less accurate)."),
-        click.option("--block-size", type=int, default=32, show_default=True,
-                     help="int4: weights per quantization block (power of two >= 16)."),
-        click.option("--no-fuse", "no_fuse", is_flag=True,
-                     help="Quantize the graphs as exported, without the (verified) attention/LayerNorm fusions."),
-    ]
-    for flag in reversed(flags):
-        command = flag(command)
-    return command
-
-
 @cli.command("quantize")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--precisions", default="int8-dynamic", show_default=True,
               help="Comma-separated: fp16 (GPU targets), int8-dynamic, int8-static, int4.")
-@quantize_flags
+@QUANTIZE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print the new graph records as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-def quantize_command(bundle: Path, precisions: str, calibration: str | None, calib_method: str, calib_size: int,
-                     per_channel: bool, block_size: int, no_fuse: bool, as_json: bool, quiet: bool) -> None:
+def quantize_command(bundle: Path, precisions: str, as_json: bool, quiet: bool, **opts) -> None:
     """Quantize every fp32 graph of BUNDLE; LoRA pairs stay float in branched and hotswap graphs.
 
     Writes BUNDLE/onnx/<form>[.<adapter>].<precision>.onnx beside each fp32 graph and adds them to the
@@ -398,10 +359,9 @@ def quantize_command(bundle: Path, precisions: str, calibration: str | None, cal
     unchanged. Nothing in BUNDLE changes when any graph fails.
     """
     from lora_edge.console import progress_sink
-    from lora_edge.quantize import QuantizeOptions, format_records, quantize_bundle
+    from lora_edge.quantize import format_records, quantize_bundle
 
-    options = QuantizeOptions(calibration=calibration, calib_method=calib_method, calib_size=calib_size,
-                              per_channel=per_channel, block_size=block_size, fuse=not no_fuse)
+    options = QUANTIZE_OPTIONS.build(opts)
     click.echo(format_records(quantize_bundle(bundle, split_csv(precisions), options, progress=progress_sink(quiet)),
                               as_json))
 
@@ -465,13 +425,7 @@ def _measure_options(command):
         click.option("--graphs", default="", help="Comma-separated graph names (e.g. merged.int8-dynamic,"
                                                   "branched.int8-dynamic); default: every graph in a precision "
                                                   "the device lists."),
-        click.option("--batch", default=1, show_default=True, help="Batch size of the timed inputs."),
-        click.option("--seq", default=128, show_default=True, help="Sequence length of the timed inputs."),
-        click.option("--runs", default=200, show_default=True, help="Timed runs per graph."),
-        click.option("--warmup", default=20, show_default=True, help="Untimed warm-up runs per graph."),
-        click.option("--allow-fallback", is_flag=True,
-                     help="Measure on this host's providers when the device asks for others (recorded in the "
-                          "report). Without it such graphs are 'not measured' and the command fails."),
+        *MEASURE_OPTIONS.options(),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
     ]
     for option in reversed(options):
@@ -483,8 +437,7 @@ def _measure_options(command):
 @click.argument("bundle", type=click.Path(file_okay=False))
 @_measure_options
 @click.option("--no-eager", is_flag=True, help="Skip the eager PyTorch baselines (adapter unmerged and merged).")
-def profile(bundle: str, device: str, graphs: str, batch: int, seq: int, runs: int, warmup: int,
-            allow_fallback: bool, as_json: bool, no_eager: bool) -> None:
+def profile(bundle: str, device: str, graphs: str, as_json: bool, no_eager: bool, **opts) -> None:
     """Time a bundle's graphs with a device's settings; writes reports/profile.json and profile.md.
 
     Per graph: latency (mean, p50, p90, p99, std), throughput, session creation time, memory added, size on
@@ -494,7 +447,7 @@ def profile(bundle: str, device: str, graphs: str, batch: int, seq: int, runs: i
     from lora_edge.profile import profile_bundle
     from lora_edge.profile_report import profile_summary
 
-    report = profile_bundle(bundle, device, split_csv(graphs) or None, batch, seq, runs, warmup, allow_fallback,
+    report = profile_bundle(bundle, device, split_csv(graphs) or None, MEASURE_OPTIONS.build(opts),
                             eager=not no_eager)
     click.echo(profile_summary(report, as_json))
     report.check_measured()
@@ -504,8 +457,7 @@ def profile(bundle: str, device: str, graphs: str, batch: int, seq: int, runs: i
 @click.argument("bundle", type=click.Path(file_okay=False))
 @_measure_options
 @click.option("--fresh", is_flag=True, help="Profile again even when reports/profile.json matches.")
-def compare(bundle: str, device: str, graphs: str, batch: int, seq: int, runs: int, warmup: int,
-            allow_fallback: bool, as_json: bool, fresh: bool) -> None:
+def compare(bundle: str, device: str, graphs: str, as_json: bool, fresh: bool, **opts) -> None:
     """Merged vs branched vs hot-swap: latency per form and precision, overhead beside the adapter's extra FLOPs.
 
     Writes reports/compare.json, compare.md and latency.png; re-uses reports/profile.json when it was made
@@ -513,8 +465,8 @@ def compare(bundle: str, device: str, graphs: str, batch: int, seq: int, runs: i
     """
     from lora_edge.compare import compare_bundle, comparison_summary
 
-    comparison = compare_bundle(bundle, device, split_csv(graphs) or None, batch, seq, runs, warmup,
-                                allow_fallback, reuse=not fresh)
+    comparison = compare_bundle(bundle, device, split_csv(graphs) or None, MEASURE_OPTIONS.build(opts),
+                                reuse=not fresh)
     click.echo(comparison_summary(comparison, as_json))
 
 
@@ -524,31 +476,28 @@ RECIPE_HELP = "A recipe: a path to a .toml file (see export/), or the name of a 
 
 @cli.command("check")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--data", default=None, help="Labeled evaluation file (JSONL/CSV; causal LM: text). Default: the "
-                                          "test split recorded with each adapter, else generated inputs (the task "
-                                          "metric is then listed as skipped).")
-@click.option("--device", default=None, help="Device target whose providers run the graphs and whose tolerances "
-                                            "apply (a shipped name or a .toml path). Default: CPU provider.")
-@click.option("--max-examples", type=int, default=None, help="Evaluate at most this many examples per adapter.")
+@CHECK_OPTIONS
 @click.option("--junit", type=click.Path(path_type=Path), default=None,
               help="Write the JUnit XML here (default: BUNDLE/reports/check.junit.xml).")
 @click.option("--json", "as_json", is_flag=True, help="Print reports/check.json on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-def check_cmd(bundle: Path, data: str | None, device: str | None, max_examples: int | None, junit: Path | None,
-              as_json: bool, quiet: bool) -> None:
+def check_cmd(bundle: Path, junit: Path | None, as_json: bool, quiet: bool, **opts) -> None:
     """Accuracy gate: compare every graph of BUNDLE with the PyTorch model (base + adapter, fp32).
 
     Each form, precision and (hot-swap) adapter file is run on the evaluation set; max/mean abs diff of
     logits, cosine similarity, top-1 agreement and the task metric (accuracy and macro-F1; causal LM:
     perplexity) are held to thresholds per precision (defaults, the device's tolerances, then the recipe's
-    [check.thresholds]). Writes reports/check.json, check.md and a JUnit XML. Exit 0: all passed; 1: a check
+    [check.thresholds]); --data, --device and --max-examples replace the [check] values of the recipe recorded
+    in the bundle. Writes reports/check.json, check.md and a JUnit XML. Exit 0: all passed; 1: a check
     failed; other codes: unusable input (listed by `lora-edge --help`).
     """
     from lora_edge.check import check_command, gate
     from lora_edge.check_report import check_summary
     from lora_edge.console import progress_sink
 
-    report = check_command(bundle, data, device, max_examples, junit, progress=progress_sink(quiet))
+    given = CHECK_OPTIONS.given(opts)
+    CHECK_OPTIONS.make(given)  # refuse a bad value here, naming its option
+    report = check_command(bundle, junit=junit, progress=progress_sink(quiet), **given)
     click.echo(check_summary(report, as_json, junit))
     gate(report, Path(bundle) / "reports" / "check.md")
 

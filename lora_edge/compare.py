@@ -28,6 +28,7 @@ from lora_edge.interleave import VERDICT_MARGIN_PCT, ratio_stats, verdict
 from lora_edge.manifest import Manifest
 from lora_edge.profile import profile_bundle
 from lora_edge.profile_report import GraphProfile, ProfileReport, read_profile
+from lora_edge.recipe import MeasureSpec
 
 if TYPE_CHECKING:
     from lora_edge.sweep import SweepTable
@@ -178,20 +179,22 @@ def _reusable(report: ProfileReport | None, device: DeviceTarget, batch: int, se
 
 
 def compare_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list[str] | None = None,
-                   batch: int = 1, seq: int = 128, runs: int = 200, warmup: int = 20, allow_fallback: bool = False,
-                   reuse: bool = True, quiet: bool = False) -> Comparison:
+                   measure: MeasureSpec | None = None, *, reuse: bool = True, quiet: bool = False,
+                   **measure_fields) -> Comparison:
     """Compare the forms of a bundle on a device; writes compare.json, compare.md and latency.png.
 
     Re-uses ``reports/profile.json`` when ``reuse`` and it matches the device,
-    inputs and graphs; otherwise profiles first (with the same arguments as
-    :func:`~lora_edge.profile.profile_bundle`). Raises like
+    inputs and graphs; otherwise profiles first (with the same ``measure``, or
+    ``measure_fields``, as :func:`~lora_edge.profile.profile_bundle`). Raises like
     :meth:`ProfileReport.check_measured` when a graph could not be measured.
     """
+    measure = measure or MeasureSpec(**measure_fields)
+    batch, seq = measure.batch, measure.seq
     bundle = require_bundle(Path(bundle))
     device = load_device(device)
     report = read_profile(bundle)
     if not (reuse and _reusable(report, device, batch, seq, graphs)):
-        report = profile_bundle(bundle, device, graphs, batch, seq, runs, warmup, allow_fallback, quiet=quiet)
+        report = profile_bundle(bundle, device, graphs, measure, quiet=quiet)
     elif not quiet:
         import sys
 
@@ -317,8 +320,7 @@ def _export_rank(model: str | Path, adapter: Path, rank: int, out: Path) -> Path
 
 
 def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str | Path | DeviceTarget,
-                      batch: int = 1, seq: int = 128, runs: int = 100, warmup: int = 10,
-                      allow_fallback: bool = False, quiet: bool = False,
+                      measure: MeasureSpec | None = None, quiet: bool = False,
                       export: Callable[[str | Path, Path, int, Path], Path] = _export_rank) -> dict[int, dict]:
     """Latency of the merged and branched fp32 graphs for each rank's adapter, on a device's settings.
 
@@ -327,7 +329,7 @@ def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str 
     branched_p50_ms, branched_overhead_pct, extra_flops_pct}. Raises like
     :meth:`ProfileReport.check_measured` when the device cannot run here.
     """
-    device = load_device(device)
+    device, measure = load_device(device), measure or MeasureSpec()
     rows, base = {}, None
     with tempfile.TemporaryDirectory(prefix="lora-edge-rank-latency-") as workdir:
         for rank, adapter in sorted(adapters.items()):
@@ -336,13 +338,13 @@ def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str 
 
                 print(f"sweep latency: rank {rank} on {device.name}", file=sys.stderr, flush=True)
             bundle = export(model, Path(adapter), rank, Path(workdir) / f"r{rank}")
-            report = profile_bundle(bundle, device, ["merged.fp32", "branched.fp32"], batch, seq, runs, warmup,
-                                    allow_fallback, eager=False, quiet=True)
+            report = profile_bundle(bundle, device, ["merged.fp32", "branched.fp32"], measure, eager=False,
+                                    quiet=True)
             report.check_measured()
             manifest = Manifest.read(bundle)
             if base is None:  # every rank shares the base model: count its FLOPs once
-                base = base_flops_per_item(manifest, batch, seq)
-            table = {row["form"]: row for row in comparison_rows(report.graphs, [], seq,
+                base = base_flops_per_item(manifest, measure.batch, measure.seq)
+            table = {row["form"]: row for row in comparison_rows(report.graphs, [], measure.seq,
                                                                  adapter_flops_per_token(bundle, manifest), base)}
             rows[rank] = {"merged_p50_ms": table["merged"]["p50_ms"], "branched_p50_ms": table["branched"]["p50_ms"],
                           "branched_overhead_pct": table["branched"]["overhead_pct"],
@@ -350,10 +352,14 @@ def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str 
     return rows
 
 
-def add_sweep_latency(table: "SweepTable", directory: Path, device: str | Path | DeviceTarget, **options) -> "SweepTable":
+def add_sweep_latency(table: "SweepTable", directory: Path, device: str | Path | DeviceTarget,
+                      measure: MeasureSpec | None = None, *, quiet: bool = False,
+                      export: Callable[[str | Path, Path, int, Path], Path] = _export_rank,
+                      **measure_fields) -> "SweepTable":
     """Add per-rank latency columns (merged and branched, on ``device``) to a sweep and save it again.
 
-    ``options`` go to :func:`rank_latency_rows` (batch, seq, runs, warmup, ...).
+    ``measure`` (or ``measure_fields``: batch, seq, runs, warmup, ...) and the
+    rest go to :func:`rank_latency_rows`.
     """
     from lora_edge.errors import env_int
 
@@ -361,10 +367,11 @@ def add_sweep_latency(table: "SweepTable", directory: Path, device: str | Path |
         return table
     device = load_device(device)
     adapters = {row.rank: Path(directory) / row.adapter for row in table.rows}
-    rows = rank_latency_rows(table.settings.get("model", "default"), adapters, device, **options)
+    measure = measure or MeasureSpec(**measure_fields)
+    rows = rank_latency_rows(table.settings.get("model", "default"), adapters, device, measure, quiet, export)
     for key, header in RANK_COLUMNS:
         table.add_column(key, f"{header} ({device.name})" if key.endswith("_ms") else header,
                          {rank: values[key] for rank, values in rows.items()})
-    table.settings["latency"] = {"device": device.name, **{k: v for k, v in options.items() if k != "export"}}
+    table.settings["latency"] = {"device": device.name, **asdict(measure)}
     table.save(Path(directory))
     return table

@@ -284,9 +284,9 @@ def encode_texts(tokenizer, texts: list[str], max_length: int = 128, padding: st
                           return_tensors=tensors))
 
 
-def calibration_batches(tokenizer, texts: list[str], batch_size: int = 8, max_length: int = 128,
-                        limit: int = 64) -> list[dict[str, "torch.Tensor"]]:
-    """Up to ``limit`` texts tokenized into batches, for static quantization calibration."""
+def calibration_batches(tokenizer, texts: list[str], batch_size: int = 8, max_length: int = 128, *,
+                        limit: int) -> list[dict[str, "torch.Tensor"]]:
+    """Up to ``limit`` texts (``QuantizeOptions.calib_size``) tokenized into batches, for static calibration."""
     texts = list(texts)[:limit]
     return [encode_texts(tokenizer, texts[i:i + batch_size], max_length)
             for i in range(0, len(texts), batch_size)]

@@ -24,9 +24,10 @@ from typing import Any
 
 from lora_edge import toml_compat
 from lora_edge.bundle import Precision
+from lora_edge.config_fields import config_field, field_help
 from lora_edge.errors import ConfigError
-from lora_edge.recipe import _field, check_threshold_tables, field_help
 from lora_edge.runtime import OPTIMIZATION_LEVELS, SessionSettings
+from lora_edge.thresholds import check_threshold_tables
 
 DEVICE_SUFFIX = ".toml"
 ARCHITECTURES = ("any", "x86_64", "arm64")
@@ -87,8 +88,8 @@ def provider_option_strings(options: dict[str, Any]) -> dict[str, str]:
 class ProviderSpec:
     """One execution provider of a device, with the options it is created with."""
 
-    name: str = _field("CPUExecutionProvider", "ONNX Runtime provider name (or short name: cpu, cuda, tensorrt).")
-    options: dict[str, Any] = _field({}, "Provider options; merged over lora-edge's defaults for the provider.")
+    name: str = config_field("CPUExecutionProvider", "ONNX Runtime provider name (or short name: cpu, cuda, tensorrt).")
+    options: dict[str, Any] = config_field({}, "Provider options; merged over lora-edge's defaults for the provider.")
 
     def __post_init__(self):
         info = provider_info(str(self.name))
@@ -115,22 +116,22 @@ class ProviderSpec:
 class DeviceTarget:
     """A deployment target: providers, threads and precisions to run graphs with, and its budgets."""
 
-    name: str = _field("", "Short name used with --device (letters, digits, -, _).")
-    description: str = _field("", "What the device is, in one line.")
-    providers: list[ProviderSpec] = _field([], "Execution providers in order of preference, each with options.")
-    intra_op_threads: int = _field(0, "Threads inside one operator; 0 lets ONNX Runtime use the physical cores.")
-    inter_op_threads: int = _field(0, "Threads across independent operators; 0 lets ONNX Runtime choose.")
-    graph_optimization_level: str = _field("all", "ORT graph optimizations: disable, basic, extended or all.")
-    precisions: list[Precision] = _field([], "Precisions the device prefers, best first (fp32, fp16, "
-                                             "int8-dynamic, int8-static, int4).")
-    memory_budget_mb: float = _field(0.0, "Memory a graph may add when loaded and run, in MB; 0 = no budget.")
-    latency_budget_ms: float = _field(0.0, "p90 latency a graph must stay under, in ms; 0 = no budget.")
-    cpu_arch: str = _field("any", "CPU architecture of the device: any, x86_64 or arm64.")
-    cpu_features: list[str] = _field([], "CPU flags the device has (as /proc/cpuinfo spells them, e.g. "
-                                         "avx512_vnni, asimddp); the report lists those this host lacks.")
-    tolerances: dict[str, dict[str, float]] = _field({}, "Accuracy-gate overrides per precision (metrics of "
-                                                         "recipe.Thresholds), e.g. [tolerances.fp16] "
-                                                         "max_abs_diff = 0.05.")
+    name: str = config_field("", "Short name used with --device (letters, digits, -, _).")
+    description: str = config_field("", "What the device is, in one line.")
+    providers: list[ProviderSpec] = config_field([], "Execution providers in order of preference, each with options.")
+    intra_op_threads: int = config_field(0, "Threads inside one operator; 0 lets ONNX Runtime use the physical cores.")
+    inter_op_threads: int = config_field(0, "Threads across independent operators; 0 lets ONNX Runtime choose.")
+    graph_optimization_level: str = config_field("all", "ORT graph optimizations: disable, basic, extended or all.")
+    precisions: list[Precision] = config_field([], "Precisions the device prefers, best first (fp32, fp16, "
+                                                  "int8-dynamic, int8-static, int4).")
+    memory_budget_mb: float = config_field(0.0, "Memory a graph may add when loaded and run, in MB; 0 = no budget.")
+    latency_budget_ms: float = config_field(0.0, "p90 latency a graph must stay under, in ms; 0 = no budget.")
+    cpu_arch: str = config_field("any", "CPU architecture of the device: any, x86_64 or arm64.")
+    cpu_features: list[str] = config_field([], "CPU flags the device has (as /proc/cpuinfo spells them, e.g. "
+                                              "avx512_vnni, asimddp); the report lists those this host lacks.")
+    tolerances: dict[str, dict[str, float]] = config_field({}, "Accuracy-gate overrides per precision (metrics of "
+                                                              "recipe.Thresholds), e.g. [tolerances.fp16] "
+                                                              "max_abs_diff = 0.05.")
     source: str = field(default="", metadata={"help": "File the device was loaded from."})
 
     def __post_init__(self):

@@ -42,6 +42,7 @@ from lora_edge.manifest import AdapterRecord, ExportStage, GraphRecord, Manifest
 from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_tokenizer,
                               resolve_model_path)
 from lora_edge.onnx_spec import require_valid_graph
+from lora_edge.recipe import QuantizeOptions
 from lora_edge.tokenizer import make_portable
 
 if TYPE_CHECKING:
@@ -373,14 +374,14 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
                   precisions: Sequence[Precision | str] = (Precision.FP32,), opset: int | None = None,
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
                   seed: int | None = None, recipe: dict | None = None, trust_remote_code: bool = False,
-                  quantize_options: dict | None = None, fuse: bool = True,
+                  quantize_options: QuantizeOptions | None = None, fuse: bool = True,
                   progress: Callable[[str], None] = stderr_lines, exporter: str | None = None) -> Path:
     """Export ``forms`` of ``model`` + each adapter into a new bundle at ``out``; returns ``out``.
 
     Every graph is checked against its PyTorch reference right after export
     (max abs diff <= ``tolerance``, else ExportError naming the graph). With
     precisions other than fp32, ``lora_edge.quantize.quantize_bundle(bundle,
-    precisions, **quantize_options)`` runs on the finished fp32 bundle before it
+    precisions, quantize_options)`` runs on the finished fp32 bundle before it
     is moved into place. With ``fuse`` the fp32 encoder graphs get the verified
     CPU fusions (:mod:`lora_edge.export_fusion`). Nothing is left at ``out`` when
     any step fails; an existing ``out`` is replaced only with ``force``.
@@ -390,9 +391,8 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
     from that trace; ``manifest.json`` records the seconds of each stage
     (``export_stages``).
     """
-    forms = parse_choices(Form, [Form(f).value if isinstance(f, Form) else f for f in forms], "--forms")
-    precisions = parse_choices(Precision, [Precision(p).value if isinstance(p, Precision) else p
-                                           for p in precisions], "--precisions")
+    forms = parse_choices(Form, list(forms), "--forms")  # members pass through; strings (Python callers) are parsed
+    precisions = parse_choices(Precision, list(precisions), "--precisions")
     adapters = list(adapters)
     _check_names(adapters)
     _require_opset(opset)
@@ -451,7 +451,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
 
             _return_freed_memory()
             with clock.stage("quantize"):
-                quantize_bundle(staging, quantized, progress=progress, **(quantize_options or {}))
+                quantize_bundle(staging, quantized, quantize_options, progress=progress)
             dataclasses.replace(Manifest.read(staging), export_stages=clock.stages).write(staging)
     progress(f"wrote {out}")
     return Path(out)

@@ -9,13 +9,13 @@ caller asks for it. ``"default"`` names the embedded all-MiniLM-L6-v2 from the
 from __future__ import annotations
 
 import contextlib
-import enum
 import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_edge.errors import ModelError, parse_enum
+from lora_edge.choices import Task  # noqa: F401 - imported from here too
+from lora_edge.errors import ModelError
 
 if TYPE_CHECKING:  # torch and transformers load lazily: `lora-edge --help` must stay fast
     import torch
@@ -27,18 +27,6 @@ DEFAULT_MODEL = "default"
 # when the base checkpoint has none; a fixed seed makes "the base model" one
 # well-defined function across processes (export, check, hot-swap with no adapter).
 HEAD_INIT_SEED = 0
-
-
-class Task(str, enum.Enum):
-    """What a model is used for; decides the head and the exported graph's outputs."""
-
-    SEQ_CLS = "seq-cls"
-    CAUSAL_LM = "causal-lm"
-
-    @classmethod
-    def parse(cls, value: "str | Task", where: str = "--task") -> "Task":
-        """Turn a user string into a Task, or raise a ConfigError listing the valid names."""
-        return parse_enum(cls, value, where, what="task")
 
 
 def default_model_path() -> Path:

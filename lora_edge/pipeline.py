@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from lora_edge.bundle import Precision
 from lora_edge.console import silent, stderr_lines
 from lora_edge.errors import LoraEdgeError
 from lora_edge.recipe import AdapterSource, Recipe, load_recipe
@@ -208,8 +209,7 @@ def profile_devices(recipe: Recipe, bundle: Path, progress: Progress,
         run = DeviceRun(device.name, directory=f"{REPORTS_DIR}/devices/{device.name}")
         progress(f"profile: device {device.name}")
         try:
-            run.comparison = compare_bundle(bundle, device, None, spec.batch, spec.seq, spec.runs, spec.warmup,
-                                            spec.allow_fallback, reuse=False)
+            run.comparison = compare_bundle(bundle, device, None, spec.measure_settings(), reuse=False)
         except LoraEdgeError as exc:  # a missing provider or a graph that would not run: listed in the
             run.error = exc.format_message()  # report; whether the graphs are right is the gate's call
             progress(f"profile: {device.name} not measured: {run.error}")
@@ -291,14 +291,11 @@ def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force
     return result
 
 
-def quantize(recipe: Recipe, bundle: Path, precisions: list[str]) -> None:
+def quantize(recipe: Recipe, bundle: Path, precisions: list[Precision]) -> None:
     """Quantize the bundle's fp32 graphs to ``precisions`` with the recipe's settings."""
     from lora_edge.quantize import quantize_bundle
 
-    options = {"block_size": recipe.export.block_size}
-    if recipe.export.calibration:
-        options["calibration"] = recipe.export.calibration
-    quantize_bundle(bundle, precisions, **options)
+    quantize_bundle(bundle, precisions, recipe.export.quantize_options())
 
 
 def _graph_count(bundle: Path) -> int:

@@ -100,7 +100,7 @@ def write_run_report(result) -> Path:
     adapters = ", ".join(f"`{a.name}` ({'trained' if a.training else a.path})" for a in recipe.adapters)
     lines = [f"# {recipe.name}: accuracy gate {verdict}", "",
              f"{recipe.description}".strip(), "",
-             f"- Model: `{recipe.model}` ({recipe.task}); adapters: {adapters}",
+             f"- Model: `{recipe.model}` ({recipe.task.value}); adapters: {adapters}",
              f"- Forms: {', '.join(recipe.export.forms)}; precisions: {', '.join(recipe.export.precisions)}",
              f"- Recipe: `{recipe.source}`; bundle: `{bundle}`; {result.seconds:.0f} s in all", "",
              "## Stages", "",

@@ -39,6 +39,7 @@ from lora_edge.manifest import GraphRecord, Manifest, find_graph, hotswap_adapte
 from lora_edge.measure import (GraphRunner, build_feeds, cpu_info, graph_size, host_facts, is_decoder,
                                latency_stats, session_memory, trace_session, warm_up_runtime)
 from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile, ProfileReport, write_profile
+from lora_edge.recipe import MeasureSpec
 
 TRACE_RUNS = 20  # runs recorded in the profiling trace (per-op times); enough for stable shares
 RUNS_PER_ROUND = 5  # timed runs per graph per interleaved round (200 runs: 40 rounds)
@@ -204,19 +205,21 @@ def _note(device: DeviceTarget, host: dict) -> str:
 
 
 def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list[str] | None = None,
-                   batch: int = 1, seq: int = 128, runs: int = 200, warmup: int = 20,
-                   allow_fallback: bool = False, eager: bool = True, quiet: bool = False) -> ProfileReport:
+                   measure: MeasureSpec | None = None, *, eager: bool = True, quiet: bool = False,
+                   **measure_fields) -> ProfileReport:
     """Profile a bundle's graphs (and the eager PyTorch baselines) with a device target's settings.
 
-    Writes ``reports/profile.json`` and ``reports/profile.md`` and returns the
-    report. Graphs that could not be measured are in the report with the
-    reason; call :meth:`ProfileReport.check_measured` to turn them into an error.
+    ``measure`` (or ``measure_fields``: batch, seq, runs, warmup,
+    allow_fallback) says how. Writes ``reports/profile.json`` and
+    ``reports/profile.md`` and returns the report. Graphs that could not be
+    measured are in the report with the reason; call
+    :meth:`ProfileReport.check_measured` to turn them into an error.
     """
+    measure = measure or MeasureSpec(**measure_fields)
+    batch, seq, runs, warmup, allow_fallback = (measure.batch, measure.seq, measure.runs, measure.warmup,
+                                                measure.allow_fallback)
     bundle = require_bundle(Path(bundle))
     device = load_device(device)
-    for name, value, minimum in (("--batch", batch, 1), ("--seq", seq, 1), ("--runs", runs, 1), ("--warmup", warmup, 0)):
-        if value < minimum:
-            raise ConfigError(f"{name} must be >= {minimum}, got {value}", name, f"give a value >= {minimum}")
     manifest = Manifest.read(bundle)
     _require_seq_fits(bundle, manifest, seq)
     records, notes = select_graphs(bundle, device, graphs)

@@ -16,7 +16,6 @@ and moved into place, and the manifest updated, only when every graph succeeded.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import random
 import time
@@ -27,10 +26,11 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Precision, atomic_file, bundle_lock, load_graph, parse_choices,
                               require_bundle, staging_directory)
 from lora_edge.console import stderr_lines
-from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError, parse_enum
+from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError
 from lora_edge.manifest import GraphRecord, Manifest, add_graphs
 from lora_edge.models import Task
-from lora_edge.recipe import _field
+# The settings of this stage (defined with the other stage configs; imported from here too).
+from lora_edge.recipe import CalibMethod, QuantizeOptions  # noqa: F401
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,52 +41,6 @@ if TYPE_CHECKING:
 Feeds = list[dict[str, "np.ndarray"]]
 # Keys of a fp32 record's "extra" that describe the quantized graph too.
 SHARED_EXTRA = ("opset", "inputs", "outputs", "adapter_files", "adapter_inputs")
-
-
-class CalibMethod(str, enum.Enum):
-    """How int8-static picks activation ranges from the calibration batches."""
-
-    MINMAX = "minmax"
-    ENTROPY = "entropy"
-    PERCENTILE = "percentile"
-
-
-@dataclass
-class QuantizeOptions:
-    """How to quantize: calibration for int8-static, per-channel scales, the int4 block size, fusions."""
-
-    calibration: str | Path | None = _field(None, "Calibration data (JSONL/CSV with a text column) for int8-static; "
-                                                  "default: the training data recorded with the adapter.")
-    calib_method: CalibMethod | str = _field(CalibMethod.MINMAX, "int8-static range estimation: minmax, entropy "
-                                                                 "or percentile.")
-    calib_size: int = _field(64, "Number of calibration texts (drawn with a fixed seed).")
-    per_channel: bool = _field(True, "Per-output-channel int8 weight scales: on MiniLM/intent 2.4x lower logit "
-                                     "error than per-tensor for ~3% more latency (benchmarks/README.md).")
-    block_size: int = _field(32, "int4: weights per quantization block (a power of two >= 16).")
-    int4_accuracy_level: int = _field(4, "int4: MatMulNBits compute type (0 = as input, 4 = int8 activations).")
-    int4_symmetric: bool = _field(False, "int4: symmetric blocks (no zero points); asymmetric is more accurate at "
-                                         "the same speed.")
-    fuse: bool = _field(True, "Fuse attention/LayerNorm for the target before quantizing (each rewrite verified).")
-
-    def __post_init__(self):
-        self.calib_method = parse_enum(CalibMethod, self.calib_method, "--calib-method", "calibration method")
-        if self.calibration in ("", None):
-            self.calibration = None
-        else:
-            self.calibration = Path(self.calibration).expanduser()
-            if not self.calibration.is_file():
-                raise ConfigError(f"calibration file '{self.calibration}' does not exist", "--calibration",
-                                  "give an existing JSONL or CSV file with a text column")
-        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ConfigError(f"block size must be a power of two >= 16, got {self.block_size!r}", "--block-size",
-                              "use 32 or 128")
-        if not isinstance(self.calib_size, int) or self.calib_size < 1:
-            raise ConfigError(f"calibration size must be a positive integer, got {self.calib_size!r}",
-                              "--calib-size", "use e.g. 64")
-        if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
-            raise ConfigError(f"int4 accuracy level must be 0-4, got {self.int4_accuracy_level!r}",
-                              "int4_accuracy_level", "use 4 (int8 compute) or 0")
-
 
 
 @dataclass
@@ -223,7 +177,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     from lora_edge.quantize_methods import GPU_PRECISIONS, QUANTIZERS, QuantizeJob, quiet_quantizers
 
     started = time.perf_counter()
-    precision = Precision(precision)
+    precision, task = Precision(precision), Task.parse(task)
     options = options or QuantizeOptions()
     quantizer = QUANTIZERS.get(precision)
     if quantizer is None:
@@ -236,10 +190,10 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     model = load_graph(src)
     name_all_nodes(model)
     fusion = FusionReport()
-    if options.fuse and plan is not None and Task.parse(task) is Task.SEQ_CLS:
+    if options.fuse and plan is not None and task is Task.SEQ_CLS:
         model, fusion = fuse_graph(model, dataclasses.replace(plan, for_gpu=precision in GPU_PRECISIONS), str(src))
     tied = None
-    if Task.parse(task) is Task.CAUSAL_LM:
+    if task is Task.CAUSAL_LM:
         from lora_edge.quantize_decoder import config_beside, find_tied_embedding, fuse_decoder
 
         if options.fuse and precision not in GPU_PRECISIONS:
@@ -344,8 +298,7 @@ def quantize_bundle(bundle: str | Path, precisions: Sequence[Precision | str], o
     """
     bundle = require_bundle(Path(bundle))
     options = options or QuantizeOptions(**option_fields)
-    values = [p.value if isinstance(p, Precision) else p for p in precisions]
-    precisions = [p for p in dict.fromkeys(parse_choices(Precision, values, "--precisions"))
+    precisions = [p for p in dict.fromkeys(parse_choices(Precision, list(precisions), "--precisions"))
                   if p is not Precision.FP32]
     if not precisions:
         raise ConfigError("fp32 graphs are made by export, not by quantize", "--precisions",

@@ -1,8 +1,10 @@
 """Typed specs for each stage, validated on construction, and whole recipes from TOML (``export/*.toml``).
 
-Every field carries its help text in ``metadata["help"]`` (shown by the CLI and
-the docs) and is checked in ``__post_init__``; a bad value raises a
-:class:`~lora_edge.errors.ConfigError` that names the field. Loaded from a
+Every field is a :func:`~lora_edge.config_fields.config_field` (its default and
+help text, written once: the CLI's options are generated from them) and is
+checked in ``__post_init__``; a bad value raises a
+:class:`~lora_edge.errors.ConfigError` that names the field (the CLI names
+the option instead). Loaded from a
 recipe file, the error names the file and the dotted field
 (``export/demo.toml: check.thresholds.int4.top1_agreement``).
 """
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lora_edge.choices import Form, Precision, StrChoice, Task
+from lora_edge.config_fields import config_field, field_default, field_help, field_of, same_field
 from lora_edge.errors import ConfigError, parse_enum
 # The gate's thresholds (re-exported here: a recipe's [check] section overrides them).
 from lora_edge.thresholds import (DEFAULT_THRESHOLDS, THRESHOLD_FIELDS, Thresholds,  # noqa: F401
@@ -23,7 +27,7 @@ ALL_LINEAR = "all-linear"
 AUTO_TARGETS = "auto"  # the usual attention projections of the model's architecture (resolved by the trainer)
 
 
-class LoraInit(str, enum.Enum):
+class LoraInit(StrChoice):
     """How the LoRA A/B matrices start (PEFT's ``init_lora_weights``)."""
 
     DEFAULT = "default"
@@ -35,35 +39,26 @@ class LoraInit(str, enum.Enum):
         return True if self is LoraInit.DEFAULT else self.value
 
 
-def _field(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field with help text in its metadata."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
-
-
-def field_help(spec_class: type) -> dict[str, str]:
-    """Map each field of a spec dataclass to its help text."""
-    return {f.name: f.metadata.get("help", "") for f in fields(spec_class)}
-
-
 @dataclass
 class LoraSpec:
     """The LoRA adapter to train: which layers, what rank, how it is scaled and initialised."""
 
-    rank: int = _field(8, "LoRA rank r: the inner dimension of B·A.")
-    alpha: float = _field(16.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
-    dropout: float = _field(0.05, "Dropout on the LoRA branch input during training, in [0, 1).")
-    targets: list[str] | str = _field(["query", "value"],
-                                      "Module names to adapt (suffix match), 'all-linear', or 'auto' "
-                                      "(the architecture's attention query/value projections).")
-    layers: list[int] = _field([], "Adapt the targets only in these transformer blocks (0-based indices); "
-                                   "empty: in every block. LoRA on the top blocks only stops the backward "
-                                   "pass there, so each step costs less.")
-    init: LoraInit = _field(LoraInit.DEFAULT, "Initialisation of A/B: default, gaussian or pissa.")
-    rslora: bool = _field(False, "Use rank-stabilised scaling alpha/sqrt(r).")
-    rank_pattern: dict[str, int] = _field({}, "Per-module rank overrides, {module-name regex: rank}.")
-    alpha_pattern: dict[str, float] = _field({}, "Per-module alpha overrides, {module-name regex: alpha}.")
+    rank: int = config_field(8, "LoRA rank r: the inner dimension of B·A.")
+    alpha: float = config_field(16.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = config_field(0.05, "Dropout on the LoRA branch input during training, in [0, 1).")
+    targets: list[str] | str = config_field(AUTO_TARGETS, "Modules to adapt: names (suffix match; comma-separated "
+                                                          "on the command line, e.g. query,value), all-linear, or "
+                                                          "auto (the architecture's attention query/value "
+                                                          "projections).")
+    layers: list[int] = config_field([], "Adapt the targets only in these transformer blocks (0-based indices, "
+                                         "comma-separated on the command line); empty: in every block. LoRA on "
+                                         "the top blocks only stops the backward pass there, so each step costs "
+                                         "less.", item=int)
+    init: LoraInit = config_field(LoraInit.DEFAULT, "Initialisation of A/B: default, gaussian or pissa (pissa is "
+                                                    "saved converted to plain LoRA).")
+    rslora: bool = config_field(False, "Rank-stabilised scaling alpha/sqrt(r).")
+    rank_pattern: dict[str, int] = config_field({}, "Per-module rank overrides, {module-name regex: rank}.")
+    alpha_pattern: dict[str, float] = config_field({}, "Per-module alpha overrides, {module-name regex: alpha}.")
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -99,17 +94,18 @@ class LoraSpec:
 class TrainSpec:
     """How to train: schedule, batch, seed. Either epochs or max_steps bounds the run."""
 
-    epochs: float = _field(3.0, "Training epochs (ignored when max_steps > 0).")
-    max_steps: int = _field(-1, "Stop after this many optimizer steps; -1 trains for `epochs`.")
+    epochs: float = config_field(3.0, "Training epochs (max steps > 0 replaces them).")
+    max_steps: int = config_field(-1, "Train for this many optimizer steps instead of the epochs; -1: train "
+                                      "for the epochs.")
     # 5e-3 / 3 epochs / batch 32: the default model with r=8 on query,value reaches ~98% test accuracy on
     # the shipped intent task (5e-4 stayed near 70%, 2 epochs gave ~96%); see benchmarks/train_intent.py.
-    learning_rate: float = _field(5e-3, "Peak learning rate (linear decay, AdamW).")
-    batch_size: int = _field(32, "Examples per device per step.")
-    grad_accum: int = _field(1, "Gradient accumulation steps.")
-    max_length: int = _field(64, "Token length examples are truncated to.")
-    seed: int = _field(0, "Seed for data order, initialisation and splits; same seed, same adapter bytes.")
-    eval_steps: int = _field(0, "Evaluate every N steps; 0 evaluates once per epoch.")
-    warmup: float = _field(0.06, "Linear learning-rate warm-up: a fraction of the run if < 1, else steps.")
+    learning_rate: float = config_field(5e-3, "Peak learning rate (linear decay, AdamW).", option="--lr")
+    batch_size: int = config_field(32, "Examples per device per step.")
+    grad_accum: int = config_field(1, "Gradient accumulation steps.")
+    max_length: int = config_field(64, "Truncate examples to this many tokens.")
+    seed: int = config_field(0, "Seed for initialisation, data order and splits (same seed: same adapter bytes).")
+    eval_steps: int = config_field(0, "Evaluate every N steps; 0 evaluates once per epoch.")
+    warmup: float = config_field(0.06, "Linear learning-rate warm-up: a fraction of the run if < 1, else steps.")
 
     def __post_init__(self):
         checks = {"epochs": self.epochs > 0 or self.max_steps > 0, "learning_rate": self.learning_rate > 0,
@@ -126,20 +122,20 @@ class TrainSpec:
 class CheckSpec:
     """The accuracy gate: which data it evaluates on, which device runs it, and its thresholds."""
 
-    data: str = _field("", "Labeled evaluation file (JSONL/CSV; causal LM: text). Empty: the test split "
-                           "recorded with each adapter, else generated inputs (task metric skipped).")
-    device: str = _field("", "Device target (name or .toml) whose providers run the graphs and whose tolerances "
-                             "apply. Empty: ONNX Runtime's CPU provider, default thresholds.")
-    max_examples: int = _field(0, "Evaluate at most this many examples per adapter; 0 = all.")
-    batch_size: int = _field(32, "Examples per inference batch.")
-    max_length: int = _field(128, "Token length examples are truncated to.")
-    generated_examples: int = _field(32, "How many random inputs to generate when there is no data.")
-    seed: int = _field(0, "Seed for generated inputs.")
-    greedy_prompts: int = _field(20, "Causal LM: prompts the graph and the reference each continue greedily "
-                                     "(greedy agreement, exact match on chat data); 0 = skip those metrics.")
-    greedy_tokens: int = _field(48, "Causal LM: most tokens generated per prompt (a continuation stops at EOS).")
-    thresholds: dict[str, dict[str, float]] = _field({}, "Overrides per precision, e.g. "
-                                                         "[check.thresholds.int4] top1_agreement = 0.97.")
+    data: str = config_field("", "Labeled evaluation file (JSONL/CSV; causal LM: text). Empty: the test split "
+                                "recorded with each adapter, else generated inputs (task metric skipped).")
+    device: str = config_field("", "Device target (name or .toml) whose providers run the graphs and whose tolerances "
+                                  "apply. Empty: ONNX Runtime's CPU provider, default thresholds.")
+    max_examples: int = config_field(0, "Evaluate at most this many examples per adapter; 0 = all.")
+    batch_size: int = config_field(32, "Examples per inference batch.")
+    max_length: int = config_field(128, "Token length examples are truncated to.")
+    generated_examples: int = config_field(32, "How many random inputs to generate when there is no data.")
+    seed: int = config_field(0, "Seed for generated inputs.")
+    greedy_prompts: int = config_field(20, "Causal LM: prompts the graph and the reference each continue greedily "
+                                          "(greedy agreement, exact match on chat data); 0 = skip those metrics.")
+    greedy_tokens: int = config_field(48, "Causal LM: most tokens generated per prompt (a continuation stops at EOS).")
+    thresholds: dict[str, dict[str, float]] = config_field({}, "Overrides per precision, e.g. "
+                                                              "[check.thresholds.int4] top1_agreement = 0.97.")
 
     def __post_init__(self):
         for name, minimum in (("max_examples", 0), ("batch_size", 1), ("max_length", 8), ("generated_examples", 1),
@@ -151,7 +147,7 @@ class CheckSpec:
         check_threshold_tables(self.thresholds, "check.thresholds")
 
     def thresholds_for(self, precision: str, device_tolerances: dict | None = None,
-                       device_where: str = "device.tolerances", task: str = "seq-cls") -> Thresholds:
+                       device_where: str = "device.tolerances", task: Task = Task.SEQ_CLS) -> Thresholds:
         """The task's defaults for ``precision``, overridden by the device's tolerances, then by this spec."""
         return resolve_thresholds(precision, (device_tolerances or {}, device_where),
                                   (self.thresholds, "check.thresholds"), task=task)
@@ -169,12 +165,12 @@ RECIPE_SUFFIX = ".toml"
 class TrainingSpec:
     """A training block: train the adapter from data instead of naming a directory."""
 
-    data: str = _field(SHIPPED_DATA, "Training data file (JSONL/CSV/txt), 'intent' for the shipped intent task, "
-                                     "or 'commands' for the shipped command-parsing chat task (causal-lm).")
-    validation: str = _field("", "Validation file; empty: cut from the training data by seed.")
-    test: str = _field("", "Test file (the gate's default evaluation set); empty: cut from the data by seed.")
-    lora: LoraSpec = _field(None, "The LoRA adapter to train ([adapters.training.lora]).")
-    train: TrainSpec = _field(None, "The schedule ([adapters.training.train]).")
+    data: str = config_field(SHIPPED_DATA, "Training data file (JSONL/CSV/txt), 'intent' for the shipped intent task, "
+                                          "or 'commands' for the shipped command-parsing chat task (causal-lm).")
+    validation: str = config_field("", "Validation file; empty: cut from the training data by seed.")
+    test: str = config_field("", "Test file (the gate's default evaluation set); empty: cut from the data by seed.")
+    lora: LoraSpec = config_field(None, "The LoRA adapter to train ([adapters.training.lora]).")
+    train: TrainSpec = config_field(None, "The schedule ([adapters.training.train]).")
 
     def __post_init__(self):
         self.lora = _build(LoraSpec, self.lora or {}, "lora")
@@ -198,9 +194,9 @@ class TrainingSpec:
 class AdapterSource:
     """An adapter of the recipe: an existing PEFT directory (``path``) or a ``training`` block."""
 
-    name: str = _field("", "Adapter name in the bundle (letters, digits, -, _); default: the directory's name.")
-    path: str = _field("", "An existing PEFT adapter directory.")
-    training: TrainingSpec | None = _field(None, "Train the adapter instead ([adapters.training]).")
+    name: str = config_field("", "Adapter name in the bundle (letters, digits, -, _); default: the directory's name.")
+    path: str = config_field("", "An existing PEFT adapter directory.")
+    training: TrainingSpec | None = config_field(None, "Train the adapter instead ([adapters.training]).")
 
     def __post_init__(self):
         if isinstance(self.training, dict):
@@ -214,82 +210,161 @@ class AdapterSource:
                               'write e.g. name = "intent"')
 
 
+class CalibMethod(StrChoice):
+    """How int8-static picks activation ranges from the calibration batches."""
+
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+
+
+@dataclass
+class QuantizeOptions:
+    """How to quantize: calibration for int8-static, per-channel scales, the int4 block size, fusions."""
+
+    calibration: str | Path | None = config_field(None, "int8-static calibration data: JSONL/CSV with a text "
+                                                        "column. Default: the training data recorded with the "
+                                                        "adapter (data.json).")
+    calib_method: CalibMethod = config_field(CalibMethod.MINMAX, "int8-static activation ranges: minmax, entropy "
+                                                                 "or percentile.")
+    calib_size: int = config_field(64, "Calibration texts to use (drawn with a fixed seed).")
+    per_channel: bool = config_field(True, "Per-output-channel int8 weight scales: on MiniLM/intent 2.4x lower "
+                                           "logit error than per-tensor for ~3% more latency "
+                                           "(benchmarks/README.md).")
+    block_size: int = config_field(32, "int4: weights per quantization block (a power of two >= 16).")
+    int4_accuracy_level: int = config_field(4, "int4: MatMulNBits compute type (0 = as input, 4 = int8 activations).")
+    int4_symmetric: bool = config_field(False, "int4: symmetric blocks (no zero points); asymmetric is more accurate "
+                                               "at the same speed.")
+    fuse: bool = config_field(True, "Fuse attention/LayerNorm for the target before quantizing (each rewrite "
+                                    "verified); off: quantize the graphs as exported.")
+
+    def __post_init__(self):
+        self.calib_method = parse_enum(CalibMethod, self.calib_method, "calib_method", "calibration method")
+        if self.calibration in ("", None):
+            self.calibration = None
+        else:
+            self.calibration = Path(self.calibration).expanduser()
+            if not self.calibration.is_file():
+                raise ConfigError(f"calibration file '{self.calibration}' does not exist", "calibration",
+                                  "give an existing JSONL or CSV file with a text column")
+        _check_block_size(self.block_size)
+        if not isinstance(self.calib_size, int) or self.calib_size < 1:
+            raise ConfigError(f"calibration size must be a positive integer, got {self.calib_size!r}",
+                              "calib_size", "use e.g. 64")
+        if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"int4 accuracy level must be 0-4, got {self.int4_accuracy_level!r}",
+                              "int4_accuracy_level", "use 4 (int8 compute) or 0")
+
+
+def _check_block_size(value: Any) -> None:
+    """int4 blocks: MatMulNBits takes a power of two >= 16 (shared by QuantizeOptions and ExportSpec)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
+        raise ConfigError(f"block size must be a power of two >= 16, got {value!r}", "block_size", "use 32 or 128")
+
+
 @dataclass
 class ExportSpec:
-    """Which graphs to build: forms and precisions (quantization settings included)."""
+    """Which graphs to build: forms and precisions (the quantization settings a recipe may set included)."""
 
-    forms: list[str] = _field(["merged", "branched", "hotswap"], "Deployment forms: merged, branched, hotswap.")
-    precisions: list[str] = _field(["fp32"], "Precisions: fp32, fp16, int8-dynamic, int8-static, int4 "
-                                             "(fp32 is always built: the others are made from it).")
-    opset: int = _field(0, "ONNX opset; 0 = the exporter's default.")
-    calibration: str = _field("", "Calibration data for int8-static; empty: the data recorded with the adapter.")
-    block_size: int = _field(32, "Block size of int4 weight-only quantization.")
+    forms: list[Form] = config_field([Form.MERGED, Form.BRANCHED, Form.HOTSWAP],
+                                     "Deployment forms, comma-separated: merged (B·A folded into W), branched "
+                                     "(explicit low-rank pairs), hotswap (one base graph + .onnx_adapter per "
+                                     "adapter).")
+    precisions: list[Precision] = config_field([Precision.FP32], "Precisions, comma-separated: fp32, fp16, "
+                                                                 "int8-dynamic, int8-static, int4 (fp32 is always "
+                                                                 "built: the others are quantized from it).")
+    opset: int = config_field(0, "ONNX opset; 0 = the exporter's default.")
+    calibration: str = same_field(QuantizeOptions, "calibration")
+    block_size: int = same_field(QuantizeOptions, "block_size")
 
     def __post_init__(self):
-        from lora_edge.bundle import Form, Precision, parse_choices
+        from lora_edge.bundle import parse_choices
 
-        self.forms = [f.value for f in parse_choices(Form, _as_list(self.forms), "export.forms")]
-        precisions = [p.value for p in parse_choices(Precision, _as_list(self.precisions), "export.precisions")]
-        self.precisions = ["fp32"] + [p for p in dict.fromkeys(precisions) if p != "fp32"]
-        if not isinstance(self.opset, int) or self.opset < 0:
+        self.forms = list(dict.fromkeys(parse_choices(Form, _as_list(self.forms), "export.forms")))
+        precisions = parse_choices(Precision, _as_list(self.precisions), "export.precisions")
+        self.precisions = [Precision.FP32] + [p for p in dict.fromkeys(precisions) if p is not Precision.FP32]
+        if not isinstance(self.opset, int) or isinstance(self.opset, bool) or self.opset < 0:
             raise ConfigError(f"opset must be a non-negative integer, got {self.opset!r}", "opset", "use e.g. 18")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ConfigError(f"block_size must be a power of two >= 16, got {self.block_size}", "block_size",
-                              "use 32 or 128")
+        _check_block_size(self.block_size)
+        if self.calibration is not None and not isinstance(self.calibration, str):
+            raise ConfigError(f"calibration must be a file path, got {self.calibration!r}", "calibration",
+                              'write e.g. calibration = "data/calibration.jsonl"')
 
     @property
-    def quantized_precisions(self) -> list[str]:
+    def quantized_precisions(self) -> list[Precision]:
         """The precisions made by quantizing the fp32 graphs."""
-        return [p for p in self.precisions if p != "fp32"]
+        return [p for p in self.precisions if p is not Precision.FP32]
+
+    def quantize_options(self) -> QuantizeOptions:
+        """The quantization settings of this export (the others at their defaults)."""
+        return QuantizeOptions(calibration=self.calibration, block_size=self.block_size)
 
 
 @dataclass
-class ProfileSpec:
-    """Where and how to measure latency: device targets and the measurement settings."""
+class MeasureSpec:
+    """How to time graphs: the inputs, how many runs, and whether a missing provider may be replaced.
 
-    devices: list[str] = _field([], "Device targets (names or .toml paths); 'host' = every shipped CPU target "
-                                    "this host can run (its CPU architecture). Empty: no profiling.")
-    batch: int = _field(1, "Batch size of the timed inputs.")
-    seq: int = _field(128, "Sequence length of the timed inputs.")
-    runs: int = _field(50, "Timed runs per graph.")
-    warmup: int = _field(5, "Untimed warm-up runs per graph.")
-    allow_fallback: bool = _field(False, "Measure on the providers this host has when a device asks for others "
-                                         "(recorded in the report). Off: such devices are listed as not measured.")
+    200 runs (40 interleaved rounds of 5, ``lora_edge.profile.RUNS_PER_ROUND``)
+    give the overhead ratios tight bootstrap intervals; recipes that only need
+    a rough figure set fewer (the shipped ones do).
+    """
+
+    batch: int = config_field(1, "Batch size of the timed inputs.")
+    seq: int = config_field(128, "Sequence length of the timed inputs.")
+    runs: int = config_field(200, "Timed runs per graph.")
+    warmup: int = config_field(20, "Untimed warm-up runs per graph.")
+    allow_fallback: bool = config_field(False, "Measure on the providers this host has when a device asks for "
+                                               "others (recorded in the report). Off: such graphs are listed as "
+                                               "not measured (and profile/compare fail).")
 
     def __post_init__(self):
-        self.devices = _as_list(self.devices)
         for name, minimum in (("batch", 1), ("seq", 1), ("runs", 1), ("warmup", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", name,
-                                  f"see --help: {field_help(ProfileSpec)[name]}")
+                                  f"give a value >= {minimum} ({field_help(MeasureSpec)[name]})")
+
+    def measure_settings(self) -> "MeasureSpec":
+        """Just the measurement settings (a :class:`ProfileSpec` less its devices)."""
+        return MeasureSpec(**{f.name: getattr(self, f.name) for f in fields(MeasureSpec)})
+
+
+@dataclass
+class ProfileSpec(MeasureSpec):
+    """Where and how to measure latency: device targets and the measurement settings."""
+
+    devices: list[str] = config_field([], "Device targets (names or .toml paths); 'host' = every shipped CPU "
+                                          "target this host can run (its CPU architecture). Empty: no profiling.")
+
+    def __post_init__(self):
+        self.devices = _as_list(self.devices)
+        super().__post_init__()
 
 
 @dataclass
 class Recipe:
     """One export job: model, adapters, forms, precisions, devices, gate thresholds, output directory."""
 
-    name: str = _field("", "Recipe name; the bundle is written to <output>/<name>.")
-    description: str = _field("", "What the recipe is for, in one line.")
-    model: str = _field("default", "Base model: 'default' (embedded MiniLM), a local HF directory, "
-                                   "or 'tiny:<arch>' (a tiny random model built locally).")
-    task: str = _field("seq-cls", "seq-cls or causal-lm.")
-    output: str = _field("runs", "Directory the bundle is written into (relative to the working directory).")
-    seed: int = _field(0, "Seed recorded in the manifest and used by every stage.")
-    trust_remote_code: bool = _field(False, "Allow model code from the model directory (off: safer).")
-    adapters: list[AdapterSource] = _field([], "The adapters ([[adapters]]): paths or training blocks.")
-    export: ExportSpec = _field(None, "[export]: forms, precisions, quantization settings.")
-    profile: ProfileSpec = _field(None, "[profile]: devices and measurement settings.")
-    check: CheckSpec = _field(None, "[check]: evaluation data and thresholds of the accuracy gate.")
+    name: str = config_field("", "Recipe name; the bundle is written to <output>/<name>.")
+    description: str = config_field("", "What the recipe is for, in one line.")
+    model: str = config_field("default", "Base model: 'default' (embedded MiniLM), a local HF directory, "
+                                        "or 'tiny:<arch>' (a tiny random model built locally).")
+    task: Task = config_field(Task.SEQ_CLS, "seq-cls (sequence classification: a head is trained with the "
+                                            "adapter) or causal-lm.")
+    output: str = config_field("runs", "Directory the bundle is written into (relative to the working directory).")
+    seed: int = config_field(0, "Seed recorded in the manifest and used by every stage.")
+    trust_remote_code: bool = config_field(False, "Allow model code from the model directory (off: safer).")
+    adapters: list[AdapterSource] = config_field([], "The adapters ([[adapters]]): paths or training blocks.")
+    export: ExportSpec = config_field(None, "[export]: forms, precisions, quantization settings.")
+    profile: ProfileSpec = config_field(None, "[profile]: devices and measurement settings.")
+    check: CheckSpec = config_field(None, "[check]: evaluation data and thresholds of the accuracy gate.")
     source: str = field(default="", metadata={"help": "File the recipe was loaded from."})
 
     def __post_init__(self):
-        from lora_edge.models import Task
-
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"recipe name {self.name!r} must be letters, digits, - and _", "name",
                               'write e.g. name = "demo"')
-        self.task = Task.parse(self.task, "task").value
+        self.task = Task.parse(self.task, "task")
         if not isinstance(self.adapters, list) or not self.adapters:
             raise ConfigError("a recipe needs at least one adapter", "adapters",
                               "add an [[adapters]] table with a path or a training block")
@@ -342,9 +417,14 @@ def _section(spec_class: type, value: Any, prefix: str) -> Any:
 
 
 def _type_error(spec_class: type, name: str, value: Any) -> str | None:
-    """Why ``value`` does not fit field ``name`` (judged by the field's default), or None when it does."""
-    spec = next(f for f in fields(spec_class) if f.name == name)
-    default = spec.default_factory() if callable(spec.default_factory) else spec.default  # type: ignore[misc]
+    """Why ``value`` does not fit field ``name`` (judged by the field's default), or None when it does.
+
+    A field declared as a list may be given as one comma-separated string, and the other way round.
+    """
+    spec = field_of(spec_class, name)
+    default = field_default(spec)
+    if str(spec.type).startswith("list[") and isinstance(value, (list, str)):
+        return None
     expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list, str), dict: (dict,)}
     for kind, accepted in expected.items():
         if isinstance(default, kind) and not isinstance(default, enum.Enum):
