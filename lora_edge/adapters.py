@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_edge.data import LabelMap
-from lora_edge.errors import AdapterMismatchError, ConfigError
+from lora_edge.errors import AdapterMismatchError, ConfigError, first_line
 from lora_edge.models import Task, load_base_model, quiet_transformers
 
 if TYPE_CHECKING:
@@ -175,8 +175,7 @@ def attach_adapter(base_model, adapter: AdapterRef, weights: dict | None = None)
             model = PeftModel.from_pretrained(base_model, str(adapter.path), adapter_name="default",
                                               is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise AdapterMismatchError(f"adapter does not fit the base model ({first_line[:200]})",
+        raise AdapterMismatchError(f"adapter does not fit the base model ({first_line(exc)})",
                                    adapter.path / ADAPTER_WEIGHTS,
                                    "use the base model this adapter was trained on") from None
     model.eval()

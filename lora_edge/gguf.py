@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from lora_edge.console import stderr_lines
-from lora_edge.errors import ModelError
+from lora_edge.errors import ModelError, first_line
 from lora_edge.models import file_sha256
 
 GGUF_SUFFIX = ".gguf"
@@ -110,7 +110,7 @@ def convert_gguf(path: Path, out: Path) -> None:
             loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, local_files_only=True,
                                                           dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - any failure inside transformers/tokenizers on this file is the file's
-        raise ModelError(f"transformers cannot load the GGUF file ({str(exc).splitlines()[0][:160]})", path,
+        raise ModelError(f"transformers cannot load the GGUF file ({first_line(exc, 160)})", path,
                          "use a GGUF of a supported architecture or a Hugging Face model directory") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):  # dequantized already; a leftover makes save_pretrained refuse

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Precision, atomic_file, bundle_lock, load_graph, parse_choices,
                               require_bundle, staging_directory)
 from lora_edge.console import stderr_lines
-from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError, parse_enum
+from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError, first_line, parse_enum
 from lora_edge.manifest import GraphRecord, Manifest, add_graphs
 from lora_edge.models import Task
 from lora_edge.recipe import _field
@@ -116,11 +116,6 @@ def _node_in_message(message: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else exc.__class__.__name__)[:300]
-
-
 def complete_feeds(model: "onnx.ModelProto", feeds: dict[str, "np.ndarray"]) -> dict[str, "np.ndarray"]:
     """Add what a graph needs beyond token ids and mask: position ids, empty past key/values.
 
@@ -172,10 +167,10 @@ def _quantizer_failure(src: Path, precision: Precision, exc: BaseException) -> Q
         except Exception as source_exc:
             node = _node_in_message(str(source_exc))
             if node:
-                return QuantizationError(f"the fp32 graph fails at node '{node}' ({_first_line(source_exc)})", src,
+                return QuantizationError(f"the fp32 graph fails at node '{node}' ({first_line(source_exc, 300)})", src,
                                          "re-export the graph (lora-edge export --force)")
     return QuantizationError(f"{precision.value} quantization failed" + (f" at node '{node}'" if node else "")
-                             + f" ({_first_line(exc)})", src,
+                             + f" ({first_line(exc, 300)})", src,
                              "choose another precision for this graph, or report the node")
 
 
@@ -196,7 +191,7 @@ def _check_runs(path: Path, model: "onnx.ModelProto", precision: Precision) -> N
     except Exception as exc:
         node = _node_in_message(str(exc))
         raise QuantizationError(f"the {precision.value} graph does not run" + (f" at node '{node}'" if node else "")
-                                + f" ({_first_line(exc)})", path,
+                                + f" ({first_line(exc, 300)})", path,
                                 "choose another precision for this graph, or report the node") from None
     if not all(np.isfinite(out).all() for out in outputs if out.dtype.kind == "f"):
         raise QuantizationError(f"the {precision.value} graph outputs NaN or Inf", path,

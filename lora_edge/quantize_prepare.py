@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lora_edge.errors import first_line
 from lora_edge.quantize_fusion import (MASK_ALL_ONES, fuse_attention, keep_layernorm_unfused, restore_for_gpu,
                                        sample_encoder_feeds, share_lora_inputs, trim_padding)
 
@@ -184,14 +185,9 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
             attempt.max_abs_diff = max(relative_difference(reference, run_graph(serialized, feeds))
                                        for reference, feeds in zip(expected, feed_sets))
         except Exception as exc:  # a rewrite ORT cannot load is a rewrite not to ship
-            report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {_first_line(exc)})"
+            report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {first_line(exc)})"
             continue
         if attempt.max_abs_diff <= tolerance:
             return candidate, attempt
         report.dropped = f"fusions changed the outputs (relative max abs diff {attempt.max_abs_diff:.2e})"
     return model, report
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else "")[:200]

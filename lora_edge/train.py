@@ -32,7 +32,7 @@ from lora_edge.adapters import ADAPTER_WEIGHTS, DATA_RECORD
 from lora_edge.bundle import atomic_directory, library_versions, write_json
 from lora_edge.chat import IGNORE_INDEX, require_chat_template
 from lora_edge.data import DataFiles, Example, LabelMap
-from lora_edge.errors import ConfigError, DataError, TrainingError, env_int
+from lora_edge.errors import ConfigError, DataError, TrainingError, env_int, first_line
 from lora_edge.models import Task, load_base_model, load_tokenizer, quiet_transformers, resolve_model_path
 from lora_edge.recipe import LoraSpec, TrainSpec
 from lora_edge.train_io import (RUN_RECORD, EncodedDataset, check_resume, checkpoint_dir, plot_training,
@@ -116,7 +116,7 @@ def _peft_model(base, task: Task, lora: LoraSpec):
     except ValueError as exc:
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
                          if module.__class__.__name__ in ("Linear", "Conv1D")})
-        raise ConfigError(f"cannot place LoRA layers ({str(exc).splitlines()[0][:160]})", "--targets",
+        raise ConfigError(f"cannot place LoRA layers ({first_line(exc, 160)})", "--targets",
                           f"choose among the model's linear modules: {', '.join(linear[:12])}") from None
 
 

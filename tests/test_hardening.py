@@ -278,6 +278,14 @@ def test_a_junk_torchrun_variable_is_a_config_error(monkeypatch, variable):
     assert env_int(variable, 0) == 3
 
 
+def test_a_library_error_becomes_one_line_of_an_error_message():
+    from lora_edge.errors import first_line
+
+    assert first_line(RuntimeError("\n  bad node 'x'\n  at file.cc:12\n")) == "bad node 'x'"
+    assert first_line(RuntimeError("a" * 500), 160) == "a" * 160
+    assert first_line(KeyError()) == "KeyError"  # an empty message (str(exc).splitlines()[0] raised IndexError)
+
+
 def test_quantize_of_a_bundle_being_written_fails_clearly(copy):
     from lora_edge.quantize import quantize_bundle
 
