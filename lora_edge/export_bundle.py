@@ -207,13 +207,13 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
 
 def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
     """Check the graph at ``path`` in ONE session, once per adapter (None: no adapter); return the diffs."""
-    from lora_edge.exporter import check_agreement, run_graph
+    from lora_edge.exporter import check_agreement, run_verify_inputs
     from lora_edge.runtime import create_session, load_lora_adapter
 
     session = create_session(path)
     diffs = {}
     for adapter, adapter_file in adapters.items():
-        actual = run_graph(session, plan.verify_io, adapter=load_lora_adapter(adapter_file) if adapter_file else None)
+        actual = run_verify_inputs(session, plan.verify_io, adapter=load_lora_adapter(adapter_file) if adapter_file else None)
         label = f"{name} + {adapter}" if adapter_file else name
         against = "the base model (no adapter fed)" if adapter is None else "the PyTorch reference"
         diffs[adapter or "base"] = check_agreement(label, plan.expected[adapter], actual, job.tolerance, against,
@@ -227,7 +227,8 @@ def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: S
 
     from lora_edge.exporter import EXTERNAL_DATA_BYTES
     from lora_edge.forms import derive, find_branches, write_model
-    from lora_edge.hotswap import ADAPTER_SUFFIX, LORA_A, LORA_B, TENSOR, write_onnx_adapter
+    from lora_edge.adapter_layout import write_onnx_adapter
+    from lora_edge.hotswap import ADAPTER_SUFFIX, LORA_A, LORA_B, TENSOR
 
     slots_by_module: dict[str, dict] = {}
     for slot in plan.slots:

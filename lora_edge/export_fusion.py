@@ -55,7 +55,7 @@ def _checks_against_pytorch(record: "GraphRecord", staging: Path, references: di
 def verify_fused(path: Path, record: "GraphRecord", staging: Path, references: dict, context: "ExportContext",
                  tolerance: float) -> float:
     """Max abs diff of the graph at ``path`` against PyTorch (verify batches, as is and padded); raises ExportError."""
-    from lora_edge.exporter import check_agreement, graph_io_for, reference_outputs, run_graph
+    from lora_edge.exporter import check_agreement, graph_io_for, reference_outputs, run_verify_inputs
     from lora_edge.runtime import create_session, load_lora_adapter
 
     builder = graph_io_for(context.task)
@@ -67,7 +67,7 @@ def verify_fused(path: Path, record: "GraphRecord", staging: Path, references: d
         length = min(context.max_length, getattr(context.config, "max_position_embeddings", 512) - 2)
         io = dataclasses.replace(io, verify_inputs=io.verify_inputs + padded_inputs(io, length, pad_id))
         adapter = load_lora_adapter(adapter_file) if adapter_file is not None else None
-        worst = max(worst, check_agreement(record.name, reference_outputs(io), run_graph(session, io, adapter),
+        worst = max(worst, check_agreement(record.name, reference_outputs(io), run_verify_inputs(session, io, adapter),
                                            tolerance))
     return worst
 

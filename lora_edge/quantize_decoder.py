@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_edge.errors import first_line
+from lora_edge.feeds import sample_decoder_feeds
 from lora_edge.quantize_fusion import share_lora_inputs
+from lora_edge.runtime import graph_outputs, relative_difference
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,34 +58,6 @@ class DecoderFusionReport:
     def to_json(self) -> dict:
         """JSON form (only non-empty fields)."""
         return {key: value for key, value in self.__dict__.items() if value not in (None, 0)}
-
-
-def sample_decoder_feeds(model: "onnx.ModelProto", seed: int = 0) -> list[dict[str, "np.ndarray"]]:
-    """Feeds of a left-padded 2-row prefill and of a 1-token decode step after a random past.
-
-    The cache geometry is read from the graph's ``past_key_values.*`` inputs; token
-    ids stay below 100 (every vocabulary has them).
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    pasts = [value for value in model.graph.input if value.name.startswith("past_key_values.")]
-    dims = pasts[0].type.tensor_type.shape.dim
-    heads, head_dim = dims[1].dim_value, dims[3].dim_value
-    ids = rng.integers(3, 100, size=(2, 6)).astype(np.int64)
-    mask = np.ones((2, 6), dtype=np.int64)
-    mask[1, :2] = 0
-    positions = np.where(mask == 0, 0, np.cumsum(mask, axis=1) - 1).astype(np.int64)
-    prefill = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-               **{value.name: np.zeros((2, heads, 0, head_dim), np.float32) for value in pasts}}
-    past_length = 7
-    decode = {"input_ids": ids[:, -1:], "attention_mask": np.ones((2, past_length + 1), dtype=np.int64),
-              "position_ids": np.full((2, 1), past_length, dtype=np.int64),
-              **{value.name: rng.standard_normal((2, heads, past_length, head_dim)).astype(np.float32)
-                 for value in pasts}}
-    decode["attention_mask"][1, :2] = 0
-    decode["position_ids"][1] = past_length - 2
-    return [prefill, decode]
 
 
 def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "onnx.ModelProto":
@@ -400,29 +375,6 @@ def _prune(model: "onnx.ModelProto") -> "onnx.ModelProto":
     return wrapped.model
 
 
-def _run(serialized: bytes, feeds: dict) -> list["np.ndarray"]:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
-    declared = {value.name for value in session.get_inputs()}
-    return session.run(None, {name: value for name, value in feeds.items() if name in declared})
-
-
-def _relative_diff(expected: list["np.ndarray"], actual: list["np.ndarray"]) -> float:
-    """Largest |diff| / max(1, largest |expected|) over the outputs."""
-    import numpy as np
-
-    worst = 0.0
-    for want, got in zip(expected, actual, strict=True):
-        if want.shape != got.shape:
-            return float("inf")
-        scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
-        worst = max(worst, float(np.max(np.abs(want.astype(np.float64) - got), initial=0.0)) / scale)
-    return worst
-
-
 def _rewrite(model: "onnx.ModelProto", config: dict | None, report: DecoderFusionReport) -> "onnx.ModelProto":
     """The rewrites in order: norms, rotary (needs the context length), grouped attention (the head counts)."""
     from lora_edge.decoder_io import context_length
@@ -455,15 +407,14 @@ def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | N
     feeds = sample_decoder_feeds(model)
     serialized_source = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
-        expected = [_run(serialized_source, feed) for feed in feeds]
+        expected = [graph_outputs(serialized_source, feed) for feed in feeds]
         candidate = _rewrite(copy.deepcopy(model), config, report)
         serialized = candidate.SerializeToString()
-        report.max_abs_diff = max(_relative_diff(want, _run(serialized, feed)) for want, feed in zip(expected, feeds))
+        report.max_abs_diff = max(relative_difference(want, graph_outputs(serialized, feed))
+                                  for want, feed in zip(expected, feeds))
     except Exception as exc:  # a rewrite that fails or that ORT cannot load is a rewrite not to ship
-        lines = str(exc).strip().splitlines()
         return model, DecoderFusionReport(nodes_before=report.nodes_before,
-                                          dropped=f"rewrites failed ({exc.__class__.__name__}: "
-                                                  f"{(lines or [''])[0][:200]})")
+                                          dropped=f"rewrites failed ({exc.__class__.__name__}: {first_line(exc)})")
     if not report.max_abs_diff <= tolerance:
         return model, DecoderFusionReport(nodes_before=report.nodes_before, max_abs_diff=report.max_abs_diff,
                                           dropped=f"fusions changed the outputs (relative max abs diff "

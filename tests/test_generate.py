@@ -374,7 +374,7 @@ def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp
     lookup = next(node for node in quantized.graph.node if node.op_type == "GatherBlockQuantized")
     rows = next(node.output[0] for node in quantized.graph.node if lookup.output[0] in node.input)
     quantized.graph.output.append(helper.make_tensor_value_info(rows, onnx.TensorProto.FLOAT, None))
-    from lora_edge.quantize_decoder import sample_decoder_feeds
+    from lora_edge.feeds import sample_decoder_feeds
 
     session = __import__("onnxruntime").InferenceSession(quantized.SerializeToString(),
                                                          providers=["CPUExecutionProvider"])

@@ -14,7 +14,8 @@ import pytest
 
 from lora_edge.cli import main
 from lora_edge.errors import ProviderUnavailableError
-from lora_edge.measure import (PeakMemory, build_feeds, latency_stats, summarize_trace, time_interleaved)
+from lora_edge.feeds import build_feeds
+from lora_edge.measure import PeakMemory, latency_stats, summarize_trace, time_interleaved
 from lora_edge.profile import profile_bundle, select_graphs
 from lora_edge.profile_report import NOT_MEASURED, ProfileReport, read_profile
 from lora_edge.runtime import CPU, available_providers
