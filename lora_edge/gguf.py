@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
+from lora_edge.bundle import staging_directory
 from lora_edge.console import stderr_lines
 from lora_edge.errors import ModelError, first_line
 from lora_edge.models import file_sha256
@@ -149,9 +148,8 @@ def gguf_model_dir(path: str | Path, progress: Callable[[str], None] | None = st
     check_architecture(path, architecture)
     _say(progress, f"converting {path.name} ({architecture}, {path.stat().st_size / 1e6:.0f} MB) to safetensors "
                    f"in {target} (once per file)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # Staged as the bundle's directories are: named for this process, swept by a later run if it was killed.
+    with staging_directory(target, option="--model") as staging:
         convert_gguf(path, staging)
         record = {"file": path.name, "sha256": digest, "architecture": architecture, "bytes": path.stat().st_size}
         (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -160,6 +158,4 @@ def gguf_model_dir(path: str | Path, progress: Callable[[str], None] | None = st
         except OSError:  # another process converted the same file meanwhile
             if not (target / SOURCE_RECORD).is_file():
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
