@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_edge.data import LabelMap
-from lora_edge.errors import AdapterMismatchError, ConfigError, first_line
+from lora_edge.errors import AdapterMismatchError, first_line
 from lora_edge.models import Task, load_base_model, quiet_transformers
+from lora_edge.names import require_name
 
 if TYPE_CHECKING:
     import torch
@@ -43,10 +44,7 @@ class AdapterRef:
             name, path = "", value
         path_obj = Path(path).expanduser()
         name = name or path_obj.resolve().name
-        if not name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"adapter name '{name}' has characters other than letters, digits, - and _",
-                              "--adapter", "give it a name: --adapter NAME=DIR")
-        return cls(name, path_obj)
+        return cls(require_name(name, "adapter name", "--adapter", "give it a name: --adapter NAME=DIR"), path_obj)
 
 
 def read_adapter_config(path: Path) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_edge.errors import ConfigError, parse_enum
+from lora_edge.names import require_name
 # The gate's thresholds (re-exported here: a recipe's [check] section overrides them).
 from lora_edge.thresholds import (DEFAULT_THRESHOLDS, THRESHOLD_FIELDS, Thresholds,  # noqa: F401
                                   check_threshold_tables, resolve_thresholds)
@@ -204,10 +205,8 @@ class AdapterSource:
         if bool(self.path) == bool(self.training):
             raise ConfigError("an adapter needs exactly one of 'path' or a [training] block", "path",
                               'write path = "adapters/intent", or add [adapters.training]')
-        self.name = self.name or Path(self.path).name
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"adapter name {self.name!r} must be letters, digits, - and _", "name",
-                              'write e.g. name = "intent"')
+        self.name = require_name(self.name or Path(self.path).name, "adapter name", "name",
+                                 'write e.g. name = "intent"')
 
 
 @dataclass
@@ -282,9 +281,7 @@ class Recipe:
     def __post_init__(self):
         from lora_edge.models import Task
 
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"recipe name {self.name!r} must be letters, digits, - and _", "name",
-                              'write e.g. name = "demo"')
+        require_name(self.name, "recipe name", "name", 'write e.g. name = "demo"')
         self.task = Task.parse(self.task, "task").value
         if not isinstance(self.adapters, list) or not self.adapters:
             raise ConfigError("a recipe needs at least one adapter", "adapters",

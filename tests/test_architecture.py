@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_edge"
 
 LAYERS = {
-    0: ["errors", "models", "bundle", "manifest", "data", "metrics", "flops", "report", "thresholds", "tiny",
+    0: ["errors", "names", "models", "bundle", "manifest", "data", "metrics", "flops", "report", "thresholds", "tiny",
         "adapters", "recipe", "model_tasks", "onnx_spec", "toml_compat", "console", "chat", "gguf", "pull",
         "decoder_io", "__init__"],
     1: ["runtime", "feeds", "measure", "infer", "generate", "tokenizer", "interleave", "adapter_layout"],

@@ -278,6 +278,18 @@ def test_a_library_error_becomes_one_line_of_an_error_message():
     assert first_line(KeyError()) == "KeyError"  # an empty message (str(exc).splitlines()[0] raised IndexError)
 
 
+@pytest.mark.parametrize("name", ["my adapter", "a.b", "x/y", "", "v1!"])
+def test_every_user_given_name_follows_one_rule(name, tmp_path):
+    from lora_edge.adapters import AdapterRef
+    from lora_edge.recipe import AdapterSource
+
+    with pytest.raises(ConfigError, match="must be letters, digits, - and _"):
+        AdapterRef.parse(f"{name}={tmp_path}" if name else str(tmp_path / "a b"))
+    with pytest.raises(ConfigError, match="must be letters, digits, - and _"):
+        AdapterSource(path=str(tmp_path / "a b"), name=name)
+    assert AdapterRef.parse(f"intent_v-2={tmp_path}").name == "intent_v-2"
+
+
 def test_quantize_of_a_bundle_being_written_fails_clearly(copy):
     from lora_edge.quantize import quantize_bundle
 
