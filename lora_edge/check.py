@@ -26,7 +26,6 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -40,8 +39,8 @@ from lora_edge.manifest import AdapterRecord, GraphRecord, Manifest, require_ada
 from lora_edge.models import Task, load_tokenizer
 from lora_edge.recipe import CheckSpec
 from lora_edge.runtime import SessionSettings
+from lora_edge.console import Progress
 
-Progress = Callable[[str], None]
 BASE = "base"  # the target name suffix of a hot-swap graph run with no adapter
 
 

@@ -33,7 +33,7 @@ from lora_edge import __version__
 from lora_edge.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, AdapterRef, adapter_task,
                                 load_reference, read_adapter_config)
 from lora_edge.bundle import ONNX_DIR, Form, Precision, atomic_directory, library_versions, parse_choices, write_json
-from lora_edge.console import stderr_lines
+from lora_edge.console import Progress, stderr_lines
 from lora_edge.data import LABEL_MAP_FILE, LabelMap
 from lora_edge.errors import ConfigError, ExportError
 from lora_edge.exporter import FP32_TOLERANCE, ExportContext
@@ -70,7 +70,7 @@ class ExportJob:
     opset: int | None = None
     tolerance: float = FP32_TOLERANCE
     trust_remote_code: bool = False
-    progress: Callable[[str], None] = stderr_lines
+    progress: Progress = stderr_lines
     records: list[GraphRecord] = field(default_factory=list)
 
     @property
@@ -112,7 +112,7 @@ def _return_freed_memory() -> None:
 class Stopwatch:
     """Seconds per stage of an export, reported as each stage ends and recorded in the manifest."""
 
-    def __init__(self, progress: Callable[[str], None]):
+    def __init__(self, progress: Progress):
         self.progress = progress
         self.started = time.perf_counter()
         self.stages: list[ExportStage] = []
@@ -375,7 +375,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
                   seed: int | None = None, recipe: dict | None = None, trust_remote_code: bool = False,
                   quantize_options: dict | None = None, fuse: bool = True,
-                  progress: Callable[[str], None] = stderr_lines, exporter: str | None = None) -> Path:
+                  progress: Progress = stderr_lines, exporter: str | None = None) -> Path:
     """Export ``forms`` of ``model`` + each adapter into a new bundle at ``out``; returns ``out``.
 
     Every graph is checked against its PyTorch reference right after export

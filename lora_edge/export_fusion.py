@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+
+from lora_edge.console import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +105,7 @@ def fuse_exported_graph(record: "GraphRecord", staging: Path, references: dict, 
 
 
 def fuse_exported_graphs(records: list["GraphRecord"], staging: Path, references: dict, context: "ExportContext",
-                         tolerance: float, progress: Callable[[str], None]) -> None:
+                         tolerance: float, progress: Progress) -> None:
     """Fuse every fp32 sequence-classification graph of a staged bundle; outcome in ``record.extra['fusion']``."""
     from lora_edge.bundle import Precision
     from lora_edge.models import Task
