@@ -259,13 +259,13 @@ def choose_tokens(logits: "np.ndarray", sampling: SamplingSpec, rng: "np.random.
     probs /= probs.sum(axis=-1, keepdims=True)
     chosen = np.empty(len(probs), dtype=np.int64)
     for row, p in enumerate(probs):
-        kept = _nucleus(p, sampling.top_p)
+        kept = nucleus(p, sampling.top_p)
         weights = p[kept] / p[kept].sum()
         chosen[row] = kept[rng.choice(len(kept), p=weights)]
     return chosen
 
 
-def _nucleus(p: "np.ndarray", top_p: float, candidates: int = 1024) -> "np.ndarray":
+def nucleus(p: "np.ndarray", top_p: float, candidates: int = 1024) -> "np.ndarray":
     """Token ids of the smallest most-likely set whose probability reaches ``top_p`` (at least one token).
 
     Sorting the whole vocabulary per token is slow on large vocabularies, so the

@@ -215,7 +215,8 @@ def session_memory(graph: Path, settings, batch: int, seq: int, vocab_size: int,
     package_root = str(Path(lora_edge.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     try:
-        done = subprocess.run([sys.executable, "-c", "from lora_edge.measure import _memory_probe; _memory_probe()"],
+        child = "from lora_edge.measure import memory_probe_child; memory_probe_child()"
+        done = subprocess.run([sys.executable, "-c", child],
                               input=json.dumps(request), capture_output=True, text=True, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"rss_added_mb": None, "error": f"memory probe took over {timeout_s:.0f} s"}
@@ -226,7 +227,7 @@ def session_memory(graph: Path, settings, batch: int, seq: int, vocab_size: int,
     return json.loads(lines[-1])
 
 
-def _memory_probe() -> None:
+def memory_probe_child() -> None:
     """Child side of :func:`session_memory`: read the request on stdin, print the result as JSON."""
     from lora_edge.runtime import SessionSettings, create_session, load_lora_adapter
 
