@@ -268,6 +268,70 @@ def _scalar(graph: _Graph, node) -> tuple[str, float] | None:
     return None
 
 
+@dataclass
+class _RepeatedKV:
+    """One attention block that repeats the cache's K/V heads: the nodes the grouped rewrite replaces or reads."""
+
+    softmax: "onnx.NodeProto"
+    isnan: "onnx.NodeProto"
+    guard: "onnx.NodeProto"  # Where(IsNaN(probs), 0, probs)
+    weighted: "onnx.NodeProto"  # probs x V
+    query: str  # the query before its scale
+    alpha: float  # the product of the query's and the key's scales
+    key: str  # present.<i>.key: the cache, not its repeated copy
+    value: str
+    mask: str
+
+
+# From a scores MatMul's key input up to the cache: scale, head merge, transpose, repeat (Expand of an Unsqueeze).
+REPEATED_KEY_PATH = ("Mul", "Reshape", "Transpose", "Expand", "Unsqueeze")
+
+
+def _match_repeated_kv(graph: "_Graph", softmax: "onnx.NodeProto", presents: set[str]) -> _RepeatedKV | None:
+    """The block around ``softmax`` when it is scores(Q, repeated K) + mask -> Softmax -> NaN guard -> x repeated V."""
+    add = graph.parent(softmax, 0, "Add")
+    scores = next((graph.parent(add, i, "MatMul") for i in (0, 1) if graph.parent(add, i, "MatMul")), None) \
+        if add is not None else None
+    readers = graph.consumers.get(softmax.output[0], [])
+    isnan = next((n for n in readers if n.op_type == "IsNaN"), None)
+    guard = next((n for n in readers if n.op_type == "Where"), None)
+    if scores is None or isnan is None or guard is None or len(readers) != 2:
+        return None
+    weighted = graph.consumers.get(guard.output[0], [])
+    if len(weighted) != 1 or weighted[0].op_type != "MatMul" or weighted[0].input[0] != guard.output[0]:
+        return None
+    q_mul, k_mul = graph.producer.get(scores.input[0]), graph.producer.get(scores.input[1])
+    if q_mul is None or k_mul is None or q_mul.op_type != "Mul" or k_mul.op_type != "Mul":
+        return None
+    q_scaled, k_scaled = _scalar(graph, q_mul), _scalar(graph, k_mul)
+    key = _walk_up(graph, scores.input[1], REPEATED_KEY_PATH)
+    value = _walk_up(graph, weighted[0].input[1], REPEATED_KEY_PATH[1:])
+    if q_scaled is None or k_scaled is None or key not in presents or value not in presents:
+        return None
+    mask = add.input[1] if add.input[0] == scores.output[0] else add.input[0]
+    return _RepeatedKV(softmax, isnan, guard, weighted[0], q_scaled[0], q_scaled[1] * k_scaled[1], key, value, mask)
+
+
+def _grouped_attention_nodes(p: str, plan: _RepeatedKV) -> list["onnx.NodeProto"]:
+    """The grouped block (names prefixed ``p``) that replaces ``plan``'s, writing its weighted output's name."""
+    from onnx import helper
+
+    return [
+        helper.make_node("Reshape", [plan.query, "gqa_q_shape"], [f"{p}_q"], name=f"{p}_q_reshape"),
+        helper.make_node("FusedMatMul", [f"{p}_q", plan.key], [f"{p}_scores"], name=f"{p}_scores", domain=MICROSOFT,
+                         transB=1, alpha=plan.alpha),
+        helper.make_node("Tile", [plan.mask, "gqa_mask_tiles"], [f"{p}_mask"], name=f"{p}_mask_tile"),
+        helper.make_node("Add", [f"{p}_scores", f"{p}_mask"], [f"{p}_masked"], name=f"{p}_mask_add"),
+        helper.make_node("Softmax", [f"{p}_masked"], [f"{p}_probs"], name=f"{p}_softmax", axis=-1),
+        helper.make_node("IsNaN", [f"{p}_probs"], [f"{p}_nan"], name=f"{p}_isnan"),
+        helper.make_node("Where", [f"{p}_nan", plan.guard.input[1], f"{p}_probs"], [f"{p}_guarded"],
+                         name=f"{p}_guard"),
+        helper.make_node("MatMul", [f"{p}_guarded", plan.value], [f"{p}_out"], name=f"{p}_weighted"),
+        helper.make_node("Reshape", [f"{p}_out", "gqa_out_shape"], [plan.weighted.output[0]],
+                         name=f"{p}_out_reshape"),
+    ]
+
+
 def fuse_grouped_attention(model: "onnx.ModelProto", heads: int, kv_heads: int,
                            report: DecoderFusionReport) -> "onnx.ModelProto":
     """Grouped-query attention without repeating the cache: no Expand/Transpose copies of K and V per step.
@@ -281,37 +345,15 @@ def fuse_grouped_attention(model: "onnx.ModelProto", heads: int, kv_heads: int,
     ``V [b, kv, t, d]``, reshaped back to ``[b, heads, s, d]``.
     """
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     if kv_heads < 1 or heads % kv_heads:
         return model
     group = heads // kv_heads
     graph = _Graph(model)
     presents = {value.name for value in model.graph.output if value.name.startswith("present.")}
-    path = ("Mul", "Reshape", "Transpose", "Expand", "Unsqueeze")
-    plans, dead = [], set()
-    for softmax in [node for node in model.graph.node if node.op_type == "Softmax"]:
-        add = graph.parent(softmax, 0, "Add")
-        scores = next((graph.parent(add, i, "MatMul") for i in (0, 1) if graph.parent(add, i, "MatMul")), None) \
-            if add is not None else None
-        readers = graph.consumers.get(softmax.output[0], [])
-        isnan = next((n for n in readers if n.op_type == "IsNaN"), None)
-        guard = next((n for n in readers if n.op_type == "Where"), None)
-        if scores is None or isnan is None or guard is None or len(readers) != 2:
-            continue
-        weighted = graph.consumers.get(guard.output[0], [])
-        if len(weighted) != 1 or weighted[0].op_type != "MatMul" or weighted[0].input[0] != guard.output[0]:
-            continue
-        q_mul, k_mul = graph.producer.get(scores.input[0]), graph.producer.get(scores.input[1])
-        if q_mul is None or k_mul is None or q_mul.op_type != "Mul" or k_mul.op_type != "Mul":
-            continue
-        q_scaled, k_scaled = _scalar(graph, q_mul), _scalar(graph, k_mul)
-        key = _walk_up(graph, scores.input[1], path)
-        value = _walk_up(graph, weighted[0].input[1], path[1:])
-        if q_scaled is None or k_scaled is None or key not in presents or value not in presents:
-            continue
-        mask = add.input[1] if add.input[0] == scores.output[0] else add.input[0]
-        plans.append((softmax, isnan, guard, weighted[0], q_scaled[0], q_scaled[1] * k_scaled[1], key, value, mask))
+    plans = [plan for softmax in model.graph.node if softmax.op_type == "Softmax"
+             if (plan := _match_repeated_kv(graph, softmax, presents)) is not None]
     if not plans:
         return model
     head_dim = next(int(v.type.tensor_type.shape.dim[3].dim_value) for v in model.graph.input
@@ -320,23 +362,8 @@ def fuse_grouped_attention(model: "onnx.ModelProto", heads: int, kv_heads: int,
               "gqa_out_shape": np.array([0, heads, -1, head_dim], np.int64),
               "gqa_mask_tiles": np.array([1, 1, group, 1], np.int64)}
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items())
-    new_nodes: dict[str, list] = {}
-    for i, (softmax, isnan, guard, weighted, query, alpha, key, value, mask) in enumerate(plans):
-        p = f"gqa_{i}"
-        new_nodes[softmax.name] = [
-            helper.make_node("Reshape", [query, "gqa_q_shape"], [f"{p}_q"], name=f"{p}_q_reshape"),
-            helper.make_node("FusedMatMul", [f"{p}_q", key], [f"{p}_scores"], name=f"{p}_scores", domain=MICROSOFT,
-                             transB=1, alpha=alpha),
-            helper.make_node("Tile", [mask, "gqa_mask_tiles"], [f"{p}_mask"], name=f"{p}_mask_tile"),
-            helper.make_node("Add", [f"{p}_scores", f"{p}_mask"], [f"{p}_masked"], name=f"{p}_mask_add"),
-            helper.make_node("Softmax", [f"{p}_masked"], [f"{p}_probs"], name=f"{p}_softmax", axis=-1),
-            helper.make_node("IsNaN", [f"{p}_probs"], [f"{p}_nan"], name=f"{p}_isnan"),
-            helper.make_node("Where", [f"{p}_nan", guard.input[1], f"{p}_probs"], [f"{p}_guarded"],
-                             name=f"{p}_guard"),
-            helper.make_node("MatMul", [f"{p}_guarded", value], [f"{p}_out"], name=f"{p}_weighted"),
-            helper.make_node("Reshape", [f"{p}_out", "gqa_out_shape"], [weighted.output[0]], name=f"{p}_out_reshape"),
-        ]
-        dead.update({isnan.name, guard.name, weighted.name})
+    new_nodes = {plan.softmax.name: _grouped_attention_nodes(f"gqa_{i}", plan) for i, plan in enumerate(plans)}
+    dead = {node.name for plan in plans for node in (plan.isnan, plan.guard, plan.weighted)}
     nodes = []
     for node in model.graph.node:
         if node.name in new_nodes:
