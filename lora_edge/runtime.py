@@ -1,7 +1,8 @@
 """ONNX Runtime sessions: one place that creates them, checks providers and runs hot-swap adapters.
 
-Every stage that runs a graph (infer, generate, check, profile) creates its
-session here, so provider handling is the same everywhere: the providers a
+Every stage that runs a graph (infer, generate, check, profile, the checks of
+export's and quantize's rewrites, the benchmarks) creates its session here, so
+provider handling is the same everywhere: the providers a
 caller asks for are checked against the ones the session really uses, and a
 missing one is an error, never a silent CPU fallback (unless the caller allows it).
 """
