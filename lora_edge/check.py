@@ -34,12 +34,12 @@ from lora_edge.bundle import Form, require_bundle, require_writable_file_path
 from lora_edge.check_data import eval_set
 from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
 from lora_edge.check_tasks import BACKENDS, EvalSet, compare_logits
+from lora_edge.console import Progress
 from lora_edge.errors import BundleError, ConfigError, LoraEdgeError, ProviderUnavailableError
 from lora_edge.manifest import AdapterRecord, GraphRecord, Manifest, require_adapter_file, require_graphs
 from lora_edge.models import Task, load_tokenizer
 from lora_edge.recipe import CheckSpec
 from lora_edge.runtime import SessionSettings
-from lora_edge.console import Progress
 
 BASE = "base"  # the target name suffix of a hot-swap graph run with no adapter
 
