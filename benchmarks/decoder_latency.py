@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from interleave import interleaved_times  # sibling module: the scripts run as benchmarks/<name>.py
+from lora_edge.interleave import time_rounds
 
 FORMS = ("merged", "branched", "hotswap")
 
@@ -88,9 +88,9 @@ def step_call(runner, adapter, new_tokens: int, past_length: int, seed: int = 0)
 
 
 def interleaved_ms(calls: dict[str, callable], runs: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds per call, every call once per round with a rotating order."""
-    times = interleaved_times(calls, runs, warmup)
-    return {name: statistics.median(values) for name, values in times.items()}
+    """Median milliseconds per call: ``runs`` rounds, each timing every call once in a shuffled order."""
+    timed = time_rounds(calls, rounds=runs, runs=1, warmup=warmup, gap_s=0.0, visit_warmup=0)
+    return {name: statistics.median(values) * 1e3 for name, values in timed.times.items()}
 
 
 def main() -> None:

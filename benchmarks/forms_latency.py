@@ -57,16 +57,15 @@ def branch_kernel_share(graph: Path, feeds: dict, threads: int, runs: int = 50) 
     A ratio inside one run's profile: much less sensitive to a busy machine than wall-clock ratios.
     """
     import onnx
-    import onnxruntime
+
+    from lora_edge.runtime import SessionSettings, create_session
 
     with tempfile.TemporaryDirectory() as tmp:
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.log_severity_level = 3
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.enable_profiling, options.profile_file_prefix = True, str(Path(tmp) / "profile")
-        session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
+        settings = SessionSettings(intra_op_threads=threads, inter_op_threads=1,
+                                   optimized_model_path=str(Path(tmp) / "optimized.onnx"),
+                                   enable_profiling=True, profile_prefix=str(Path(tmp) / "profile"))
+        session = create_session(graph, settings)
+        optimized = onnx.load(settings.optimized_model_path)
         for _ in range(runs):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())

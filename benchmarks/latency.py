@@ -145,19 +145,13 @@ def graph_files(peers: dict[str, Path], bundle: Path, int4: bool) -> dict[str, P
 # --- timing ---------------------------------------------------------------------------------------------
 
 def make_session(path: Path, threads: int, spinning: bool, profile_prefix: str | None = None):
-    """A CPU session as the benchmark runs every graph: fixed threads, sequential, full optimizations."""
-    import onnxruntime
+    """A CPU session as the benchmark runs every graph: fixed threads, sequential (ORT's default), full optimizations."""
+    from lora_edge.runtime import SessionSettings, create_session
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    settings = SessionSettings(intra_op_threads=threads, inter_op_threads=1,
+                               config_entries={"session.intra_op.allow_spinning": "1" if spinning else "0"},
+                               enable_profiling=profile_prefix is not None, profile_prefix=profile_prefix)
+    return create_session(path, settings)
 
 
 def model_feeds(kind: str, seq: int, tokenizer_dir: Path) -> dict:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 from lora_edge.bundle import MANIFEST_FILE, atomic_file, require_writable_file_path
 from lora_edge.manifest import find_graph
-from lora_edge.errors import AdapterMismatchError, BundleError, ConfigError, parse_enum
+from lora_edge.errors import AdapterMismatchError, BundleError, ConfigError, first_line, parse_enum
 
 if TYPE_CHECKING:
     import numpy as np
@@ -165,7 +165,7 @@ def read_adapter_file(path: Path) -> tuple[dict[str, "np.ndarray"], tuple[int, i
     try:
         adapter = onnxruntime.AdapterFormat.read_adapter(str(path))
     except Exception as exc:  # ORT raises its own error types for a corrupt file
-        raise AdapterMismatchError(f"not a readable .onnx_adapter file ({str(exc).splitlines()[0][:160]})", path,
+        raise AdapterMismatchError(f"not a readable .onnx_adapter file ({first_line(exc, 160)})", path,
                                    "give a file written by lora-edge export or olive convert-adapters") from None
     tensors = {name: value.numpy().copy() for name, value in adapter.get_parameters().items()}
     return tensors, (adapter.get_adapter_version(), adapter.get_model_version())

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_edge.data import LabelMap
-from lora_edge.errors import AdapterMismatchError, ConfigError
+from lora_edge.errors import AdapterMismatchError, first_line
 from lora_edge.models import Task, load_base_model, quiet_transformers
+from lora_edge.names import require_name
 
 if TYPE_CHECKING:
     import torch
@@ -43,10 +44,7 @@ class AdapterRef:
             name, path = "", value
         path_obj = Path(path).expanduser()
         name = name or path_obj.resolve().name
-        if not name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"adapter name '{name}' has characters other than letters, digits, - and _",
-                              "--adapter", "give it a name: --adapter NAME=DIR")
-        return cls(name, path_obj)
+        return cls(require_name(name, "adapter name", "--adapter", "give it a name: --adapter NAME=DIR"), path_obj)
 
 
 def read_adapter_config(path: Path) -> dict:
@@ -175,8 +173,7 @@ def attach_adapter(base_model, adapter: AdapterRef, weights: dict | None = None)
             model = PeftModel.from_pretrained(base_model, str(adapter.path), adapter_name="default",
                                               is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise AdapterMismatchError(f"adapter does not fit the base model ({first_line[:200]})",
+        raise AdapterMismatchError(f"adapter does not fit the base model ({first_line(exc)})",
                                    adapter.path / ADAPTER_WEIGHTS,
                                    "use the base model this adapter was trained on") from None
     model.eval()

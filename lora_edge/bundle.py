@@ -27,7 +27,6 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from lora_edge.choices import Form, Precision  # noqa: F401 - the bundle's vocabulary, imported from here too
 from lora_edge.errors import BundleError, ConfigError
 
 MANIFEST_FILE = "manifest.json"
@@ -43,8 +42,11 @@ TRACKED_LIBRARIES = ("lora-edge", "torch", "transformers", "peft", "onnx", "onnx
 STAGING_PATTERN = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})-[0-9a-f]+$")
 
 
-def _host_tag() -> str:
+def host_tag() -> str:
+    """This host's tag in staging names: a hash of the host name (8 hex digits)."""
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 LOCK_SUFFIX = ".lock"
 
 
@@ -74,7 +76,7 @@ def remove_stale_staging(directory: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = STAGING_PATTERN.match(entry.name)
-        if not match or match["host"] != _host_tag() or _process_alive(int(match["pid"])):
+        if not match or match["host"] != host_tag() or _process_alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -86,7 +88,7 @@ def remove_stale_staging(directory: Path) -> list[Path]:
 
 
 def _staging_name(target: Path, kind: str = "tmp") -> Path:
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}.{_host_tag()}-{secrets.token_hex(4)}"
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}.{host_tag()}-{secrets.token_hex(4)}"
 
 
 def _prepare_parent(target: Path, option: str) -> None:

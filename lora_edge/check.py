@@ -26,22 +26,22 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import Form, require_bundle, require_writable_file_path
+from lora_edge.bundle import require_bundle, require_writable_file_path
+from lora_edge.choices import Form
 from lora_edge.check_data import eval_set
 from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
 from lora_edge.check_tasks import BACKENDS, Continuations, EvalSet, Generation, compare_logits
+from lora_edge.console import Progress
 from lora_edge.errors import BundleError, ConfigError, LoraEdgeError, ProviderUnavailableError
 from lora_edge.manifest import AdapterRecord, GraphRecord, Manifest, require_adapter_file, require_graphs
 from lora_edge.models import Task, load_tokenizer
 from lora_edge.recipe import CheckSpec
 from lora_edge.runtime import SessionSettings
 
-Progress = Callable[[str], None]
 BASE = "base"  # the target name suffix of a hot-swap graph run with no adapter
 
 

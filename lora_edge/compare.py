@@ -137,16 +137,16 @@ def comparison_rows(graphs: list[GraphProfile], eager: list[GraphProfile], seq: 
     return rows
 
 
-def adapter_flops_per_token(bundle: Path, manifest: Manifest) -> dict[str, int]:
+def bundle_adapter_flops(bundle: Path, manifest: Manifest) -> dict[str, int]:
     """Extra FLOPs per token of each bundled adapter's branches, from its safetensors shapes."""
     from lora_edge.adapters import ADAPTER_WEIGHTS
-    from lora_edge.flops import adapter_flops_per_token as flops_of
+    from lora_edge.flops import adapter_flops_per_token
 
     result = {}
     for entry in manifest.adapters:
         weights = Path(bundle) / entry.bundle_dir / ADAPTER_WEIGHTS
         if weights.is_file():
-            result[entry.name] = flops_of(weights)
+            result[entry.name] = adapter_flops_per_token(weights)
     return result
 
 
@@ -206,7 +206,7 @@ def compare_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
     comparison = Comparison(bundle=str(bundle), device=device.name, note=report.note, seq=seq,
                             base_flops_per_item=base, load_average=report.settings.get("load_average") or {},
                             rounds=report.settings.get("rounds"),
-                            rows=comparison_rows(selected, report.eager, seq, adapter_flops_per_token(bundle, manifest),
+                            rows=comparison_rows(selected, report.eager, seq, bundle_adapter_flops(bundle, manifest),
                                                  base))
     write_comparison(bundle, comparison)
     return comparison
@@ -345,7 +345,7 @@ def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str 
             if base is None:  # every rank shares the base model: count its FLOPs once
                 base = base_flops_per_item(manifest, measure.batch, measure.seq)
             table = {row["form"]: row for row in comparison_rows(report.graphs, [], measure.seq,
-                                                                 adapter_flops_per_token(bundle, manifest), base)}
+                                                                 bundle_adapter_flops(bundle, manifest), base)}
             rows[rank] = {"merged_p50_ms": table["merged"]["p50_ms"], "branched_p50_ms": table["branched"]["p50_ms"],
                           "branched_overhead_pct": table["branched"]["overhead_pct"],
                           "extra_flops_pct": table["branched"]["extra_flops_pct"]}

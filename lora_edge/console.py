@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Callable, TextIO
 
+# How every stage reports progress: a sink taking one plain line (stderr_lines, silent, a list's append).
+Progress = Callable[[str], None]
 # Environment defaults read by tqdm (at import: any TQDM_<ARG> sets that argument's default) and the Hub.
 NO_BARS_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
@@ -49,6 +51,6 @@ def stderr_lines(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def progress_sink(quiet: bool) -> Callable[[str], None]:
+def progress_sink(quiet: bool) -> Progress:
     """:func:`silent` with --quiet, else :func:`stderr_lines`."""
     return silent if quiet else stderr_lines

@@ -64,10 +64,39 @@ def _kv_layers(cache) -> list:
 
 
 @functools.cache
+def _padding_layer_class() -> type:
+    """Build the cache layer class of :class:`KVCacheDecoder` on first use (it subclasses a transformers class)."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class PaddingZeroingLayer(DynamicLayer):
+        """A DynamicLayer holding the given past, which stores the keys/values of padded new tokens as zeros.
+
+        Plain (non-sliding) layers: the whole past is kept and the attention mask
+        applies any sliding window. Zeroing touches only the new tokens, so a decode
+        step costs nothing extra; padded keys are masked out of attention anyway.
+        """
+
+        def __init__(self, past_key, past_value, is_real):
+            super().__init__()
+            super().update(past_key, past_value)
+            self.keep = is_real[:, None, :, None]  # broadcast over [batch, heads, sequence, head_dim]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            """Append the new tokens' keys and values (padded ones as zeros)."""
+            key_states = torch.where(self.keep, key_states, 0.0)
+            value_states = torch.where(self.keep, value_states, 0.0)
+            return super().update(key_states, value_states, *args, **kwargs)
+
+    return PaddingZeroingLayer
+
+
+@functools.cache
 def _module_class() -> type:
     """Build the KV-cache wrapper class on first use, so importing this module does not import torch."""
     import torch
-    from transformers.cache_utils import DynamicLayer
+
+    PaddingZeroingLayer = _padding_layer_class()
 
     class KVCacheDecoder(torch.nn.Module):
         """A causal LM with its KV cache as flat tensors: the module exported to a ``causal-lm`` graph.
@@ -108,25 +137,6 @@ def _module_class() -> type:
             # and PyTorch fill such rows differently): zero them so the graph is one well-defined function.
             logits = torch.where(is_real.unsqueeze(-1), outputs.logits, 0.0)
             return (logits, *presents)
-
-    class PaddingZeroingLayer(DynamicLayer):
-        """A DynamicLayer holding the given past, which stores the keys/values of padded new tokens as zeros.
-
-        Plain (non-sliding) layers: the whole past is kept and the attention mask
-        applies any sliding window. Zeroing touches only the new tokens, so a decode
-        step costs nothing extra; padded keys are masked out of attention anyway.
-        """
-
-        def __init__(self, past_key, past_value, is_real):
-            super().__init__()
-            super().update(past_key, past_value)
-            self.keep = is_real[:, None, :, None]  # broadcast over [batch, heads, sequence, head_dim]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            """Append the new tokens' keys and values (padded ones as zeros)."""
-            key_states = torch.where(self.keep, key_states, 0.0)
-            value_states = torch.where(self.keep, value_states, 0.0)
-            return super().update(key_states, value_states, *args, **kwargs)
 
     return KVCacheDecoder
 

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from lora_edge import toml_compat
-from lora_edge.bundle import Precision
+from lora_edge.choices import Precision
 from lora_edge.config_fields import config_field, field_help
 from lora_edge.errors import ConfigError
+from lora_edge.names import require_name
 from lora_edge.runtime import OPTIMIZATION_LEVELS, SessionSettings
 from lora_edge.thresholds import check_threshold_tables
 
@@ -139,9 +140,7 @@ class DeviceTarget:
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}", name,
                                   f'write it in quotes, e.g. {name} = "{fields_default(self, name)}"')
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"device name {self.name!r} must be letters, digits, - and _", "name",
-                              'write e.g. name = "my-board"')
+        require_name(self.name, "device name", "name", 'write e.g. name = "my-board"')
         if not isinstance(self.providers, list) or not self.providers:
             raise ConfigError("a device needs at least one execution provider", "providers",
                               'add [[providers]] name = "CPUExecutionProvider"')

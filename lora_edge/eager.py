@@ -18,6 +18,9 @@ from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile
 if TYPE_CHECKING:
     import torch
 
+    from lora_edge.adapters import AdapterRef
+    from lora_edge.models import Task
+
 EAGER_FORMS = ("unmerged", "merged")
 
 
@@ -61,9 +64,7 @@ def eager_baselines(bundle: Path, manifest: Manifest, device: DeviceTarget, batc
     import torch
     import transformers  # noqa: F401
 
-    from lora_edge.adapters import AdapterRef, load_reference
-    from lora_edge.flops import model_flops
-    from lora_edge.merge import merge_adapter
+    from lora_edge.adapters import AdapterRef
     from lora_edge.models import Task, load_config
 
     entries = _adapter_entries(manifest, records)
@@ -75,15 +76,11 @@ def eager_baselines(bundle: Path, manifest: Manifest, device: DeviceTarget, batc
                 for entry in entries for name, form in zip(names[entry.name], EAGER_FORMS)]
     torch_device, reason = _torch_device(device, allow_fallback)
     if torch_device is None:
-        for profile in profiles:
-            profile.status, profile.reason = NOT_MEASURED, reason
-        return profiles, {}
+        return _not_measured(profiles, reason), {}
     try:
         model_path = manifest.model.resolved_path()
     except LoraEdgeError as exc:
-        for profile in profiles:
-            profile.status, profile.reason = NOT_MEASURED, f"base model not found ({exc.what})"
-        return profiles, {}
+        return _not_measured(profiles, f"base model not found ({exc.what})"), {}
     task = manifest.model.task
     vocab = int(load_config(model_path).get("vocab_size", 1000))
     inputs = _inputs(batch, seq, vocab, torch_device)
@@ -91,23 +88,13 @@ def eager_baselines(bundle: Path, manifest: Manifest, device: DeviceTarget, batc
     if device.intra_op_threads:
         torch.set_num_threads(device.intra_op_threads)
     facts: dict = {"task": task.value, "path": str(model_path), "batch": batch, "seq": seq}
+    by_name = {profile.name: profile for profile in profiles}
     try:
-        runners, by_name = {}, {profile.name: profile for profile in profiles}
+        runners = {}
         for entry in entries:
             adapter = AdapterRef(entry.name, Path(bundle) / entry.bundle_dir)
-            unmerged_name, merged_name = names[entry.name]
-            with PeakMemory() as memory:
-                reference = load_reference(model_path, adapter, task).to(torch_device)
-                runners[unmerged_name] = _runner(reference, inputs, torch_device)
-                runners[unmerged_name]()
-            by_name[unmerged_name].memory = {"rss_added_mb": memory.added_mb, "method": memory.method}
-            with PeakMemory() as memory:
-                merged = merge_adapter(reference)
-                runners[merged_name] = _runner(merged, inputs, torch_device)
-                runners[merged_name]()
-            by_name[merged_name].memory = {"rss_added_mb": memory.added_mb, "method": memory.method}
-            if "flops_per_item" not in facts:
-                facts["flops_per_item"] = model_flops(merged, inputs) / batch
+            runners.update(_load_runners(model_path, adapter, task, names[entry.name], inputs, torch_device,
+                                         by_name, facts))
         times = time_interleaved(runners, runs, warmup)
     except Exception as exc:  # a baseline is context, not the product: record why it is missing
         for profile in profiles:
@@ -124,6 +111,40 @@ def eager_baselines(bundle: Path, manifest: Manifest, device: DeviceTarget, batc
         profile.providers_registered = profile.providers_used = [f"torch-{torch_device}"]
         profile.fallback = reason
     return profiles, facts
+
+
+def _not_measured(profiles: list[GraphProfile], reason: str) -> list[GraphProfile]:
+    for profile in profiles:
+        profile.status, profile.reason = NOT_MEASURED, reason
+    return profiles
+
+
+def _load_runners(model_path: Path, adapter: "AdapterRef", task: "Task", names: list[str], inputs: dict,
+                  torch_device: str, by_name: dict[str, GraphProfile], facts: dict) -> dict:
+    """Runners of one adapter's unmerged reference and merged copy (``names``), each run once.
+
+    The memory each adds is recorded on its profile; the model's FLOPs per item
+    go into ``facts`` the first time.
+    """
+    from lora_edge.adapters import load_reference
+    from lora_edge.flops import model_flops
+    from lora_edge.merge import merge_adapter
+
+    runners = {}
+    unmerged_name, merged_name = names
+    with PeakMemory() as memory:
+        reference = load_reference(model_path, adapter, task).to(torch_device)
+        runners[unmerged_name] = _runner(reference, inputs, torch_device)
+        runners[unmerged_name]()
+    by_name[unmerged_name].memory = {"rss_added_mb": memory.added_mb, "method": memory.method}
+    with PeakMemory() as memory:
+        merged = merge_adapter(reference)
+        runners[merged_name] = _runner(merged, inputs, torch_device)
+        runners[merged_name]()
+    by_name[merged_name].memory = {"rss_added_mb": memory.added_mb, "method": memory.method}
+    if "flops_per_item" not in facts:
+        facts["flops_per_item"] = model_flops(merged, inputs) / inputs["input_ids"].shape[0]
+    return runners
 
 
 def _runner(model: "torch.nn.Module", inputs: dict, torch_device: str):

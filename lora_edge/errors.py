@@ -129,6 +129,17 @@ def env_int(name: str, default: int) -> int:
                           f"unset {name} or set it to an integer (torchrun sets it for you)") from None
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message, cut to ``limit`` characters, for the ``what`` of an error.
+
+    Library errors (ONNX Runtime, transformers, tokenizers) carry multi-line
+    messages or C++ locations; one line keeps ``error: what, where, fix`` one
+    line. An empty message gives the exception's class name.
+    """
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else exc.__class__.__name__)[:limit]
+
+
 def exit_codes() -> dict[str, int]:
     """Map every error class name to its exit code (documented in ``lora-edge --help``)."""
     classes = [CheckFailedError, ConfigError, DataError, AdapterMismatchError, ExportError,

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lora_edge import __version__
 from lora_edge.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, AdapterRef, adapter_task,
                                 load_reference, read_adapter_config)
-from lora_edge.bundle import ONNX_DIR, Form, Precision, atomic_directory, library_versions, parse_choices, write_json
-from lora_edge.console import stderr_lines
+from lora_edge.bundle import ONNX_DIR, atomic_directory, library_versions, parse_choices, write_json
+from lora_edge.choices import Form, Precision
+from lora_edge.console import Progress, stderr_lines
 from lora_edge.data import LABEL_MAP_FILE, LabelMap
 from lora_edge.errors import ConfigError, ExportError
 from lora_edge.exporter import FP32_TOLERANCE, ExportContext
@@ -71,7 +72,7 @@ class ExportJob:
     opset: int | None = None
     tolerance: float = FP32_TOLERANCE
     trust_remote_code: bool = False
-    progress: Callable[[str], None] = stderr_lines
+    progress: Progress = stderr_lines
     records: list[GraphRecord] = field(default_factory=list)
 
     @property
@@ -113,7 +114,7 @@ def _return_freed_memory() -> None:
 class Stopwatch:
     """Seconds per stage of an export, reported as each stage ends and recorded in the manifest."""
 
-    def __init__(self, progress: Callable[[str], None]):
+    def __init__(self, progress: Progress):
         self.progress = progress
         self.started = time.perf_counter()
         self.stages: list[ExportStage] = []
@@ -208,13 +209,13 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
 
 def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
     """Check the graph at ``path`` in ONE session, once per adapter (None: no adapter); return the diffs."""
-    from lora_edge.exporter import check_agreement, run_graph
+    from lora_edge.exporter import check_agreement, run_verify_inputs
     from lora_edge.runtime import create_session, load_lora_adapter
 
     session = create_session(path)
     diffs = {}
     for adapter, adapter_file in adapters.items():
-        actual = run_graph(session, plan.verify_io, adapter=load_lora_adapter(adapter_file) if adapter_file else None)
+        actual = run_verify_inputs(session, plan.verify_io, adapter=load_lora_adapter(adapter_file) if adapter_file else None)
         label = f"{name} + {adapter}" if adapter_file else name
         against = "the base model (no adapter fed)" if adapter is None else "the PyTorch reference"
         diffs[adapter or "base"] = check_agreement(label, plan.expected[adapter], actual, job.tolerance, against,
@@ -228,7 +229,8 @@ def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: S
 
     from lora_edge.exporter import EXTERNAL_DATA_BYTES
     from lora_edge.forms import derive, find_branches, write_model
-    from lora_edge.hotswap import ADAPTER_SUFFIX, LORA_A, LORA_B, TENSOR, write_onnx_adapter
+    from lora_edge.adapter_layout import write_onnx_adapter
+    from lora_edge.hotswap import ADAPTER_SUFFIX, LORA_A, LORA_B, TENSOR
 
     slots_by_module: dict[str, dict] = {}
     for slot in plan.slots:
@@ -375,7 +377,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
                   seed: int | None = None, recipe: dict | None = None, trust_remote_code: bool = False,
                   quantize_options: QuantizeOptions | None = None, fuse: bool = True,
-                  progress: Callable[[str], None] = stderr_lines, exporter: str | None = None) -> Path:
+                  progress: Progress = stderr_lines, exporter: str | None = None) -> Path:
     """Export ``forms`` of ``model`` + each adapter into a new bundle at ``out``; returns ``out``.
 
     Every graph is checked against its PyTorch reference right after export

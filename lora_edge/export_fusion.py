@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+
+from lora_edge.console import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +57,7 @@ def _checks_against_pytorch(record: "GraphRecord", staging: Path, references: di
 def verify_fused(path: Path, record: "GraphRecord", staging: Path, references: dict, context: "ExportContext",
                  tolerance: float) -> float:
     """Max abs diff of the graph at ``path`` against PyTorch (verify batches, as is and padded); raises ExportError."""
-    from lora_edge.exporter import check_agreement, graph_io_for, reference_outputs, run_graph
+    from lora_edge.exporter import check_agreement, graph_io_for, reference_outputs, run_verify_inputs
     from lora_edge.runtime import create_session, load_lora_adapter
 
     builder = graph_io_for(context.task)
@@ -67,7 +69,7 @@ def verify_fused(path: Path, record: "GraphRecord", staging: Path, references: d
         length = min(context.max_length, getattr(context.config, "max_position_embeddings", 512) - 2)
         io = dataclasses.replace(io, verify_inputs=io.verify_inputs + padded_inputs(io, length, pad_id))
         adapter = load_lora_adapter(adapter_file) if adapter_file is not None else None
-        worst = max(worst, check_agreement(record.name, reference_outputs(io), run_graph(session, io, adapter),
+        worst = max(worst, check_agreement(record.name, reference_outputs(io), run_verify_inputs(session, io, adapter),
                                            tolerance))
     return worst
 
@@ -103,9 +105,9 @@ def fuse_exported_graph(record: "GraphRecord", staging: Path, references: dict, 
 
 
 def fuse_exported_graphs(records: list["GraphRecord"], staging: Path, references: dict, context: "ExportContext",
-                         tolerance: float, progress: Callable[[str], None]) -> None:
+                         tolerance: float, progress: Progress) -> None:
     """Fuse every fp32 sequence-classification graph of a staged bundle; outcome in ``record.extra['fusion']``."""
-    from lora_edge.bundle import Precision
+    from lora_edge.choices import Precision
     from lora_edge.models import Task
 
     if context.task is not Task.SEQ_CLS:

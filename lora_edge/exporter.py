@@ -424,7 +424,7 @@ def _diffs(expected: list[list["np.ndarray"]], actual: list[list["np.ndarray"]])
     return worst, worst_scaled
 
 
-def run_graph(session: "onnxruntime.InferenceSession", io: GraphIO,
+def run_verify_inputs(session: "onnxruntime.InferenceSession", io: GraphIO,
               adapter: "onnxruntime.LoraAdapter | None" = None) -> list[list["np.ndarray"]]:
     """Run a session on each of ``io.verify_inputs`` (optionally with a hot-swap adapter active)."""
     from lora_edge.runtime import run

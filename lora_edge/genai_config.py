@@ -25,7 +25,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from lora_edge.bundle import ONNX_DIR, Form, Precision
+from lora_edge.bundle import ONNX_DIR
+from lora_edge.choices import Form, Precision
 from lora_edge.manifest import GraphRecord
 
 GENAI_CONFIG_FILE = "genai_config.json"

@@ -259,13 +259,13 @@ def choose_tokens(logits: "np.ndarray", sampling: SamplingSpec, rng: "np.random.
     probs /= probs.sum(axis=-1, keepdims=True)
     chosen = np.empty(len(probs), dtype=np.int64)
     for row, p in enumerate(probs):
-        kept = _nucleus(p, sampling.top_p)
+        kept = nucleus(p, sampling.top_p)
         weights = p[kept] / p[kept].sum()
         chosen[row] = kept[rng.choice(len(kept), p=weights)]
     return chosen
 
 
-def _nucleus(p: "np.ndarray", top_p: float, candidates: int = 1024) -> "np.ndarray":
+def nucleus(p: "np.ndarray", top_p: float, candidates: int = 1024) -> "np.ndarray":
     """Token ids of the smallest most-likely set whose probability reaches ``top_p`` (at least one token).
 
     Sorting the whole vocabulary per token is slow on large vocabularies, so the
@@ -418,7 +418,7 @@ def adapter_for_run(bundle: Path, record, manifest: "Manifest", adapter: str | N
     model, or a path to an ``.onnx_adapter`` file, which is checked against the
     graph first (an adapter of another base model is refused naming the tensor).
     """
-    from lora_edge.bundle import Form
+    from lora_edge.choices import Form
     from lora_edge.infer import choose_adapter
     from lora_edge.manifest import require_adapter_file
 

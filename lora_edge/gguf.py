@@ -18,27 +18,18 @@ model is the function the GGUF file computes, in fp32.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
-from lora_edge.console import stderr_lines
-from lora_edge.errors import ModelError
-from lora_edge.models import file_sha256
+from lora_edge.bundle import staging_directory
+from lora_edge.console import Progress, stderr_lines
+from lora_edge.errors import ModelError, first_line
+from lora_edge.models import cache_root, file_sha256
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
 SOURCE_RECORD = "gguf_source.json"  # provenance of a converted directory
 # GGUF architectures transformers converts that have no causal-LM head (encoder-decoder / encoder only).
 NOT_CAUSAL = ("t5", "t5encoder", "umt5")
-
-
-def cache_root() -> Path:
-    """Where converted models live: ``$LORA_EDGE_CACHE/models``, else ``~/.cache/lora-edge/models``."""
-    base = os.environ.get("LORA_EDGE_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "lora-edge") / "models"
 
 
 def find_gguf(path: Path) -> Path | None:
@@ -110,7 +101,7 @@ def convert_gguf(path: Path, out: Path) -> None:
             loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, local_files_only=True,
                                                           dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - any failure inside transformers/tokenizers on this file is the file's
-        raise ModelError(f"transformers cannot load the GGUF file ({str(exc).splitlines()[0][:160]})", path,
+        raise ModelError(f"transformers cannot load the GGUF file ({first_line(exc, 160)})", path,
                          "use a GGUF of a supported architecture or a Hugging Face model directory") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):  # dequantized already; a leftover makes save_pretrained refuse
@@ -129,13 +120,7 @@ def convert_gguf(path: Path, out: Path) -> None:
         tokenizer.save_pretrained(str(out))
 
 
-def _say(progress: Callable[[str], None] | None, message: str) -> None:
-    if progress is not None:
-        progress(message)
-
-
-
-def gguf_model_dir(path: str | Path, progress: Callable[[str], None] | None = stderr_lines) -> Path:
+def gguf_model_dir(path: str | Path, progress: Progress = stderr_lines) -> Path:
     """The cached Hugging Face directory for the GGUF file ``path``, converting it on first use.
 
     Raises ModelError for a missing, truncated, corrupt or unsupported file; nothing is left in the cache then.
@@ -147,11 +132,10 @@ def gguf_model_dir(path: str | Path, progress: Callable[[str], None] | None = st
         return target
     architecture = read_architecture(path)
     check_architecture(path, architecture)
-    _say(progress, f"converting {path.name} ({architecture}, {path.stat().st_size / 1e6:.0f} MB) to safetensors "
+    progress(f"converting {path.name} ({architecture}, {path.stat().st_size / 1e6:.0f} MB) to safetensors "
                    f"in {target} (once per file)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # Staged as the bundle's directories are: named for this process, swept by a later run if it was killed.
+    with staging_directory(target, option="--model") as staging:
         convert_gguf(path, staging)
         record = {"file": path.name, "sha256": digest, "architecture": architecture, "bytes": path.stat().st_size}
         (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -160,6 +144,4 @@ def gguf_model_dir(path: str | Path, progress: Callable[[str], None] | None = st
         except OSError:  # another process converted the same file meanwhile
             if not (target / SOURCE_RECORD).is_file():
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -23,18 +23,14 @@ switching adapters needs no new session.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-from lora_edge.adapter_layout import read_onnx_adapter, write_onnx_adapter  # noqa: F401 (re-exported)
 from lora_edge.errors import AdapterMismatchError, ConfigError, ExportError
-from lora_edge.exporter import (FP32_TOLERANCE, ExportContext, GraphIO, check_agreement,
-                                export_onnx, graph_io_for, reference_outputs, run_graph)
+from lora_edge.exporter import ExportContext, GraphIO, graph_io_for
 from lora_edge.merge import PEFT_PREFIX, saved_module_wrappers, branch_modules, lora_pairs
 
 if TYPE_CHECKING:
@@ -246,53 +242,3 @@ def adapter_tensors(reference: "PeftModel", slots: list[SwapSlot]) -> dict[str, 
         raise AdapterMismatchError(f"the hot-swap graph has no input for '{sorted(missing)[0]}'", "hotswap graph",
                                    "export the hot-swap graph with this adapter among --adapter")
     return {name: tensor.copy() for name, tensor in tensors.items()}
-
-
-@dataclass
-class HotswapResult:
-    """A verified hot-swap graph: its file, one adapter file per adapter, diffs against PyTorch, export time."""
-
-    graph: Path
-    adapter_files: dict[str, Path]
-    max_abs_diff: dict[str, float]  # adapter name (and "base") -> max abs diff
-    seconds: float
-    slots: list[SwapSlot]
-
-
-def export_hotswap(base_model: nn.Module, references: dict[str, "PeftModel"], context: ExportContext,
-                   graph_path: Path, adapter_dir: Path, graph_name: str = "hotswap",
-                   opset: int | None = None, tolerance: float = FP32_TOLERANCE,
-                   progress: Callable[[str], None] | None = None) -> HotswapResult:
-    """Export the hot-swap graph of ``base_model`` for ``references`` (name -> PEFT model) and their adapter files.
-
-    ``base_model`` (a fresh base model for the task) is modified in place. The graph
-    is verified in ONE session: with each adapter active it must match that
-    adapter's PEFT model, and with none it must match the base model.
-    """
-    from lora_edge.runtime import create_session, load_lora_adapter
-
-    slots = plan_slots(base_model, references)
-    model = hotswap_base(base_model, slots)
-    io, task_io = hotswap_graph_io(model, slots, context)
-    if progress:
-        progress(f"exporting {graph_name} ({sum(s.kind == LORA_A for s in slots)} LoRA layers, "
-                 f"{len(references)} adapter(s))")
-    start = time.perf_counter()
-    export_onnx(io, graph_path, opset, graph_name, edit=default_initializers(model, slots))
-    seconds = time.perf_counter() - start
-    files = {name: write_onnx_adapter(Path(adapter_dir) / f"{name}{ADAPTER_SUFFIX}", adapter_tensors(ref, slots))
-             for name, ref in references.items()}
-    session = create_session(graph_path)
-    builder = graph_io_for(context.task)
-    diffs = {"base": check_agreement(graph_name, reference_outputs(task_io), run_graph(session, task_io),
-                                     tolerance, "the base model (no adapter fed)",
-                                     relative=task_io.relative_tolerance)}
-    for name, ref in references.items():
-        expected = reference_outputs(builder(ref, context))
-        actual = run_graph(session, task_io, adapter=load_lora_adapter(files[name]))
-        diffs[name] = check_agreement(f"{graph_name} + {name}", expected, actual, tolerance,
-                                      relative=task_io.relative_tolerance)
-    if progress:
-        progress(f"  {graph_name}: {seconds:.1f} s, max abs diff vs PyTorch "
-                 + ", ".join(f"{name} {diff:.2g}" for name, diff in diffs.items()))
-    return HotswapResult(Path(graph_path), files, diffs, seconds, slots)

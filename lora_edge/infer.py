@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from lora_edge.bundle import ONNX_DIR, Form
+from lora_edge.bundle import ONNX_DIR
+from lora_edge.choices import Form
 from lora_edge.errors import ConfigError
 from lora_edge.manifest import GraphRecord, Manifest, find_task_graph, require_adapter_file
 from lora_edge.models import Task

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_edge.bundle import MANIFEST_FILE, ONNX_DIR, Form, Precision, require_bundle, write_json
+from lora_edge.bundle import MANIFEST_FILE, ONNX_DIR, require_bundle, write_json
+from lora_edge.choices import Form, Precision
 from lora_edge.errors import BundleError, ConfigError
 from lora_edge.models import Task
 

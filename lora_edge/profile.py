@@ -31,12 +31,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lora_edge.bundle import ONNX_DIR, Form, require_bundle
+from lora_edge.bundle import ONNX_DIR, require_bundle
+from lora_edge.choices import Form
 from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.errors import BundleError, ConfigError, ProviderUnavailableError
+from lora_edge.feeds import build_feeds
 from lora_edge.interleave import RoundTimes, split_runs, time_rounds
 from lora_edge.manifest import GraphRecord, Manifest, find_graph, hotswap_adapter_file, require_graphs
-from lora_edge.measure import (GraphRunner, build_feeds, cpu_info, graph_size, host_facts, is_decoder,
+from lora_edge.measure import (GraphRunner, cpu_info, graph_size, host_facts, is_decoder,
                                latency_stats, session_memory, trace_session, warm_up_runtime)
 from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile, ProfileReport, write_profile
 from lora_edge.recipe import MeasureSpec

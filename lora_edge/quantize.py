@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, Precision, atomic_file, bundle_lock, load_graph, parse_choices,
-                              require_bundle, staging_directory)
+from lora_edge.bundle import (MANIFEST_FILE, ONNX_DIR, atomic_file, bundle_lock, load_graph, parse_choices, require_bundle, staging_directory)
+from lora_edge.choices import Precision
 from lora_edge.console import stderr_lines
-from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError
+from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError, first_line
 from lora_edge.manifest import GraphRecord, Manifest, add_graphs
 from lora_edge.models import Task
 # The settings of this stage (defined with the other stage configs; imported from here too).
@@ -70,51 +70,10 @@ def _node_in_message(message: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else exc.__class__.__name__)[:300]
-
-
-def complete_feeds(model: "onnx.ModelProto", feeds: dict[str, "np.ndarray"]) -> dict[str, "np.ndarray"]:
-    """Add what a graph needs beyond token ids and mask: position ids, empty past key/values.
-
-    Inputs with defaults (hot-swap initializers) are left out; a missing input
-    this cannot fill raises QuantizationError.
-    """
-    import numpy as np
-    from onnx import helper
-
-    initializers = {init.name for init in model.graph.initializer}
-    ids = feeds["input_ids"]
-    batch, length = ids.shape
-    result = {}
-    for value in model.graph.input:
-        name = value.name
-        if name in feeds:
-            result[name] = feeds[name]
-        elif name in initializers:
-            continue
-        elif name == "position_ids":
-            mask = feeds.get("attention_mask", np.ones_like(ids))
-            result[name] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
-        elif name == "token_type_ids":
-            result[name] = np.zeros_like(ids)
-        else:
-            shape = value.type.tensor_type.shape.dim
-            dims = [0 if "past" in d.dim_param else (batch if i == 0 else length) if d.dim_param else d.dim_value
-                    for i, d in enumerate(shape)]
-            if 0 not in dims:
-                raise QuantizationError(f"cannot build calibration inputs for graph input '{name}'", name,
-                                        "use int8-dynamic for this graph")
-            dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            result[name] = np.zeros(dims, dtype=dtype)
-    return result
-
-
 def _quantizer_failure(src: Path, precision: Precision, exc: BaseException) -> QuantizationError:
     """A QuantizationError naming the node: from the quantizer's message, else from running the source graph."""
-    from lora_edge.quantize_fusion import sample_encoder_feeds
-    from lora_edge.quantize_prepare import run_graph
+    from lora_edge.feeds import sample_encoder_feeds
+    from lora_edge.runtime import graph_outputs
 
     node = _node_in_message(str(exc))
     if node is None:  # the quantizer rarely names nodes; ORT does when the source graph itself is broken
@@ -122,14 +81,14 @@ def _quantizer_failure(src: Path, precision: Precision, exc: BaseException) -> Q
             import onnx
 
             feeds = sample_encoder_feeds(onnx.load(str(src), load_external_data=False))
-            run_graph(str(src), feeds if "input_ids" in feeds else None)
+            graph_outputs(src, feeds if "input_ids" in feeds else None)
         except Exception as source_exc:
             node = _node_in_message(str(source_exc))
             if node:
-                return QuantizationError(f"the fp32 graph fails at node '{node}' ({_first_line(source_exc)})", src,
+                return QuantizationError(f"the fp32 graph fails at node '{node}' ({first_line(source_exc, 300)})", src,
                                          "re-export the graph (lora-edge export --force)")
     return QuantizationError(f"{precision.value} quantization failed" + (f" at node '{node}'" if node else "")
-                             + f" ({_first_line(exc)})", src,
+                             + f" ({first_line(exc, 300)})", src,
                              "choose another precision for this graph, or report the node")
 
 
@@ -137,8 +96,8 @@ def _check_runs(path: Path, model: "onnx.ModelProto", precision: Precision) -> N
     """Load the quantized graph and run it on a sample batch; a failure names the node ORT stopped at."""
     import numpy as np
 
-    from lora_edge.quantize_fusion import sample_encoder_feeds
-    from lora_edge.quantize_prepare import run_graph
+    from lora_edge.feeds import complete_feeds, sample_encoder_feeds
+    from lora_edge.runtime import graph_outputs
 
     feeds = sample_encoder_feeds(model)
     try:
@@ -146,11 +105,11 @@ def _check_runs(path: Path, model: "onnx.ModelProto", precision: Precision) -> N
     except QuantizationError:
         feeds = {}  # inputs this module cannot build: loading the graph is all that is checked
     try:
-        outputs = run_graph(str(path), feeds or None)
+        outputs = graph_outputs(path, feeds or None)
     except Exception as exc:
         node = _node_in_message(str(exc))
         raise QuantizationError(f"the {precision.value} graph does not run" + (f" at node '{node}'" if node else "")
-                                + f" ({_first_line(exc)})", path,
+                                + f" ({first_line(exc, 300)})", path,
                                 "choose another precision for this graph, or report the node") from None
     if not all(np.isfinite(out).all() for out in outputs if out.dtype.kind == "f"):
         raise QuantizationError(f"the {precision.value} graph outputs NaN or Inf", path,
@@ -259,6 +218,7 @@ def calibration_for(bundle: Path, record: GraphRecord, options: QuantizeOptions,
 
     def build() -> Feeds:
         from lora_edge.data import calibration_batches
+        from lora_edge.feeds import complete_feeds
         from lora_edge.models import load_tokenizer
 
         task = record.task

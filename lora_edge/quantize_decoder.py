@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_edge.errors import first_line
+from lora_edge.feeds import sample_decoder_feeds
 from lora_edge.quantize_fusion import share_lora_inputs
+from lora_edge.runtime import graph_outputs, relative_difference
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,34 +58,6 @@ class DecoderFusionReport:
     def to_json(self) -> dict:
         """JSON form (only non-empty fields)."""
         return {key: value for key, value in self.__dict__.items() if value not in (None, 0)}
-
-
-def sample_decoder_feeds(model: "onnx.ModelProto", seed: int = 0) -> list[dict[str, "np.ndarray"]]:
-    """Feeds of a left-padded 2-row prefill and of a 1-token decode step after a random past.
-
-    The cache geometry is read from the graph's ``past_key_values.*`` inputs; token
-    ids stay below 100 (every vocabulary has them).
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    pasts = [value for value in model.graph.input if value.name.startswith("past_key_values.")]
-    dims = pasts[0].type.tensor_type.shape.dim
-    heads, head_dim = dims[1].dim_value, dims[3].dim_value
-    ids = rng.integers(3, 100, size=(2, 6)).astype(np.int64)
-    mask = np.ones((2, 6), dtype=np.int64)
-    mask[1, :2] = 0
-    positions = np.where(mask == 0, 0, np.cumsum(mask, axis=1) - 1).astype(np.int64)
-    prefill = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-               **{value.name: np.zeros((2, heads, 0, head_dim), np.float32) for value in pasts}}
-    past_length = 7
-    decode = {"input_ids": ids[:, -1:], "attention_mask": np.ones((2, past_length + 1), dtype=np.int64),
-              "position_ids": np.full((2, 1), past_length, dtype=np.int64),
-              **{value.name: rng.standard_normal((2, heads, past_length, head_dim)).astype(np.float32)
-                 for value in pasts}}
-    decode["attention_mask"][1, :2] = 0
-    decode["position_ids"][1] = past_length - 2
-    return [prefill, decode]
 
 
 def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "onnx.ModelProto":
@@ -293,6 +268,70 @@ def _scalar(graph: _Graph, node) -> tuple[str, float] | None:
     return None
 
 
+@dataclass
+class _RepeatedKV:
+    """One attention block that repeats the cache's K/V heads: the nodes the grouped rewrite replaces or reads."""
+
+    softmax: "onnx.NodeProto"
+    isnan: "onnx.NodeProto"
+    guard: "onnx.NodeProto"  # Where(IsNaN(probs), 0, probs)
+    weighted: "onnx.NodeProto"  # probs x V
+    query: str  # the query before its scale
+    alpha: float  # the product of the query's and the key's scales
+    key: str  # present.<i>.key: the cache, not its repeated copy
+    value: str
+    mask: str
+
+
+# From a scores MatMul's key input up to the cache: scale, head merge, transpose, repeat (Expand of an Unsqueeze).
+REPEATED_KEY_PATH = ("Mul", "Reshape", "Transpose", "Expand", "Unsqueeze")
+
+
+def _match_repeated_kv(graph: "_Graph", softmax: "onnx.NodeProto", presents: set[str]) -> _RepeatedKV | None:
+    """The block around ``softmax`` when it is scores(Q, repeated K) + mask -> Softmax -> NaN guard -> x repeated V."""
+    add = graph.parent(softmax, 0, "Add")
+    scores = next((graph.parent(add, i, "MatMul") for i in (0, 1) if graph.parent(add, i, "MatMul")), None) \
+        if add is not None else None
+    readers = graph.consumers.get(softmax.output[0], [])
+    isnan = next((n for n in readers if n.op_type == "IsNaN"), None)
+    guard = next((n for n in readers if n.op_type == "Where"), None)
+    if scores is None or isnan is None or guard is None or len(readers) != 2:
+        return None
+    weighted = graph.consumers.get(guard.output[0], [])
+    if len(weighted) != 1 or weighted[0].op_type != "MatMul" or weighted[0].input[0] != guard.output[0]:
+        return None
+    q_mul, k_mul = graph.producer.get(scores.input[0]), graph.producer.get(scores.input[1])
+    if q_mul is None or k_mul is None or q_mul.op_type != "Mul" or k_mul.op_type != "Mul":
+        return None
+    q_scaled, k_scaled = _scalar(graph, q_mul), _scalar(graph, k_mul)
+    key = _walk_up(graph, scores.input[1], REPEATED_KEY_PATH)
+    value = _walk_up(graph, weighted[0].input[1], REPEATED_KEY_PATH[1:])
+    if q_scaled is None or k_scaled is None or key not in presents or value not in presents:
+        return None
+    mask = add.input[1] if add.input[0] == scores.output[0] else add.input[0]
+    return _RepeatedKV(softmax, isnan, guard, weighted[0], q_scaled[0], q_scaled[1] * k_scaled[1], key, value, mask)
+
+
+def _grouped_attention_nodes(p: str, plan: _RepeatedKV) -> list["onnx.NodeProto"]:
+    """The grouped block (names prefixed ``p``) that replaces ``plan``'s, writing its weighted output's name."""
+    from onnx import helper
+
+    return [
+        helper.make_node("Reshape", [plan.query, "gqa_q_shape"], [f"{p}_q"], name=f"{p}_q_reshape"),
+        helper.make_node("FusedMatMul", [f"{p}_q", plan.key], [f"{p}_scores"], name=f"{p}_scores", domain=MICROSOFT,
+                         transB=1, alpha=plan.alpha),
+        helper.make_node("Tile", [plan.mask, "gqa_mask_tiles"], [f"{p}_mask"], name=f"{p}_mask_tile"),
+        helper.make_node("Add", [f"{p}_scores", f"{p}_mask"], [f"{p}_masked"], name=f"{p}_mask_add"),
+        helper.make_node("Softmax", [f"{p}_masked"], [f"{p}_probs"], name=f"{p}_softmax", axis=-1),
+        helper.make_node("IsNaN", [f"{p}_probs"], [f"{p}_nan"], name=f"{p}_isnan"),
+        helper.make_node("Where", [f"{p}_nan", plan.guard.input[1], f"{p}_probs"], [f"{p}_guarded"],
+                         name=f"{p}_guard"),
+        helper.make_node("MatMul", [f"{p}_guarded", plan.value], [f"{p}_out"], name=f"{p}_weighted"),
+        helper.make_node("Reshape", [f"{p}_out", "gqa_out_shape"], [plan.weighted.output[0]],
+                         name=f"{p}_out_reshape"),
+    ]
+
+
 def fuse_grouped_attention(model: "onnx.ModelProto", heads: int, kv_heads: int,
                            report: DecoderFusionReport) -> "onnx.ModelProto":
     """Grouped-query attention without repeating the cache: no Expand/Transpose copies of K and V per step.
@@ -306,37 +345,15 @@ def fuse_grouped_attention(model: "onnx.ModelProto", heads: int, kv_heads: int,
     ``V [b, kv, t, d]``, reshaped back to ``[b, heads, s, d]``.
     """
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     if kv_heads < 1 or heads % kv_heads:
         return model
     group = heads // kv_heads
     graph = _Graph(model)
     presents = {value.name for value in model.graph.output if value.name.startswith("present.")}
-    path = ("Mul", "Reshape", "Transpose", "Expand", "Unsqueeze")
-    plans, dead = [], set()
-    for softmax in [node for node in model.graph.node if node.op_type == "Softmax"]:
-        add = graph.parent(softmax, 0, "Add")
-        scores = next((graph.parent(add, i, "MatMul") for i in (0, 1) if graph.parent(add, i, "MatMul")), None) \
-            if add is not None else None
-        readers = graph.consumers.get(softmax.output[0], [])
-        isnan = next((n for n in readers if n.op_type == "IsNaN"), None)
-        guard = next((n for n in readers if n.op_type == "Where"), None)
-        if scores is None or isnan is None or guard is None or len(readers) != 2:
-            continue
-        weighted = graph.consumers.get(guard.output[0], [])
-        if len(weighted) != 1 or weighted[0].op_type != "MatMul" or weighted[0].input[0] != guard.output[0]:
-            continue
-        q_mul, k_mul = graph.producer.get(scores.input[0]), graph.producer.get(scores.input[1])
-        if q_mul is None or k_mul is None or q_mul.op_type != "Mul" or k_mul.op_type != "Mul":
-            continue
-        q_scaled, k_scaled = _scalar(graph, q_mul), _scalar(graph, k_mul)
-        key = _walk_up(graph, scores.input[1], path)
-        value = _walk_up(graph, weighted[0].input[1], path[1:])
-        if q_scaled is None or k_scaled is None or key not in presents or value not in presents:
-            continue
-        mask = add.input[1] if add.input[0] == scores.output[0] else add.input[0]
-        plans.append((softmax, isnan, guard, weighted[0], q_scaled[0], q_scaled[1] * k_scaled[1], key, value, mask))
+    plans = [plan for softmax in model.graph.node if softmax.op_type == "Softmax"
+             if (plan := _match_repeated_kv(graph, softmax, presents)) is not None]
     if not plans:
         return model
     head_dim = next(int(v.type.tensor_type.shape.dim[3].dim_value) for v in model.graph.input
@@ -345,23 +362,8 @@ def fuse_grouped_attention(model: "onnx.ModelProto", heads: int, kv_heads: int,
               "gqa_out_shape": np.array([0, heads, -1, head_dim], np.int64),
               "gqa_mask_tiles": np.array([1, 1, group, 1], np.int64)}
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items())
-    new_nodes: dict[str, list] = {}
-    for i, (softmax, isnan, guard, weighted, query, alpha, key, value, mask) in enumerate(plans):
-        p = f"gqa_{i}"
-        new_nodes[softmax.name] = [
-            helper.make_node("Reshape", [query, "gqa_q_shape"], [f"{p}_q"], name=f"{p}_q_reshape"),
-            helper.make_node("FusedMatMul", [f"{p}_q", key], [f"{p}_scores"], name=f"{p}_scores", domain=MICROSOFT,
-                             transB=1, alpha=alpha),
-            helper.make_node("Tile", [mask, "gqa_mask_tiles"], [f"{p}_mask"], name=f"{p}_mask_tile"),
-            helper.make_node("Add", [f"{p}_scores", f"{p}_mask"], [f"{p}_masked"], name=f"{p}_mask_add"),
-            helper.make_node("Softmax", [f"{p}_masked"], [f"{p}_probs"], name=f"{p}_softmax", axis=-1),
-            helper.make_node("IsNaN", [f"{p}_probs"], [f"{p}_nan"], name=f"{p}_isnan"),
-            helper.make_node("Where", [f"{p}_nan", guard.input[1], f"{p}_probs"], [f"{p}_guarded"],
-                             name=f"{p}_guard"),
-            helper.make_node("MatMul", [f"{p}_guarded", value], [f"{p}_out"], name=f"{p}_weighted"),
-            helper.make_node("Reshape", [f"{p}_out", "gqa_out_shape"], [weighted.output[0]], name=f"{p}_out_reshape"),
-        ]
-        dead.update({isnan.name, guard.name, weighted.name})
+    new_nodes = {plan.softmax.name: _grouped_attention_nodes(f"gqa_{i}", plan) for i, plan in enumerate(plans)}
+    dead = {node.name for plan in plans for node in (plan.isnan, plan.guard, plan.weighted)}
     nodes = []
     for node in model.graph.node:
         if node.name in new_nodes:
@@ -400,29 +402,6 @@ def _prune(model: "onnx.ModelProto") -> "onnx.ModelProto":
     return wrapped.model
 
 
-def _run(serialized: bytes, feeds: dict) -> list["np.ndarray"]:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
-    declared = {value.name for value in session.get_inputs()}
-    return session.run(None, {name: value for name, value in feeds.items() if name in declared})
-
-
-def _relative_diff(expected: list["np.ndarray"], actual: list["np.ndarray"]) -> float:
-    """Largest |diff| / max(1, largest |expected|) over the outputs."""
-    import numpy as np
-
-    worst = 0.0
-    for want, got in zip(expected, actual, strict=True):
-        if want.shape != got.shape:
-            return float("inf")
-        scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
-        worst = max(worst, float(np.max(np.abs(want.astype(np.float64) - got), initial=0.0)) / scale)
-    return worst
-
-
 def _rewrite(model: "onnx.ModelProto", config: dict | None, report: DecoderFusionReport) -> "onnx.ModelProto":
     """The rewrites in order: norms, rotary (needs the context length), grouped attention (the head counts)."""
     from lora_edge.decoder_io import context_length
@@ -455,15 +434,14 @@ def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | N
     feeds = sample_decoder_feeds(model)
     serialized_source = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
-        expected = [_run(serialized_source, feed) for feed in feeds]
+        expected = [graph_outputs(serialized_source, feed) for feed in feeds]
         candidate = _rewrite(copy.deepcopy(model), config, report)
         serialized = candidate.SerializeToString()
-        report.max_abs_diff = max(_relative_diff(want, _run(serialized, feed)) for want, feed in zip(expected, feeds))
+        report.max_abs_diff = max(relative_difference(want, graph_outputs(serialized, feed))
+                                  for want, feed in zip(expected, feeds))
     except Exception as exc:  # a rewrite that fails or that ORT cannot load is a rewrite not to ship
-        lines = str(exc).strip().splitlines()
         return model, DecoderFusionReport(nodes_before=report.nodes_before,
-                                          dropped=f"rewrites failed ({exc.__class__.__name__}: "
-                                                  f"{(lines or [''])[0][:200]})")
+                                          dropped=f"rewrites failed ({exc.__class__.__name__}: {first_line(exc)})")
     if not report.max_abs_diff <= tolerance:
         return model, DecoderFusionReport(nodes_before=report.nodes_before, max_abs_diff=report.max_abs_diff,
                                           dropped=f"fusions changed the outputs (relative max abs diff "

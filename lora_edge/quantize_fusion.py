@@ -497,31 +497,6 @@ def _ensure_opset(model: "onnx.ModelProto", domain: str, version: int) -> None:
         model.opset_import.append(helper.make_opsetid(domain, version))
 
 
-def sample_encoder_feeds(model: "onnx.ModelProto", batch: int = 2, length: int = 16, seed: int = 0,
-                         padded: bool = True, trailing: bool = False) -> dict[str, "np.ndarray"]:
-    """A batch for an encoder graph: random token ids (inside the vocabulary).
-
-    ``padded``: the last row is half padding; ``trailing``: every row ends in
-    padding (the first row at 3/4 of the length), as a batch padded to a fixed length.
-    """
-    import numpy as np
-
-    index = GraphIndex(model)
-    vocab = 1000
-    for node in index.consumers.get("input_ids", []):
-        if node.op_type == "Gather" and node.input[0] in index.initializers:
-            vocab = int(index.initializers[node.input[0]].dims[0])
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(min(1000, vocab - 1), vocab, size=(batch, length), dtype=np.int64)
-    mask = np.ones((batch, length), dtype=np.int64)
-    if padded:
-        mask[-1, length // 2:] = 0
-    if trailing:
-        mask[:, 3 * length // 4:] = 0
-    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    return {name: value for name, value in feeds.items() if name in index.graph_inputs}
-
-
 def name_all_nodes(model: "onnx.ModelProto") -> None:
     """Give every unnamed node a unique name (quantizers select and exclude nodes by name)."""
     taken = {node.name for node in model.graph.node if node.name}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from lora_edge.bundle import Precision
+from lora_edge.choices import Precision
 from lora_edge.quantize_lora import LinearRoles
 
 if TYPE_CHECKING:

@@ -12,37 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lora_edge.errors import first_line
+from lora_edge.feeds import sample_encoder_feeds
 from lora_edge.quantize_fusion import (MASK_ALL_ONES, fuse_attention, keep_layernorm_unfused, restore_for_gpu,
-                                       sample_encoder_feeds, share_lora_inputs, trim_padding)
+                                       share_lora_inputs, trim_padding)
+from lora_edge.runtime import graph_outputs, relative_difference
 
 if TYPE_CHECKING:
-    import numpy as np
     import onnx
-
-
-def run_graph(graph: str | bytes, feeds: dict[str, "np.ndarray"] | None) -> list["np.ndarray"]:
-    """Outputs of ``graph`` (a path or serialized model) on ``feeds``, CPU provider, warnings hidden.
-
-    With ``feeds`` None the graph is only loaded (an empty list is returned).
-    """
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-    if feeds is None:
-        return []
-    declared = {value.name for value in session.get_inputs()}
-    return session.run(None, {name: value for name, value in feeds.items() if name in declared})
-
-
-def relative_difference(expected: list["np.ndarray"], actual: list["np.ndarray"]) -> float:
-    """Max abs difference of two output lists, relative to the expected outputs' scale (at least 1)."""
-    import numpy as np
-
-    diff = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(expected, actual))
-    scale = max(1.0, max(float(np.max(np.abs(a))) for a in expected))
-    return diff / scale
 
 
 # Hugging Face model_type -> the onnxruntime.transformers optimizer's model type (encoders it fuses).
@@ -167,7 +144,7 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
     feed_sets = [sample_encoder_feeds(model), sample_encoder_feeds(model, padded=False),
                  sample_encoder_feeds(model, padded=False, trailing=True)]
     try:
-        expected = [run_graph(source, feeds) for feeds in feed_sets] if "input_ids" in feed_sets[0] else None
+        expected = [graph_outputs(source, feeds) for feeds in feed_sets] if "input_ids" in feed_sets[0] else None
     except Exception:  # inputs beyond an encoder's: nothing here can check a rewrite
         expected = None
     if expected is None:
@@ -181,17 +158,12 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
         candidate = build(copy.deepcopy(model), attempt)
         try:
             serialized = candidate.SerializeToString()
-            attempt.max_abs_diff = max(relative_difference(reference, run_graph(serialized, feeds))
+            attempt.max_abs_diff = max(relative_difference(reference, graph_outputs(serialized, feeds))
                                        for reference, feeds in zip(expected, feed_sets))
         except Exception as exc:  # a rewrite ORT cannot load is a rewrite not to ship
-            report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {_first_line(exc)})"
+            report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {first_line(exc)})"
             continue
         if attempt.max_abs_diff <= tolerance:
             return candidate, attempt
         report.dropped = f"fusions changed the outputs (relative max abs diff {attempt.max_abs_diff:.2e})"
     return model, report
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else "")[:200]

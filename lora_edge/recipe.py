@@ -19,6 +19,7 @@ from typing import Any
 from lora_edge.choices import Form, Precision, StrChoice, Task
 from lora_edge.config_fields import config_field, field_default, field_help, field_of, same_field
 from lora_edge.errors import ConfigError, parse_enum
+from lora_edge.names import require_name
 # The gate's thresholds (re-exported here: a recipe's [check] section overrides them).
 from lora_edge.thresholds import (DEFAULT_THRESHOLDS, THRESHOLD_FIELDS, Thresholds,  # noqa: F401
                                   check_threshold_tables, resolve_thresholds)
@@ -204,10 +205,8 @@ class AdapterSource:
         if bool(self.path) == bool(self.training):
             raise ConfigError("an adapter needs exactly one of 'path' or a [training] block", "path",
                               'write path = "adapters/intent", or add [adapters.training]')
-        self.name = self.name or Path(self.path).name
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"adapter name {self.name!r} must be letters, digits, - and _", "name",
-                              'write e.g. name = "intent"')
+        self.name = require_name(self.name or Path(self.path).name, "adapter name", "name",
+                                 'write e.g. name = "intent"')
 
 
 class CalibMethod(StrChoice):
@@ -361,9 +360,7 @@ class Recipe:
     source: str = field(default="", metadata={"help": "File the recipe was loaded from."})
 
     def __post_init__(self):
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"recipe name {self.name!r} must be letters, digits, - and _", "name",
-                              'write e.g. name = "demo"')
+        require_name(self.name, "recipe name", "name", 'write e.g. name = "demo"')
         self.task = Task.parse(self.task, "task")
         if not isinstance(self.adapters, list) or not self.adapters:
             raise ConfigError("a recipe needs at least one adapter", "adapters",

@@ -1,7 +1,8 @@
 """ONNX Runtime sessions: one place that creates them, checks providers and runs hot-swap adapters.
 
-Every stage that runs a graph (infer, generate, check, profile) creates its
-session here, so provider handling is the same everywhere: the providers a
+Every stage that runs a graph (infer, generate, check, profile, the checks of
+export's and quantize's rewrites, the benchmarks) creates its session here, so
+provider handling is the same everywhere: the providers a
 caller asks for are checked against the ones the session really uses, and a
 missing one is an error, never a silent CPU fallback (unless the caller allows it).
 """
@@ -36,6 +37,8 @@ class SessionSettings:
     profile_prefix: str | None = None
     allow_fallback: bool = False
     log_severity: int = DEFAULT_LOG_SEVERITY
+    config_entries: dict[str, str] = field(default_factory=dict)  # add_session_config_entry, e.g. spinning
+    optimized_model_path: str | None = None  # where ORT writes the graph it optimized (benchmarks read it)
 
 
 OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -55,8 +58,9 @@ def missing_providers(settings: SessionSettings) -> list[str]:
     return [name for name, _ in settings.providers if name not in have]
 
 
-def create_session(graph: str | Path, settings: SessionSettings | None = None) -> "onnxruntime.InferenceSession":
-    """Create an InferenceSession for ``graph`` with ``settings``.
+def create_session(graph: str | Path | bytes, settings: SessionSettings | None = None,
+                   ) -> "onnxruntime.InferenceSession":
+    """Create an InferenceSession for ``graph`` (a file, or a serialized model) with ``settings``.
 
     Raises ProviderUnavailableError when a requested provider is missing on this
     host, or the session did not take it, unless ``settings.allow_fallback``.
@@ -66,7 +70,7 @@ def create_session(graph: str | Path, settings: SessionSettings | None = None) -
     settings = settings or SessionSettings()
     missing = missing_providers(settings)
     if missing and not settings.allow_fallback:
-        raise ProviderUnavailableError(f"{missing[0]} is not available on this host", str(graph),
+        raise ProviderUnavailableError(f"{missing[0]} is not available on this host", _where(graph),
                                        "install onnxruntime-gpu on a host with that device, or pass --allow-fallback")
     options = onnxruntime.SessionOptions()
     options.log_severity_level = settings.log_severity
@@ -78,6 +82,10 @@ def create_session(graph: str | Path, settings: SessionSettings | None = None) -
         options.enable_profiling = True
         if settings.profile_prefix:
             options.profile_file_prefix = settings.profile_prefix
+    for key, value in settings.config_entries.items():
+        options.add_session_config_entry(key, value)
+    if settings.optimized_model_path:
+        options.optimized_model_filepath = settings.optimized_model_path
     requested = [(name, opts) for name, opts in settings.providers if name not in missing]
     if not any(name == CPU for name, _ in requested):
         requested.append((CPU, {}))
@@ -87,7 +95,7 @@ def create_session(graph: str | Path, settings: SessionSettings | None = None) -
     wanted = [name for name, _ in settings.providers]
     dropped = [name for name in wanted if name not in session.get_providers()]
     if dropped and not settings.allow_fallback:
-        raise ProviderUnavailableError(f"the session did not take {dropped[0]}", str(graph),
+        raise ProviderUnavailableError(f"the session did not take {dropped[0]}", _where(graph),
                                        "check the provider options and drivers, or pass --allow-fallback")
     return session
 
@@ -96,8 +104,18 @@ def create_session(graph: str | Path, settings: SessionSettings | None = None) -
 UNLOADABLE_GRAPH_ERRORS = ("NoSuchFile", "InvalidProtobuf", "InvalidGraph")
 
 
+def _where(graph: str | Path | bytes) -> str:
+    return "a graph in memory" if isinstance(graph, bytes) else str(graph)
+
+
 def _open_session(onnxruntime, graph, options, names: list[str], provider_options: list[dict]):
-    """``InferenceSession(graph)``; a missing, corrupt or invalid graph file raises BundleError naming it."""
+    """``InferenceSession(graph)``; a missing, corrupt or invalid graph file raises BundleError naming it.
+
+    A serialized graph (bytes) is one lora-edge just built: its load errors are raised as they are.
+    """
+    if isinstance(graph, bytes):
+        return onnxruntime.InferenceSession(graph, sess_options=options, providers=names,
+                                            provider_options=provider_options)
     if not Path(graph).is_file():
         raise BundleError("graph file is missing", graph, "re-run lora-edge export (or quantize) for this graph")
     try:
@@ -138,3 +156,30 @@ def run(session: "onnxruntime.InferenceSession", feeds: dict[str, "np.ndarray"],
         run_options = onnxruntime.RunOptions()
         run_options.add_active_adapter(adapter)
     return session.run(output_names, feeds, run_options)
+
+
+def graph_outputs(graph: str | Path | bytes, feeds: dict[str, "np.ndarray"] | None) -> list["np.ndarray"]:
+    """Outputs of ``graph`` on ``feeds`` (only the inputs it declares) in a default CPU session.
+
+    For checking a graph lora-edge wrote or rewrote against another one; with
+    ``feeds`` None the graph is only loaded (an empty list is returned).
+    """
+    session = create_session(graph)
+    return [] if feeds is None else run(session, feeds)
+
+
+def relative_difference(expected: list["np.ndarray"], actual: list["np.ndarray"]) -> float:
+    """Largest |expected - actual| over the outputs, each divided by its output's scale (largest |value|, >= 1).
+
+    Outputs of different shapes differ infinitely.
+    """
+    import numpy as np
+
+    worst = 0.0
+    for want, got in zip(expected, actual, strict=True):
+        if want.shape != got.shape:
+            return float("inf")
+        scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
+        diff = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)), initial=0.0))
+        worst = max(worst, diff / scale)
+    return worst

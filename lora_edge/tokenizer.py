@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from lora_edge.errors import ModelError
+from lora_edge.errors import ModelError, first_line
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -178,7 +178,7 @@ def load_bundle_tokenizer(directory: str | Path) -> BundleTokenizer:
     try:
         backend = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
-        raise ModelError(f"cannot read tokenizer.json ({str(exc).splitlines()[0][:200]})", path,
+        raise ModelError(f"cannot read tokenizer.json ({first_line(exc)})", path,
                          "re-export the bundle (lora-edge export)") from None
     config_path = directory / TOKENIZER_CONFIG
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}

@@ -32,7 +32,7 @@ from lora_edge.adapters import ADAPTER_WEIGHTS, DATA_RECORD
 from lora_edge.bundle import atomic_directory, library_versions, write_json
 from lora_edge.chat import IGNORE_INDEX, require_chat_template
 from lora_edge.data import DataFiles, Example, LabelMap
-from lora_edge.errors import ConfigError, DataError, TrainingError, env_int
+from lora_edge.errors import ConfigError, DataError, TrainingError, env_int, first_line
 from lora_edge.models import Task, load_base_model, load_tokenizer, quiet_transformers, resolve_model_path
 from lora_edge.recipe import LoraSpec, TrainSpec
 from lora_edge.train_io import (RUN_RECORD, EncodedDataset, check_resume, checkpoint_dir, plot_training,
@@ -116,8 +116,15 @@ def _peft_model(base, task: Task, lora: LoraSpec):
     except ValueError as exc:
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
                          if module.__class__.__name__ in ("Linear", "Conv1D")})
-        raise ConfigError(f"cannot place LoRA layers ({str(exc).splitlines()[0][:160]})", "--targets",
+        raise ConfigError(f"cannot place LoRA layers ({first_line(exc, 160)})", "--targets",
                           f"choose among the model's linear modules: {', '.join(linear[:12])}") from None
+
+
+def _check_pissa(lora: LoraSpec) -> None:
+    """PiSSA adapters are saved converted to plain LoRA, which PEFT cannot do with rsLoRA and per-layer patterns."""
+    if lora.init.value == "pissa" and lora.rslora and (lora.rank_pattern or lora.alpha_pattern):
+        raise ConfigError("PiSSA adapters cannot be converted to LoRA with rslora and rank/alpha patterns",
+                          "--init pissa", "drop --rslora or the rank/alpha patterns")
 
 
 def _check_splits(splits: dict[str, list[Example]], data: DataFiles, task: Task) -> LabelMap | None:
@@ -223,6 +230,62 @@ def _check_finite(history: list[dict]) -> None:
                                 "lower the learning rate (or the LoRA alpha) and train again")
 
 
+def _trainer(peft_model, tokenizer, datasets: dict, task: Task, chat: bool, label_map: LabelMap | None, args,
+             progress: bool):
+    """A Trainer for ``task``: the collator of its batches, accuracy and macro-F1 for classifiers, our progress."""
+    from transformers import (DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding,
+                              PrinterCallback, ProgressCallback, Trainer)
+
+    collator = (DataCollatorWithPadding(tokenizer) if task is Task.SEQ_CLS
+                else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX) if chat
+                else DataCollatorForLanguageModeling(tokenizer, mlm=False))
+
+    def compute_metrics(prediction) -> dict:
+        from lora_edge.metrics import accuracy, macro_f1
+
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        predicted = logits.argmax(axis=-1)
+        return {"accuracy": accuracy(prediction.label_ids, predicted),
+                "macro_f1": macro_f1(prediction.label_ids, predicted, len(label_map.labels))}
+
+    with quiet_transformers():
+        trainer = Trainer(model=peft_model, args=args, data_collator=collator, train_dataset=datasets["train"],
+                          eval_dataset=datasets["validation"], processing_class=tokenizer,
+                          compute_metrics=compute_metrics if task is Task.SEQ_CLS else None)
+    trainer.remove_callback(PrinterCallback)
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(stderr_progress())
+    return trainer
+
+
+def _run_trainer(trainer, resume_from: str | None, checkpoints: Path) -> tuple[float, list[dict]]:
+    """Train (from ``resume_from`` when resuming); return the seconds it took and the log history, checked finite.
+
+    Ctrl-C is a TrainingError that says how to continue from the checkpoints.
+    """
+    started = time.perf_counter()
+    try:
+        with quiet_transformers():
+            trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        raise TrainingError("training was interrupted", checkpoints,
+                            "re-run the same command with --resume to continue") from None
+    history = list(trainer.state.log_history)
+    _check_finite(history)
+    return time.perf_counter() - started, history
+
+
+def _train_facts(trainer, examples: int, seconds: float, history: list[dict], trainable: int) -> dict:
+    """The ``train`` section of metrics.json: size, steps, time, parallelism, final loss."""
+    import torch
+
+    return {"examples": examples, "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
+            "seconds": round(seconds, 2), "world_size": trainer.args.world_size, "threads": torch.get_num_threads(),
+            "final_loss": next((e["loss"] for e in reversed(history) if "loss" in e), None),
+            "trainable_params": trainable}
+
+
 def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | str = Task.SEQ_CLS,
                   lora: LoraSpec | None = None, spec: TrainSpec | None = None, resume: bool = False,
                   force: bool = False, progress: bool = True) -> TrainResult:
@@ -235,9 +298,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     and only the main process writes ``out``.
     """
     task, lora, spec, out = Task.parse(task), lora or LoraSpec(), spec or TrainSpec(), Path(out)
-    if lora.init.value == "pissa" and lora.rslora and (lora.rank_pattern or lora.alpha_pattern):
-        raise ConfigError("PiSSA adapters cannot be converted to LoRA with rslora and rank/alpha patterns",
-                          "--init pissa", "drop --rslora or the rank/alpha patterns")
+    _check_pissa(lora)
     model_path = resolve_model_path(model)
     splits = data.load(task)
     label_map = _check_splits(splits, data, task)
@@ -248,9 +309,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
         check_resume(checkpoints, record)
 
     # Inputs are checked: now the heavy imports (bad input fails fast, without loading torch).
-    import torch
-    from transformers import (DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding,
-                              PrinterCallback, ProgressCallback, Trainer, set_seed)
+    from transformers import set_seed
 
     tokenizer = load_tokenizer(model_path)
     chat = splits["train"][0].messages is not None
@@ -264,27 +323,8 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
         peft_model = _peft_model(base, task, lora)
     datasets = {name: EncodedDataset.build(tokenizer, examples, label_map, spec.max_length)
                 for name, examples in splits.items()}
-    collator = (DataCollatorWithPadding(tokenizer) if task is Task.SEQ_CLS
-                else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX) if chat
-                else DataCollatorForLanguageModeling(tokenizer, mlm=False))
-
-    def compute_metrics(prediction) -> dict:
-        from lora_edge.metrics import accuracy, macro_f1
-
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        predicted = logits.argmax(axis=-1)
-        return {"accuracy": accuracy(prediction.label_ids, predicted),
-                "macro_f1": macro_f1(prediction.label_ids, predicted, len(label_map.labels))}
-
-    args = _training_arguments(spec, checkpoints, len(datasets["train"]), progress)
-    with quiet_transformers():
-        trainer = Trainer(model=peft_model, args=args, data_collator=collator, train_dataset=datasets["train"],
-                          eval_dataset=datasets["validation"], processing_class=tokenizer,
-                          compute_metrics=compute_metrics if task is Task.SEQ_CLS else None)
-    trainer.remove_callback(PrinterCallback)
-    if progress:
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(stderr_progress())
+    trainer = _trainer(peft_model, tokenizer, datasets, task, chat, label_map,
+                       _training_arguments(spec, checkpoints, len(datasets["train"]), progress), progress)
     main = trainer.is_world_process_zero()
     if main:
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -292,17 +332,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
         if lora.init.value == "pissa" and not (checkpoints / PISSA_INIT_DIR).exists():
             peft_model.save_pretrained(str(checkpoints / PISSA_INIT_DIR))
 
-    started = time.perf_counter()
-    try:
-        with quiet_transformers():
-            trainer.train(resume_from_checkpoint=resume_from)
-    except KeyboardInterrupt:
-        raise TrainingError("training was interrupted", checkpoints,
-                            "re-run the same command with --resume to continue") from None
-    train_seconds = time.perf_counter() - started
-    history = list(trainer.state.log_history)
-    _check_finite(history)
-
+    train_seconds, history = _run_trainer(trainer, resume_from, checkpoints)
     if task is Task.SEQ_CLS:
         scores = {name: _classification_scores(trainer, datasets[name], list(label_map.labels))
                   for name in ("validation", "test")}
@@ -312,11 +342,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
             scores["test"].update(_answer_scores(peft_model, tokenizer, splits["test"]))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     metrics = {"task": task.value, "labels": list(label_map.labels) if label_map else None, **scores,
-               "train": {"examples": len(datasets["train"]), "steps": trainer.state.global_step,
-                         "epochs": trainer.state.epoch, "seconds": round(train_seconds, 2),
-                         "world_size": trainer.args.world_size, "threads": torch.get_num_threads(),
-                         "final_loss": next((e["loss"] for e in reversed(history) if "loss" in e), None),
-                         "trainable_params": trainable},
+               "train": _train_facts(trainer, len(datasets["train"]), train_seconds, history, trainable),
                **record, "libraries": library_versions(), "history": history}
     result = TrainResult(out, task, metrics, trainable, 0, train_seconds, trainer.state.global_step, main)
     if main:

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from lora_edge.bundle import Form
+from lora_edge.choices import Form
 
 ARCHS = ("llama", "qwen2", "gpt2", "mistral")
 FORMS = (Form.MERGED, Form.BRANCHED, Form.HOTSWAP)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_edge.bundle import Form, Precision, write_json
+from lora_edge.bundle import write_json
+from lora_edge.choices import Form, Precision
 from lora_edge.manifest import GraphRecord
 
 ADAPTER_NAME = "tiny"

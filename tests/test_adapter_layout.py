@@ -15,7 +15,8 @@ from export_helpers import ADAPTER_NAME, TEST_BATCHES, feeds_for, session_inputs
 from lora_edge.adapter_layout import (AdapterInput, canonical_name, detect_transposed, olive_name,
                                       read_adapter_file, read_onnx_adapter, to_graph_layout, write_onnx_adapter)
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import ONNX_DIR, Form
+from lora_edge.bundle import ONNX_DIR
+from lora_edge.choices import Form
 from lora_edge.manifest import find_graph
 from lora_edge.errors import AdapterMismatchError, BundleError, ConfigError
 from lora_edge.runtime import create_session, load_lora_adapter, run

@@ -181,7 +181,7 @@ def test_a_list_of_choices_lists_the_valid_ones(tmp_path, capsys):
 def test_typed_choices_print_as_their_values():
     import json
 
-    from lora_edge.bundle import Form, Precision
+    from lora_edge.choices import Form, Precision
     from lora_edge.models import Task
 
     assert f"{Form.MERGED}.{Precision.INT8_DYNAMIC}" == "merged.int8-dynamic" == ".".join([Form.MERGED, "int8-dynamic"])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from decoder_bundles import adapter_dirs, bundle_for, shared_root
-from lora_edge.bundle import ONNX_DIR, Form
+from lora_edge.bundle import ONNX_DIR
+from lora_edge.choices import Form
 from lora_edge.decoder import wrap_decoder
 from lora_edge.decoder_io import DecoderShape
 from lora_edge.errors import ExportError

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_edge.bundle import Precision
+from lora_edge.choices import Precision
 from lora_edge.cli import main
 from lora_edge.devices import (PROVIDERS, devices_dir, list_devices, load_device, provider_option_strings)
 from lora_edge.errors import ConfigError

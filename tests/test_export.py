@@ -12,7 +12,7 @@ import pytest
 from export_helpers import (ADAPTER_NAME, ALL_FORMS, TEST_BATCHES, feeds_for, session_inputs,
                             tiny_bundle, torch_logits)
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import Form
+from lora_edge.choices import Form
 from lora_edge.errors import ConfigError
 from lora_edge.exporter import low_rank_pairs
 from lora_edge.manifest import GraphRecord, Manifest, list_graphs

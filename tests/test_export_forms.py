@@ -13,7 +13,7 @@ import pytest
 
 from export_helpers import TEST_BATCHES, feeds_for, torch_logits
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import Form, Precision
+from lora_edge.choices import Form, Precision
 from lora_edge.manifest import Manifest, list_graphs
 from lora_edge.models import load_tokenizer
 from lora_edge.runtime import create_session, load_lora_adapter, run
@@ -173,7 +173,7 @@ def test_a_failing_derivation_leaves_nothing_at_out(tiny_model, tiny_adapter, tm
 def test_decoder_forms_with_all_linear_rslora_patterns_match_pytorch(arch, tiny_model, tiny_adapter, tmp_path):
     """Decoders: all linear layers (GPT-2's Conv1D too), rsLoRA and a rank pattern, every form against PyTorch."""
     from lora_edge.export_bundle import export_bundle
-    from lora_edge.exporter import ExportContext, graph_io_for, reference_outputs, run_graph, max_abs_diff
+    from lora_edge.exporter import ExportContext, graph_io_for, reference_outputs, run_verify_inputs, max_abs_diff
     from lora_edge.models import Task
 
     pattern = {"llama": {"down_proj": 2}, "gpt2": {"c_fc": 2}}[arch]
@@ -189,7 +189,7 @@ def test_decoder_forms_with_all_linear_rslora_patterns_match_pytorch(arch, tiny_
     for graph in list_graphs(bundle):
         adapter_file = graph.extra["adapter_files"]["a"] if graph.form is Form.HOTSWAP else None
         session = create_session(bundle / graph.file)
-        actual = run_graph(session, io, adapter=load_lora_adapter(bundle / adapter_file) if adapter_file else None)
+        actual = run_verify_inputs(session, io, adapter=load_lora_adapter(bundle / adapter_file) if adapter_file else None)
         assert max_abs_diff(expected, actual) <= 1e-4, graph.name
 
 

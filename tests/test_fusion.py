@@ -100,11 +100,11 @@ def test_padding_is_trimmed_to_the_last_attended_column(bundles):
     from lora_edge.quantize_fusion import TRIM_LENGTH
 
     model.graph.output.append(onnx.helper.make_tensor_value_info(TRIM_LENGTH, onnx.TensorProto.INT64, [1]))
-    from lora_edge.quantize_prepare import run_graph
+    from lora_edge.runtime import graph_outputs
 
     for real, kept in (([5, 9], 9), ([16, 2], 16), ([0], 1)):
         feeds = _batch(16, real)
-        assert run_graph(model.SerializeToString(), feeds)[1].tolist() == [kept]
+        assert graph_outputs(model.SerializeToString(), feeds)[1].tolist() == [kept]
 
 
 def test_quantized_graphs_from_a_fused_source_and_fp16_restores_gpu_fusions(bundles, tmp_path):
@@ -126,6 +126,6 @@ def test_quantized_graphs_from_a_fused_source_and_fp16_restores_gpu_fusions(bund
     assert restore_for_gpu(model) == 5 + 2  # residual Sums back to Add, the mask switches to masked MHA
     ops = Counter(node.op_type for node in model.graph.node)
     assert ops["If"] == 0 and ops["Sum"] == 0 and ops["MultiHeadAttention"] == 2
-    from lora_edge.quantize_prepare import run_graph
+    from lora_edge.runtime import graph_outputs
 
-    assert np.abs(run_graph(model.SerializeToString(), feeds)[0] - expected).max() <= 1e-5
+    assert np.abs(graph_outputs(model.SerializeToString(), feeds)[0] - expected).max() <= 1e-5

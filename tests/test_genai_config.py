@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from decoder_bundles import bundle_for, shared_root
-from lora_edge.bundle import ONNX_DIR, Form
+from lora_edge.bundle import ONNX_DIR
+from lora_edge.choices import Form
 from lora_edge.manifest import find_graph
 
 GENAI_PYTHON = os.environ.get("LORA_EDGE_GENAI_PYTHON")  # a python with onnxruntime-genai (its own venv)

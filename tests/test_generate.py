@@ -9,10 +9,11 @@ import pytest
 
 from decoder_bundles import ARCHS, FORMS, adapter_dirs, bundle_for, shared_root
 from lora_edge.adapters import AdapterRef, load_reference
-from lora_edge.bundle import ONNX_DIR, Form
+from lora_edge.bundle import ONNX_DIR
+from lora_edge.choices import Form
 from lora_edge.manifest import find_graph
 from lora_edge.errors import ConfigError, ModelError
-from lora_edge.generate import (BoundAdapter, DecoderRunner, SamplingSpec, _nucleus, encode_prompts, generate,
+from lora_edge.generate import (BoundAdapter, DecoderRunner, SamplingSpec, nucleus, encode_prompts, generate,
                                 generate_from_bundle)
 from lora_edge.runtime import create_session, load_lora_adapter
 
@@ -166,13 +167,13 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(bundles):
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     p = np.array([0.05, 0.5, 0.2, 0.25])
-    assert list(_nucleus(p, 0.5)) == [1]
-    assert list(_nucleus(p, 0.7)) == [1, 3]
-    assert list(_nucleus(p, 0.76)) == [1, 3, 2]
-    assert len(_nucleus(p, 1.0)) == 4
+    assert list(nucleus(p, 0.5)) == [1]
+    assert list(nucleus(p, 0.7)) == [1, 3]
+    assert list(nucleus(p, 0.76)) == [1, 3, 2]
+    assert len(nucleus(p, 1.0)) == 4
     big = np.random.default_rng(0).dirichlet(np.full(5000, 0.05))
     for top_p in (0.3, 0.9, 0.999):  # the candidate shortcut and the full sort agree
-        assert set(_nucleus(big, top_p, candidates=64)) == set(_nucleus(big, top_p, candidates=10**6))
+        assert set(nucleus(big, top_p, candidates=64)) == set(nucleus(big, top_p, candidates=10**6))
 
 
 @pytest.mark.parametrize("spec, field", [(dict(temperature=0.0), "--temperature"), (dict(top_p=1.5), "--top-p")])
@@ -394,7 +395,7 @@ def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp
     lookup = next(node for node in quantized.graph.node if node.op_type == "GatherBlockQuantized")
     rows = next(node.output[0] for node in quantized.graph.node if lookup.output[0] in node.input)
     quantized.graph.output.append(helper.make_tensor_value_info(rows, onnx.TensorProto.FLOAT, None))
-    from lora_edge.quantize_decoder import sample_decoder_feeds
+    from lora_edge.feeds import sample_decoder_feeds
 
     session = __import__("onnxruntime").InferenceSession(quantized.SerializeToString(),
                                                          providers=["CPUExecutionProvider"])

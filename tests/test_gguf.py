@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from cli_runner import exit_code_of
 from gguf_helpers import byte_vocab, tiny_llama, write_gguf
 
+from lora_edge.bundle import host_tag
 from lora_edge.errors import ModelError
 
 
@@ -37,6 +40,11 @@ def test_gguf_converts_to_the_original_weights_once(tiny_gguf, cache):
     from lora_edge.models import resolve_model_path
 
     model, path = tiny_gguf
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])  # a conversion killed midway left its staging
+    killed.wait()
+    stale = cache / f".gguf-0123.tmp-{killed.pid}.{host_tag()}-0a1b2c3d"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
     converted = resolve_model_path(path)
     assert converted.parent == cache and (converted / "model.safetensors").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(converted, local_files_only=True)
@@ -53,7 +61,7 @@ def test_gguf_converts_to_the_original_weights_once(tiny_gguf, cache):
     stamp = (converted / "model.safetensors").stat().st_mtime_ns
     assert resolve_model_path(path.parent) == converted  # a directory holding one .gguf; no second conversion
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
-    assert [p.name for p in cache.iterdir()] == [converted.name]
+    assert [p.name for p in cache.iterdir()] == [converted.name]  # the killed run's staging is gone
 
 
 def test_directory_with_two_gguf_files_is_refused(tiny_gguf, cache, tmp_path):

@@ -38,7 +38,8 @@ def test_cuda_device_profile_runs_on_cuda_with_io_binding(tmp_path):
 
 
 def test_io_binding_gives_the_same_outputs_as_a_plain_run(tmp_path):
-    from lora_edge.measure import GraphRunner, build_feeds
+    from lora_edge.feeds import build_feeds
+    from lora_edge.measure import GraphRunner
 
     bundle = synthetic_bundle(tmp_path / "bundle", forms=("branched",), vocab=1000)
     graph = bundle / "onnx" / "branched.fp32.onnx"
@@ -57,7 +58,7 @@ def test_fp16_graph_on_cuda_matches_the_fp32_graph(tmp_path):
     fp16 = synthetic_bundle(tmp_path / "fp16", forms=("branched",), vocab=1000, fp16=True)
     report = profile_bundle(fp16, "t4-server", batch=2, seq=32, eager=False, quiet=True, **RUNS)
     assert report.graphs[0].measured and report.graphs[0].precision == "fp16"
-    from lora_edge.measure import build_feeds
+    from lora_edge.feeds import build_feeds
 
     reference = create_session(fp32 / "onnx" / "branched.fp32.onnx")
     feeds = build_feeds(reference, batch=2, seq=32)

@@ -13,7 +13,7 @@ import pytest
 
 from cli_runner import exit_code_of
 from export_helpers import tiny_bundle
-from lora_edge.bundle import (atomic_directory, atomic_file, bundle_lock, remove_stale_staging,
+from lora_edge.bundle import (atomic_directory, atomic_file, bundle_lock, host_tag, remove_stale_staging,
                               require_writable_file_path)
 from lora_edge.errors import AdapterMismatchError, BundleError, ConfigError, DataError, LoraEdgeError
 
@@ -37,14 +37,6 @@ def _refused(capsys, code: int, *args: str) -> str:
     err = capsys.readouterr().err
     assert "error: " in err and "Traceback" not in err and "internal error" not in err
     return err
-
-
-def _host_tag() -> str:
-    """This host's tag in staging names (the same hash lora_edge.bundle uses)."""
-    import hashlib
-    import socket
-
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _dead_pid() -> int:
@@ -184,7 +176,7 @@ def test_without_json_stdout_stays_empty_on_error(bundle, capsys):
 # --- staging, locks, modes ----------------------------------------------------------------------------------------
 
 def test_stale_staging_of_dead_processes_is_removed_by_the_next_writer(tmp_path):
-    dead, alive, host = _dead_pid(), os.getppid(), _host_tag()
+    dead, alive, host = _dead_pid(), os.getppid(), host_tag()
     stale_dir = tmp_path / f".bundle.tmp-{dead}.{host}-0a1b2c3d"
     stale_file = tmp_path / f".manifest.json.tmp-{dead}.{host}-deadbeef"
     old_dir = tmp_path / f".bundle.old-{dead}.{host}-0a1b2c3d"
@@ -204,7 +196,7 @@ def test_stale_staging_of_dead_processes_is_removed_by_the_next_writer(tmp_path)
 
 
 def test_remove_stale_staging_keeps_this_process_staging(tmp_path):
-    mine = tmp_path / f".x.tmp-{os.getpid()}.{_host_tag()}-abcd"
+    mine = tmp_path / f".x.tmp-{os.getpid()}.{host_tag()}-abcd"
     mine.mkdir()
     assert remove_stale_staging(tmp_path) == [] and mine.exists()
 
@@ -276,6 +268,26 @@ def test_a_junk_torchrun_variable_is_a_config_error(monkeypatch, variable):
         env_int(variable, 0)
     monkeypatch.setenv(variable, "3")
     assert env_int(variable, 0) == 3
+
+
+def test_a_library_error_becomes_one_line_of_an_error_message():
+    from lora_edge.errors import first_line
+
+    assert first_line(RuntimeError("\n  bad node 'x'\n  at file.cc:12\n")) == "bad node 'x'"
+    assert first_line(RuntimeError("a" * 500), 160) == "a" * 160
+    assert first_line(KeyError()) == "KeyError"  # an empty message (str(exc).splitlines()[0] raised IndexError)
+
+
+@pytest.mark.parametrize("name", ["my adapter", "a.b", "x/y", "", "v1!"])
+def test_every_user_given_name_follows_one_rule(name, tmp_path):
+    from lora_edge.adapters import AdapterRef
+    from lora_edge.recipe import AdapterSource
+
+    with pytest.raises(ConfigError, match="must be letters, digits, - and _"):
+        AdapterRef.parse(f"{name}={tmp_path}" if name else str(tmp_path / "a b"))
+    with pytest.raises(ConfigError, match="must be letters, digits, - and _"):
+        AdapterSource(path=str(tmp_path / "a b"), name=name)
+    assert AdapterRef.parse(f"intent_v-2={tmp_path}").name == "intent_v-2"
 
 
 def test_quantize_of_a_bundle_being_written_fails_clearly(copy):

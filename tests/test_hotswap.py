@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import pytest
@@ -10,8 +12,10 @@ from safetensors.torch import load_file
 from export_helpers import TEST_BATCHES, feeds_for, torch_logits
 from lora_edge.adapters import AdapterRef, load_reference, read_adapter_config
 from lora_reference import lora_scaling
-from lora_edge.exporter import ExportContext, low_rank_pairs
-from lora_edge.hotswap import export_hotswap, read_onnx_adapter
+from lora_edge.export_bundle import export_bundle
+from lora_edge.exporter import low_rank_pairs
+from lora_edge.adapter_layout import read_onnx_adapter
+from lora_edge.manifest import list_graphs, require_adapter_file
 from lora_edge.models import Task, load_base_model, load_tokenizer
 from lora_edge.runtime import create_session, load_lora_adapter, run
 from tiny_models import TINY_LABELS
@@ -36,9 +40,11 @@ def swap(tiny_model, tiny_adapter, tmp_path_factory):
                 "binary": build_random_adapter(two_labels, out / "binary", "bert", rank=2, seed=4,
                                                target_modules=["query"])}
     references = {name: load_reference(model_dir, AdapterRef(name, path)) for name, path in adapters.items()}
-    context = ExportContext(Task.SEQ_CLS, load_tokenizer(model_dir), references["small"].config)
-    result = export_hotswap(load_base_model(model_dir, Task.SEQ_CLS, labels=LABELS), references, context,
-                            out / "hotswap.fp32.onnx", out / "adapters")
+    bundle = export_bundle(model_dir, [AdapterRef(name, path) for name, path in adapters.items()], ["hotswap"],
+                           out / "bundle", fuse=False, progress=lambda message: None)  # the graph as exported
+    (graph,) = list_graphs(bundle)
+    result = SimpleNamespace(graph=bundle / graph.file,
+                             adapter_files={name: require_adapter_file(bundle, graph, name) for name in adapters})
     return result, references, adapters, model_dir
 
 

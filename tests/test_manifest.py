@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import exit_code_of
-from lora_edge.bundle import Form, Precision
+from lora_edge.choices import Form, Precision
 from lora_edge.errors import BundleError, ConfigError
 from lora_edge.manifest import (MANIFEST_VERSION, AdapterRecord, GraphRecord, Manifest, add_graphs, find_task_graph,
                                 update_manifest)

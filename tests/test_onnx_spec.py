@@ -87,7 +87,7 @@ def test_every_encoder_form_and_precision_passes_the_checker(tmp_path_factory, t
 def test_every_decoder_form_and_precision_passes_the_checker(tmp_path_factory, tiny_model, tiny_adapter, tmp_path):
     """3 forms x (fp32, fp16, int8-dynamic, int4) of tiny Llama (KV-cache graphs): 0 checker failures."""
     from decoder_bundles import bundle_for, shared_root
-    from lora_edge.bundle import Form
+    from lora_edge.choices import Form
     from lora_edge.quantize import quantize_bundle
 
     root = shared_root(tmp_path_factory)

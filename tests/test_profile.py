@@ -14,7 +14,8 @@ import pytest
 
 from lora_edge.cli import main
 from lora_edge.errors import ProviderUnavailableError
-from lora_edge.measure import (PeakMemory, build_feeds, latency_stats, summarize_trace, time_interleaved)
+from lora_edge.feeds import build_feeds
+from lora_edge.measure import PeakMemory, latency_stats, summarize_trace, time_interleaved
 from lora_edge.profile import profile_bundle, select_graphs
 from lora_edge.profile_report import NOT_MEASURED, ProfileReport, read_profile
 from lora_edge.runtime import CPU, available_providers
@@ -256,3 +257,30 @@ def test_a_graph_that_failed_to_run_is_a_provider_error_not_an_internal_one(tmp_
                            graphs=[GraphProfile("merged.fp32", status=FAILED, reason="NOT_IMPLEMENTED: Op X")])
     with pytest.raises(ProviderUnavailableError, match="merged.fp32 failed to run: NOT_IMPLEMENTED"):
         report.check_measured()
+
+
+def test_benchmark_session_options_and_in_memory_graphs_go_through_create_session(tmp_path):
+    """Session config entries and the optimized-graph path reach ORT; a serialized graph runs like its file."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lora_edge.runtime import SessionSettings, create_session, graph_outputs
+
+    weight = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    settings = SessionSettings(config_entries={"session.intra_op.allow_spinning": "0"},
+                               optimized_model_path=str(tmp_path / "optimized.onnx"))
+    session = create_session(path, settings)
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert (tmp_path / "optimized.onnx").is_file()
+    x = np.ones((1, 4), np.float32)
+    (from_bytes,) = graph_outputs(model.SerializeToString(), {"x": x, "unused": x})  # undeclared feeds dropped
+    (from_file,) = graph_outputs(path, {"x": x})
+    assert np.array_equal(from_bytes, x @ np.arange(16, dtype=np.float32).reshape(4, 4))
+    assert np.array_equal(from_bytes, from_file)
+    assert graph_outputs(path, None) == []  # only loaded

@@ -159,8 +159,10 @@ def _unfused_bundle(tmp_path_factory, tiny_model, tiny_adapter):
 @pytest.mark.parametrize("mask_switch", [False, True])
 def test_attention_fusion_is_exact_and_replaces_every_block(tmp_path_factory, tiny_model, tiny_adapter, mask_switch):
     from lora_edge.manifest import find_graph
-    from lora_edge.quantize_fusion import fuse_attention, keep_layernorm_unfused, sample_encoder_feeds
-    from lora_edge.quantize_prepare import FusionPlan, relative_difference, run_graph
+    from lora_edge.feeds import sample_encoder_feeds
+    from lora_edge.quantize_fusion import fuse_attention, keep_layernorm_unfused
+    from lora_edge.quantize_prepare import FusionPlan
+    from lora_edge.runtime import graph_outputs, relative_difference
 
     bundle = _unfused_bundle(tmp_path_factory, tiny_model, tiny_adapter)
     source = bundle / find_graph(bundle, "branched.fp32").file
@@ -174,7 +176,7 @@ def test_attention_fusion_is_exact_and_replaces_every_block(tmp_path_factory, ti
     fused = model.SerializeToString()
     for padded in (True, False):  # the switch takes the unmasked kernel only for an unpadded batch
         feeds = sample_encoder_feeds(model, batch=3, length=24, padded=padded)
-        assert relative_difference(run_graph(str(source), feeds), run_graph(fused, feeds)) < 1e-5
+        assert relative_difference(graph_outputs(source, feeds), graph_outputs(fused, feeds)) < 1e-5
 
 
 def _cli(*args: str) -> tuple[int, str]:

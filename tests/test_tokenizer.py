@@ -119,7 +119,7 @@ def test_infer_runs_where_torch_and_transformers_cannot_be_imported(graph, tmp_p
 def test_generate_runs_where_torch_and_transformers_cannot_be_imported(tmp_path_factory, tiny_model, tiny_adapter):
     """generate of an existing decoder bundle: same tokens as in this (torch-importing) process."""
     from decoder_bundles import bundle_for, shared_root
-    from lora_edge.bundle import Form
+    from lora_edge.choices import Form
     from lora_edge.generate import SamplingSpec, generate_from_bundle
 
     bundle, graph = bundle_for("llama", Form.MERGED, shared_root(tmp_path_factory), tiny_model, tiny_adapter)
