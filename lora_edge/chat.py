@@ -29,6 +29,8 @@ Messages = Sequence[tuple[str, str]]  # (role, content) pairs
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips
 
 
+ANSWER_SLACK_TOKENS = 8  # greedy answers may run this many tokens past the longest reference answer
+
 def require_chat_template(tokenizer: "PreTrainedTokenizerBase", where: str | Path) -> None:
     """Refuse a tokenizer without a chat template: chat rows cannot be rendered for this model."""
     if not getattr(tokenizer, "chat_template", None):

@@ -121,8 +121,8 @@ DEFAULT_LM_THRESHOLDS: dict[str, Thresholds] = {
                                perplexity_increase=10.0, greedy_agreement=0.7, exact_match_drop=10.0),
     "int8-static": Thresholds(mean_abs_diff=1.5, cosine=0.97, top1_agreement=0.85,
                               perplexity_increase=10.0, greedy_agreement=0.7, exact_match_drop=10.0),
-    "int4": Thresholds(mean_abs_diff=3.0, cosine=0.9, top1_agreement=0.7,
-                       perplexity_increase=15.0, greedy_agreement=0.6, exact_match_drop=15.0),
+    "int4": Thresholds(mean_abs_diff=3.5, cosine=0.85, top1_agreement=0.75,
+                       perplexity_increase=25.0, greedy_agreement=0.85, exact_match_drop=10.0),
 }
 DEFAULTS_BY_TASK: dict[str, dict[str, Thresholds]] = {"seq-cls": DEFAULT_THRESHOLDS,
                                                       "causal-lm": DEFAULT_LM_THRESHOLDS}

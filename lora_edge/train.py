@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from lora_edge.adapters import ADAPTER_WEIGHTS, DATA_RECORD
 from lora_edge.bundle import atomic_directory, library_versions, write_json
-from lora_edge.chat import IGNORE_INDEX, require_chat_template
+from lora_edge.chat import ANSWER_SLACK_TOKENS, IGNORE_INDEX, require_chat_template
 from lora_edge.data import DataFiles, Example, LabelMap
 from lora_edge.errors import ConfigError, DataError, TrainingError, env_int, first_line
 from lora_edge.models import Task, load_base_model, load_tokenizer, quiet_transformers, resolve_model_path
@@ -45,7 +45,6 @@ METRICS_FILE = "metrics.json"
 TRAINING_PLOT = "training.png"
 PISSA_INIT_DIR = "pissa-init"
 CURVE_POINTS = 25  # about this many loss points per run in training.png
-ANSWER_SLACK_TOKENS = 8  # greedy answers may run this many tokens past the longest reference answer
 
 # LoRA targets for "auto" where PEFT's own per-architecture table has none.
 EXTRA_DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"]}
