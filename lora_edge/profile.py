@@ -19,6 +19,15 @@ what is there and says so per graph. On a GPU device, operators that ran on
 the CPU provider are listed per graph. Memory is measured per graph in a
 fresh process (:func:`lora_edge.measure.session_memory`). The report itself (JSON and Markdown)
 is :mod:`lora_edge.profile_report`.
+
+A decoder graph (a KV-cache input) is timed as two calls inside the same
+interleaved rounds: the prefill of the ``batch x seq`` prompt with an empty
+past (its p50 is the time to first token; prefill tokens/s = batch x seq /
+p50) and one decode step of ``batch x 1`` new tokens after a past of ``seq``
+tokens (decode tokens/s = batch / step p50). Both run the way
+``lora-edge generate`` runs them (IO binding, a hot-swap graph's adapter bound
+as inputs: :func:`lora_edge.measure.decoder_phases`), so a decoder needs
+``seq + 1`` positions.
 """
 
 from __future__ import annotations
@@ -32,20 +41,21 @@ from pathlib import Path
 from typing import Any
 
 from lora_edge.bundle import ONNX_DIR, require_bundle
-from lora_edge.choices import Form
+from lora_edge.choices import Form, Task
 from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.errors import BundleError, ConfigError, ProviderUnavailableError
 from lora_edge.feeds import build_feeds
 from lora_edge.interleave import RoundTimes, split_runs, time_rounds
 from lora_edge.manifest import GraphRecord, Manifest, find_graph, hotswap_adapter_file, require_graphs
-from lora_edge.measure import (GraphRunner, cpu_info, graph_size, host_facts, is_decoder,
-                               latency_stats, session_memory, trace_session, warm_up_runtime)
+from lora_edge.measure import (DecoderPhases, GraphRunner, cpu_info, decoder_phases, graph_size, host_facts,
+                               is_decoder, latency_stats, session_memory, trace_session, warm_up_runtime)
 from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile, ProfileReport, write_profile
 from lora_edge.recipe import MeasureSpec
 
 TRACE_RUNS = 20  # runs recorded in the profiling trace (per-op times); enough for stable shares
 RUNS_PER_ROUND = 5  # timed runs per graph per interleaved round (200 runs: 40 rounds)
 GAP_S = 0.02  # pause before each visit: the previous session's idle ORT threads stop spinning
+DECODE_SUFFIX = " [decode step]"  # a decoder's second timed call in the rounds: one token after a past of seq
 
 
 def _log(message: str, quiet: bool) -> None:
@@ -102,14 +112,23 @@ def _vocab_size(bundle: Path, manifest: Manifest) -> int:
     return value if isinstance(value, int) and value > 0 else 1000
 
 
-def _require_seq_fits(bundle: Path, manifest: Manifest, seq: int) -> None:
-    """Refuse a --seq longer than the model's positions (ORT would fail, or allocate for minutes)."""
+def _require_seq_fits(bundle: Path, manifest: Manifest, seq: int, records: list[GraphRecord]) -> None:
+    """Refuse a --seq longer than the model's positions (ORT would fail, or allocate for minutes).
+
+    A causal-LM graph's decode step runs after a past of ``seq`` tokens, so it needs ``seq + 1``.
+    """
     config = _model_config(bundle, manifest)
     limit = next((config[key] for key in ("max_position_embeddings", "n_positions")
                   if isinstance(config.get(key), int)), None)
-    if limit is not None and seq > limit:
+    if limit is None:
+        return
+    if seq > limit:
         raise ConfigError(f"--seq {seq} is longer than the model's {limit} positions", "--seq",
                           f"give a value <= {limit}")
+    if seq + 1 > limit and any(record.task is Task.CAUSAL_LM for record in records):
+        raise ConfigError(f"--seq {seq} leaves no room for the decode step: it runs after a past of {seq} tokens "
+                          f"and needs {seq + 1} positions, the model has {limit}", "--seq",
+                          f"give a value <= {limit - 1}")
 
 
 @dataclass
@@ -118,6 +137,14 @@ class _OpenGraph:
     path: Path
     runner: GraphRunner | None = None
     adapter_object: Any = None
+    phases: DecoderPhases | None = None  # a decoder's prefill and decode step (timed instead of ``runner``)
+
+    def calls(self) -> dict:
+        """The timed calls of this graph, by the name its round times are kept under."""
+        name = self.profile.name
+        if self.phases is not None:
+            return {name: self.phases.prefill, name + DECODE_SUFFIX: self.phases.decode}
+        return {name: self.runner}
 
 
 def _open_graph(bundle: Path, record: GraphRecord, manifest: Manifest, device: DeviceTarget, settings,
@@ -151,6 +178,8 @@ def _open_graph(bundle: Path, record: GraphRecord, manifest: Manifest, device: D
         opened.adapter_object = load_lora_adapter(adapter_file) if adapter_file is not None else None
         runner = GraphRunner(session, feeds, opened.adapter_object, gpu_id)
         runner()
+        if is_decoder(session):
+            opened.phases = decoder_phases(session, batch, seq, vocab, adapter_file)
     except ProviderUnavailableError as exc:
         profile.status, profile.reason = NOT_MEASURED, exc.what
         return opened
@@ -165,17 +194,23 @@ def _open_graph(bundle: Path, record: GraphRecord, manifest: Manifest, device: D
     return opened
 
 
-def _finish_graph(opened: _OpenGraph, times: list[float], rounds: list[float], device: DeviceTarget, settings,
+def _finish_graph(opened: _OpenGraph, timed: RoundTimes, device: DeviceTarget, settings,
                   batch: int, seq: int, gpu_id: int | None) -> None:
     """Fill in latency, per-round medians, throughput, budgets and the per-op trace of a timed graph."""
     profile = opened.profile
-    stats = latency_stats(times)
+    stats = latency_stats(timed.times[profile.name])
     profile.latency_ms = stats
-    profile.rounds_ms = [1e3 * seconds for seconds in rounds]
+    profile.rounds_ms = [1e3 * seconds for seconds in timed.per_round[profile.name]]
     seconds = stats["mean"] / 1e3
     profile.throughput = {"items_per_s": batch / seconds}
     if profile.decoder:
         profile.throughput["tokens_per_s"] = batch * seq / seconds  # prefill: every prompt token once
+        profile.throughput["prefill_tokens_per_s"] = batch * seq * 1e3 / stats["p50"]
+        decode_key = profile.name + DECODE_SUFFIX
+        if timed.times.get(decode_key):
+            profile.decode_latency_ms = latency_stats(timed.times[decode_key])
+            profile.decode_rounds_ms = [1e3 * seconds for seconds in timed.per_round[decode_key]]
+            profile.throughput["decode_tokens_per_s"] = batch * 1e3 / profile.decode_latency_ms["p50"]
     trace = trace_session(opened.path, settings, opened.runner.feeds, opened.adapter_object, gpu_id,
                           runs=TRACE_RUNS)
     profile.top_ops = trace.top_ops
@@ -223,8 +258,8 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
     bundle = require_bundle(Path(bundle))
     device = load_device(device)
     manifest = Manifest.read(bundle)
-    _require_seq_fits(bundle, manifest, seq)
     records, notes = select_graphs(bundle, device, graphs)
+    _require_seq_fits(bundle, manifest, seq, records)
     host = host_facts(device.intra_op_threads)
     report = ProfileReport(bundle=str(bundle), device=device.to_json(), host=host,
                            settings={"batch": batch, "seq": seq, "runs": runs, "warmup": warmup,
@@ -260,8 +295,10 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
         for name, item in live.items():
             if not timed.times.get(name):
                 continue
-            _finish_graph(item, timed.times[name], timed.per_round[name], device, settings, batch, seq, gpu_id)
-            _log(f"profile: {name}: p50 {item.profile.latency_ms['p50']:.3f} ms", quiet)
+            _finish_graph(item, timed, device, settings, batch, seq, gpu_id)
+            decode = item.profile.decode_latency_ms
+            _log(f"profile: {name}: p50 {item.profile.latency_ms['p50']:.3f} ms"
+                 + (f" (prefill), decode step p50 {decode['p50']:.3f} ms" if decode else ""), quiet)
     report.graphs = [item.profile for item in opened]
     write_profile(bundle, report)
     return report
@@ -275,13 +312,14 @@ def _time_graphs(live: dict[str, _OpenGraph], runs: int, warmup: int) -> RoundTi
         return time_rounds(runners, rounds, per_round, warmup, gap_s=GAP_S, total=runs)
 
     try:
-        return timed({name: item.runner for name, item in live.items()})
+        return timed({key: call for item in live.values() for key, call in item.calls().items()})
     except Exception:  # find which graph failed; the others are still worth their numbers
         working = {}
-        for name, item in live.items():
+        for item in live.values():
             try:
-                item.runner()
-                working[name] = item.runner
+                for call in item.calls().values():
+                    call()
+                working.update(item.calls())
             except Exception as exc:
                 text = str(exc).strip().splitlines()
                 item.profile.status = FAILED

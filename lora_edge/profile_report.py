@@ -38,8 +38,10 @@ class GraphProfile:
     fallback: str | None = None                                    # measured elsewhere than asked, and why
     cpu_fallback_ops: list[dict] = field(default_factory=list)     # GPU device: op types that ran on the CPU
     io_binding: bool = False
-    latency_ms: dict | None = None
+    latency_ms: dict | None = None  # a decoder's: its prefill (p50 = time to first token)
     rounds_ms: list[float] = field(default_factory=list)  # median of each interleaved round (same rounds per graph)
+    decode_latency_ms: dict | None = None  # a decoder's decode step (batch x 1 token after a past of seq)
+    decode_rounds_ms: list[float] = field(default_factory=list)  # its per-round medians, in the same rounds
     throughput: dict | None = None
     session_create_s: float | None = None
     memory: dict = field(default_factory=dict)
@@ -51,6 +53,18 @@ class GraphProfile:
     def measured(self) -> bool:
         """True when the graph was timed."""
         return self.status == MEASURED
+
+    def decoder_speed(self) -> dict:
+        """A decoder's ttft_ms (prefill p50), prefill_tokens_per_s, decode_ms (step p50), decode_tokens_per_s.
+
+        All None for a classifier, or a graph not timed (the keys are always there).
+        """
+        throughput = self.throughput or {}
+        timed = self.decoder and self.measured and self.latency_ms
+        return {"ttft_ms": self.latency_ms["p50"] if timed else None,
+                "prefill_tokens_per_s": throughput.get("prefill_tokens_per_s") if timed else None,
+                "decode_ms": self.decode_latency_ms["p50"] if timed and self.decode_latency_ms else None,
+                "decode_tokens_per_s": throughput.get("decode_tokens_per_s") if timed else None}
 
 
 @dataclass
@@ -149,8 +163,21 @@ def summary_rows(report: ProfileReport) -> list[dict]:
                      "tokens_per_s": throughput.get("tokens_per_s"), "create_s": graph.session_create_s,
                      "rss_mb": graph.memory.get("rss_added_mb"), "gpu_mb": graph.memory.get("gpu_added_mb"),
                      "size_mb": (graph.size or {}).get("total_mb"), "providers": ", ".join(graph.providers_used),
-                     "budget": _budget_text(graph)})
+                     "budget": _budget_text(graph), **graph.decoder_speed()})
     return rows
+
+
+DECODER_COLUMNS = ["ttft_ms", "prefill_tokens_per_s", "decode_ms", "decode_tokens_per_s"]
+DECODER_HEADERS = ["TTFT ms", "prefill tok/s", "decode ms", "decode tok/s"]
+
+
+def _with_decoder_columns(report: ProfileReport, columns: list[str],
+                          headers: list[str] | None = None) -> tuple[list, list | None]:
+    """``columns``/``headers`` with the decoder speed columns after the first two, when a graph is a decoder."""
+    if not any(graph.decoder for graph in report.graphs):
+        return columns, headers
+    return (columns[:2] + DECODER_COLUMNS + columns[2:],
+            None if headers is None else headers[:2] + DECODER_HEADERS + headers[2:])
 
 
 def profile_markdown(report: ProfileReport) -> str:
@@ -174,6 +201,12 @@ def profile_markdown(report: ProfileReport) -> str:
                "create_s", "rss_mb", "gpu_mb", "size_mb", "providers", "budget"]
     headers = ["graph", "status", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "items/s", "tokens/s",
                "session s", "RSS + MB", "GPU + MB", "size MB", "providers used", "budget"]
+    columns, headers = _with_decoder_columns(report, columns, headers)
+    if any(graph.decoder for graph in report.graphs):
+        lines += [f"- Decoders: p50 ms and TTFT ms are the prefill of {settings['batch']} x {settings['seq']} prompt "
+                  f"tokens with an empty past; decode ms is one step of {settings['batch']} x 1 token after a past "
+                  f"of {settings['seq']} tokens, timed in the same rounds; both run as `lora-edge generate` runs "
+                  "them (IO binding, hot-swap adapters bound as inputs).", ""]
     lines += [markdown_table(summary_rows(report), columns, headers)]
     for graph in report.graphs:
         if graph.fallback:
@@ -197,6 +230,7 @@ def profile_summary(report: ProfileReport, as_json: bool = False) -> str:
         return json.dumps(report.to_json(), indent=2, default=str)
     columns = ["graph", "status", "p50_ms", "p90_ms", "p99_ms", "items_per_s", "rss_mb", "size_mb", "providers",
                "budget"]
+    columns, headers = _with_decoder_columns(report, columns)
     reports = Path(report.bundle) / REPORTS_DIR
-    return (f"{report.note}\n\n{markdown_table(summary_rows(report), columns)}\n"
+    return (f"{report.note}\n\n{markdown_table(summary_rows(report), columns, headers)}\n"
             f"reports: {reports / PROFILE_MD}, {reports / PROFILE_JSON}")
