@@ -13,6 +13,13 @@ see :mod:`lora_edge.interleave`), the extra FLOPs of the
 adapter's low-rank pairs over the base model (in %, from its ranks and layer
 shapes: see :mod:`lora_edge.flops`), the memory the session adds and the size
 on disk, and the speed-up over the eager PyTorch model (adapter merged).
+
+On a causal-LM bundle the p50 and overhead above are the prefill's (time to
+first token); each decoder row also has the decode step's p50 and tokens/s
+and the decode overhead of the branched and hot-swap forms over merged (the
+same within-round ratio, interval and verdict, from the decode step's rounds),
+with the adapter's extra FLOPs per token beside it (absolute and in % of the
+base model's FLOPs per token: the prefill's per item over ``seq``).
 """
 
 from __future__ import annotations
@@ -72,23 +79,40 @@ def extra_flops_percent(adapter_flops_per_token: int, seq: int, base_flops_per_i
     return 100.0 * adapter_flops_per_token * seq / base_flops_per_item
 
 
-def pair_overhead(graph: GraphProfile, peer: GraphProfile) -> dict:
+NO_OVERHEAD = {"overhead_pct": None, "overhead_interval_pct": None, "overhead_iqr_pct": None, "verdict": None}
+
+
+def pair_overhead(graph: GraphProfile, peer: GraphProfile, decode: bool = False) -> dict:
     """Overhead of ``graph`` over ``peer`` from their within-round ratios: %, interval, IQR and verdict.
 
-    Falls back to the ratio of p50s (no interval, no verdict) when the two were
-    not timed in the same rounds (a profile written before rounds were kept).
+    ``decode``: of the decoders' decode steps (else of the graphs' main timing,
+    a decoder's prefill). Falls back to the ratio of p50s (no interval, no
+    verdict) when the two were not timed in the same rounds (a profile written
+    before rounds were kept); all None when either side has no timing.
     """
-    rounds, peer_rounds = graph.rounds_ms, peer.rounds_ms
+    rounds, peer_rounds = ((graph.decode_rounds_ms, peer.decode_rounds_ms) if decode
+                           else (graph.rounds_ms, peer.rounds_ms))
+    p50, peer_p50 = _p50(graph, decode), _p50(peer, decode)
+    if p50 is None or peer_p50 is None:
+        return dict(NO_OVERHEAD)
     if rounds and len(rounds) == len(peer_rounds):
         stats = ratio_stats(rounds, peer_rounds)
         return {"overhead_pct": stats.overhead_pct, "overhead_interval_pct": list(stats.interval_pct),
                 "overhead_iqr_pct": [100.0 * (q - 1.0) for q in stats.iqr], "verdict": verdict(stats)}
-    return {"overhead_pct": overhead_percent(_p50(graph), _p50(peer)), "overhead_interval_pct": None,
-            "overhead_iqr_pct": None, "verdict": None}
+    return {**NO_OVERHEAD, "overhead_pct": overhead_percent(p50, peer_p50)}
 
 
-def _p50(graph: GraphProfile) -> float | None:
-    return graph.latency_ms["p50"] if graph.measured and graph.latency_ms else None
+def _p50(graph: GraphProfile, decode: bool = False) -> float | None:
+    latency = graph.decode_latency_ms if decode else graph.latency_ms
+    return latency["p50"] if graph.measured and latency else None
+
+
+def decoder_fields(graph: GraphProfile, peer: GraphProfile | None, adapter_flops: int | None) -> dict:
+    """A decoder row's decode-step speed, its overhead over ``peer`` (merged) and the adapter's FLOPs per token."""
+    speed = graph.decoder_speed()
+    overhead = pair_overhead(graph, peer, decode=True) if peer else dict(NO_OVERHEAD)
+    return {**speed, **{f"decode_{key}": value for key, value in overhead.items()},
+            "adapter_flops_per_token": adapter_flops}
 
 
 def _merged_peer(graph: GraphProfile, merged: list[GraphProfile]) -> GraphProfile | None:
@@ -121,8 +145,8 @@ def comparison_rows(graphs: list[GraphProfile], eager: list[GraphProfile], seq: 
         flops = adapter_flops.get(graph.adapter, single_adapter) if branches else 0
         eager_peer = eager_merged.get(graph.adapter) or next(iter(eager_merged.values()), None)
         size = graph.size or {}
-        overhead = pair_overhead(graph, peer) if peer and _p50(graph) is not None and _p50(peer) is not None \
-            else {"overhead_pct": None, "overhead_interval_pct": None, "overhead_iqr_pct": None, "verdict": None}
+        overhead = pair_overhead(graph, peer) if peer else dict(NO_OVERHEAD)
+        decoder = decoder_fields(graph, peer, flops) if graph.decoder else {}
         rows.append({
             "graph": graph.name, "kind": graph.kind, "form": graph.form, "precision": graph.precision,
             "adapter": graph.adapter, "status": graph.status if graph.measured else f"{graph.status}: {graph.reason}",
@@ -133,6 +157,7 @@ def comparison_rows(graphs: list[GraphProfile], eager: list[GraphProfile], seq: 
             "speedup_vs_eager": (_p50(eager_peer) / _p50(graph) if eager_peer and _p50(graph) else None),
             "rss_mb": graph.memory.get("rss_added_mb"), "gpu_mb": graph.memory.get("gpu_added_mb"),
             "size_mb": (size.get("total_mb", 0.0) + size.get("adapter_mb", 0.0)) if size else None,
+            **decoder,
         })
     return rows
 
@@ -218,13 +243,35 @@ HEADERS = ["graph", "status", "p50 ms", "p90 ms", "overhead %", "95% interval", 
            "× eager merged", "RSS + MB", "GPU + MB", "size MB"]
 
 
+# A causal-LM bundle's table: prefill (time to first token) and decode step side by side.
+DECODER_COLUMNS = ["graph", "status", "p50_ms", "overhead_pct", "overhead_interval", "verdict", "decode_ms",
+                   "decode_tokens_per_s", "decode_overhead_pct", "decode_overhead_interval", "decode_verdict",
+                   "vs_merged", "adapter_mflops_per_token", "extra_flops_pct", "speedup_vs_eager", "rss_mb", "size_mb"]
+DECODER_HEADERS = ["graph", "status", "TTFT ms", "prefill overhead %", "95% interval", "prefill verdict",
+                   "decode ms", "decode tok/s", "decode overhead %", "95% interval", "decode verdict", "vs",
+                   "adapter MFLOP/token", "extra FLOPs %", "× eager merged", "RSS + MB", "size MB"]
+
+
+def _interval_text(interval: list[float] | None) -> str | None:
+    return f"[{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else None
+
+
 def _table_rows(comparison: Comparison) -> list[dict]:
-    """The rows with the overhead interval written as text."""
+    """The rows with the overhead intervals written as text (and the adapter's FLOPs per token in MFLOP)."""
     rows = []
     for row in comparison.rows:
-        interval = row.get("overhead_interval_pct")
-        rows.append({**row, "overhead_interval": f"[{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else None})
+        flops = row.get("adapter_flops_per_token")
+        rows.append({**row, "overhead_interval": _interval_text(row.get("overhead_interval_pct")),
+                     "decode_overhead_interval": _interval_text(row.get("decode_overhead_interval_pct")),
+                     "adapter_mflops_per_token": None if flops is None else flops / 1e6})
     return rows
+
+
+def table_columns(comparison: Comparison) -> tuple[list[str], list[str]]:
+    """(columns, headers) of the table: the decoder's when a row has a decode step, else the classifier's."""
+    if any(row.get("decode_ms") is not None for row in comparison.rows):
+        return DECODER_COLUMNS, DECODER_HEADERS
+    return COLUMNS, HEADERS
 
 
 def noise_line(comparison: Comparison) -> str:
@@ -246,8 +293,19 @@ def comparison_markdown(comparison: Comparison) -> str:
     return (f"# Merged vs unmerged: {Path(comparison.bundle).name} on '{comparison.device}'\n\n> {comparison.note}\n\n"
             f"{noise_line(comparison)} Overheads are against the merged graph of the same precision. Extra "
             f"FLOPs: the adapter's low-rank pairs over the base model ({flops}, sequence {comparison.seq}); the "
-            f"merged form adds none.\n\n{markdown_table(_table_rows(comparison), COLUMNS, HEADERS)}\n"
+            f"merged form adds none.{_decoder_note(comparison)}\n\n"
+            f"{markdown_table(_table_rows(comparison), *table_columns(comparison))}\n"
             f"![latency]({LATENCY_PNG})\n")
+
+
+def _decoder_note(comparison: Comparison) -> str:
+    """What a decoder table's columns mean (empty for classifiers)."""
+    if table_columns(comparison)[0] is not DECODER_COLUMNS:
+        return ""
+    return (f" Decoders: TTFT is the prefill of {comparison.seq} prompt tokens (its overhead is the prefill's); "
+            f"decode is one step of one token per row after a past of {comparison.seq} tokens, its overhead from "
+            "the decode step's rounds; the adapter's MFLOP per token is what the branched and hot-swap forms add "
+            "to every decoded token, and extra FLOPs % is that over the base model's FLOPs per prompt token.")
 
 
 def latency_chart(comparison: Comparison, path: Path) -> Path:
@@ -300,7 +358,7 @@ def comparison_summary(comparison: Comparison, as_json: bool = False) -> str:
     if as_json:
         return json.dumps(comparison.to_json(), indent=2, default=str)
     reports = Path(comparison.bundle) / REPORTS_DIR
-    return (f"{markdown_table(_table_rows(comparison), COLUMNS, HEADERS)}\n{noise_line(comparison)}\n"
+    return (f"{markdown_table(_table_rows(comparison), *table_columns(comparison))}\n{noise_line(comparison)}\n"
             f"reports: {reports / COMPARE_MD}, {reports / LATENCY_PNG}")
 
 
