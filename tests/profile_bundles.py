@@ -84,7 +84,7 @@ def _linear_layers(rng, hidden: int, layers: int, rank: int, branched: bool, dty
 
 def synthetic_graph(path: Path, branched: bool, hidden: int = 64, layers: int = 2, rank: int = 4,
                     vocab: int = 100, labels: int = 3, fp16: bool = False, decoder: bool = False,
-                    extra_op: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+                    extra_op: str | None = None, seed: int = 0, positions: int | None = None) -> dict[str, np.ndarray]:
     """Write one synthetic graph to ``path``; returns its LoRA tensors (PEFT names and layout).
 
     Encoder I/O: input_ids, attention_mask [batch, sequence] -> logits [batch, labels].
@@ -92,6 +92,8 @@ def synthetic_graph(path: Path, branched: bool, hidden: int = 64, layers: int = 
     [batch, 2, past_sequence, hidden/2] -> logits [batch, sequence, vocab] and
     present.0.key/value, like the exported decoders. ``extra_op`` inserts an
     identity-like node of that op type (e.g. to exercise provider placement).
+    ``positions`` (decoders): a learned position table of that many rows, gathered by
+    ``position_ids``, so that a position past the context fails like a real model's.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -105,6 +107,11 @@ def synthetic_graph(path: Path, branched: bool, hidden: int = 64, layers: int = 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                             ["batch", "total_sequence" if decoder else "sequence"])]
+    if decoder and positions:
+        inits.append(_tensor("position_table", rng.standard_normal((positions, hidden)).astype(dtype)))
+        nodes = [helper.make_node("Gather", ["embedding", "input_ids"], ["tokens"]),
+                 helper.make_node("Gather", ["position_table", "position_ids"], ["placed"]),
+                 helper.make_node("Add", ["tokens", "placed"], ["embedded"])]
     linear_nodes, linear_inits, lora = _linear_layers(rng, hidden, layers, rank, branched, dtype)
     nodes += linear_nodes
     inits += linear_inits

@@ -154,3 +154,62 @@ def test_sweep_gains_latency_columns_per_rank(tmp_path):
         # within-round ratios of 6 runs (2 rounds of 5, then 1): the overhead is a ratio, not a p50 difference
         assert -90 < row["branched_overhead_pct"] < 1000
     assert saved["settings"]["latency"]["device"] == "host-cpu"
+
+
+def _decoder(name, form, prefill_rounds, decode_rounds, batch=1, seq=16):
+    """A measured decoder graph with fixed per-round medians (prefill and decode step)."""
+    prefill, decode = sorted(prefill_rounds)[len(prefill_rounds) // 2], sorted(decode_rounds)[len(decode_rounds) // 2]
+    return GraphProfile(name=name, form=form, precision="fp32", adapter="a", decoder=True,
+                        latency_ms={"p50": prefill, "p90": prefill}, rounds_ms=list(prefill_rounds),
+                        decode_latency_ms={"p50": decode}, decode_rounds_ms=list(decode_rounds),
+                        throughput={"prefill_tokens_per_s": batch * seq * 1e3 / prefill,
+                                    "decode_tokens_per_s": batch * 1e3 / decode})
+
+
+def test_decoder_rows_put_decode_overhead_beside_the_adapter_flops_per_token():
+    graphs = [_decoder("merged.fp32", "merged", [10.0, 10.0, 10.0], [2.0, 2.0, 2.0]),
+              _decoder("hotswap.fp32", "hotswap", [11.0, 11.0, 11.0], [2.4, 2.4, 2.4])]
+    rows = {row["graph"]: row for row in comparison_rows(graphs, [], seq=16, adapter_flops={"a": 5000},
+                                                         base_flops_per_item=1_600_000)}
+    hotswap, merged = rows["hotswap.fp32"], rows["merged.fp32"]
+    assert hotswap["overhead_pct"] == pytest.approx(10.0) and hotswap["verdict"] == "slower"  # the prefill's
+    assert hotswap["decode_overhead_pct"] == pytest.approx(20.0) and hotswap["decode_verdict"] == "slower"
+    assert hotswap["decode_overhead_interval_pct"] == pytest.approx([20.0, 20.0])
+    assert hotswap["ttft_ms"] == 11.0 and hotswap["decode_ms"] == 2.4
+    assert hotswap["decode_tokens_per_s"] == pytest.approx(1e3 / 2.4)
+    assert hotswap["adapter_flops_per_token"] == 5000
+    assert hotswap["extra_flops_pct"] == pytest.approx(5.0)  # 5000 per token over 1.6e6 / 16 per token
+    assert merged["adapter_flops_per_token"] == 0 and merged["decode_overhead_pct"] is None
+    assert "decode_ms" not in comparison_rows(
+        [GraphProfile(name="merged.fp32", form="merged", precision="fp32", latency_ms={"p50": 1.0, "p90": 1.0})],
+        [], seq=16, adapter_flops={}, base_flops_per_item=None)[0]  # classifiers: no decoder columns
+
+
+def test_compare_on_a_decoder_bundle_has_decode_rows_with_flops(tmp_path, tmp_path_factory, tiny_model, tiny_adapter,
+                                                                capsys):
+    from decoder_bundles import adapter_dirs, bundle_for, shared_root
+    from lora_edge.choices import Form
+    from lora_edge.cli import main
+    from profile_bundles import copy_bundle
+
+    shared, _ = bundle_for("gpt2", Form.MERGED, shared_root(tmp_path_factory), tiny_model, tiny_adapter)
+    bundle = copy_bundle(shared, tmp_path / "bundle")  # compare writes reports
+    main(["compare", str(bundle), "--device", "host-cpu", "--batch", "1", "--seq", "8", "--runs", "10",
+          "--warmup", "1", "--json"])
+    written = json.loads((bundle / "reports" / "compare.json").read_text())
+    rows = {row["graph"]: row for row in written["rows"]}
+    flops = adapter_flops_per_token(adapter_dirs("gpt2", tiny_adapter)["a"] / "adapter_model.safetensors")
+    assert flops > 0 and written["base_flops_per_item"] > 0
+    for name in ("branched.fp32", "hotswap.fp32"):
+        row = rows[name]
+        assert row["vs_merged"] == "merged.fp32" and row["adapter_flops_per_token"] == flops
+        assert row["extra_flops_pct"] == pytest.approx(100 * flops * 8 / written["base_flops_per_item"])
+        assert row["decode_ms"] > 0 and row["decode_tokens_per_s"] == pytest.approx(1e3 / row["decode_ms"])
+        assert row["decode_overhead_pct"] is not None and row["overhead_pct"] is not None
+        assert row["decode_verdict"] in ("faster", "slower", "not distinguishable")
+        low, high = row["decode_overhead_interval_pct"]
+        assert low <= high
+    assert rows["merged.fp32"]["adapter_flops_per_token"] == 0 and rows["merged.fp32"]["decode_verdict"] is None
+    markdown = (bundle / "reports" / "compare.md").read_text()
+    assert "decode overhead %" in markdown and "adapter MFLOP/token" in markdown and "TTFT ms" in markdown
+    capsys.readouterr()

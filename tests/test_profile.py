@@ -129,11 +129,23 @@ def test_allow_fallback_measures_and_records_it(tmp_path, capsys):
 
 
 def test_decoder_graph_gets_a_zero_length_past_and_tokens_per_second(tmp_path):
-    bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged",), decoder=True)
+    bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged", "branched"), decoder=True)
     report = profile_bundle(bundle, "host-cpu", batch=2, seq=8, eager=False, quiet=True, **RUNS)
     graph = report.graphs[0]
     assert graph.measured and graph.decoder
     assert graph.throughput["tokens_per_s"] == pytest.approx(graph.throughput["items_per_s"] * 8)
+    for graph in report.graphs:  # prefill and decode step, both timed in the same interleaved rounds
+        speed = graph.decoder_speed()
+        assert all(value > 0 for value in speed.values()), speed
+        assert speed["ttft_ms"] == graph.latency_ms["p50"] and speed["decode_ms"] == graph.decode_latency_ms["p50"]
+        assert speed["prefill_tokens_per_s"] == pytest.approx(2 * 8 * 1e3 / speed["ttft_ms"])
+        assert speed["decode_tokens_per_s"] == pytest.approx(2 * 1e3 / speed["decode_ms"])
+        assert graph.decode_latency_ms["runs"] == 12 and len(graph.decode_rounds_ms) == len(graph.rounds_ms) == 3
+        assert graph.memory["rss_added_mb"] > 0
+    written = read_profile(bundle)
+    assert written.graphs[1].decoder_speed() == report.graphs[1].decoder_speed()
+    markdown = (bundle / "reports" / "profile.md").read_text()
+    assert "TTFT ms" in markdown and "decode tok/s" in markdown and "after a past of 8 tokens" in markdown
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(bundle / graph.file), providers=[CPU])
@@ -142,6 +154,72 @@ def test_decoder_graph_gets_a_zero_length_past_and_tokens_per_second(tmp_path):
     assert feeds["attention_mask"].shape == (2, 8) and feeds["position_ids"].tolist()[1] == list(range(8))
     present = session.run(["present.0.key"], feeds)[0]
     assert present.shape == (2, 2, 8, 32)
+
+
+def test_classifiers_have_no_decoder_speed(tiny_report):
+    for graph in tiny_report.graphs:
+        assert not graph.decoder and graph.decode_latency_ms is None
+        assert set(graph.decoder_speed().values()) == {None}
+    assert "decode" not in (Path(tiny_report.bundle) / "reports" / "profile.md").read_text()
+
+
+def test_the_decode_step_runs_after_a_past_of_seq_tokens(tmp_path):
+    import onnxruntime
+
+    from lora_edge.measure import decoder_phases
+
+    bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged",), decoder=True)
+    session = onnxruntime.InferenceSession(str(bundle / "onnx" / "merged.fp32.onnx"), providers=[CPU])
+    phases = decoder_phases(session, batch=2, seq=8, vocab_size=100)
+    assert (phases.past_length, phases.present_length) == (8, 9)
+    logits, presents = phases.decode()
+    assert logits.shape == (2, 100) and presents[0].shape() == [2, 2, 9, 32]
+    logits, presents = phases.prefill()
+    assert presents[0].shape() == [2, 2, 8, 32]
+
+
+def test_a_context_too_short_for_the_decode_step_fails_clearly(tmp_path, capsys):
+    from lora_edge.errors import ConfigError
+
+    # the graph has 8 positions: a prefill of 8 fits, the decode step at position 8 does not
+    bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged",), decoder=True, positions=8)
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=8, eager=False, quiet=True, runs=2, warmup=0)
+    assert report.graphs[0].status == "failed" and "indices" in report.graphs[0].reason
+    with pytest.raises(ProviderUnavailableError, match="merged.fp32 failed to run"):
+        report.check_measured()
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=7, eager=False, quiet=True, runs=2, warmup=0)
+    assert report.graphs[0].measured and report.graphs[0].decode_latency_ms["runs"] == 2
+    # with the context in config.json, --seq is refused before anything runs or is written
+    config = bundle / "onnx" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_position_embeddings": 8}))
+    (bundle / "reports" / "profile.json").unlink()
+    with pytest.raises(ConfigError, match="needs 9 positions, the model has 8"):
+        profile_bundle(bundle, "host-cpu", batch=1, seq=8, eager=False, quiet=True, runs=2, warmup=0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", str(bundle), "--device", "host-cpu", "--seq", "8", "--no-eager"])
+    assert exit_info.value.code == ConfigError.exit_code
+    assert "error: --seq 8 leaves no room for the decode step" in capsys.readouterr().err
+    assert not (bundle / "reports" / "profile.json").exists()
+
+
+def test_hotswap_decoder_is_timed_with_its_adapter_active(tmp_path_factory, tiny_model, tiny_adapter):
+    """The hot-swap decode step profile times computes what the merged graph computes (adapter bound)."""
+    import onnxruntime
+
+    from decoder_bundles import bundle_for, shared_root
+    from lora_edge.choices import Form
+    from lora_edge.manifest import find_graph, hotswap_adapter_file
+    from lora_edge.measure import decoder_phases
+
+    bundle, _ = bundle_for("gpt2", Form.MERGED, shared_root(tmp_path_factory), tiny_model, tiny_adapter)
+    steps = {}
+    for name, with_adapter in (("merged.fp32", False), ("hotswap.fp32", True), ("hotswap.fp32", False)):
+        record = find_graph(bundle, name)
+        session = onnxruntime.InferenceSession(str(bundle / record.file), providers=[CPU])
+        adapter = hotswap_adapter_file(bundle, record, "a") if with_adapter else None
+        steps[name, with_adapter] = decoder_phases(session, 1, 8, 100, adapter).decode()[0]
+    np.testing.assert_allclose(steps["hotswap.fp32", True], steps["merged.fp32", False], atol=1e-4)
+    assert np.abs(steps["hotswap.fp32", False] - steps["merged.fp32", False]).max() > 1e-3
 
 
 def test_graph_selection_follows_the_device_precisions(tmp_path):
