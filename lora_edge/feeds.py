@@ -1,7 +1,8 @@
 """Synthetic graph inputs: every place that runs a graph without real data builds its feeds here.
 
 Four callers need inputs no user gave: the profiler (a batch and length of
-the user's choosing, for any graph: :func:`build_feeds`), the CPU rewrites
+the user's choosing, for any graph: :func:`build_feeds`, and a decoder's decode
+step after it: :func:`decode_step_feeds`), the CPU rewrites
 of export and quantize (an encoder batch with padding, a decoder prefill and
 a decode step, to check a rewrite against its source:
 :func:`sample_encoder_feeds`, :func:`sample_decoder_feeds`), and calibration
@@ -92,6 +93,31 @@ def build_feeds(session: "onnxruntime.InferenceSession", batch: int, seq: int, s
             feeds[node.name] = np.zeros(shape, dtype=dtype)
     return feeds
 
+
+def decode_step_feeds(prefill: dict[str, "np.ndarray"], presents: dict[str, "np.ndarray"]) -> dict[str, "np.ndarray"]:
+    """Feeds of one decode step after a prefill: its last token, the prefill's presents as the past.
+
+    ``prefill`` are the prefill's feeds (all-ones mask, as :func:`build_feeds`
+    makes them), ``presents`` its outputs by name (``present.<i>.key`` ->
+    ``past_key_values.<i>.key``). The step's position is the past's length.
+    """
+    import numpy as np
+
+    ids = prefill["input_ids"]
+    batch, length = ids.shape
+    feeds = {}
+    for name, value in prefill.items():
+        if is_past_input(name):
+            feeds[name] = presents[name.replace("past_key_values.", "present.", 1)]
+        elif name == "input_ids":
+            feeds[name] = ids[:, -1:].copy()
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, value.shape[1] + 1), dtype=value.dtype)
+        elif name == "position_ids":
+            feeds[name] = np.full((batch, 1), length, dtype=value.dtype)
+        else:
+            feeds[name] = value
+    return feeds
 
 # --- from a graph (checking rewrites) -----------------------------------------------------------
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lora_edge.feeds import build_feeds, is_past_input
+from lora_edge.feeds import build_feeds, decode_step_feeds, is_past_input
 from lora_edge.runtime import CPU
 
 if TYPE_CHECKING:
@@ -201,8 +201,8 @@ def session_memory(graph: Path, settings, batch: int, seq: int, vocab_size: int,
                    gpu_device_id: int | None = None, timeout_s: float = 600) -> dict:
     """Memory one session of ``graph`` adds when created and run once, measured in a fresh process.
 
-    A decoder graph also runs :func:`decoder_phases` (a prefill and one decode
-    step after it) inside the measurement: its peak includes the KV cache.
+    A decoder graph also runs one decode step after its prefill (the prefill's
+    presents as its past) inside the measurement: its peak includes the KV cache.
 
     In a process that already created and freed other sessions, a new session
     reuses freed heap pages and looks smaller than it is; a fresh interpreter
@@ -245,10 +245,12 @@ def memory_probe_child() -> None:
         session = create_session(request["graph"], settings)
         adapter = load_lora_adapter(request["adapter_file"]) if request["adapter_file"] else None
         feeds = build_feeds(session, request["batch"], request["seq"], vocab_size=request["vocab_size"])
-        GraphRunner(session, feeds, adapter, gpu_id)()
+        runner = GraphRunner(session, feeds, adapter, gpu_id)
+        runner()
         if is_decoder(session):  # a decoder's peak includes the cache of a decode step after the prompt
-            decoder_phases(session, request["batch"], request["seq"], request["vocab_size"],
-                           request["adapter_file"] and Path(request["adapter_file"]))
+            names = [output.name for output in session.get_outputs()]
+            presents = dict(zip(names, session.run(None, feeds, runner.run_options)))
+            GraphRunner(session, decode_step_feeds(feeds, presents), adapter, gpu_id)()
     result = {"rss_added_mb": memory.added_mb, "method": f"{memory.method}, fresh process"}
     if gpu_before is not None:
         gpu_after = gpu_memory_used_mb(gpu_id)
@@ -315,62 +317,6 @@ class GraphRunner:
             self.binding.synchronize_outputs()
         else:
             self.session.run(None, self.feeds, self.run_options)
-
-
-@dataclass
-class DecoderPhases:
-    """The two calls a causal-LM graph is timed by: a prefill and one decode step after a past of ``seq`` tokens.
-
-    Both run the way ``lora-edge generate`` runs a graph
-    (:meth:`lora_edge.generate.DecoderRunner.bound_step`): IO binding with the
-    inputs and outputs in host memory, the decode step's past bound as the
-    ONNX Runtime values the prefill returned (no cache copy), and a hot-swap
-    graph's adapter bound as graph inputs (:class:`lora_edge.generate.BoundAdapter`;
-    ONNX Runtime ignores ``RunOptions`` adapters under IO binding). So the
-    timings are what a user of ``generate`` gets per prompt and per token.
-    The decode step re-uses the same past every call: its cost at a context
-    of ``seq`` tokens, not a growing one.
-    """
-
-    prefill: Callable[[], object]
-    decode: Callable[[], object]
-    batch: int
-    seq: int
-    past_length: int     # tokens in the cache the decode step attends to (== seq)
-    present_length: int  # tokens in the cache the decode step returns (== seq + 1)
-
-
-def decoder_phases(session: "onnxruntime.InferenceSession", batch: int, seq: int, vocab_size: int = 1000,
-                   adapter_file: Path | None = None, seed: int = 0) -> DecoderPhases:
-    """Build (and run once each) a ``batch x seq`` prefill and a ``batch x 1`` decode step after it.
-
-    Token ids are random below ``vocab_size`` (fixed seed), masks all ones.
-    Raises what ONNX Runtime raises when the graph cannot run them (e.g. a
-    context shorter than ``seq + 1`` positions).
-    """
-    import numpy as np
-
-    from lora_edge.feeds import position_ids
-    from lora_edge.generate import BoundAdapter, DecoderRunner
-
-    runner = DecoderRunner(session)
-    adapter = BoundAdapter.load(adapter_file) if adapter_file is not None else None
-    ids = np.random.default_rng(seed).integers(5, max(6, vocab_size), size=(batch, seq), dtype=np.int64)
-    mask = np.ones((batch, seq), dtype=np.int64)
-    positions = position_ids(mask)
-    _, past = runner.bound_step(ids, mask, positions, None, adapter)  # the cache the decode step attends to
-    step_ids, step_mask = ids[:, -1:].copy(), np.ones((batch, seq + 1), dtype=np.int64)
-    step_positions = np.full((batch, 1), seq, dtype=np.int64)
-    _, present = runner.bound_step(step_ids, step_mask, step_positions, past, adapter)
-
-    def prefill():
-        return runner.bound_step(ids, mask, positions, None, adapter)
-
-    def decode():
-        return runner.bound_step(step_ids, step_mask, step_positions, past, adapter)
-
-    return DecoderPhases(prefill, decode, batch, seq, past_length=int(past[0].shape()[2]),
-                         present_length=int(present[0].shape()[2]))
 
 
 # --- timing ----------------------------------------------------------------------------------

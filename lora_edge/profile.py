@@ -26,7 +26,7 @@ past (its p50 is the time to first token; prefill tokens/s = batch x seq /
 p50) and one decode step of ``batch x 1`` new tokens after a past of ``seq``
 tokens (decode tokens/s = batch / step p50). Both run the way
 ``lora-edge generate`` runs them (IO binding, a hot-swap graph's adapter bound
-as inputs: :func:`lora_edge.measure.decoder_phases`), so a decoder needs
+as inputs: :func:`decoder_phases`), so a decoder needs
 ``seq + 1`` positions.
 """
 
@@ -38,19 +38,22 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from lora_edge.bundle import ONNX_DIR, require_bundle
 from lora_edge.choices import Form, Task
 from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.errors import BundleError, ConfigError, ProviderUnavailableError
-from lora_edge.feeds import build_feeds
+from lora_edge.feeds import build_feeds, position_ids
 from lora_edge.interleave import RoundTimes, split_runs, time_rounds
 from lora_edge.manifest import GraphRecord, Manifest, find_graph, hotswap_adapter_file, require_graphs
-from lora_edge.measure import (DecoderPhases, GraphRunner, cpu_info, decoder_phases, graph_size, host_facts,
-                               is_decoder, latency_stats, session_memory, trace_session, warm_up_runtime)
+from lora_edge.measure import (GraphRunner, cpu_info, graph_size, host_facts, is_decoder, latency_stats,
+                               session_memory, trace_session, warm_up_runtime)
 from lora_edge.profile_report import FAILED, NOT_MEASURED, GraphProfile, ProfileReport, write_profile
 from lora_edge.recipe import MeasureSpec
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 TRACE_RUNS = 20  # runs recorded in the profiling trace (per-op times); enough for stable shares
 RUNS_PER_ROUND = 5  # timed runs per graph per interleaved round (200 runs: 40 rounds)
@@ -129,6 +132,61 @@ def _require_seq_fits(bundle: Path, manifest: Manifest, seq: int, records: list[
         raise ConfigError(f"--seq {seq} leaves no room for the decode step: it runs after a past of {seq} tokens "
                           f"and needs {seq + 1} positions, the model has {limit}", "--seq",
                           f"give a value <= {limit - 1}")
+
+
+@dataclass
+class DecoderPhases:
+    """The two calls a causal-LM graph is timed by: a prefill and one decode step after a past of ``seq`` tokens.
+
+    Both run the way ``lora-edge generate`` runs a graph
+    (:meth:`lora_edge.generate.DecoderRunner.bound_step`): IO binding with the
+    inputs and outputs in host memory, the decode step's past bound as the
+    ONNX Runtime values the prefill returned (no cache copy), and a hot-swap
+    graph's adapter bound as graph inputs (:class:`lora_edge.generate.BoundAdapter`;
+    ONNX Runtime ignores ``RunOptions`` adapters under IO binding). So the
+    timings are what a user of ``generate`` gets per prompt and per token.
+    The decode step re-uses the same past every call: its cost at a context
+    of ``seq`` tokens, not a growing one.
+    """
+
+    prefill: Callable[[], object]
+    decode: Callable[[], object]
+    batch: int
+    seq: int
+    past_length: int     # tokens in the cache the decode step attends to (== seq)
+    present_length: int  # tokens in the cache the decode step returns (== seq + 1)
+
+
+def decoder_phases(session: "onnxruntime.InferenceSession", batch: int, seq: int, vocab_size: int = 1000,
+                   adapter_file: Path | None = None, seed: int = 0) -> DecoderPhases:
+    """Build (and run once each) a ``batch x seq`` prefill and a ``batch x 1`` decode step after it.
+
+    Token ids are random below ``vocab_size`` (fixed seed), masks all ones.
+    Raises what ONNX Runtime raises when the graph cannot run them (e.g. a
+    context shorter than ``seq + 1`` positions).
+    """
+    import numpy as np
+
+    from lora_edge.generate import BoundAdapter, DecoderRunner
+
+    runner = DecoderRunner(session)
+    adapter = BoundAdapter.load(adapter_file) if adapter_file is not None else None
+    ids = np.random.default_rng(seed).integers(5, max(6, vocab_size), size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    positions = position_ids(mask)
+    _, past = runner.bound_step(ids, mask, positions, None, adapter)  # the cache the decode step attends to
+    step_ids, step_mask = ids[:, -1:].copy(), np.ones((batch, seq + 1), dtype=np.int64)
+    step_positions = np.full((batch, 1), seq, dtype=np.int64)
+    _, present = runner.bound_step(step_ids, step_mask, step_positions, past, adapter)
+
+    def prefill():
+        return runner.bound_step(ids, mask, positions, None, adapter)
+
+    def decode():
+        return runner.bound_step(step_ids, step_mask, step_positions, past, adapter)
+
+    return DecoderPhases(prefill, decode, batch, seq, past_length=int(past[0].shape()[2]),
+                         present_length=int(present[0].shape()[2]))
 
 
 @dataclass

@@ -166,7 +166,7 @@ def test_classifiers_have_no_decoder_speed(tiny_report):
 def test_the_decode_step_runs_after_a_past_of_seq_tokens(tmp_path):
     import onnxruntime
 
-    from lora_edge.measure import decoder_phases
+    from lora_edge.profile import decoder_phases
 
     bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged",), decoder=True)
     session = onnxruntime.InferenceSession(str(bundle / "onnx" / "merged.fp32.onnx"), providers=[CPU])
@@ -176,6 +176,16 @@ def test_the_decode_step_runs_after_a_past_of_seq_tokens(tmp_path):
     assert logits.shape == (2, 100) and presents[0].shape() == [2, 2, 9, 32]
     logits, presents = phases.prefill()
     assert presents[0].shape() == [2, 2, 8, 32]
+    # the numpy feeds of the same step (the memory probe's): last token, position 8, the prefill's presents
+    from lora_edge.feeds import decode_step_feeds
+
+    feeds = build_feeds(session, batch=2, seq=8, vocab_size=100)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    step = decode_step_feeds(feeds, outputs)
+    assert step["input_ids"].tolist() == feeds["input_ids"][:, -1:].tolist()
+    assert step["attention_mask"].shape == (2, 9) and step["position_ids"].tolist() == [[8], [8]]
+    assert step["past_key_values.0.value"] is outputs["present.0.value"]
+    assert session.run(["present.0.key"], step)[0].shape == (2, 2, 9, 32)
 
 
 def test_a_context_too_short_for_the_decode_step_fails_clearly(tmp_path, capsys):
@@ -209,7 +219,7 @@ def test_hotswap_decoder_is_timed_with_its_adapter_active(tmp_path_factory, tiny
     from decoder_bundles import bundle_for, shared_root
     from lora_edge.choices import Form
     from lora_edge.manifest import find_graph, hotswap_adapter_file
-    from lora_edge.measure import decoder_phases
+    from lora_edge.profile import decoder_phases
 
     bundle, _ = bundle_for("gpt2", Form.MERGED, shared_root(tmp_path_factory), tiny_model, tiny_adapter)
     steps = {}
