@@ -146,7 +146,9 @@ class DecoderPhases:
     ONNX Runtime ignores ``RunOptions`` adapters under IO binding). So the
     timings are what a user of ``generate`` gets per prompt and per token.
     The decode step re-uses the same past every call: its cost at a context
-    of ``seq`` tokens, not a growing one.
+    of ``seq`` tokens, not a growing one. On a GPU device the inputs and
+    outputs stay in host memory too (as ``generate`` has them), so a decoder's
+    GPU timings include those copies, unlike a classifier's.
     """
 
     prefill: Callable[[], object]
