@@ -106,6 +106,9 @@ def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report:
         options.enable_bias_skip_layer_norm = False
         options.enable_embed_layer_norm = False
         options.enable_bias_gelu = False
+        # ORT fuses the exported erf-Gelu itself when a session loads; fused here, as a contrib op its output
+        # has no type for the static quantizer's calibration, so the next MatMul kept float activations.
+        options.enable_gelu = False
     loggers = [logging.getLogger(name) for name in ("onnxruntime.transformers", "fusion_base", "onnx_model")]
     levels = [log.level for log in loggers]
     for log in loggers:

@@ -129,3 +129,23 @@ def test_quantized_graphs_from_a_fused_source_and_fp16_restores_gpu_fusions(bund
     from lora_edge.quantize_prepare import run_graph
 
     assert np.abs(run_graph(model.SerializeToString(), feeds)[0] - expected).max() <= 1e-5
+
+
+def test_int8_static_quantizes_every_linear_of_a_fused_graph(bundles, tmp_path):
+    """Every MatMul of the merged int8-static graph reads quantized activations (none is left float by a fusion)."""
+    import onnx
+
+    from lora_edge.quantize import quantize_graph
+    from lora_edge.quantize_prepare import FusionPlan
+
+    fused, _, _ = bundles
+    plan = FusionPlan.from_config(json.loads((fused / "onnx" / "config.json").read_text()))
+    calibration = [_batch(16, [16, 9], seed) for seed in range(4)]
+    result = quantize_graph(fused / "onnx" / "merged.fp32.onnx", tmp_path / "merged.int8-static.onnx", "int8-static",
+                            plan=plan, calibration=calibration)
+    model = onnx.load(str(result.path))
+    producers = {output: node for node in model.graph.node for output in node.output}
+    matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
+    assert len(matmuls) == 12  # 2 layers x (Q, K, V, O, FFN in, FFN out)
+    for node in matmuls:
+        assert [producers[name].op_type for name in node.input] == ["DequantizeLinear"] * 2, node.name
