@@ -4,7 +4,8 @@ Right after export, each fp32 sequence-classification graph of a bundle gets
 the rewrites of :func:`lora_edge.quantize_prepare.fuse_graph` (attention as one
 MultiHeadAttention per layer with the unmasked kernel for unpadded batches,
 residual sums kept out of ORT's slow CPU SkipLayerNormalization, LoRA pairs on
-one input sharing their A MatMul, padding trimmed to the last attended column).
+one input sharing their A MatMul, the last layer computed for the pooled first
+token only, padding trimmed to the last attended column).
 They took merged fp32 from 1.00x to 0.77x of the dynamo-exported peer's fp32
 graph, and a short request padded to 128 runs at the cost of its real tokens
 (benchmarks/README.md). The fused graph is then run on the exporter's verify
