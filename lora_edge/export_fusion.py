@@ -120,5 +120,6 @@ def fuse_exported_graphs(records: list["GraphRecord"], staging: Path, references
             progress(f"  {record.name}: kept as exported ({fusion['dropped']})")
         else:
             progress(f"  {record.name}: fused for the CPU ({fusion.get('attention', 0)} attention blocks, padding "
-                     f"trimmed: {'yes' if fusion.get('padding_trimmed') else 'no'}), max abs diff vs PyTorch "
+                     f"trimmed: {'yes' if fusion.get('padding_trimmed') else 'no'}, last layer for the first token "
+                     f"only: {'yes' if fusion.get('first_token_only') else 'no'}), max abs diff vs PyTorch "
                      f"{fusion.get('max_abs_diff_vs_pytorch', float('nan')):.2g}")
