@@ -434,7 +434,7 @@ def parse_args() -> argparse.Namespace:
                         help="int8-static calibration data (default: the shipped intent training split).")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lora-edge-latency"))
     parser.add_argument("--reuse", action="store_true", help="Reuse graphs already in --workdir.")
-    parser.add_argument("--profile", action="store_true", help="Also print ORT per-op profiles of the int8 graphs.")
+    parser.add_argument("--profile", action="store_true", help="Also print ORT per-op profiles (fastest peers, merged and branched fp32/int8).")
     parser.add_argument("--no-gemm", action="store_true", help="Skip timing the GEMMs alone.")
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "latency.json")
     return parser.parse_args()
@@ -471,11 +471,13 @@ def main() -> None:
         print(format_kind(kind, summary, targets) + "\n")
     print(format_footer(gemm, ops, noise))
     if args.profile:
-        peer_int8 = report["kinds"]["real128"]["fastest_peer"]["int8"]
+        peers = report["kinds"]["real128"]["fastest_peer"]
+        profiled = (peers["fp32"], "merged fp32", "branched fp32", peers["int8"], "merged int8-dynamic",
+                    "branched int8-dynamic")
         report["profiles"] = {name: op_profile(graphs[name], feeds["real128"], args.threads, spinning, 40, work,
                                                bundle / "onnx" / "adapters" / "bench.onnx_adapter"
                                                if name.startswith("hotswap") else None)
-                              for name in (peer_int8, "merged int8-dynamic", "branched int8-dynamic")}
+                              for name in profiled}
         for name, profile in report["profiles"].items():
             print(f"\nper-op profile, {name} (model_run median {profile['model_run_ms_median']:.2f} ms):")
             for op in profile["top_ops"]:

@@ -4,7 +4,8 @@ Right after export, each fp32 sequence-classification graph of a bundle gets
 the rewrites of :func:`lora_edge.quantize_prepare.fuse_graph` (attention as one
 MultiHeadAttention per layer with the unmasked kernel for unpadded batches,
 residual sums kept out of ORT's slow CPU SkipLayerNormalization, LoRA pairs on
-one input sharing their A MatMul, padding trimmed to the last attended column).
+one input sharing their A MatMul, the last layer computed for the pooled first
+token only, padding trimmed to the last attended column).
 They took merged fp32 from 1.00x to 0.77x of the dynamo-exported peer's fp32
 graph, and a short request padded to 128 runs at the cost of its real tokens
 (benchmarks/README.md). The fused graph is then run on the exporter's verify
@@ -121,5 +122,6 @@ def fuse_exported_graphs(records: list["GraphRecord"], staging: Path, references
             progress(f"  {record.name}: kept as exported ({fusion['dropped']})")
         else:
             progress(f"  {record.name}: fused for the CPU ({fusion.get('attention', 0)} attention blocks, padding "
-                     f"trimmed: {'yes' if fusion.get('padding_trimmed') else 'no'}), max abs diff vs PyTorch "
+                     f"trimmed: {'yes' if fusion.get('padding_trimmed') else 'no'}, last layer for the first token "
+                     f"only: {'yes' if fusion.get('first_token_only') else 'no'}), max abs diff vs PyTorch "
                      f"{fusion.get('max_abs_diff_vs_pytorch', float('nan')):.2g}")

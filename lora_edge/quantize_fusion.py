@@ -362,6 +362,169 @@ def trim_padding(model: "onnx.ModelProto") -> int:
     return len(renamed)
 
 
+# Ops that compute each token on its own, whatever the leading axes.
+TOKEN_UNARY_OPS = {"Gelu", "Erf", "Tanh", "Relu", "Sigmoid", "Sqrt", "Identity", "Cast", "Neg", "Abs", "Exp",
+                   "Softplus", "FastGelu", "BiasGelu"}
+TOKEN_BINARY_OPS = {"Add", "Sub", "Mul", "Div", "Sum", "Pow"}
+
+
+def _constant_through_identity(index: GraphIndex, name: str) -> "np.ndarray | None":
+    """``index.constant(name)``, also through Identity nodes (the TorchScript exporter shares equal weights so)."""
+    node = index.producer.get(name)
+    while node is not None and node.op_type == "Identity":
+        name = node.input[0]
+        node = index.producer.get(name)
+    return index.constant(name)
+
+
+def _static_rank(index: GraphIndex, name: str) -> int | None:
+    """The rank of ``name`` when the graph itself fixes it (a constant, a declared input, a transpose of one)."""
+    value = _constant_through_identity(index, name)
+    if value is not None:
+        return value.ndim
+    if name in index.graph_inputs:
+        declared = next(v for v in index.graph.input if v.name == name)
+        tensor = declared.type.tensor_type
+        return len(tensor.shape.dim) if tensor.HasField("shape") else None
+    node = index.producer.get(name)
+    if node is not None and node.op_type in {"Transpose", "Identity", "Cast"}:
+        return _static_rank(index, node.input[0])
+    return None
+
+
+def _attribute(node: "onnx.NodeProto", name: str, default):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _attention_nodes(node: "onnx.NodeProto") -> list:
+    """The MultiHeadAttention nodes of a top-level node: itself, or both branches of a mask switch."""
+    if node.op_type == "MultiHeadAttention" and node.domain == MS_DOMAIN:
+        return [node]
+    if node.op_type == "If" and list(node.input) == [MASK_ALL_ONES]:
+        return [a.g.node[0] for a in node.attribute if a.name in ("then_branch", "else_branch")]
+    return []
+
+
+FIRST_TOKEN_PREFIX = "first_token"  # node and constant names (no "lora": LoRA weights are told by name)
+TOKEN_SOURCE_OPS = {"LayerNormalization", "MatMul"}  # producers a first-token slice may start from
+
+
+def _token_inputs(index: GraphIndex, node: "onnx.NodeProto") -> list[str] | None:
+    """The inputs ``node`` computes each token from on its own (for attention: the query), or None.
+
+    None when ``node`` is not a per-token op: then each output token may depend on other tokens.
+    """
+    if node.op_type == "MatMul":
+        return [node.input[0]] if _static_rank(index, node.input[1]) == 2 else None
+    if node.op_type in TOKEN_BINARY_OPS:
+        return [name for name in node.input if name and _constant_through_identity(index, name) is None]
+    if node.op_type == "LayerNormalization":
+        return [node.input[0]] if _attribute(node, "axis", -1) == -1 and len(node.output) == 1 else None
+    if node.op_type in TOKEN_UNARY_OPS and node.domain in ("", "ai.onnx", MS_DOMAIN):
+        return [node.input[0]]
+    attention = _attention_nodes(node)
+    return [attention[0].input[0]] if attention and len({n.input[0] for n in attention}) == 1 else None
+
+
+def _first_token_reader(index: GraphIndex, node: "onnx.NodeProto") -> bool:
+    """``node`` reads only token 0 of its first input along axis 1 (``hidden[:, 0]``, as poolers do)."""
+    if node.op_type != "Gather" or _attribute(node, "axis", 0) != 1:
+        return False
+    value = index.constant(node.input[1])
+    return value is not None and value.ndim == 0 and int(value) == 0
+
+
+def _first_token_region(index: GraphIndex, reader: "onnx.NodeProto") -> tuple[list, set[str]] | None:
+    """The per-token nodes whose outputs only ``reader``'s token 0 needs, and the tensors the region starts from."""
+    region: dict[str, "onnx.NodeProto"] = {}
+    uses = {reader.name: {reader.input[0]}}  # node -> the inputs it reads per token
+    for node in reversed(list(index.graph.node)):
+        inputs = _token_inputs(index, node)
+        if inputs is None or not node.output or set(node.output) & index.graph_outputs:
+            continue
+        producer = index.producer.get(node.input[0])
+        if node.op_type == "MatMul" and producer is not None and producer.op_type == "MatMul":
+            continue  # a low-rank pair's second factor: the pair stays whole (LoRA pairs are found as MatMul->MatMul)
+        needed = True
+        for output in node.output:
+            readers = index.consumers.get(output, [])
+            if not readers or any(output not in uses.get(r.name, ()) or _reads_elsewhere(r, output)
+                                  for r in readers):
+                needed = False
+                break
+        if needed:
+            region[node.name] = node
+            uses[node.name] = set(inputs)
+    attention = [node for node in region.values() if _attention_nodes(node)]
+    starts = {name for node in region.values() for name in uses[node.name]
+              if index.producer.get(name) is None or index.producer[name].name not in region}
+    if len(attention) != 1 or not starts:
+        return None
+    if any(index.producer.get(name) is None or index.producer[name].op_type not in TOKEN_SOURCE_OPS
+           for name in starts):
+        return None
+    return list(region.values()), starts
+
+
+def _reads_elsewhere(node: "onnx.NodeProto", name: str) -> bool:
+    """``node`` also reads ``name`` as something other than its per-token input (e.g. an attention key)."""
+    attention = _attention_nodes(node)
+    if attention:
+        return any(name in list(n.input[1:]) for n in attention)
+    if node.op_type in ("MatMul", "LayerNormalization"):
+        return name in list(node.input[1:])
+    return False
+
+
+def compute_first_token_only(model: "onnx.ModelProto") -> int:
+    """Run the last encoder layer for the first token only where the head reads nothing else; return the slices.
+
+    A sequence classifier's pooler reads ``hidden[:, 0]`` of the last layer. In
+    that layer every token's keys and values are still needed, but the query,
+    the attention output, its projection, the feed-forward block and both
+    LayerNormalizations only for token 0: the tensors the region starts from are
+    sliced to their first token (``Slice`` on axis 1), and attention runs one
+    query against all keys. The same arithmetic for token 0 (MiniLM-L6: 1/7 of
+    the linear layers' work gone). Returns how many tensors were sliced (0: no
+    single ``hidden[:, 0]`` reader, or no region ending in one attention block).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    name_all_nodes(model)  # the region is tracked by node name
+    index = GraphIndex(model)
+    names = [node.name for node in model.graph.node]
+    if len(set(names)) != len(names) or any(name.startswith(FIRST_TOKEN_PREFIX) for name in names):
+        return 0  # names that do not identify nodes, or a graph cut already
+    readers = [node for node in model.graph.node if _first_token_reader(index, node)]
+    if len(readers) != 1:
+        return 0
+    found = _first_token_region(index, readers[0])
+    if found is None:
+        return 0
+    region, starts = found
+    constants = {"starts": [0], "ends": [1], "axes": [1]}
+    for label, value in constants.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64),
+                                                               f"{FIRST_TOKEN_PREFIX}/{label}"))
+    sliced, added = {}, []
+    for name in sorted(starts):
+        sliced[name] = f"{name}__first_token"
+        added.append(helper.make_node("Slice", [name] + [f"{FIRST_TOKEN_PREFIX}/{k}" for k in constants],
+                                      [sliced[name]], name=f"{FIRST_TOKEN_PREFIX}/{name}"))
+    for node in region:
+        attention = _attention_nodes(node)
+        for target in attention or [node]:
+            positions = [0] if attention or node.op_type in ("MatMul", "LayerNormalization") \
+                else range(len(target.input))
+            for position in positions:
+                target.input[position] = sliced.get(target.input[position], target.input[position])
+    _replace_nodes(model, added + list(model.graph.node))
+    return len(added)
+
+
 def restore_for_gpu(model: "onnx.ModelProto") -> int:
     """Undo the CPU-only rewrites of an already fused graph (residual ``Sum`` -> ``Add``, mask ``If`` -> masked MHA).
 

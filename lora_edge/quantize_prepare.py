@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from lora_edge.errors import first_line
 from lora_edge.feeds import sample_encoder_feeds
-from lora_edge.quantize_fusion import (MASK_ALL_ONES, fuse_attention, keep_layernorm_unfused, restore_for_gpu,
-                                       share_lora_inputs, trim_padding)
+from lora_edge.quantize_fusion import (FIRST_TOKEN_PREFIX, MASK_ALL_ONES, compute_first_token_only, fuse_attention,
+                                       keep_layernorm_unfused, restore_for_gpu, share_lora_inputs, trim_padding)
 from lora_edge.runtime import graph_outputs, relative_difference
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class FusionReport:
     attention: int = 0
     layernorm_unfused: int = 0
     lora_shared: int = 0  # LoRA pairs whose A factors were merged with a sibling's (same input)
+    first_token_only: int = 0  # tensors sliced so the last layer computes the pooled first token only
     padding_trimmed: int = 0  # sequence inputs cut to the last attended column (CPU targets)
     restored_for_gpu: int = 0  # CPU-only rewrites of an already fused graph undone for a GPU target
     max_abs_diff: float | None = None
@@ -83,6 +84,9 @@ def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report:
         options.enable_bias_skip_layer_norm = False
         options.enable_embed_layer_norm = False
         options.enable_bias_gelu = False
+        # ORT fuses the exported erf-Gelu itself when a session loads; fused here, as a contrib op its output
+        # has no type for the static quantizer's calibration, so the next MatMul kept float activations.
+        options.enable_gelu = False
     loggers = [logging.getLogger(name) for name in ("onnxruntime.transformers", "fusion_base", "onnx_model")]
     levels = [log.level for log in loggers]
     for log in loggers:
@@ -110,6 +114,9 @@ def _lora_edge_rewrites(model: "onnx.ModelProto", plan: FusionPlan, report: Fusi
             or sum(node.op_type == "If" and MASK_ALL_ONES in node.input or node.op_type == "MultiHeadAttention"
                    for node in model.graph.node)
     report.lora_shared = share_lora_inputs(model)
+    # a source graph fused at export has its last layer cut already: count those
+    report.first_token_only = compute_first_token_only(model) or sum(
+        node.name.startswith(FIRST_TOKEN_PREFIX) for node in model.graph.node)
     if not plan.for_gpu:
         report.layernorm_unfused = keep_layernorm_unfused(model)
         report.padding_trimmed = trim_padding(model)

@@ -72,6 +72,8 @@ def test_fp32_graphs_are_fused_and_recorded(bundles):
     for form in FORMS:
         fusion = records[f"{form}.fp32"]["extra"]["fusion"]
         assert fusion["attention"] == 2 and fusion["padding_trimmed"] == 3 and "dropped" not in fusion
+        # the last layer's query side starts from the layer input and, with LoRA, the query pair's output
+        assert fusion["first_token_only"] == {"merged": 1, "branched": 2, "hotswap": 2}[form]
         assert fusion["max_abs_diff_vs_pytorch"] <= 1e-4
         ops = _ops(fused / records[f"{form}.fp32"]["file"])
         assert ops["If"] == 2 and ops["Softmax"] == 0 and ops["Slice"] >= 3
@@ -129,3 +131,69 @@ def test_quantized_graphs_from_a_fused_source_and_fp16_restores_gpu_fusions(bund
     from lora_edge.runtime import graph_outputs
 
     assert np.abs(graph_outputs(model.SerializeToString(), feeds)[0] - expected).max() <= 1e-5
+
+
+def _last_hidden(model) -> str:
+    """The tensor the pooler reads token 0 of (``hidden[:, 0]``)."""
+    return next(node.input[0] for node in model.graph.node if node.op_type == "Gather"
+                and any(a.name == "axis" and a.i == 1 for a in node.attribute))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_last_layer_runs_for_the_pooled_token_only(bundles, form):
+    """The last layer's output has one token however long the batch is, and the logits still match (above)."""
+    import onnx
+
+    from lora_edge.runtime import graph_outputs, load_lora_adapter
+
+    fused, _, _ = bundles
+    model = onnx.load(str(fused / "onnx" / f"{form}.fp32.onnx"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(_last_hidden(model), onnx.TensorProto.FLOAT, None))
+    feeds = _batch(16, [16, 9])
+    if form == "hotswap":  # run with the adapter active, as served
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        options = onnxruntime.RunOptions()
+        options.add_active_adapter(load_lora_adapter(fused / "onnx" / "adapters" / "tiny.onnx_adapter"))
+        hidden = session.run(None, feeds, options)[1]
+    else:
+        hidden = graph_outputs(model.SerializeToString(), feeds)[1]
+    assert hidden.shape[:2] == (2, 1)
+
+
+def test_no_first_token_cut_where_other_tokens_are_read(bundles):
+    """A graph that also outputs every token's last hidden state keeps its last layer whole."""
+    import onnx
+
+    from lora_edge.quantize_fusion import compute_first_token_only, fuse_attention
+
+    _, plain, _ = bundles
+    model = onnx.load(str(plain / "onnx" / "merged.fp32.onnx"))
+    assert fuse_attention(model, num_heads=json.loads((plain / "onnx" / "config.json").read_text())[
+        "num_attention_heads"]) == 2
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    assert compute_first_token_only(cut) == 1  # the control: this graph is cut when only the pooler reads it
+    model.graph.output.append(onnx.helper.make_tensor_value_info(_last_hidden(model), onnx.TensorProto.FLOAT, None))
+    assert compute_first_token_only(model) == 0
+
+
+def test_int8_static_quantizes_every_linear_of_a_fused_graph(bundles, tmp_path):
+    """Every MatMul of the merged int8-static graph reads quantized activations (none is left float by a fusion)."""
+    import onnx
+
+    from lora_edge.quantize import quantize_graph
+    from lora_edge.quantize_prepare import FusionPlan
+
+    fused, _, _ = bundles
+    plan = FusionPlan.from_config(json.loads((fused / "onnx" / "config.json").read_text()))
+    calibration = [_batch(16, [16, 9], seed) for seed in range(4)]
+    result = quantize_graph(fused / "onnx" / "merged.fp32.onnx", tmp_path / "merged.int8-static.onnx", "int8-static",
+                            plan=plan, calibration=calibration)
+    model = onnx.load(str(result.path))
+    producers = {output: node for node in model.graph.node for output in node.output}
+    matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
+    assert len(matmuls) == 12  # 2 layers x (Q, K, V, O, FFN in, FFN out)
+    for node in matmuls:
+        assert [producers[name].op_type for name in node.input] == ["DequantizeLinear"] * 2, node.name
