@@ -36,7 +36,7 @@ from lora_edge.check_data import eval_set
 from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
 from lora_edge.check_tasks import BACKENDS, Continuations, EvalSet, Generation, compare_logits
 from lora_edge.console import Progress
-from lora_edge.errors import BundleError, ConfigError, LoraEdgeError, ProviderUnavailableError
+from lora_edge.errors import BundleError, ConfigError, LoraEdgeError, ProviderUnavailableError, first_line
 from lora_edge.manifest import AdapterRecord, GraphRecord, Manifest, require_adapter_file, require_graphs
 from lora_edge.models import Task, load_tokenizer
 from lora_edge.recipe import CheckSpec
@@ -168,7 +168,7 @@ def _unrunnable(exc: BaseException) -> str | None:
     if isinstance(exc, ProviderUnavailableError):
         return exc.format_message()
     if exc.__class__.__name__ == "NotImplemented":  # onnxruntime: no kernel for an op on this provider
-        return f"no kernel on this host's providers ({str(exc).splitlines()[0][:200]})"
+        return f"no kernel on this host's providers ({first_line(exc, 200)})"
     return None
 
 
@@ -199,7 +199,7 @@ def run_target(target: CheckTarget, bundle: Path, backend, batches, reference: R
                                                      adapter) if greedy and reference.continuations else None)
     except Exception as exc:  # a graph that cannot run is skipped (no provider) or failed (broken), never raised
         reason = _unrunnable(exc)
-        line = exc.format_message() if isinstance(exc, LoraEdgeError) else str(exc).strip().splitlines()[0][:300]
+        line = exc.format_message() if isinstance(exc, LoraEdgeError) else first_line(exc, 300)
         result.error = reason or f"the graph could not run: {line}"
         status = SKIPPED if reason else FAILED
         result.metrics = [MetricResult(m, status, None, getattr(thresholds, m), thresholds.bound(m), result.error)
@@ -340,6 +340,32 @@ def _tokenizer(bundle: Path, model_path: Path):
     return load_tokenizer(source)
 
 
+def _device(spec: CheckSpec) -> tuple[str, SessionSettings, dict, str]:
+    """(device name, session settings, tolerance tables, where they come from) of the gate's device."""
+    from lora_edge.devices import load_device
+
+    if not spec.device:
+        return "CPUExecutionProvider (no device)", SessionSettings(), {}, ""
+    device = load_device(spec.device)
+    return device.name, device.session_settings(), device.tolerances, f"{device.source}: tolerances"
+
+
+def _failed(target: CheckTarget, task: str, thresholds, reason: str) -> TargetResult:
+    """A target whose every metric failed for one reason (e.g. no PyTorch reference could be built)."""
+    result = _result_for(target, task, thresholds)
+    result.error = reason
+    result.metrics = [MetricResult(m, FAILED, None, getattr(thresholds, m), thresholds.bound(m), reason)
+                      for m in gated_metrics(task)]
+    return result
+
+
+def _progress_line(target: CheckTarget, result: TargetResult) -> str:
+    failed = sum(m.status == FAILED for m in result.metrics)
+    skipped = sum(m.status == SKIPPED for m in result.metrics)
+    return (f"check: {target.name}: {result.status}" + (f" ({failed} failed)" if failed else "")
+            + (f" ({skipped} skipped)" if skipped else "") + f", {result.seconds:.1f} s")
+
+
 def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str | Path | None = None,
                  progress: Progress | None = None, write: bool = True) -> CheckReport:
     """Run the accuracy gate on every graph of ``bundle``; write the reports; return the findings.
@@ -350,8 +376,6 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
     """
     from datetime import datetime, timezone
 
-    from lora_edge.devices import load_device
-
     started = time.perf_counter()
     say = progress or (lambda message: None)
     bundle = require_bundle(Path(bundle))
@@ -359,15 +383,12 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
     spec = spec or spec_from_manifest(manifest)
     task = manifest.model.task
     backend = BACKENDS[task]
-    device = load_device(spec.device) if spec.device else None
-    settings = device.session_settings() if device else SessionSettings()
-    tolerances, tolerance_where = (device.tolerances, f"{device.source}: tolerances") if device else ({}, "")
+    device_name, settings, tolerances, tolerance_where = _device(spec)
     adapters = manifest.adapters
     if not adapters:
         raise BundleError("the bundle lists no adapters", bundle / "manifest.json", "re-export the bundle")
     graphs = require_graphs(bundle)
-    report = CheckReport(str(bundle), task, device.name if device else "CPUExecutionProvider (no device)",
-                         datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    report = CheckReport(str(bundle), task, device_name, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     targets = plan_targets(graphs, manifest.adapter_names)
     model_path = manifest.model.resolved_path()
     tokenizer = _tokenizer(bundle, model_path)
@@ -392,14 +413,9 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
                                      any(t.adapter is None for t in mine), greedy)
         except LoraEdgeError as exc:  # no reference: every graph of this adapter fails, with the reason
             reason = f"the PyTorch reference could not be built: {exc.format_message()}"
-            for target in mine:
-                precision = target.graph.precision.value
-                thresholds = spec.thresholds_for(precision, tolerances, tolerance_where, task)
-                result = _result_for(target, task, thresholds)
-                result.error = reason
-                result.metrics = [MetricResult(m, FAILED, None, getattr(thresholds, m), thresholds.bound(m), reason)
-                                  for m in gated_metrics(task)]
-                report.targets.append(result)
+            report.targets += [_failed(target, task, spec.thresholds_for(target.graph.precision.value, tolerances,
+                                                                         tolerance_where, task), reason)
+                               for target in mine]
             say(f"check: adapter {name}: {reason}")
             continue
         for target in mine:
@@ -408,11 +424,7 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
             result = run_target(target, bundle, backend, batches, references[target.adapter is None], evalset,
                                 thresholds, sessions, f"check.thresholds.{precision}", greedy)
             report.targets.append(result)
-            failed = sum(m.status == FAILED for m in result.metrics)
-            skipped = sum(m.status == SKIPPED for m in result.metrics)
-            say(f"check: {target.name}: {result.status}"
-                + (f" ({failed} failed)" if failed else "") + (f" ({skipped} skipped)" if skipped else "")
-                + f", {result.seconds:.1f} s")
+            say(_progress_line(target, result))
     report.seconds = time.perf_counter() - started
     if write:
         from lora_edge.check_report import write_reports

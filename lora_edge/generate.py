@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lora_edge.decoder_io import ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME, POSITION_IDS, PRESENT_NAME
-from lora_edge.errors import AdapterMismatchError, ConfigError, DataError, ExportError
+from lora_edge.errors import AdapterMismatchError, ConfigError, DataError, ExportError, first_line
 from lora_edge.runtime import run
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class BoundAdapter:
         try:
             parameters = onnxruntime.AdapterFormat.read_adapter(str(path)).get_parameters()
         except Exception as exc:  # ORT raises its own error types for a corrupt file
-            raise AdapterMismatchError(f"cannot read the adapter file ({str(exc).splitlines()[0][:160]})",
+            raise AdapterMismatchError(f"cannot read the adapter file ({first_line(exc, 160)})",
                                        path, "re-run lora-edge export") from None
         return cls(Path(path), dict(parameters))
 
@@ -200,7 +200,7 @@ class DecoderRunner:
     def _adapter_error(exc: Exception, adapter) -> Exception:
         """AdapterMismatchError when an active adapter is the likely cause of a run failure, else ``exc``."""
         if adapter is not None and ("lora" in str(exc).lower() or "shape" in str(exc).lower()):
-            return AdapterMismatchError(f"the adapter does not fit this graph ({str(exc).splitlines()[0][:200]})",
+            return AdapterMismatchError(f"the adapter does not fit this graph ({first_line(exc, 200)})",
                                         "--adapter", "use an adapter trained on this bundle's base model")
         return exc
 
@@ -450,7 +450,7 @@ def check_adapter_fits(session: "onnxruntime.InferenceSession", adapter_file: Pa
     try:
         parameters = onnxruntime.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
     except Exception as exc:  # ORT raises its own error types for a corrupt file
-        raise AdapterMismatchError(f"cannot read the adapter file ({str(exc).splitlines()[0][:160]})",
+        raise AdapterMismatchError(f"cannot read the adapter file ({first_line(exc, 160)})",
                                    adapter_file, "re-run lora-edge export") from None
     for name, value in parameters.items():
         if name not in inputs:
