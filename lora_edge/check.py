@@ -148,19 +148,29 @@ def plan_targets(graphs: list[GraphRecord], adapters: list[str]) -> list[CheckTa
 # --- running ---------------------------------------------------------------------------------------
 
 class SessionCache:
-    """One ONNX Runtime session per graph file, shared by every adapter of a hot-swap graph."""
+    """The ONNX Runtime session of the graph being checked, shared by consecutive targets of that graph.
+
+    One session at a time: a session's memory arena keeps the buffers of its
+    largest run (an LLM's logits over a batch are hundreds of MB), so keeping a
+    session per graph ran the gate of an 8-graph SmolLM2 bundle out of 23 GB.
+    Targets come graph by graph (a hot-swap graph's adapters, then its base),
+    so each session is still created once per adapter.
+    """
 
     def __init__(self, settings: SessionSettings):
         self.settings = settings
-        self.sessions: dict[Path, object] = {}
+        self.path: Path | None = None
+        self.session = None
 
     def get(self, path: Path):
-        """The session of ``path`` (created on first use)."""
+        """The session of ``path`` (the previous graph's session is released first)."""
         from lora_edge.runtime import create_session
 
-        if path not in self.sessions:
-            self.sessions[path] = create_session(path, self.settings)
-        return self.sessions[path]
+        if path != self.path:
+            self.path, self.session = None, None  # free the old arena before the new session allocates
+            self.session = create_session(path, self.settings)
+            self.path = path
+        return self.session
 
 
 def _unrunnable(exc: BaseException) -> str | None:
