@@ -254,11 +254,11 @@ def _skip_reasons(target: CheckTarget, task: str, evalset: EvalSet,
     elif target.adapter is None:
         skips["exact_match_drop"] = "the base model is not expected to give the adapter's answers"
         # Untuned, the base model's continuations of the adapter's prompts are free text whose next
-        # tokens are near ties (SmolLM2 int4: first tokens differ on 19 of 20 prompts, logits agree
-        # on 0.71 of positions); position-by-position agreement there measures the ties, not the graph.
+        # tokens are near ties (SmolLM2 int4: first tokens differ on 19 of 20 prompts, next-token
+        # agreement 0.71 against 0.85 with the adapter); agreement there measures the ties, not the graph.
         if target.graph.precision.value != "fp32":
-            skips["greedy_agreement"] = ("the base model's free-text continuations are near ties: quantized, only "
-                                         "its logits and perplexity are gated")
+            reason = "the base model's predictions on the adapter's data are near ties: quantized, distances gate it"
+            skips.update({"greedy_agreement": reason, "top1_agreement": reason})
     elif not evalset.answers:
         skips["exact_match_drop"] = 'no expected answers: exact match needs chat rows ({"messages": [...]})'
     if evalset.task_skip_reason:  # generated inputs: no text to score perplexity or answers on

@@ -109,13 +109,14 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
 }
 # Causal LMs: logits over a whole vocabulary span tens of units and a prediction is a chain of
 # tokens, so distances scale with the logits (fp32 1e-3: export's relative check) and quantized
-# decoders are judged by what they generate. fp32 must generate the reference's tokens; int4
-# bounds are what honest int4 graphs of SmolLM2-135M + the commands adapter reach, with margin
-# (docs/ARCHITECTURE.md, "Facts"); a broken graph (wrong mask, adapter missing) lands far below.
+# decoders are judged by what they generate. fp32 must generate the reference's tokens; fp16 and
+# int4 logit bounds are what SmolLM2-135M + the commands adapter reach, with margin, and the task
+# bounds what a user can accept (docs/ARCHITECTURE.md, "Facts": that int4 graph keeps 0.93 of the
+# greedy tokens but loses 20 points of exact match, and fails here; int8-dynamic loses more).
 DEFAULT_LM_THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(max_abs_diff=1e-3, mean_abs_diff=1e-4, cosine=0.99999, top1_agreement=0.999,
                        perplexity_increase=0.1, greedy_agreement=0.98, exact_match_drop=0.0),
-    "fp16": Thresholds(max_abs_diff=5e-2, mean_abs_diff=5e-3, cosine=0.9999, top1_agreement=0.99,
+    "fp16": Thresholds(max_abs_diff=0.1, mean_abs_diff=1e-2, cosine=0.9999, top1_agreement=0.99,
                        perplexity_increase=1.0, greedy_agreement=0.9, exact_match_drop=5.0),
     "int8-dynamic": Thresholds(mean_abs_diff=1.5, cosine=0.97, top1_agreement=0.85,
                                perplexity_increase=10.0, greedy_agreement=0.7, exact_match_drop=10.0),
