@@ -372,6 +372,27 @@ def _write_model_files(job: ExportJob, adapters: Sequence[AdapterRef]) -> None:
                            LabelMap(tuple(job.labels[adapter.name])).to_json())
 
 
+def _fuse(job: "ExportJob", clock: Stopwatch, load: Callable[[], dict]) -> None:
+    """The verified CPU fusions of the fp32 encoder graphs (references loaded again: the trace released them)."""
+    from lora_edge.export_fusion import fuse_exported_graphs
+
+    with clock.stage("fuse"):
+        references = load()
+        fuse_exported_graphs(job.records, job.staging, references, job.context, job.tolerance, job.progress)
+        del references
+
+
+def _manifest(job: "ExportJob", model: str | Path, adapters: list[AdapterRef], dirs: dict[str, str],
+              seed: int | None, recipe: dict | None, clock: Stopwatch) -> Manifest:
+    """The new bundle's manifest: versions, the model, the adapters, the graphs and the seconds per stage."""
+    return Manifest(lora_edge_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    libraries=library_versions(), seed=seed,
+                    model=ModelRecord(str(job.model_path), directory_sha256(job.model_path), job.task,
+                                      str(model) == DEFAULT_MODEL),
+                    adapters=[_adapter_record(a, dirs[a.name], job.labels[a.name]) for a in adapters],
+                    graphs=job.records, recipe=recipe, export_stages=clock.stages)
+
+
 def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequence[Form | str], out: Path,
                   precisions: Sequence[Precision | str] = (Precision.FP32,), opset: int | None = None,
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
@@ -425,28 +446,12 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         _write_model_files(job, adapters)
         job.records.extend(export_forms(job, list(dict.fromkeys(forms)), clock, exporter, load))
         if fuse and task is Task.SEQ_CLS:  # CPU fusions, each fused graph checked against PyTorch again
-            from lora_edge.export_fusion import fuse_exported_graphs
-
-            with clock.stage("fuse"):  # the trace released the references: load them for this check
-                references = load()
-                fuse_exported_graphs(job.records, staging, references, context, tolerance, progress)
-                del references
+            _fuse(job, clock, load)
         for record in job.records:
             require_valid_graph(staging / record.file, record.name, ExportError)
         if task is Task.CAUSAL_LM:
             write_genai_config(staging, job.records)  # onnxruntime-genai runs the graphs as they are
-        manifest = Manifest(
-            lora_edge_version=__version__,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            libraries=library_versions(),
-            seed=seed,
-            model=ModelRecord(str(model_path), directory_sha256(model_path), task, str(model) == DEFAULT_MODEL),
-            adapters=[_adapter_record(a, records_dirs[a.name], job.labels[a.name]) for a in adapters],
-            graphs=job.records,
-            recipe=recipe,
-            export_stages=clock.stages,
-        )
-        manifest.write(staging)
+        _manifest(job, model, adapters, records_dirs, seed, recipe, clock).write(staging)
         quantized = [p for p in precisions if p is not Precision.FP32]
         if quantized:
             from lora_edge.quantize import quantize_bundle

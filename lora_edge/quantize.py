@@ -116,6 +116,27 @@ def _check_runs(path: Path, model: "onnx.ModelProto", precision: Precision) -> N
                                 "choose another precision (fp16 overflow?) or report the model")
 
 
+def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: Task, plan: "FusionPlan | None"):
+    """(the float graph fused for where it will run, the fusion report, a tied embedding to share or None)."""
+    from lora_edge.quantize_fusion import name_all_nodes
+    from lora_edge.quantize_methods import GPU_PRECISIONS
+    from lora_edge.quantize_prepare import FusionReport, fuse_graph
+
+    model = load_graph(src)
+    name_all_nodes(model)
+    fusion = FusionReport()
+    if options.fuse and plan is not None and task is Task.SEQ_CLS:
+        model, fusion = fuse_graph(model, dataclasses.replace(plan, for_gpu=precision in GPU_PRECISIONS), str(src))
+    tied = None
+    if task is Task.CAUSAL_LM:
+        from lora_edge.quantize_decoder import config_beside, find_tied_embedding, fuse_decoder
+
+        if options.fuse and precision not in GPU_PRECISIONS:
+            model, fusion = fuse_decoder(model, str(src), config_beside(src))
+        tied = find_tied_embedding(model) if precision is Precision.INT4 else None
+    return model, fusion, tied
+
+
 def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
                    options: QuantizeOptions | None = None, *, task: Task | str = Task.SEQ_CLS,
                    plan: "FusionPlan | None" = None, calibration: Feeds | Callable[[], Feeds] | None = None,
@@ -130,10 +151,8 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     import onnx
 
     from lora_edge.onnx_spec import conform_file, require_valid_graph
-    from lora_edge.quantize_fusion import name_all_nodes
-    from lora_edge.quantize_prepare import FusionReport, fuse_graph
     from lora_edge.quantize_lora import inventory, linear_roles
-    from lora_edge.quantize_methods import GPU_PRECISIONS, QUANTIZERS, QuantizeJob, quiet_quantizers
+    from lora_edge.quantize_methods import QUANTIZERS, QuantizeJob, quiet_quantizers
 
     started = time.perf_counter()
     precision, task = Precision(precision), Task.parse(task)
@@ -146,18 +165,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
         raise ConfigError("int8-static needs calibration batches", "--calibration",
                           "pass --calibration FILE (JSONL/CSV with a text column)")
     src, dst = Path(src), Path(dst)
-    model = load_graph(src)
-    name_all_nodes(model)
-    fusion = FusionReport()
-    if options.fuse and plan is not None and task is Task.SEQ_CLS:
-        model, fusion = fuse_graph(model, dataclasses.replace(plan, for_gpu=precision in GPU_PRECISIONS), str(src))
-    tied = None
-    if task is Task.CAUSAL_LM:
-        from lora_edge.quantize_decoder import config_beside, find_tied_embedding, fuse_decoder
-
-        if options.fuse and precision not in GPU_PRECISIONS:
-            model, fusion = fuse_decoder(model, str(src), config_beside(src))
-        tied = find_tied_embedding(model) if precision is Precision.INT4 else None
+    model, fusion, tied = _prepared(src, precision, options, task, plan)
     roles = linear_roles(model)
     feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))
     with atomic_file(dst) as staging:
