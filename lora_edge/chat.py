@@ -31,6 +31,12 @@ IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips
 
 ANSWER_SLACK_TOKENS = 8  # greedy answers may run this many tokens past the longest reference answer
 
+
+def answer_budget(tokenizer: "PreTrainedTokenizerBase", answers: Sequence[str]) -> int:
+    """New tokens a greedy answer may take: the longest expected answer plus ANSWER_SLACK_TOKENS."""
+    return ANSWER_SLACK_TOKENS + max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in answers)
+
+
 def require_chat_template(tokenizer: "PreTrainedTokenizerBase", where: str | Path) -> None:
     """Refuse a tokenizer without a chat template: chat rows cannot be rendered for this model."""
     if not getattr(tokenizer, "chat_template", None):

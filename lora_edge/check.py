@@ -31,7 +31,7 @@ import numpy as np
 
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.bundle import require_bundle, require_writable_file_path
-from lora_edge.choices import Form
+from lora_edge.choices import Form, Precision
 from lora_edge.check_data import eval_set
 from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
 from lora_edge.check_tasks import BACKENDS, Continuations, EvalSet, Generation, compare_logits
@@ -256,7 +256,7 @@ def _skip_reasons(target: CheckTarget, task: str, evalset: EvalSet,
         # Untuned, the base model's continuations of the adapter's prompts are free text whose next
         # tokens are near ties (SmolLM2 int4: first tokens differ on 19 of 20 prompts, next-token
         # agreement 0.71 against 0.85 with the adapter); agreement there measures the ties, not the graph.
-        if target.graph.precision.value != "fp32":
+        if target.graph.precision is not Precision.FP32:
             reason = "the base model's predictions on the adapter's data are near ties: quantized, distances gate it"
             skips.update({"greedy_agreement": reason, "top1_agreement": reason})
     elif not evalset.answers:
@@ -319,29 +319,29 @@ def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batc
 
 
 def greedy_plan(spec: CheckSpec, evalset: EvalSet, tokenizer, bundle: Path) -> GreedyPlan | None:
-    """The greedy continuations a causal-LM gate compares (None: not asked for, or no prompts)."""
-    import json
+    """The greedy continuations a causal-LM gate compares (None: not asked for, or no prompts).
+
+    Stop and padding tokens are the ones ``lora-edge generate`` uses (the bundle's config first).
+    """
+    from lora_edge.bundle import ONNX_DIR
+    from lora_edge.generate import special_ids
+    from lora_edge.models import load_config
 
     if not spec.greedy_prompts or not evalset.prompts:
         return None
     try:
-        config = json.loads((bundle / "onnx" / "config.json").read_text())
+        config = load_config(bundle / ONNX_DIR)
     except (OSError, ValueError):
         config = {}
-    eos = config.get("eos_token_id", tokenizer.eos_token_id)
+    eos, pad = special_ids(config, tokenizer)
     eos = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    pad = config.get("pad_token_id")
-    pad = pad if pad is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else
-                                       min(eos, default=0))
     prompts = evalset.prompts[:spec.greedy_prompts]
     budget = spec.greedy_tokens
     if evalset.answers:  # room for the longest expected answer, as training's exact match gives it
-        from lora_edge.chat import ANSWER_SLACK_TOKENS
+        from lora_edge.chat import answer_budget
 
-        longest = max(len(tokenizer(answer, add_special_tokens=False)["input_ids"])
-                      for answer in evalset.answers[:len(prompts)])
-        budget = max(budget, longest + ANSWER_SLACK_TOKENS)
-    return GreedyPlan(prompts, Generation(budget, eos, int(pad)), tokenizer)
+        budget = max(budget, answer_budget(tokenizer, evalset.answers[:len(prompts)]))
+    return GreedyPlan(prompts, Generation(budget, eos, pad), tokenizer)
 
 
 def _tokenizer(bundle: Path, model_path: Path):

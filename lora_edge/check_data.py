@@ -50,8 +50,6 @@ def _labeled(examples, labels: list[str] | None, source: str, task: str, tokeniz
     if task == Task.CAUSAL_LM.value:
         return _causal_lm(examples, source, tokenizer)
     texts = [ex.text for ex in examples]
-    if task != Task.SEQ_CLS.value:
-        return EvalSet(texts, source)
     if not labels:
         return EvalSet(texts, source, task_skip_reason="the adapter records no label names")
     unknown = sorted({ex.label for ex in examples} - set(labels))

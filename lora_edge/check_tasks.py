@@ -54,6 +54,11 @@ class Continuations:
     tokens: list[list[int]]
     texts: list[str]
 
+    @classmethod
+    def decoded(cls, tokens: list[list[int]], tokenizer) -> "Continuations":
+        """The continuations with their texts (special tokens dropped, stripped), as answers are compared."""
+        return cls(tokens, [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens])
+
 
 class ClassificationBackend:
     """Sequence classification: logits [batch, classes]."""
@@ -164,7 +169,7 @@ class CausalLMBackend:
         from lora_edge.lm_metrics import torch_greedy
 
         tokens = torch_greedy(model, prompts, spec.max_new_tokens, spec.eos, spec.pad_token_id)
-        return Continuations(tokens, [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens])
+        return Continuations.decoded(tokens, tokenizer)
 
     def graph_continuations(self, session: "onnxruntime.InferenceSession", tokenizer, prompts: list[list[int]],
                             spec: "Generation", adapter: "onnxruntime.LoraAdapter | None") -> Continuations:
@@ -174,7 +179,7 @@ class CausalLMBackend:
 
         tokens = graph_greedy(DecoderRunner(session), prompts, spec.max_new_tokens, spec.eos, spec.pad_token_id,
                               adapter)
-        return Continuations(tokens, [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens])
+        return Continuations.decoded(tokens, tokenizer)
 
     def generation_scores(self, graph: Continuations, reference: Continuations,
                           answers: list[str] | None) -> dict[str, float]:

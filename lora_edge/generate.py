@@ -400,7 +400,7 @@ class BundleGeneration:
         return {"graph": self.graph, "adapter": self.adapter, **self.result.to_json(), "texts": self.texts}
 
 
-def _special_ids(config: dict, tokenizer) -> tuple[int | list[int] | None, int]:
+def special_ids(config: dict, tokenizer) -> tuple[int | list[int] | None, int]:
     """(EOS id(s), pad id) as transformers' generate takes them: the model config first, then the tokenizer."""
     eos = config.get("eos_token_id", tokenizer.eos_token_id)
     pad = config.get("pad_token_id")
@@ -504,7 +504,7 @@ def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: 
     session = create_session(bundle / record.file, settings)
     chosen, lora = adapter_for_run(bundle, record, manifest, adapter, session)
     runner = DecoderRunner(session, context_length(config))
-    eos, pad = _special_ids(config, tokenizer)
+    eos, pad = special_ids(config, tokenizer)
     stream = TextStream(tokenizer) if on_text is not None and len(prompts) == 1 else None
 
     def on_tokens(tokens: list[int | None]) -> None:

@@ -16,6 +16,7 @@ every input at full length. lora-edge pads explicitly, per call.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Sequence
@@ -148,8 +149,9 @@ class BundleTokenizer:
             bos_token=_token_content(self.config.get("bos_token")) or "", eos_token=self.eos_token or "")
 
 
+@functools.lru_cache(maxsize=4)
 def _compiled_template(source: str):
-    """A chat template compiled the way transformers compiles it (``ImmutableSandboxedEnvironment``)."""
+    """A chat template compiled the way transformers compiles it (``ImmutableSandboxedEnvironment``), once."""
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from lora_edge.adapters import ADAPTER_WEIGHTS, DATA_RECORD
 from lora_edge.bundle import atomic_directory, library_versions, write_json
-from lora_edge.chat import ANSWER_SLACK_TOKENS, IGNORE_INDEX, require_chat_template
+from lora_edge.chat import IGNORE_INDEX, require_chat_template
 from lora_edge.data import DataFiles, Example, LabelMap
 from lora_edge.errors import ConfigError, DataError, TrainingError, env_int, first_line
 from lora_edge.models import Task, load_base_model, load_tokenizer, quiet_transformers, resolve_model_path
@@ -201,15 +201,14 @@ def _lm_scores(trainer: "Trainer", dataset, prefix: str) -> dict:
 def _answer_scores(peft_model, tokenizer, examples: list[Example], shown: int = 5) -> dict:
     """Greedy answers to the held-out chats, scored by exact match with the adapter and without it (the base).
 
-    The answer budget is the longest reference answer plus ANSWER_SLACK_TOKENS, so a
+    The answer budget is the longest reference answer plus chat.ANSWER_SLACK_TOKENS, so a
     model that does not stop is cut off rather than left to run.
     """
-    from lora_edge.chat import answer_scores, greedy_answers
+    from lora_edge.chat import answer_budget, answer_scores, greedy_answers
 
     prompts = [ex.messages[:-1] for ex in examples]
     references = [ex.messages[-1][1] for ex in examples]
-    budget = ANSWER_SLACK_TOKENS + max(len(tokenizer(text, add_special_tokens=False)["input_ids"])
-                                       for text in references)
+    budget = answer_budget(tokenizer, references)
     peft_model.eval()
     answers = greedy_answers(peft_model, tokenizer, prompts, budget)
     with peft_model.disable_adapter():
