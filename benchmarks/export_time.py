@@ -152,7 +152,7 @@ def case_commands(case: str, work: Path, smollm2: Path, before: Path | None) -> 
 def _case_sides(case: str, work: Path, smollm2: Path, env: dict) -> dict[str, list]:
     if case == "minilm":
         sys.path.insert(0, str(ROOT))
-        from lora_edge.models import default_model_path
+        from lora_edge.cache import default_model_path
 
         model = default_model_path()
         adapter = random_adapter(model, work / "minilm-r8", "bert")

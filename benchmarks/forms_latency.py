@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
 
     from lora_edge.flops import adapter_flops_per_token, model_flops
-    from lora_edge.models import Task, default_model_path, load_base_model, load_tokenizer
+    from lora_edge.choices import Task
+    from lora_edge.cache import default_model_path
+    from lora_edge.models import load_base_model, load_tokenizer
     from lora_edge.runtime import SessionSettings, create_session, load_lora_adapter, run
     from lora_edge.tiny import build_random_adapter
 

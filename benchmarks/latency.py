@@ -60,7 +60,8 @@ def random_adapter(model_path: Path, out: Path, rank: int, seed: int) -> Path:
     from peft import LoraConfig, TaskType, get_peft_model
 
     from lora_edge.data import LabelMap
-    from lora_edge.models import Task, load_base_model
+    from lora_edge.choices import Task
+    from lora_edge.models import load_base_model
 
     base = load_base_model(model_path, Task.SEQ_CLS, labels=LABELS)
     torch.manual_seed(seed)
@@ -445,7 +446,8 @@ def main() -> None:
 
     from lora_edge.interleave import time_rounds
     from lora_edge.measure import host_facts
-    from lora_edge.models import load_config, resolve_model_path
+    from lora_edge.model_source import resolve_model_path
+    from lora_edge.models import load_config
 
     model_path = resolve_model_path(args.model)
     work = args.workdir

@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _PUBLIC = {
     "LoraEdgeError": "lora_edge.errors",
-    "Task": "lora_edge.models",
+    "Task": "lora_edge.choices",
     "load_base_model": "lora_edge.models",
-    "resolve_model_path": "lora_edge.models",
+    "resolve_model_path": "lora_edge.model_source",
     "read_examples": "lora_edge.data",
     "DataFiles": "lora_edge.data",
     "LoraSpec": "lora_edge.recipe",

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 
 from lora_edge import __version__
-from lora_edge.models import Task
+from lora_edge.choices import Task
 
 CARD_FILE = "README.md"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -39,7 +39,7 @@ _HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
 
 def portable_base_name(model_path: str | Path, cwd: Path | None = None) -> str:
     """What ``base_model_name_or_path`` should say for the base model loaded from ``model_path`` (see module doc)."""
-    from lora_edge.models import default_model_path
+    from lora_edge.cache import default_model_path
 
     path = Path(model_path).resolve()
     if path == default_model_path().resolve():

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from lora_edge.data import LabelMap
 from lora_edge.errors import AdapterMismatchError, first_line
-from lora_edge.models import Task, load_base_model, quiet_transformers
+from lora_edge.choices import Task
+from lora_edge.console import quiet_transformers
+from lora_edge.models import load_base_model
 from lora_edge.names import require_name
 
 if TYPE_CHECKING:
@@ -189,3 +191,5 @@ def load_reference(model_path: Path, adapter: AdapterRef, task: Task | None = No
     labels = head_labels(adapter.path, weights) if task is Task.SEQ_CLS else None
     base = load_base_model(model_path, task, labels=labels, trust_remote_code=trust_remote_code)
     return attach_adapter(base, adapter, weights)
+
+

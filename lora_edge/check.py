@@ -34,11 +34,14 @@ from lora_edge.bundle import require_bundle, require_writable_file_path
 from lora_edge.choices import Form, Precision
 from lora_edge.check_data import eval_set
 from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult, gated_metrics, judge
-from lora_edge.check_tasks import BACKENDS, Continuations, EvalSet, Generation, compare_logits
+from lora_edge.check_data import EvalSet
+from lora_edge.check_tasks import BACKENDS, Continuations, Generation, compare_logits
 from lora_edge.console import Progress
 from lora_edge.errors import BundleError, ConfigError, LoraEdgeError, ProviderUnavailableError, first_line
 from lora_edge.manifest import AdapterRecord, GraphRecord, Manifest, require_adapter_file, require_graphs
-from lora_edge.models import Task, load_tokenizer
+from lora_edge.choices import Task
+from lora_edge.model_source import resolve_model_path
+from lora_edge.models import load_tokenizer
 from lora_edge.recipe import CheckSpec
 from lora_edge.runtime import SessionSettings
 
@@ -268,7 +271,7 @@ def _skip_reasons(target: CheckTarget, task: str, evalset: EvalSet,
 
 def _adapter_sha256(directory: Path) -> str | None:
     """The sha256 export_bundle records for an adapter directory (adapter_config.json + weights), or None."""
-    from lora_edge.models import directory_sha256
+    from lora_edge.cache import directory_sha256
 
     if not (directory / "adapter_model.safetensors").is_file():
         return None
@@ -400,7 +403,7 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
     graphs = require_graphs(bundle)
     report = CheckReport(str(bundle), task, device_name, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     targets = plan_targets(graphs, manifest.adapter_names)
-    model_path = manifest.model.resolved_path()
+    model_path = resolve_model_path(manifest.model.source())
     tokenizer = _tokenizer(bundle, model_path)
     sessions = SessionCache(settings)
     for adapter in adapters:

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from lora_edge.check_tasks import EvalSet
 from lora_edge.data import DataFiles, read_examples
 from lora_edge.errors import DataError
 from lora_edge.manifest import AdapterRecord
-from lora_edge.models import Task
+from lora_edge.choices import Task
 from lora_edge.recipe import CheckSpec
+
+
+@dataclass
+class EvalSet:
+    """The texts a check runs on, where they came from, and the labels (class ids) when there are any."""
+
+    texts: list[str]
+    source: str
+    labels: list[int] | None = None
+    n_classes: int = 0
+    task_skip_reason: str = ""  # why the task metric cannot run ("" = it can)
+    prompts: list[list[int]] | None = None  # causal LM: token ids each graph and the reference continue greedily
+    answers: list[str] | None = None  # causal LM on chat data: the expected answer to each prompt
 
 
 def generated_texts(tokenizer, count: int, seed: int, max_tokens: int = 48) -> list[str]:

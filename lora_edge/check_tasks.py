@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lora_edge.check_data import EvalSet
 from lora_edge.check_metrics import LogitComparison, classification_scores
 from lora_edge.data import encode_texts
 
@@ -32,19 +33,6 @@ class Batch:
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     token_mask: np.ndarray | None = None  # causal LM: [batch, sequence] bool, True on real tokens
-
-
-@dataclass
-class EvalSet:
-    """The texts a check runs on, where they came from, and the labels (class ids) when there are any."""
-
-    texts: list[str]
-    source: str
-    labels: list[int] | None = None
-    n_classes: int = 0
-    task_skip_reason: str = ""  # why the task metric cannot run ("" = it can)
-    prompts: list[list[int]] | None = None  # causal LM: token ids each graph and the reference continue greedily
-    answers: list[str] | None = None  # causal LM on chat data: the expected answer to each prompt
 
 
 @dataclass

@@ -160,7 +160,7 @@ def sweep_command(ranks: str, **opts) -> None:
     table = run_sweep(opts["model"], _data_files(opts, spec.seed), opts["out"], parse_int_list(ranks, "--ranks"),
                       task, lora, spec, force=opts["force"], progress=not opts["quiet"])
     if opts["latency_device"]:
-        from lora_edge.compare import add_sweep_latency
+        from lora_edge.sweep import add_sweep_latency
 
         table = add_sweep_latency(table, opts["out"], opts["latency_device"], quiet=opts["quiet"])
     click.echo(json.dumps(table.to_json(), indent=2) if opts["as_json"] else table.markdown())

@@ -24,21 +24,17 @@ base model's FLOPs per token: the prefill's per item over ``seq``).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 from lora_edge.bundle import REPORTS_DIR, require_bundle, write_json
 from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.interleave import VERDICT_MARGIN_PCT, ratio_stats, verdict
 from lora_edge.manifest import Manifest
 from lora_edge.profile import profile_bundle
-from lora_edge.profile_report import GraphProfile, ProfileReport, read_profile
+from lora_edge.profile_report import (COLUMNS, DECODER_COLUMNS, DECODER_HEADERS, HEADERS, GraphProfile, ProfileReport,
+                                      read_profile)
 from lora_edge.recipe import MeasureSpec
-
-if TYPE_CHECKING:
-    from lora_edge.sweep import SweepTable
 
 COMPARE_JSON, COMPARE_MD, LATENCY_PNG = "compare.json", "compare.md", "latency.png"
 BRANCH_FORMS = ("branched", "hotswap")
@@ -181,10 +177,11 @@ def base_flops_per_item(manifest: Manifest, batch: int, seq: int) -> float | Non
 
     from lora_edge.errors import LoraEdgeError
     from lora_edge.flops import model_flops
+    from lora_edge.model_source import resolve_model_path
     from lora_edge.models import load_base_model, load_config
 
     try:
-        path = manifest.model.resolved_path()
+        path = resolve_model_path(manifest.model.source())
         model = load_base_model(path, manifest.model.task)
     except LoraEdgeError:
         return None
@@ -235,21 +232,6 @@ def compare_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
                                                  base))
     write_comparison(bundle, comparison)
     return comparison
-
-
-COLUMNS = ["graph", "status", "p50_ms", "p90_ms", "overhead_pct", "overhead_interval", "verdict", "vs_merged",
-           "extra_flops_pct", "speedup_vs_eager", "rss_mb", "gpu_mb", "size_mb"]
-HEADERS = ["graph", "status", "p50 ms", "p90 ms", "overhead %", "95% interval", "verdict", "vs", "extra FLOPs %",
-           "× eager merged", "RSS + MB", "GPU + MB", "size MB"]
-
-
-# A causal-LM bundle's table: prefill (time to first token) and decode step side by side.
-DECODER_COLUMNS = ["graph", "status", "p50_ms", "overhead_pct", "overhead_interval", "verdict", "decode_ms",
-                   "decode_tokens_per_s", "decode_overhead_pct", "decode_overhead_interval", "decode_verdict",
-                   "vs_merged", "adapter_mflops_per_token", "extra_flops_pct", "speedup_vs_eager", "rss_mb", "size_mb"]
-DECODER_HEADERS = ["graph", "status", "TTFT ms", "prefill overhead %", "95% interval", "prefill verdict",
-                   "decode ms", "decode tok/s", "decode overhead %", "95% interval", "decode verdict", "vs",
-                   "adapter MFLOP/token", "extra FLOPs %", "× eager merged", "RSS + MB", "size MB"]
 
 
 def _interval_text(interval: list[float] | None) -> str | None:
@@ -360,76 +342,3 @@ def comparison_summary(comparison: Comparison, as_json: bool = False) -> str:
     reports = Path(comparison.bundle) / REPORTS_DIR
     return (f"{markdown_table(_table_rows(comparison), *table_columns(comparison))}\n{noise_line(comparison)}\n"
             f"reports: {reports / COMPARE_MD}, {reports / LATENCY_PNG}")
-
-
-# --- the rank axis (lora-edge sweep --latency-device) -----------------------------------------
-
-RANK_COLUMNS = [("merged_p50_ms", "merged p50 ms"), ("branched_p50_ms", "branched p50 ms"),
-                ("branched_overhead_pct", "branched overhead %"), ("extra_flops_pct", "extra FLOPs %")]
-
-
-def _export_rank(model: str | Path, adapter: Path, rank: int, out: Path) -> Path:
-    """Merged and branched fp32 graphs of one sweep adapter (the default exporter of the rank axis)."""
-    from lora_edge.adapters import AdapterRef
-    from lora_edge.export_bundle import export_bundle
-
-    return export_bundle(model, [AdapterRef(f"r{rank}", Path(adapter))], ["merged", "branched"], out,
-                         progress=lambda message: None)
-
-
-def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str | Path | DeviceTarget,
-                      measure: MeasureSpec | None = None, quiet: bool = False,
-                      export: Callable[[str | Path, Path, int, Path], Path] = _export_rank) -> dict[int, dict]:
-    """Latency of the merged and branched fp32 graphs for each rank's adapter, on a device's settings.
-
-    ``adapters`` maps rank -> adapter directory. Each is exported (by ``export``,
-    into a temporary directory) and profiled; returns rank -> {merged_p50_ms,
-    branched_p50_ms, branched_overhead_pct, extra_flops_pct}. Raises like
-    :meth:`ProfileReport.check_measured` when the device cannot run here.
-    """
-    device, measure = load_device(device), measure or MeasureSpec()
-    rows, base = {}, None
-    with tempfile.TemporaryDirectory(prefix="lora-edge-rank-latency-") as workdir:
-        for rank, adapter in sorted(adapters.items()):
-            if not quiet:
-                import sys
-
-                print(f"sweep latency: rank {rank} on {device.name}", file=sys.stderr, flush=True)
-            bundle = export(model, Path(adapter), rank, Path(workdir) / f"r{rank}")
-            report = profile_bundle(bundle, device, ["merged.fp32", "branched.fp32"], measure, eager=False,
-                                    quiet=True)
-            report.check_measured()
-            manifest = Manifest.read(bundle)
-            if base is None:  # every rank shares the base model: count its FLOPs once
-                base = base_flops_per_item(manifest, measure.batch, measure.seq)
-            table = {row["form"]: row for row in comparison_rows(report.graphs, [], measure.seq,
-                                                                 bundle_adapter_flops(bundle, manifest), base)}
-            rows[rank] = {"merged_p50_ms": table["merged"]["p50_ms"], "branched_p50_ms": table["branched"]["p50_ms"],
-                          "branched_overhead_pct": table["branched"]["overhead_pct"],
-                          "extra_flops_pct": table["branched"]["extra_flops_pct"]}
-    return rows
-
-
-def add_sweep_latency(table: "SweepTable", directory: Path, device: str | Path | DeviceTarget,
-                      measure: MeasureSpec | None = None, *, quiet: bool = False,
-                      export: Callable[[str | Path, Path, int, Path], Path] = _export_rank,
-                      **measure_fields) -> "SweepTable":
-    """Add per-rank latency columns (merged and branched, on ``device``) to a sweep and save it again.
-
-    ``measure`` (or ``measure_fields``: batch, seq, runs, warmup, ...) and the
-    rest go to :func:`rank_latency_rows`.
-    """
-    from lora_edge.errors import env_int
-
-    if env_int("RANK", 0) != 0:  # under DDP only the main process measures and writes
-        return table
-    device = load_device(device)
-    adapters = {row.rank: Path(directory) / row.adapter for row in table.rows}
-    measure = measure or MeasureSpec(**measure_fields)
-    rows = rank_latency_rows(table.settings.get("model", "default"), adapters, device, measure, quiet, export)
-    for key, header in RANK_COLUMNS:
-        table.add_column(key, f"{header} ({device.name})" if key.endswith("_ms") else header,
-                         {rank: values[key] for rank, values in rows.items()})
-    table.settings["latency"] = {"device": device.name, **asdict(measure)}
-    table.save(Path(directory))
-    return table

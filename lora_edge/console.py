@@ -13,6 +13,7 @@ without bars.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable, TextIO
@@ -54,3 +55,29 @@ def stderr_lines(message: str) -> None:
 def progress_sink(quiet: bool) -> Progress:
     """:func:`silent` with --quiet, else :func:`stderr_lines`."""
     return silent if quiet else stderr_lines
+
+
+@contextlib.contextmanager
+def quiet_transformers(progress_bars: bool = False):
+    """Hide transformers' load reports and deprecation warnings, and its progress bars unless asked.
+
+    A headless base such as MiniLM gets a "newly initialized classifier" report on
+    every load; lora-edge reports its own progress, so these only add noise.
+    """
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not progress_bars:
+        hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_enabled:
+            hf_logging.enable_progress_bar()

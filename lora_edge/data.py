@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from lora_edge.errors import DataError
-from lora_edge.models import Task
+from lora_edge.choices import Task
 
 if TYPE_CHECKING:
     import torch

@@ -253,7 +253,7 @@ def causal_lm_graph_io(model, context) -> "GraphIO":
 
 def _register() -> None:
     from lora_edge.exporter import register_graph_io
-    from lora_edge.models import Task
+    from lora_edge.choices import Task
 
     register_graph_io(Task.CAUSAL_LM, causal_lm_graph_io)
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from lora_edge.adapters import AdapterRef
-    from lora_edge.models import Task
+    from lora_edge.choices import Task
 
 EAGER_FORMS = ("unmerged", "merged")
 
@@ -65,7 +65,9 @@ def eager_baselines(bundle: Path, manifest: Manifest, device: DeviceTarget, batc
     import transformers  # noqa: F401
 
     from lora_edge.adapters import AdapterRef
-    from lora_edge.models import Task, load_config
+    from lora_edge.choices import Task
+    from lora_edge.model_source import resolve_model_path
+    from lora_edge.models import load_config
 
     entries = _adapter_entries(manifest, records)
     several = len(entries) > 1
@@ -78,7 +80,7 @@ def eager_baselines(bundle: Path, manifest: Manifest, device: DeviceTarget, batc
     if torch_device is None:
         return _not_measured(profiles, reason), {}
     try:
-        model_path = manifest.model.resolved_path()
+        model_path = resolve_model_path(manifest.model.source())
     except LoraEdgeError as exc:
         return _not_measured(profiles, f"base model not found ({exc.what})"), {}
     task = manifest.model.task

@@ -40,8 +40,11 @@ from lora_edge.errors import ConfigError, ExportError
 from lora_edge.exporter import FP32_TOLERANCE, ExportContext
 from lora_edge.genai_config import write_genai_config
 from lora_edge.manifest import AdapterRecord, ExportStage, GraphRecord, Manifest, ModelRecord
-from lora_edge.models import (DEFAULT_MODEL, Task, directory_sha256, load_tokenizer,
-                              resolve_model_path)
+from lora_edge.choices import Task
+from lora_edge.cache import directory_sha256
+from lora_edge.model_source import resolve_model_path
+from lora_edge.cache import DEFAULT_MODEL
+from lora_edge.models import load_tokenizer
 from lora_edge.onnx_spec import require_valid_graph
 from lora_edge.recipe import QuantizeOptions
 from lora_edge.tokenizer import make_portable

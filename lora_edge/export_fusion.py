@@ -109,7 +109,7 @@ def fuse_exported_graphs(records: list["GraphRecord"], staging: Path, references
                          tolerance: float, progress: Progress) -> None:
     """Fuse every fp32 sequence-classification graph of a staged bundle; outcome in ``record.extra['fusion']``."""
     from lora_edge.choices import Precision
-    from lora_edge.models import Task
+    from lora_edge.choices import Task
 
     if context.task is not Task.SEQ_CLS:
         return

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from lora_edge.errors import ConfigError, ExportError
-from lora_edge.models import Task
+from lora_edge.choices import Task
 
 if TYPE_CHECKING:
     import numpy as np

@@ -419,7 +419,7 @@ def adapter_for_run(bundle: Path, record, manifest: "Manifest", adapter: str | N
     graph first (an adapter of another base model is refused naming the tensor).
     """
     from lora_edge.choices import Form
-    from lora_edge.infer import choose_adapter
+    from lora_edge.manifest import choose_adapter
     from lora_edge.manifest import require_adapter_file
 
     if record.form is Form.HOTSWAP and adapter and adapter.endswith(".onnx_adapter"):
@@ -490,7 +490,8 @@ def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: 
     from lora_edge.bundle import ONNX_DIR
     from lora_edge.decoder_io import context_length
     from lora_edge.manifest import find_task_graph
-    from lora_edge.models import Task, load_config
+    from lora_edge.choices import Task
+    from lora_edge.models import load_config
     from lora_edge.runtime import create_session
     from lora_edge.tokenizer import load_bundle_tokenizer
 

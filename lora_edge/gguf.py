@@ -23,7 +23,7 @@ from pathlib import Path
 from lora_edge.bundle import staging_directory
 from lora_edge.console import Progress, stderr_lines
 from lora_edge.errors import ModelError, first_line
-from lora_edge.models import cache_root, file_sha256
+from lora_edge.cache import cache_root, file_sha256
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
@@ -92,7 +92,7 @@ def convert_gguf(path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_edge.models import quiet_transformers
+    from lora_edge.console import quiet_transformers
 
     where, name = str(path.parent), path.name
     try:

@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from lora_edge.bundle import ONNX_DIR
-from lora_edge.choices import Form
+from lora_edge.choices import Form, Task
 from lora_edge.errors import ConfigError
-from lora_edge.manifest import GraphRecord, Manifest, find_task_graph, require_adapter_file
-from lora_edge.models import Task
+from lora_edge.manifest import Manifest, choose_adapter, find_task_graph, require_adapter_file
 
 if TYPE_CHECKING:
     from lora_edge.runtime import SessionSettings
 
-NO_ADAPTER = "none"  # --adapter none: run a hot-swap graph as the base model
 
 
 @dataclass
@@ -35,29 +33,6 @@ class Prediction:
     def to_json(self) -> dict:
         """JSON form: text, label, scores."""
         return {"text": self.text, "label": self.label, "scores": self.scores}
-
-
-def choose_adapter(record: GraphRecord, manifest: Manifest, adapter: str | None) -> str | None:
-    """The adapter a run of ``record`` uses: the graph's own, or for hot-swap the asked one (None = base)."""
-    names = manifest.adapter_names
-    if record.form is not Form.HOTSWAP:
-        own = record.adapter or (names[0] if len(names) == 1 else None)
-        if adapter not in (None, own):
-            raise ConfigError(f"graph {record.name} holds adapter '{own}', not '{adapter}'", "--adapter",
-                              "pick the graph of that adapter, or a hot-swap graph")
-        return own
-    served = record.adapters or names
-    if adapter == NO_ADAPTER:
-        return None
-    if adapter is None:
-        if len(served) != 1:
-            raise ConfigError(f"hot-swap graph {record.name} serves {len(served)} adapters", "--adapter",
-                              f"choose one of: {', '.join(served)} (or '{NO_ADAPTER}' for the base model)")
-        return served[0]
-    if adapter not in served:
-        raise ConfigError(f"hot-swap graph {record.name} has no adapter '{adapter}'", "--adapter",
-                          f"choose one of: {', '.join(served)} (or '{NO_ADAPTER}' for the base model)")
-    return adapter
 
 
 def _labels(manifest: Manifest, adapter: str | None, width: int) -> list[str]:

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from lora_edge.cache import DEFAULT_MODEL
 from lora_edge.bundle import MANIFEST_FILE, ONNX_DIR, require_bundle, write_json
-from lora_edge.choices import Form, Precision
+from lora_edge.choices import Form, Precision, Task
 from lora_edge.errors import BundleError, ConfigError
-from lora_edge.models import Task
+
+NO_ADAPTER = "none"  # --adapter none: run a hot-swap graph as the base model
 
 # The manifest's format. Absent in bundles written before it was recorded: those are format 1.
 # Raise it only for a change an older reader would misread (a key that changes meaning); new keys need not.
@@ -175,14 +177,13 @@ class ModelRecord:
                    fields.enum("task", Task, Task.SEQ_CLS), fields.get("default", (bool,), False),
                    fields.unknown())
 
-    def resolved_path(self) -> Path:
-        """The base model's directory on this host (the embedded default is found wherever it is installed).
+    def source(self) -> str:
+        """What to give ``model_source.resolve_model_path`` for the base model on this host.
 
-        Raises ModelError when the recorded directory is gone.
+        The embedded default is named, not its recorded directory, so it is found
+        wherever the package is installed here.
         """
-        from lora_edge.models import DEFAULT_MODEL, resolve_model_path
-
-        return resolve_model_path(DEFAULT_MODEL if self.default else self.path)
+        return DEFAULT_MODEL if self.default else self.path
 
     def config_file(self) -> Path:
         """The recorded model directory's config.json (it may not exist on this host)."""
@@ -411,3 +412,26 @@ def require_adapter_file(bundle: str | Path, graph: GraphRecord, adapter: str) -
     if not path.is_file():
         raise BundleError(f"adapter file of '{adapter}' is missing", path, "re-run lora-edge export")
     return path
+
+
+def choose_adapter(record: GraphRecord, manifest: Manifest, adapter: str | None) -> str | None:
+    """The adapter a run of ``record`` uses: the graph's own, or for hot-swap the asked one (None = base)."""
+    names = manifest.adapter_names
+    if record.form is not Form.HOTSWAP:
+        own = record.adapter or (names[0] if len(names) == 1 else None)
+        if adapter not in (None, own):
+            raise ConfigError(f"graph {record.name} holds adapter '{own}', not '{adapter}'", "--adapter",
+                              "pick the graph of that adapter, or a hot-swap graph")
+        return own
+    served = record.adapters or names
+    if adapter == NO_ADAPTER:
+        return None
+    if adapter is None:
+        if len(served) != 1:
+            raise ConfigError(f"hot-swap graph {record.name} serves {len(served)} adapters", "--adapter",
+                              f"choose one of: {', '.join(served)} (or '{NO_ADAPTER}' for the base model)")
+        return served[0]
+    if adapter not in served:
+        raise ConfigError(f"hot-swap graph {record.name} has no adapter '{adapter}'", "--adapter",
+                          f"choose one of: {', '.join(served)} (or '{NO_ADAPTER}' for the base model)")
+    return adapter

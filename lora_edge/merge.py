@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
     from lora_edge.adapters import AdapterRef
-    from lora_edge.models import Task
+    from lora_edge.choices import Task
+
 
 # The prefix PEFT puts before module paths in adapter files and in PeftModel.named_modules().
 PEFT_PREFIX = "base_model.model."
@@ -311,8 +312,10 @@ def save_merged(model: str | Path, adapter: AdapterRef, out: Path, task: Task | 
 
     from lora_edge.adapters import load_reference
     from lora_edge.bundle import atomic_directory
+    from lora_edge.choices import Task
     from lora_edge.data import LabelMap
-    from lora_edge.models import Task, load_tokenizer, resolve_model_path
+    from lora_edge.model_source import resolve_model_path
+    from lora_edge.models import load_tokenizer
     from lora_edge.tokenizer import make_portable
 
     model_path = resolve_model_path(model)

@@ -109,7 +109,8 @@ def resolve_model(recipe: Recipe) -> str | Path:
 
 def training_record(recipe: Recipe, model: str | Path, source: AdapterSource) -> dict:
     """What a trained adapter depends on: model and data (with their sha256), task and training block."""
-    from lora_edge.models import directory_sha256, file_sha256, resolve_model_path
+    from lora_edge.cache import directory_sha256, file_sha256
+    from lora_edge.model_source import resolve_model_path
 
     training = recipe.to_json()["adapters"][recipe.adapters.index(source)]["training"]
     files = source.training.data_files().files

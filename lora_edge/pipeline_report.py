@@ -55,7 +55,7 @@ def _graphs_section(bundle: Path) -> list[str]:
 
 
 def _device_sections(result) -> list[str]:
-    from lora_edge.compare import COLUMNS, HEADERS
+    from lora_edge.profile_report import COLUMNS, HEADERS
 
     lines = []
     for run in result.devices:

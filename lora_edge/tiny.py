@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_edge.errors import ConfigError
-from lora_edge.models import default_model_path
+from lora_edge.cache import default_model_path
 
 TINY_PREFIX = "tiny:"
 ENCODERS = ("bert", "roberta", "distilbert")

@@ -33,7 +33,10 @@ from lora_edge.bundle import atomic_directory, library_versions, write_json
 from lora_edge.chat import IGNORE_INDEX, require_chat_template
 from lora_edge.data import DataFiles, Example, LabelMap
 from lora_edge.errors import ConfigError, DataError, TrainingError, env_int, first_line
-from lora_edge.models import Task, load_base_model, load_tokenizer, quiet_transformers, resolve_model_path
+from lora_edge.choices import Task
+from lora_edge.console import quiet_transformers
+from lora_edge.model_source import resolve_model_path
+from lora_edge.models import load_base_model, load_tokenizer
 from lora_edge.recipe import LoraSpec, TrainSpec
 from lora_edge.train_io import (RUN_RECORD, EncodedDataset, check_resume, checkpoint_dir, plot_training,
                                 prepare_output, run_record, stderr_progress)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from lora_edge.data import DataFiles, Example, LabelMap
 from lora_edge.errors import BundleError, ConfigError, TrainingError
-from lora_edge.models import Task, load_config
+from lora_edge.choices import Task
+from lora_edge.models import load_config
 from lora_edge.recipe import LoraSpec, TrainSpec
 from lora_edge.report import png_figure
 

@@ -33,7 +33,7 @@ print(json.dumps({"logits": logits.tolist(), "base": model.peft_config["default"
 
 def test_portable_base_name(tmp_path, monkeypatch):
     from lora_edge.adapter_card import DEFAULT_MODEL_HUB_NAME, portable_base_name
-    from lora_edge.models import default_model_path
+    from lora_edge.cache import default_model_path
 
     assert portable_base_name(default_model_path()) == DEFAULT_MODEL_HUB_NAME
     snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "abc123"
@@ -69,7 +69,8 @@ def test_default_model_adapter_loads_in_peft_by_hub_name_alone(tmp_path):
     from lora_edge.adapter_card import DEFAULT_MODEL_HUB_NAME, write_adapter_card
     from lora_edge.adapters import AdapterRef, load_reference
     from lora_edge.data import LabelMap, encode_texts
-    from lora_edge.models import default_model_path, load_tokenizer
+    from lora_edge.cache import default_model_path
+    from lora_edge.models import load_tokenizer
     from lora_edge.tiny import build_random_adapter
 
     adapter = build_random_adapter(default_model_path(), tmp_path / "adapter", "bert", rank=4, alpha=8.0)

@@ -12,7 +12,7 @@ from gguf_helpers import byte_vocab, tiny_llama, write_gguf
 from lora_edge.chat import IGNORE_INDEX, answer_scores, encode_chat, exact_match, greedy_answers, prompt_ids
 from lora_edge.data import command_files, read_examples
 from lora_edge.errors import DataError
-from lora_edge.models import Task
+from lora_edge.choices import Task
 
 
 @pytest.fixture(scope="module")

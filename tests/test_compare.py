@@ -134,8 +134,8 @@ def test_compare_fails_like_profile_when_a_provider_is_missing(tmp_path):
 
 
 def test_sweep_gains_latency_columns_per_rank(tmp_path):
-    from lora_edge.compare import add_sweep_latency
-    from lora_edge.models import Task
+    from lora_edge.sweep import add_sweep_latency
+    from lora_edge.choices import Task
     from lora_edge.sweep import SweepRow, SweepTable
 
     def synthetic_export(model, adapter, rank, out):  # stands in for export_bundle: a bundle per rank

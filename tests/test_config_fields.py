@@ -161,7 +161,8 @@ def test_dataclass_validation_names_the_option():
 
 
 def test_one_default_for_the_measurement_settings():
-    from lora_edge.compare import compare_bundle, rank_latency_rows
+    from lora_edge.compare import compare_bundle
+    from lora_edge.sweep import rank_latency_rows
     from lora_edge.profile import profile_bundle
     from lora_edge.recipe import MeasureSpec, ProfileSpec
 
@@ -182,7 +183,7 @@ def test_typed_choices_print_as_their_values():
     import json
 
     from lora_edge.choices import Form, Precision
-    from lora_edge.models import Task
+    from lora_edge.choices import Task
 
     assert f"{Form.MERGED}.{Precision.INT8_DYNAMIC}" == "merged.int8-dynamic" == ".".join([Form.MERGED, "int8-dynamic"])
     assert str(Task.CAUSAL_LM) == "causal-lm" and Task.CAUSAL_LM == "causal-lm"

@@ -13,7 +13,7 @@ import pytest
 from lora_edge.data import (DataFiles, default_intent_files, read_examples, resolve_data_files, split_examples,
                             Example)
 from lora_edge.errors import DataError
-from lora_edge.models import Task
+from lora_edge.choices import Task
 
 ROOT = Path(__file__).resolve().parent.parent
 INTENT_LABELS = {"set_timer", "set_alarm", "cancel_alarm", "get_weather", "play_music", "pause_music",

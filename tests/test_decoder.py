@@ -14,7 +14,7 @@ from lora_edge.decoder import wrap_decoder
 from lora_edge.decoder_io import DecoderShape
 from lora_edge.errors import ExportError
 from lora_edge.manifest import Manifest, find_graph
-from lora_edge.models import Task
+from lora_edge.choices import Task
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +111,8 @@ def test_an_unexportable_module_is_named_in_the_error(tiny_model, tmp_path):
     import torch
 
     from lora_edge.exporter import ExportContext, export_onnx
-    from lora_edge.models import Task, load_base_model, load_tokenizer
+    from lora_edge.choices import Task
+    from lora_edge.models import load_base_model, load_tokenizer
 
     class DataDependentMLP(torch.nn.Module):
         def __init__(self, inner):

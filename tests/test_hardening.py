@@ -141,7 +141,7 @@ def test_adapter_config_with_wrong_types_is_refused(tiny_adapter, tmp_path, conf
 def test_files_that_are_not_utf8_are_refused(tmp_path, suffix):
     from lora_edge.data import read_examples
     from lora_edge.devices import load_device_file
-    from lora_edge.models import Task
+    from lora_edge.choices import Task
     from lora_edge.recipe import load_recipe
 
     path = tmp_path / f"bad{suffix}"

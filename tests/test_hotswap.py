@@ -16,7 +16,8 @@ from lora_edge.export_bundle import export_bundle
 from lora_edge.exporter import low_rank_pairs
 from lora_edge.adapter_layout import read_onnx_adapter
 from lora_edge.manifest import list_graphs, require_adapter_file
-from lora_edge.models import Task, load_base_model, load_tokenizer
+from lora_edge.choices import Task
+from lora_edge.models import load_base_model, load_tokenizer
 from lora_edge.runtime import create_session, load_lora_adapter, run
 from tiny_models import TINY_LABELS
 

@@ -10,7 +10,8 @@ import pytest
 from export_helpers import ADAPTER_NAME, feeds_for, tiny_bundle, torch_logits
 from lora_edge.adapters import AdapterRef, load_reference
 from lora_edge.errors import ConfigError
-from lora_edge.models import Task, load_base_model, load_tokenizer
+from lora_edge.choices import Task
+from lora_edge.models import load_base_model, load_tokenizer
 from tiny_models import TINY_LABELS
 
 TEXTS = ["turn off the kitchen lights", "what's on my calendar tomorrow afternoon?"]

@@ -15,7 +15,7 @@ from lora_edge.choices import Form, Precision
 from lora_edge.errors import BundleError, ConfigError
 from lora_edge.manifest import (MANIFEST_VERSION, AdapterRecord, GraphRecord, Manifest, add_graphs, find_task_graph,
                                 update_manifest)
-from lora_edge.models import Task
+from lora_edge.choices import Task
 
 # A manifest as export_bundle wrote it before the typed manifest (no manifest_version), abridged but complete
 # in its keys: every key of docs/ARCHITECTURE.md, a hot-swap graph and a quantized graph with their extras.

@@ -12,7 +12,8 @@ from lora_reference import lora_scaling
 from lora_edge.errors import AdapterMismatchError
 from lora_edge.merge import (PEFT_PREFIX, LoraBranch, branch_adapter, count_branches, lora_pairs, merge_adapter,
                              unmerge_adapter)
-from lora_edge.models import Task, load_base_model, load_tokenizer
+from lora_edge.choices import Task
+from lora_edge.models import load_base_model, load_tokenizer
 
 
 def _reference(model_dir, adapter_dir, task=None):

@@ -11,7 +11,7 @@ import pytest
 
 from cli_runner import exit_code_of
 from lora_edge.errors import ConfigError
-from lora_edge.models import Task
+from lora_edge.choices import Task
 from lora_edge.recipe import load_recipe
 
 

@@ -92,7 +92,7 @@ rows = st.dictionaries(st.sampled_from(["text", "label", "other"]), values, max_
        st.sampled_from(["seq-cls", "causal-lm"]))
 def test_data_files(suffix, payload, task):
     from lora_edge.data import read_examples
-    from lora_edge.models import Task
+    from lora_edge.choices import Task
 
     with tempfile.TemporaryDirectory() as directory:
         examples = _outcome(read_examples, _write(directory, "data" + suffix, payload), Task(task))

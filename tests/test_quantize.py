@@ -99,7 +99,8 @@ def test_quantized_graphs_follow_pytorch(quantized_tiny, form, precision):
 def test_hotswap_adapter_file_runs_on_the_quantized_graph(quantized_tiny, precision):
     from lora_edge.adapters import AdapterRef, load_reference
     from lora_edge.manifest import Manifest, find_graph
-    from lora_edge.models import Task, load_base_model, load_tokenizer
+    from lora_edge.choices import Task
+    from lora_edge.models import load_base_model, load_tokenizer
 
     manifest = Manifest.read(quantized_tiny)
     model_path = Path(manifest.model.path)
@@ -284,7 +285,9 @@ def intent_eval(intent_graphs, intent_adapter):
     """Test-split feeds (batched), labels, and the PyTorch reference logits."""
     from lora_edge.adapters import AdapterRef, load_reference
     from lora_edge.data import DataFiles, LabelMap
-    from lora_edge.models import Task, default_model_path, load_tokenizer
+    from lora_edge.choices import Task
+    from lora_edge.cache import default_model_path
+    from lora_edge.models import load_tokenizer
 
     adapter = Path(intent_adapter)
     data = DataFiles.from_json(json.loads((adapter / "data.json").read_text()))

@@ -23,7 +23,9 @@ def test_pulled_smollm2_matches_transformers_gguf_loading_and_answers(tmp_path, 
     from transformers import AutoModelForCausalLM
 
     from lora_edge.chat import greedy_answers, prompt_ids
-    from lora_edge.models import Task, load_base_model, load_tokenizer, resolve_model_path
+    from lora_edge.choices import Task
+    from lora_edge.model_source import resolve_model_path
+    from lora_edge.models import load_base_model, load_tokenizer
 
     monkeypatch.setenv("LORA_EDGE_CACHE", str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-m", "lora_edge", "models", "pull", "smollm2", "--json"],

@@ -34,7 +34,7 @@ print("IMPORTED", [m for m in sys.modules if m.split(".")[0] in ("torch", "trans
 
 def _tokenizer_dirs(tmp_path_factory, tiny_model, tiny_adapter) -> dict[str, Path]:
     from lora_edge.bundle import ONNX_DIR
-    from lora_edge.models import resolve_model_path
+    from lora_edge.model_source import resolve_model_path
 
     return {"bundle": tiny_bundle(tmp_path_factory, tiny_model, tiny_adapter, "bert") / ONNX_DIR,
             "default": resolve_model_path("default"), "decoder": tiny_model("llama")}
@@ -66,7 +66,7 @@ def test_bundle_tokenizer_json_has_no_fixed_padding(tmp_path_factory, tiny_model
     from tokenizers import Tokenizer
 
     from lora_edge.bundle import ONNX_DIR
-    from lora_edge.models import resolve_model_path
+    from lora_edge.model_source import resolve_model_path
 
     source = json.loads((resolve_model_path("default") / "tokenizer.json").read_text())
     assert source["padding"]["strategy"] == {"Fixed": 128}  # what the bundle must not inherit

@@ -13,7 +13,8 @@ import torch
 from lora_edge.adapters import AdapterRef, load_reference, read_adapter_config
 from lora_edge.data import DataFiles, LabelMap, encode_texts, read_examples
 from lora_edge.errors import BundleError, ConfigError, DataError, TrainingError
-from lora_edge.models import Task, load_tokenizer
+from lora_edge.choices import Task
+from lora_edge.models import load_tokenizer
 from lora_edge.recipe import LoraSpec, TrainSpec
 from lora_edge.train import checkpoint_dir, head_module_names, load_metrics, train_adapter
 
