@@ -379,6 +379,43 @@ def _progress_line(target: CheckTarget, result: TargetResult) -> str:
             + (f" ({skipped} skipped)" if skipped else "") + f", {result.seconds:.1f} s")
 
 
+def _check_adapter(bundle: Path, adapter: AdapterRecord, mine: list, spec: CheckSpec, tolerances: tuple,
+                   model_path: Path, tokenizer, sessions: "SessionCache", report: CheckReport, say: Progress) -> None:
+    """Gate the graphs ``mine`` that run ``adapter``: one evaluation set, one PyTorch reference, each graph judged.
+
+    ``tolerances`` is the device's (table, where). A reference that cannot be
+    built fails every graph of the adapter, with the reason.
+    """
+    task = report.task
+    backend = BACKENDS[task]
+    integrity, trusted = reference_adapter(bundle, adapter)
+    report.integrity.append(integrity)
+    evalset = eval_set(spec, adapter, task, tokenizer)
+    report.data[adapter.name] = f"{evalset.source}, {len(evalset.texts)} examples"
+    say(f"check: adapter {adapter.name}: evaluating on {evalset.source} ({len(evalset.texts)} examples)")
+    batches = backend.batches(tokenizer, evalset, spec.batch_size, spec.max_length)
+    try:
+        if trusted is None:
+            raise BundleError("no copy of the adapter matches the manifest's sha256",
+                              bundle / adapter.bundle_dir, "re-export the bundle from the adapter")
+        greedy = greedy_plan(spec, evalset, tokenizer, bundle) if task == Task.CAUSAL_LM.value else None
+        references = _references(model_path, AdapterRef(adapter.name, trusted), task, backend, batches,
+                                 any(t.adapter is None for t in mine), greedy)
+    except LoraEdgeError as exc:  # no reference: every graph of this adapter fails, with the reason
+        reason = f"the PyTorch reference could not be built: {exc.format_message()}"
+        report.targets += [_failed(target, task, spec.thresholds_for(target.graph.precision.value, *tolerances, task),
+                                   reason) for target in mine]
+        say(f"check: adapter {adapter.name}: {reason}")
+        return
+    for target in mine:
+        precision = target.graph.precision.value
+        thresholds = spec.thresholds_for(precision, *tolerances, task)
+        result = run_target(target, bundle, backend, batches, references[target.adapter is None], evalset,
+                            thresholds, sessions, f"check.thresholds.{precision}", greedy)
+        report.targets.append(result)
+        say(_progress_line(target, result))
+
+
 def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str | Path | None = None,
                  progress: Progress | None = None, write: bool = True) -> CheckReport:
     """Run the accuracy gate on every graph of ``bundle``; write the reports; return the findings.
@@ -395,7 +432,6 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
     manifest = Manifest.read(bundle)
     spec = spec or spec_from_manifest(manifest)
     task = manifest.model.task
-    backend = BACKENDS[task]
     device_name, settings, tolerances, tolerance_where = _device(spec)
     adapters = manifest.adapters
     if not adapters:
@@ -407,37 +443,12 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
     tokenizer = _tokenizer(bundle, model_path)
     sessions = SessionCache(settings)
     for adapter in adapters:
-        name = adapter.name
-        integrity, trusted = reference_adapter(bundle, adapter)
-        report.integrity.append(integrity)
-        mine = [t for t in targets if t.adapter == name or (t.adapter is None and name == adapters[0].name)]
-        if not mine:
-            continue
-        evalset = eval_set(spec, adapter, task, tokenizer)
-        report.data[name] = f"{evalset.source}, {len(evalset.texts)} examples"
-        say(f"check: adapter {name}: evaluating on {evalset.source} ({len(evalset.texts)} examples)")
-        batches = backend.batches(tokenizer, evalset, spec.batch_size, spec.max_length)
-        try:
-            if trusted is None:
-                raise BundleError("no copy of the adapter matches the manifest's sha256",
-                                  bundle / adapter.bundle_dir, "re-export the bundle from the adapter")
-            greedy = greedy_plan(spec, evalset, tokenizer, bundle) if task == Task.CAUSAL_LM.value else None
-            references = _references(model_path, AdapterRef(name, trusted), task, backend, batches,
-                                     any(t.adapter is None for t in mine), greedy)
-        except LoraEdgeError as exc:  # no reference: every graph of this adapter fails, with the reason
-            reason = f"the PyTorch reference could not be built: {exc.format_message()}"
-            report.targets += [_failed(target, task, spec.thresholds_for(target.graph.precision.value, tolerances,
-                                                                         tolerance_where, task), reason)
-                               for target in mine]
-            say(f"check: adapter {name}: {reason}")
-            continue
-        for target in mine:
-            precision = target.graph.precision.value
-            thresholds = spec.thresholds_for(precision, tolerances, tolerance_where, task)
-            result = run_target(target, bundle, backend, batches, references[target.adapter is None], evalset,
-                                thresholds, sessions, f"check.thresholds.{precision}", greedy)
-            report.targets.append(result)
-            say(_progress_line(target, result))
+        mine = [t for t in targets if t.adapter == adapter.name or (t.adapter is None and adapter is adapters[0])]
+        if mine:
+            _check_adapter(bundle, adapter, mine, spec, (tolerances, tolerance_where), model_path, tokenizer,
+                           sessions, report, say)
+        else:
+            report.integrity.append(reference_adapter(bundle, adapter)[0])
     report.seconds = time.perf_counter() - started
     if write:
         from lora_edge.check_report import write_reports
