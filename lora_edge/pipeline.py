@@ -227,6 +227,19 @@ def profile_devices(recipe: Recipe, bundle: Path, progress: Progress,
 
 # --- the run -------------------------------------------------------------------------------------------
 
+def _recipe_for_run(recipe: str | Path | Recipe, out: str | Path | None, force: bool) -> Recipe:
+    """The recipe to run, with ``out`` as its output; BundleError if its bundle exists and ``force`` is off."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if out is not None:
+        recipe.output = str(out)
+    if recipe.bundle_dir.exists() and not force:
+        from lora_edge.errors import BundleError
+
+        raise BundleError(f"'{recipe.bundle_dir}' already exists", recipe.source or "recipe",
+                          "pass --force to replace it, or set another output")
+    return recipe
+
+
 def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force: bool = False,
                retrain: bool = False, progress: Progress = stderr_lines, quiet: bool = False) -> RunResult:
     """Run a recipe (a path, a shipped recipe's name, or a Recipe) through every stage; return the results.
@@ -243,15 +256,8 @@ def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force
 
     if quiet:
         progress = silent
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    if out is not None:
-        recipe.output = str(out)
+    recipe = _recipe_for_run(recipe, out, force)
     bundle = recipe.bundle_dir
-    if bundle.exists() and not force:
-        from lora_edge.errors import BundleError
-
-        raise BundleError(f"'{bundle}' already exists", recipe.source or "recipe",
-                          "pass --force to replace it, or set another output")
     result = RunResult(recipe, bundle)
     stages = StageRunner(result, progress)
     started = time.perf_counter()

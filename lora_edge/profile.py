@@ -301,6 +301,26 @@ def _note(device: DeviceTarget, host: dict) -> str:
             f"measurements of the device itself.")
 
 
+def _time_live(live: dict, report: ProfileReport, device: DeviceTarget, settings, measure: MeasureSpec,
+               gpu_id: int | None, quiet: bool) -> None:
+    """Time the opened graphs in interleaved rounds; fill in each one's profile and the run's settings."""
+    batch, seq, runs, warmup = measure.batch, measure.seq, measure.runs, measure.warmup
+    rounds, per_round = split_runs(runs, RUNS_PER_ROUND)
+    _log(f"profile: timing {len(live)} graph(s), {warmup} warm-up + {runs} runs each, in {rounds} interleaved "
+         f"rounds of {per_round} (shuffled order)", quiet)
+    timed = _time_graphs(live, runs, warmup)
+    report.settings.update(rounds=rounds, runs_per_round=per_round, gap_s=GAP_S,
+                           load_average={"before": timed.load_before, "after": timed.load_after})
+    _log(f"profile: load average {timed.load_before} before, {timed.load_after} after", quiet)
+    for name, item in live.items():
+        if not timed.times.get(name):
+            continue
+        _finish_graph(item, timed, device, settings, batch, seq, gpu_id)
+        decode = item.profile.decode_latency_ms
+        _log(f"profile: {name}: p50 {item.profile.latency_ms['p50']:.3f} ms"
+             + (f" (prefill), decode step p50 {decode['p50']:.3f} ms" if decode else ""), quiet)
+
+
 def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list[str] | None = None,
                    measure: MeasureSpec | None = None, *, eager: bool = True, quiet: bool = False,
                    **measure_fields) -> ProfileReport:
@@ -345,20 +365,7 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
         opened.append(_open_graph(bundle, record, manifest, device, settings, batch, seq, gpu_id, vocab))
     live = {item.profile.name: item for item in opened if item.runner is not None}
     if live:
-        rounds, per_round = split_runs(runs, RUNS_PER_ROUND)
-        _log(f"profile: timing {len(live)} graph(s), {warmup} warm-up + {runs} runs each, in {rounds} interleaved "
-             f"rounds of {per_round} (shuffled order)", quiet)
-        timed = _time_graphs(live, runs, warmup)
-        report.settings.update(rounds=rounds, runs_per_round=per_round, gap_s=GAP_S,
-                               load_average={"before": timed.load_before, "after": timed.load_after})
-        _log(f"profile: load average {timed.load_before} before, {timed.load_after} after", quiet)
-        for name, item in live.items():
-            if not timed.times.get(name):
-                continue
-            _finish_graph(item, timed, device, settings, batch, seq, gpu_id)
-            decode = item.profile.decode_latency_ms
-            _log(f"profile: {name}: p50 {item.profile.latency_ms['p50']:.3f} ms"
-                 + (f" (prefill), decode step p50 {decode['p50']:.3f} ms" if decode else ""), quiet)
+        _time_live(live, report, device, settings, measure, gpu_id, quiet)
     report.graphs = [item.profile for item in opened]
     write_profile(bundle, report)
     return report
