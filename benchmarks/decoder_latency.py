@@ -30,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_edge.interleave import time_rounds
+from lora_edge.runtime.interleave import time_rounds
 
 FORMS = ("merged", "branched", "hotswap")
 
 
 def build_inputs(arch: str, context: int, rank: int, work: Path) -> tuple[Path, Path]:
     """A tiny random decoder of ``arch`` with a context of ``context`` positions, and a random adapter."""
-    from lora_edge.tiny import build_random_adapter, build_tiny_model
+    from lora_edge.core.tiny import build_random_adapter, build_tiny_model
 
     model = build_tiny_model(arch, work / f"tiny-{arch}")
     config_path = model / "config.json"
@@ -53,8 +53,8 @@ def build_inputs(arch: str, context: int, rank: int, work: Path) -> tuple[Path, 
 
 def export_forms(model: Path, adapter: Path, out: Path) -> Path:
     """merged, branched and hotswap fp32 graphs of model + adapter in one bundle."""
-    from lora_edge.adapters import AdapterRef
-    from lora_edge.export_bundle import export_bundle
+    from lora_edge.core.adapters import AdapterRef
+    from lora_edge.export.bundle import export_bundle
 
     return export_bundle(model, [AdapterRef("r", adapter)], list(FORMS), out, task="causal-lm",
                          progress=lambda message: print(message, file=sys.stderr))
@@ -62,10 +62,10 @@ def export_forms(model: Path, adapter: Path, out: Path) -> Path:
 
 def runners(bundle: Path, threads: int) -> dict[str, tuple]:
     """Form -> (DecoderRunner, LoraAdapter or None) with ``threads`` intra-op threads on the CPU provider."""
-    from lora_edge.bundle import ONNX_DIR
-    from lora_edge.generate import DecoderRunner
-    from lora_edge.manifest import find_graph
-    from lora_edge.runtime import SessionSettings, create_session, load_lora_adapter
+    from lora_edge.core.bundle import ONNX_DIR
+    from lora_edge.runtime.generate import DecoderRunner
+    from lora_edge.core.manifest import find_graph
+    from lora_edge.runtime.session import SessionSettings, create_session, load_lora_adapter
 
     settings = SessionSettings(intra_op_threads=threads, inter_op_threads=1)
     result = {}
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Write the results here as JSON.")
     args = parser.parse_args()
 
-    from lora_edge.report import markdown_table
+    from lora_edge.core.report import markdown_table
 
     with tempfile.TemporaryDirectory(prefix="decoder-latency-") as tmp:
         work = Path(tmp)

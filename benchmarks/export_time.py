@@ -62,8 +62,8 @@ quantize_dynamic(out + "/merged.fp32.onnx", out + "/merged.int8.onnx", weight_ty
 LORA_EDGE = """
 import sys, json
 from pathlib import Path
-from lora_edge.adapters import AdapterRef
-from lora_edge.export_bundle import export_bundle
+from lora_edge.core.adapters import AdapterRef
+from lora_edge.export.bundle import export_bundle
 model, adapter, out, forms, precisions, task, tolerance = sys.argv[1:8]
 export_bundle(model, [AdapterRef("a", Path(adapter))], forms.split(","), out, precisions=precisions.split(","),
               force=True, task=task, tolerance=float(tolerance))
@@ -116,7 +116,7 @@ def ensure_genai_venv() -> Path:
 def random_adapter(model: Path, out: Path, arch: str, **kwargs) -> Path:
     if not (out / "adapter_config.json").is_file():
         sys.path.insert(0, str(ROOT))
-        from lora_edge.tiny import build_random_adapter
+        from lora_edge.core.tiny import build_random_adapter
 
         build_random_adapter(model, out, arch, rank=8, alpha=16.0, seed=1, **kwargs)
     return out
@@ -152,7 +152,7 @@ def case_commands(case: str, work: Path, smollm2: Path, before: Path | None) -> 
 def _case_sides(case: str, work: Path, smollm2: Path, env: dict) -> dict[str, list]:
     if case == "minilm":
         sys.path.insert(0, str(ROOT))
-        from lora_edge.cache import default_model_path
+        from lora_edge.core.cache import default_model_path
 
         model = default_model_path()
         adapter = random_adapter(model, work / "minilm-r8", "bert")

@@ -5,10 +5,10 @@ query/value unless --adapter is given): each form is exported into its own
 bundle (timed: torch.onnx export alone, and the whole form with verification),
 then the three fp32 graphs run side by side on ONNX Runtime's CPU provider,
 batch 1, sequence 128, 2 intra-op threads, in interleaved rounds (shuffled
-order, lora_edge.interleave); each form's ratio to merged is the median of the
+order, lora_edge.runtime.interleave); each form's ratio to merged is the median of the
 within-round ratios, with a bootstrap interval.
 The branched overhead is set against the theoretical extra FLOPs of the
-low-rank pairs (lora_edge.flops), over the model's FLOPs counted by torch.
+low-rank pairs (lora_edge.core.flops), over the model's FLOPs counted by torch.
 
     python benchmarks/forms_latency.py [--runs 300] [--adapter DIR] [--json out.json]
 
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_edge.interleave import ratio_stats, time_rounds
+from lora_edge.runtime.interleave import ratio_stats, time_rounds
 
 FORMS = ("merged", "branched", "hotswap")
 TEXT = "please turn on the lights in the kitchen and tell me what the weather will be like tomorrow " * 20
@@ -33,9 +33,9 @@ TEXT = "please turn on the lights in the kitchen and tell me what the weather wi
 
 def export_forms(adapter: Path, work: Path) -> dict[str, dict]:
     """Export each form into its own bundle; return per form the bundle and its export times."""
-    from lora_edge.adapters import AdapterRef
-    from lora_edge.manifest import list_graphs
-    from lora_edge.export_bundle import export_bundle
+    from lora_edge.core.adapters import AdapterRef
+    from lora_edge.core.manifest import list_graphs
+    from lora_edge.export.bundle import export_bundle
 
     results = {}
     for form in FORMS:
@@ -58,7 +58,7 @@ def branch_kernel_share(graph: Path, feeds: dict, threads: int, runs: int = 50) 
     """
     import onnx
 
-    from lora_edge.runtime import SessionSettings, create_session
+    from lora_edge.runtime.session import SessionSettings, create_session
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = SessionSettings(intra_op_threads=threads, inter_op_threads=1,
@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import numpy as np
 
-    from lora_edge.flops import adapter_flops_per_token, model_flops
-    from lora_edge.choices import Task
-    from lora_edge.cache import default_model_path
-    from lora_edge.models import load_base_model, load_tokenizer
-    from lora_edge.runtime import SessionSettings, create_session, load_lora_adapter, run
-    from lora_edge.tiny import build_random_adapter
+    from lora_edge.core.flops import adapter_flops_per_token, model_flops
+    from lora_edge.core.choices import Task
+    from lora_edge.core.cache import default_model_path
+    from lora_edge.core.models import load_base_model, load_tokenizer
+    from lora_edge.runtime.session import SessionSettings, create_session, load_lora_adapter, run
+    from lora_edge.core.tiny import build_random_adapter
 
     with tempfile.TemporaryDirectory(prefix="forms-latency-") as tmp:
         work = Path(tmp)

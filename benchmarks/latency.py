@@ -13,7 +13,7 @@ the same r=8 adapter.
 
 Two input kinds, both reported: 128 real tokens, and a short sentence padded to
 128. Every graph runs batch 1 on the CPU provider with 2 intra-op threads; all
-graphs and both kinds are interleaved in rounds (lora_edge.interleave: shuffled
+graphs and both kinds are interleaved in rounds (lora_edge.runtime.interleave: shuffled
 order each round, a pause before each visit so idle ORT threads stop spinning),
 and ratios are taken within each round, so a busy neighbour slows both sides of
 a ratio alike. It also times the model's GEMMs alone, and with ``--profile``
@@ -59,9 +59,9 @@ def random_adapter(model_path: Path, out: Path, rank: int, seed: int) -> Path:
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from lora_edge.data import LabelMap
-    from lora_edge.choices import Task
-    from lora_edge.models import load_base_model
+    from lora_edge.core.data import LabelMap
+    from lora_edge.core.choices import Task
+    from lora_edge.core.models import load_base_model
 
     base = load_base_model(model_path, Task.SEQ_CLS, labels=LABELS)
     torch.manual_seed(seed)
@@ -80,8 +80,8 @@ def peer_recipes(model_path: Path, adapter: Path, out: Path, seq: int) -> dict[s
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers import optimizer
 
-    from lora_edge.adapters import AdapterRef, load_reference
-    from lora_edge.models import load_config
+    from lora_edge.core.adapters import AdapterRef, load_reference
+    from lora_edge.core.models import load_config
 
     out.mkdir(parents=True, exist_ok=True)
     merged = load_reference(model_path, AdapterRef("peer", adapter)).merge_and_unload().eval()
@@ -118,9 +118,9 @@ def peer_recipes(model_path: Path, adapter: Path, out: Path, seq: int) -> dict[s
 
 def lora_edge_graphs(model: str, adapter: Path, out: Path, calibration: Path, int4: bool) -> Path:
     """export_bundle (merged, branched, hotswap; fp32 fused), quantize_bundle (int8-dynamic, int8-static[, int4])."""
-    from lora_edge.adapters import AdapterRef
-    from lora_edge.export_bundle import export_bundle
-    from lora_edge.quantize import QuantizeOptions, fusion_plan_for, quantize_bundle, quantize_graph
+    from lora_edge.core.adapters import AdapterRef
+    from lora_edge.export.bundle import export_bundle
+    from lora_edge.quantize.quantizer import QuantizeOptions, fusion_plan_for, quantize_bundle, quantize_graph
 
     bundle = export_bundle(model, [AdapterRef("bench", adapter)], ["merged", "branched", "hotswap"], out,
                            force=True, progress=log)
@@ -147,7 +147,7 @@ def graph_files(peers: dict[str, Path], bundle: Path, int4: bool) -> dict[str, P
 
 def make_session(path: Path, threads: int, spinning: bool, profile_prefix: str | None = None):
     """A CPU session as the benchmark runs every graph: fixed threads, sequential (ORT's default), full optimizations."""
-    from lora_edge.runtime import SessionSettings, create_session
+    from lora_edge.runtime.session import SessionSettings, create_session
 
     settings = SessionSettings(intra_op_threads=threads, inter_op_threads=1,
                                config_entries={"session.intra_op.allow_spinning": "1" if spinning else "0"},
@@ -162,7 +162,7 @@ def model_feeds(kind: str, seq: int, tokenizer_dir: Path) -> dict:
     if kind == "real128":
         ids = np.random.default_rng(0).integers(1000, 20000, size=(1, seq), dtype=np.int64)
         return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    from lora_edge.models import load_tokenizer
+    from lora_edge.core.models import load_tokenizer
 
     encoded = load_tokenizer(tokenizer_dir)([SHORT_TEXT], padding="max_length", max_length=seq, truncation=True,
                                             return_tensors="np")
@@ -182,7 +182,7 @@ class Graph:
 
 
 def open_graphs(graphs: dict[str, Path], adapter_file: Path, threads: int, spinning: bool) -> list[Graph]:
-    from lora_edge.runtime import load_lora_adapter
+    from lora_edge.runtime.session import load_lora_adapter
 
     opened = []
     for name, path in graphs.items():
@@ -193,7 +193,7 @@ def open_graphs(graphs: dict[str, Path], adapter_file: Path, threads: int, spinn
 
 def runner(graph: Graph, feeds: dict):
     """lora-edge's GraphRunner on the benchmark's session (hot-swap graphs with their adapter active)."""
-    from lora_edge.measure import GraphRunner
+    from lora_edge.runtime.measure import GraphRunner
 
     declared = {i.name for i in graph.session.get_inputs()}
     return GraphRunner(graph.session, {k: v for k, v in feeds.items() if k in declared}, graph.adapter)
@@ -288,8 +288,8 @@ def gemm_throughput(config: dict, batch: int, seq: int, threads: int, spinning: 
 def op_profile(path: Path, feeds: dict, threads: int, spinning: bool, runs: int, work: Path,
                adapter_file: Path | None = None) -> dict:
     """ORT per-op-type time (ms per run) of a graph, after warm-up, from the session profiler."""
-    from lora_edge.measure import summarize_trace
-    from lora_edge.runtime import load_lora_adapter, run
+    from lora_edge.runtime.measure import summarize_trace
+    from lora_edge.runtime.session import load_lora_adapter, run
 
     session = make_session(path, threads, spinning, str(work / f"profile-{path.stem}"))
     declared = {i.name for i in session.get_inputs()}
@@ -328,7 +328,7 @@ def summarize_kind(timed, kind: str, graphs: dict[str, Path], ops: dict) -> dict
     """Per graph, for one input kind: medians, spreads, CPU time, and the within-round ratio to the fastest peer."""
     import numpy as np
 
-    from lora_edge.interleave import ratio_stats
+    from lora_edge.runtime.interleave import ratio_stats
 
     key = lambda name: f"{kind}|{name}"  # noqa: E731
     medians = {name: float(np.median(timed.times[key(name)])) * 1e3 for name in graphs}
@@ -350,7 +350,7 @@ def summarize_kind(timed, kind: str, graphs: dict[str, Path], ops: dict) -> dict
 
 def kind_targets(timed, kind: str, peers: dict[str, str]) -> list[dict]:
     """Each issue-12 target on one input kind: within-round ratio, IQR, bootstrap interval, met or not."""
-    from lora_edge.interleave import ratio_stats
+    from lora_edge.runtime.interleave import ratio_stats
 
     targets = []
     for name, baseline, bound in TARGETS:
@@ -394,7 +394,7 @@ def format_footer(gemm: dict, ops: dict, noise: dict) -> str:
 
 def build(args, model_path: Path, work: Path) -> tuple[dict[str, Path], Path, Path]:
     """The peer graphs and the lora-edge bundle (reused with --reuse); returns graphs, bundle, adapter."""
-    from lora_edge.data import default_intent_files
+    from lora_edge.core.data import default_intent_files
 
     adapter = args.adapter or work / "adapter"
     if args.adapter is None and not (args.reuse and adapter.is_dir()):
@@ -444,10 +444,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
 
-    from lora_edge.interleave import time_rounds
-    from lora_edge.measure import host_facts
-    from lora_edge.model_source import resolve_model_path
-    from lora_edge.models import load_config
+    from lora_edge.runtime.interleave import time_rounds
+    from lora_edge.runtime.measure import host_facts
+    from lora_edge.core.model_source import resolve_model_path
+    from lora_edge.core.models import load_config
 
     model_path = resolve_model_path(args.model)
     work = args.workdir

@@ -163,7 +163,7 @@ class Worker:
 
 
 def graph_file(bundle: Path, name: str) -> Path:
-    from lora_edge.manifest import find_graph
+    from lora_edge.core.manifest import find_graph
 
     return bundle / find_graph(bundle, name).file
 
@@ -236,8 +236,8 @@ def decode_step_profile(graph: Path, prompt: list[int], steps: int, threads: int
     """Per op type: microseconds per decode step of ``graph`` (ORT profiler, after a prefill)."""
     import tempfile
 
-    from lora_edge.generate import DecoderRunner, generate
-    from lora_edge.runtime import SessionSettings, create_session
+    from lora_edge.runtime.generate import DecoderRunner, generate
+    from lora_edge.runtime.session import SessionSettings, create_session
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = SessionSettings(intra_op_threads=threads, inter_op_threads=1, enable_profiling=True,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 
 def lora_edge_engine(args):
-    from lora_edge.generate import BoundAdapter, DecoderRunner, generate
-    from lora_edge.runtime import SessionSettings, create_session
+    from lora_edge.runtime.generate import BoundAdapter, DecoderRunner, generate
+    from lora_edge.runtime.session import SessionSettings, create_session
 
     session = create_session(args.graph, SessionSettings(intra_op_threads=args.threads, inter_op_threads=1))
     runner = DecoderRunner(session)

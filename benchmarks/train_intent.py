@@ -36,9 +36,9 @@ def main() -> None:
 
     import torch
 
-    from lora_edge.data import default_intent_files
-    from lora_edge.recipe import LoraSpec, TrainSpec
-    from lora_edge.train import train_adapter
+    from lora_edge.core.data import default_intent_files
+    from lora_edge.core.recipe import LoraSpec, TrainSpec
+    from lora_edge.train.trainer import train_adapter
 
     torch.set_num_threads(args.threads)
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainSpec)

@@ -4,7 +4,7 @@ Each command parses its options into the stage's typed inputs and calls one
 stage function; no logic lives here. Stage modules are imported inside the
 commands so that `lora-edge --help` never imports torch.
 
-Errors: a :class:`~lora_edge.errors.LoraEdgeError` prints one line
+Errors: a :class:`~lora_edge.core.errors.LoraEdgeError` prints one line
 (``error: <what>, <where>, <how to fix>``) and exits with the error's code;
 ``--debug`` shows the traceback instead.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from lora_edge.console import configure_progress
-from lora_edge.errors import ConfigError, LoraEdgeError, exit_codes
+from lora_edge.core.console import configure_progress
+from lora_edge.core.errors import ConfigError, LoraEdgeError, exit_codes
 
 EXIT_CODE_HELP = "Exit codes: 2 command-line usage (unknown option, missing argument), " + ", ".join(
     f"{code} {name}" for name, code in sorted(exit_codes().items(), key=lambda item: item[1])) + "."
@@ -52,11 +52,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 # Stage commands are registered below, one small function each.
-# Options that set a stage's config are generated from its dataclass (lora_edge.recipe, no torch): the help text
-# and the default live there, and the value is validated there (lora_edge.config_fields).
-from lora_edge.config_fields import click_options, enum_choice  # noqa: E402
-from lora_edge.choices import Task  # noqa: E402
-from lora_edge.recipe import (CheckSpec, ExportSpec, LoraSpec, MeasureSpec, QuantizeOptions, Recipe,  # noqa: E402
+# Options that set a stage's config are generated from its dataclass (lora_edge.core.recipe, no torch): the help text
+# and the default live there, and the value is validated there (lora_edge.core.config_fields).
+from lora_edge.core.config_fields import click_options, enum_choice  # noqa: E402
+from lora_edge.core.choices import Task  # noqa: E402
+from lora_edge.core.recipe import (CheckSpec, ExportSpec, LoraSpec, MeasureSpec, QuantizeOptions, Recipe,  # noqa: E402
                               TrainSpec)
 
 TASK_OPTION = click_options(Recipe, include=["task"])
@@ -109,7 +109,7 @@ def _specs(opts: dict, lora_options, **lora_fixed):
 
 
 def _data_files(opts: dict, seed: int):
-    from lora_edge.data import resolve_data_files
+    from lora_edge.core.data import resolve_data_files
 
     return resolve_data_files(opts["data"], opts["validation"], opts["test"], seed=seed)
 
@@ -127,7 +127,7 @@ def train_command(resume: bool, **opts) -> None:
     """
     import json
 
-    from lora_edge.train import train_adapter
+    from lora_edge.train.trainer import train_adapter
 
     task = TASK_OPTION.value(opts, "task")
     lora, spec = _specs(opts, LORA_OPTIONS)
@@ -153,14 +153,14 @@ def sweep_command(ranks: str, **opts) -> None:
     """
     import json
 
-    from lora_edge.sweep import run_sweep
+    from lora_edge.profile.sweep import run_sweep
 
     task = TASK_OPTION.value(opts, "task")
     lora, spec = _specs(opts, SWEEP_LORA_OPTIONS, rank=1)
     table = run_sweep(opts["model"], _data_files(opts, spec.seed), opts["out"], parse_int_list(ranks, "--ranks"),
                       task, lora, spec, force=opts["force"], progress=not opts["quiet"])
     if opts["latency_device"]:
-        from lora_edge.sweep import add_sweep_latency
+        from lora_edge.profile.sweep import add_sweep_latency
 
         table = add_sweep_latency(table, opts["out"], opts["latency_device"], quiet=opts["quiet"])
     click.echo(json.dumps(table.to_json(), indent=2) if opts["as_json"] else table.markdown())
@@ -185,8 +185,8 @@ def merge_command(model: str, adapter: str, task: Task | None, out: Path, force:
     The result (safetensors, config, tokenizer, label_map.json) loads with
     transformers' from_pretrained for PyTorch deployment; no PEFT needed.
     """
-    from lora_edge.adapters import AdapterRef
-    from lora_edge.merge import save_merged
+    from lora_edge.core.adapters import AdapterRef
+    from lora_edge.export.merge import save_merged
 
     ref = AdapterRef.parse(adapter)
     merged = save_merged(model, ref, out, task=task, force=force)
@@ -220,9 +220,9 @@ def export_command(model: str, adapters: tuple[str, ...], task: Task | None, out
     OUT/onnx/adapters/<name>.onnx_adapter for hotswap, and the config, tokenizer and label map beside the
     graphs. Nothing is left at OUT when a step fails.
     """
-    from lora_edge.adapters import AdapterRef
-    from lora_edge.console import progress_sink
-    from lora_edge.export_bundle import export_bundle
+    from lora_edge.core.adapters import AdapterRef
+    from lora_edge.core.console import progress_sink
+    from lora_edge.export.bundle import export_bundle
 
     spec = EXPORT_OPTIONS.build(opts)
     bundle = export_bundle(model, [AdapterRef.parse(a) for a in adapters], spec.forms, out,
@@ -231,7 +231,7 @@ def export_command(model: str, adapters: tuple[str, ...], task: Task | None, out
     if as_json:
         import json
 
-        from lora_edge.manifest import Manifest
+        from lora_edge.core.manifest import Manifest
 
         manifest = Manifest.read(bundle)
         click.echo(json.dumps({"bundle": str(bundle), "graphs": [g.to_json() for g in manifest.graphs],
@@ -250,7 +250,7 @@ def export_command(model: str, adapters: tuple[str, ...], task: Task | None, out
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: text, label and every label's score.")
 def infer_command(bundle: Path, graph: str, texts: tuple[str, ...], adapter: str | None, as_json: bool) -> None:
     """Classify text with a bundle's graph through ONNX Runtime, using the bundled tokenizer and labels."""
-    from lora_edge.infer import format_predictions, infer
+    from lora_edge.runtime.infer import format_predictions, infer
 
     click.echo(format_predictions(infer(bundle, graph, list(texts), adapter=adapter), as_json))
 
@@ -287,7 +287,7 @@ def generate_command(bundle: Path, graph: str, adapter: str | None, prompts: tup
     """
     import json
 
-    from lora_edge.generate import SamplingSpec, format_generation, format_speed, generate_from_bundle
+    from lora_edge.runtime.generate import SamplingSpec, format_generation, format_speed, generate_from_bundle
 
     sampling = SamplingSpec.from_options(greedy, temperature, top_p, seed)
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
@@ -331,7 +331,7 @@ def adapters_convert(adapter_file: Path, graph: Path, out: Path, layout: str, so
     input for, or whose shapes fit it neither as they are nor transposed (another base model, an
     incomplete or mixed file), are refused and nothing is written.
     """
-    from lora_edge.adapter_layout import convert_adapter_file
+    from lora_edge.runtime.adapter_layout import convert_adapter_file
 
     result = convert_adapter_file(adapter_file, graph, out, layout=layout, source=source, force=force)
     if as_json:
@@ -358,8 +358,8 @@ def quantize_command(bundle: Path, precisions: str, as_json: bool, quiet: bool, 
     manifest (source = the fp32 graph). Hot-swap .onnx_adapter files work with the quantized graphs
     unchanged. Nothing in BUNDLE changes when any graph fails.
     """
-    from lora_edge.console import progress_sink
-    from lora_edge.quantize import format_records, quantize_bundle
+    from lora_edge.core.console import progress_sink
+    from lora_edge.quantize.quantizer import format_records, quantize_bundle
 
     options = QUANTIZE_OPTIONS.build(opts)
     click.echo(format_records(quantize_bundle(bundle, split_csv(precisions), options, progress=progress_sink(quiet)),
@@ -382,7 +382,7 @@ def models_pull(name: str, as_json: bool) -> None:
     """
     import json
 
-    from lora_edge.pull import pull_model
+    from lora_edge.core.pull import pull_model
 
     result = pull_model(name)
     click.echo(json.dumps(result, indent=2) if as_json else result["model_dir"])
@@ -400,7 +400,7 @@ def devices() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the devices as JSON.")
 def devices_list(as_json: bool) -> None:
     """List the shipped device targets."""
-    from lora_edge.devices import device_table
+    from lora_edge.profile.devices import device_table
 
     click.echo(device_table(as_json))
 
@@ -412,7 +412,7 @@ def devices_show(name: str, as_json: bool) -> None:
     """Show one device target (NAME or a .toml path), with its provider options as they will be used."""
     import json
 
-    from lora_edge.devices import load_device
+    from lora_edge.profile.devices import load_device
 
     device = load_device(name)
     click.echo(json.dumps(device.to_json(), indent=2, default=str) if as_json else device.describe())
@@ -444,8 +444,8 @@ def profile(bundle: str, device: str, graphs: str, as_json: bool, no_eager: bool
     disk, providers used and the top operators; plus eager PyTorch baselines. Timings are taken on this host.
     Exits non-zero when a graph could not be measured (e.g. the device's provider is missing here).
     """
-    from lora_edge.profile import profile_bundle
-    from lora_edge.profile_report import profile_summary
+    from lora_edge.profile.profiler import profile_bundle
+    from lora_edge.profile.report import profile_summary
 
     report = profile_bundle(bundle, device, split_csv(graphs) or None, MEASURE_OPTIONS.build(opts),
                             eager=not no_eager)
@@ -463,7 +463,7 @@ def compare(bundle: str, device: str, graphs: str, as_json: bool, fresh: bool, *
     Writes reports/compare.json, compare.md and latency.png; re-uses reports/profile.json when it was made
     for the same device and inputs (--fresh measures again).
     """
-    from lora_edge.compare import compare_bundle, comparison_summary
+    from lora_edge.profile.compare import compare_bundle, comparison_summary
 
     comparison = compare_bundle(bundle, device, split_csv(graphs) or None, MEASURE_OPTIONS.build(opts),
                                 reuse=not fresh)
@@ -491,9 +491,9 @@ def check_cmd(bundle: Path, junit: Path | None, as_json: bool, quiet: bool, **op
     in the bundle. Writes reports/check.json, check.md and a JUnit XML. Exit 0: all passed; 1: a check
     failed; other codes: unusable input (listed by `lora-edge --help`).
     """
-    from lora_edge.check import check_command, gate
-    from lora_edge.check_report import check_summary
-    from lora_edge.console import progress_sink
+    from lora_edge.check.gate import check_command, gate
+    from lora_edge.check.report import check_summary
+    from lora_edge.core.console import progress_sink
 
     given = CHECK_OPTIONS.given(opts)
     CHECK_OPTIONS.make(given)  # refuse a bad value here, naming its option
@@ -517,8 +517,8 @@ def run_cmd(recipe: str, out: Path | None, force: bool, retrain: bool, as_json: 
     Writes the bundle to <output>/<name> with reports/report.md (tables and charts of every stage) and exits
     with the accuracy gate's code: 0 when every graph passed, 1 when one failed.
     """
-    from lora_edge.check import gate
-    from lora_edge.pipeline import run_recipe, run_summary
+    from lora_edge.check.gate import gate
+    from lora_edge.pipeline.runner import run_recipe, run_summary
 
     result = run_recipe(recipe, out=out, force=force, retrain=retrain, quiet=quiet)
     click.echo(run_summary(result, as_json))
@@ -538,8 +538,8 @@ def demo_cmd(out: Path | None, as_json: bool, quiet: bool) -> None:
     voice-assistant intents, merged/branched/hotswap graphs in fp32, int8 and int4, profiled on every CPU
     device target this host can run, every graph gated against PyTorch. Prints a summary and the report's path.
     """
-    from lora_edge.check import gate
-    from lora_edge.pipeline import run_recipe, run_summary
+    from lora_edge.check.gate import gate
+    from lora_edge.pipeline.runner import run_recipe, run_summary
 
     result = run_recipe("demo", out=out, force=True, quiet=quiet)
     click.echo(run_summary(result, as_json))

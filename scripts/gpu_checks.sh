@@ -9,7 +9,7 @@
 #
 # What it runs (about 2 minutes on one GPU):
 #   1. facts: nvidia-smi, Python, onnxruntime and its providers, torch/CUDA;
-#   2. the @pytest.mark.gpu tests (tests/test_gpu.py): CUDA provider options, IO binding,
+#   2. the @pytest.mark.gpu tests (tests/profile/test_gpu.py): CUDA provider options, IO binding,
 #      fp16 graphs, partial CPU fallback flags, TensorRT or a clear "not measured";
 #   3. `lora-edge profile` of a small synthetic bundle on each GPU device target, as a user runs it,
 #      and the same without the GPU provider to show the refusal (exit 7) and --allow-fallback.
@@ -43,12 +43,12 @@ except ImportError:
     print("torch: not installed (eager baselines skipped)")
 PY
 HAS_CUDA=$("$PY" -c "import onnxruntime as o; print(int('CUDAExecutionProvider' in o.get_available_providers()))")
-"$PY" -c "import lora_edge.profile, psutil, click" || { echo "lora-edge does not import with $PY: carry the missing wheels in .whl/"; exit 2; }
+"$PY" -c "import lora_edge.profile.profiler, psutil, click" || { echo "lora-edge does not import with $PY: carry the missing wheels in .whl/"; exit 2; }
 
 echo "== 2. gpu tests"
 status=0
 if [ "$HAS_CUDA" = 1 ]; then
-    "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="-ra" \
+    "$PY" -m pytest -q -m gpu tests/profile/test_gpu.py -p no:cacheprovider -o addopts="-ra" \
         --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
     status=${PIPESTATUS[0]}
 else

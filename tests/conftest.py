@@ -77,9 +77,9 @@ def intent_adapter(tmp_path_factory) -> Path:
     """
     import fcntl
 
-    from lora_edge.data import default_intent_files
-    from lora_edge.recipe import LoraSpec, TrainSpec
-    from lora_edge.train import METRICS_FILE, train_adapter
+    from lora_edge.core.data import default_intent_files
+    from lora_edge.core.recipe import LoraSpec, TrainSpec
+    from lora_edge.train.trainer import METRICS_FILE, train_adapter
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from lora_edge.choices import Form
+from lora_edge.core.choices import Form
 
 ARCHS = ("llama", "qwen2", "gpt2", "mistral")
 FORMS = (Form.MERGED, Form.BRANCHED, Form.HOTSWAP)
@@ -84,8 +84,8 @@ def _export_now(out: Path, model_dir: Path, adapters: dict[str, Path], forms: li
         except SystemExit as exc:
             assert exc.code in (0, None), f"lora-edge export exited with {exc.code}"
     else:
-        from lora_edge.adapters import AdapterRef
-        from lora_edge.export_bundle import export_bundle
+        from lora_edge.core.adapters import AdapterRef
+        from lora_edge.export.bundle import export_bundle
 
         export_bundle(model_dir, [AdapterRef(name, path) for name, path in adapters.items()], forms, out,
                       task="causal-lm", progress=lambda message: None)

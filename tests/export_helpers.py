@@ -32,8 +32,8 @@ def labeled_adapter(source: Path, target: Path) -> Path:
 
 def tiny_bundle(tmp_path_factory, tiny_model, tiny_adapter, arch: str) -> Path:
     """A bundle with all three fp32 forms of tiny ``arch`` + one labeled adapter named 'tiny' (cached)."""
-    from lora_edge.adapters import AdapterRef
-    from lora_edge.export_bundle import export_bundle
+    from lora_edge.core.adapters import AdapterRef
+    from lora_edge.export.bundle import export_bundle
 
     if arch not in _BUNDLES:
         root = tmp_path_factory.mktemp(f"bundle-{arch}")

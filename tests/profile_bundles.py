@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_edge.bundle import write_json
-from lora_edge.choices import Form, Precision
-from lora_edge.manifest import GraphRecord
+from lora_edge.core.bundle import write_json
+from lora_edge.core.choices import Form, Precision
+from lora_edge.core.manifest import GraphRecord
 
 ADAPTER_NAME = "tiny"
 _BUILT: dict[tuple, Path] = {}
@@ -30,8 +30,8 @@ def export_tiny_bundle(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
 
     The branched form is left to the synthetic bundles: each exported form costs seconds.
     """
-    from lora_edge.adapters import AdapterRef
-    from lora_edge.export_bundle import export_bundle
+    from lora_edge.core.adapters import AdapterRef
+    from lora_edge.export.bundle import export_bundle
 
     key = ("export", str(model_dir), str(adapter_dir))
     if key not in _BUILT:

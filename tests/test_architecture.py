@@ -92,7 +92,7 @@ def test_a_bundle_without_graphs_is_the_same_error_in_every_command(tmp_path, ca
     import json
 
     from cli_runner import exit_code_of
-    from lora_edge.errors import BundleError
+    from lora_edge.core.errors import BundleError
 
     bundle = tmp_path / "empty"
     bundle.mkdir()

@@ -8,8 +8,8 @@ def test_tiny_models_load_and_run(arch, tiny_model, tiny_adapter):
     import torch
     from peft import PeftModel
 
-    from lora_edge.choices import Task
-    from lora_edge.models import load_base_model, load_tokenizer
+    from lora_edge.core.choices import Task
+    from lora_edge.core.models import load_base_model, load_tokenizer
 
     task = Task.SEQ_CLS if arch in ENCODERS else Task.CAUSAL_LM
     path = tiny_model(arch)

@@ -13,9 +13,9 @@ import pytest
 
 from cli_runner import exit_code_of
 from export_helpers import tiny_bundle
-from lora_edge.bundle import (atomic_directory, atomic_file, bundle_lock, host_tag, remove_stale_staging,
+from lora_edge.core.bundle import (atomic_directory, atomic_file, bundle_lock, host_tag, remove_stale_staging,
                               require_writable_file_path)
-from lora_edge.errors import AdapterMismatchError, BundleError, ConfigError, DataError, LoraEdgeError
+from lora_edge.core.errors import AdapterMismatchError, BundleError, ConfigError, DataError, LoraEdgeError
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_causal_lm_on_an_encoder_only_model_is_refused(tiny_model, tmp_path, cap
 
 
 def test_require_task_support_accepts_what_models_can_do(tiny_model):
-    from lora_edge.model_tasks import require_task_support
+    from lora_edge.core.model_tasks import require_task_support
 
     require_task_support(tiny_model("bert"), "seq-cls")
     require_task_support(tiny_model("llama"), "causal-lm")
@@ -129,7 +129,7 @@ def test_out_under_a_regular_file_is_a_config_error(command, tiny_model, tiny_ad
                                     '{"r": 4, "lora_alpha": 8, "rank_pattern": {"(": 2}}',
                                     '{"r": 4, "lora_alpha": 8, "task_type": ["SEQ_CLS"]}'])
 def test_adapter_config_with_wrong_types_is_refused(tiny_adapter, tmp_path, config):
-    from lora_edge.adapters import adapter_task, read_adapter_config
+    from lora_edge.core.adapters import adapter_task, read_adapter_config
 
     adapter = shutil.copytree(tiny_adapter("bert"), tmp_path / "adapter")
     (adapter / "adapter_config.json").write_text(config)
@@ -139,10 +139,10 @@ def test_adapter_config_with_wrong_types_is_refused(tiny_adapter, tmp_path, conf
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".toml"])
 def test_files_that_are_not_utf8_are_refused(tmp_path, suffix):
-    from lora_edge.data import read_examples
-    from lora_edge.devices import load_device_file
-    from lora_edge.choices import Task
-    from lora_edge.recipe import load_recipe
+    from lora_edge.core.data import read_examples
+    from lora_edge.profile.devices import load_device_file
+    from lora_edge.core.choices import Task
+    from lora_edge.core.recipe import load_recipe
 
     path = tmp_path / f"bad{suffix}"
     path.write_bytes(b"text,label\n\xff\xfe\x80,a\n")
@@ -222,7 +222,7 @@ def test_a_second_writer_fails_clearly_while_the_first_holds_the_bundle(tmp_path
 
 def test_a_killed_holder_releases_the_lock(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from lora_edge.bundle import bundle_lock; from pathlib import Path;"
+                               "from lora_edge.core.bundle import bundle_lock; from pathlib import Path;"
                                "cm = bundle_lock(Path(sys.argv[2])); cm.__enter__(); print('held', flush=True);"
                                "time.sleep(60)", str(Path(__file__).parents[1]), str(tmp_path / "bundle")],
                               stdout=subprocess.PIPE, text=True)
@@ -261,7 +261,7 @@ def test_require_writable_file_path(tmp_path):
 
 @pytest.mark.parametrize("variable", ["WORLD_SIZE", "RANK"])
 def test_a_junk_torchrun_variable_is_a_config_error(monkeypatch, variable):
-    from lora_edge.errors import env_int
+    from lora_edge.core.errors import env_int
 
     monkeypatch.setenv(variable, "two")
     with pytest.raises(ConfigError, match=variable):
@@ -271,7 +271,7 @@ def test_a_junk_torchrun_variable_is_a_config_error(monkeypatch, variable):
 
 
 def test_a_library_error_becomes_one_line_of_an_error_message():
-    from lora_edge.errors import first_line
+    from lora_edge.core.errors import first_line
 
     assert first_line(RuntimeError("\n  bad node 'x'\n  at file.cc:12\n")) == "bad node 'x'"
     assert first_line(RuntimeError("a" * 500), 160) == "a" * 160
@@ -280,8 +280,8 @@ def test_a_library_error_becomes_one_line_of_an_error_message():
 
 @pytest.mark.parametrize("name", ["my adapter", "a.b", "x/y", "", "v1!"])
 def test_every_user_given_name_follows_one_rule(name, tmp_path):
-    from lora_edge.adapters import AdapterRef
-    from lora_edge.recipe import AdapterSource
+    from lora_edge.core.adapters import AdapterRef
+    from lora_edge.core.recipe import AdapterSource
 
     with pytest.raises(ConfigError, match="must be letters, digits, - and _"):
         AdapterRef.parse(f"{name}={tmp_path}" if name else str(tmp_path / "a b"))
@@ -291,7 +291,7 @@ def test_every_user_given_name_follows_one_rule(name, tmp_path):
 
 
 def test_quantize_of_a_bundle_being_written_fails_clearly(copy):
-    from lora_edge.quantize import quantize_bundle
+    from lora_edge.quantize.quantizer import quantize_bundle
 
     before = (copy / "manifest.json").read_text()
     with bundle_lock(copy):  # another export/quantize of this bundle is under way

@@ -22,10 +22,10 @@ def test_pulled_smollm2_matches_transformers_gguf_loading_and_answers(tmp_path, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_edge.chat import greedy_answers, prompt_ids
-    from lora_edge.choices import Task
-    from lora_edge.model_source import resolve_model_path
-    from lora_edge.models import load_base_model, load_tokenizer
+    from lora_edge.core.chat import greedy_answers, prompt_ids
+    from lora_edge.core.choices import Task
+    from lora_edge.core.model_source import resolve_model_path
+    from lora_edge.core.models import load_base_model, load_tokenizer
 
     monkeypatch.setenv("LORA_EDGE_CACHE", str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-m", "lora_edge", "models", "pull", "smollm2", "--json"],

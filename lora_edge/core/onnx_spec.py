@@ -1,0 +1,148 @@
+"""Keep every graph lora-edge writes valid by the ONNX specification, not only runnable by ONNX Runtime.
+
+ONNX Runtime tolerates two things the specification (and stricter consumers:
+other runtimes, converters, ``onnx.checker``) rejects, and both happen to our
+graphs after ONNX Runtime's own tools have edited them:
+
+* nodes out of topological order: the quantizers re-emit nodes in their own
+  order, so the fused attention ``If`` (whose branches read outer-scope
+  values) can come before the nodes producing what it reads;
+* ``value_info`` types that contradict the graph: the fp16 converter retypes
+  value_info entries to float16 for tensors that stay float32 (blocked ops,
+  initializers), which strict type inference reports as a conflict.
+
+:func:`conform` repairs both (a stable topological sort, recursing into
+subgraphs; stale value_info dropped: it is optional, a hint for consumers)
+and :func:`require_valid_graph` runs ``onnx.checker.check_model(full_check=True)``
+(which includes strict shape and type inference) where a graph is written.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lora_edge.core.errors import LoraEdgeError
+
+if TYPE_CHECKING:
+    import onnx
+
+
+def node_reads(node: "onnx.NodeProto") -> list[str]:
+    """Every tensor a node reads: its inputs plus what its subgraphs (If/Loop bodies) take from outside."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            inner = {value.name for value in graph.input} | {init.name for init in graph.initializer}
+            for inner_node in graph.node:
+                names.extend(name for name in node_reads(inner_node) if name not in inner)
+                inner.update(inner_node.output)
+    return names
+
+
+def _subgraphs(node: "onnx.NodeProto") -> list:
+    return [g for attribute in node.attribute
+            for g in ([attribute.g] if attribute.HasField("g") else list(attribute.graphs))]
+
+
+def topological_sort(graph: "onnx.GraphProto") -> int:
+    """Reorder ``graph.node`` (and every subgraph's) so each node follows the producers of what it reads.
+
+    Stable: nodes already in order keep their relative order (Kahn's algorithm
+    taking the earliest ready node). Names produced by no node of this graph
+    (inputs, initializers, outer scope) count as available. Returns how many
+    nodes moved; a cycle leaves the graph as it was and returns 0.
+    """
+    import heapq
+
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            topological_sort(sub)
+    nodes = list(graph.node)
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = defaultdict(list)
+    for index, node in enumerate(nodes):
+        for source in {producer[name] for name in node_reads(node) if name in producer} - {index}:
+            waiting[index] += 1
+            readers[source].append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for reader in readers[index]:
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(order) != len(nodes):  # a cycle: not ours to fix, the checker will name it
+        return 0
+    moved = sum(1 for position, index in enumerate(order) if position != index)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(nodes[index] for index in order)
+    return moved
+
+
+def drop_stale_value_info(model: "onnx.ModelProto") -> int:
+    """Remove value_info entries whose element type differs from what type inference derives; return how many.
+
+    Entries naming an initializer or a graph input are dropped too (the
+    initializer or input declares the type itself).
+    """
+    import onnx
+
+    graph = model.graph
+    declared = {init.name for init in graph.initializer} | {value.name for value in graph.input}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe)
+    except Exception:  # inference itself fails: leave the hints alone, the checker will say why
+        inferred = probe
+    types = {value.name: value.type.tensor_type.elem_type for value in inferred.graph.value_info}
+    stale = [value for value in graph.value_info
+             if value.name in declared or (value.name in types and types[value.name]
+                                           and value.type.tensor_type.elem_type != types[value.name])]
+    for value in stale:
+        graph.value_info.remove(value)
+    return len(stale)
+
+
+def conform(model: "onnx.ModelProto") -> dict:
+    """Repair node order and stale value_info in place; return what was done (``{"moved": n, "value_info": n}``)."""
+    return {"moved": topological_sort(model.graph), "value_info": drop_stale_value_info(model)}
+
+
+def conform_file(path: str | Path) -> dict:
+    """:func:`conform` the graph at ``path`` (single-file graphs) and rewrite it when anything changed."""
+    import onnx
+
+    model = onnx.load(str(path))
+    done = conform(model)
+    if any(done.values()):
+        onnx.save(model, str(path))
+    return done
+
+
+def check_errors(path: str | Path) -> str | None:
+    """The first line of ``onnx.checker.check_model(full_check=True)``'s complaint about ``path``, or None."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        lines = str(exc).strip().splitlines()
+        return (lines[0] if lines else exc.__class__.__name__)[:400]
+    return None
+
+
+def require_valid_graph(path: str | Path, name: str, error: type[LoraEdgeError]) -> None:
+    """Raise ``error`` naming graph ``name`` when ``path`` fails the ONNX checker (full check, strict inference)."""
+    problem = check_errors(path)
+    if problem is not None:
+        raise error(f"graph '{name}' is not valid ONNX ({problem})", path,
+                    "report this with the graph: lora-edge writes only graphs that pass onnx.checker")

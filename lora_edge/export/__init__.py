@@ -1,0 +1,3 @@
+"""PyTorch -> ONNX: one trace, the three forms, the bundle, the verified CPU graph rewrites.
+
+See docs/ARCHITECTURE.md, "Layers and what each may import"."""

@@ -1,0 +1,467 @@
+"""Write an export bundle: the deployment forms of one base model with one or more adapters.
+
+``export_bundle`` loads the PyTorch reference (base + adapter, unmerged) of every
+adapter, traces base + LoRA branches ONCE (the hot-swap graph), derives the other
+forms from that trace (``lora_edge/export/forms.py``), verifies each graph against its
+reference, and writes (atomically: a temporary sibling renamed at the end)::
+
+    <out>/manifest.json
+    <out>/adapter/ (one adapter) or <out>/adapters/<name>/   PEFT copies
+    <out>/onnx/merged[.<name>].fp32.onnx  branched[.<name>].fp32.onnx
+    <out>/onnx/hotswap.fp32.onnx + onnx/adapters/<name>.onnx_adapter
+    <out>/onnx/config.json, tokenizer files, label_map.json (+ label_maps/<name>.json with several adapters)
+    <out>/onnx/genai_config.json (causal LM: onnxruntime-genai runs the graphs as they are)
+
+so that ``onnx/`` can be used on its own. Precisions other than fp32 are handed
+to ``lora_edge.quantize.quantizer.quantize_bundle`` once the fp32 graphs exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from lora_edge import __version__
+from lora_edge.core.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, AdapterRef, adapter_task,
+                                load_reference, read_adapter_config)
+from lora_edge.core.bundle import ONNX_DIR, atomic_directory, library_versions, parse_choices, write_json
+from lora_edge.core.choices import Form, Precision
+from lora_edge.core.console import Progress, stderr_lines
+from lora_edge.core.data import LABEL_MAP_FILE, LabelMap
+from lora_edge.core.errors import ConfigError, ExportError
+from lora_edge.export.exporter import FP32_TOLERANCE, ExportContext
+from lora_edge.export.genai_config import write_genai_config
+from lora_edge.core.manifest import AdapterRecord, ExportStage, GraphRecord, Manifest, ModelRecord
+from lora_edge.core.choices import Task
+from lora_edge.core.cache import directory_sha256
+from lora_edge.core.model_source import resolve_model_path
+from lora_edge.core.cache import DEFAULT_MODEL
+from lora_edge.core.models import load_tokenizer
+from lora_edge.core.onnx_spec import require_valid_graph
+from lora_edge.core.recipe import QuantizeOptions
+from lora_edge.runtime.tokenizer import make_portable
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+# Files of an adapter directory copied into the bundle (never training checkpoints or pickles).
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABEL_MAP_FILE, DATA_RECORD, "README.md")
+ADAPTER_HOTSWAP_DIR = "adapters"  # under onnx/: the .onnx_adapter files
+LABEL_MAPS_DIR = "label_maps"     # under onnx/: one label map per adapter when a bundle has several
+# Opsets torch's ONNX exporter writes as asked: below 18 it silently writes 18, above 23 it has no translations.
+OPSET_RANGE = (18, 23)
+TRACE_FILE = ".trace.onnx"        # under onnx/ while an export runs: the one traced graph, removed once loaded
+
+
+
+@dataclass
+class ExportJob:
+    """What every form exporter needs: the references, where to write, and how strictly to verify."""
+
+    model_path: Path
+    task: Task
+    context: ExportContext
+    references: dict[str, "PeftModel"]
+    labels: dict[str, list[str] | None]
+    staging: Path
+    opset: int | None = None
+    tolerance: float = FP32_TOLERANCE
+    trust_remote_code: bool = False
+    progress: Progress = stderr_lines
+    records: list[GraphRecord] = field(default_factory=list)
+
+    @property
+    def several(self) -> bool:
+        """True when the bundle has several adapters (graph names then carry the adapter's name)."""
+        return len(self.labels) > 1
+
+    def graph_file(self, name: str) -> Path:
+        """Absolute path of graph ``name`` inside the staging bundle."""
+        return self.staging / ONNX_DIR / f"{name}.onnx"
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the bundle, as manifests record files."""
+        return Path(path).relative_to(self.staging).as_posix()
+
+
+def _peak_rss_mb() -> int | None:
+    """The process's peak resident memory so far, in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak / (1024 * 1024 if sys.platform == "darwin" else 1024))
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory of the released model and trace back to the OS (glibc keeps freed heap otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+class Stopwatch:
+    """Seconds per stage of an export, reported as each stage ends and recorded in the manifest."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.started = time.perf_counter()
+        self.stages: list[ExportStage] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time the block as stage ``name``; report it with the elapsed total when it ends."""
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.stages.append(ExportStage(name, round(seconds, 2), _peak_rss_mb()))
+        self.progress(f"  {name}: {seconds:.1f} s  [{time.perf_counter() - self.started:.1f} s]")
+
+    def seconds(self, prefix: str) -> float:
+        """Total seconds of the stages named ``prefix`` or ``prefix ...``."""
+        return round(sum(s.seconds for s in self.stages if s.stage.split(" (")[0] == prefix), 2)
+
+
+def _graph_extra(shell, derived, opset: int | None = None, **values) -> dict:
+    """Manifest extras of a derived graph (read in memory): opset, input/output names, low-rank pairs, ``values``."""
+    from lora_edge.export.exporter import low_rank_pairs
+    from lora_edge.export.forms import analysis_model
+
+    model = analysis_model(shell, derived)
+    initializers = set(derived.initializers)
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset and written != opset:  # never silently another opset than the one asked for
+        raise ExportError(f"the exporter wrote opset {written}, not the {opset} asked for", "--opset",
+                          f"use an opset from {OPSET_RANGE[0]} to {OPSET_RANGE[1]}, or leave --opset out")
+    return {"opset": written,
+            "inputs": [i.name for i in model.graph.input if i.name not in initializers],
+            "outputs": [o.name for o in model.graph.output], "low_rank_pairs": len(low_rank_pairs(model)),
+            **values}
+
+
+@dataclass
+class TracePlan:
+    """What every form needs once the model is traced: slots, adapter tensors, PyTorch outputs, the verify I/O."""
+
+    slots: list
+    tensors: dict[str, dict]  # adapter name -> its hot-swap tensors (A, s·B, heads)
+    expected: dict[str | None, list]  # adapter name (None: no adapter) -> PyTorch outputs on the verify inputs
+    verify_io: object  # GraphIO without a model: verify inputs and I/O names
+    traced: object = None  # the traced hot-swap onnx.ModelProto
+    exporter: str | None = None
+
+
+def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan:
+    """Reference outputs and ONE trace of base + LoRA branches (the hot-swap graph), then the model is released.
+
+    The base is a view of the first reference (no weight copy); the references are
+    dropped from ``job`` once traced: every later stage works on the ONNX model.
+    """
+    import gc
+
+    import onnx
+    from torch import nn
+
+    from lora_edge.export.exporter import graph_io_for, name_output_dims, reference_outputs, trace_onnx
+    from lora_edge.export.hotswap import (TENSOR, add_default_initializers, adapter_tensors, hotswap_base,
+                                   hotswap_graph_io, plan_slots)
+    from lora_edge.export.merge import base_view
+
+    builder = graph_io_for(job.task)
+    first = next(iter(job.references.values()))
+    with clock.stage("reference outputs"):
+        base = base_view(first)
+        slots = plan_slots(base, job.references)
+        tensors = {name: adapter_tensors(ref, slots) for name, ref in job.references.items()}
+        expected = {name: reference_outputs(builder(ref, job.context)) for name, ref in job.references.items()}
+        with first.disable_adapter():
+            expected[None] = reference_outputs(builder(first, job.context))
+        model = hotswap_base(base, slots)
+        io, task_io = hotswap_graph_io(model, slots, job.context)
+    trace_file = job.staging / ONNX_DIR / TRACE_FILE
+    with clock.stage(f"trace ({exporter})"):
+        trace_onnx(io, trace_file, job.opset, GraphRecord.graph_name(Form.HOTSWAP, Precision.FP32), exporter)
+    verify_io = dataclasses.replace(task_io, module=nn.Identity())
+    defaults = {slot.name: model.get_parameter(slot.parameter).detach().float().numpy().copy()
+                for slot in slots if slot.kind == TENSOR}
+    del base, model, io, task_io, first
+    job.references.clear()
+    gc.collect()
+    with clock.stage("load trace"):
+        traced = onnx.load(str(trace_file))
+        for path in trace_file.parent.glob(TRACE_FILE + "*"):
+            path.unlink()
+        add_default_initializers(traced, defaults, slots)
+        name_output_dims(traced, verify_io, expected[None])
+    return TracePlan(slots, tensors, expected, verify_io, traced, exporter)
+
+
+def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
+    """Check the graph at ``path`` in ONE session, once per adapter (None: no adapter); return the diffs."""
+    from lora_edge.export.exporter import check_agreement, run_verify_inputs
+    from lora_edge.runtime.session import create_session, load_lora_adapter
+
+    session = create_session(path)
+    diffs = {}
+    for adapter, adapter_file in adapters.items():
+        actual = run_verify_inputs(session, plan.verify_io, adapter=load_lora_adapter(adapter_file) if adapter_file else None)
+        label = f"{name} + {adapter}" if adapter_file else name
+        against = "the base model (no adapter fed)" if adapter is None else "the PyTorch reference"
+        diffs[adapter or "base"] = check_agreement(label, plan.expected[adapter], actual, job.tolerance, against,
+                                                   relative=plan.verify_io.relative_tolerance)
+    return diffs
+
+
+def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: Stopwatch) -> list[GraphRecord]:
+    """Derive, write and verify every requested form from the one trace (docs/ARCHITECTURE.md, "The three forms")."""
+    import gc
+
+    from lora_edge.export.exporter import EXTERNAL_DATA_BYTES
+    from lora_edge.export.forms import derive, find_branches, write_model
+    from lora_edge.runtime.adapter_layout import write_onnx_adapter
+    from lora_edge.export.hotswap import ADAPTER_SUFFIX, LORA_A, LORA_B, TENSOR
+
+    slots_by_module: dict[str, dict] = {}
+    for slot in plan.slots:
+        slots_by_module.setdefault(slot.module, {})[slot.kind] = slot.name
+    pairs = [(kinds[LORA_A], kinds[LORA_B]) for kinds in slots_by_module.values() if LORA_A in kinds]
+    heads = [slot.name for slot in plan.slots if slot.kind == TENSOR]
+    branches = find_branches(plan.traced, pairs)
+    weight_bytes = sum(len(init.raw_data) for init in plan.traced.graph.initializer)
+    external = 1024 if weight_bytes > EXTERNAL_DATA_BYTES else None
+    written = []  # (record, checks): every graph is written first, then the trace is freed and each verified
+    for form in forms:
+        for adapter in ([None] if form is Form.HOTSWAP else list(plan.tensors)):
+            name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
+            with clock.stage(f"write {name}"):
+                derived = derive(plan.traced, branches, heads, form.value, plan.tensors.get(adapter))
+                path = write_model(plan.traced, derived, job.graph_file(name), external)
+                files = {}
+                if form is Form.HOTSWAP:
+                    files = {n: write_onnx_adapter(job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR
+                                                   / f"{n}{ADAPTER_SUFFIX}", tensors)
+                             for n, tensors in plan.tensors.items()}
+            extra = _graph_extra(plan.traced, derived, job.opset, exporter=plan.exporter,
+                                 export_seconds=clock.seconds(f"write {name}"))
+            del derived
+            if form is Form.HOTSWAP:
+                extra.update(adapter_files={n: job.relative(p) for n, p in files.items()},
+                             adapter_inputs=[slot.name for slot in plan.slots])
+                record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
+                                     adapters=list(plan.tensors), extra=extra)
+                written.append((record, {None: None, **files}))
+            else:
+                record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
+                                     adapter=adapter, extra=extra)
+                written.append((record, {adapter: None}))
+    plan.traced = None  # the ONNX Runtime sessions below hold a copy of the weights each, one at a time
+    gc.collect()
+    for record, checks in written:
+        with clock.stage(f"verify {record.name}"):
+            diffs = _verify(job, plan, job.staging / record.file, record.name, checks)
+        job.progress(f"  {record.name}: max abs diff vs PyTorch "
+                     + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
+        record.extra["max_abs_diff"] = max(diffs.values())
+        if record.form is Form.HOTSWAP:
+            record.extra["max_abs_diff_by_adapter"] = diffs
+        record.extra["verify_seconds"] = clock.seconds(f"verify {record.name}")
+    return [record for record, _ in written]
+
+
+def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, exporter: str | None = None,
+                 reload: Callable[[], dict] | None = None) -> list[GraphRecord]:
+    """Trace once and write every form; a TorchScript trace that fails or drifts is redone with torch.export.
+
+    ``reload`` loads the references again (they are released after the trace).
+    """
+    from lora_edge.core.errors import ExportError
+    from lora_edge.export.exporter import exporter_order
+
+    exporters = [exporter] if exporter else exporter_order(job.task)
+    for attempt, name in enumerate(exporters):
+        try:
+            plan = plan_and_trace(job, clock, name)
+            return write_forms(job, plan, forms, clock)
+        except ExportError as exc:
+            if attempt == len(exporters) - 1 or reload is None:
+                raise
+            job.progress(f"  the {name} trace failed ({exc.what}); tracing again with {exporters[attempt + 1]}")
+            with clock.stage("reload"):
+                job.references.update(reload())
+    raise AssertionError("unreachable")
+
+
+def _check_names(adapters: Sequence[AdapterRef]) -> None:
+    seen = set()
+    for adapter in adapters:
+        if adapter.name in seen:
+            raise ConfigError(f"two adapters are named '{adapter.name}'", "--adapter",
+                              "name them apart: --adapter NAME=DIR")
+        seen.add(adapter.name)
+    if not adapters:
+        raise ConfigError("no adapter given", "--adapter", "pass --adapter DIR (repeatable)")
+
+
+def _common_task(adapters: Sequence[AdapterRef], task: Task | None) -> Task:
+    tasks = {adapter.name: adapter_task(read_adapter_config(adapter.path), adapter.path / ADAPTER_CONFIG)
+             for adapter in adapters}
+    chosen = task or next(iter(tasks.values()))
+    for name, adapter_kind in tasks.items():
+        if adapter_kind is not chosen:
+            raise ConfigError(f"adapter '{name}' is for task {adapter_kind.value}, the bundle for {chosen.value}",
+                              "--adapter", "export adapters of one task per bundle")
+    return chosen
+
+
+def _require_opset(opset: int | None) -> None:
+    """Refuse an opset the exporter would not honour (it would write another one without a word)."""
+    low, high = OPSET_RANGE
+    if opset is not None and opset != 0 and not low <= opset <= high:
+        raise ConfigError(f"opset {opset} cannot be exported", "--opset",
+                          f"use an opset from {low} to {high}, or leave --opset out for the exporter's default")
+
+
+def _copy_adapter(adapter: AdapterRef, target: Path) -> None:
+    target.mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        if (adapter.path / name).is_file():
+            shutil.copy2(adapter.path / name, target / name)
+
+
+def _adapter_record(adapter: AdapterRef, bundle_dir: str, labels: list[str] | None) -> AdapterRecord:
+    data_file = adapter.path / DATA_RECORD
+    return AdapterRecord(adapter.name, bundle_dir, source=str(adapter.path.resolve()),
+                         sha256=directory_sha256(adapter.path, "adapter_*"),
+                         lora_config=read_adapter_config(adapter.path), labels=labels,
+                         data=json.loads(data_file.read_text()) if data_file.is_file() else None)
+
+
+def _labels_of(reference: "PeftModel", task: Task) -> list[str] | None:
+    if task is not Task.SEQ_CLS:
+        return None
+    id2label = reference.config.id2label
+    return [id2label[i] for i in range(len(id2label))]
+
+
+def _write_model_files(job: ExportJob, adapters: Sequence[AdapterRef]) -> None:
+    """config.json, tokenizer files and label map(s) beside the graphs, so onnx/ stands on its own."""
+    onnx_dir = job.staging / ONNX_DIR
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(job.references.values()))
+    first.get_base_model().config.save_pretrained(str(onnx_dir))
+    job.context.tokenizer.save_pretrained(str(onnx_dir))
+    make_portable(onnx_dir, getattr(first.get_base_model().config, "max_position_embeddings", None))
+    first_labels = next(iter(job.labels.values()))
+    if first_labels:
+        LabelMap(tuple(first_labels)).save(onnx_dir)
+    if job.several:
+        for adapter in adapters:
+            if job.labels[adapter.name]:
+                write_json(onnx_dir / LABEL_MAPS_DIR / f"{adapter.name}.json",
+                           LabelMap(tuple(job.labels[adapter.name])).to_json())
+
+
+def _fuse(job: "ExportJob", clock: Stopwatch, load: Callable[[], dict]) -> None:
+    """The verified CPU fusions of the fp32 encoder graphs (references loaded again: the trace released them)."""
+    from lora_edge.export.fusion import fuse_exported_graphs
+
+    with clock.stage("fuse"):
+        references = load()
+        fuse_exported_graphs(job.records, job.staging, references, job.context, job.tolerance, job.progress)
+        del references
+
+
+def _manifest(job: "ExportJob", model: str | Path, adapters: list[AdapterRef], dirs: dict[str, str],
+              seed: int | None, recipe: dict | None, clock: Stopwatch) -> Manifest:
+    """The new bundle's manifest: versions, the model, the adapters, the graphs and the seconds per stage."""
+    return Manifest(lora_edge_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    libraries=library_versions(), seed=seed,
+                    model=ModelRecord(str(job.model_path), directory_sha256(job.model_path), job.task,
+                                      str(model) == DEFAULT_MODEL),
+                    adapters=[_adapter_record(a, dirs[a.name], job.labels[a.name]) for a in adapters],
+                    graphs=job.records, recipe=recipe, export_stages=clock.stages)
+
+
+def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequence[Form | str], out: Path,
+                  precisions: Sequence[Precision | str] = (Precision.FP32,), opset: int | None = None,
+                  force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
+                  seed: int | None = None, recipe: dict | None = None, trust_remote_code: bool = False,
+                  quantize_options: QuantizeOptions | None = None, fuse: bool = True,
+                  progress: Progress = stderr_lines, exporter: str | None = None) -> Path:
+    """Export ``forms`` of ``model`` + each adapter into a new bundle at ``out``; returns ``out``.
+
+    Every graph is checked against its PyTorch reference right after export
+    (max abs diff <= ``tolerance``, else ExportError naming the graph). With
+    precisions other than fp32, ``lora_edge.quantize.quantizer.quantize_bundle(bundle,
+    precisions, quantize_options)`` runs on the finished fp32 bundle before it
+    is moved into place. With ``fuse`` the fp32 encoder graphs get the verified
+    CPU fusions (:mod:`lora_edge.export.fusion`). Nothing is left at ``out`` when
+    any step fails; an existing ``out`` is replaced only with ``force``.
+
+    The model is traced once (``exporter``: "torchscript" or "dynamo"; default the
+    first that works, see ``lora_edge.export.exporter.EXPORTERS``) and every form derived
+    from that trace; ``manifest.json`` records the seconds of each stage
+    (``export_stages``).
+    """
+    forms = parse_choices(Form, list(forms), "--forms")  # members pass through; strings (Python callers) are parsed
+    precisions = parse_choices(Precision, list(precisions), "--precisions")
+    adapters = list(adapters)
+    _check_names(adapters)
+    _require_opset(opset)
+    opset = opset or None  # 0, as in recipes: the exporter's default
+    model_path = resolve_model_path(model)
+    task = _common_task(adapters, Task.parse(task) if task else None)
+    clock = Stopwatch(progress)
+    with atomic_directory(Path(out), force) as staging:
+        progress(f"loading {model_path.name} with {len(adapters)} adapter(s)")
+
+        def load() -> dict[str, "PeftModel"]:
+            return {a.name: load_reference(model_path, a, task, trust_remote_code) for a in adapters}
+
+        with clock.stage("load"):
+            references = load()
+            first = next(iter(references.values()))
+            context = ExportContext(task, load_tokenizer(model_path, trust_remote_code),
+                                    first.get_base_model().config)
+            del first
+        job = ExportJob(model_path, task, context, references,
+                        {name: _labels_of(ref, task) for name, ref in references.items()}, staging,
+                        opset, tolerance, trust_remote_code, progress)
+        del references
+        records_dirs = {}
+        for adapter in adapters:
+            records_dirs[adapter.name] = "adapter" if not job.several else f"adapters/{adapter.name}"
+            _copy_adapter(adapter, staging / records_dirs[adapter.name])
+        _write_model_files(job, adapters)
+        job.records.extend(export_forms(job, list(dict.fromkeys(forms)), clock, exporter, load))
+        if fuse and task is Task.SEQ_CLS:  # CPU fusions, each fused graph checked against PyTorch again
+            _fuse(job, clock, load)
+        for record in job.records:
+            require_valid_graph(staging / record.file, record.name, ExportError)
+        if task is Task.CAUSAL_LM:
+            write_genai_config(staging, job.records)  # onnxruntime-genai runs the graphs as they are
+        _manifest(job, model, adapters, records_dirs, seed, recipe, clock).write(staging)
+        quantized = [p for p in precisions if p is not Precision.FP32]
+        if quantized:
+            from lora_edge.quantize.quantizer import quantize_bundle
+
+            _return_freed_memory()
+            with clock.stage("quantize"):
+                quantize_bundle(staging, quantized, quantize_options, progress=progress)
+            dataclasses.replace(Manifest.read(staging), export_stages=clock.stages).write(staging)
+    progress(f"wrote {out}")
+    return Path(out)

@@ -1,0 +1,176 @@
+"""Prepare a float graph for its target before quantizing: fusions, each checked against the source graph.
+
+:func:`fuse_graph` runs onnxruntime.transformers' optimizer where the
+architecture has fusions (not on hot-swap graphs: it folds their overridable
+initializers as constants), then lora-edge's own rewrites
+(:mod:`lora_edge.export.cpu_fusion`), and keeps the first candidate whose outputs
+match the source graph's on a padded batch; otherwise the graph stays as exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lora_edge.core.errors import first_line
+from lora_edge.runtime.feeds import sample_encoder_feeds
+from lora_edge.export.cpu_fusion import (FIRST_TOKEN_PREFIX, MASK_ALL_ONES, compute_first_token_only, fuse_attention,
+                                       keep_layernorm_unfused, restore_for_gpu, share_lora_inputs, trim_padding)
+from lora_edge.runtime.session import graph_outputs, relative_difference
+
+if TYPE_CHECKING:
+    import onnx
+
+
+# Hugging Face model_type -> the onnxruntime.transformers optimizer's model type (encoders it fuses).
+ORT_OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert",
+                       "electra": "bert", "camembert": "bert", "mpnet": "bert"}
+
+
+@dataclass
+class FusionPlan:
+    """Which fusions to run for a graph, from its model config and where it will run."""
+
+    model_type: str | None = None
+    num_heads: int | None = None
+    hidden_size: int | None = None
+    for_gpu: bool = False  # fp16 graphs: keep ORT's SkipLayerNormalization (fast on CUDA)
+
+    @classmethod
+    def from_config(cls, config: dict, for_gpu: bool = False) -> "FusionPlan":
+        """Read model type, heads and width from a transformers ``config.json`` dict."""
+        heads = config.get("num_attention_heads") or config.get("n_heads") or config.get("n_head")
+        hidden = config.get("hidden_size") or config.get("dim") or config.get("n_embd")
+        return cls(config.get("model_type"), heads, hidden, for_gpu)
+
+
+@dataclass
+class FusionReport:
+    """What :func:`fuse_graph` did, for the manifest."""
+
+    ort_fusions: dict = field(default_factory=dict)
+    attention: int = 0
+    layernorm_unfused: int = 0
+    lora_shared: int = 0  # LoRA pairs whose A factors were merged with a sibling's (same input)
+    first_token_only: int = 0  # tensors sliced so the last layer computes the pooled first token only
+    padding_trimmed: int = 0  # sequence inputs cut to the last attended column (CPU targets)
+    restored_for_gpu: int = 0  # CPU-only rewrites of an already fused graph undone for a GPU target
+    max_abs_diff: float | None = None
+    dropped: str | None = None  # why a rewrite was not kept
+
+    def to_json(self) -> dict:
+        """JSON form (only non-empty fields)."""
+        return {key: value for key, value in self.__dict__.items() if value not in (None, {}, 0)}
+
+
+def _ort_transformer_fusions(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
+    """Run onnxruntime.transformers' fusions (python-only, opt_level 0) where the architecture has them."""
+    import contextlib
+    import io
+    import logging
+
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    ort_type = ORT_OPTIMIZER_TYPES.get(plan.model_type or "")
+    if ort_type is None:
+        return model
+    options = FusionOptions(ort_type)
+    if not plan.for_gpu:
+        # Measured on ORT 1.32's CPU provider: SkipLayerNormalization is 5-7x slower than
+        # Add + LayerNormalization at encoder shapes, EmbedLayerNormalization gains nothing, and
+        # BiasGelu is slower than Gelu after an int8 MatMul that adds the bias itself.
+        options.enable_skip_layer_norm = False
+        options.enable_bias_skip_layer_norm = False
+        options.enable_embed_layer_norm = False
+        options.enable_bias_gelu = False
+        # ORT fuses the exported erf-Gelu itself when a session loads; fused here, as a contrib op its output
+        # has no type for the static quantizer's calibration, so the next MatMul kept float activations.
+        options.enable_gelu = False
+    loggers = [logging.getLogger(name) for name in ("onnxruntime.transformers", "fusion_base", "onnx_model")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        # its symbolic shape inference prints "failed in shape inference" on graphs with If subgraphs: harmless
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimized = optimizer.optimize_model(model, model_type=ort_type, num_heads=plan.num_heads or 0,
+                                                 hidden_size=plan.hidden_size or 0, optimization_options=options,
+                                                 opt_level=0, use_gpu=plan.for_gpu)
+    except Exception as exc:  # an optimizer failure only costs speed: keep the graph as it was
+        report.dropped = f"onnxruntime transformer optimizer failed ({exc.__class__.__name__}: {exc})"[:300]
+        return model
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+    report.ort_fusions = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+    return optimized.model
+
+
+def _lora_edge_rewrites(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
+    if plan.num_heads:
+        # a source graph fused at export already has its attention blocks: count those
+        report.attention = fuse_attention(model, int(plan.num_heads), mask_switch=not plan.for_gpu) \
+            or sum(node.op_type == "If" and MASK_ALL_ONES in node.input or node.op_type == "MultiHeadAttention"
+                   for node in model.graph.node)
+    report.lora_shared = share_lora_inputs(model)
+    # a source graph fused at export has its last layer cut already: count those
+    report.first_token_only = compute_first_token_only(model) or sum(
+        node.name.startswith(FIRST_TOKEN_PREFIX) for node in model.graph.node)
+    if not plan.for_gpu:
+        report.layernorm_unfused = keep_layernorm_unfused(model)
+        report.padding_trimmed = trim_padding(model)
+    return model
+
+
+def _restore_for_gpu(model: "onnx.ModelProto", plan: FusionPlan, report: FusionReport) -> "onnx.ModelProto":
+    if plan.for_gpu:
+        report.restored_for_gpu = restore_for_gpu(model)
+    return model
+
+
+def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
+               tolerance: float = 1e-4) -> tuple["onnx.ModelProto", FusionReport]:
+    """Fuse ``model`` (loaded from ``source``) for its target; every rewrite is checked against ``source``.
+
+    Tried in order, the first whose outputs match the source's within
+    ``tolerance`` (relative to the output scale) on a padded sample batch wins:
+    ORT's transformer fusions followed by :func:`fuse_attention` (for the blocks
+    they did not take: the torch.export pattern) and, for CPU targets,
+    :func:`keep_layernorm_unfused` and :func:`trim_padding` (for GPU targets, a
+    graph already fused for the CPU is first restored: :func:`restore_for_gpu`);
+    the lora-edge rewrites alone; the source
+    graph unchanged. ORT's optimizer is skipped for graphs with overridable
+    initializers (hot-swap inputs): it folds them as constants.
+    """
+    import copy
+
+    report = FusionReport()
+    # Padded, unpadded and end-padded batches: rewrites take other paths for each (the mask switch and the
+    # padding trim do).
+    feed_sets = [sample_encoder_feeds(model), sample_encoder_feeds(model, padded=False),
+                 sample_encoder_feeds(model, padded=False, trailing=True)]
+    try:
+        expected = [graph_outputs(source, feeds) for feeds in feed_sets] if "input_ids" in feed_sets[0] else None
+    except Exception:  # inputs beyond an encoder's: nothing here can check a rewrite
+        expected = None
+    if expected is None:
+        return model, report
+    overridable = {value.name for value in model.graph.input} & {init.name for init in model.graph.initializer}
+    builders = [] if overridable else [lambda m, r: _lora_edge_rewrites(
+        _ort_transformer_fusions(_restore_for_gpu(m, plan, r), plan, r), plan, r)]
+    builders.append(lambda m, r: _lora_edge_rewrites(_restore_for_gpu(m, plan, r), plan, r))
+    for build in builders:
+        attempt = FusionReport(dropped=report.dropped)
+        candidate = build(copy.deepcopy(model), attempt)
+        try:
+            serialized = candidate.SerializeToString()
+            attempt.max_abs_diff = max(relative_difference(reference, graph_outputs(serialized, feeds))
+                                       for reference, feeds in zip(expected, feed_sets))
+        except Exception as exc:  # a rewrite ORT cannot load is a rewrite not to ship
+            report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {first_line(exc)})"
+            continue
+        if attempt.max_abs_diff <= tolerance:
+            return candidate, attempt
+        report.dropped = f"fusions changed the outputs (relative max abs diff {attempt.max_abs_diff:.2e})"
+    return model, report

@@ -1,0 +1,3 @@
+"""Recipes through every stage, and the run report.
+
+See docs/ARCHITECTURE.md, "Layers and what each may import"."""

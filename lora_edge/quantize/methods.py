@@ -1,0 +1,225 @@
+"""The quantizers, one per precision, in a registry: fp16, int8 dynamic, int8 static (QDQ), int4 (MatMulNBits).
+
+Every quantizer takes a :class:`QuantizeJob` (a float graph already fused for its
+target, the nodes to keep float, the options) and writes ``job.target``. They
+all leave the LoRA MatMuls and the run-time-fed weights of hot-swap graphs
+alone (``job.roles.keep_float``), so a quantized base keeps its adapter exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from lora_edge.core.choices import Precision
+from lora_edge.quantize.lora import LinearRoles
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+    from lora_edge.quantize.quantizer import QuantizeOptions
+
+# Ops kept in fp32 inside fp16 graphs: their intermediate values overflow fp16's
+# 65504 range (squares and sums of a hidden state, exponentials), plus ORT's default list.
+FP16_FLOAT_OPS = ["Pow", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Exp", "Log", "Sqrt",
+                  "Reciprocal", "CumSum", "Range"]
+# The onnxruntime.quantization loggers print one INFO line per node.
+QUANTIZATION_LOGGERS = ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer", "root")
+# Static quantization touches only the linear layers: int8 LayerNorm/Softmax/residuals cost accuracy
+# and, as Q/DQ pairs around every op, time (docs/ARCHITECTURE.md, "Facts": QDQ on everything measured 1.4-4.5x slower).
+STATIC_OP_TYPES = ["MatMul", "Gemm", "Gather"]
+
+
+@dataclass
+class QuantizeJob:
+    """One graph to quantize: the fused float model, where to write it, what stays float, the options."""
+
+    model: "onnx.ModelProto"
+    target: Path
+    roles: LinearRoles
+    options: "QuantizeOptions"
+    calibration: Callable[[], list[dict[str, "np.ndarray"]]] | None = None
+    tied_head: str | None = None  # a tied LM head's weight (initializer name): int4 keeps it symmetric
+
+
+@contextlib.contextmanager
+def quiet_quantizers() -> Iterator[None]:
+    """Silence onnxruntime.quantization's per-node INFO logging and its pre-processing advice.
+
+    The calibration sessions ORT creates itself would also log one "Initializer ... appears in
+    graph inputs" warning per hot-swap input (expected, docs/ARCHITECTURE.md, "Facts"): ORT's default logger is
+    raised to errors meanwhile, then set back to its default (warnings).
+    """
+    import onnxruntime
+
+    loggers = [logging.getLogger(name) for name in QUANTIZATION_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        onnxruntime.set_default_logger_severity(2)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def _common_extra_options() -> dict:
+    from onnx import TensorProto
+
+    # Tensors made by contrib ops (MultiHeadAttention, BiasGelu) have no inferred type; without
+    # this ORT's quantizer fails with "Unable to find data type for weight_name" (docs/ARCHITECTURE.md, "Facts").
+    return {"DefaultTensorType": TensorProto.FLOAT, "MatMulConstBOnly": True}
+
+
+def quantize_fp16(job: QuantizeJob) -> dict:
+    """fp16 weights and activations; graph inputs/outputs and overflow-prone ops stay fp32.
+
+    Hot-swap LoRA inputs keep their fp32 type (keep_io_types), so the same
+    ``.onnx_adapter`` files feed the fp16 graph.
+    """
+    from onnxruntime.transformers import float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(job.model)
+    blocked = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP16_FLOAT_OPS))
+    model.convert_float_to_float16(keep_io_types=True, op_block_list=blocked)
+    model.save_model_to_file(str(job.target), use_external_data_format=False)
+    return {"float_ops": FP16_FLOAT_OPS, "io": "fp32"}
+
+
+def quantize_int8_dynamic(job: QuantizeJob) -> dict:
+    """int8 weights (symmetric), activations quantized per run (u8): ``quantize_dynamic``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    per_channel = job.options.per_channel
+    # quantize_dynamic first rewrites Gemm as a MatMul named "<gemm>_MatMul", and it quantizes
+    # initializers even when they are graph inputs (hot-swap heads): exclude both names.
+    # Its rewrite also copies a transposed weight into a constant, which would freeze a hot-swap
+    # head: such Gemms become Transpose + MatMul here first.
+    model = copy.deepcopy(job.model)
+    gemm_to_matmul(model, set(job.roles.swappable))
+    excluded = job.roles.keep_float + [f"{name}_MatMul" for name in job.roles.keep_float]
+    quantize_dynamic(model, job.target, per_channel=per_channel, weight_type=QuantType.QInt8,
+                     nodes_to_exclude=excluded, extra_options=_common_extra_options())
+    return {"weights": "s8", "activations": "u8 per run", "per_channel": per_channel}
+
+
+class _FeedsReader:
+    """onnxruntime.quantization CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, feeds: list[dict]):
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def quantize_int8_static(job: QuantizeJob) -> dict:
+    """int8 weights and activations with scales calibrated on data: QDQ, u8 activations, s8 weights."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    feeds = job.calibration()
+    per_channel = job.options.per_channel
+    extra = _common_extra_options()
+    # Dequantize matmul outputs straight to float: ORT then runs MatMulIntegerToFloat, with
+    # no extra Q/DQ pair between a linear layer and its bias/residual adds.
+    extra["OpTypesToExcludeOutputQuantization"] = list(STATIC_OP_TYPES)
+    quantize_static(job.model, job.target, _FeedsReader(feeds), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=STATIC_OP_TYPES, per_channel=per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=job.roles.keep_float,
+                    calibrate_method=methods[job.options.calib_method.value], extra_options=extra)
+    return {"format": "QDQ", "weights": "s8", "activations": "u8", "per_channel": per_channel,
+            "calib_method": job.options.calib_method.value, "calib_batches": len(feeds)}
+
+
+def gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:
+    """Rewrite the Gemm nodes in ``names`` (alpha=beta=1, transA=0) as MatMul (+ Add); return how many.
+
+    A constant weight is stored pre-transposed; a weight fed at run time (hot-swap
+    head) gets a Transpose node, so it stays a graph input. The MatMul keeps the
+    Gemm's name.
+    """
+    from onnx import helper, numpy_helper
+
+    from lora_edge.export.cpu_fusion import GraphIndex
+
+    index = GraphIndex(model)
+    nodes, count = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.name not in names or attrs.get("transA", 0) or \
+                attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        weight, matrix = node.input[1], index.constant(node.input[1])
+        if attrs.get("transB", 0) and matrix is not None:
+            weight = f"{node.input[1]}_matmul"
+            model.graph.initializer.append(numpy_helper.from_array(matrix.T.copy(), weight))
+        elif attrs.get("transB", 0):
+            weight = f"{node.input[1]}_transposed"
+            nodes.append(helper.make_node("Transpose", [node.input[1]], [weight], name=f"{node.name}_transpose"))
+        product = node.output[0] if len(node.input) < 3 or not node.input[2] else f"{node.output[0]}_nobias"
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
+        if product != node.output[0]:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                          name=f"{node.name}_bias"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
+
+
+def quantize_int4(job: QuantizeJob) -> dict:
+    """4-bit weight-only (MatMulNBits, blocks of ``block_size``); embeddings too (GatherBlockQuantized).
+
+    Zero points are on by default (``int4_symmetric`` off): on SmolLM2-135M's
+    chat rows they moved next-token agreement with fp32 from 0.78 to 0.80-0.81
+    and perplexity from +4.9% to -5..-8% at the same decode speed
+    (docs/ARCHITECTURE.md, "Facts"). A tied LM head (``job.tied_head``) is
+    quantized symmetric in a pass of its own, so a tied embedding can read its
+    blocks as they are (:func:`lora_edge.quantize.decoder.share_tied_embedding`).
+    """
+    import numpy as np
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    options = job.options
+    model = copy.deepcopy(job.model)
+    converted = gemm_to_matmul(model, set(job.roles.base))
+    head_nodes = [node.name for node in model.graph.node
+                  if job.tied_head and node.op_type == "MatMul" and node.input[1] == job.tied_head]
+    exclude = list(job.roles.keep_float)
+    passes = [(options.int4_symmetric, exclude + head_nodes, ("MatMul", "Gather"))]
+    if head_nodes:  # symmetric: the tied embedding can then read the head's blocks as they are
+        others = [node.name for node in model.graph.node if node.name not in head_nodes]  # (nodes_to_include adds)
+        passes.insert(0, (True, others, ("MatMul",)))
+    for symmetric, nodes_to_exclude, op_types in passes:
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size, is_symmetric=symmetric,
+                                         accuracy_level=options.int4_accuracy_level,
+                                         nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=op_types)
+        with np.errstate(invalid="ignore", divide="ignore"):  # all-zero blocks: ORT maps their 0/0 scale to 0
+            quantizer.process()
+        model = quantizer.model.model
+    quantizer.model.save_model_to_file(str(job.target), use_external_data_format=False)
+    return {"bits": 4, "block_size": options.block_size, "symmetric": options.int4_symmetric,
+            "accuracy_level": options.int4_accuracy_level, "gemm_as_matmul": converted,
+            **({"tied_head_symmetric": True} if head_nodes else {})}
+
+
+QUANTIZERS: dict[Precision, Callable[[QuantizeJob], dict]] = {
+    Precision.FP16: quantize_fp16,
+    Precision.INT8_DYNAMIC: quantize_int8_dynamic,
+    Precision.INT8_STATIC: quantize_int8_static,
+    Precision.INT4: quantize_int4,
+}
+# Precisions whose graphs run on GPUs: ORT's fused kernels (SkipLayerNormalization) are fast there.
+GPU_PRECISIONS = {Precision.FP16}

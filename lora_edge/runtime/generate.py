@@ -1,0 +1,538 @@
+"""Text generation on ONNX Runtime with ``causal-lm`` graphs (``lora-edge generate``).
+
+A :class:`DecoderRunner` holds one session of a graph with the I/O described
+in :mod:`lora_edge.core.decoder_io` (one graph serves prefill and decode) and reads
+the cache geometry from the graph itself, so generation needs neither torch
+nor the model's config. :func:`generate` runs a left-padded batch: greedy, or
+sampling with temperature / top-p from a seeded generator, with a per-call
+hot-swap adapter (``onnxruntime.LoraAdapter``), so one session serves every
+adapter. The measures the accuracy gate uses on language models (perplexity
+of a graph on a text set, its delta against PyTorch, next-token top-1
+agreement) are in :mod:`lora_edge.check.lm_metrics`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from lora_edge.core.decoder_io import ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME, POSITION_IDS, PRESENT_NAME
+from lora_edge.core.errors import AdapterMismatchError, ConfigError, DataError, ExportError, first_line
+from lora_edge.runtime.session import run
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime
+
+    from lora_edge.core.manifest import Manifest
+
+# ONNX tensor element types of a cache input -> numpy dtype names.
+_ORT_FLOAT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+@dataclass
+class SamplingSpec:
+    """How the next token is chosen."""
+
+    greedy: bool = field(default=True, metadata={"help": "Take the most likely token (ignores temperature/top-p)."})
+    temperature: float = field(default=1.0, metadata={"help": "Divide logits by this before sampling (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Sample from the smallest token set whose probability "
+                                                        "reaches top_p (0 < top_p <= 1)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling generator: same seed, same tokens."})
+
+    @classmethod
+    def from_options(cls, greedy: bool, temperature: float | None, top_p: float | None, seed: int) -> "SamplingSpec":
+        """Greedy unless --temperature or --top-p asks for sampling; both at once is a ConfigError."""
+        sampling = temperature is not None or top_p is not None
+        if greedy and sampling:
+            raise ConfigError("--greedy and sampling options given together", "--greedy/--temperature/--top-p",
+                              "use --greedy, or --temperature/--top-p (with --seed) to sample")
+        return cls(greedy=not sampling, temperature=1.0 if temperature is None else temperature,
+                   top_p=1.0 if top_p is None else top_p, seed=seed)
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature {self.temperature} is not positive", "--temperature",
+                              "use a value such as 0.7, or --greedy")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top-p {self.top_p} is outside (0, 1]", "--top-p", "use a value such as 0.9")
+
+
+@dataclass
+class GenerationResult:
+    """Token ids and timings of one :func:`generate` call (one row per prompt)."""
+
+    prompt_ids: list[list[int]]
+    new_ids: list[list[int]]  # without padding; a row stops at (and includes) its EOS token
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        """Prompt tokens (all rows, padding excluded) processed per second of prefill."""
+        tokens = sum(len(ids) for ids in self.prompt_ids)
+        return tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens produced per second of decoding, counting every row of the batch at each step."""
+        tokens = self.decode_steps * len(self.prompt_ids)
+        return tokens / self.decode_seconds if self.decode_seconds > 0 else float("inf")
+
+    def to_json(self) -> dict:
+        """JSON form printed by ``lora-edge generate --json``."""
+        return {"prompt_ids": self.prompt_ids, "new_ids": self.new_ids,
+                "prefill_tokens_per_second": round(self.prefill_tokens_per_second, 2),
+                "decode_tokens_per_second": round(self.decode_tokens_per_second, 2),
+                "prefill_seconds": round(self.prefill_seconds, 6), "decode_seconds": round(self.decode_seconds, 6)}
+
+
+@dataclass
+class BoundAdapter:
+    """A hot-swap ``.onnx_adapter`` for runs with IO binding: its tensors, bound as graph inputs.
+
+    ONNX Runtime applies ``RunOptions.add_active_adapter`` in ``session.run``
+    only, not in ``run_with_iobinding``, so the bound decode loop feeds the
+    adapter's tensors itself (ONNX Runtime values, no copy per step).
+    """
+
+    path: Path
+    parameters: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BoundAdapter":
+        """Read an ``.onnx_adapter`` file's tensors (raises AdapterMismatchError when it cannot be read)."""
+        import onnxruntime
+
+        try:
+            parameters = onnxruntime.AdapterFormat.read_adapter(str(path)).get_parameters()
+        except Exception as exc:  # ORT raises its own error types for a corrupt file
+            raise AdapterMismatchError(f"cannot read the adapter file ({first_line(exc, 160)})",
+                                       path, "re-run lora-edge export") from None
+        return cls(Path(path), dict(parameters))
+
+
+class DecoderRunner:
+    """One ONNX Runtime session of a ``causal-lm`` graph, stepped with an explicit KV cache.
+
+    ``max_positions`` is the model's context length (None: unchecked).
+    """
+
+    def __init__(self, session: "onnxruntime.InferenceSession", max_positions: int | None = None):
+        self.session = session
+        self.max_positions = max_positions
+        inputs = {item.name: item for item in session.get_inputs()}
+        missing = [name for name in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) if name not in inputs]
+        first_past = PAST_NAME.format(layer=0, kind="key")
+        if missing or first_past not in inputs:
+            raise ExportError(f"the graph is not a causal-lm graph with a KV cache (it has no input "
+                              f"'{(missing or [first_past])[0]}')", "--graph",
+                              "export it with lora-edge export --task causal-lm")
+        self.num_layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+        self.past_names = [PAST_NAME.format(layer=i, kind=kind) for i in range(self.num_layers) for kind in KV_KINDS]
+        self.present_names = [PRESENT_NAME.format(layer=i, kind=kind)
+                              for i in range(self.num_layers) for kind in KV_KINDS]
+        past = inputs[first_past]
+        self.num_kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
+        self.cache_dtype = _ORT_FLOAT_TYPES.get(past.type, "float32")
+        self.output_names = [LOGITS] + self.present_names
+
+    def empty_past(self, batch: int) -> list["np.ndarray"]:
+        """Zero-length past tensors: the cache of a prefill step."""
+        import numpy as np
+
+        return [np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=self.cache_dtype)
+                for _ in self.past_names]
+
+    def step(self, input_ids: "np.ndarray", attention_mask: "np.ndarray", position_ids: "np.ndarray",
+             past: list["np.ndarray"], adapter: "onnxruntime.LoraAdapter | None" = None
+             ) -> tuple["np.ndarray", list["np.ndarray"]]:
+        """Run one prefill or decode step; returns (logits [batch, sequence, vocab], presents)."""
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids,
+                 **dict(zip(self.past_names, past))}
+        try:
+            outputs = run(self.session, feeds, adapter=adapter, output_names=self.output_names)
+        except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
+            error = self._adapter_error(exc, adapter)
+            if error is exc:
+                raise
+            raise error from exc
+        return outputs[0], outputs[1:]
+
+    def bound_step(self, input_ids: "np.ndarray", attention_mask: "np.ndarray", position_ids: "np.ndarray",
+                   past: list | None, adapter: BoundAdapter | None = None
+                   ) -> tuple["np.ndarray", list["onnxruntime.OrtValue"]]:
+        """One step with the cache kept inside ONNX Runtime: (last-position logits [batch, vocab], presents).
+
+        ``past`` is None for prefill, else the presents (``OrtValue``) of the
+        previous call. The presents are bound as ONNX Runtime outputs and fed
+        back as the next step's past without ever becoming numpy arrays, so
+        the loop copies no cache; only the last position's logits leave.
+        """
+        import numpy as np
+
+        binding = self.session.io_binding()
+        for name, value in ((INPUT_IDS, input_ids), (ATTENTION_MASK, attention_mask), (POSITION_IDS, position_ids)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        if past is None:
+            empty = self.empty_past(len(input_ids))
+            for name, value in zip(self.past_names, empty):
+                binding.bind_cpu_input(name, value)
+        else:
+            for name, value in zip(self.past_names, past):
+                binding.bind_ortvalue_input(name, value)
+        for name, value in (adapter.parameters.items() if adapter is not None else ()):
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
+            raise self._adapter_error(exc, adapter) from exc
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[:, -1, :]
+        return logits, list(outputs[1:])
+
+    @staticmethod
+    def _adapter_error(exc: Exception, adapter) -> Exception:
+        """AdapterMismatchError when an active adapter is the likely cause of a run failure, else ``exc``."""
+        if adapter is not None and ("lora" in str(exc).lower() or "shape" in str(exc).lower()):
+            return AdapterMismatchError(f"the adapter does not fit this graph ({first_line(exc, 200)})",
+                                        "--adapter", "use an adapter trained on this bundle's base model")
+        return exc
+
+    def check_context(self, prompt_lengths: list[int], max_new_tokens: int) -> int:
+        """Return ``max_new_tokens`` when every prompt and its new tokens fit the model's context.
+
+        Raises DataError for a prompt that alone fills the context, ConfigError when
+        ``max_new_tokens`` would run past it (saying how many tokens fit).
+        """
+        longest = max(prompt_lengths)
+        if self.max_positions is None:
+            return max_new_tokens
+        if longest >= self.max_positions:
+            raise DataError(f"the prompt is {longest} tokens, the model's context is {self.max_positions}",
+                            "--prompt", f"shorten the prompt below {self.max_positions} tokens")
+        room = self.max_positions - longest
+        if max_new_tokens > room:
+            raise ConfigError(f"a {longest}-token prompt + {max_new_tokens} new tokens runs past the model's "
+                              f"context of {self.max_positions}", "--max-new-tokens",
+                              f"ask for at most {room} new tokens, or shorten the prompt")
+        return max_new_tokens
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """Left-pad token id lists into (input_ids, attention_mask), int64 [batch, longest]."""
+    import numpy as np
+
+    if not prompts or any(len(ids) == 0 for ids in prompts):
+        raise DataError("a prompt is empty", "--prompt", "give at least one token of text")
+    width = max(len(ids) for ids in prompts)
+    input_ids = np.full((len(prompts), width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = ids
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def positions_from_mask(attention_mask: "np.ndarray") -> "np.ndarray":
+    """``cumsum(mask) - 1`` with padding at 0: the position ids transformers' generate uses."""
+    import numpy as np
+
+    positions = np.cumsum(attention_mask, axis=1) - 1
+    return np.where(attention_mask == 0, 0, positions).astype(np.int64)
+
+
+def choose_tokens(logits: "np.ndarray", sampling: SamplingSpec, rng: "np.random.Generator") -> "np.ndarray":
+    """Next token per row from last-position logits [batch, vocab]: argmax, or temperature + top-p sampling."""
+    import numpy as np
+
+    if sampling.greedy:
+        return logits.argmax(axis=-1).astype(np.int64)
+    scaled = logits.astype(np.float64) / sampling.temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    probs = np.exp(scaled)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    chosen = np.empty(len(probs), dtype=np.int64)
+    for row, p in enumerate(probs):
+        kept = nucleus(p, sampling.top_p)
+        weights = p[kept] / p[kept].sum()
+        chosen[row] = kept[rng.choice(len(kept), p=weights)]
+    return chosen
+
+
+def nucleus(p: "np.ndarray", top_p: float, candidates: int = 1024) -> "np.ndarray":
+    """Token ids of the smallest most-likely set whose probability reaches ``top_p`` (at least one token).
+
+    Sorting the whole vocabulary per token is slow on large vocabularies, so the
+    top ``candidates`` are sorted first and the full sort runs only when they
+    hold less than ``top_p`` of the mass.
+    """
+    import numpy as np
+
+    if top_p >= 1.0:
+        return np.arange(len(p))
+    order = None
+    if len(p) > candidates:
+        top = np.argpartition(-p, candidates)[:candidates]
+        top = top[np.argsort(-p[top], kind="stable")]
+        if p[top].sum() >= top_p:
+            order = top
+    if order is None:
+        order = np.argsort(-p, kind="stable")
+    keep = int(np.searchsorted(np.cumsum(p[order]), top_p, side="left")) + 1
+    return order[:keep]
+
+
+def generate(runner: DecoderRunner, prompts: list[list[int]], max_new_tokens: int = 64,
+             sampling: SamplingSpec | None = None, eos_token_id: int | list[int] | None = None,
+             pad_token_id: int = 0, adapter: "BoundAdapter | onnxruntime.LoraAdapter | None" = None,
+             on_tokens: Callable[[list[int | None]], None] | None = None) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` tokens after each prompt (a left-padded batch) on ONNX Runtime.
+
+    Mirrors ``transformers`` ``generate``: position ids from the attention mask,
+    a row stops at an EOS token (later steps feed it ``pad_token_id``), the loop
+    ends when every row has stopped. ``adapter`` (a loaded ``.onnx_adapter``) is
+    activated on every run of a hot-swap graph; as a :class:`BoundAdapter` (or
+    with no adapter) the cache stays in ONNX Runtime between steps
+    (:meth:`DecoderRunner.bound_step`), an ``onnxruntime.LoraAdapter`` runs
+    through numpy feeds (``session.run``); ``on_tokens`` receives each
+    step's token per row (None for rows that have stopped), for streaming.
+    Raises DataError when a prompt does not fit the model's context.
+    """
+    import numpy as np
+
+    sampling = sampling or SamplingSpec()
+    if max_new_tokens < 1:
+        raise ConfigError(f"max-new-tokens is {max_new_tokens}", "--max-new-tokens", "ask for at least 1 token")
+    max_new_tokens = runner.check_context([len(ids) for ids in prompts], max_new_tokens)
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    rng = np.random.default_rng(sampling.seed)
+    input_ids, attention_mask = left_pad(prompts, pad_token_id)
+    position_ids = positions_from_mask(attention_mask)
+    batch = len(prompts)
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    running = np.ones(batch, dtype=bool)
+    step = _step_function(runner, adapter)
+
+    start = time.perf_counter()
+    logits, past = step(input_ids, attention_mask, position_ids, None)
+    prefill_seconds = time.perf_counter() - start
+    steps, decode_start = 0, time.perf_counter()
+    while True:
+        tokens = choose_tokens(logits, sampling, rng)
+        tokens = np.where(running, tokens, pad_token_id)
+        for row in np.flatnonzero(running):
+            new_ids[row].append(int(tokens[row]))
+        if on_tokens is not None:
+            on_tokens([int(t) if alive else None for t, alive in zip(tokens, running)])
+        running &= ~np.isin(tokens, list(eos))
+        if not running.any() or steps + 1 >= max_new_tokens:  # every running row holds steps + 1 tokens
+            break
+        attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        position_ids = position_ids[:, -1:] + 1
+        logits, past = step(tokens[:, None], attention_mask, position_ids, past)
+        steps += 1
+    decode_seconds = time.perf_counter() - decode_start
+    return GenerationResult([list(map(int, ids)) for ids in prompts], new_ids, prefill_seconds, decode_seconds,
+                            steps)
+
+
+def _step_function(runner: DecoderRunner, adapter) -> Callable:
+    """``step(ids, mask, positions, past or None) -> (last logits, presents)`` for ``adapter``'s kind."""
+    if adapter is None or isinstance(adapter, BoundAdapter):
+        return lambda ids, mask, positions, past: runner.bound_step(ids, mask, positions, past, adapter)
+
+    def numpy_step(ids, mask, positions, past):
+        logits, presents = runner.step(ids, mask, positions, runner.empty_past(len(ids)) if past is None else past,
+                                       adapter)
+        return logits[:, -1, :], presents
+
+    return numpy_step
+
+
+class TextStream:
+    """Turns a stream of token ids into text pieces, for printing as tokens arrive.
+
+    Decodes everything produced so far and emits only the new suffix, holding
+    back text that ends in an incomplete character (U+FFFD), so multi-token
+    words and byte-level BPE pieces print correctly.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now complete and not yet printed."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        if text.endswith("\ufffd") or not text.startswith(self.printed):
+            return ""
+        piece, self.printed = text[len(self.printed):], text
+        return piece
+
+
+def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, with the tokenizer's special tokens (as transformers' generate sees them)."""
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
+
+# --- generation from a bundle (``lora-edge generate``) ------------------------------------------------------
+
+@dataclass
+class BundleGeneration:
+    """What ``lora-edge generate`` produced: the graph and adapter used, the result and the decoded texts."""
+
+    graph: str
+    adapter: str | None
+    result: GenerationResult
+    texts: list[str]
+
+    def to_json(self) -> dict:
+        """JSON form: graph, adapter, prompt ids, new token ids, texts and tokens/s."""
+        return {"graph": self.graph, "adapter": self.adapter, **self.result.to_json(), "texts": self.texts}
+
+
+def special_ids(config: dict, tokenizer) -> tuple[int | list[int] | None, int]:
+    """(EOS id(s), pad id) as transformers' generate takes them: the model config first, then the tokenizer."""
+    eos = config.get("eos_token_id", tokenizer.eos_token_id)
+    pad = config.get("pad_token_id")
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+            eos[0] if isinstance(eos, list) and eos else eos)
+    return eos, int(pad or 0)
+
+
+def adapter_for_run(bundle: Path, record, manifest: "Manifest", adapter: str | None, session):
+    """(name, :class:`BoundAdapter` or None) for a run of ``record``: a bundle adapter's name or an .onnx_adapter file.
+
+    Merged and branched graphs carry their adapter (``adapter`` must be it or
+    None). Hot-swap graphs take a bundle adapter by name, ``none`` for the base
+    model, or a path to an ``.onnx_adapter`` file, which is checked against the
+    graph first (an adapter of another base model is refused naming the tensor).
+    """
+    from lora_edge.core.choices import Form
+    from lora_edge.core.manifest import choose_adapter
+    from lora_edge.core.manifest import require_adapter_file
+
+    if record.form is Form.HOTSWAP and adapter and adapter.endswith(".onnx_adapter"):
+        path = Path(adapter)
+        if not path.is_file():
+            raise AdapterMismatchError(f"adapter file '{path}' does not exist", "--adapter",
+                                       "give a bundle adapter name or an existing .onnx_adapter file")
+        check_adapter_fits(session, path)
+        return path.stem, BoundAdapter.load(path)
+    chosen = choose_adapter(record, manifest, adapter)
+    if record.form is Form.HOTSWAP and chosen is not None:
+        path = require_adapter_file(Path(bundle), record, chosen)
+        check_adapter_fits(session, path)
+        return chosen, BoundAdapter.load(path)
+    return chosen, None
+
+
+def check_adapter_fits(session: "onnxruntime.InferenceSession", adapter_file: Path) -> None:
+    """Raise AdapterMismatchError unless every tensor of an ``.onnx_adapter`` file is a graph input of its shape.
+
+    The LoRA rank axis is free; every other axis must match (a different base
+    model shows here as another hidden size or a module the graph lacks).
+    """
+    import onnxruntime
+
+    inputs = {item.name: item.shape for item in session.get_inputs()}
+    inputs.update({item.name: item.shape for item in session.get_overridable_initializers()})
+    try:
+        parameters = onnxruntime.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
+    except Exception as exc:  # ORT raises its own error types for a corrupt file
+        raise AdapterMismatchError(f"cannot read the adapter file ({first_line(exc, 160)})",
+                                   adapter_file, "re-run lora-edge export") from None
+    for name, value in parameters.items():
+        if name not in inputs:
+            raise AdapterMismatchError(f"adapter tensor '{name}' has no input in the graph (adapter trained on "
+                                       "another base model?)", adapter_file,
+                                       "use an adapter exported for this bundle's base model")
+        want, got = inputs[name], list(value.shape())
+        fixed = [(w, g) for w, g in zip(want, got) if isinstance(w, int)]
+        if len(want) != len(got) or any(w != g for w, g in fixed):
+            raise AdapterMismatchError(f"adapter tensor '{name}' has shape {got}, the graph expects {want} "
+                                       "(adapter trained on another base model?)", adapter_file,
+                                       "use an adapter exported for this bundle's base model")
+
+
+def encode_chat_prompts(tokenizer, texts: list[str], system: str | None = None) -> list[list[int]]:
+    """Each text as the user's turn of a chat (after ``system``), rendered by the bundle's chat template."""
+    head = [{"role": "system", "content": system}] if system else []
+    rendered = [tokenizer.apply_chat_template(head + [{"role": "user", "content": text}]) for text in texts]
+    return [list(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+
+
+def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: str | None = None,
+                         max_new_tokens: int = 64, sampling: SamplingSpec | None = None,
+                         on_text: Callable[[str], None] | None = None, settings=None,
+                         chat: bool | None = None, system: str | None = None) -> BundleGeneration:
+    """Generate text after each prompt with graph ``graph`` of ``bundle`` (``lora-edge generate``).
+
+    Uses the tokenizer and config.json beside the graphs. ``chat``: each prompt
+    is a user turn rendered by the bundle's chat template (after ``system``);
+    None = when the bundle has a template, as an instruct model expects; False =
+    the plain text. ``on_text`` receives the text of a single prompt's
+    completion piece by piece as tokens arrive. Errors: BundleError (unknown
+    graph), ConfigError (not a causal-lm graph, bad options), ModelError (chat
+    asked of a bundle without a template), DataError (a prompt longer than the
+    context), AdapterMismatchError.
+    """
+    from lora_edge.core.bundle import ONNX_DIR
+    from lora_edge.core.decoder_io import context_length
+    from lora_edge.core.manifest import find_task_graph
+    from lora_edge.core.choices import Task
+    from lora_edge.core.models import load_config
+    from lora_edge.runtime.session import create_session
+    from lora_edge.runtime.tokenizer import load_bundle_tokenizer
+
+    bundle = Path(bundle)
+    manifest, record = find_task_graph(bundle, graph, Task.CAUSAL_LM)
+    if not prompts:
+        raise ConfigError("no prompt given", "--prompt", "pass --prompt \"...\"")
+    onnx_dir = bundle / ONNX_DIR
+    tokenizer = load_bundle_tokenizer(onnx_dir)
+    config = load_config(onnx_dir)
+    session = create_session(bundle / record.file, settings)
+    chosen, lora = adapter_for_run(bundle, record, manifest, adapter, session)
+    runner = DecoderRunner(session, context_length(config))
+    eos, pad = special_ids(config, tokenizer)
+    stream = TextStream(tokenizer) if on_text is not None and len(prompts) == 1 else None
+
+    def on_tokens(tokens: list[int | None]) -> None:
+        if stream is not None and tokens[0] is not None:
+            piece = stream.push(tokens[0])
+            if piece:
+                on_text(piece)
+
+    use_chat = bool(tokenizer.chat_template) if chat is None else chat
+    if system and not use_chat:
+        raise ConfigError("--system needs the chat template", "--system", "drop --raw, or drop --system")
+    ids = encode_chat_prompts(tokenizer, prompts, system) if use_chat else encode_prompts(tokenizer, prompts)
+    result = generate(runner, ids, max_new_tokens, sampling, eos, pad, lora, on_tokens)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.new_ids]
+    return BundleGeneration(record.name, chosen, result, texts)
+
+
+def format_generation(output: BundleGeneration, streamed: bool) -> str:
+    """The texts ``lora-edge generate`` prints after the run (a streamed single text is already out)."""
+    if streamed and len(output.texts) == 1:
+        return ""
+    return "\n".join(f"[{i}] {text}" for i, text in enumerate(output.texts))
+
+
+def format_speed(output: BundleGeneration) -> str:
+    """One line: tokens generated, prefill and decode tokens/s, graph and adapter."""
+    result = output.result
+    return (f"-- {sum(map(len, result.new_ids))} new tokens, prefill {result.prefill_tokens_per_second:.0f} "
+            f"tokens/s, decode {result.decode_tokens_per_second:.0f} tokens/s ({output.graph}"
+            + (f", adapter {output.adapter})" if output.adapter else ")"))

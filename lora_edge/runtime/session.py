@@ -1,0 +1,185 @@
+"""ONNX Runtime sessions: one place that creates them, checks providers and runs hot-swap adapters.
+
+Every stage that runs a graph (infer, generate, check, profile, the checks of
+export's and quantize's rewrites, the benchmarks) creates its session here, so
+provider handling is the same everywhere: the providers a
+caller asks for are checked against the ones the session really uses, and a
+missing one is an error, never a silent CPU fallback (unless the caller allows it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_edge.core.errors import BundleError, ProviderUnavailableError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime
+
+CPU = "CPUExecutionProvider"
+# ORT's "Initializer ... appears in graph inputs" warnings are expected for hot-swap
+# graphs (docs/ARCHITECTURE.md, "Facts"); warnings and below are hidden from users by default.
+DEFAULT_LOG_SEVERITY = 3
+
+
+@dataclass
+class SessionSettings:
+    """How to build a session: providers in order (each with options), threads, optimization level."""
+
+    providers: list[tuple[str, dict[str, Any]]] = field(default_factory=lambda: [(CPU, {})])
+    intra_op_threads: int = 0  # 0 lets ORT choose
+    inter_op_threads: int = 0
+    graph_optimization_level: str = "all"  # disable | basic | extended | all
+    enable_profiling: bool = False
+    profile_prefix: str | None = None
+    allow_fallback: bool = False
+    log_severity: int = DEFAULT_LOG_SEVERITY
+    config_entries: dict[str, str] = field(default_factory=dict)  # add_session_config_entry, e.g. spinning
+    optimized_model_path: str | None = None  # where ORT writes the graph it optimized (benchmarks read it)
+
+
+OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                       "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def available_providers() -> list[str]:
+    """Execution providers this host's onnxruntime build offers."""
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def missing_providers(settings: SessionSettings) -> list[str]:
+    """Requested providers this host does not offer."""
+    have = set(available_providers())
+    return [name for name, _ in settings.providers if name not in have]
+
+
+def create_session(graph: str | Path | bytes, settings: SessionSettings | None = None,
+                   ) -> "onnxruntime.InferenceSession":
+    """Create an InferenceSession for ``graph`` (a file, or a serialized model) with ``settings``.
+
+    Raises ProviderUnavailableError when a requested provider is missing on this
+    host, or the session did not take it, unless ``settings.allow_fallback``.
+    """
+    import onnxruntime
+
+    settings = settings or SessionSettings()
+    missing = missing_providers(settings)
+    if missing and not settings.allow_fallback:
+        raise ProviderUnavailableError(f"{missing[0]} is not available on this host", _where(graph),
+                                       "install onnxruntime-gpu on a host with that device, or pass --allow-fallback")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = settings.log_severity
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel,
+                                               OPTIMIZATION_LEVELS[settings.graph_optimization_level])
+    if settings.enable_profiling:
+        options.enable_profiling = True
+        if settings.profile_prefix:
+            options.profile_file_prefix = settings.profile_prefix
+    for key, value in settings.config_entries.items():
+        options.add_session_config_entry(key, value)
+    if settings.optimized_model_path:
+        options.optimized_model_filepath = settings.optimized_model_path
+    requested = [(name, opts) for name, opts in settings.providers if name not in missing]
+    if not any(name == CPU for name, _ in requested):
+        requested.append((CPU, {}))
+    names = [name for name, _ in requested]
+    provider_options = [opts for _, opts in requested]
+    session = _open_session(onnxruntime, graph, options, names, provider_options)
+    wanted = [name for name, _ in settings.providers]
+    dropped = [name for name in wanted if name not in session.get_providers()]
+    if dropped and not settings.allow_fallback:
+        raise ProviderUnavailableError(f"the session did not take {dropped[0]}", _where(graph),
+                                       "check the provider options and drivers, or pass --allow-fallback")
+    return session
+
+
+# ONNX Runtime's errors that mean "this file is not a graph it can load" (a bundle problem, not a bug).
+UNLOADABLE_GRAPH_ERRORS = ("NoSuchFile", "InvalidProtobuf", "InvalidGraph")
+
+
+def _where(graph: str | Path | bytes) -> str:
+    return "a graph in memory" if isinstance(graph, bytes) else str(graph)
+
+
+def _open_session(onnxruntime, graph, options, names: list[str], provider_options: list[dict]):
+    """``InferenceSession(graph)``; a missing, corrupt or invalid graph file raises BundleError naming it.
+
+    A serialized graph (bytes) is one lora-edge just built: its load errors are raised as they are.
+    """
+    if isinstance(graph, bytes):
+        return onnxruntime.InferenceSession(graph, sess_options=options, providers=names,
+                                            provider_options=provider_options)
+    if not Path(graph).is_file():
+        raise BundleError("graph file is missing", graph, "re-run lora-edge export (or quantize) for this graph")
+    try:
+        return onnxruntime.InferenceSession(str(graph), sess_options=options, providers=names,
+                                            provider_options=provider_options)
+    except Exception as exc:
+        if exc.__class__.__name__ not in UNLOADABLE_GRAPH_ERRORS:
+            raise
+        detail = str(exc).split(" failed:", 1)[-1].strip().splitlines()[0][:160]
+        raise BundleError(f"ONNX Runtime cannot load the graph ({detail})", graph,
+                          "re-run lora-edge export (or quantize) for this graph") from None
+
+
+def load_lora_adapter(adapter_file: str | Path) -> "onnxruntime.LoraAdapter":
+    """Load an ``.onnx_adapter`` file for use with :func:`run`; BundleError when missing or corrupt."""
+    import onnxruntime
+
+    if not Path(adapter_file).is_file():
+        raise BundleError("adapter file is missing", adapter_file, "re-run lora-edge export")
+    adapter = onnxruntime.LoraAdapter()
+    try:
+        adapter.Load(str(adapter_file))
+    except RuntimeError:  # ORT's message is a C++ source location; the file is what matters
+        raise BundleError("not a valid .onnx_adapter file (ONNX Runtime cannot parse it)", adapter_file,
+                          "re-run lora-edge export, or give an adapter file written by it") from None
+    return adapter
+
+
+def run(session: "onnxruntime.InferenceSession", feeds: dict[str, "np.ndarray"],
+        adapter: "onnxruntime.LoraAdapter | None" = None, output_names: list[str] | None = None) -> list["np.ndarray"]:
+    """Run ``session`` on ``feeds`` (only the inputs the graph declares), activating ``adapter`` if given."""
+    import onnxruntime
+
+    declared = {i.name for i in session.get_inputs()}
+    feeds = {name: value for name, value in feeds.items() if name in declared}
+    run_options = None
+    if adapter is not None:
+        run_options = onnxruntime.RunOptions()
+        run_options.add_active_adapter(adapter)
+    return session.run(output_names, feeds, run_options)
+
+
+def graph_outputs(graph: str | Path | bytes, feeds: dict[str, "np.ndarray"] | None) -> list["np.ndarray"]:
+    """Outputs of ``graph`` on ``feeds`` (only the inputs it declares) in a default CPU session.
+
+    For checking a graph lora-edge wrote or rewrote against another one; with
+    ``feeds`` None the graph is only loaded (an empty list is returned).
+    """
+    session = create_session(graph)
+    return [] if feeds is None else run(session, feeds)
+
+
+def relative_difference(expected: list["np.ndarray"], actual: list["np.ndarray"]) -> float:
+    """Largest |expected - actual| over the outputs, each divided by its output's scale (largest |value|, >= 1).
+
+    Outputs of different shapes differ infinitely.
+    """
+    import numpy as np
+
+    worst = 0.0
+    for want, got in zip(expected, actual, strict=True):
+        if want.shape != got.shape:
+            return float("inf")
+        scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
+        diff = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)), initial=0.0))
+        worst = max(worst, diff / scale)
+    return worst
