@@ -247,13 +247,13 @@ class DataFiles:
 
 def default_intent_files() -> DataFiles:
     """The shipped voice-assistant intent task (train/validation/test JSONL files)."""
-    root = Path(__file__).parent / "resources" / "intent"
+    root = Path(__file__).resolve().parents[1] / "resources" / "intent"
     return DataFiles(root / "train.jsonl", root / "validation.jsonl", root / "test.jsonl")
 
 
 def command_files() -> DataFiles:
     """The shipped command-parsing chat task (causal LM): utterance -> one-line JSON action."""
-    root = Path(__file__).parent / "resources" / "commands"
+    root = Path(__file__).resolve().parents[1] / "resources" / "commands"
     return DataFiles(root / "train.jsonl", root / "validation.jsonl", root / "test.jsonl")
 
 

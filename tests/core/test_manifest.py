@@ -184,7 +184,7 @@ def test_no_module_reads_the_manifest_as_a_dict():
     """Only lora_edge/core/manifest.py parses manifest.json: elsewhere ``manifest[...]``/``manifest.get`` is a bug."""
     package = Path(__file__).resolve().parents[2] / "lora_edge"
     found = []
-    for path in package.glob("*.py"):
+    for path in package.rglob("*.py"):
         if path.stem == "manifest":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
