@@ -247,7 +247,7 @@ def run_recipe(recipe: str | Path | Recipe, out: str | Path | None = None, force
     ``out`` replaces the recipe's output directory. An existing bundle is
     replaced only with ``force``. Raises the stages' errors (config, data,
     export, quantization...); a failed gate is not raised here: see
-    :func:`lora_edge.check.gate` on ``result.check``. ``quiet``: no progress
+    :func:`lora_edge.check.gate.gate` on ``result.check``. ``quiet``: no progress
     at all (``progress`` is ignored, training shows no steps).
     """
     from lora_edge.check.gate import check_bundle

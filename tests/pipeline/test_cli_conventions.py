@@ -91,7 +91,7 @@ def test_demo_and_run_take_json_and_quiet(command, monkeypatch, capsys, tmp_path
         return pipeline.RunResult(load_recipe("tiny-bert"), tmp_path / "bundle")
 
     monkeypatch.setattr(pipeline, "run_recipe", fake_run_recipe)
-    monkeypatch.setattr("lora_edge.check.gate", lambda report, path: None)
+    monkeypatch.setattr("lora_edge.check.gate.gate", lambda report, path: None)
     assert exit_code_of(*command, "--json", "--quiet") == 0
     assert seen["quiet"] is True
     assert json.loads(capsys.readouterr().out)["bundle"] == str(tmp_path / "bundle")
