@@ -183,3 +183,35 @@ def synthetic_bundle(out: Path, forms: tuple[str, ...] = ("merged", "branched"),
                 "graphs": records, "recipe": None}
     write_json(out / "manifest.json", manifest)
     return out
+
+
+def synthetic_rank_bundle(out: Path, ranks: tuple[int, ...], hidden: int = 64) -> Path:
+    """One bundle with an adapter per rank (``r<rank>``), each with its merged and branched fp32 graphs.
+
+    What the rank axis of a sweep exports: one bundle for every rank.
+    """
+    from safetensors.numpy import save_file
+
+    (out / "onnx").mkdir(parents=True)
+    records, adapters = [], []
+    for rank in ranks:
+        name = f"r{rank}"
+        (out / name).mkdir()
+        for form in ("merged", "branched"):
+            file = f"onnx/{form}.{name}.fp32.onnx"
+            lora = synthetic_graph(out / file, branched=(form == "branched"), rank=rank, hidden=hidden)
+            records.append(GraphRecord(GraphRecord.graph_name(Form(form), Precision.FP32, name), file, Form(form),
+                                       Precision.FP32, "seq-cls", adapter=name).to_json())
+        save_file(lora, str(out / name / "adapter_model.safetensors"))
+        config = {"r": rank, "lora_alpha": rank, "peft_type": "LORA", "task_type": "SEQ_CLS",
+                  "target_modules": ["dense"]}
+        (out / name / "adapter_config.json").write_text(json.dumps(config))
+        adapters.append({"name": name, "source": "synthetic", "sha256": "", "bundle_dir": name,
+                         "lora_config": config, "labels": None, "data": None})
+    (out / "onnx" / "config.json").write_text(json.dumps({"vocab_size": 100, "hidden_size": hidden}))
+    write_json(out / "manifest.json", {"lora_edge_version": "test", "created": "", "libraries": {}, "seed": 0,
+                                       "model": {"path": str(out / "no-model"), "sha256": "", "task": "seq-cls",
+                                                 "default": False},
+                                       "adapters": adapters, "graphs": records, "recipe": None})
+    return out
+

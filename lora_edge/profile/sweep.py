@@ -224,51 +224,60 @@ RANK_COLUMNS = [("merged_p50_ms", "merged p50 ms"), ("branched_p50_ms", "branche
                 ("branched_overhead_pct", "branched overhead %"), ("extra_flops_pct", "extra FLOPs %")]
 
 
-def _export_rank(model: str | Path, adapter: Path, rank: int, out: Path) -> Path:
-    """Merged and branched fp32 graphs of one sweep adapter (the default exporter of the rank axis)."""
+def _export_ranks(model: str | Path, adapters: dict[int, Path], out: Path) -> Path:
+    """Merged and branched fp32 graphs of every sweep adapter in one bundle (the default exporter of the rank axis).
+
+    One export traces the model once (the hot-swap trace has a dynamic rank
+    axis) and derives each rank's merged and branched graphs from that trace
+    (docs/ARCHITECTURE.md, "The three deployment forms").
+    """
     from lora_edge.core.adapters import AdapterRef
     from lora_edge.export.bundle import export_bundle
 
-    return export_bundle(model, [AdapterRef(f"r{rank}", Path(adapter))], ["merged", "branched"], out,
-                         progress=lambda message: None)
+    refs = [AdapterRef(f"r{rank}", Path(adapter)) for rank, adapter in sorted(adapters.items())]
+    return export_bundle(model, refs, ["merged", "branched"], out, progress=lambda message: None)
 
 
 def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str | Path | DeviceTarget,
                       measure: MeasureSpec | None = None, quiet: bool = False,
-                      export: Callable[[str | Path, Path, int, Path], Path] = _export_rank) -> dict[int, dict]:
+                      export: Callable[[str | Path, dict[int, Path], Path], Path] = _export_ranks) -> dict[int, dict]:
     """Latency of the merged and branched fp32 graphs for each rank's adapter, on a device's settings.
 
-    ``adapters`` maps rank -> adapter directory. Each is exported (by ``export``,
-    into a temporary directory) and profiled; returns rank -> {merged_p50_ms,
-    branched_p50_ms, branched_overhead_pct, extra_flops_pct}. Raises like
-    :meth:`ProfileReport.check_measured` when the device cannot run here.
+    ``adapters`` maps rank -> adapter directory. They are exported together (by
+    ``export``, into a temporary directory: one bundle whose adapters are named
+    ``r<rank>``) and every rank's graphs are timed in the same interleaved rounds,
+    so the ranks compare under the same machine load; returns rank ->
+    {merged_p50_ms, branched_p50_ms, branched_overhead_pct, extra_flops_pct}.
+    Raises like :meth:`ProfileReport.check_measured` when the device cannot run here.
     """
     device, measure = load_device(device), measure or MeasureSpec()
-    rows, base = {}, None
-    with tempfile.TemporaryDirectory(prefix="lora-edge-rank-latency-") as workdir:
-        for rank, adapter in sorted(adapters.items()):
-            if not quiet:
-                import sys
+    if not quiet:
+        import sys
 
-                print(f"sweep latency: rank {rank} on {device.name}", file=sys.stderr, flush=True)
-            bundle = export(model, Path(adapter), rank, Path(workdir) / f"r{rank}")
-            report = profile_bundle(bundle, device, ["merged.fp32", "branched.fp32"], measure, eager=False,
-                                    quiet=True)
-            report.check_measured()
-            manifest = Manifest.read(bundle)
-            if base is None:  # every rank shares the base model: count its FLOPs once
-                base = base_flops_per_item(manifest, measure.batch, measure.seq)
-            table = {row["form"]: row for row in comparison_rows(report.graphs, [], measure.seq,
-                                                                 bundle_adapter_flops(bundle, manifest), base)}
-            rows[rank] = {"merged_p50_ms": table["merged"]["p50_ms"], "branched_p50_ms": table["branched"]["p50_ms"],
-                          "branched_overhead_pct": table["branched"]["overhead_pct"],
-                          "extra_flops_pct": table["branched"]["extra_flops_pct"]}
+        print(f"sweep latency: ranks {', '.join(map(str, sorted(adapters)))} on {device.name} (one export, "
+              f"every rank's merged and branched graphs in the same rounds)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="lora-edge-rank-latency-") as workdir:
+        bundle = export(model, {rank: Path(adapter) for rank, adapter in adapters.items()}, Path(workdir) / "ranks")
+        manifest = Manifest.read(bundle)
+        names = [record.name for record in manifest.graphs
+                 if record.precision.value == "fp32" and record.form.value in ("merged", "branched")]
+        report = profile_bundle(bundle, device, names, measure, eager=False, quiet=True)
+        report.check_measured()
+        base = base_flops_per_item(manifest, measure.batch, measure.seq)  # every rank shares the base model
+        table = {(row["form"], row["adapter"]): row
+                 for row in comparison_rows(report.graphs, [], measure.seq, bundle_adapter_flops(bundle, manifest),
+                                            base)}
+    rows = {}
+    for rank in sorted(adapters):
+        merged, branched = table[("merged", f"r{rank}")], table[("branched", f"r{rank}")]
+        rows[rank] = {"merged_p50_ms": merged["p50_ms"], "branched_p50_ms": branched["p50_ms"],
+                      "branched_overhead_pct": branched["overhead_pct"], "extra_flops_pct": branched["extra_flops_pct"]}
     return rows
 
 
 def add_sweep_latency(table: SweepTable, directory: Path, device: str | Path | DeviceTarget,
                       measure: MeasureSpec | None = None, *, quiet: bool = False,
-                      export: Callable[[str | Path, Path, int, Path], Path] = _export_rank,
+                      export: Callable[[str | Path, dict[int, Path], Path], Path] = _export_ranks,
                       **measure_fields) -> SweepTable:
     """Add per-rank latency columns (merged and branched, on ``device``) to a sweep and save it again.
 

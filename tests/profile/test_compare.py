@@ -9,7 +9,7 @@ import pytest
 from lora_edge.profile.compare import (comparison_rows, compare_bundle, extra_flops_percent, overhead_percent)
 from lora_edge.core.flops import adapter_flops_per_token, lora_pair_flops, lora_shapes, model_flops
 from lora_edge.profile.report import GraphProfile, read_profile
-from profile_bundles import synthetic_bundle
+from profile_bundles import synthetic_bundle, synthetic_rank_bundle
 
 
 def _graph(name, form, precision, p50, kind="onnx", adapter="a", rss=10.0, size=None, status="measured"):
@@ -138,13 +138,17 @@ def test_sweep_gains_latency_columns_per_rank(tmp_path):
     from lora_edge.core.choices import Task
     from lora_edge.profile.sweep import SweepRow, SweepTable
 
-    def synthetic_export(model, adapter, rank, out):  # stands in for export_bundle: a bundle per rank
-        return synthetic_bundle(out, forms=("merged", "branched"), rank=rank)
+    exported = []
+
+    def synthetic_export(model, adapters, out):  # stands in for export_bundle: one bundle, an adapter per rank
+        exported.append(sorted(adapters))
+        return synthetic_rank_bundle(out, tuple(sorted(adapters)))
 
     rows = [SweepRow(rank=rank, adapter=f"r{rank}", trainable_params=rank * 100, adapter_bytes=rank * 1000,
                      train_seconds=1.0, validation_accuracy=0.9, validation_macro_f1=0.88) for rank in (2, 16)]
     table = SweepTable(Task.SEQ_CLS, rows, [("rank", "rank")], settings={"model": "unused"})
     add_sweep_latency(table, tmp_path, "host-cpu", seq=8, runs=6, warmup=1, quiet=True, export=synthetic_export)
+    assert exported == [[2, 16]]  # one export serves every rank
     saved = json.loads((tmp_path / "sweep.json").read_text())
     keys = [column["key"] for column in saved["columns"]]
     assert keys == ["rank", "merged_p50_ms", "branched_p50_ms", "branched_overhead_pct", "extra_flops_pct"]

@@ -80,3 +80,23 @@ def test_refusals(sweep_dir, tiny_model):
             check_ranks(bad)
     with pytest.raises(BundleError, match="already exists"):
         run_sweep(tiny_model("bert"), DataFiles(out.parent / "data.jsonl"), out, [1], progress=False)
+
+
+def test_rank_latency_exports_every_rank_once_and_keeps_them_apart(sweep_dir, tmp_path):
+    """The rank axis with the real exporter: one bundle for every rank, each row from its own adapter's graphs."""
+    import shutil
+
+    from lora_edge.profile.sweep import add_sweep_latency
+
+    out, _ = sweep_dir
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    table = add_sweep_latency(SweepTable.load(copy), copy, "host-cpu", seq=8, runs=6, warmup=1, quiet=True)
+    rows = {row.rank: row for row in table.rows}
+    assert sorted(rows) == [1, 2, 4]
+    for row in rows.values():
+        assert row.get("merged_p50_ms") > 0 and row.get("branched_p50_ms") > 0
+    # the branches' extra FLOPs are linear in the rank: each row measured its own adapter
+    flops = [rows[rank].get("extra_flops_pct") for rank in (1, 2, 4)]
+    assert 0 < flops[0] < flops[1] < flops[2]
+    assert flops[2] == pytest.approx(4 * flops[0], rel=1e-6)
