@@ -186,7 +186,7 @@ def merge_command(model: str, adapter: str, task: Task | None, out: Path, force:
     transformers' from_pretrained for PyTorch deployment; no PEFT needed.
     """
     from lora_edge.core.adapters import AdapterRef
-    from lora_edge.export.merge import save_merged
+    from lora_edge.export.merged_model import save_merged
 
     ref = AdapterRef.parse(adapter)
     merged = save_merged(model, ref, out, task=task, force=force)
@@ -444,11 +444,12 @@ def profile(bundle: str, device: str, graphs: str, as_json: bool, no_eager: bool
     disk, providers used and the top operators; plus eager PyTorch baselines. Timings are taken on this host.
     Exits non-zero when a graph could not be measured (e.g. the device's provider is missing here).
     """
+    from lora_edge.profile.eager import eager_baselines
     from lora_edge.profile.profiler import profile_bundle
     from lora_edge.profile.report import profile_summary
 
     report = profile_bundle(bundle, device, split_csv(graphs) or None, MEASURE_OPTIONS.build(opts),
-                            eager=not no_eager)
+                            baselines=None if no_eager else eager_baselines)
     click.echo(profile_summary(report, as_json))
     report.check_measured()
 

@@ -1,4 +1,5 @@
-"""The project's named choices: what a model does (Task), deployment forms (Form), precisions (Precision).
+"""The project's named choices: what a model does (Task), deployment forms (Form), precisions (Precision),
+the shipped data sets' names (``--data intent``) and the tiny test models' (``--model tiny:bert``).
 
 They are parsed once where a user types them (the CLI's option types, a
 recipe's or device file's fields) and travel as members from there. This
@@ -10,7 +11,15 @@ from __future__ import annotations
 
 import enum
 
-from lora_edge.core.errors import parse_enum
+from lora_edge.core.errors import ConfigError, parse_enum
+
+SHIPPED_INTENT_DATA = "intent"  # the voice-assistant intent task shipped with the package
+SHIPPED_DATA_NAMES = ("default", SHIPPED_INTENT_DATA)  # --data values that mean the shipped intent task
+SHIPPED_CHAT_DATA = "commands"  # --data value for the shipped command-parsing chat task
+
+TINY_PREFIX = "tiny:"  # --model tiny:<arch>: a tiny random model built on first use (tests, demos)
+TINY_ENCODERS = ("bert", "roberta", "distilbert")
+TINY_DECODERS = ("llama", "qwen2", "gpt2", "mistral")
 
 
 class StrChoice(str, enum.Enum):
@@ -56,3 +65,12 @@ class Precision(StrChoice):
     INT8_DYNAMIC = "int8-dynamic"
     INT8_STATIC = "int8-static"
     INT4 = "int4"
+
+
+def tiny_arch(model: str, where: str = "model") -> str:
+    """The architecture of a ``tiny:<arch>`` name, or a ConfigError listing the valid ones."""
+    arch = str(model)[len(TINY_PREFIX):]
+    if arch not in TINY_ENCODERS + TINY_DECODERS:
+        valid = ", ".join(TINY_PREFIX + name for name in TINY_ENCODERS + TINY_DECODERS)
+        raise ConfigError(f"unknown tiny model '{model}'", where, f"use one of: {valid}")
+    return arch

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from lora_edge.core.errors import DataError
-from lora_edge.core.choices import Task
+from lora_edge.core.choices import SHIPPED_CHAT_DATA, SHIPPED_DATA_NAMES, Task
 
 if TYPE_CHECKING:
     import torch
@@ -257,8 +257,6 @@ def command_files() -> DataFiles:
     return DataFiles(root / "train.jsonl", root / "validation.jsonl", root / "test.jsonl")
 
 
-SHIPPED_DATA_NAMES = ("default", "intent")  # --data values that mean the shipped intent task
-SHIPPED_CHAT_DATA = "commands"  # --data value for the shipped command-parsing chat task
 
 
 def resolve_data_files(data: str | Path, validation: str | Path | None = None, test: str | Path | None = None,

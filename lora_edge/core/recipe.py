@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lora_edge.core.choices import Form, Precision, StrChoice, Task
+from lora_edge.core.choices import (SHIPPED_CHAT_DATA, SHIPPED_DATA_NAMES, SHIPPED_INTENT_DATA, Form, Precision, StrChoice,
+                                    Task, tiny_arch)
 from lora_edge.core.config_fields import config_field, field_default, field_help, field_of, same_field
 from lora_edge.core.errors import ConfigError, parse_enum
 from lora_edge.core.names import require_name
@@ -158,7 +159,6 @@ class CheckSpec:
 # Recipes: one TOML file per export job
 # --------------------------------------------------------------------------------------------
 
-SHIPPED_DATA = "intent"  # the voice-assistant intent task shipped with the package
 RECIPE_SUFFIX = ".toml"
 
 
@@ -166,7 +166,7 @@ RECIPE_SUFFIX = ".toml"
 class TrainingSpec:
     """A training block: train the adapter from data instead of naming a directory."""
 
-    data: str = config_field(SHIPPED_DATA, "Training data file (JSONL/CSV/txt), 'intent' for the shipped intent task, "
+    data: str = config_field(SHIPPED_INTENT_DATA, "Training data file (JSONL/CSV/txt), 'intent' for the shipped intent task, "
                                           "or 'commands' for the shipped command-parsing chat task (causal-lm).")
     validation: str = config_field("", "Validation file; empty: cut from the training data by seed.")
     test: str = config_field("", "Test file (the gate's default evaluation set); empty: cut from the data by seed.")
@@ -178,18 +178,9 @@ class TrainingSpec:
         self.train = _build(TrainSpec, self.train or {}, "train")
         if not isinstance(self.data, str) or not self.data:
             raise ConfigError("data must name a file or 'intent'", "data", 'write data = "intent"')
-
-    def data_files(self):
-        """The data files to train on, as the trainer records them (:class:`~lora_edge.core.data.DataFiles`)."""
-        from lora_edge.core.data import SHIPPED_CHAT_DATA, DataFiles, command_files, default_intent_files
-
-        if self.data == SHIPPED_DATA:
-            return default_intent_files()
-        if self.data == SHIPPED_CHAT_DATA:
-            return command_files()
-        return DataFiles(Path(self.data), Path(self.validation) if self.validation else None,
-                         Path(self.test) if self.test else None, seed=self.train.seed)
-
+        if self.data in SHIPPED_DATA_NAMES + (SHIPPED_CHAT_DATA,) and (self.validation or self.test):
+            raise ConfigError(f"validation/test go with a data file, not the shipped '{self.data}' task",
+                              "validation" if self.validation else "test", "give data a file, or drop validation/test")
 
 @dataclass
 class AdapterSource:
@@ -375,8 +366,6 @@ class Recipe:
         self.profile = _section(ProfileSpec, self.profile, "profile")
         self.check = _section(CheckSpec, self.check, "check")
         if self.model.startswith("tiny:"):
-            from lora_edge.core.tiny import tiny_arch
-
             tiny_arch(self.model, "model")
 
     @property

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_edge.core.errors import ConfigError
+from lora_edge.core.choices import TINY_DECODERS, TINY_ENCODERS, TINY_PREFIX, tiny_arch
 from lora_edge.core.cache import default_model_path
 
-TINY_PREFIX = "tiny:"
-ENCODERS = ("bert", "roberta", "distilbert")
-DECODERS = ("llama", "qwen2", "gpt2", "mistral")
 VOCAB_SIZE = 30522  # the MiniLM WordPiece vocabulary
 TINY_LABELS = ["negative", "neutral", "positive"]
 MODEL_SEED = 1234
@@ -70,13 +67,13 @@ def build_tiny_model(arch: str, directory: Path, labels: list[str] | None = None
 
     config = tiny_config(arch)
     torch.manual_seed(MODEL_SEED)
-    if arch in ENCODERS and head:
+    if arch in TINY_ENCODERS and head:
         labels = labels or TINY_LABELS
         config.num_labels = len(labels)
         config.id2label = dict(enumerate(labels))
         config.label2id = {name: i for i, name in enumerate(labels)}
         model = AutoModelForSequenceClassification.from_config(config)
-    elif arch in ENCODERS:
+    elif arch in TINY_ENCODERS:
         model = AutoModel.from_config(config)
     else:
         model = AutoModelForCausalLM.from_config(config)
@@ -84,7 +81,7 @@ def build_tiny_model(arch: str, directory: Path, labels: list[str] | None = None
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()), local_files_only=True)
-    if arch in DECODERS:
+    if arch in TINY_DECODERS:
         tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"
         tokenizer.padding_side = "left"
     tokenizer.save_pretrained(directory)
@@ -102,7 +99,7 @@ def build_random_adapter(model_dir: Path, out_dir: Path, arch: str, rank: int = 
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    encoder = arch in ENCODERS
+    encoder = arch in TINY_ENCODERS
     loader = AutoModelForSequenceClassification if encoder else AutoModelForCausalLM
     base = loader.from_pretrained(str(model_dir), local_files_only=True)
     head = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"]}
@@ -123,15 +120,6 @@ def build_random_adapter(model_dir: Path, out_dir: Path, arch: str, rank: int = 
 def is_tiny_spec(model: str) -> bool:
     """True for a ``tiny:<arch>`` model name."""
     return str(model).startswith(TINY_PREFIX)
-
-
-def tiny_arch(model: str, where: str = "model") -> str:
-    """The architecture of a ``tiny:<arch>`` name, or a ConfigError listing the valid ones."""
-    arch = str(model)[len(TINY_PREFIX):]
-    if arch not in ENCODERS + DECODERS:
-        valid = ", ".join(TINY_PREFIX + name for name in ENCODERS + DECODERS)
-        raise ConfigError(f"unknown tiny model '{model}'", where, f"use one of: {valid}")
-    return arch
 
 
 def ensure_tiny_model(model: str, cache_dir: Path) -> Path:

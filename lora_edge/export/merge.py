@@ -33,13 +33,7 @@ from torch import nn
 from lora_edge.core.errors import AdapterMismatchError, ExportError
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from peft import PeftModel
-
-    from lora_edge.core.adapters import AdapterRef
-    from lora_edge.core.choices import Task
-
 
 # The prefix PEFT puts before module paths in adapter files and in PeftModel.named_modules().
 PEFT_PREFIX = "base_model.model."
@@ -301,32 +295,3 @@ def count_branches(model: nn.Module) -> int:
     return sum(isinstance(module, LoraBranch) for module in model.modules())
 
 
-def save_merged(model: str | Path, adapter: AdapterRef, out: Path, task: Task | str | None = None,
-                force: bool = False, trust_remote_code: bool = False) -> Path:
-    """Write base + adapter merged as a Hugging Face model directory (safetensors, config, tokenizer), atomically.
-
-    The directory also holds the adapter's ``label_map.json`` for classifiers.
-    Loads with ``AutoModelFor...from_pretrained(out)`` for PyTorch deployment.
-    """
-    from pathlib import Path
-
-    from lora_edge.core.adapters import load_reference
-    from lora_edge.core.bundle import atomic_directory
-    from lora_edge.core.choices import Task
-    from lora_edge.core.data import LabelMap
-    from lora_edge.core.model_source import resolve_model_path
-    from lora_edge.core.models import load_tokenizer
-    from lora_edge.runtime.tokenizer import make_portable
-
-    model_path = resolve_model_path(model)
-    with atomic_directory(Path(out), force) as staging:  # entered first: an existing --out fails before any loading
-        reference = load_reference(model_path, adapter, Task.parse(task) if task else None, trust_remote_code)
-        merged = merge_adapter(reference)
-        merged.save_pretrained(str(staging), safe_serialization=True)
-        load_tokenizer(model_path, trust_remote_code).save_pretrained(str(staging))
-        # no fixed padding to the base model's length, as in bundles (lora_edge.runtime.tokenizer)
-        make_portable(staging, getattr(merged.config, "max_position_embeddings", None))
-        label_map = LabelMap.load(adapter.path)
-        if label_map is not None:
-            label_map.save(staging)
-    return Path(out)

@@ -30,7 +30,8 @@ from typing import Iterator
 from lora_edge.core.choices import Precision
 from lora_edge.core.console import Progress, silent, stderr_lines
 from lora_edge.core.errors import LoraEdgeError
-from lora_edge.core.recipe import AdapterSource, Recipe, load_recipe
+from lora_edge.core.data import DataFiles, resolve_data_files
+from lora_edge.core.recipe import AdapterSource, Recipe, TrainingSpec, load_recipe
 
 STAGES = ("train", "export", "quantize", "profile", "check", "report")
 HOST_DEVICES = "host"  # in [profile] devices: every shipped CPU target this host can run
@@ -98,6 +99,12 @@ class StageRunner:
 
 # --- stage helpers -------------------------------------------------------------------------------------
 
+
+def training_data_files(training: TrainingSpec) -> DataFiles:
+    """The data files a recipe's training section names, as the trainer records them."""
+    return resolve_data_files(training.data, training.validation or None, training.test or None,
+                              seed=training.train.seed)
+
 def resolve_model(recipe: Recipe) -> str | Path:
     """The recipe's base model as export/train take it: 'default', a directory, or a tiny model built once."""
     from lora_edge.core.tiny import ensure_tiny_model, is_tiny_spec
@@ -113,7 +120,7 @@ def training_record(recipe: Recipe, model: str | Path, source: AdapterSource) ->
     from lora_edge.core.model_source import resolve_model_path
 
     training = recipe.to_json()["adapters"][recipe.adapters.index(source)]["training"]
-    files = source.training.data_files().files
+    files = training_data_files(source.training).files
     data = {split: file_sha256(path) for split, path in files.items() if path and Path(path).is_file()}
     model_dir = resolve_model_path(model) if str(model) == "default" or Path(model).is_dir() else None
     return {"model": str(model), "model_sha256": directory_sha256(model_dir) if model_dir else None,
@@ -141,7 +148,7 @@ def train_adapters(recipe: Recipe, model: str | Path, retrain: bool, progress: P
         else:
             training = source.training
             progress(f"train: adapter '{source.name}' on {training.data} -> {out}")
-            train_adapter(model, training.data_files(), out, recipe.task, training.lora, training.train,
+            train_adapter(model, training_data_files(training), out, recipe.task, training.lora, training.train,
                           force=True, progress=not quiet)
             write_json(record_file, record)
         refs.append(AdapterRef(source.name, out))

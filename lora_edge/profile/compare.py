@@ -31,6 +31,7 @@ from lora_edge.core.bundle import REPORTS_DIR, require_bundle, write_json
 from lora_edge.profile.devices import DeviceTarget, load_device
 from lora_edge.runtime.interleave import VERDICT_MARGIN_PCT, ratio_stats, verdict
 from lora_edge.core.manifest import Manifest
+from lora_edge.profile.eager import eager_baselines
 from lora_edge.profile.profiler import profile_bundle
 from lora_edge.profile.report import (COLUMNS, DECODER_COLUMNS, DECODER_HEADERS, HEADERS, GraphProfile, ProfileReport,
                                       read_profile)
@@ -216,7 +217,7 @@ def compare_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
     device = load_device(device)
     report = read_profile(bundle)
     if not (reuse and _reusable(report, device, batch, seq, graphs)):
-        report = profile_bundle(bundle, device, graphs, measure, quiet=quiet)
+        report = profile_bundle(bundle, device, graphs, measure, baselines=eager_baselines, quiet=quiet)
     elif not quiet:
         import sys
 

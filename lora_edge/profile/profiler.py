@@ -1,7 +1,8 @@
 """Profile a bundle's graphs on a device target's settings: latency, throughput, memory, size, per-op time.
 
-``profile_bundle(bundle, device)`` times the eager PyTorch model (adapter
-unmerged and merged), then opens each selected graph with the device's
+``profile_bundle(bundle, device, baselines=eager_baselines)`` times the eager
+PyTorch model first (adapter unmerged and merged, :mod:`lora_edge.profile.eager`,
+given by the caller so that timing graphs does not import torch), then opens each selected graph with the device's
 providers, threads and optimization level, times it (interleaved with the
 other graphs, so their ratios hold on a busy machine), records the memory the
 session and its first run add, the size on disk, the providers that really
@@ -321,13 +322,19 @@ def _time_live(live: dict, report: ProfileReport, device: DeviceTarget, settings
              + (f" (prefill), decode step p50 {decode['p50']:.3f} ms" if decode else ""), quiet)
 
 
+# (bundle, manifest, device, batch, seq, runs, warmup, allow_fallback, graphs) -> (eager profiles, model facts)
+Baselines = Callable[[Path, Manifest, DeviceTarget, int, int, int, int, bool, list[GraphRecord]],
+                     tuple[list[GraphProfile], dict]]
+
+
 def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list[str] | None = None,
-                   measure: MeasureSpec | None = None, *, eager: bool = True, quiet: bool = False,
-                   **measure_fields) -> ProfileReport:
-    """Profile a bundle's graphs (and the eager PyTorch baselines) with a device target's settings.
+                   measure: MeasureSpec | None = None, *, baselines: "Baselines | None" = None,
+                   quiet: bool = False, **measure_fields) -> ProfileReport:
+    """Profile a bundle's graphs (and eager PyTorch baselines) with a device target's settings.
 
     ``measure`` (or ``measure_fields``: batch, seq, runs, warmup,
-    allow_fallback) says how. Writes ``reports/profile.json`` and
+    allow_fallback) says how. ``baselines`` times the PyTorch model before the
+    graphs (:func:`lora_edge.profile.eager.eager_baselines`); None: graphs only. Writes ``reports/profile.json`` and
     ``reports/profile.md`` and returns the report. Graphs that could not be
     measured are in the report with the reason; call
     :meth:`ProfileReport.check_measured` to turn them into an error.
@@ -351,12 +358,10 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
     settings = device.session_settings(allow_fallback=allow_fallback, cache_dir=cache_dir)
     gpu_id = _gpu_device_id(device) if device.uses_gpu and not device.missing_providers() else None
     vocab = _vocab_size(bundle, manifest)
-    if eager:  # first, while the heap holds little freed memory that would hide what the models add
-        from lora_edge.profile.eager import eager_baselines
-
+    if baselines is not None:  # first, while the heap holds little freed memory that would hide what the models add
         _log("profile: eager PyTorch baselines (adapter unmerged and merged)", quiet)
-        report.eager, report.model = eager_baselines(bundle, manifest, device, batch, seq, runs, warmup,
-                                                     allow_fallback, records)
+        report.eager, report.model = baselines(bundle, manifest, device, batch, seq, runs, warmup, allow_fallback,
+                                               records)
         gc.collect()
     warm_up_runtime(settings)
     opened = []

@@ -261,7 +261,7 @@ def rank_latency_rows(model: str | Path, adapters: dict[int, Path], device: str 
         manifest = Manifest.read(bundle)
         names = [record.name for record in manifest.graphs
                  if record.precision.value == "fp32" and record.form.value in ("merged", "branched")]
-        report = profile_bundle(bundle, device, names, measure, eager=False, quiet=True)
+        report = profile_bundle(bundle, device, names, measure, quiet=True)
         report.check_measured()
         base = base_flops_per_item(manifest, measure.batch, measure.seq)  # every rank shares the base model
         table = {(row["form"], row["adapter"]): row

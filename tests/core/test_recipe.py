@@ -154,7 +154,9 @@ def test_training_block_takes_the_shipped_commands_task():
     from lora_edge.core.data import command_files
     from lora_edge.core.recipe import TrainingSpec
 
-    assert TrainingSpec(data="commands").data_files().files == command_files().files
+    from lora_edge.pipeline.runner import training_data_files
+
+    assert training_data_files(TrainingSpec(data="commands")).files == command_files().files
     recipe = load_recipe("smollm2-commands")
     assert recipe.task == "causal-lm" and recipe.adapters[0].training.data == "commands"
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gpu
 
 def test_cuda_device_profile_runs_on_cuda_with_io_binding(tmp_path):
     bundle = synthetic_bundle(tmp_path / "bundle", hidden=256, vocab=1000)
-    report = profile_bundle(bundle, "t4-server", batch=4, seq=64, eager=False, quiet=True, **RUNS)
+    report = profile_bundle(bundle, "t4-server", batch=4, seq=64, quiet=True, **RUNS)
     for graph in report.graphs:
         assert graph.measured, graph.reason
         assert graph.io_binding and graph.providers_registered[0] == CUDA
@@ -56,7 +56,7 @@ def test_io_binding_gives_the_same_outputs_as_a_plain_run(tmp_path):
 def test_fp16_graph_on_cuda_matches_the_fp32_graph(tmp_path):
     fp32 = synthetic_bundle(tmp_path / "fp32", forms=("branched",), vocab=1000)
     fp16 = synthetic_bundle(tmp_path / "fp16", forms=("branched",), vocab=1000, fp16=True)
-    report = profile_bundle(fp16, "t4-server", batch=2, seq=32, eager=False, quiet=True, **RUNS)
+    report = profile_bundle(fp16, "t4-server", batch=2, seq=32, quiet=True, **RUNS)
     assert report.graphs[0].measured and report.graphs[0].precision == "fp16"
     from lora_edge.runtime.feeds import build_feeds
 
@@ -69,7 +69,7 @@ def test_fp16_graph_on_cuda_matches_the_fp32_graph(tmp_path):
 def test_partial_cpu_fallback_on_a_gpu_device_is_flagged(tmp_path):
     # Asinh has CPU kernels only: ORT places that node on the CPU inside a CUDA session
     bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged",), extra_op="Asinh", vocab=1000)
-    report = profile_bundle(bundle, "t4-server", batch=2, seq=16, eager=False, quiet=True, **RUNS)
+    report = profile_bundle(bundle, "t4-server", batch=2, seq=16, quiet=True, **RUNS)
     graph = report.graphs[0]
     assert graph.measured and CUDA in graph.providers_used
     fell_back = {row["op_type"] for row in graph.cpu_fallback_ops}
@@ -79,7 +79,7 @@ def test_partial_cpu_fallback_on_a_gpu_device_is_flagged(tmp_path):
 
 def test_tensorrt_device_uses_tensorrt_or_says_why_not(tmp_path):
     bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged",), vocab=1000)
-    report = profile_bundle(bundle, "jetson-orin", batch=1, seq=16, eager=False, quiet=True, runs=5, warmup=2)
+    report = profile_bundle(bundle, "jetson-orin", batch=1, seq=16, quiet=True, runs=5, warmup=2)
     graph = report.graphs[0]
     if graph.measured:
         assert graph.providers_registered[0] == TENSORRT and TENSORRT in graph.providers_used
@@ -94,7 +94,9 @@ def test_eager_baselines_and_hotswap_run_on_cuda(tmp_path, tiny_model, tiny_adap
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA here")
     bundle = export_tiny_bundle(tiny_model("bert"), tiny_adapter("bert"), tmp_path / "bundle")
-    report = profile_bundle(bundle, "t4-server", batch=2, seq=32, quiet=True, **RUNS)
+    from lora_edge.profile.eager import eager_baselines
+
+    report = profile_bundle(bundle, "t4-server", batch=2, seq=32, baselines=eager_baselines, quiet=True, **RUNS)
     hotswap = report.graph("hotswap.fp32")
     assert hotswap.measured and hotswap.adapter == "tiny" and hotswap.io_binding
     eager = {graph.name: graph for graph in report.eager}

@@ -46,7 +46,9 @@ def tiny_bundle(tiny_model, tiny_adapter, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_report(tiny_bundle, tmp_path_factory):
     bundle = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("p") / "bundle")
-    return profile_bundle(bundle, "host-cpu", batch=2, seq=16, quiet=True, **RUNS)
+    from lora_edge.profile.eager import eager_baselines
+
+    return profile_bundle(bundle, "host-cpu", batch=2, seq=16, baselines=eager_baselines, quiet=True, **RUNS)
 
 
 def test_profile_fields_are_present_and_sane(tiny_report):
@@ -130,7 +132,7 @@ def test_allow_fallback_measures_and_records_it(tmp_path, capsys):
 
 def test_decoder_graph_gets_a_zero_length_past_and_tokens_per_second(tmp_path):
     bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged", "branched"), decoder=True)
-    report = profile_bundle(bundle, "host-cpu", batch=2, seq=8, eager=False, quiet=True, **RUNS)
+    report = profile_bundle(bundle, "host-cpu", batch=2, seq=8, quiet=True, **RUNS)
     graph = report.graphs[0]
     assert graph.measured and graph.decoder
     assert graph.throughput["tokens_per_s"] == pytest.approx(graph.throughput["items_per_s"] * 8)
@@ -193,18 +195,18 @@ def test_a_context_too_short_for_the_decode_step_fails_clearly(tmp_path, capsys)
 
     # the graph has 8 positions: a prefill of 8 fits, the decode step at position 8 does not
     bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged",), decoder=True, positions=8)
-    report = profile_bundle(bundle, "host-cpu", batch=1, seq=8, eager=False, quiet=True, runs=2, warmup=0)
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=8, quiet=True, runs=2, warmup=0)
     assert report.graphs[0].status == "failed" and "indices" in report.graphs[0].reason
     with pytest.raises(ProviderUnavailableError, match="merged.fp32 failed to run"):
         report.check_measured()
-    report = profile_bundle(bundle, "host-cpu", batch=1, seq=7, eager=False, quiet=True, runs=2, warmup=0)
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=7, quiet=True, runs=2, warmup=0)
     assert report.graphs[0].measured and report.graphs[0].decode_latency_ms["runs"] == 2
     # with the context in config.json, --seq is refused before anything runs or is written
     config = bundle / "onnx" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "max_position_embeddings": 8}))
     (bundle / "reports" / "profile.json").unlink()
     with pytest.raises(ConfigError, match="needs 9 positions, the model has 8"):
-        profile_bundle(bundle, "host-cpu", batch=1, seq=8, eager=False, quiet=True, runs=2, warmup=0)
+        profile_bundle(bundle, "host-cpu", batch=1, seq=8, quiet=True, runs=2, warmup=0)
     with pytest.raises(SystemExit) as exit_info:
         main(["profile", str(bundle), "--device", "host-cpu", "--seq", "8", "--no-eager"])
     assert exit_info.value.code == ConfigError.exit_code
@@ -329,7 +331,7 @@ def test_each_graph_memory_is_measured_from_a_clean_start(tmp_path):
     # two graphs with a 40 MB embedding each: the second must not look smaller because the
     # first one's freed pages were reused (each is measured in a fresh process)
     bundle = synthetic_bundle(tmp_path / "bundle", vocab=20000, hidden=512)
-    report = profile_bundle(bundle, "host-cpu", batch=1, seq=8, eager=False, quiet=True, runs=3, warmup=1)
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=8, quiet=True, runs=3, warmup=1)
     weights_mb = 20000 * 512 * 4 / 2**20
     for graph in report.graphs:
         assert "fresh process" in graph.memory["method"]
