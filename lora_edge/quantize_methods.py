@@ -37,14 +37,46 @@ STATIC_OP_TYPES = ["MatMul", "Gemm", "Gather"]
 
 @dataclass
 class QuantizeJob:
-    """One graph to quantize: the fused float model, where to write it, what stays float, the options."""
+    """One graph to quantize: the fused float model, where to write it, what stays float, the options.
 
-    model: "onnx.ModelProto"
+    The job owns ``model``: quantizers change it in place and may release it
+    (:meth:`model_file`), so the caller keeps no other reference to it.
+    """
+
+    model: "onnx.ModelProto | None"
     target: Path
     roles: LinearRoles
     options: "QuantizeOptions"
     calibration: Callable[[], list[dict[str, "np.ndarray"]]] | None = None
     tied_head: str | None = None  # a tied LM head's weight (initializer name): int4 keeps it symmetric
+    source: Path | None = None  # a file holding exactly ``model`` (the fp32 graph, when preparing changed nothing)
+
+    @contextlib.contextmanager
+    def model_file(self, changed: bool = False) -> Iterator[Path]:
+        """``model`` as a file, for quantizers that read files; the in-memory model is released meanwhile.
+
+        ORT's quantizers given a ModelProto deep-copy it and write it to a temporary
+        file anyway (for shape inference); given a file they read it once. The file
+        is a hard link to ``source`` unless ``changed`` (then the model is written),
+        in a private directory beside the target, where ORT's shape-inferred copy goes too.
+        """
+        import os
+        import shutil
+        import tempfile
+
+        import onnx
+
+        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=self.target.parent) as directory:
+            path = Path(directory) / "model.onnx"
+            if self.source is not None and not changed:
+                try:
+                    os.link(self.source, path)
+                except OSError:  # another file system, or no hard links: a copy
+                    shutil.copyfile(self.source, path)
+            else:
+                onnx.save(self.model, str(path))
+            self.model = None
+            yield path
 
 
 @contextlib.contextmanager
@@ -103,11 +135,11 @@ def quantize_int8_dynamic(job: QuantizeJob) -> dict:
     # initializers even when they are graph inputs (hot-swap heads): exclude both names.
     # Its rewrite also copies a transposed weight into a constant, which would freeze a hot-swap
     # head: such Gemms become Transpose + MatMul here first.
-    model = copy.deepcopy(job.model)
-    gemm_to_matmul(model, set(job.roles.swappable))
+    rewritten = gemm_to_matmul(job.model, set(job.roles.swappable))
     excluded = job.roles.keep_float + [f"{name}_MatMul" for name in job.roles.keep_float]
-    quantize_dynamic(model, job.target, per_channel=per_channel, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=excluded, extra_options=_common_extra_options())
+    with job.model_file(changed=rewritten > 0) as path:
+        quantize_dynamic(path, job.target, per_channel=per_channel, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=excluded, extra_options=_common_extra_options())
     return {"weights": "s8", "activations": "u8 per run", "per_channel": per_channel}
 
 
@@ -153,6 +185,8 @@ def gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:
 
     from lora_edge.quantize_fusion import GraphIndex
 
+    if not names:
+        return 0
     index = GraphIndex(model)
     nodes, count = [], 0
     for node in model.graph.node:
