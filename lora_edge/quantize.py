@@ -133,7 +133,7 @@ def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: T
     whether the graph is still exactly the file ``src``)."""
     from lora_edge.quantize_fusion import name_all_nodes
     from lora_edge.quantize_methods import GPU_PRECISIONS
-    from lora_edge.quantize_prepare import FusionReport, fuse_graph
+    from lora_edge.quantize_prepare import FusionReport, fuse_graph, release_freed_memory
 
     model = load_graph(src)
     unchanged = name_all_nodes(model) == 0
@@ -152,6 +152,8 @@ def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: T
         unchanged = False  # the tied-embedding search may rewrite the head
         if options.fuse and precision not in GPU_PRECISIONS:
             model, fusion = fuse_decoder(model, str(src), config_beside(src))
+            name_all_nodes(model)  # a graph the rewrites did not keep is the file again
+        release_freed_memory()
         tied = find_tied_embedding(model) if precision is Precision.INT4 else None
     return model, fusion, tied, unchanged
 
@@ -171,6 +173,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     """
     from lora_edge.quantize_lora import linear_roles
     from lora_edge.quantize_methods import QUANTIZERS, QuantizeJob, quiet_quantizers
+    from lora_edge.quantize_prepare import release_freed_memory
 
     started = time.perf_counter()
     precision, task = Precision(precision), Task.parse(task)
@@ -198,6 +201,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
         except Exception as exc:
             raise _quantizer_failure(src, precision, exc) from None
         del job
+        release_freed_memory()
         found = _checked(staging, src, dst.stem, precision, tied, details)
     return QuantizeResult(dst, precision, details, fusion.to_json(), found.to_json(),
                           time.perf_counter() - started)

@@ -9,7 +9,6 @@ alone (``job.roles.keep_float``), so a quantized base keeps its adapter exactly.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +226,7 @@ def quantize_int4(job: QuantizeJob) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     options = job.options
-    model = copy.deepcopy(job.model)
+    model, job.model = job.model, None  # the job's model is quantized in place: no second copy of the weights
     converted = gemm_to_matmul(model, set(job.roles.base))
     head_nodes = [node.name for node in model.graph.node
                   if job.tied_head and node.op_type == "MatMul" and node.input[1] == job.tied_head]
