@@ -22,6 +22,7 @@ output scale), else the source graph is kept and the reason recorded.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 from lora_edge.errors import first_line
 from lora_edge.feeds import sample_decoder_feeds
 from lora_edge.quantize_fusion import share_lora_inputs
-from lora_edge.quantize_prepare import outputs_on, release_freed_memory, save_streamed
+from lora_edge.quantize_prepare import outputs_on, release_freed_memory, save_streamed, weightless_twin
 from lora_edge.runtime import relative_difference
 
 if TYPE_CHECKING:
@@ -78,7 +79,12 @@ def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "on
     try:
         wrapped = OnnxModel(model)
         FusionSimplifiedLayerNormalization(wrapped).apply()
-        FusionSkipSimplifiedLayerNormalization(wrapped).apply()
+        # The skip fusion runs ORT's symbolic shape inference on the model it is built with, which copies
+        # that model twice (+1 GB for SmolLM2-135M): it is built on a twin without weight data (same
+        # nodes, names and shapes), then fuses the real graph.
+        skip = FusionSkipSimplifiedLayerNormalization(OnnxModel(weightless_twin(wrapped.model)))
+        skip.model = wrapped
+        skip.apply()
         wrapped.prune_graph()
         wrapped.topological_sort()
     finally:
@@ -125,6 +131,30 @@ def expand_plain_rms_norms(model: "onnx.ModelProto") -> "onnx.ModelProto":
     return model
 
 
+class _Constants(Mapping):
+    """Initializer and Constant values by name, converted to numpy when read (the rewrites read a few small ones;
+    converting every weight up front cost a copy of the model)."""
+
+    def __init__(self, tensors: dict):
+        self._tensors, self._values = tensors, {}
+
+    def __getitem__(self, name: str) -> "np.ndarray":
+        if name not in self._values:
+            from onnx import numpy_helper
+
+            self._values[name] = numpy_helper.to_array(self._tensors[name])
+        return self._values[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._tensors
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 @dataclass
 class _Graph:
     """Producer/consumer maps and initializer values of a graph (rebuilt per rewrite pass)."""
@@ -132,20 +162,20 @@ class _Graph:
     model: "onnx.ModelProto"
     producer: dict = field(default_factory=dict)
     consumers: dict = field(default_factory=dict)
-    constants: dict = field(default_factory=dict)
+    constants: Mapping = field(default_factory=dict)
 
     def __post_init__(self):
-        from onnx import numpy_helper
-
+        tensors = {}
         for node in self.model.graph.node:
             for name in node.output:
                 self.producer[name] = node
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
             if node.op_type == "Constant":
-                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                tensors[node.output[0]] = node.attribute[0].t
         for init in self.model.graph.initializer:
-            self.constants[init.name] = numpy_helper.to_array(init)
+            tensors[init.name] = init
+        self.constants = _Constants(tensors)
 
     def parent(self, node, index: int, op_type: str):
         """The node producing ``node.input[index]`` when it is an ``op_type``, else None."""

@@ -174,6 +174,36 @@ def save_streamed(model: "onnx.ModelProto", path: str | Path) -> None:
     initializer: every reader parses it to the same model (for scratch files:
     the bytes differ from ``onnx.save``'s).
     """
+    shell = _without_initializers(model)
+    with open(path, "wb") as out:
+        out.write(shell.SerializeToString())
+        for tensor in model.graph.initializer:
+            record = tensor.SerializeToString()
+            record = _INITIALIZER_KEY + _varint(len(record)) + record
+            out.write(_GRAPH_KEY + _varint(len(record)) + record)
+
+
+def weightless_twin(model: "onnx.ModelProto", min_elements: int = 4096) -> "onnx.ModelProto":
+    """A copy of ``model`` whose float initializers of ``min_elements`` or more carry no data.
+
+    Same nodes, names, types and shapes: enough for shape inference (which reads
+    the values of small integer tensors only) at a fraction of the memory.
+    """
+    import math
+
+    from onnx import TensorProto
+
+    twin = _without_initializers(model)
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    for tensor in model.graph.initializer:
+        if tensor.data_type in floats and math.prod(tensor.dims) >= min_elements:
+            twin.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        else:
+            twin.graph.initializer.append(tensor)
+    return twin
+
+
+def _without_initializers(model: "onnx.ModelProto") -> "onnx.ModelProto":
     import onnx
 
     shell = onnx.ModelProto()
@@ -183,12 +213,7 @@ def save_streamed(model: "onnx.ModelProto", path: str | Path) -> None:
     for descriptor, value in model.graph.ListFields():
         if descriptor.name != "initializer":
             _copy_field(shell.graph, descriptor, value)
-    with open(path, "wb") as out:
-        out.write(shell.SerializeToString())
-        for tensor in model.graph.initializer:
-            record = tensor.SerializeToString()
-            record = _INITIALIZER_KEY + _varint(len(record)) + record
-            out.write(_GRAPH_KEY + _varint(len(record)) + record)
+    return shell
 
 
 def _copy_field(target, descriptor, value) -> None:
