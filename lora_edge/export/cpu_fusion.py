@@ -660,9 +660,10 @@ def _ensure_opset(model: "onnx.ModelProto", domain: str, version: int) -> None:
         model.opset_import.append(helper.make_opsetid(domain, version))
 
 
-def name_all_nodes(model: "onnx.ModelProto") -> None:
-    """Give every unnamed node a unique name (quantizers select and exclude nodes by name)."""
+def name_all_nodes(model: "onnx.ModelProto") -> int:
+    """Give every unnamed node a unique name (quantizers select and exclude nodes by name); return how many."""
     taken = {node.name for node in model.graph.node if node.name}
+    named = 0
     for number, node in enumerate(model.graph.node):
         if not node.name:
             candidate = f"{node.op_type}_{number}"
@@ -670,3 +671,5 @@ def name_all_nodes(model: "onnx.ModelProto") -> None:
                 candidate += "_"
             node.name = candidate
             taken.add(candidate)
+            named += 1
+    return named

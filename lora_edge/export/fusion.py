@@ -56,28 +56,44 @@ def _checks_against_pytorch(record: "GraphRecord", staging: Path, references: di
 
 
 def verify_fused(path: Path, record: "GraphRecord", staging: Path, references: dict, context: "ExportContext",
-                 tolerance: float) -> float:
-    """Max abs diff of the graph at ``path`` against PyTorch (verify batches, as is and padded); raises ExportError."""
-    from lora_edge.export.exporter import check_agreement, graph_io_for, reference_outputs, run_verify_inputs
+                 tolerance: float, expected: dict | None = None) -> float:
+    """Max abs diff of the graph at ``path`` against PyTorch (verify batches, as is and padded); raises ExportError.
+
+    ``expected`` caches (verify I/O, PyTorch outputs) per reference between the
+    graphs of one bundle: every form of an adapter is checked on the same batches.
+    """
+    from lora_edge.export.exporter import check_agreement, run_verify_inputs
     from lora_edge.runtime.session import create_session, load_lora_adapter
 
-    builder = graph_io_for(context.task)
+    expected = {} if expected is None else expected
     session = create_session(path)
     worst = 0.0
     for reference, adapter_file in _checks_against_pytorch(record, staging, references):
-        io = builder(reference, context)
-        pad_id = getattr(context.tokenizer, "pad_token_id", None) or 0
-        length = min(context.max_length, getattr(context.config, "max_position_embeddings", 512) - 2)
-        io = dataclasses.replace(io, verify_inputs=io.verify_inputs + padded_inputs(io, length, pad_id))
+        if id(reference) not in expected:
+            expected[id(reference)] = _pytorch_outputs(reference, context)
+        io, outputs = expected[id(reference)]
         adapter = load_lora_adapter(adapter_file) if adapter_file is not None else None
-        worst = max(worst, check_agreement(record.name, reference_outputs(io), run_verify_inputs(session, io, adapter),
-                                           tolerance))
+        worst = max(worst, check_agreement(record.name, outputs, run_verify_inputs(session, io, adapter), tolerance))
     return worst
 
 
+def _pytorch_outputs(reference, context: "ExportContext") -> tuple["GraphIO", list]:
+    """(verify I/O with the padded batches added, the PyTorch outputs of ``reference`` on them)."""
+    from lora_edge.export.exporter import graph_io_for, reference_outputs
+
+    io = graph_io_for(context.task)(reference, context)
+    pad_id = getattr(context.tokenizer, "pad_token_id", None) or 0
+    length = min(context.max_length, getattr(context.config, "max_position_embeddings", 512) - 2)
+    io = dataclasses.replace(io, verify_inputs=io.verify_inputs + padded_inputs(io, length, pad_id))
+    return io, reference_outputs(io)
+
+
 def fuse_exported_graph(record: "GraphRecord", staging: Path, references: dict, context: "ExportContext",
-                        tolerance: float) -> dict:
-    """Fuse one fp32 graph in place when the fused graph matches PyTorch; return what was done (for the manifest)."""
+                        tolerance: float, expected: dict | None = None) -> dict:
+    """Fuse one fp32 graph in place when the fused graph matches PyTorch; return what was done (for the manifest).
+
+    ``expected``: PyTorch outputs shared between the graphs of a bundle (:func:`verify_fused`).
+    """
     import onnx
 
     from lora_edge.core.errors import ExportError
@@ -94,10 +110,13 @@ def fuse_exported_graph(record: "GraphRecord", staging: Path, references: dict, 
     summary = report.to_json()
     if fused is model:  # nothing matched, or the rewrites did not match the exported graph
         return summary
+    del model  # one copy of the weights at a time: the session below loads its own
     staged = path.with_name(f".{path.name}.fused")
     onnx.save(fused, str(staged))
+    del fused
     try:
-        summary["max_abs_diff_vs_pytorch"] = verify_fused(staged, record, staging, references, context, tolerance)
+        summary["max_abs_diff_vs_pytorch"] = verify_fused(staged, record, staging, references, context, tolerance,
+                                                          expected)
     except ExportError as exc:
         staged.unlink()
         return {**summary, "dropped": f"fused graph drifts from PyTorch ({exc.what})"}
@@ -113,10 +132,14 @@ def fuse_exported_graphs(records: list["GraphRecord"], staging: Path, references
 
     if context.task is not Task.SEQ_CLS:
         return
+    from lora_edge.export.prepare import release_freed_memory
+
+    expected = {}  # PyTorch outputs, computed once per reference
     for record in records:
         if record.precision is not Precision.FP32:
             continue
-        record.extra["fusion"] = fuse_exported_graph(record, staging, references, context, tolerance)
+        release_freed_memory()
+        record.extra["fusion"] = fuse_exported_graph(record, staging, references, context, tolerance, expected)
         fusion = record.extra["fusion"]
         if fusion.get("dropped"):
             progress(f"  {record.name}: kept as exported ({fusion['dropped']})")

@@ -22,7 +22,7 @@ output scale), else the source graph is kept and the reason recorded.
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 from lora_edge.core.errors import first_line
 from lora_edge.runtime.feeds import sample_decoder_feeds
 from lora_edge.export.cpu_fusion import share_lora_inputs
-from lora_edge.runtime.session import graph_outputs, relative_difference
+from lora_edge.export.prepare import outputs_on, release_freed_memory, save_streamed, weightless_twin
+from lora_edge.runtime.session import relative_difference
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,7 +79,12 @@ def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "on
     try:
         wrapped = OnnxModel(model)
         FusionSimplifiedLayerNormalization(wrapped).apply()
-        FusionSkipSimplifiedLayerNormalization(wrapped).apply()
+        # The skip fusion runs ORT's symbolic shape inference on the model it is built with, which copies
+        # that model twice (+1 GB for SmolLM2-135M): it is built on a twin without weight data (same
+        # nodes, names and shapes), then fuses the real graph.
+        skip = FusionSkipSimplifiedLayerNormalization(OnnxModel(weightless_twin(wrapped.model)))
+        skip.model = wrapped
+        skip.apply()
         wrapped.prune_graph()
         wrapped.topological_sort()
     finally:
@@ -125,6 +131,30 @@ def expand_plain_rms_norms(model: "onnx.ModelProto") -> "onnx.ModelProto":
     return model
 
 
+class _Constants(Mapping):
+    """Initializer and Constant values by name, converted to numpy when read (the rewrites read a few small ones;
+    converting every weight up front cost a copy of the model)."""
+
+    def __init__(self, tensors: dict):
+        self._tensors, self._values = tensors, {}
+
+    def __getitem__(self, name: str) -> "np.ndarray":
+        if name not in self._values:
+            from onnx import numpy_helper
+
+            self._values[name] = numpy_helper.to_array(self._tensors[name])
+        return self._values[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._tensors
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 @dataclass
 class _Graph:
     """Producer/consumer maps and initializer values of a graph (rebuilt per rewrite pass)."""
@@ -132,20 +162,20 @@ class _Graph:
     model: "onnx.ModelProto"
     producer: dict = field(default_factory=dict)
     consumers: dict = field(default_factory=dict)
-    constants: dict = field(default_factory=dict)
+    constants: Mapping = field(default_factory=dict)
 
     def __post_init__(self):
-        from onnx import numpy_helper
-
+        tensors = {}
         for node in self.model.graph.node:
             for name in node.output:
                 self.producer[name] = node
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
             if node.op_type == "Constant":
-                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                tensors[node.output[0]] = node.attribute[0].t
         for init in self.model.graph.initializer:
-            self.constants[init.name] = numpy_helper.to_array(init)
+            tensors[init.name] = init
+        self.constants = _Constants(tensors)
 
     def parent(self, node, index: int, op_type: str):
         """The node producing ``node.input[index]`` when it is an ``op_type``, else None."""
@@ -425,29 +455,54 @@ def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | N
     ``config`` (the model's config.json) gives the context length, which sizes
     the rotary caches, and the query / key-value head counts of grouped
     attention; without it only the norms are fused. Returns (graph, report); on a
-    mismatch or a failure the input graph comes back unchanged with
-    ``report.dropped`` saying why.
+    mismatch or a failure the graph comes back as ``source`` holds it, with
+    ``report.dropped`` saying why. ``model`` is rewritten in place (one copy of
+    the weights in memory): the caller uses the returned graph only.
     """
     report = DecoderFusionReport(nodes_before=len(model.graph.node))
     if not any(value.name.startswith("past_key_values.") for value in model.graph.input):
         return model, report
     feeds = sample_decoder_feeds(model)
-    serialized_source = source if isinstance(source, bytes) else Path(source).read_bytes()
     try:
-        expected = [graph_outputs(serialized_source, feed) for feed in feeds]
-        candidate = _rewrite(copy.deepcopy(model), config, report)
-        serialized = candidate.SerializeToString()
-        report.max_abs_diff = max(relative_difference(want, graph_outputs(serialized, feed))
-                                  for want, feed in zip(expected, feeds))
+        expected = outputs_on(source, feeds)  # one session for every batch: an LLM session costs seconds
+        release_freed_memory()
+        # Rewritten in place (no second copy of the weights); ``source`` is loaded again if it is not kept.
+        candidate = _rewrite(model, config, report)
+        release_freed_memory()
+        report.max_abs_diff = max(relative_difference(want, got)
+                                  for want, got in zip(expected, _outputs_from_file(candidate, feeds, source)))
     except Exception as exc:  # a rewrite that fails or that ORT cannot load is a rewrite not to ship
-        return model, DecoderFusionReport(nodes_before=report.nodes_before,
-                                          dropped=f"rewrites failed ({exc.__class__.__name__}: {first_line(exc)})")
+        return _load_source(source), DecoderFusionReport(
+            nodes_before=report.nodes_before, dropped=f"rewrites failed ({exc.__class__.__name__}: {first_line(exc)})")
     if not report.max_abs_diff <= tolerance:
-        return model, DecoderFusionReport(nodes_before=report.nodes_before, max_abs_diff=report.max_abs_diff,
-                                          dropped=f"fusions changed the outputs (relative max abs diff "
-                                                  f"{report.max_abs_diff:.2e})")
+        return _load_source(source), DecoderFusionReport(
+            nodes_before=report.nodes_before, max_abs_diff=report.max_abs_diff,
+            dropped=f"fusions changed the outputs (relative max abs diff {report.max_abs_diff:.2e})")
     report.nodes_after = len(candidate.graph.node)
     return candidate, report
+
+
+def _outputs_from_file(model: "onnx.ModelProto", feeds: list[dict], source: str | bytes) -> list[list]:
+    """:func:`outputs_on` ``model``, streamed to a scratch file beside ``source`` for the session to read.
+
+    A session made from bytes holds them as long as it lives, and serializing
+    takes twice the model's size at its peak: the weights would be in memory three
+    to four times instead of twice (the proto and ORT's copy).
+    """
+    import tempfile
+
+    where = None if isinstance(source, bytes) else Path(source).parent
+    with tempfile.TemporaryDirectory(prefix=".fusion-check-", dir=where) as directory:
+        path = Path(directory) / "candidate.onnx"
+        save_streamed(model, path)
+        return outputs_on(str(path), feeds)
+
+
+def _load_source(source: str | bytes) -> "onnx.ModelProto":
+    """The graph :func:`fuse_decoder` started from (a file, or a serialized model)."""
+    import onnx
+
+    return onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
 
 
 # --- tied embedding: one int4 copy ---------------------------------------------------------------------------

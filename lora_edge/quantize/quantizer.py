@@ -116,43 +116,64 @@ def _check_runs(path: Path, model: "onnx.ModelProto", precision: Precision) -> N
                                 "choose another precision (fp16 overflow?) or report the model")
 
 
-def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: Task, plan: "FusionPlan | None"):
-    """(the float graph fused for where it will run, the fusion report, a tied embedding to share or None)."""
+def _fused_at_export(source_fusion: dict | None, precision: Precision) -> bool:
+    """True when the source graph was fused for the CPU at export and the target runs on the CPU too.
+
+    Fusing such a graph again gives the same graph, byte for byte (the rewrites
+    find their blocks done), at the cost of ORT's optimizer and six sessions.
+    """
+    from lora_edge.quantize.methods import GPU_PRECISIONS
+
+    return bool(source_fusion) and not source_fusion.get("dropped") and precision not in GPU_PRECISIONS
+
+
+def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: Task, plan: "FusionPlan | None",
+              source_fusion: dict | None = None):
+    """(the float graph fused for where it will run, the fusion report, a tied embedding to share or None,
+    whether the graph is still exactly the file ``src``)."""
     from lora_edge.export.cpu_fusion import name_all_nodes
     from lora_edge.quantize.methods import GPU_PRECISIONS
-    from lora_edge.export.prepare import FusionReport, fuse_graph
+    from lora_edge.export.prepare import FusionReport, fuse_graph, release_freed_memory
 
     model = load_graph(src)
-    name_all_nodes(model)
+    unchanged = name_all_nodes(model) == 0
     fusion = FusionReport()
     if options.fuse and plan is not None and task is Task.SEQ_CLS:
-        model, fusion = fuse_graph(model, dataclasses.replace(plan, for_gpu=precision in GPU_PRECISIONS), str(src))
+        if _fused_at_export(source_fusion, precision):
+            fusion = FusionReport.of_export(source_fusion)
+        else:
+            fused, fusion = fuse_graph(model, dataclasses.replace(plan, for_gpu=precision in GPU_PRECISIONS),
+                                       str(src))
+            unchanged, model = unchanged and fused is model, fused
     tied = None
     if task is Task.CAUSAL_LM:
         from lora_edge.quantize.decoder import config_beside, find_tied_embedding, fuse_decoder
 
+        unchanged = False  # the tied-embedding search may rewrite the head
         if options.fuse and precision not in GPU_PRECISIONS:
             model, fusion = fuse_decoder(model, str(src), config_beside(src))
+            name_all_nodes(model)  # a graph the rewrites did not keep is the file again
+        release_freed_memory()
         tied = find_tied_embedding(model) if precision is Precision.INT4 else None
-    return model, fusion, tied
+    return model, fusion, tied, unchanged
 
 
 def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
                    options: QuantizeOptions | None = None, *, task: Task | str = Task.SEQ_CLS,
                    plan: "FusionPlan | None" = None, calibration: Feeds | Callable[[], Feeds] | None = None,
-                   ) -> QuantizeResult:
+                   source_fusion: dict | None = None) -> QuantizeResult:
     """Quantize the fp32 graph ``src`` to ``precision`` and write it to ``dst`` (atomically).
 
     ``plan`` (heads, model type) enables the fusions; ``calibration`` gives
-    int8-static its batches (feed dicts, or a callable returning them). LoRA
-    MatMuls and run-time-fed weights stay float. Raises QuantizationError naming
-    the node when the quantizer fails or the result does not run.
+    int8-static its batches (feed dicts, or a callable returning them);
+    ``source_fusion`` is what export recorded of fusing ``src`` (its record's
+    ``fusion``): a graph fused there for the CPU is not fused again for CPU
+    precisions. LoRA MatMuls and run-time-fed weights stay float. Raises
+    QuantizationError naming the node when the quantizer fails or the result does not run.
     """
-    import onnx
-
-    from lora_edge.core.onnx_spec import conform_file, require_valid_graph
-    from lora_edge.quantize.lora import inventory, linear_roles
+    from lora_edge.quantize.lora import linear_roles
     from lora_edge.quantize.methods import QUANTIZERS, QuantizeJob, quiet_quantizers
+    from lora_edge.export.prepare import release_freed_memory
 
     started = time.perf_counter()
     precision, task = Precision(precision), Task.parse(task)
@@ -165,11 +186,13 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
         raise ConfigError("int8-static needs calibration batches", "--calibration",
                           "pass --calibration FILE (JSONL/CSV with a text column)")
     src, dst = Path(src), Path(dst)
-    model, fusion, tied = _prepared(src, precision, options, task, plan)
+    model, fusion, tied, unchanged = _prepared(src, precision, options, task, plan, source_fusion)
     roles = linear_roles(model)
     feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))
     with atomic_file(dst) as staging:
-        job = QuantizeJob(model, staging, roles, options, feeds_of, tied.head if tied else None)
+        job = QuantizeJob(model, staging, roles, options, feeds_of, tied.head if tied else None,
+                          source=src if unchanged else None)
+        del model  # the job owns it now: a quantizer may release it before ORT loads its own copy
         try:
             with quiet_quantizers():
                 details = quantizer(job)
@@ -177,22 +200,41 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
             raise
         except Exception as exc:
             raise _quantizer_failure(src, precision, exc) from None
-        conform_file(staging)  # ORT's quantizers reorder nodes and leave stale types: ONNX-spec order again
-        require_valid_graph(staging, dst.stem, QuantizationError)
-        quantized = onnx.load(str(staging))
-        if tied is not None:
-            from lora_edge.quantize.decoder import share_tied_embedding
-
-            if share_tied_embedding(quantized, tied):
-                onnx.save(quantized, str(staging))
-                details["tied_embedding"] = "shared with the quantized LM head"
-        found = inventory(quantized)
-        if found.quantized_lora():
-            raise QuantizationError(f"a LoRA MatMul was quantized ({found.quantized_lora()[0]})", src,
-                                    "report this: LoRA pairs must stay float")
-        _check_runs(staging, quantized, precision)
+        del job
+        release_freed_memory()
+        found = _checked(staging, src, dst.stem, precision, tied, details)
     return QuantizeResult(dst, precision, details, fusion.to_json(), found.to_json(),
                           time.perf_counter() - started)
+
+
+def _checked(staging: Path, src: Path, name: str, precision: Precision, tied, details: dict):
+    """Put the quantized graph at ``staging`` in ONNX-spec order, check it, share a tied embedding; its inventory.
+
+    The graph is loaded once: ORT's quantizers reorder nodes and leave stale
+    types, so it is conformed and rewritten, then checked (onnx.checker, full),
+    then its LoRA MatMuls must be float and it must run on a sample batch.
+    """
+    import onnx
+
+    from lora_edge.core.onnx_spec import conform, require_valid_graph
+    from lora_edge.quantize.lora import inventory
+
+    quantized = onnx.load(str(staging))
+    if any(conform(quantized).values()):
+        onnx.save(quantized, str(staging))
+    require_valid_graph(staging, name, QuantizationError)
+    if tied is not None:
+        from lora_edge.quantize.decoder import share_tied_embedding
+
+        if share_tied_embedding(quantized, tied):
+            onnx.save(quantized, str(staging))
+            details["tied_embedding"] = "shared with the quantized LM head"
+    found = inventory(quantized)
+    if found.quantized_lora():
+        raise QuantizationError(f"a LoRA MatMul was quantized ({found.quantized_lora()[0]})", src,
+                                "report this: LoRA pairs must stay float")
+    _check_runs(staging, quantized, precision)
+    return found
 
 
 def _load_texts(bundle: Path, record: GraphRecord, manifest: Manifest, options: QuantizeOptions,
@@ -283,6 +325,8 @@ def _quantize_locked(bundle: Path, precisions: list[Precision], options: Quantiz
     if not sources:
         raise QuantizationError("the bundle has no fp32 graph to quantize", bundle / MANIFEST_FILE,
                                 "export one first: lora-edge export ... --precisions fp32")
+    from lora_edge.export.prepare import release_freed_memory
+
     plan = fusion_plan_for(bundle, manifest)
     progress(f"quantizing {len(sources)} fp32 graph(s) to {', '.join(p.value for p in precisions)}")
     records, results = [], []
@@ -294,7 +338,8 @@ def _quantize_locked(bundle: Path, precisions: list[Precision], options: Quantiz
                 calibration = calibration_for(bundle, source, options, manifest) \
                     if precision is Precision.INT8_STATIC else None
                 result = quantize_graph(graph, staging / f"{name}.onnx", precision, options, task=source.task,
-                                        plan=plan, calibration=calibration)
+                                        plan=plan, calibration=calibration, source_fusion=source.extra.get("fusion"))
+                release_freed_memory()  # the next graph's copies then fit in memory the OS has back
                 result.extra = {key: source.extra[key] for key in SHARED_EXTRA if key in source.extra}
                 weights = "fp16 weights" if precision is Precision.FP16 else \
                     f"{result.linears.get('quantized', 0)} linears quantized"

@@ -205,6 +205,57 @@ def bundle_copy(tmp_path_factory, tiny_model, tiny_adapter, tmp_path):
     return bundle
 
 
+@pytest.mark.parametrize("weight_type", ["QInt8", "QUInt8"])
+def test_vectorized_per_channel_weights_are_ort_s_own_byte_for_byte(bundle_copy, tmp_path, monkeypatch, weight_type):
+    """quantize_dynamic per channel writes the same graph with the whole-tensor weight quantization as without it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from lora_edge.quantize import methods as quantize_methods
+    from lora_edge.quantize.methods import vectorized_per_channel
+
+    source = bundle_copy / "onnx" / "branched.fp32.onnx"
+    taken = []
+    original = quantize_methods._per_channel_all_at_once
+    monkeypatch.setattr(quantize_methods, "_per_channel_all_at_once",
+                        lambda *args: taken.append(original(*args)) or taken[-1])
+    quantize_dynamic(source, tmp_path / "ort.onnx", per_channel=True, weight_type=getattr(QuantType, weight_type))
+    with vectorized_per_channel():
+        quantize_dynamic(source, tmp_path / "fast.onnx", per_channel=True, weight_type=getattr(QuantType, weight_type))
+    assert taken and all(taken)  # every weight went through the whole-tensor path
+    assert (tmp_path / "fast.onnx").read_bytes() == (tmp_path / "ort.onnx").read_bytes()
+
+
+def test_save_streamed_reads_back_as_the_same_model(bundle_copy, tmp_path):
+    import onnx
+
+    from lora_edge.export.prepare import save_streamed, weightless_twin
+
+    model = onnx.load(str(bundle_copy / "onnx" / "hotswap.fp32.onnx"))
+    save_streamed(model, tmp_path / "streamed.onnx")
+    assert onnx.load(str(tmp_path / "streamed.onnx")).SerializeToString() == model.SerializeToString()
+    twin = weightless_twin(model, min_elements=64)
+    assert [node.SerializeToString() for node in twin.graph.node] == \
+        [node.SerializeToString() for node in model.graph.node]
+    stripped = [t for t in twin.graph.initializer if not t.raw_data and not t.float_data]
+    assert stripped and all(list(t.dims) == list(i.dims) for t in stripped for i in model.graph.initializer
+                            if i.name == t.name)
+
+
+def test_a_graph_fused_at_export_is_quantized_as_if_fused_again(bundle_copy, tmp_path):
+    """Skipping the second fusion of an export-fused graph changes no byte of the quantized graph."""
+    from lora_edge.core.manifest import find_graph
+    from lora_edge.quantize.quantizer import fusion_plan_for, quantize_graph
+
+    record = find_graph(bundle_copy, "branched.fp32")
+    assert record.extra.get("fusion") and not record.extra["fusion"].get("dropped")
+    source, plan = bundle_copy / record.file, fusion_plan_for(bundle_copy)
+    again = quantize_graph(source, tmp_path / "again.onnx", "int8-dynamic", plan=plan)
+    reused = quantize_graph(source, tmp_path / "reused.onnx", "int8-dynamic", plan=plan,
+                            source_fusion=record.extra["fusion"])
+    assert reused.fusion.get("from_export") and not again.fusion.get("from_export")
+    assert (tmp_path / "reused.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()
+
+
 def _snapshot(bundle: Path) -> dict[str, bytes]:
     return {str(p.relative_to(bundle)): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
 
