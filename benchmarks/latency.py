@@ -120,7 +120,8 @@ def lora_edge_graphs(model: str, adapter: Path, out: Path, calibration: Path, in
     """export_bundle (merged, branched, hotswap; fp32 fused), quantize_bundle (int8-dynamic, int8-static[, int4])."""
     from lora_edge.core.adapters import AdapterRef
     from lora_edge.export.bundle import export_bundle
-    from lora_edge.quantize.quantizer import QuantizeOptions, fusion_plan_for, quantize_bundle, quantize_graph
+    from lora_edge.core.recipe import QuantizeOptions
+    from lora_edge.quantize.quantizer import fusion_plan_for, quantize_bundle, quantize_graph
 
     bundle = export_bundle(model, [AdapterRef("bench", adapter)], ["merged", "branched", "hotswap"], out,
                            force=True, progress=log)

@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lora_edge.core.onnx_spec import node_reads
+from lora_edge.core.onnx_spec import GraphIndex, node_reads
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,51 +42,6 @@ MASK_ALL_ONES = "lora_edge_attention_mask_all_ones"
 TRIM_LENGTH = "pad_trim_length"
 # Graph inputs with a sequence axis (axis 1) that padding trimming cuts to the last real column.
 SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
-
-class GraphIndex:
-    """Producer/consumer maps and constant lookup over an ONNX graph (rebuilt after each rewrite)."""
-
-    def __init__(self, model: "onnx.ModelProto"):
-        self.model = model
-        self.graph = model.graph
-        self.producer: dict[str, "onnx.NodeProto"] = {}
-        self.consumers: dict[str, list["onnx.NodeProto"]] = defaultdict(list)
-        for node in self.graph.node:
-            for name in node.output:
-                self.producer[name] = node
-            for name in node_reads(node):
-                self.consumers[name].append(node)
-        self.initializers = {init.name: init for init in self.graph.initializer}
-        self.graph_inputs = {value.name for value in self.graph.input}
-        self.graph_outputs = {value.name for value in self.graph.output}
-
-    def constant(self, name: str) -> "np.ndarray | None":
-        """The value of ``name`` when it is an initializer (not a graph input) or a Constant node's output."""
-        from onnx import numpy_helper
-
-        if name in self.initializers and name not in self.graph_inputs:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    return numpy_helper.to_array(attribute.t)
-        return None
-
-    def scalar(self, name: str) -> float | None:
-        """``name``'s value when it is a one-element constant."""
-        value = self.constant(name)
-        if value is None or value.size != 1:
-            return None
-        return float(value.reshape(-1)[0])
-
-    def only_consumer(self, name: str) -> "onnx.NodeProto | None":
-        """The single node reading ``name``, or None (several readers, or a graph output)."""
-        readers = self.consumers.get(name, [])
-        if len(readers) != 1 or name in self.graph_outputs:
-            return None
-        return readers[0]
 
 
 def _peel_scale(index: GraphIndex, name: str) -> tuple[str, float]:

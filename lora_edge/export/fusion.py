@@ -132,7 +132,7 @@ def fuse_exported_graphs(records: list["GraphRecord"], staging: Path, references
 
     if context.task is not Task.SEQ_CLS:
         return
-    from lora_edge.export.prepare import release_freed_memory
+    from lora_edge.runtime.session import release_freed_memory
 
     expected = {}  # PyTorch outputs, computed once per reference
     for record in records:

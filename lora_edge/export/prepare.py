@@ -10,14 +10,14 @@ match the source graph's on a padded batch; otherwise the graph stays as exporte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_edge.core.errors import first_line
 from lora_edge.runtime.feeds import sample_encoder_feeds
 from lora_edge.export.cpu_fusion import (FIRST_TOKEN_PREFIX, MASK_ALL_ONES, compute_first_token_only, fuse_attention,
                                        keep_layernorm_unfused, restore_for_gpu, share_lora_inputs, trim_padding)
-from lora_edge.runtime.session import SessionSettings, create_session, relative_difference, run
+from lora_edge.core.onnx_io import weightless_twin
+from lora_edge.runtime.session import outputs_on, relative_difference, release_freed_memory
 
 if TYPE_CHECKING:
     import onnx
@@ -177,105 +177,6 @@ def _restore_for_gpu(model: "onnx.ModelProto", plan: FusionPlan, report: FusionR
     if plan.for_gpu:
         report.restored_for_gpu = restore_for_gpu(model)
     return model
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap back to the OS: glibc keeps it, and protobuf copies, ORT's optimizer and sessions
-    leave holes that the next graph does not fit in (measured: an export + quantize of MiniLM-L6's three
-    forms peaked 1.6 GB without this, 1.06 GB with a trim at each step)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-# Protobuf keys (field number << 3 | length-delimited) of ModelProto.graph and GraphProto.initializer.
-_GRAPH_KEY, _INITIALIZER_KEY = bytes([7 << 3 | 2]), bytes([5 << 3 | 2])
-
-
-def save_streamed(model: "onnx.ModelProto", path: str | Path) -> None:
-    """Write ``model`` one initializer at a time, for a session to read: no whole-model bytes in memory.
-
-    ``onnx.save`` serializes the whole model first (twice its size at the peak:
-    protobuf's buffer and the bytes object). Protobuf parsers merge a message
-    field that occurs more than once, so the file is the model without its
-    initializers followed by one ``graph { initializer }`` record per
-    initializer: every reader parses it to the same model (for scratch files:
-    the bytes differ from ``onnx.save``'s).
-    """
-    shell = _without_initializers(model)
-    with open(path, "wb") as out:
-        out.write(shell.SerializeToString())
-        for tensor in model.graph.initializer:
-            record = tensor.SerializeToString()
-            record = _INITIALIZER_KEY + _varint(len(record)) + record
-            out.write(_GRAPH_KEY + _varint(len(record)) + record)
-
-
-def weightless_twin(model: "onnx.ModelProto", min_elements: int = 4096) -> "onnx.ModelProto":
-    """A copy of ``model`` whose float initializers of ``min_elements`` or more carry no data.
-
-    Same nodes, names, types and shapes: enough for shape inference (which reads
-    the values of small integer tensors only) at a fraction of the memory.
-    """
-    import math
-
-    from onnx import TensorProto
-
-    twin = _without_initializers(model)
-    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
-    for tensor in model.graph.initializer:
-        if tensor.data_type in floats and math.prod(tensor.dims) >= min_elements:
-            twin.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-        else:
-            twin.graph.initializer.append(tensor)
-    return twin
-
-
-def _without_initializers(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    import onnx
-
-    shell = onnx.ModelProto()
-    for descriptor, value in model.ListFields():
-        if descriptor.name != "graph":
-            _copy_field(shell, descriptor, value)
-    for descriptor, value in model.graph.ListFields():
-        if descriptor.name != "initializer":
-            _copy_field(shell.graph, descriptor, value)
-    return shell
-
-
-def _copy_field(target, descriptor, value) -> None:
-    if hasattr(value, "CopyFrom"):  # a message
-        getattr(target, descriptor.name).CopyFrom(value)
-    elif isinstance(value, (str, bytes, int, float)):
-        setattr(target, descriptor.name, value)
-    else:  # a repeated field
-        getattr(target, descriptor.name).extend(value)
-
-
-def outputs_on(graph: str | bytes, feed_sets: list[dict]) -> list[list]:
-    """The outputs of ``graph`` (a file or a serialized model) on each feed dict, from ONE session.
-
-    A session costs far more than a run (0.3-0.7 s for MiniLM-L6 on 2 cores, 2 s for SmolLM2-135M), and
-    holds a copy of the weights; without prepacked GEMM weights (a second copy, needed for speed only)
-    a check session of SmolLM2-135M peaks 190 MB lower and opens 35% faster.
-    """
-    session = create_session(graph, SessionSettings(config_entries={"session.disable_prepacking": "1"}))
-    return [run(session, feeds) for feeds in feed_sets]
 
 
 def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 from lora_edge.core.errors import first_line
 from lora_edge.runtime.feeds import sample_decoder_feeds
 from lora_edge.export.cpu_fusion import share_lora_inputs
-from lora_edge.export.prepare import outputs_on, release_freed_memory, save_streamed, weightless_twin
+from lora_edge.core.onnx_io import save_streamed, weightless_twin
+from lora_edge.runtime.session import outputs_on, release_freed_memory
 from lora_edge.runtime.session import relative_difference
 
 if TYPE_CHECKING:

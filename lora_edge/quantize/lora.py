@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from lora_edge.export.cpu_fusion import GraphIndex
+from lora_edge.core.onnx_spec import GraphIndex
 
 if TYPE_CHECKING:
     import onnx

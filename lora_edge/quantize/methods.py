@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
     import onnx
 
-    from lora_edge.quantize.quantizer import QuantizeOptions
+    from lora_edge.core.recipe import QuantizeOptions
 
 # Ops kept in fp32 inside fp16 graphs: their intermediate values overflow fp16's
 # 65504 range (squares and sums of a hidden state, exponentials), plus ORT's default list.
@@ -260,7 +260,7 @@ def gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:
     """
     from onnx import helper, numpy_helper
 
-    from lora_edge.export.cpu_fusion import GraphIndex
+    from lora_edge.core.onnx_spec import GraphIndex
 
     if not names:
         return 0

@@ -30,7 +30,7 @@ from lora_edge.core.errors import ConfigError, LoraEdgeError, QuantizationError,
 from lora_edge.core.manifest import GraphRecord, Manifest, add_graphs
 from lora_edge.core.choices import Task
 # The settings of this stage (defined with the other stage configs; imported from here too).
-from lora_edge.core.recipe import CalibMethod, QuantizeOptions  # noqa: F401
+from lora_edge.core.recipe import QuantizeOptions
 
 if TYPE_CHECKING:
     import numpy as np
@@ -133,7 +133,8 @@ def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: T
     whether the graph is still exactly the file ``src``)."""
     from lora_edge.export.cpu_fusion import name_all_nodes
     from lora_edge.quantize.methods import GPU_PRECISIONS
-    from lora_edge.export.prepare import FusionReport, fuse_graph, release_freed_memory
+    from lora_edge.export.prepare import FusionReport, fuse_graph
+    from lora_edge.runtime.session import release_freed_memory
 
     model = load_graph(src)
     unchanged = name_all_nodes(model) == 0
@@ -173,7 +174,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     """
     from lora_edge.quantize.lora import linear_roles
     from lora_edge.quantize.methods import QUANTIZERS, QuantizeJob, quiet_quantizers
-    from lora_edge.export.prepare import release_freed_memory
+    from lora_edge.runtime.session import release_freed_memory
 
     started = time.perf_counter()
     precision, task = Precision(precision), Task.parse(task)
@@ -325,7 +326,7 @@ def _quantize_locked(bundle: Path, precisions: list[Precision], options: Quantiz
     if not sources:
         raise QuantizationError("the bundle has no fp32 graph to quantize", bundle / MANIFEST_FILE,
                                 "export one first: lora-edge export ... --precisions fp32")
-    from lora_edge.export.prepare import release_freed_memory
+    from lora_edge.runtime.session import release_freed_memory
 
     plan = fusion_plan_for(bundle, manifest)
     progress(f"quantizing {len(sources)} fp32 graph(s) to {', '.join(p.value for p in precisions)}")

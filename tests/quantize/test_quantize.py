@@ -228,7 +228,7 @@ def test_vectorized_per_channel_weights_are_ort_s_own_byte_for_byte(bundle_copy,
 def test_save_streamed_reads_back_as_the_same_model(bundle_copy, tmp_path):
     import onnx
 
-    from lora_edge.export.prepare import save_streamed, weightless_twin
+    from lora_edge.core.onnx_io import save_streamed, weightless_twin
 
     model = onnx.load(str(bundle_copy / "onnx" / "hotswap.fp32.onnx"))
     save_streamed(model, tmp_path / "streamed.onnx")
@@ -321,7 +321,8 @@ def intent_graphs(intent_adapter, tmp_path_factory):
     """fp32 merged/branched/hotswap graphs of MiniLM + the intent adapter, and the quantized ones the tests need."""
     from lora_edge.core.adapters import AdapterRef
     from lora_edge.export.bundle import export_bundle
-    from lora_edge.quantize.quantizer import QuantizeOptions, quantize_bundle
+    from lora_edge.core.recipe import QuantizeOptions
+    from lora_edge.quantize.quantizer import quantize_bundle
 
     bundle = export_bundle("default", [AdapterRef("intent", Path(intent_adapter))], ["merged", "branched", "hotswap"],
                            tmp_path_factory.mktemp("intent") / "bundle", progress=lambda m: None)
@@ -365,7 +366,8 @@ def _logits_of(graph: Path, batches: list[dict], adapter_file: Path | None = Non
 def _quantized(bundle: Path, form: str, precision: str) -> Path:
     """The bundle's graph, quantizing the fp32 one on first use (quantize_graph: one graph only)."""
     from lora_edge.core.manifest import find_graph
-    from lora_edge.quantize.quantizer import QuantizeOptions, calibration_for, fusion_plan_for, quantize_graph
+    from lora_edge.core.recipe import QuantizeOptions
+    from lora_edge.quantize.quantizer import calibration_for, fusion_plan_for, quantize_graph
 
     target = bundle / "onnx" / f"{form}.{precision}.onnx"
     if not target.is_file():
