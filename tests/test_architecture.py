@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_edge"
 LAYERS = {
     0: ["errors", "names", "models", "bundle", "manifest", "data", "metrics", "flops", "report", "thresholds", "tiny",
         "adapters", "recipe", "config_fields", "choices", "model_tasks", "onnx_spec", "toml_compat", "console", "chat",
-        "gguf", "pull", "decoder_io", "__init__"],
+        "gguf", "pull", "decoder_io", "fake_quant", "__init__"],
     1: ["runtime", "feeds", "measure", "infer", "generate", "tokenizer", "interleave", "adapter_layout"],
     2: ["train", "train_io", "adapter_card"],
     3: ["exporter", "decoder", "merge", "hotswap", "forms", "export_bundle", "genai_config", "export_fusion", "quantize_fusion",
