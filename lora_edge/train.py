@@ -126,6 +126,22 @@ def _check_pissa(lora: LoraSpec) -> None:
                           "--init pissa", "drop --rslora or the rank/alpha patterns")
 
 
+def base_quantization(spec: TrainSpec, task: Task):
+    """The quantized base ``spec`` asks to train against (None: the float base); causal LMs only.
+
+    Classifier heads are trained in full and the int4 export's treatment of an
+    encoder's embeddings is not modelled, so only decoders may ask for it.
+    """
+    from lora_edge.fake_quant import BaseQuantization
+
+    if not spec.quantized_base:
+        return None
+    if task is not Task.CAUSAL_LM:
+        raise ConfigError("a quantized base (train.quantized_base) is for causal LMs only", "--quantized-base",
+                          "drop --quantized-base, or train with --task causal-lm")
+    return BaseQuantization(spec.quantized_base, spec.quantized_base_block_size, symmetric=False)
+
+
 def _check_splits(splits: dict[str, list[Example]], data: DataFiles, task: Task) -> LabelMap | None:
     """Refuse empty splits and evaluation labels the training split never shows."""
     chat = splits["train"] and splits["train"][0].messages is not None
@@ -297,6 +313,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     """
     task, lora, spec, out = Task.parse(task), lora or LoraSpec(), spec or TrainSpec(), Path(out)
     _check_pissa(lora)
+    quantized = base_quantization(spec, task)
     model_path = resolve_model_path(model)
     splits = data.load(task)
     label_map = _check_splits(splits, data, task)
@@ -316,6 +333,10 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
         tokenizer.padding_side = "right"  # training batches; greedy answers pad on the left
     with quiet_transformers(progress_bars=progress):  # a new task head is always "missing" from the checkpoint
         base = load_base_model(model_path, task, labels=list(label_map.labels) if label_map else None)
+    if quantized is not None:  # once, before LoRA: the frozen base is what the int4 graph will hold
+        from lora_edge.fake_quant import fake_quantize_base
+
+        record["quantized_base_weights"] = fake_quantize_base(base, quantized)
     set_seed(spec.seed)  # LoRA initialisation draws from the global RNG
     with quiet_transformers():
         peft_model = _peft_model(base, task, lora)
@@ -345,14 +366,18 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     result = TrainResult(out, task, metrics, trainable, 0, train_seconds, trainer.state.global_step, main)
     if main:
         result.adapter_bytes = _write_outputs(out, peft_model, label_map, data, metrics, checkpoints, lora,
-                                              force=force or resume)
+                                              force=force or resume, quantized=quantized)
         shutil.rmtree(checkpoints, ignore_errors=True)
     return result
 
 
 def _write_outputs(out: Path, peft_model, label_map: LabelMap | None, data: DataFiles, metrics: dict,
-                   checkpoints: Path, lora: LoraSpec, force: bool) -> int:
-    """Write the adapter directory atomically; return the size of the adapter weights in bytes."""
+                   checkpoints: Path, lora: LoraSpec, force: bool, quantized=None) -> int:
+    """Write the adapter directory atomically; return the size of the adapter weights in bytes.
+
+    An adapter trained against a quantized base records it in its weights file's metadata
+    (:func:`lora_edge.fake_quant.write_base_quantization`), so export and check know.
+    """
     conversion = {}
     if lora.init.value == "pissa":
         # PiSSA changes the base weights; convert to a plain LoRA adapter of the original base model.
@@ -362,6 +387,10 @@ def _write_outputs(out: Path, peft_model, label_map: LabelMap | None, data: Data
         peft_model.save_pretrained(str(staging), safe_serialization=True, **conversion)
         if conversion:
             _restore_saved_modules(peft_model, staging / ADAPTER_WEIGHTS)
+        if quantized is not None:
+            from lora_edge.fake_quant import write_base_quantization
+
+            write_base_quantization(staging, quantized)
         if label_map is not None:
             label_map.save(staging)
         write_json(staging / DATA_RECORD, data.to_json())
