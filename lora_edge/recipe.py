@@ -113,6 +113,9 @@ class TrainSpec:
                                            "graphs keep the task; empty: the float base.")
     quantized_base_block_size: int = config_field(32, "With quantized_base: weights per int4 block; must equal "
                                                       "the quantize stage's block_size.")
+    init_adapter: str = config_field("", "Start the LoRA weights from this trained adapter directory (same "
+                                         "targets, layers and rank), e.g. to adapt a float-trained adapter to an "
+                                         "int4 base with --quantized-base int4; empty: fresh LoRA weights.")
 
     def __post_init__(self):
         checks = {"epochs": self.epochs > 0 or self.max_steps > 0, "learning_rate": self.learning_rate > 0,

@@ -142,6 +142,31 @@ def base_quantization(spec: TrainSpec, task: Task):
     return BaseQuantization(spec.quantized_base, spec.quantized_base_block_size, symmetric=False)
 
 
+def _check_init_adapter(spec: TrainSpec) -> None:
+    """Refuse an --init-adapter directory without adapter weights before anything heavy is loaded."""
+    if spec.init_adapter and not (Path(spec.init_adapter) / ADAPTER_WEIGHTS).is_file():
+        raise ConfigError(f"no {ADAPTER_WEIGHTS} in '{spec.init_adapter}'", "--init-adapter",
+                          "name a PEFT adapter directory (written by lora-edge train)")
+
+
+def _load_initial_adapter(peft_model, directory: Path) -> None:
+    """Start from a trained adapter's LoRA weights; it must have this run's LoRA layers and shapes."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    fix = "train with the adapter's own --targets, --layers and --rank (its adapter_config.json)"
+    try:
+        loaded = set_peft_model_state_dict(peft_model, load_file(str(directory / ADAPTER_WEIGHTS)))
+    except RuntimeError as exc:  # shape mismatches
+        raise ConfigError(f"the adapter does not fit this run's LoRA layers ({first_line(exc, 160)})",
+                          "--init-adapter", fix) from None
+    missing = [key for key in loaded.missing_keys if ".lora_" in key]
+    if missing or loaded.unexpected_keys:
+        names = (missing or loaded.unexpected_keys)[:2]
+        raise ConfigError(f"the adapter does not fit this run's LoRA layers ({', '.join(names)})", "--init-adapter",
+                          fix)
+
+
 def _check_splits(splits: dict[str, list[Example]], data: DataFiles, task: Task) -> LabelMap | None:
     """Refuse empty splits and evaluation labels the training split never shows."""
     chat = splits["train"] and splits["train"][0].messages is not None
@@ -314,6 +339,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     task, lora, spec, out = Task.parse(task), lora or LoraSpec(), spec or TrainSpec(), Path(out)
     _check_pissa(lora)
     quantized = base_quantization(spec, task)
+    _check_init_adapter(spec)
     model_path = resolve_model_path(model)
     splits = data.load(task)
     label_map = _check_splits(splits, data, task)
@@ -340,6 +366,8 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     set_seed(spec.seed)  # LoRA initialisation draws from the global RNG
     with quiet_transformers():
         peft_model = _peft_model(base, task, lora)
+    if spec.init_adapter:
+        _load_initial_adapter(peft_model, Path(spec.init_adapter))
     datasets = {name: EncodedDataset.build(tokenizer, examples, label_map, spec.max_length)
                 for name, examples in splits.items()}
     trainer = _trainer(peft_model, tokenizer, datasets, task, chat, label_map,
