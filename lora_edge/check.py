@@ -37,6 +37,7 @@ from lora_edge.check_metrics import FAILED, SKIPPED, MetricResult, TargetResult,
 from lora_edge.check_tasks import BACKENDS, Continuations, EvalSet, Generation, compare_logits
 from lora_edge.console import Progress
 from lora_edge.errors import BundleError, ConfigError, LoraEdgeError, ProviderUnavailableError, first_line
+from lora_edge.fake_quant import read_base_quantization
 from lora_edge.manifest import AdapterRecord, GraphRecord, Manifest, require_adapter_file, require_graphs
 from lora_edge.models import Task, load_tokenizer
 from lora_edge.recipe import CheckSpec
@@ -301,8 +302,16 @@ def reference_adapter(bundle: Path, adapter: AdapterRecord) -> tuple[TargetResul
 
 
 def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batches, base: bool,
-                greedy: GreedyPlan | None) -> dict[bool, Reference | None]:
-    """Reference outputs: ``{False: base + adapter, True: base model alone (when asked)}``."""
+                greedy: GreedyPlan | None, quantized=None) -> dict[tuple[bool, bool], Reference | None]:
+    """Reference outputs keyed ``(base model alone?, on the quantized base?)``.
+
+    ``(False, False)``: base + adapter; ``(True, False)``: the base alone (when
+    ``base``). An adapter trained against a quantized base (``quantized``, a
+    :class:`~lora_edge.fake_quant.BaseQuantization`) gets the same two again on
+    the base as the int4 export holds it (fake-quantized in place, once): its
+    int4 graphs hold that base, so greedy agreement there measures the graph,
+    not the quantization the adapter was trained to absorb.
+    """
     model = load_reference(model_path, adapter, task)
 
     def outputs() -> Reference:
@@ -311,11 +320,32 @@ def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batc
                          if greedy else None)
         return Reference(logits, continuations)
 
-    references = {False: outputs(), True: None}
-    if base:
-        with model.disable_adapter():
-            references[True] = outputs()
+    def both() -> dict[bool, Reference | None]:
+        found = {False: outputs(), True: None}
+        if base:
+            with model.disable_adapter():
+                found[True] = outputs()
+        return found
+
+    references = {(alone, False): value for alone, value in both().items()}
+    if quantized is not None:
+        from lora_edge.fake_quant import fake_quantize_base
+
+        fake_quantize_base(model, quantized)
+        references.update({(alone, True): value for alone, value in both().items()})
     return references
+
+
+def quantized_reference_note(quantized, graphs: list[GraphRecord]) -> str:
+    """What the gate tells about an adapter trained against a quantized base (empty when it was not)."""
+    if quantized is None:
+        return ""
+    note = (f"the adapter was trained against the base quantized to {quantized.describe()}: its {quantized.precision} graphs "
+            f"are measured against that base + the adapter")
+    if any(g.form is Form.MERGED and g.precision.value == quantized.precision for g in graphs):
+        note += (f"; merged.{quantized.precision} re-quantizes W + s·B·A, so the adapter's compensation of the "
+                 f"rounding is not kept there: deploy branched or hot-swap {quantized.precision}")
+    return note
 
 
 def greedy_plan(spec: CheckSpec, evalset: EvalSet, tokenizer, bundle: Path) -> GreedyPlan | None:
@@ -419,8 +449,15 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
                 raise BundleError("no copy of the adapter matches the manifest's sha256",
                                   bundle / adapter.bundle_dir, "re-export the bundle from the adapter")
             greedy = greedy_plan(spec, evalset, tokenizer, bundle) if task == Task.CAUSAL_LM.value else None
+            quantized = read_base_quantization(trusted) if task == Task.CAUSAL_LM.value else None
+            if quantized is not None and all(t.graph.precision.value != quantized.precision for t in mine):
+                quantized = None  # no graph holds that base: the float reference serves every graph
+            note = quantized_reference_note(quantized, [t.graph for t in mine])
+            if note:
+                report.data[name] += f"; {note}"
+                say(f"check: adapter {name}: {note}")
             references = _references(model_path, AdapterRef(name, trusted), task, backend, batches,
-                                     any(t.adapter is None for t in mine), greedy)
+                                     any(t.adapter is None for t in mine), greedy, quantized)
         except LoraEdgeError as exc:  # no reference: every graph of this adapter fails, with the reason
             reason = f"the PyTorch reference could not be built: {exc.format_message()}"
             report.targets += [_failed(target, task, spec.thresholds_for(target.graph.precision.value, tolerances,
@@ -431,8 +468,9 @@ def check_bundle(bundle: str | Path, spec: CheckSpec | None = None, junit: str |
         for target in mine:
             precision = target.graph.precision.value
             thresholds = spec.thresholds_for(precision, tolerances, tolerance_where, task)
-            result = run_target(target, bundle, backend, batches, references[target.adapter is None], evalset,
-                                thresholds, sessions, f"check.thresholds.{precision}", greedy)
+            on_quantized = quantized is not None and target.graph.precision.value == quantized.precision
+            result = run_target(target, bundle, backend, batches, references[target.adapter is None, on_quantized],
+                                evalset, thresholds, sessions, f"check.thresholds.{precision}", greedy)
             report.targets.append(result)
             say(_progress_line(target, result))
     report.seconds = time.perf_counter() - started
