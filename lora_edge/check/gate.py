@@ -44,6 +44,7 @@ from lora_edge.core.model_source import resolve_model_path
 from lora_edge.core.models import load_tokenizer
 from lora_edge.core.recipe import CheckSpec
 from lora_edge.runtime.session import SessionSettings
+from lora_edge.core.fake_quant import read_base_quantization
 
 BASE = "base"  # the target name suffix of a hot-swap graph run with no adapter
 
@@ -304,8 +305,16 @@ def reference_adapter(bundle: Path, adapter: AdapterRecord) -> tuple[TargetResul
 
 
 def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batches, base: bool,
-                greedy: GreedyPlan | None) -> dict[bool, Reference | None]:
-    """Reference outputs: ``{False: base + adapter, True: base model alone (when asked)}``."""
+                greedy: GreedyPlan | None, quantized=None) -> dict[tuple[bool, bool], Reference | None]:
+    """Reference outputs keyed ``(base model alone?, on the quantized base?)``.
+
+    ``(False, False)``: base + adapter; ``(True, False)``: the base alone (when
+    ``base``). An adapter trained against a quantized base (``quantized``, a
+    :class:`~lora_edge.core.fake_quant.BaseQuantization`) gets the same two again on
+    the base as the int4 export holds it (fake-quantized in place, once): its
+    int4 graphs hold that base, so greedy agreement there measures the graph,
+    not the quantization the adapter was trained to absorb.
+    """
     model = load_reference(model_path, adapter, task)
 
     def outputs() -> Reference:
@@ -314,11 +323,32 @@ def _references(model_path: Path, adapter: AdapterRef, task: Task, backend, batc
                          if greedy else None)
         return Reference(logits, continuations)
 
-    references = {False: outputs(), True: None}
-    if base:
-        with model.disable_adapter():
-            references[True] = outputs()
+    def both() -> dict[bool, Reference | None]:
+        found = {False: outputs(), True: None}
+        if base:
+            with model.disable_adapter():
+                found[True] = outputs()
+        return found
+
+    references = {(alone, False): value for alone, value in both().items()}
+    if quantized is not None:
+        from lora_edge.core.fake_quant import fake_quantize_base
+
+        fake_quantize_base(model, quantized)
+        references.update({(alone, True): value for alone, value in both().items()})
     return references
+
+
+def quantized_reference_note(quantized, graphs: list[GraphRecord]) -> str:
+    """What the gate tells about an adapter trained against a quantized base (empty when it was not)."""
+    if quantized is None:
+        return ""
+    note = (f"the adapter was trained against the base quantized to {quantized.describe()}: its {quantized.precision} graphs "
+            f"are measured against that base + the adapter")
+    if any(g.form is Form.MERGED and g.precision.value == quantized.precision for g in graphs):
+        note += (f"; merged.{quantized.precision} re-quantizes W + s·B·A, so the adapter's compensation of the "
+                 f"rounding is not kept there: deploy branched or hot-swap {quantized.precision}")
+    return note
 
 
 def greedy_plan(spec: CheckSpec, evalset: EvalSet, tokenizer, bundle: Path) -> GreedyPlan | None:
@@ -379,6 +409,14 @@ def _progress_line(target: CheckTarget, result: TargetResult) -> str:
             + (f" ({skipped} skipped)" if skipped else "") + f", {result.seconds:.1f} s")
 
 
+def _quantized_base(adapter_dir: Path, task, mine: list):
+    """The quantized base an adapter was trained against, when one of ``mine`` holds that base; else None."""
+    quantized = read_base_quantization(adapter_dir) if task == Task.CAUSAL_LM.value else None
+    if quantized is not None and all(t.graph.precision.value != quantized.precision for t in mine):
+        return None  # no graph holds that base: the float reference serves every graph
+    return quantized
+
+
 def _check_adapter(bundle: Path, adapter: AdapterRecord, mine: list, spec: CheckSpec, tolerances: tuple,
                    model_path: Path, tokenizer, sessions: "SessionCache", report: CheckReport, say: Progress) -> None:
     """Gate the graphs ``mine`` that run ``adapter``: one evaluation set, one PyTorch reference, each graph judged.
@@ -399,8 +437,13 @@ def _check_adapter(bundle: Path, adapter: AdapterRecord, mine: list, spec: Check
             raise BundleError("no copy of the adapter matches the manifest's sha256",
                               bundle / adapter.bundle_dir, "re-export the bundle from the adapter")
         greedy = greedy_plan(spec, evalset, tokenizer, bundle) if task == Task.CAUSAL_LM.value else None
+        quantized = _quantized_base(trusted, task, mine)
+        note = quantized_reference_note(quantized, [t.graph for t in mine])
+        if note:
+            report.data[adapter.name] += f"; {note}"
+            say(f"check: adapter {adapter.name}: {note}")
         references = _references(model_path, AdapterRef(adapter.name, trusted), task, backend, batches,
-                                 any(t.adapter is None for t in mine), greedy)
+                                 any(t.adapter is None for t in mine), greedy, quantized)
     except LoraEdgeError as exc:  # no reference: every graph of this adapter fails, with the reason
         reason = f"the PyTorch reference could not be built: {exc.format_message()}"
         report.targets += [_failed(target, task, spec.thresholds_for(target.graph.precision.value, *tolerances, task),
@@ -410,8 +453,9 @@ def _check_adapter(bundle: Path, adapter: AdapterRecord, mine: list, spec: Check
     for target in mine:
         precision = target.graph.precision.value
         thresholds = spec.thresholds_for(precision, *tolerances, task)
-        result = run_target(target, bundle, backend, batches, references[target.adapter is None], evalset,
-                            thresholds, sessions, f"check.thresholds.{precision}", greedy)
+        on_quantized = quantized is not None and precision == quantized.precision
+        result = run_target(target, bundle, backend, batches, references[target.adapter is None, on_quantized],
+                            evalset, thresholds, sessions, f"check.thresholds.{precision}", greedy)
         report.targets.append(result)
         say(_progress_line(target, result))
 

@@ -108,12 +108,24 @@ class TrainSpec:
     seed: int = config_field(0, "Seed for initialisation, data order and splits (same seed: same adapter bytes).")
     eval_steps: int = config_field(0, "Evaluate every N steps; 0 evaluates once per epoch.")
     warmup: float = config_field(0.06, "Linear learning-rate warm-up: a fraction of the run if < 1, else steps.")
+    quantized_base: str = config_field("", "Causal LM: train the adapter against the base as an int4 graph holds "
+                                           "it ('int4': every base weight quantized and dequantized once, with "
+                                           "the int4 export's blocks and zero points), so branched/hot-swap int4 "
+                                           "graphs keep the task; empty: the float base.")
+    quantized_base_block_size: int = config_field(32, "With quantized_base: weights per int4 block; must equal "
+                                                      "the quantize stage's block_size.")
+    init_adapter: str = config_field("", "Start the LoRA weights from this trained adapter directory (same "
+                                         "targets, layers and rank), e.g. to adapt a float-trained adapter to an "
+                                         "int4 base with --quantized-base int4; empty: fresh LoRA weights.")
 
     def __post_init__(self):
         checks = {"epochs": self.epochs > 0 or self.max_steps > 0, "learning_rate": self.learning_rate > 0,
                   "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
                   "max_length": self.max_length >= 8, "eval_steps": self.eval_steps >= 0,
-                  "warmup": self.warmup >= 0}
+                  "warmup": self.warmup >= 0, "quantized_base": self.quantized_base in ("", "int4"),
+                  "quantized_base_block_size": isinstance(self.quantized_base_block_size, int)
+                  and self.quantized_base_block_size >= 16
+                  and self.quantized_base_block_size & (self.quantized_base_block_size - 1) == 0}
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"invalid {name} = {getattr(self, name)!r}", f"train.{name}",

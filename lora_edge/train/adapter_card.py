@@ -129,6 +129,18 @@ def _model_argument(base: str) -> str:
     return f"path/to/{base.split('/')[-1]}" if _HUB_NAME.fullmatch(base) else base
 
 
+def _quantized_base_lines(metrics: dict) -> list[str]:
+    """The quantized base a quantization-aware adapter was trained against, and where it keeps its accuracy."""
+    record = metrics.get("quantized_base")
+    if not record:
+        return []
+    precision, block = record.get("precision", "int4"), record.get("block_size", 32)
+    return [f"- trained against the base quantized to {precision} (blocks of {block}, zero points; "
+            f"`--quantized-base {precision}`, recorded in adapter_model.safetensors' metadata): deploy it on an "
+            f"{precision} base with the adapter kept float (`branched` or `hotswap` {precision} graphs). A `merged` "
+            f"{precision} graph re-quantizes W + s·B·A and loses what the adapter learned about the rounding"]
+
+
 def build_card(base: str, adapter_config: dict, metrics: dict) -> str:
     """The README.md text of an adapter trained by lora-edge, from its adapter_config.json and metrics.json."""
     task = Task.parse(metrics.get("task", Task.SEQ_CLS.value))
@@ -150,7 +162,7 @@ def build_card(base: str, adapter_config: dict, metrics: dict) -> str:
         + (", rsLoRA" if adapter_config.get("use_rslora") else ""),
         f"- target modules: {', '.join(sorted(adapter_config.get('target_modules') or []))}",
         f"- trained in full (modules_to_save): {', '.join(adapter_config.get('modules_to_save') or []) or 'none'}",
-        f"- trainable parameters: {train.get('trainable_params', '—')}", "",
+        f"- trainable parameters: {train.get('trainable_params', '—')}", *_quantized_base_lines(metrics), "",
     ]
     if labels:
         lines += ["## Labels", "", "Output index -> label (also in `label_map.json`):", "",

@@ -18,7 +18,7 @@ from lora_edge.core.report import png_figure
 
 RUN_RECORD = "run.json"
 # Settings a resumed run must share with the run that wrote the checkpoints (the schedule may change).
-RESUME_MUST_MATCH = ("model", "task", "lora", "data", "batch")
+RESUME_MUST_MATCH = ("model", "task", "lora", "data", "batch", "quantized_base")
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -126,7 +126,9 @@ def run_record(model_path: Path, task: Task, lora: LoraSpec, spec: TrainSpec, da
     record = {"model": {"path": str(model_path), "model_type": config.get("model_type")},
               "task": task.value, "lora": asdict(lora), "train_spec": asdict(spec), "data": data.to_json(),
               "batch": {"batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seed": spec.seed,
-                        "max_length": spec.max_length}}
+                        "max_length": spec.max_length},
+              "quantized_base": ({"precision": spec.quantized_base, "block_size": spec.quantized_base_block_size}
+                                 if spec.quantized_base else None)}
     return json.loads(json.dumps(record, default=str))
 
 

@@ -129,6 +129,47 @@ def _check_pissa(lora: LoraSpec) -> None:
                           "--init pissa", "drop --rslora or the rank/alpha patterns")
 
 
+def base_quantization(spec: TrainSpec, task: Task):
+    """The quantized base ``spec`` asks to train against (None: the float base); causal LMs only.
+
+    Classifier heads are trained in full and the int4 export's treatment of an
+    encoder's embeddings is not modelled, so only decoders may ask for it.
+    """
+    from lora_edge.core.fake_quant import BaseQuantization
+
+    if not spec.quantized_base:
+        return None
+    if task is not Task.CAUSAL_LM:
+        raise ConfigError("a quantized base (train.quantized_base) is for causal LMs only", "--quantized-base",
+                          "drop --quantized-base, or train with --task causal-lm")
+    return BaseQuantization(spec.quantized_base, spec.quantized_base_block_size, symmetric=False)
+
+
+def _check_init_adapter(spec: TrainSpec) -> None:
+    """Refuse an --init-adapter directory without adapter weights before anything heavy is loaded."""
+    if spec.init_adapter and not (Path(spec.init_adapter) / ADAPTER_WEIGHTS).is_file():
+        raise ConfigError(f"no {ADAPTER_WEIGHTS} in '{spec.init_adapter}'", "--init-adapter",
+                          "name a PEFT adapter directory (written by lora-edge train)")
+
+
+def _load_initial_adapter(peft_model, directory: Path) -> None:
+    """Start from a trained adapter's LoRA weights; it must have this run's LoRA layers and shapes."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    fix = "train with the adapter's own --targets, --layers and --rank (its adapter_config.json)"
+    try:
+        loaded = set_peft_model_state_dict(peft_model, load_file(str(directory / ADAPTER_WEIGHTS)))
+    except RuntimeError as exc:  # shape mismatches
+        raise ConfigError(f"the adapter does not fit this run's LoRA layers ({first_line(exc, 160)})",
+                          "--init-adapter", fix) from None
+    missing = [key for key in loaded.missing_keys if ".lora_" in key]
+    if missing or loaded.unexpected_keys:
+        names = (missing or loaded.unexpected_keys)[:2]
+        raise ConfigError(f"the adapter does not fit this run's LoRA layers ({', '.join(names)})", "--init-adapter",
+                          fix)
+
+
 def _check_splits(splits: dict[str, list[Example]], data: DataFiles, task: Task) -> LabelMap | None:
     """Refuse empty splits and evaluation labels the training split never shows."""
     chat = splits["train"] and splits["train"][0].messages is not None
@@ -300,6 +341,8 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     """
     task, lora, spec, out = Task.parse(task), lora or LoraSpec(), spec or TrainSpec(), Path(out)
     _check_pissa(lora)
+    quantized = base_quantization(spec, task)
+    _check_init_adapter(spec)
     model_path = resolve_model_path(model)
     splits = data.load(task)
     label_map = _check_splits(splits, data, task)
@@ -319,9 +362,15 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
         tokenizer.padding_side = "right"  # training batches; greedy answers pad on the left
     with quiet_transformers(progress_bars=progress):  # a new task head is always "missing" from the checkpoint
         base = load_base_model(model_path, task, labels=list(label_map.labels) if label_map else None)
+    if quantized is not None:  # once, before LoRA: the frozen base is what the int4 graph will hold
+        from lora_edge.core.fake_quant import fake_quantize_base
+
+        record["quantized_base_weights"] = fake_quantize_base(base, quantized)
     set_seed(spec.seed)  # LoRA initialisation draws from the global RNG
     with quiet_transformers():
         peft_model = _peft_model(base, task, lora)
+    if spec.init_adapter:
+        _load_initial_adapter(peft_model, Path(spec.init_adapter))
     datasets = {name: EncodedDataset.build(tokenizer, examples, label_map, spec.max_length)
                 for name, examples in splits.items()}
     trainer = _trainer(peft_model, tokenizer, datasets, task, chat, label_map,
@@ -348,14 +397,18 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     result = TrainResult(out, task, metrics, trainable, 0, train_seconds, trainer.state.global_step, main)
     if main:
         result.adapter_bytes = _write_outputs(out, peft_model, label_map, data, metrics, checkpoints, lora,
-                                              force=force or resume)
+                                              force=force or resume, quantized=quantized)
         shutil.rmtree(checkpoints, ignore_errors=True)
     return result
 
 
 def _write_outputs(out: Path, peft_model, label_map: LabelMap | None, data: DataFiles, metrics: dict,
-                   checkpoints: Path, lora: LoraSpec, force: bool) -> int:
-    """Write the adapter directory atomically; return the size of the adapter weights in bytes."""
+                   checkpoints: Path, lora: LoraSpec, force: bool, quantized=None) -> int:
+    """Write the adapter directory atomically; return the size of the adapter weights in bytes.
+
+    An adapter trained against a quantized base records it in its weights file's metadata
+    (:func:`lora_edge.core.fake_quant.write_base_quantization`), so export and check know.
+    """
     conversion = {}
     if lora.init.value == "pissa":
         # PiSSA changes the base weights; convert to a plain LoRA adapter of the original base model.
@@ -365,6 +418,10 @@ def _write_outputs(out: Path, peft_model, label_map: LabelMap | None, data: Data
         peft_model.save_pretrained(str(staging), safe_serialization=True, **conversion)
         if conversion:
             _restore_saved_modules(peft_model, staging / ADAPTER_WEIGHTS)
+        if quantized is not None:
+            from lora_edge.core.fake_quant import write_base_quantization
+
+            write_base_quantization(staging, quantized)
         if label_map is not None:
             label_map.save(staging)
         write_json(staging / DATA_RECORD, data.to_json())
