@@ -366,6 +366,27 @@ def test_fused_decoder_graphs_generate_like_pytorch(bundles, references, tmp_pat
         assert got.new_ids == torch_generate(reference, prompts, NEW_TOKENS, eos, pad), form.value
 
 
+def test_a_decoder_rewrite_not_kept_gives_back_the_source_graph(bundles, monkeypatch):
+    """fuse_decoder rewrites in place (no copy of the weights): when it drops the result, the file comes back whole."""
+    import onnx
+
+    from lora_edge import quantize_decoder
+
+    bundle, graph = bundles("llama", Form.MERGED)
+    source = bundle / find_graph(bundle, graph).file
+    config = json.loads((bundle / ONNX_DIR / "config.json").read_text())
+
+    def half_done(model, config, report):
+        quantize_decoder.fuse_rms_norms(model, report)  # the graph is changed, then the rewrites fail
+        raise RuntimeError("a rewrite failed half-way")
+
+    monkeypatch.setattr(quantize_decoder, "_rewrite", half_done)
+    model = onnx.load(source)
+    back, report = quantize_decoder.fuse_decoder(model, str(source), config)
+    assert "a rewrite failed half-way" in report.dropped
+    assert back.SerializeToString() == onnx.load(source).SerializeToString()
+
+
 def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp_path):
     """A tied embedding/LM head is one int4 tensor: the lookup returns exactly the head's dequantized rows."""
     import shutil
