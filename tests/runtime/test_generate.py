@@ -370,7 +370,7 @@ def test_a_decoder_rewrite_not_kept_gives_back_the_source_graph(bundles, monkeyp
     """fuse_decoder rewrites in place (no copy of the weights): when it drops the result, the file comes back whole."""
     import onnx
 
-    from lora_edge import quantize_decoder
+    from lora_edge.quantize import decoder as quantize_decoder
 
     bundle, graph = bundles("llama", Form.MERGED)
     source = bundle / find_graph(bundle, graph).file
