@@ -350,8 +350,9 @@ def quantized_reference_note(quantized, graphs: list[GraphRecord]) -> str:
                      f"{' symmetric' if settings.get('symmetric') else ''}, not as the adapter was trained: "
                      f"quantize with --block-size {quantized.block_size} and zero points")
     if any(g.form is Form.MERGED and g.precision.value == quantized.precision for g in graphs):
-        note += (f"; merged.{quantized.precision} re-quantizes W + s·B·A, so the adapter's compensation of the "
-                 f"rounding is not kept there: deploy branched or hot-swap {quantized.precision}")
+        note += (f"; merged.{quantized.precision} re-quantizes W + s·B·A instead of holding the base the adapter was "
+                 f"trained against, so it is only close to that reference: branched or hot-swap "
+                 f"{quantized.precision} hold it exactly")
     return note
 
 
