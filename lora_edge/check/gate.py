@@ -345,9 +345,17 @@ def quantized_reference_note(quantized, graphs: list[GraphRecord]) -> str:
         return ""
     note = (f"the adapter was trained against the base quantized to {quantized.describe()}: its {quantized.precision} graphs "
             f"are measured against that base + the adapter")
+    for graph in graphs:
+        settings = graph.extra.get("quantization") or {} if graph.precision.value == quantized.precision else {}
+        if settings and (settings.get("block_size"), bool(settings.get("symmetric"))) != \
+                (quantized.block_size, quantized.symmetric):
+            note += (f"; {graph.name} was quantized in blocks of {settings.get('block_size')}"
+                     f"{' symmetric' if settings.get('symmetric') else ''}, not as the adapter was trained: "
+                     f"quantize with --block-size {quantized.block_size} and zero points")
     if any(g.form is Form.MERGED and g.precision.value == quantized.precision for g in graphs):
-        note += (f"; merged.{quantized.precision} re-quantizes W + s·B·A, so the adapter's compensation of the "
-                 f"rounding is not kept there: deploy branched or hot-swap {quantized.precision}")
+        note += (f"; merged.{quantized.precision} re-quantizes W + s·B·A instead of holding the base the adapter was "
+                 f"trained against, so it is only close to that reference: branched or hot-swap "
+                 f"{quantized.precision} hold it exactly")
     return note
 
 

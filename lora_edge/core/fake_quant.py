@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_edge.core.adapters import ADAPTER_WEIGHTS
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -41,7 +43,6 @@ INT4 = "int4"
 QUANTIZED_BASES = (INT4,)
 # The key of adapter_model.safetensors' metadata that records the base an adapter was trained against.
 METADATA_KEY = "lora_edge.quantized_base"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # (adapters.ADAPTER_WEIGHTS; repeated to stay import-free)
 
 
 @dataclass(frozen=True)

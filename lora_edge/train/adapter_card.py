@@ -137,8 +137,8 @@ def _quantized_base_lines(metrics: dict) -> list[str]:
     precision, block = record.get("precision", "int4"), record.get("block_size", 32)
     return [f"- trained against the base quantized to {precision} (blocks of {block}, zero points; "
             f"`--quantized-base {precision}`, recorded in adapter_model.safetensors' metadata): deploy it on an "
-            f"{precision} base with the adapter kept float (`branched` or `hotswap` {precision} graphs). A `merged` "
-            f"{precision} graph re-quantizes W + s·B·A and loses what the adapter learned about the rounding"]
+            f"{precision} base with the adapter kept float (`branched` or `hotswap` {precision} graphs), which hold "
+            f"exactly that base; a `merged` {precision} graph re-quantizes W + s·B·A and is only close to it"]
 
 
 def build_card(base: str, adapter_config: dict, metrics: dict) -> str:

@@ -194,8 +194,9 @@ def test_gate_measures_int4_graphs_against_the_int4_base(qat_adapter, qat_bundle
     and fp32 graphs are still held to the float reference.
     """
     from lora_edge.core.adapters import AdapterRef, load_reference
-    from lora_edge.check.gate import check_bundle
+    from lora_edge.check.gate import check_bundle, quantized_reference_note
     from lora_edge.check.tasks import BACKENDS, EvalSet
+    from lora_edge.core.manifest import Manifest
     from lora_edge.core.models import load_tokenizer
     from lora_edge.core.recipe import CheckSpec
     from lora_edge.runtime.session import create_session
@@ -206,6 +207,9 @@ def test_gate_measures_int4_graphs_against_the_int4_base(qat_adapter, qat_bundle
     fp32 = {m.metric: m for m in by_precision["fp32"].metrics}
     assert fp32["max_abs_diff"].status == "passed"  # the float reference: fp32 graphs unaffected
     gated = {m.metric: m.value for m in by_precision["int4"].metrics}
+    graphs = Manifest.read(qat_bundle).graphs
+    assert "blocks of 32, not as the adapter" in quantized_reference_note(BaseQuantization(block_size=64), graphs)
+    assert "not as the adapter" not in quantized_reference_note(BaseQuantization(), graphs)
 
     backend, tokenizer = BACKENDS["causal-lm"], load_tokenizer(tied_llama)
     texts = ["the very minute it was", "my paper is so light off", "this was really it a"]
