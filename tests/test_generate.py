@@ -355,11 +355,13 @@ def test_fused_decoder_graphs_generate_like_pytorch(bundles, references, tmp_pat
         fused, report = fuse_decoder(onnx.load(source), str(source), config)
         assert report.dropped is None and report.max_abs_diff < 1e-4
         assert report.rms_norm + report.skip_rms_norm == 2 * layers + 1 and report.rotary == 2 * layers
-        assert report.grouped_attention == layers
+        assert report.group_query_attention == layers and report.grouped_attention == 0
+        assert report.packed_qkv == (layers if form is Form.MERGED else 0)  # hot-swap q carries a LoRA branch
         assert report.nodes_after < report.nodes_before
         path = tmp_path / f"{form.value}.fused.onnx"
         onnx.save(fused, path)
         runner = DecoderRunner(create_session(path), max_positions=128)
+        assert runner.shared_cache and runner.chunk_rows == 1  # generate appends to one buffer in place
         prompts = encode_prompts(_tokenizer(bundle), PROMPTS)
         adapter = BoundAdapter.load(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter") if form is Form.HOTSWAP else None
         got = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, adapter=adapter)
@@ -407,3 +409,61 @@ def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp
     dequantized = ((nibbles - 8) * scales.reshape(len(packed), -1, 1)).reshape(len(packed), -1)
     np.testing.assert_array_equal(got, dequantized[feeds["input_ids"]])
     assert np.abs(got - weight[feeds["input_ids"]]).max() < np.abs(weight).max() / 4  # 4-bit rounding only
+
+
+def _fused_runner(bundle, graph, tmp_path) -> DecoderRunner:
+    """A runner of ``graph`` after the CPU rewrites (GroupQueryAttention), saved under ``tmp_path``."""
+    import onnx
+
+    from lora_edge.quantize_decoder import fuse_decoder
+
+    source = bundle / find_graph(bundle, graph).file
+    config = json.loads((bundle / ONNX_DIR / "config.json").read_text())
+    fused, report = fuse_decoder(onnx.load(source), str(source), config)
+    assert report.group_query_attention and report.dropped is None
+    path = tmp_path / f"{graph}.gqa.onnx"
+    onnx.save(fused, path)
+    return DecoderRunner(create_session(path), max_positions=128)
+
+
+@pytest.mark.parametrize("form", [Form.MERGED, Form.HOTSWAP])
+def test_group_query_attention_graph_matches_pytorch_step_by_step(form, bundles, references, tmp_path):
+    """Fused graph vs PyTorch (base + adapter) logits: left-padded prefill of 3 rows + 5 decode steps, in a cache
+    buffer that must grow on the way; a one-row chunk of 3 tokens after a past; a 2-row chunk is refused."""
+    import torch
+
+    from lora_edge.errors import DataError
+    from lora_edge.generate import left_pad, positions_from_mask
+
+    reference = references("llama", "a")
+    bundle, graph = bundles("llama", form)
+    runner = _fused_runner(bundle, graph, tmp_path)
+    adapter = BoundAdapter.load(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter") if form is Form.HOTSWAP else None
+    ids, mask = left_pad(encode_prompts(_tokenizer(bundle), PROMPTS), 0)
+    width, steps = ids.shape[1], 5
+    new = np.random.default_rng(0).integers(3, 90, size=(len(ids), steps))
+    full_ids, full_mask = np.concatenate([ids, new], 1), np.concatenate([mask, np.ones_like(new)], 1)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(full_ids), attention_mask=torch.from_numpy(full_mask),
+                             position_ids=torch.from_numpy(positions_from_mask(full_mask))).logits.numpy()
+    scale = np.abs(expected).max()
+    logits, past = runner.bound_step(ids, mask, positions_from_mask(mask), None, adapter, capacity=width + 2)
+    np.testing.assert_allclose(logits, expected[:, width - 1], atol=1e-4 * scale)
+    for t in range(steps):
+        step_mask = full_mask[:, :width + t + 1]
+        logits, past = runner.bound_step(new[:, t:t + 1], step_mask, positions_from_mask(step_mask)[:, -1:], past,
+                                         adapter)
+        np.testing.assert_allclose(logits, expected[:, width + t], atol=1e-4 * scale)
+    assert past[0].shape()[2] >= width + steps  # the buffer grew past its first capacity
+
+    # numpy feeds with an exact past (the contract's I/O): a one-row chunk of 3 tokens after a prefill
+    lora = load_lora_adapter(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter") if form is Form.HOTSWAP else None
+    row, cut = full_ids[2:], width + 2
+    _, exact = runner.step(row[:, :width], full_mask[2:, :width], positions_from_mask(full_mask[2:, :width]),
+                           runner.empty_past(1), lora)
+    chunk, _ = runner.step(row[:, width:cut + 1], full_mask[2:, :cut + 1],
+                           positions_from_mask(full_mask[2:, :cut + 1])[:, width:], exact, lora)
+    np.testing.assert_allclose(chunk[0], expected[2, width:cut + 1], atol=1e-4 * scale)
+    with pytest.raises(DataError, match="one at a time"):
+        runner.step(full_ids[:2, width:cut], full_mask[:2, :cut], positions_from_mask(full_mask[:2, :cut])[:, width:],
+                    [np.zeros((2, runner.num_kv_heads, width, runner.head_dim), np.float32)] * len(runner.past_names))
