@@ -31,6 +31,7 @@ from lora_edge.decoder_io import CHUNKED_BATCH_KEY, SHARED_BUFFER, SHARED_CACHE_
 from lora_edge.errors import first_line
 from lora_edge.feeds import sample_decoder_feeds
 from lora_edge.quantize_fusion import share_lora_inputs
+from lora_edge.quantize_lora import is_lora_name
 from lora_edge.runtime import graph_outputs, relative_difference
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class DecoderFusionReport:
     rotary: int = 0
     grouped_attention: int = 0
     group_query_attention: int = 0  # attention blocks run as one com.microsoft GroupQueryAttention
+    attention: int = 0  # attention blocks fused either way (what `lora-edge quantize` prints)
     packed_qkv: int = 0  # of those, q, k and v projections packed into one MatMul
     lora_shared: int = 0  # branched LoRA pairs whose A factors were merged with a sibling's (same input)
     nodes_before: int = 0
@@ -460,38 +462,66 @@ def _match_attention_block(graph: _Graph, plan: _RepeatedKV) -> _AttentionBlock 
     return _AttentionBlock(plan, q, k, v, key[2], key[3], q_rotary, key[0], value[0], merged)
 
 
+def _base_projection(graph: _Graph, name: str, inputs: set[str]) -> tuple | None:
+    """(base MatMul, added tensor or None) when ``name`` is ``x·W`` or ``x·W + delta`` with W a base initializer.
+
+    ``delta`` is whatever the graph adds to the base product: a LoRA branch
+    (hot-swap, branched) or a bias. W must be a stored 2-D weight that is neither
+    a graph input nor a LoRA factor.
+    """
+    node = graph.producer.get(name)
+    candidates = [(node, None)] if node is not None and node.op_type == "MatMul" else []
+    if node is not None and node.op_type == "Add":
+        candidates = [(graph.parent(node, i, "MatMul"), node.input[1 - i]) for i in (0, 1)]
+    for base, delta in candidates:
+        if base is None or len(graph.consumers.get(base.output[0], [])) != 1:
+            continue
+        weight = base.input[1]
+        value = graph.constants.get(weight)
+        if value is not None and value.ndim == 2 and weight not in inputs and not is_lora_name(weight):
+            return base, delta
+    return None
+
+
 def _packed_projection(graph: _Graph, block: _AttentionBlock, p: str) -> tuple[list, list, str] | None:
     """(nodes, initializers, v) computing ``{p}_qk`` and v with one ``x·[Wq | Wk | Wv]`` MatMul, else None.
 
-    Only when q, k and v are plain MatMuls of one input with base weights stored
-    as initializers (a merged graph's); a LoRA branch or a bias after any of them
-    keeps them apart (the caller concatenates q and k instead). The packed
-    product is split into ``[q | k]`` (rotated next) and v: one MatMulNBits
-    instead of three after quantization, which at decode costs far more than the
-    Split.
+    When the base products of q, k and v are MatMuls of one input with stored
+    base weights: one MatMulNBits instead of three after quantization (at
+    decode each costs far more than a Split). What a graph adds to a base
+    product (a LoRA branch of a hot-swap or branched graph, a bias) is added back
+    to its slice, so LoRA branches stay float and hot-swappable. A merged graph
+    splits the product into ``[q | k]`` (rotated next) and v.
     """
     import numpy as np
     from onnx import helper, numpy_helper
 
     opset = next((entry.version for entry in graph.model.opset_import if entry.domain in ("", "ai.onnx")), 0)
-    nodes = [graph.producer.get(name) for name in (block.q, block.k, block.v)]
     inputs = {value.name for value in graph.model.graph.input}
-    if opset < 13:  # Split takes its sizes as an input from opset 13
-        return None
-    if any(node is None or node.op_type != "MatMul" or node.input[0] != nodes[0].input[0] for node in nodes):
-        return None
-    weights = [node.input[1] for node in nodes]
-    values = [graph.constants.get(w) for w in weights]
-    if any(w in inputs for w in weights) or any(v is None or v.ndim != 2 or v.shape[0] != values[0].shape[0]
-                                                for v in values):
+    parts = [_base_projection(graph, name, inputs) for name in (block.q, block.k, block.v)]
+    if opset < 13 or None in parts or len({base.input[0] for base, _ in parts}) != 1:
+        return None  # (Split takes its sizes as an input from opset 13)
+    values = [graph.constants[base.input[1]] for base, _ in parts]
+    if len({value.shape[0] for value in values}) != 1:
         return None
     packed = numpy_helper.from_array(np.concatenate(values, axis=1), f"{p}_qkv_weight")
-    sizes = numpy_helper.from_array(np.array([values[0].shape[1] + values[1].shape[1], values[2].shape[1]],
-                                             np.int64), f"{p}_qkv_sizes")
-    return ([helper.make_node("MatMul", [nodes[0].input[0], packed.name], [f"{p}_qkv_proj"], name=f"{p}_qkv_proj"),
-             helper.make_node("Split", [f"{p}_qkv_proj", sizes.name], [f"{p}_qk", f"{p}_v"], name=f"{p}_qkv_split",
-                              axis=-1)],
-            [packed, sizes], f"{p}_v")
+    widths = [value.shape[1] for value in values]
+    deltas = [delta for _, delta in parts]
+    plain = all(delta is None for delta in deltas)
+    sizes = numpy_helper.from_array(np.array([widths[0] + widths[1], widths[2]] if plain else widths, np.int64),
+                                    f"{p}_qkv_sizes")
+    outputs = [f"{p}_qk", f"{p}_v"] if plain else [f"{p}_q_base", f"{p}_k_base", f"{p}_v_base"]
+    nodes = [helper.make_node("MatMul", [parts[0][0].input[0], packed.name], [f"{p}_qkv_proj"], name=f"{p}_qkv_proj"),
+             helper.make_node("Split", [f"{p}_qkv_proj", sizes.name], outputs, name=f"{p}_qkv_split", axis=-1)]
+    if plain:
+        return nodes, [packed, sizes], f"{p}_v"
+    names = []
+    for base_out, delta, kind in zip(outputs, deltas, "qkv"):
+        names.append(base_out if delta is None else f"{p}_{kind}_sum")
+        if delta is not None:
+            nodes.append(helper.make_node("Add", [base_out, delta], [names[-1]], name=names[-1]))
+    nodes.append(helper.make_node("Concat", names[:2], [f"{p}_qk"], name=f"{p}_qk", axis=-1))
+    return nodes, [packed, sizes], names[2]
 
 
 def _gqa_nodes(graph: _Graph, p: str, block: _AttentionBlock, heads: int, kv_heads: int, shared: dict
@@ -686,6 +716,7 @@ def _rewrite(model: "onnx.ModelProto", config: dict | None, report: DecoderFusio
         if group_query:
             model = fuse_group_query_attention(model, int(heads), kv_heads, report)
         model = fuse_grouped_attention(model, int(heads), kv_heads, report)
+    report.attention = report.group_query_attention + report.grouped_attention
     report.lora_shared = share_lora_inputs(model)
     if report.group_query_attention:
         _set_metadata(model, CHUNKED_BATCH_KEY, "1")
