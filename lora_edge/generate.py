@@ -145,6 +145,9 @@ class DecoderRunner:
         metadata = session.get_modelmeta().custom_metadata_map
         self.shared_cache = metadata.get(SHARED_CACHE_KEY) == SHARED_BUFFER
         self.chunk_rows = int(metadata.get(CHUNKED_BATCH_KEY) or 0) or None
+        logits = next(item for item in session.get_outputs() if item.name == LOGITS)
+        self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+        self.logits_dtype = _ORT_FLOAT_TYPES.get(logits.type, "float32")
         self._bindings: dict = {}  # (id(buffers), id(adapter)) -> (IO binding, buffers, adapter): shared caches
 
     def check_step(self, input_ids: "np.ndarray", past_length: int) -> None:
@@ -196,10 +199,15 @@ class DecoderRunner:
 
         total = attention_mask.shape[1]
         self.check_step(input_ids, total - input_ids.shape[1])
+        step_logits = None  # a preallocated [batch, 1, vocab] array the logits of a one-token step land in
         if self.shared_cache:
             past = self._cache_buffers(past, len(input_ids), total, capacity)
-            binding = self._shared_binding(past, adapter)
-            binding.bind_output(LOGITS, "cpu")  # unallocated again (a bound output keeps the last run's shape)
+            binding, step_logits = self._shared_binding(past, adapter)
+            if input_ids.shape[1] == 1 and step_logits is not None:
+                binding.bind_ortvalue_output(LOGITS, step_logits[1])
+            else:  # unallocated: ORT sizes it (a bound output would keep the last run's shape)
+                binding.bind_output(LOGITS, "cpu")
+                step_logits = None
         else:
             binding = self._fresh_binding(past, len(input_ids), adapter)
         for name, value in ((INPUT_IDS, input_ids), (ATTENTION_MASK, attention_mask), (POSITION_IDS, position_ids)):
@@ -208,6 +216,8 @@ class DecoderRunner:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
             raise self._adapter_error(exc, adapter) from exc
+        if step_logits is not None:  # no get_outputs(): it wraps every bound output (the whole cache) per call
+            return step_logits[0][:, -1, :].copy(), past
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()[:, -1, :]
         return logits, (past if self.shared_cache else list(outputs[1:]))
@@ -228,15 +238,21 @@ class DecoderRunner:
             binding.bind_output(name, "cpu")
         return binding
 
-    def _shared_binding(self, buffers: list, adapter: BoundAdapter | None):
-        """The IO binding of shared cache ``buffers`` (each past and its present) and the adapter, made once.
+    def _shared_binding(self, buffers: list, adapter: BoundAdapter | None) -> tuple:
+        """(IO binding, step logits) of shared cache ``buffers`` (each past its present) and the adapter, made once.
+
+        Step logits: a [batch, 1, vocab] numpy array and its OrtValue that one-token steps write
+        their logits to (None when the graph's vocabulary axis is not fixed).
 
         Binding every cache tensor costs ~2 x layers Python calls; a decode loop
         keeps the same buffers, so only the token inputs are bound again per step.
         """
+        import numpy as np
+        import onnxruntime
+
         key = (id(buffers), id(adapter))
         if key in self._bindings:
-            return self._bindings[key][0]
+            return self._bindings[key][:2]
         binding = self.session.io_binding()
         binding.bind_output(LOGITS, "cpu")  # first: get_outputs() lists outputs in the order they were bound
         for past_name, present_name, value in zip(self.past_names, self.present_names, buffers):
@@ -244,10 +260,14 @@ class DecoderRunner:
             binding.bind_ortvalue_output(present_name, value)
         for name, value in (adapter.parameters.items() if adapter is not None else ()):
             binding.bind_ortvalue_input(name, value)
+        step_logits = None
+        if isinstance(self.vocab_size, int):
+            array = np.empty((int(buffers[0].shape()[0]), 1, self.vocab_size), dtype=self.logits_dtype)
+            step_logits = (array, onnxruntime.OrtValue.ortvalue_from_numpy(array))
         # holding the buffers and the adapter keeps their ids unique; two bindings serve a caller that alternates
         # a prefill and a decode step over its own buffers (the profiler)
-        self._bindings = {**dict(list(self._bindings.items())[-1:]), key: (binding, buffers, adapter)}
-        return binding
+        self._bindings = {**dict(list(self._bindings.items())[-1:]), key: (binding, step_logits, buffers, adapter)}
+        return binding, step_logits
 
     def _cache_buffers(self, past: list | None, batch: int, total: int, capacity: int | None
                        ) -> list["onnxruntime.OrtValue"]:
