@@ -467,3 +467,16 @@ def test_group_query_attention_graph_matches_pytorch_step_by_step(form, bundles,
     with pytest.raises(DataError, match="one at a time"):
         runner.step(full_ids[:2, width:cut], full_mask[:2, :cut], positions_from_mask(full_mask[:2, :cut])[:, width:],
                     [np.zeros((2, runner.num_kv_heads, width, runner.head_dim), np.float32)] * len(runner.past_names))
+
+
+def test_profiler_times_a_shared_cache_graph_as_generate_runs_it(bundles, tmp_path):
+    """decoder_phases on a GroupQueryAttention graph: lengths from the mask, the same logits as the exported graph."""
+    from lora_edge.profile import decoder_phases
+
+    bundle, graph = bundles("llama", Form.MERGED)
+    fused = decoder_phases(_fused_runner(bundle, graph, tmp_path).session, batch=2, seq=8, vocab_size=100)
+    plain = decoder_phases(create_session(bundle / find_graph(bundle, graph).file), batch=2, seq=8, vocab_size=100)
+    assert (fused.past_length, fused.present_length) == (plain.past_length, plain.present_length) == (8, 9)
+    for phase in ("prefill", "decode", "decode"):  # the decode step runs again on the same buffers
+        want, got = getattr(plain, phase)()[0], getattr(fused, phase)()[0]
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
