@@ -278,6 +278,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("~/.cache/lora-edge/llm-bench").expanduser())
     parser.add_argument("--genai-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--skip-genai", action="store_true")
+    parser.add_argument("--engines", help="comma-separated engine names to run (default: all), e.g. "
+                                          "'lora-edge merged int4,genai int4' for a quick ratio")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -297,6 +299,12 @@ def main() -> None:
                       for p in ("int4", "fp32")}
     prompt = prompt_ids(args.model, args.prompt_tokens, args.work / "prompt.json")
     specs = engine_specs(args, bundle, genai_dirs, genai_py)
+    if args.engines:
+        wanted = [name.strip() for name in args.engines.split(",")]
+        unknown = sorted(set(wanted) - set(specs))
+        if unknown:
+            raise SystemExit(f"unknown engine(s) {unknown}; choose from {sorted(specs)}")
+        specs = {name: spec for name, spec in specs.items() if name in wanted}
     workers = {}
     try:
         for name, (python, argv) in specs.items():
@@ -306,7 +314,7 @@ def main() -> None:
     finally:
         for worker in workers.values():
             worker.close()
-    summary = summarize(results, len(prompt), "torch eager peft")
+    summary = summarize(results, len(prompt), "torch eager peft" if "torch eager peft" in results else next(iter(results)))
     profile = decode_step_profile(graph_file(bundle, "merged.int4"), prompt, args.profile_steps, args.threads)
     sizes = {name: round(os.path.getsize(graph_file(bundle, name)) / 1e6, 1)
              for name in ("merged.int4", "hotswap.int4", "merged.fp32")}

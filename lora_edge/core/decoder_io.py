@@ -28,6 +28,20 @@ measures both phases per form.
 Padding: batches are LEFT padded. ``position_ids`` are ``cumsum(attention_mask) - 1``
 (0 on padding), exactly as ``transformers.GenerationMixin`` computes them, so a
 padded prompt sees the same positions as the prompt alone.
+
+Graphs whose attention was fused into ONNX Runtime's ``GroupQueryAttention``
+(``lora-edge quantize``, CPU precisions) say so in their metadata
+(``ModelProto.metadata_props``, read by :class:`lora_edge.runtime.generate.DecoderRunner`):
+
+* ``CHUNKED_BATCH_KEY = "1"``: several new tokens after a non-empty past (a
+  chunked prefill) are taken for a batch of one row only (the kernel refuses
+  more); prefill of a left-padded batch and one-token decode steps take any batch.
+* ``SHARED_CACHE_KEY = SHARED_BUFFER``: the graph reads the past only inside the
+  attention kernel and takes the past length from ``attention_mask`` / ``input_ids``,
+  so ``past_key_values.<i>.*`` may be a preallocated buffer longer than the past
+  (``[batch, kv_heads, capacity, head_dim]``, valid up to ``past_sequence``), bound
+  as its own ``present`` output: the kernel appends in place, no copy per step.
+  Fed a past of exactly ``past_sequence`` positions the graph keeps the I/O above.
 """
 
 from __future__ import annotations
@@ -38,6 +52,10 @@ INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask",
 PAST_NAME = "past_key_values.{layer}.{kind}"
 PRESENT_NAME = "present.{layer}.{kind}"
 KV_KINDS = ("key", "value")
+# Graph metadata of decoders with GroupQueryAttention (see the module docstring).
+CHUNKED_BATCH_KEY = "lora_edge.chunked_prefill_batch"
+SHARED_CACHE_KEY = "lora_edge.kv_cache"
+SHARED_BUFFER = "shared-buffer"
 # Symbolic dimension names written into the graph (readable in Netron / get_inputs()).
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
 

@@ -188,6 +188,8 @@ def decoder_phases(session: "onnxruntime.InferenceSession", batch: int, seq: int
     def decode():
         return runner.bound_step(step_ids, step_mask, step_positions, past, adapter)
 
+    if runner.shared_cache:  # one preallocated buffer is past and present: the lengths are the mask's
+        return DecoderPhases(prefill, decode, batch, seq, past_length=seq, present_length=step_mask.shape[1])
     return DecoderPhases(prefill, decode, batch, seq, past_length=int(past[0].shape()[2]),
                          present_length=int(present[0].shape()[2]))
 

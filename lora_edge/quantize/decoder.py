@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_edge.core.decoder_io import CHUNKED_BATCH_KEY, SHARED_BUFFER, SHARED_CACHE_KEY
 from lora_edge.core.errors import first_line
-from lora_edge.runtime.feeds import sample_decoder_feeds
-from lora_edge.export.cpu_fusion import share_lora_inputs
 from lora_edge.core.onnx_io import save_streamed, weightless_twin
-from lora_edge.runtime.session import outputs_on, release_freed_memory
-from lora_edge.runtime.session import relative_difference
+from lora_edge.export.cpu_fusion import share_lora_inputs
+from lora_edge.quantize.lora import is_lora_name
+from lora_edge.runtime.feeds import sample_decoder_feeds
+from lora_edge.runtime.session import outputs_on, relative_difference, release_freed_memory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,6 +52,9 @@ class DecoderFusionReport:
     skip_rms_norm: int = 0
     rotary: int = 0
     grouped_attention: int = 0
+    group_query_attention: int = 0  # attention blocks run as one com.microsoft GroupQueryAttention
+    attention: int = 0  # attention blocks fused either way (what `lora-edge quantize` prints)
+    packed_qkv: int = 0  # of those, q, k and v projections packed into one MatMul
     lora_shared: int = 0  # branched LoRA pairs whose A factors were merged with a sibling's (same input)
     nodes_before: int = 0
     nodes_after: int = 0
@@ -410,6 +414,295 @@ def fuse_grouped_attention(model: "onnx.ModelProto", heads: int, kv_heads: int,
     return pruned
 
 
+# --- GroupQueryAttention: one node per layer's attention, the cache appended inside it ----------------------
+
+@dataclass
+class _AttentionBlock:
+    """One layer's attention in the exported graph, as :func:`fuse_group_query_attention` rewrites it."""
+
+    plan: _RepeatedKV
+    q: str  # [batch, sequence, heads * head_dim], before rotary (the q projection's output)
+    k: str  # [batch, sequence, kv_heads * head_dim]
+    v: str
+    keep: str  # bool [batch, 1, sequence, 1]: the new token is real (not padding)
+    zero: str  # the constant 0 padded keys/values are replaced by
+    rotary: "onnx.NodeProto"  # the query's RotaryEmbedding (position ids, cos/sin caches)
+    past_key: str
+    past_value: str
+    merged: str  # the attention result with heads merged, [batch, sequence, heads * head_dim]
+
+
+def _split_heads_source(graph: _Graph, name: str) -> str | None:
+    """``x`` when ``name`` is ``Transpose(Reshape(x, [b, s, heads, d]), perm=[0, 2, 1, 3])``, else None."""
+    from onnx import helper
+
+    transpose = graph.producer.get(name)
+    if transpose is None or transpose.op_type != "Transpose":
+        return None
+    perm = next((list(helper.get_attribute_value(a)) for a in transpose.attribute if a.name == "perm"), None)
+    reshape = graph.parent(transpose, 0, "Reshape")
+    return reshape.input[0] if perm == [0, 2, 1, 3] and reshape is not None else None
+
+
+def _cache_append(graph: _Graph, present: str) -> tuple[str, str, str, str, "onnx.NodeProto | None"] | None:
+    """(past, new tensor before zeroing, keep condition, zero, its RotaryEmbedding or None) behind a present output.
+
+    The exported cache append is ``Concat(past, Where(keep, new, 0), axis=2)``; keys are rotated first.
+    """
+    concat = graph.producer.get(present)
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
+        return None
+    where = graph.parent(concat, 1, "Where")
+    if where is None or not concat.input[0].startswith("past_key_values."):
+        return None
+    zero = graph.constants.get(where.input[2])
+    if zero is None or zero.size != 1 or float(zero.reshape(-1)[0]) != 0.0:
+        return None
+    rotary = graph.parent(where, 1, "RotaryEmbedding")
+    return concat.input[0], where.input[1], where.input[0], where.input[2], rotary
+
+
+def _merged_heads(graph: _Graph, name: str) -> str | None:
+    """The tensor the output projection reads: ``name`` [b, heads, s, d] followed through Transpose/Reshape."""
+    seen_transpose = False
+    node = None
+    while True:
+        readers = graph.consumers.get(name, [])
+        if len(readers) != 1 or readers[0].op_type not in ("Transpose", "Reshape"):
+            break
+        node = readers[0]
+        seen_transpose |= node.op_type == "Transpose"
+        name = node.output[0]
+    return name if seen_transpose and node is not None and node.op_type == "Reshape" else None
+
+
+def _match_attention_block(graph: _Graph, plan: _RepeatedKV) -> _AttentionBlock | None:
+    """The q/k/v projections, cache inputs, padding condition and output of ``plan``'s attention, else None."""
+    key, value = _cache_append(graph, plan.key), _cache_append(graph, plan.value)
+    q_rotary = graph.producer.get(plan.query)
+    if key is None or value is None or key[4] is None or value[4] is not None or q_rotary is None \
+            or q_rotary.op_type != "RotaryEmbedding" or key[2] != value[2]:
+        return None
+    if list(q_rotary.input[1:4]) != list(key[4].input[1:4]):
+        return None  # query and key rotated with other positions or caches
+    q, k, v = (_split_heads_source(graph, name) for name in (q_rotary.input[0], key[4].input[0], value[1]))
+    merged = _merged_heads(graph, plan.weighted.output[0])
+    if None in (q, k, v, merged):
+        return None
+    return _AttentionBlock(plan, q, k, v, key[2], key[3], q_rotary, key[0], value[0], merged)
+
+
+def _base_projection(graph: _Graph, name: str, inputs: set[str]) -> tuple | None:
+    """(base MatMul, added tensor or None) when ``name`` is ``x·W`` or ``x·W + delta`` with W a base initializer.
+
+    ``delta`` is whatever the graph adds to the base product: a LoRA branch
+    (hot-swap, branched) or a bias. W must be a stored 2-D weight that is neither
+    a graph input nor a LoRA factor.
+    """
+    node = graph.producer.get(name)
+    candidates = [(node, None)] if node is not None and node.op_type == "MatMul" else []
+    if node is not None and node.op_type == "Add":
+        candidates = [(graph.parent(node, i, "MatMul"), node.input[1 - i]) for i in (0, 1)]
+    for base, delta in candidates:
+        if base is None or len(graph.consumers.get(base.output[0], [])) != 1:
+            continue
+        weight = base.input[1]
+        value = graph.constants.get(weight)
+        if value is not None and value.ndim == 2 and weight not in inputs and not is_lora_name(weight):
+            return base, delta
+    return None
+
+
+def _packed_projection(graph: _Graph, block: _AttentionBlock, p: str) -> tuple[list, list, str] | None:
+    """(nodes, initializers, v) computing ``{p}_qk`` and v with one ``x·[Wq | Wk | Wv]`` MatMul, else None.
+
+    When the base products of q, k and v are MatMuls of one input with stored
+    base weights: one MatMulNBits instead of three after quantization (at
+    decode each costs far more than a Split). What a graph adds to a base
+    product (a LoRA branch of a hot-swap or branched graph, a bias) is added back
+    to its slice, so LoRA branches stay float and hot-swappable. A merged graph
+    splits the product into ``[q | k]`` (rotated next) and v.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    opset = next((entry.version for entry in graph.model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+    inputs = {value.name for value in graph.model.graph.input}
+    parts = [_base_projection(graph, name, inputs) for name in (block.q, block.k, block.v)]
+    if opset < 13 or None in parts or len({base.input[0] for base, _ in parts}) != 1:
+        return None  # (Split takes its sizes as an input from opset 13)
+    values = [graph.constants[base.input[1]] for base, _ in parts]
+    if len({value.shape[0] for value in values}) != 1:
+        return None
+    packed = numpy_helper.from_array(np.concatenate(values, axis=1), f"{p}_qkv_weight")
+    widths = [value.shape[1] for value in values]
+    deltas = [delta for _, delta in parts]
+    plain = all(delta is None for delta in deltas)
+    sizes = numpy_helper.from_array(np.array([widths[0] + widths[1], widths[2]] if plain else widths, np.int64),
+                                    f"{p}_qkv_sizes")
+    outputs = [f"{p}_qk", f"{p}_v"] if plain else [f"{p}_q_base", f"{p}_k_base", f"{p}_v_base"]
+    nodes = [helper.make_node("MatMul", [parts[0][0].input[0], packed.name], [f"{p}_qkv_proj"], name=f"{p}_qkv_proj"),
+             helper.make_node("Split", [f"{p}_qkv_proj", sizes.name], outputs, name=f"{p}_qkv_split", axis=-1)]
+    if plain:
+        return nodes, [packed, sizes], f"{p}_v"
+    names = []
+    for base_out, delta, kind in zip(outputs, deltas, "qkv"):
+        names.append(base_out if delta is None else f"{p}_{kind}_sum")
+        if delta is not None:
+            nodes.append(helper.make_node("Add", [base_out, delta], [names[-1]], name=names[-1]))
+    nodes.append(helper.make_node("Concat", names[:2], [f"{p}_qk"], name=f"{p}_qk", axis=-1))
+    return nodes, [packed, sizes], names[2]
+
+
+def _gqa_nodes(graph: _Graph, p: str, block: _AttentionBlock, heads: int, kv_heads: int, shared: dict
+               ) -> tuple[list, list]:
+    """The nodes (and initializers) that replace one attention block: rotary on [q|k], GroupQueryAttention."""
+    from onnx import helper
+
+    packed = _packed_projection(graph, block, p)
+    nodes, initializers, v = packed if packed is not None else (
+        [helper.make_node("Concat", [block.q, block.k], [f"{p}_qk"], name=f"{p}_qk", axis=-1)], [], block.v)
+    positions, cos, sin = block.rotary.input[1:4]
+    nodes += [
+        helper.make_node("RotaryEmbedding", [f"{p}_qk", positions, cos, sin], [f"{p}_qk_rot"], name=f"{p}_rotary",
+                         domain=MICROSOFT, interleaved=0, num_heads=heads + kv_heads),
+        helper.make_node("Concat", [f"{p}_qk_rot", v], [f"{p}_qkv"], name=f"{p}_qkv", axis=-1),
+        helper.make_node("Where", [shared["keep"][block.keep], f"{p}_qkv", block.zero], [f"{p}_qkv_kept"],
+                         name=f"{p}_qkv_keep"),
+        helper.make_node("GroupQueryAttention",
+                         [f"{p}_qkv_kept", "", "", block.past_key, block.past_value, shared["seqlens_k"],
+                          shared["total_length"], "", "", "", block.plan.mask],
+                         [block.merged, block.plan.key, block.plan.value], name=f"{p}_attention", domain=MICROSOFT,
+                         num_heads=heads, kv_num_heads=kv_heads, scale=block.plan.alpha),
+    ]
+    return nodes, initializers
+
+
+def _gqa_shared_nodes(blocks: list[_AttentionBlock]) -> tuple[list, list, dict]:
+    """Nodes computed once per graph: GQA's ``seqlens_k`` / ``total_sequence_length`` and [b, s, 1] conditions.
+
+    Every row is given the full length (``seqlens_k = total - 1``): left padding is
+    not GroupQueryAttention's right-padding convention, so padded keys are masked by
+    the graph's own additive mask (``attention_bias``) instead.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = {"gqa_index_0": np.array([0], np.int64), "gqa_index_1": np.array([1], np.int64),
+              "gqa_scalar_shape": np.array([], np.int64), "gqa_axis_1": np.array([1], np.int64)}
+    nodes = [
+        helper.make_node("Shape", ["attention_mask"], ["gqa_mask_shape"], name="gqa_mask_shape"),
+        helper.make_node("Gather", ["gqa_mask_shape", "gqa_index_0"], ["gqa_batch"], name="gqa_batch", axis=0),
+        helper.make_node("Gather", ["gqa_mask_shape", "gqa_index_1"], ["gqa_total"], name="gqa_total", axis=0),
+        helper.make_node("Sub", ["gqa_total", "gqa_index_1"], ["gqa_last"], name="gqa_last"),
+        helper.make_node("Expand", ["gqa_last", "gqa_batch"], ["gqa_seqlens_k64"], name="gqa_seqlens_k64"),
+        helper.make_node("Cast", ["gqa_seqlens_k64"], ["gqa_seqlens_k"], name="gqa_seqlens_k", to=TensorProto.INT32),
+        helper.make_node("Reshape", ["gqa_total", "gqa_scalar_shape"], ["gqa_total64"], name="gqa_total64"),
+        helper.make_node("Cast", ["gqa_total64"], ["gqa_total_length"], name="gqa_total_length",
+                         to=TensorProto.INT32),
+    ]
+    keep = {}
+    for cond in dict.fromkeys(block.keep for block in blocks):
+        keep[cond] = f"gqa_keep_{len(keep)}"
+        nodes.append(helper.make_node("Squeeze", [cond, "gqa_axis_1"], [keep[cond]], name=keep[cond]))
+    initializers = [numpy_helper.from_array(value, name) for name, value in consts.items()]
+    return nodes, initializers, {"seqlens_k": "gqa_seqlens_k", "total_length": "gqa_total_length", "keep": keep}
+
+
+def fuse_group_query_attention(model: "onnx.ModelProto", heads: int, kv_heads: int,
+                               report: DecoderFusionReport) -> "onnx.ModelProto":
+    """Each layer's attention -> com.microsoft ``GroupQueryAttention`` (after :func:`fuse_rotary`).
+
+    Per layer the exported graph splits heads, rotates q and k, zeroes padded new
+    keys/values, appends them to the cache (``Concat``), repeats and transposes the
+    cache, masks, softmaxes and merges heads: ~20 nodes. The rewrite runs
+    ``[q | k]`` (q, k and v come from one packed MatMul when all are plain MatMuls of
+    one input, as in a merged graph; LoRA branches stay as they are) through one ``RotaryEmbedding`` at
+    the graph's ``position_ids``, zeroes padded rows of ``[q | k | v]`` and hands it
+    to ``GroupQueryAttention``, which appends to the cache and attends in one
+    kernel. The graph's own additive mask (causal, padding, any window) is its
+    ``attention_bias`` and every row gets the full length as ``seqlens_k``, so
+    left-padded batches keep their meaning. ONNX Runtime's kernel refuses one
+    input the exported graph accepts: several new tokens after a past in a batch
+    of more than one row (decoder_io.py, "Padding"); :func:`fuse_decoder` marks
+    the graph so :class:`lora_edge.runtime.generate.DecoderRunner` says so.
+    """
+    if kv_heads < 1 or heads % kv_heads:
+        return model
+    graph = _Graph(model)
+    presents = {value.name for value in model.graph.output if value.name.startswith("present.")}
+    blocks = [block for softmax in model.graph.node if softmax.op_type == "Softmax"
+              if (plan := _match_repeated_kv(graph, softmax, presents)) is not None
+              if (block := _match_attention_block(graph, plan)) is not None]
+    if not blocks:
+        return model
+    shared_nodes, initializers, shared = _gqa_shared_nodes(blocks)
+    replaced: set[str] = set()
+    new_nodes = list(shared_nodes)
+    for i, block in enumerate(blocks):
+        nodes, inits = _gqa_nodes(graph, f"gqa_{i}", block, heads, kv_heads, shared)
+        new_nodes += nodes
+        initializers += inits
+        replaced.update((block.merged, block.plan.key, block.plan.value))
+    kept = [node for node in model.graph.node if not replaced.intersection(node.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept + new_nodes)
+    model.graph.initializer.extend(initializers)
+    _ensure_opset(model)
+    report.group_query_attention = len(blocks)
+    report.packed_qkv = sum(1 for node in new_nodes if node.op_type == "Split")
+    pruned = _prune(model)
+    _past_shapes_from_mask(pruned, kv_heads)
+    _topological_sort(pruned)
+    return pruned
+
+
+def _past_shapes_from_mask(model: "onnx.ModelProto", kv_heads: int) -> None:
+    """Make ``Shape(past_key_values.*)`` reads (the exported mask's past length) come from the mask and ids.
+
+    The past length is ``attention_mask`` columns minus ``input_ids`` columns, which
+    is what a past of the contract's shape has; computed that way, nothing but
+    GroupQueryAttention reads the cache tensors, so a runner may feed a longer
+    preallocated buffer that the kernel appends to in place
+    (``decoder_io.SHARED_CACHE_KEY``, set by :func:`fuse_decoder` when this left no
+    other reader).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    pasts = [value for value in model.graph.input if value.name.startswith("past_key_values.")]
+    readers = [node for node in model.graph.node if node.op_type == "Shape"
+               and any(name.startswith("past_key_values.") for name in node.input)]
+    if not readers:
+        return
+    head_dim = int(pasts[0].type.tensor_type.shape.dim[3].dim_value)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([kv_heads, ], np.int64), "gqa_kv_heads"),
+                                    numpy_helper.from_array(np.array([head_dim], np.int64), "gqa_head_dim")])
+    nodes = [helper.make_node("Shape", ["input_ids"], ["gqa_ids_shape"], name="gqa_ids_shape"),
+             helper.make_node("Gather", ["gqa_ids_shape", "gqa_index_1"], ["gqa_new"], name="gqa_new", axis=0),
+             helper.make_node("Sub", ["gqa_total", "gqa_new"], ["gqa_past"], name="gqa_past"),
+             helper.make_node("Concat", ["gqa_batch", "gqa_kv_heads", "gqa_past", "gqa_head_dim"], ["gqa_past_shape"],
+                              name="gqa_past_shape", axis=0)]
+    replacements = {}
+    for node in readers:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        bounds = f"{node.name or node.output[0]}_bounds"
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array([attrs.get("start", 0)], np.int64), f"{bounds}_start"),
+            numpy_helper.from_array(np.array([attrs.get("end", 4)], np.int64), f"{bounds}_end")])
+        replacements[id(node)] = helper.make_node("Slice", ["gqa_past_shape", f"{bounds}_start", f"{bounds}_end"],
+                                                  [node.output[0]], name=f"{bounds}_slice")
+    rewritten = [replacements.get(id(node), node) for node in model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + rewritten)
+
+
+def reads_cache_only_in_attention(model: "onnx.ModelProto") -> bool:
+    """True when every reader of a ``past_key_values.*`` input is a GroupQueryAttention node."""
+    return all(node.op_type == "GroupQueryAttention" for node in model.graph.node
+               if any(name.startswith("past_key_values.") for name in node.input))
+
+
 def _topological_sort(model: "onnx.ModelProto") -> None:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -433,8 +726,13 @@ def _prune(model: "onnx.ModelProto") -> "onnx.ModelProto":
     return wrapped.model
 
 
-def _rewrite(model: "onnx.ModelProto", config: dict | None, report: DecoderFusionReport) -> "onnx.ModelProto":
-    """The rewrites in order: norms, rotary (needs the context length), grouped attention (the head counts)."""
+def _rewrite(model: "onnx.ModelProto", config: dict | None, report: DecoderFusionReport,
+             group_query: bool) -> "onnx.ModelProto":
+    """The rewrites in order: norms, rotary (needs the context length), attention (the head counts).
+
+    ``group_query``: attention becomes GroupQueryAttention where it matches; any
+    block left (or all, when False) gets the grouped rewrite.
+    """
     from lora_edge.core.decoder_io import context_length
 
     model = fuse_rms_norms(model, report)
@@ -444,9 +742,40 @@ def _rewrite(model: "onnx.ModelProto", config: dict | None, report: DecoderFusio
     text = (config or {}).get("text_config") or config or {}
     heads = text.get("num_attention_heads")
     if heads:
-        model = fuse_grouped_attention(model, int(heads), int(text.get("num_key_value_heads") or heads), report)
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        if group_query:
+            model = fuse_group_query_attention(model, int(heads), kv_heads, report)
+        model = fuse_grouped_attention(model, int(heads), kv_heads, report)
+    report.attention = report.group_query_attention + report.grouped_attention
     report.lora_shared = share_lora_inputs(model)
+    if report.group_query_attention:
+        _set_metadata(model, CHUNKED_BATCH_KEY, "1")
+        if reads_cache_only_in_attention(model):
+            _set_metadata(model, SHARED_CACHE_KEY, SHARED_BUFFER)
     return model
+
+
+def _set_metadata(model: "onnx.ModelProto", key: str, value: str) -> None:
+    """Set one ``metadata_props`` entry of the graph (what :class:`lora_edge.runtime.generate.DecoderRunner` reads)."""
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    entry = model.metadata_props.add()
+    entry.key, entry.value = key, value
+
+
+def chunked_feed(model: "onnx.ModelProto", seed: int = 1) -> dict:
+    """Feeds of a one-row step of 3 new tokens after a random past of 5 (a chunked prefill)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pasts = [value for value in model.graph.input if value.name.startswith("past_key_values.")]
+    dims = pasts[0].type.tensor_type.shape.dim
+    heads, head_dim = dims[1].dim_value, dims[3].dim_value
+    return {"input_ids": rng.integers(3, 100, size=(1, 3)).astype(np.int64),
+            "attention_mask": np.ones((1, 8), dtype=np.int64), "position_ids": np.arange(5, 8)[None].astype(np.int64),
+            **{value.name: rng.standard_normal((1, heads, 5, head_dim)).astype(np.float32) for value in pasts}}
 
 
 def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | None,
@@ -455,20 +784,39 @@ def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | N
 
     ``config`` (the model's config.json) gives the context length, which sizes
     the rotary caches, and the query / key-value head counts of grouped
-    attention; without it only the norms are fused. Returns (graph, report); on a
-    mismatch or a failure the graph comes back as ``source`` holds it, with
-    ``report.dropped`` saying why. ``model`` is rewritten in place (one copy of
-    the weights in memory): the caller uses the returned graph only.
+    attention; without it only the norms are fused. The rewrites with
+    GroupQueryAttention are tried first, then (if they fail or drift) without.
+    Returns (graph, report); on a mismatch or a failure the graph comes back as
+    ``source`` holds it, with ``report.dropped`` saying why. ``model`` is
+    rewritten in place (one copy of the weights in memory): the caller uses the
+    returned graph only.
     """
     report = DecoderFusionReport(nodes_before=len(model.graph.node))
     if not any(value.name.startswith("past_key_values.") for value in model.graph.input):
         return model, report
-    feeds = sample_decoder_feeds(model)
+    feeds = sample_decoder_feeds(model) + [chunked_feed(model)]
     try:
         expected = outputs_on(source, feeds)  # one session for every batch: an LLM session costs seconds
-        release_freed_memory()
-        # Rewritten in place (no second copy of the weights); ``source`` is loaded again if it is not kept.
-        candidate = _rewrite(model, config, report)
+    except Exception as exc:
+        return model, DecoderFusionReport(nodes_before=report.nodes_before,
+                                          dropped=f"source graph does not run ({first_line(exc)})")
+    release_freed_memory()
+    for group_query in (True, False):
+        model, report = _verified_rewrite(model, source, config, group_query, feeds, expected, tolerance)
+        if not report.dropped:
+            break
+    return model, report
+
+
+def _verified_rewrite(model: "onnx.ModelProto", source: str | bytes, config: dict | None, group_query: bool,
+                      feeds: list[dict], expected: list, tolerance: float,
+                      ) -> tuple["onnx.ModelProto", DecoderFusionReport]:
+    """(rewritten graph, report) when it matches ``expected`` on ``feeds``; else (``source``'s graph, report with
+    ``dropped``). ``model`` is rewritten in place (no second copy of the weights); ``source`` is loaded again
+    when the result is not kept."""
+    report = DecoderFusionReport(nodes_before=len(model.graph.node))
+    try:
+        candidate = _rewrite(model, config, report, group_query)
         release_freed_memory()
         report.max_abs_diff = max(relative_difference(want, got)
                                   for want, got in zip(expected, _outputs_from_file(candidate, feeds, source)))

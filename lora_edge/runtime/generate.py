@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lora_edge.core.decoder_io import ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME, POSITION_IDS, PRESENT_NAME
+from lora_edge.core.decoder_io import (ATTENTION_MASK, CHUNKED_BATCH_KEY, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME,
+                                       POSITION_IDS, PRESENT_NAME, SHARED_BUFFER, SHARED_CACHE_KEY)
 from lora_edge.core.errors import AdapterMismatchError, ConfigError, DataError, ExportError, first_line
 from lora_edge.runtime.session import run
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 # ONNX tensor element types of a cache input -> numpy dtype names.
 _ORT_FLOAT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+# Positions a shared cache buffer holds beyond the current total when the caller gives no capacity.
+CACHE_HEADROOM = 256
 
 
 @dataclass
@@ -139,6 +142,21 @@ class DecoderRunner:
         self.num_kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
         self.cache_dtype = _ORT_FLOAT_TYPES.get(past.type, "float32")
         self.output_names = [LOGITS] + self.present_names
+        metadata = session.get_modelmeta().custom_metadata_map
+        self.shared_cache = metadata.get(SHARED_CACHE_KEY) == SHARED_BUFFER
+        self.chunk_rows = int(metadata.get(CHUNKED_BATCH_KEY) or 0) or None
+        logits = next(item for item in session.get_outputs() if item.name == LOGITS)
+        self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+        self.logits_dtype = _ORT_FLOAT_TYPES.get(logits.type, "float32")
+        self._bindings: dict = {}  # (id(buffers), id(adapter)) -> (IO binding, buffers, adapter): shared caches
+
+    def check_step(self, input_ids: "np.ndarray", past_length: int) -> None:
+        """Raise DataError for a step the graph's attention kernel refuses (decoder_io.py, CHUNKED_BATCH_KEY)."""
+        batch, new = input_ids.shape
+        if self.chunk_rows and past_length > 0 and new > 1 and batch > self.chunk_rows:
+            raise DataError(f"this graph (GroupQueryAttention) takes several new tokens after a past for "
+                            f"{self.chunk_rows} row at a time, got a batch of {batch}", "--graph",
+                            "feed the rows one at a time, or quantize the bundle with --no-fuse")
 
     def empty_past(self, batch: int) -> list["np.ndarray"]:
         """Zero-length past tensors: the cache of a prefill step."""
@@ -151,6 +169,7 @@ class DecoderRunner:
              past: list["np.ndarray"], adapter: "onnxruntime.LoraAdapter | None" = None
              ) -> tuple["np.ndarray", list["np.ndarray"]]:
         """Run one prefill or decode step; returns (logits [batch, sequence, vocab], presents)."""
+        self.check_step(input_ids, int(past[0].shape[2]))
         feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids,
                  **dict(zip(self.past_names, past))}
         try:
@@ -163,38 +182,115 @@ class DecoderRunner:
         return outputs[0], outputs[1:]
 
     def bound_step(self, input_ids: "np.ndarray", attention_mask: "np.ndarray", position_ids: "np.ndarray",
-                   past: list | None, adapter: BoundAdapter | None = None
+                   past: list | None, adapter: BoundAdapter | None = None, capacity: int | None = None
                    ) -> tuple["np.ndarray", list["onnxruntime.OrtValue"]]:
         """One step with the cache kept inside ONNX Runtime: (last-position logits [batch, vocab], presents).
 
         ``past`` is None for prefill, else the presents (``OrtValue``) of the
         previous call. The presents are bound as ONNX Runtime outputs and fed
         back as the next step's past without ever becoming numpy arrays, so
-        the loop copies no cache; only the last position's logits leave.
+        the loop copies no cache; only the last position's logits leave. A graph
+        with a shared cache (decoder_io.py, ``SHARED_CACHE_KEY``) gets one buffer
+        per cache tensor of ``capacity`` positions (default: this step's total +
+        ``CACHE_HEADROOM``; grown when a step needs more), bound as both past and
+        present, so the attention kernel appends in place and nothing is copied.
         """
         import numpy as np
 
-        binding = self.session.io_binding()
+        total = attention_mask.shape[1]
+        self.check_step(input_ids, total - input_ids.shape[1])
+        step_logits = None  # a preallocated [batch, 1, vocab] array the logits of a one-token step land in
+        if self.shared_cache:
+            past = self._cache_buffers(past, len(input_ids), total, capacity)
+            binding, step_logits = self._shared_binding(past, adapter)
+            if input_ids.shape[1] == 1 and step_logits is not None:
+                binding.bind_ortvalue_output(LOGITS, step_logits[1])
+            else:  # unallocated: ORT sizes it (a bound output would keep the last run's shape)
+                binding.bind_output(LOGITS, "cpu")
+                step_logits = None
+        else:
+            binding = self._fresh_binding(past, len(input_ids), adapter)
         for name, value in ((INPUT_IDS, input_ids), (ATTENTION_MASK, attention_mask), (POSITION_IDS, position_ids)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
+            raise self._adapter_error(exc, adapter) from exc
+        if step_logits is not None:  # no get_outputs(): it wraps every bound output (the whole cache) per call
+            return step_logits[0][:, -1, :].copy(), past
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[:, -1, :]
+        return logits, (past if self.shared_cache else list(outputs[1:]))
+
+    def _fresh_binding(self, past: list | None, batch: int, adapter: BoundAdapter | None):
+        """An IO binding of ``past`` (empty when None), the adapter and fresh outputs (logits first)."""
+        binding = self.session.io_binding()
+        binding.bind_output(LOGITS, "cpu")  # first: get_outputs() lists outputs in the order they were bound
         if past is None:
-            empty = self.empty_past(len(input_ids))
-            for name, value in zip(self.past_names, empty):
+            for name, value in zip(self.past_names, self.empty_past(batch)):
                 binding.bind_cpu_input(name, value)
         else:
             for name, value in zip(self.past_names, past):
                 binding.bind_ortvalue_input(name, value)
         for name, value in (adapter.parameters.items() if adapter is not None else ()):
             binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
+        for name in self.present_names:
             binding.bind_output(name, "cpu")
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
-            raise self._adapter_error(exc, adapter) from exc
-        outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[:, -1, :]
-        return logits, list(outputs[1:])
+        return binding
+
+    def _shared_binding(self, buffers: list, adapter: BoundAdapter | None) -> tuple:
+        """(IO binding, step logits) of shared cache ``buffers`` (each past its present) and the adapter, made once.
+
+        Step logits: a [batch, 1, vocab] numpy array and its OrtValue that one-token steps write
+        their logits to (None when the graph's vocabulary axis is not fixed).
+
+        Binding every cache tensor costs ~2 x layers Python calls; a decode loop
+        keeps the same buffers, so only the token inputs are bound again per step.
+        """
+        import numpy as np
+        import onnxruntime
+
+        key = (id(buffers), id(adapter))
+        if key in self._bindings:
+            return self._bindings[key][:2]
+        binding = self.session.io_binding()
+        binding.bind_output(LOGITS, "cpu")  # first: get_outputs() lists outputs in the order they were bound
+        for past_name, present_name, value in zip(self.past_names, self.present_names, buffers):
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        for name, value in (adapter.parameters.items() if adapter is not None else ()):
+            binding.bind_ortvalue_input(name, value)
+        step_logits = None
+        if isinstance(self.vocab_size, int):
+            array = np.empty((int(buffers[0].shape()[0]), 1, self.vocab_size), dtype=self.logits_dtype)
+            step_logits = (array, onnxruntime.OrtValue.ortvalue_from_numpy(array))
+        # holding the buffers and the adapter keeps their ids unique; two bindings serve a caller that alternates
+        # a prefill and a decode step over its own buffers (the profiler)
+        self._bindings = {**dict(list(self._bindings.items())[-1:]), key: (binding, step_logits, buffers, adapter)}
+        return binding, step_logits
+
+    def _cache_buffers(self, past: list | None, batch: int, total: int, capacity: int | None
+                       ) -> list["onnxruntime.OrtValue"]:
+        """The shared cache buffers for a step reaching ``total`` positions: ``past``, or new / grown ones.
+
+        New buffers are zeros; a grown buffer keeps the ``total`` - new positions
+        already written (one copy, only when a step outgrows the capacity).
+        """
+        import numpy as np
+        import onnxruntime
+
+        held = int(past[0].shape()[2]) if past is not None else 0
+        if past is not None and held >= total:
+            return past
+        size = max(total, capacity or 0, total + CACHE_HEADROOM if capacity is None else 0, 2 * held)
+        shape = (batch, self.num_kv_heads, size, self.head_dim)
+        buffers = []
+        for index in range(len(self.past_names)):
+            array = np.zeros(shape, dtype=self.cache_dtype)
+            if past is not None:
+                array[:, :, :held] = past[index].numpy()
+            buffers.append(onnxruntime.OrtValue.ortvalue_from_numpy(array))
+        return buffers
 
     @staticmethod
     def _adapter_error(exc: Exception, adapter) -> Exception:
@@ -317,7 +413,7 @@ def generate(runner: DecoderRunner, prompts: list[list[int]], max_new_tokens: in
     batch = len(prompts)
     new_ids: list[list[int]] = [[] for _ in prompts]
     running = np.ones(batch, dtype=bool)
-    step = _step_function(runner, adapter)
+    step = _step_function(runner, adapter, input_ids.shape[1] + max_new_tokens)
 
     start = time.perf_counter()
     logits, past = step(input_ids, attention_mask, position_ids, None)
@@ -342,10 +438,13 @@ def generate(runner: DecoderRunner, prompts: list[list[int]], max_new_tokens: in
                             steps)
 
 
-def _step_function(runner: DecoderRunner, adapter) -> Callable:
-    """``step(ids, mask, positions, past or None) -> (last logits, presents)`` for ``adapter``'s kind."""
+def _step_function(runner: DecoderRunner, adapter, capacity: int) -> Callable:
+    """``step(ids, mask, positions, past or None) -> (last logits, presents)`` for ``adapter``'s kind.
+
+    ``capacity``: the most positions the generation reaches (sizes a shared cache once).
+    """
     if adapter is None or isinstance(adapter, BoundAdapter):
-        return lambda ids, mask, positions, past: runner.bound_step(ids, mask, positions, past, adapter)
+        return lambda ids, mask, positions, past: runner.bound_step(ids, mask, positions, past, adapter, capacity)
 
     def numpy_step(ids, mask, positions, past):
         logits, presents = runner.step(ids, mask, positions, runner.empty_past(len(ids)) if past is None else past,

@@ -355,11 +355,13 @@ def test_fused_decoder_graphs_generate_like_pytorch(bundles, references, tmp_pat
         fused, report = fuse_decoder(onnx.load(source), str(source), config)
         assert report.dropped is None and report.max_abs_diff < 1e-4
         assert report.rms_norm + report.skip_rms_norm == 2 * layers + 1 and report.rotary == 2 * layers
-        assert report.grouped_attention == layers
+        assert report.group_query_attention == layers and report.grouped_attention == 0
+        assert report.packed_qkv == layers  # q, k, v one MatMul; the hot-swap LoRA branches are added to their slices
         assert report.nodes_after < report.nodes_before
         path = tmp_path / f"{form.value}.fused.onnx"
         onnx.save(fused, path)
         runner = DecoderRunner(create_session(path), max_positions=128)
+        assert runner.shared_cache and runner.chunk_rows == 1  # generate appends to one buffer in place
         prompts = encode_prompts(_tokenizer(bundle), PROMPTS)
         adapter = BoundAdapter.load(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter") if form is Form.HOTSWAP else None
         got = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, adapter=adapter)
@@ -376,7 +378,7 @@ def test_a_decoder_rewrite_not_kept_gives_back_the_source_graph(bundles, monkeyp
     source = bundle / find_graph(bundle, graph).file
     config = json.loads((bundle / ONNX_DIR / "config.json").read_text())
 
-    def half_done(model, config, report):
+    def half_done(model, config, report, group_query):
         quantize_decoder.fuse_rms_norms(model, report)  # the graph is changed, then the rewrites fail
         raise RuntimeError("a rewrite failed half-way")
 
@@ -428,3 +430,74 @@ def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp
     dequantized = ((nibbles - 8) * scales.reshape(len(packed), -1, 1)).reshape(len(packed), -1)
     np.testing.assert_array_equal(got, dequantized[feeds["input_ids"]])
     assert np.abs(got - weight[feeds["input_ids"]]).max() < np.abs(weight).max() / 4  # 4-bit rounding only
+
+
+def _fused_runner(bundle, graph, tmp_path) -> DecoderRunner:
+    """A runner of ``graph`` after the CPU rewrites (GroupQueryAttention), saved under ``tmp_path``."""
+    import onnx
+
+    from lora_edge.quantize.decoder import fuse_decoder
+
+    source = bundle / find_graph(bundle, graph).file
+    config = json.loads((bundle / ONNX_DIR / "config.json").read_text())
+    fused, report = fuse_decoder(onnx.load(source), str(source), config)
+    assert report.group_query_attention and report.dropped is None
+    path = tmp_path / f"{graph}.gqa.onnx"
+    onnx.save(fused, path)
+    return DecoderRunner(create_session(path), max_positions=128)
+
+
+@pytest.mark.parametrize("form", [Form.MERGED, Form.HOTSWAP])
+def test_group_query_attention_graph_matches_pytorch_step_by_step(form, bundles, references, tmp_path):
+    """Fused graph vs PyTorch (base + adapter) logits: left-padded prefill of 3 rows + 5 decode steps, in a cache
+    buffer that must grow on the way; a one-row chunk of 3 tokens after a past; a 2-row chunk is refused."""
+    import torch
+
+    from lora_edge.core.errors import DataError
+    from lora_edge.runtime.generate import left_pad, positions_from_mask
+
+    reference = references("llama", "a")
+    bundle, graph = bundles("llama", form)
+    runner = _fused_runner(bundle, graph, tmp_path)
+    adapter = BoundAdapter.load(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter") if form is Form.HOTSWAP else None
+    ids, mask = left_pad(encode_prompts(_tokenizer(bundle), PROMPTS), 0)
+    width, steps = ids.shape[1], 5
+    new = np.random.default_rng(0).integers(3, 90, size=(len(ids), steps))
+    full_ids, full_mask = np.concatenate([ids, new], 1), np.concatenate([mask, np.ones_like(new)], 1)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(full_ids), attention_mask=torch.from_numpy(full_mask),
+                             position_ids=torch.from_numpy(positions_from_mask(full_mask))).logits.numpy()
+    scale = np.abs(expected).max()
+    logits, past = runner.bound_step(ids, mask, positions_from_mask(mask), None, adapter, capacity=width + 2)
+    np.testing.assert_allclose(logits, expected[:, width - 1], atol=1e-4 * scale)
+    for t in range(steps):
+        step_mask = full_mask[:, :width + t + 1]
+        logits, past = runner.bound_step(new[:, t:t + 1], step_mask, positions_from_mask(step_mask)[:, -1:], past,
+                                         adapter)
+        np.testing.assert_allclose(logits, expected[:, width + t], atol=1e-4 * scale)
+    assert past[0].shape()[2] >= width + steps  # the buffer grew past its first capacity
+
+    # numpy feeds with an exact past (the contract's I/O): a one-row chunk of 3 tokens after a prefill
+    lora = load_lora_adapter(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter") if form is Form.HOTSWAP else None
+    row, cut = full_ids[2:], width + 2
+    _, exact = runner.step(row[:, :width], full_mask[2:, :width], positions_from_mask(full_mask[2:, :width]),
+                           runner.empty_past(1), lora)
+    chunk, _ = runner.step(row[:, width:cut + 1], full_mask[2:, :cut + 1],
+                           positions_from_mask(full_mask[2:, :cut + 1])[:, width:], exact, lora)
+    np.testing.assert_allclose(chunk[0], expected[2, width:cut + 1], atol=1e-4 * scale)
+    with pytest.raises(DataError, match="one at a time"):
+        runner.step(full_ids[:2, width:cut], full_mask[:2, :cut], positions_from_mask(full_mask[:2, :cut])[:, width:],
+                    [np.zeros((2, runner.num_kv_heads, width, runner.head_dim), np.float32)] * len(runner.past_names))
+
+
+def test_profiler_times_a_shared_cache_graph_as_generate_runs_it(bundles, tmp_path):
+    """decoder_phases on a GroupQueryAttention graph: lengths from the mask, the same logits as the exported graph."""
+    from lora_edge.profile.profiler import decoder_phases
+
+    bundle, graph = bundles("llama", Form.MERGED)
+    fused = decoder_phases(_fused_runner(bundle, graph, tmp_path).session, batch=2, seq=8, vocab_size=100)
+    plain = decoder_phases(create_session(bundle / find_graph(bundle, graph).file), batch=2, seq=8, vocab_size=100)
+    assert (fused.past_length, fused.present_length) == (plain.past_length, plain.present_length) == (8, 9)
+    for phase in ("prefill", "decode", "decode"):  # the decode step runs again on the same buffers
+        want, got = getattr(plain, phase)()[0], getattr(fused, phase)()[0]
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
