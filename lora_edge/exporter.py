@@ -333,23 +333,134 @@ def trace_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: st
     io.module.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in io.module.parameters())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with _tracing(exporter, graph_name), torch.no_grad():
+        if exporter == "torchscript":
+            _trace_torchscript(io, opset, Path(path))
+        else:
+            program = _trace_dynamo(io, opset)
+            program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _tracing(exporter: str, graph_name: str):
+    """Quiet the exporter; turn its failures into one ExportError naming the graph (or the module that failed)."""
     try:
-        with _quiet_export(), torch.no_grad():
-            if exporter == "torchscript":
-                _trace_torchscript(io, opset, Path(path))
-            else:
-                program = torch.onnx.export(io.module, io.example_inputs, dynamo=True,
-                                            dynamic_shapes=_dynamic_shapes(io), input_names=io.input_names,
-                                            output_names=io.output_names, opset_version=opset, optimize=True,
-                                            verbose=False)
-                program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+        with _quiet_export():
+            yield
     except Exception as exc:  # the tracers raise many types; all mean "this model does not export"
         own = _raised_by_module(exc)
         if own is not None:
             raise own from exc
         raise ExportError(f"torch.onnx.export ({exporter}) failed ({_error_line(exc)})", graph_name,
                           "re-run with --debug for the trace; try another --opset or report the architecture") from exc
-    return Path(path)
+
+
+def _trace_dynamo(io: GraphIO, opset: int | None):
+    """torch.export + ONNX translation, then :func:`optimize_trace` (the ONNXProgram; its weights are io's tensors)."""
+    import torch
+
+    program = torch.onnx.export(io.module, io.example_inputs, dynamo=True, dynamic_shapes=_dynamic_shapes(io),
+                                input_names=io.input_names, output_names=io.output_names, opset_version=opset,
+                                optimize=False, verbose=False)
+    optimize_trace(program.model)
+    return program
+
+
+# The one rewrite rule of onnxscript's default optimizer that is left out: on a 30-layer decoder it takes
+# 90% of the optimizer's time (25 of 28 s per pass, benchmarks/README.md, export_time.py) and never fires
+# on traced transformer graphs (it splits Slices of one tensor that tile it exactly into a Split).
+SKIPPED_REWRITE_RULES = ("slice_split_rule",)
+
+
+def lean_rewrite_rules() -> tuple | None:
+    """onnxscript's default rewrite rules less :data:`SKIPPED_REWRITE_RULES`; None where onnxscript no longer has them."""
+    import onnxscript.rewriter as rewriter
+    from onnxscript.rewriter.rules import common
+
+    defaults = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    skipped = [getattr(common, name, None) for name in SKIPPED_REWRITE_RULES]
+    if defaults is None or any(rule is None or rule not in defaults for rule in skipped):
+        return None
+    return tuple(rule for rule in defaults if not any(rule is skip for skip in skipped))
+
+
+def optimize_trace(model) -> bool:
+    """Run onnxscript's optimizer (what ``torch.onnx.export(optimize=True)`` runs) on an ``onnx_ir`` model, in place.
+
+    The same passes, but with :func:`lean_rewrite_rules`; returns False when those
+    are not available and the full default optimizer ran instead (same graph,
+    slower; ``tests/test_export_forms.py`` fails loudly that day).
+    """
+    import onnxscript.optimizer
+    import onnxscript.rewriter as rewriter
+
+    rules = lean_rewrite_rules()
+    if rules is None:
+        onnxscript.optimizer.optimize_ir(model)
+        return False
+    defaults = rewriter._DEFAULT_REWRITE_RULES
+    rewriter._DEFAULT_REWRITE_RULES = rules  # read by optimize_ir when it builds its passes
+    try:
+        onnxscript.optimizer.optimize_ir(model)
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = defaults
+    return True
+
+
+# Initializers of at least this many bytes stay in PyTorch's tensors when a trace is kept in memory.
+IN_MEMORY_WEIGHT_BYTES = 4096
+
+
+def trace_in_memory(io: GraphIO, opset: int | None = None,
+                    graph_name: str = "graph") -> tuple["onnx.ModelProto", dict[str, "np.ndarray"]]:
+    """Trace ``io.module`` with torch.export (optimized as ``optimize=True`` would) without copying its weights.
+
+    Returns (model, weights): ``model`` is the ONNX graph whose large initializers
+    are stubs (name, type, dims, no data) and ``weights`` maps their names to
+    zero-copy arrays over the PyTorch tensors (the module's parameters), so the
+    trace costs no second copy of the model: keep the module alive while the
+    weights are read. Raises ExportError naming the graph when tracing fails.
+    """
+    import torch
+
+    io.module.eval()
+    with _tracing("dynamo", graph_name), torch.no_grad():
+        program = _trace_dynamo(io, opset)
+    return _split_weights(program.model)
+
+
+def _split_weights(model) -> tuple["onnx.ModelProto", dict[str, "np.ndarray"]]:
+    """(ModelProto with stub large initializers, name -> array) of an ``onnx_ir`` model; no weight is copied."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+
+    weights: dict[str, np.ndarray] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < IN_MEMORY_WEIGHT_BYTES:
+            continue
+        array = tensor.numpy()
+        if array.dtype.kind not in "fiub" or array.dtype.name not in np.sctypeDict:  # e.g. bfloat16: serialized
+            continue
+        weights[value.name] = array
+    held = {name: model.graph.initializers[name].const_value for name in weights}
+    for name in weights:
+        model.graph.initializers[name].const_value = None
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)  # "initializer without a constant value": the stubs are added below
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        serde_log.setLevel(level)
+        for name, tensor in held.items():
+            model.graph.initializers[name].const_value = tensor
+    proto.graph.initializer.extend(
+        onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                         dims=list(array.shape)) for name, array in weights.items())
+    return proto, weights
 
 
 def name_output_dims(model: "onnx.ModelProto", io: GraphIO, outputs: list[list["np.ndarray"]]) -> None:
