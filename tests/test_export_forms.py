@@ -250,30 +250,41 @@ def test_the_lean_trace_optimizer_still_applies():
     assert len(rules) == len(rewriter._DEFAULT_REWRITE_RULES) - 1
 
 
-def test_the_in_memory_trace_shares_the_weights_and_optimizes_like_onnxscript(tiny_model):
-    """trace_in_memory: stub initializers whose arrays ARE the module's tensors; the graph is the one that
-    torch.onnx.export(optimize=True) writes, node for node (the lean optimizer drops no rewrite that fires)."""
-    import torch
+def test_the_in_memory_trace_shares_the_weights_and_optimizes_like_onnxscript(tiny_model, monkeypatch):
+    """trace_in_memory: stub initializers whose arrays ARE the module's tensors; the lean optimizer gives the
+    graph onnxscript's full optimizer (torch.onnx.export(optimize=True)) gives, node for node."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
 
-    from lora_edge.exporter import ExportContext, _dynamic_shapes, graph_io_for, trace_in_memory
+    import lora_edge.exporter as exporter
     from lora_edge.models import Task, load_base_model
 
+    unoptimized = []
+    lean = exporter.optimize_trace
+
+    def keep_a_copy(model):
+        unoptimized.append(ir.serde.deserialize_model(ir.serde.serialize_model(model)))
+        return lean(model)
+
+    monkeypatch.setattr(exporter, "optimize_trace", keep_a_copy)
     model = load_base_model(tiny_model("llama"), Task.CAUSAL_LM)
-    io = graph_io_for(Task.CAUSAL_LM)(model, ExportContext(Task.CAUSAL_LM, load_tokenizer(tiny_model("llama")),
-                                                           model.config))
-    traced, weights = trace_in_memory(io)
+    io = exporter.graph_io_for(Task.CAUSAL_LM)(model, exporter.ExportContext(
+        Task.CAUSAL_LM, load_tokenizer(tiny_model("llama")), model.config))
+    traced, weights = exporter.trace_in_memory(io)
     parameters = [p.detach().numpy() for p in model.parameters()]
     assert weights and all(any(np.shares_memory(a, p) for p in parameters) for a in weights.values())
     stubs = {init.name: init for init in traced.graph.initializer if init.name in weights}
     assert set(stubs) == set(weights)
     assert all(not s.raw_data and list(s.dims) == list(weights[n].shape) for n, s in stubs.items())
-    with torch.no_grad():
-        stock = torch.onnx.export(io.module, io.example_inputs, dynamo=True, dynamic_shapes=_dynamic_shapes(io),
-                                  input_names=io.input_names, output_names=io.output_names, optimize=True,
-                                  verbose=False).model_proto
+    (full,) = unoptimized
+    onnxscript.optimizer.optimize_ir(full)
+    stock = ir.serde.serialize_model(full)
 
-    def structure(graph):
-        return [(n.op_type, list(n.input), list(n.output)) for n in graph.node]
+    def structure(model):
+        """Nodes in order, constants (lifted to initializers, named by the optimizer) by value, weights by name."""
+        constants = {i.name: (tuple(i.dims), i.data_type, i.raw_data) for i in model.graph.initializer
+                     if i.name not in weights}
+        return [(n.op_type, [constants.get(name, name) for name in n.input]) for n in model.graph.node]
 
-    assert structure(traced.graph) == structure(stock.graph)
-    assert {i.name for i in traced.graph.initializer} == {i.name for i in stock.graph.initializer}
+    assert len(traced.graph.node) > 100 and structure(traced) == structure(stock)
+    assert set(weights) <= {i.name for i in stock.graph.initializer}
