@@ -337,7 +337,9 @@ def trace_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: st
         if exporter == "torchscript":
             _trace_torchscript(io, opset, Path(path))
         else:
-            program = _trace_dynamo(io, opset)
+            program, hidden = _trace_dynamo(io, opset)
+            for value, tensor in hidden:
+                value.const_value = tensor
             program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     return Path(path)
 
@@ -356,15 +358,29 @@ def _tracing(exporter: str, graph_name: str):
                           "re-run with --debug for the trace; try another --opset or report the architecture") from exc
 
 
-def _trace_dynamo(io: GraphIO, opset: int | None):
-    """torch.export + ONNX translation, then :func:`optimize_trace` (the ONNXProgram; its weights are io's tensors)."""
+def _trace_dynamo(io: GraphIO, opset: int | None) -> tuple[Any, list]:
+    """torch.export + ONNX translation + :func:`optimize_trace`: (the ONNXProgram, its hidden weights).
+
+    The weights the optimizer cannot fold anyway (above its input size limit) are
+    taken out of the graph first: reading them leaves values holding the model's
+    tensors alive for the rest of the process. They come back as (ir.Value,
+    tensor) pairs, the values' ``const_value`` left empty.
+    """
     import torch
 
     program = torch.onnx.export(io.module, io.example_inputs, dynamo=True, dynamic_shapes=_dynamic_shapes(io),
                                 input_names=io.input_names, output_names=io.output_names, opset_version=opset,
                                 optimize=False, verbose=False)
+    hidden = [(value, value.const_value) for value in program.model.graph.initializers.values()
+              if value.const_value is not None and value.const_value.size > OPTIMIZER_INPUT_SIZE_LIMIT]
+    for value, _ in hidden:
+        value.const_value = None
     optimize_trace(program.model)
-    return program
+    return program, hidden
+
+
+# onnxscript's optimizer folds no op with an input of more elements than this (its input_size_limit default).
+OPTIMIZER_INPUT_SIZE_LIMIT = 8192
 
 
 # The one rewrite rule of onnxscript's default optimizer that is left out: on a 30-layer decoder it takes
@@ -408,10 +424,6 @@ def optimize_trace(model) -> bool:
     return True
 
 
-# Initializers of at least this many bytes stay in PyTorch's tensors when a trace is kept in memory.
-IN_MEMORY_WEIGHT_BYTES = 4096
-
-
 def trace_in_memory(io: GraphIO, opset: int | None = None,
                     graph_name: str = "graph") -> tuple["onnx.ModelProto", dict[str, "np.ndarray"]]:
     """Trace ``io.module`` with torch.export (optimized as ``optimize=True`` would) without copying its weights.
@@ -419,48 +431,39 @@ def trace_in_memory(io: GraphIO, opset: int | None = None,
     Returns (model, weights): ``model`` is the ONNX graph whose large initializers
     are stubs (name, type, dims, no data) and ``weights`` maps their names to
     zero-copy arrays over the PyTorch tensors (the module's parameters), so the
-    trace costs no second copy of the model: keep the module alive while the
-    weights are read. Raises ExportError naming the graph when tracing fails.
+    trace costs no second copy of the model, and once ``weights`` is dropped
+    nothing of the trace holds the module's tensors. Raises ExportError naming
+    the graph when tracing fails.
     """
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
     import torch
 
     io.module.eval()
     with _tracing("dynamo", graph_name), torch.no_grad():
-        program = _trace_dynamo(io, opset)
-    return _split_weights(program.model)
-
-
-def _split_weights(model) -> tuple["onnx.ModelProto", dict[str, "np.ndarray"]]:
-    """(ModelProto with stub large initializers, name -> array) of an ``onnx_ir`` model; no weight is copied."""
-    import numpy as np
-    import onnx
-    import onnx_ir as ir
-
+        program, hidden = _trace_dynamo(io, opset)
     weights: dict[str, np.ndarray] = {}
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None or tensor.nbytes < IN_MEMORY_WEIGHT_BYTES:
+    initializers = program.model.graph.initializers
+    for value, tensor in hidden:
+        if initializers.get(value.name) is not value:  # the optimizer dropped it (unused)
             continue
         array = tensor.numpy()
-        if array.dtype.kind not in "fiub" or array.dtype.name not in np.sctypeDict:  # e.g. bfloat16: serialized
-            continue
-        weights[value.name] = array
-    held = {name: model.graph.initializers[name].const_value for name in weights}
-    for name in weights:
-        model.graph.initializers[name].const_value = None
+        if array.dtype.kind in "fiub" and array.dtype.name in np.sctypeDict:
+            weights[value.name] = array
+        else:  # e.g. bfloat16, which numpy has no name for: serialized with the graph
+            value.const_value = tensor
     serde_log = logging.getLogger("onnx_ir.serde")
     level = serde_log.level
     serde_log.setLevel(logging.ERROR)  # "initializer without a constant value": the stubs are added below
     try:
-        proto = ir.serde.serialize_model(model)
+        model = ir.serde.serialize_model(program.model)
     finally:
         serde_log.setLevel(level)
-        for name, tensor in held.items():
-            model.graph.initializers[name].const_value = tensor
-    proto.graph.initializer.extend(
+    model.graph.initializer.extend(
         onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
                          dims=list(array.shape)) for name, array in weights.items())
-    return proto, weights
+    return model, weights
 
 
 def name_output_dims(model: "onnx.ModelProto", io: GraphIO, outputs: list[list["np.ndarray"]]) -> None:
