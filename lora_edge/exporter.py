@@ -361,20 +361,30 @@ def _tracing(exporter: str, graph_name: str):
 def _trace_dynamo(io: GraphIO, opset: int | None) -> tuple[Any, list]:
     """torch.export + ONNX translation + :func:`optimize_trace`: (the ONNXProgram, its hidden weights).
 
-    The weights the optimizer cannot fold anyway (above its input size limit) are
-    taken out of the graph first: reading them leaves values holding the model's
-    tensors alive for the rest of the process. They come back as (ir.Value,
-    tensor) pairs, the values' ``const_value`` left empty.
+    The optimizer never sees the model's own tensors: whatever it reads stays alive
+    for the rest of the process, and one surviving view of a weight loaded from a
+    memory-mapped safetensors file keeps the whole file resident. Weights it cannot
+    fold anyway (above its input size limit) are taken out of the graph and come
+    back as (ir.Value, tensor) pairs, the values' ``const_value`` left empty;
+    smaller ones (norm scales, rotary frequencies) are replaced by copies.
     """
+    import numpy as np
+    import onnx_ir as ir
     import torch
 
     program = torch.onnx.export(io.module, io.example_inputs, dynamo=True, dynamic_shapes=_dynamic_shapes(io),
                                 input_names=io.input_names, output_names=io.output_names, opset_version=opset,
                                 optimize=False, verbose=False)
-    hidden = [(value, value.const_value) for value in program.model.graph.initializers.values()
-              if value.const_value is not None and value.const_value.size > OPTIMIZER_INPUT_SIZE_LIMIT]
-    for value, _ in hidden:
-        value.const_value = None
+    hidden = []
+    for value in program.model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        if tensor.size > OPTIMIZER_INPUT_SIZE_LIMIT:
+            hidden.append((value, tensor))
+            value.const_value = None
+        else:
+            value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True), dtype=tensor.dtype, name=value.name)
     optimize_trace(program.model)
     return program, hidden
 
@@ -383,9 +393,9 @@ def _trace_dynamo(io: GraphIO, opset: int | None) -> tuple[Any, list]:
 OPTIMIZER_INPUT_SIZE_LIMIT = 8192
 
 
-# The one rewrite rule of onnxscript's default optimizer that is left out: on a 30-layer decoder it takes
-# 90% of the optimizer's time (25 of 28 s per pass, benchmarks/README.md, export_time.py) and never fires
-# on traced transformer graphs (it splits Slices of one tensor that tile it exactly into a Split).
+# The one rewrite rule of onnxscript's default optimizer that is left out: on SmolLM2-135M's trace it took
+# 45 s of the optimizer's 81 s (lean: 11 s; benchmarks/README.md, export_time.py) and fired 0 times; it turns
+# Slices that tile one tensor into a Split, which traced transformer graphs do not have.
 SKIPPED_REWRITE_RULES = ("slice_split_rule",)
 
 
