@@ -47,6 +47,7 @@ from lora_edge.core.cache import DEFAULT_MODEL
 from lora_edge.core.models import load_tokenizer
 from lora_edge.core.onnx_spec import require_valid_graph
 from lora_edge.core.recipe import QuantizeOptions
+from lora_edge.runtime.session import release_freed_memory
 from lora_edge.runtime.tokenizer import make_portable
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ LABEL_MAPS_DIR = "label_maps"     # under onnx/: one label map per adapter when 
 # Opsets torch's ONNX exporter writes as asked: below 18 it silently writes 18, above 23 it has no translations.
 OPSET_RANGE = (18, 23)
 TRACE_FILE = ".trace.onnx"        # under onnx/ while an export runs: the one traced graph, removed once loaded
+# Verification sessions run a few inputs once: no prepacked copy of the weights (SmolLM2 fp32: 990 -> 756 MB
+# for the session, same kernels on the same values).
+VERIFY_SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
 
@@ -100,18 +104,6 @@ def _peak_rss_mb() -> int | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak / (1024 * 1024 if sys.platform == "darwin" else 1024))
-
-
-def _return_freed_memory() -> None:
-    """Hand the memory of the released model and trace back to the OS (glibc keeps freed heap otherwise)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 class Stopwatch:
@@ -163,6 +155,7 @@ class TracePlan:
     verify_io: object  # GraphIO without a model: verify inputs and I/O names
     traced: object = None  # the traced hot-swap onnx.ModelProto
     exporter: str | None = None
+    weights: dict = field(default_factory=dict)  # initializer name -> array, for initializers ``traced`` holds as stubs
 
 
 def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan:
@@ -170,13 +163,13 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
 
     The base is a view of the first reference (no weight copy); the references are
     dropped from ``job`` once traced: every later stage works on the ONNX model.
+    A torch.export trace stays in memory (its weights are the base's tensors); a
+    TorchScript trace goes through a file, loaded once the model is released.
     """
-    import gc
-
     import onnx
     from torch import nn
 
-    from lora_edge.export.exporter import graph_io_for, name_output_dims, reference_outputs, trace_onnx
+    from lora_edge.export.exporter import graph_io_for, name_output_dims, reference_outputs, trace_in_memory, trace_onnx
     from lora_edge.export.hotswap import (TENSOR, add_default_initializers, adapter_tensors, hotswap_base,
                                    hotswap_graph_io, plan_slots)
     from lora_edge.export.merge import base_view
@@ -193,29 +186,35 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
         model = hotswap_base(base, slots)
         io, task_io = hotswap_graph_io(model, slots, job.context)
     trace_file = job.staging / ONNX_DIR / TRACE_FILE
+    graph_name = GraphRecord.graph_name(Form.HOTSWAP, Precision.FP32)
+    weights: dict = {}
     with clock.stage(f"trace ({exporter})"):
-        trace_onnx(io, trace_file, job.opset, GraphRecord.graph_name(Form.HOTSWAP, Precision.FP32), exporter)
+        if exporter == "dynamo":  # kept in memory: its weights stay the model's own tensors (one copy)
+            traced, weights = trace_in_memory(io, job.opset, graph_name)
+        else:
+            trace_onnx(io, trace_file, job.opset, graph_name, exporter)
     verify_io = dataclasses.replace(task_io, module=nn.Identity())
     defaults = {slot.name: model.get_parameter(slot.parameter).detach().float().numpy().copy()
                 for slot in slots if slot.kind == TENSOR}
     del base, model, io, task_io, first
-    job.references.clear()
-    gc.collect()
+    job.references.clear()  # the weights' arrays keep only the base tensors alive
+    release_freed_memory()  # the tracer's garbage
     with clock.stage("load trace"):
-        traced = onnx.load(str(trace_file))
-        for path in trace_file.parent.glob(TRACE_FILE + "*"):
-            path.unlink()
+        if not weights:
+            traced = onnx.load(str(trace_file))
+            for path in trace_file.parent.glob(TRACE_FILE + "*"):
+                path.unlink()
         add_default_initializers(traced, defaults, slots)
         name_output_dims(traced, verify_io, expected[None])
-    return TracePlan(slots, tensors, expected, verify_io, traced, exporter)
+    return TracePlan(slots, tensors, expected, verify_io, traced, exporter, weights)
 
 
 def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
     """Check the graph at ``path`` in ONE session, once per adapter (None: no adapter); return the diffs."""
     from lora_edge.export.exporter import check_agreement, run_verify_inputs
-    from lora_edge.runtime.session import create_session, load_lora_adapter
+    from lora_edge.runtime.session import SessionSettings, create_session, load_lora_adapter
 
-    session = create_session(path)
+    session = create_session(path, SessionSettings(config_entries=VERIFY_SESSION_CONFIG))
     diffs = {}
     for adapter, adapter_file in adapters.items():
         actual = run_verify_inputs(session, plan.verify_io, adapter=load_lora_adapter(adapter_file) if adapter_file else None)
@@ -228,8 +227,6 @@ def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: di
 
 def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: Stopwatch) -> list[GraphRecord]:
     """Derive, write and verify every requested form from the one trace (docs/ARCHITECTURE.md, "The three forms")."""
-    import gc
-
     from lora_edge.export.exporter import EXTERNAL_DATA_BYTES
     from lora_edge.export.forms import derive, find_branches, write_model
     from lora_edge.runtime.adapter_layout import write_onnx_adapter
@@ -241,14 +238,15 @@ def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: S
     pairs = [(kinds[LORA_A], kinds[LORA_B]) for kinds in slots_by_module.values() if LORA_A in kinds]
     heads = [slot.name for slot in plan.slots if slot.kind == TENSOR]
     branches = find_branches(plan.traced, pairs)
-    weight_bytes = sum(len(init.raw_data) for init in plan.traced.graph.initializer)
+    weight_bytes = sum(len(init.raw_data) for init in plan.traced.graph.initializer) + \
+        sum(array.nbytes for array in plan.weights.values())
     external = 1024 if weight_bytes > EXTERNAL_DATA_BYTES else None
     written = []  # (record, checks): every graph is written first, then the trace is freed and each verified
     for form in forms:
         for adapter in ([None] if form is Form.HOTSWAP else list(plan.tensors)):
             name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
             with clock.stage(f"write {name}"):
-                derived = derive(plan.traced, branches, heads, form.value, plan.tensors.get(adapter))
+                derived = derive(plan.traced, branches, heads, form.value, plan.tensors.get(adapter), plan.weights)
                 path = write_model(plan.traced, derived, job.graph_file(name), external)
                 files = {}
                 if form is Form.HOTSWAP:
@@ -268,11 +266,12 @@ def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: S
                 record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
                                      adapter=adapter, extra=extra)
                 written.append((record, {adapter: None}))
-    plan.traced = None  # the ONNX Runtime sessions below hold a copy of the weights each, one at a time
-    gc.collect()
+    plan.traced, plan.weights = None, {}  # the ONNX Runtime sessions below hold a copy of the weights each, one at a time
+    release_freed_memory()
     for record, checks in written:
         with clock.stage(f"verify {record.name}"):
             diffs = _verify(job, plan, job.staging / record.file, record.name, checks)
+            release_freed_memory()  # the session's
         job.progress(f"  {record.name}: max abs diff vs PyTorch "
                      + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
         record.extra["max_abs_diff"] = max(diffs.values())
@@ -459,7 +458,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         if quantized:
             from lora_edge.quantize.quantizer import quantize_bundle
 
-            _return_freed_memory()
+            release_freed_memory()
             with clock.stage("quantize"):
                 quantize_bundle(staging, quantized, quantize_options, progress=progress)
             dataclasses.replace(Manifest.read(staging), export_stages=clock.stages).write(staging)

@@ -333,23 +333,147 @@ def trace_onnx(io: GraphIO, path: Path, opset: int | None = None, graph_name: st
     io.module.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in io.module.parameters())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with _tracing(exporter, graph_name), torch.no_grad():
+        if exporter == "torchscript":
+            _trace_torchscript(io, opset, Path(path))
+        else:
+            program, hidden = _trace_dynamo(io, opset)
+            for value, tensor in hidden:
+                value.const_value = tensor
+            program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _tracing(exporter: str, graph_name: str):
+    """Quiet the exporter; turn its failures into one ExportError naming the graph (or the module that failed)."""
     try:
-        with _quiet_export(), torch.no_grad():
-            if exporter == "torchscript":
-                _trace_torchscript(io, opset, Path(path))
-            else:
-                program = torch.onnx.export(io.module, io.example_inputs, dynamo=True,
-                                            dynamic_shapes=_dynamic_shapes(io), input_names=io.input_names,
-                                            output_names=io.output_names, opset_version=opset, optimize=True,
-                                            verbose=False)
-                program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+        with _quiet_export():
+            yield
     except Exception as exc:  # the tracers raise many types; all mean "this model does not export"
         own = _raised_by_module(exc)
         if own is not None:
             raise own from exc
         raise ExportError(f"torch.onnx.export ({exporter}) failed ({_error_line(exc)})", graph_name,
                           "re-run with --debug for the trace; try another --opset or report the architecture") from exc
-    return Path(path)
+
+
+def _trace_dynamo(io: GraphIO, opset: int | None) -> tuple[Any, list]:
+    """torch.export + ONNX translation + :func:`optimize_trace`: (the ONNXProgram, its hidden weights).
+
+    The optimizer never sees the model's own tensors: whatever it reads stays alive
+    for the rest of the process, and one surviving view of a weight loaded from a
+    memory-mapped safetensors file keeps the whole file resident. Weights it cannot
+    fold anyway (above its input size limit) are taken out of the graph and come
+    back as (ir.Value, tensor) pairs, the values' ``const_value`` left empty;
+    smaller ones (norm scales, rotary frequencies) are replaced by copies.
+    """
+    import numpy as np
+    import onnx_ir as ir
+    import torch
+
+    program = torch.onnx.export(io.module, io.example_inputs, dynamo=True, dynamic_shapes=_dynamic_shapes(io),
+                                input_names=io.input_names, output_names=io.output_names, opset_version=opset,
+                                optimize=False, verbose=False)
+    hidden = []
+    for value in program.model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        if tensor.size > OPTIMIZER_INPUT_SIZE_LIMIT:
+            hidden.append((value, tensor))
+            value.const_value = None
+        else:
+            value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True), dtype=tensor.dtype, name=value.name)
+    optimize_trace(program.model)
+    return program, hidden
+
+
+# onnxscript's optimizer folds no op with an input of more elements than this (its input_size_limit default).
+OPTIMIZER_INPUT_SIZE_LIMIT = 8192
+
+
+# The one rewrite rule of onnxscript's default optimizer that is left out: on SmolLM2-135M's trace it took
+# 45 s of the optimizer's 81 s (lean: 11 s; benchmarks/README.md, export_time.py) and fired 0 times; it turns
+# Slices that tile one tensor into a Split, which traced transformer graphs do not have.
+SKIPPED_REWRITE_RULES = ("slice_split_rule",)
+
+
+def lean_rewrite_rules() -> tuple | None:
+    """onnxscript's default rewrite rules less :data:`SKIPPED_REWRITE_RULES`; None where onnxscript no longer has them."""
+    import onnxscript.rewriter as rewriter
+    from onnxscript.rewriter.rules import common
+
+    defaults = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    skipped = [getattr(common, name, None) for name in SKIPPED_REWRITE_RULES]
+    if defaults is None or any(rule is None or rule not in defaults for rule in skipped):
+        return None
+    return tuple(rule for rule in defaults if not any(rule is skip for skip in skipped))
+
+
+def optimize_trace(model) -> bool:
+    """Run onnxscript's optimizer (what ``torch.onnx.export(optimize=True)`` runs) on an ``onnx_ir`` model, in place.
+
+    The same passes, but with :func:`lean_rewrite_rules`; returns False when those
+    are not available and the full default optimizer ran instead (same graph,
+    slower; ``tests/test_export_forms.py`` fails loudly that day).
+    """
+    import onnxscript.optimizer
+    import onnxscript.rewriter as rewriter
+
+    rules = lean_rewrite_rules()
+    if rules is None:
+        onnxscript.optimizer.optimize_ir(model)
+        return False
+    defaults = rewriter._DEFAULT_REWRITE_RULES
+    rewriter._DEFAULT_REWRITE_RULES = rules  # read by optimize_ir when it builds its passes
+    try:
+        onnxscript.optimizer.optimize_ir(model)
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = defaults
+    return True
+
+
+def trace_in_memory(io: GraphIO, opset: int | None = None,
+                    graph_name: str = "graph") -> tuple["onnx.ModelProto", dict[str, "np.ndarray"]]:
+    """Trace ``io.module`` with torch.export (optimized as ``optimize=True`` would) without copying its weights.
+
+    Returns (model, weights): ``model`` is the ONNX graph whose large initializers
+    are stubs (name, type, dims, no data) and ``weights`` maps their names to
+    zero-copy arrays over the PyTorch tensors (the module's parameters), so the
+    trace costs no second copy of the model, and once ``weights`` is dropped
+    nothing of the trace holds the module's tensors. Raises ExportError naming
+    the graph when tracing fails.
+    """
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    import torch
+
+    io.module.eval()
+    with _tracing("dynamo", graph_name), torch.no_grad():
+        program, hidden = _trace_dynamo(io, opset)
+    weights: dict[str, np.ndarray] = {}
+    initializers = program.model.graph.initializers
+    for value, tensor in hidden:
+        if initializers.get(value.name) is not value:  # the optimizer dropped it (unused)
+            continue
+        array = tensor.numpy()
+        if array.dtype.kind in "fiub" and array.dtype.name in np.sctypeDict:
+            weights[value.name] = array
+        else:  # e.g. bfloat16, which numpy has no name for: serialized with the graph
+            value.const_value = tensor
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)  # "initializer without a constant value": the stubs are added below
+    try:
+        model = ir.serde.serialize_model(program.model)
+    finally:
+        serde_log.setLevel(level)
+    model.graph.initializer.extend(
+        onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                         dims=list(array.shape)) for name, array in weights.items())
+    return model, weights
 
 
 def name_output_dims(model: "onnx.ModelProto", io: GraphIO, outputs: list[list["np.ndarray"]]) -> None:

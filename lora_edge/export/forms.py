@@ -218,17 +218,20 @@ def _identity(source: str, target: str):
 
 
 def derive(model: "onnx.ModelProto", branches: list[Branch], head_keys: list[str], form: str,
-           tensors: dict[str, "np.ndarray"] | None) -> Derived:
+           tensors: dict[str, "np.ndarray"] | None, weights: dict[str, "np.ndarray"] | None = None) -> Derived:
     """The ``form`` ("hotswap", "branched", "merged") of the traced ``model`` for one adapter's ``tensors``.
 
     ``tensors`` are the adapter's hot-swap tensors (A, sB in PEFT layout, head
     parameters); a branch the adapter does not target is dropped. ``hotswap``
-    returns the trace as it is (``tensors`` unused).
+    returns the trace as it is (``tensors`` unused). ``weights`` holds the values
+    of initializers that ``model`` has as stubs (a trace kept in memory).
     """
     import numpy as np
 
     graph = model.graph
-    sources: dict[str, Source] = {init.name: init for init in graph.initializer}
+    weights = weights or {}
+    sources: dict[str, Source] = {init.name: _array(weights[init.name]) if init.name in weights else init
+                                  for init in graph.initializer}
     if form == "hotswap":
         return Derived(_copy_graph(graph, set(), set(), {}), sources)
     tensors = tensors or {}

@@ -231,3 +231,71 @@ def test_streamed_graph_file_loads_with_inline_or_external_weights(tmp_path, ext
     np.testing.assert_allclose(y, x @ weight + bias, rtol=1e-5, atol=1e-6)
     loaded = onnx.load(str(path))
     assert [init.name for init in loaded.graph.initializer] == ["w", "b"]
+
+
+def test_the_lean_trace_optimizer_still_applies():
+    """Decoder traces run onnxscript's optimizer without its SlicesSplit rule (90% of its time on SmolLM2).
+
+    lora-edge finds that rule in onnxscript's private default rule list. When this
+    fails, onnxscript moved it: traces silently run the full (same-result, several
+    times slower) optimizer. Find the rule again (exporter.lean_rewrite_rules) or
+    re-measure benchmarks/export_time.py.
+    """
+    import onnxscript.rewriter as rewriter
+
+    from lora_edge.export.exporter import lean_rewrite_rules
+
+    rules = lean_rewrite_rules()
+    assert rules is not None, "onnxscript no longer has its default rules / slice_split_rule where lora-edge looks"
+    assert len(rules) == len(rewriter._DEFAULT_REWRITE_RULES) - 1
+
+
+def test_the_in_memory_trace_shares_the_weights_and_optimizes_like_onnxscript(tiny_model, monkeypatch):
+    """trace_in_memory: stub initializers whose arrays ARE the module's tensors; the lean optimizer gives the
+    graph onnxscript's full optimizer (torch.onnx.export(optimize=True)) gives, node for node; once the arrays
+    are dropped, nothing of the trace holds the module's tensors (the optimizer never saw them)."""
+    import gc
+
+    import onnx_ir as ir
+    import onnxscript.optimizer
+    import torch
+
+    import lora_edge.export.exporter as exporter
+    from lora_edge.core.models import Task, load_base_model
+
+    unoptimized = []
+    lean = exporter.optimize_trace
+
+    def keep_a_copy(model):
+        unoptimized.append(ir.serde.deserialize_model(ir.serde.serialize_model(model)))
+        return lean(model)
+
+    monkeypatch.setattr(exporter, "optimize_trace", keep_a_copy)
+    model = load_base_model(tiny_model("llama"), Task.CAUSAL_LM)
+    io = exporter.graph_io_for(Task.CAUSAL_LM)(model, exporter.ExportContext(
+        Task.CAUSAL_LM, load_tokenizer(tiny_model("llama")), model.config))
+    traced, weights = exporter.trace_in_memory(io)
+    parameters = [p.detach().numpy() for p in model.parameters()]
+    assert weights and all(any(np.shares_memory(a, p) for p in parameters) for a in weights.values())
+    stubs = {init.name: init for init in traced.graph.initializer if init.name in weights}
+    assert set(stubs) == set(weights)
+    assert all(not s.raw_data and list(s.dims) == list(weights[n].shape) for n, s in stubs.items())
+    (full,) = unoptimized
+    onnxscript.optimizer.optimize_ir(full)
+    stock = ir.serde.serialize_model(full)
+
+    def structure(model):
+        """Nodes in order, constants (lifted to initializers, named by the optimizer) by value, weights by name."""
+        constants = {i.name: (tuple(i.dims), i.data_type, i.raw_data) for i in model.graph.initializer
+                     if i.name not in weights}
+        return [(n.op_type, [constants.get(name, name) for name in n.input]) for n in model.graph.node]
+
+    assert len(traced.graph.node) > 100 and structure(traced) == structure(stock)
+    large = {p.data_ptr() for p in model.parameters()}  # one surviving view pins a memory-mapped weights file
+    weights.clear()
+    unoptimized.clear()
+    del parameters, full, io, model
+    gc.collect()
+    assert large and not [t for t in gc.get_objects()
+                          if type(t) in (torch.Tensor, torch.nn.Parameter) and t.data_ptr() in large]
+    assert set(weights) <= {name for node in traced.graph.node for name in node.input}
