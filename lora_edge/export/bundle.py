@@ -395,6 +395,29 @@ def _manifest(job: "ExportJob", model: str | Path, adapters: list[AdapterRef], d
                     graphs=job.records, recipe=recipe, export_stages=clock.stages)
 
 
+def _new_job(model_path: Path, task: Task, references: dict[str, "PeftModel"], staging: Path, opset: int | None,
+             tolerance: float, trust_remote_code: bool, progress: Progress) -> "ExportJob":
+    """The export job over the loaded references (which it takes: the caller keeps no reference to them)."""
+    first = next(iter(references.values()))
+    context = ExportContext(task, load_tokenizer(model_path, trust_remote_code), first.get_base_model().config)
+    return ExportJob(model_path, task, context, references,
+                     {name: _labels_of(ref, task) for name, ref in references.items()}, staging,
+                     opset, tolerance, trust_remote_code, progress)
+
+
+def _quantize_staged(staging: Path, precisions: list[Precision], options: QuantizeOptions | None, clock: "Stopwatch",
+                     progress: Progress) -> None:
+    """Quantize the finished fp32 bundle in its staging directory (export quantizes when asked to)."""
+    if not precisions:
+        return
+    from lora_edge.quantize.quantizer import quantize_bundle
+
+    release_freed_memory()
+    with clock.stage("quantize"):
+        quantize_bundle(staging, precisions, options, progress=progress)
+    dataclasses.replace(Manifest.read(staging), export_stages=clock.stages).write(staging)
+
+
 def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequence[Form | str], out: Path,
                   precisions: Sequence[Precision | str] = (Precision.FP32,), opset: int | None = None,
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
@@ -432,15 +455,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
             return {a.name: load_reference(model_path, a, task, trust_remote_code) for a in adapters}
 
         with clock.stage("load"):
-            references = load()
-            first = next(iter(references.values()))
-            context = ExportContext(task, load_tokenizer(model_path, trust_remote_code),
-                                    first.get_base_model().config)
-            del first
-        job = ExportJob(model_path, task, context, references,
-                        {name: _labels_of(ref, task) for name, ref in references.items()}, staging,
-                        opset, tolerance, trust_remote_code, progress)
-        del references
+            job = _new_job(model_path, task, load(), staging, opset, tolerance, trust_remote_code, progress)
         records_dirs = {}
         for adapter in adapters:
             records_dirs[adapter.name] = "adapter" if not job.several else f"adapters/{adapter.name}"
@@ -454,13 +469,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         if task is Task.CAUSAL_LM:
             write_genai_config(staging, job.records)  # onnxruntime-genai runs the graphs as they are
         _manifest(job, model, adapters, records_dirs, seed, recipe, clock).write(staging)
-        quantized = [p for p in precisions if p is not Precision.FP32]
-        if quantized:
-            from lora_edge.quantize.quantizer import quantize_bundle
-
-            release_freed_memory()
-            with clock.stage("quantize"):
-                quantize_bundle(staging, quantized, quantize_options, progress=progress)
-            dataclasses.replace(Manifest.read(staging), export_stages=clock.stages).write(staging)
+        _quantize_staged(staging, [p for p in precisions if p is not Precision.FP32], quantize_options, clock,
+                         progress)
     progress(f"wrote {out}")
     return Path(out)

@@ -290,6 +290,46 @@ def gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:
     return count
 
 
+def fold_weight_transposes(model: "onnx.ModelProto", names: set[str]) -> int:
+    """Give the MatMul nodes in ``names`` that read ``Transpose(W)`` of an initializer ``W.T`` as an initializer.
+
+    The exporter leaves an untied LM head as ``MatMul(x, Transpose(W))`` (its
+    optimizer does not fold large weights); MatMulNBits quantizes initializer
+    weights only, so the head would stay fp32. ``W`` and the Transpose go when
+    nothing else reads them. Returns how many nodes were rewired.
+    """
+    from onnx import helper, numpy_helper
+
+    from lora_edge.core.onnx_spec import GraphIndex
+
+    index = GraphIndex(model)
+    folded = 0
+    for node in model.graph.node:
+        transpose = index.producer.get(node.input[1]) if node.op_type == "MatMul" and node.name in names else None
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in index.initializers:
+            continue
+        perm = next((helper.get_attribute_value(a) for a in transpose.attribute if a.name == "perm"), None)
+        matrix = index.constant(transpose.input[0])
+        if matrix is None or matrix.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        weight = f"{transpose.input[0]}_matmul"
+        if weight not in index.initializers:
+            model.graph.initializer.append(numpy_helper.from_array(matrix.T.copy(), weight))
+            index.initializers[weight] = model.graph.initializer[-1]
+        node.input[1] = weight
+        folded += 1
+    readers = {name for node in model.graph.node for name in node.input}
+    kept = [node for node in model.graph.node if node.op_type != "Transpose" or node.output[0] in readers
+            or node.output[0] in index.graph_outputs]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    readers = {name for node in model.graph.node for name in node.input} | index.graph_outputs
+    unused = [init for init in model.graph.initializer if init.name not in readers]
+    for init in unused:
+        model.graph.initializer.remove(init)
+    return folded
+
+
 def quantize_int4(job: QuantizeJob) -> dict:
     """4-bit weight-only (MatMulNBits, blocks of ``block_size``); embeddings too (GatherBlockQuantized).
 
@@ -306,6 +346,7 @@ def quantize_int4(job: QuantizeJob) -> dict:
     options = job.options
     model, job.model = job.model, None  # the job's model is quantized in place: no second copy of the weights
     converted = gemm_to_matmul(model, set(job.roles.base))
+    fold_weight_transposes(model, set(job.roles.base))
     head_nodes = [node.name for node in model.graph.node
                   if job.tied_head and node.op_type == "MatMul" and node.input[1] == job.tied_head]
     exclude = list(job.roles.keep_float)

@@ -328,6 +328,37 @@ def _train_facts(trainer, examples: int, seconds: float, history: list[dict], tr
             "trainable_params": trainable}
 
 
+def _lora_model(model_path: Path, task: Task, label_map, quantized, lora: LoraSpec, spec: TrainSpec, record: dict,
+                progress: bool):
+    """The base model (fake-quantized when trained against a quantized base) with fresh or initial LoRA weights."""
+    from transformers import set_seed
+
+    with quiet_transformers(progress_bars=progress):  # a new task head is always "missing" from the checkpoint
+        base = load_base_model(model_path, task, labels=list(label_map.labels) if label_map else None)
+    if quantized is not None:  # once, before LoRA: the frozen base is what the int4 graph will hold
+        from lora_edge.core.fake_quant import fake_quantize_base
+
+        record["quantized_base_weights"] = fake_quantize_base(base, quantized)
+    set_seed(spec.seed)  # LoRA initialisation draws from the global RNG
+    with quiet_transformers():
+        peft_model = _peft_model(base, task, lora)
+    if spec.init_adapter:
+        _load_initial_adapter(peft_model, Path(spec.init_adapter))
+    return peft_model
+
+
+def _held_out_scores(trainer, peft_model, tokenizer, datasets: dict, splits: dict, task: Task, label_map,
+                     chat: bool) -> dict:
+    """Validation and test scores: classification metrics, or perplexity (+ exact match of chat answers)."""
+    if task is Task.SEQ_CLS:
+        return {name: _classification_scores(trainer, datasets[name], list(label_map.labels))
+                for name in ("validation", "test")}
+    scores = {name: _lm_scores(trainer, datasets[name], name) for name in ("validation", "test")}
+    if chat and trainer.is_world_process_zero():
+        scores["test"].update(_answer_scores(peft_model, tokenizer, splits["test"]))
+    return scores
+
+
 def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | str = Task.SEQ_CLS,
                   lora: LoraSpec | None = None, spec: TrainSpec | None = None, resume: bool = False,
                   force: bool = False, progress: bool = True) -> TrainResult:
@@ -352,25 +383,13 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
     if resume_from:
         check_resume(checkpoints, record)
 
-    # Inputs are checked: now the heavy imports (bad input fails fast, without loading torch).
-    from transformers import set_seed
-
+    # Inputs are checked: now the heavy loads (bad input fails fast, without loading torch).
     tokenizer = load_tokenizer(model_path)
     chat = splits["train"][0].messages is not None
     if chat:
         require_chat_template(tokenizer, model_path)
         tokenizer.padding_side = "right"  # training batches; greedy answers pad on the left
-    with quiet_transformers(progress_bars=progress):  # a new task head is always "missing" from the checkpoint
-        base = load_base_model(model_path, task, labels=list(label_map.labels) if label_map else None)
-    if quantized is not None:  # once, before LoRA: the frozen base is what the int4 graph will hold
-        from lora_edge.core.fake_quant import fake_quantize_base
-
-        record["quantized_base_weights"] = fake_quantize_base(base, quantized)
-    set_seed(spec.seed)  # LoRA initialisation draws from the global RNG
-    with quiet_transformers():
-        peft_model = _peft_model(base, task, lora)
-    if spec.init_adapter:
-        _load_initial_adapter(peft_model, Path(spec.init_adapter))
+    peft_model = _lora_model(model_path, task, label_map, quantized, lora, spec, record, progress)
     datasets = {name: EncodedDataset.build(tokenizer, examples, label_map, spec.max_length)
                 for name, examples in splits.items()}
     trainer = _trainer(peft_model, tokenizer, datasets, task, chat, label_map,
@@ -383,13 +402,7 @@ def train_adapter(model: str | Path, data: DataFiles, out: Path, task: Task | st
             peft_model.save_pretrained(str(checkpoints / PISSA_INIT_DIR))
 
     train_seconds, history = _run_trainer(trainer, resume_from, checkpoints)
-    if task is Task.SEQ_CLS:
-        scores = {name: _classification_scores(trainer, datasets[name], list(label_map.labels))
-                  for name in ("validation", "test")}
-    else:
-        scores = {name: _lm_scores(trainer, datasets[name], name) for name in ("validation", "test")}
-        if chat and trainer.is_world_process_zero():
-            scores["test"].update(_answer_scores(peft_model, tokenizer, splits["test"]))
+    scores = _held_out_scores(trainer, peft_model, tokenizer, datasets, splits, task, label_map, chat)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     metrics = {"task": task.value, "labels": list(label_map.labels) if label_map else None, **scores,
                "train": _train_facts(trainer, len(datasets["train"]), train_seconds, history, trainable),

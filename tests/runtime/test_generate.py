@@ -403,9 +403,16 @@ def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp
     inits = {init.name: init for init in model.graph.initializer}
     embedding = next(node.input[0] for node in model.graph.node if node.op_type == "Gather" and node.input[0] in inits)
     weight = numpy_helper.to_array(inits[embedding])
-    head = next(node.input[1] for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in inits
-                and list(inits[node.input[1]].dims) == [weight.shape[1], weight.shape[0]])
-    inits[head].CopyFrom(numpy_helper.from_array(weight.T.copy(), head))  # tie them, as SmolLM2 is
+    transposes = {node.output[0]: node for node in model.graph.node if node.op_type == "Transpose"}
+    vocab_by_hidden, hidden_by_vocab = [weight.shape[1], weight.shape[0]], list(weight.shape)
+    reads = next(node.input[1] for node in model.graph.node if node.op_type == "MatMul" and (
+        node.input[1] in inits and list(inits[node.input[1]].dims) == vocab_by_hidden
+        or node.input[1] in transposes and transposes[node.input[1]].input[0] in inits
+        and list(inits[transposes[node.input[1]].input[0]].dims) == hidden_by_vocab))
+    if reads in inits:  # the head stored transposed: give it the embedding's values
+        inits[reads].CopyFrom(numpy_helper.from_array(weight.T.copy(), reads))  # tie them, as SmolLM2 is
+    else:  # MatMul(x, Transpose(W)): read the embedding's own tensor, as a tied export does
+        transposes[reads].input[0] = embedding
     (tmp_path / "onnx").mkdir()
     shutil.copy(bundle / ONNX_DIR / "config.json", tmp_path / "onnx" / "config.json")
     onnx.save(model, tmp_path / "onnx" / "tied.fp32.onnx")
@@ -413,8 +420,11 @@ def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp
                             task="causal-lm")
     assert result.details.get("tied_embedding")
     quantized = onnx.load(result.path)
-    vocab_tensors = [init.name for init in quantized.graph.initializer if init.dims and init.dims[0] == weight.shape[0]]
-    assert sorted(vocab_tensors) == sorted([f"{head}_Q4", f"{head}_scales"])  # the head's only
+    vocab_tensors = sorted(init.name for init in quantized.graph.initializer
+                           if init.dims and init.dims[0] == weight.shape[0])
+    assert len(vocab_tensors) == 2 and vocab_tensors[0].endswith("_Q4")  # the head's only: blocks and scales
+    head = vocab_tensors[0][:-len("_Q4")]
+    assert vocab_tensors[1] == f"{head}_scales"
     lookup = next(node for node in quantized.graph.node if node.op_type == "GatherBlockQuantized")
     rows = next(node.output[0] for node in quantized.graph.node if lookup.output[0] in node.input)
     quantized.graph.output.append(helper.make_tensor_value_info(rows, onnx.TensorProto.FLOAT, None))
