@@ -287,7 +287,8 @@ def generate_command(bundle: Path, graph: str, adapter: str | None, prompts: tup
     """
     import json
 
-    from lora_edge.runtime.generate import SamplingSpec, format_generation, format_speed, generate_from_bundle
+    from lora_edge.runtime.generate import SamplingSpec
+    from lora_edge.runtime.bundle_generate import format_generation, format_speed, generate_from_bundle
 
     sampling = SamplingSpec.from_options(greedy, temperature, top_p, seed)
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))

@@ -365,7 +365,7 @@ def greedy_plan(spec: CheckSpec, evalset: EvalSet, tokenizer, bundle: Path) -> G
     Stop and padding tokens are the ones ``lora-edge generate`` uses (the bundle's config first).
     """
     from lora_edge.core.bundle import ONNX_DIR
-    from lora_edge.runtime.generate import special_ids
+    from lora_edge.runtime.bundle_generate import special_ids
     from lora_edge.core.models import load_config
 
     if not spec.greedy_prompts or not evalset.prompts:

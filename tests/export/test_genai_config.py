@@ -80,7 +80,8 @@ print(json.dumps([int(t) for t in generator.get_sequence(0)][len(prompt_ids):]))
 @pytest.mark.parametrize("form", [Form.HOTSWAP, Form.MERGED])
 def test_onnxruntime_genai_gives_the_tokens_of_lora_edge_generate(form, tmp_path_factory, tiny_model, tiny_adapter):
     """Greedy tokens of onnxruntime-genai (its own environment) == lora-edge generate, adapter active."""
-    from lora_edge.runtime.generate import SamplingSpec, generate_from_bundle
+    from lora_edge.runtime.generate import SamplingSpec
+    from lora_edge.runtime.bundle_generate import generate_from_bundle
 
     bundle, graph = bundle_for("llama", form, shared_root(tmp_path_factory), tiny_model, tiny_adapter)
     ours = generate_from_bundle(bundle, graph, ["the weather in paris is"], "a" if form is Form.HOTSWAP else None,

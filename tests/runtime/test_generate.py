@@ -13,8 +13,8 @@ from lora_edge.core.bundle import ONNX_DIR
 from lora_edge.core.choices import Form
 from lora_edge.core.manifest import find_graph
 from lora_edge.core.errors import ConfigError, ModelError
-from lora_edge.runtime.generate import (BoundAdapter, DecoderRunner, SamplingSpec, nucleus, encode_prompts, generate,
-                                generate_from_bundle)
+from lora_edge.runtime.generate import BoundAdapter, DecoderRunner, SamplingSpec, nucleus, generate
+from lora_edge.runtime.bundle_generate import encode_prompts, generate_from_bundle
 from lora_edge.runtime.session import create_session, load_lora_adapter
 
 PROMPTS = ["the weather in paris is", "hello", "please set a timer for ten minutes and then play some jazz"]

@@ -120,7 +120,8 @@ def test_generate_runs_where_torch_and_transformers_cannot_be_imported(tmp_path_
     """generate of an existing decoder bundle: same tokens as in this (torch-importing) process."""
     from decoder_bundles import bundle_for, shared_root
     from lora_edge.core.choices import Form
-    from lora_edge.runtime.generate import SamplingSpec, generate_from_bundle
+    from lora_edge.runtime.generate import SamplingSpec
+    from lora_edge.runtime.bundle_generate import generate_from_bundle
 
     bundle, graph = bundle_for("llama", Form.MERGED, shared_root(tmp_path_factory), tiny_model, tiny_adapter)
     out = _run_without_torch(["generate", str(bundle), "--graph", graph, "--prompt", "the weather in paris is",
