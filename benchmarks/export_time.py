@@ -64,9 +64,10 @@ import sys, json
 from pathlib import Path
 from lora_edge.core.adapters import AdapterRef
 from lora_edge.export.bundle import export_bundle
+from lora_edge.quantize.quantizer import quantize_bundle
 model, adapter, out, forms, precisions, task, tolerance = sys.argv[1:8]
 export_bundle(model, [AdapterRef("a", Path(adapter))], forms.split(","), out, precisions=precisions.split(","),
-              force=True, task=task, tolerance=float(tolerance))
+              force=True, task=task, tolerance=float(tolerance), quantize=quantize_bundle)
 """
 
 MERGE_FOR_BUILDER = """

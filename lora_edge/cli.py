@@ -55,6 +55,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 # Options that set a stage's config are generated from its dataclass (lora_edge.core.recipe, no torch): the help text
 # and the default live there, and the value is validated there (lora_edge.core.config_fields).
 from lora_edge.core.config_fields import click_options, enum_choice  # noqa: E402
+from lora_edge.core.decoder_io import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
 from lora_edge.core.choices import Task  # noqa: E402
 from lora_edge.core.recipe import (CheckSpec, ExportSpec, LoraSpec, MeasureSpec, QuantizeOptions, Recipe,  # noqa: E402
                               TrainSpec)
@@ -223,11 +224,13 @@ def export_command(model: str, adapters: tuple[str, ...], task: Task | None, out
     from lora_edge.core.adapters import AdapterRef
     from lora_edge.core.console import progress_sink
     from lora_edge.export.bundle import export_bundle
+    from lora_edge.quantize.quantizer import quantize_bundle
 
     spec = EXPORT_OPTIONS.build(opts)
     bundle = export_bundle(model, [AdapterRef.parse(a) for a in adapters], spec.forms, out,
                            precisions=spec.precisions, opset=spec.opset or None, force=force, task=task,
-                           quantize_options=spec.quantize_options(), fuse=not no_fuse, progress=progress_sink(quiet))
+                           quantize_options=spec.quantize_options(), fuse=not no_fuse, progress=progress_sink(quiet),
+                           quantize=quantize_bundle)
     if as_json:
         import json
 
@@ -266,7 +269,7 @@ def infer_command(bundle: Path, graph: str, texts: tuple[str, ...], adapter: str
                    "file. Merged/branched graphs carry their own adapter.")
 @click.option("--prompt", "prompts", multiple=True, required=True,
               help="Text to continue; repeat for a left-padded batch (one prompt streams as it generates).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Most tokens to add per prompt.")
+@click.option("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, show_default=True, help="Most tokens to add per prompt.")
 @click.option("--greedy", is_flag=True, help="Always take the most likely token (the default).")
 @click.option("--temperature", type=float, default=None, help="Sample with this temperature (> 0).")
 @click.option("--top-p", type=float, default=None, help="Sample from the top-p probability mass (0 < p <= 1).")

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 LABEL_MAP_FILE = "label_map.json"
 SPLIT_NAMES = ("train", "validation", "test")
 
+DEFAULT_MAX_LENGTH = 128  # tokens a text is cut to where no setting says otherwise (infer, export samples, calibration)
+
 
 @dataclass(frozen=True)
 class Example:
@@ -275,14 +277,14 @@ def resolve_data_files(data: str | Path, validation: str | Path | None = None, t
                      seed=seed)
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int = 128, padding: str | bool = "longest",
+def encode_texts(tokenizer, texts: list[str], max_length: int, padding: str | bool = "longest",
                  tensors: str = "pt") -> dict:
     """Tokenize ``texts`` into a dict of tensors (input_ids, attention_mask, ...): torch ("pt") or numpy ("np")."""
     return dict(tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length,
                           return_tensors=tensors))
 
 
-def calibration_batches(tokenizer, texts: list[str], batch_size: int = 8, max_length: int = 128, *,
+def calibration_batches(tokenizer, texts: list[str], batch_size: int = 8, max_length: int = DEFAULT_MAX_LENGTH, *,
                         limit: int) -> list[dict[str, "torch.Tensor"]]:
     """Up to ``limit`` texts (``QuantizeOptions.calib_size``) tokenized into batches, for static calibration."""
     texts = list(texts)[:limit]

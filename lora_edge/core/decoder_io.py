@@ -52,6 +52,7 @@ INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask",
 PAST_NAME = "past_key_values.{layer}.{kind}"
 PRESENT_NAME = "present.{layer}.{kind}"
 KV_KINDS = ("key", "value")
+DEFAULT_MAX_NEW_TOKENS = 64  # tokens `generate` adds per prompt unless asked for another count
 # Graph metadata of decoders with GroupQueryAttention (see the module docstring).
 CHUNKED_BATCH_KEY = "lora_edge.chunked_prefill_batch"
 SHARED_CACHE_KEY = "lora_edge.kv_cache"

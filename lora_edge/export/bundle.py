@@ -405,16 +405,18 @@ def _new_job(model_path: Path, task: Task, references: dict[str, "PeftModel"], s
                      opset, tolerance, trust_remote_code, progress)
 
 
+# (bundle, precisions, options, progress=...) -> anything: lora_edge.quantize.quantizer.quantize_bundle
+Quantize = Callable[..., object]
+
+
 def _quantize_staged(staging: Path, precisions: list[Precision], options: QuantizeOptions | None, clock: "Stopwatch",
-                     progress: Progress) -> None:
-    """Quantize the finished fp32 bundle in its staging directory (export quantizes when asked to)."""
+                     progress: Progress, quantize: "Quantize | None") -> None:
+    """Quantize the finished fp32 bundle in its staging directory with the caller's quantizer."""
     if not precisions:
         return
-    from lora_edge.quantize.quantizer import quantize_bundle
-
     release_freed_memory()
     with clock.stage("quantize"):
-        quantize_bundle(staging, precisions, options, progress=progress)
+        quantize(staging, precisions, options, progress=progress)
     dataclasses.replace(Manifest.read(staging), export_stages=clock.stages).write(staging)
 
 
@@ -423,14 +425,16 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
                   seed: int | None = None, recipe: dict | None = None, trust_remote_code: bool = False,
                   quantize_options: QuantizeOptions | None = None, fuse: bool = True,
-                  progress: Progress = stderr_lines, exporter: str | None = None) -> Path:
+                  progress: Progress = stderr_lines, exporter: str | None = None,
+                  quantize: "Quantize | None" = None) -> Path:
     """Export ``forms`` of ``model`` + each adapter into a new bundle at ``out``; returns ``out``.
 
     Every graph is checked against its PyTorch reference right after export
     (max abs diff <= ``tolerance``, else ExportError naming the graph). With
     precisions other than fp32, ``lora_edge.quantize.quantizer.quantize_bundle(bundle,
-    precisions, quantize_options)`` runs on the finished fp32 bundle before it
-    is moved into place. With ``fuse`` the fp32 encoder graphs get the verified
+    precisions, quantize_options)`` (given as ``quantize`` by the caller: export
+    does not import the later quantize stage) runs on the finished fp32 bundle
+    before it is moved into place. With ``fuse`` the fp32 encoder graphs get the verified
     CPU fusions (:mod:`lora_edge.export.fusion`). Nothing is left at ``out`` when
     any step fails; an existing ``out`` is replaced only with ``force``.
 
@@ -441,6 +445,9 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
     """
     forms = parse_choices(Form, list(forms), "--forms")  # members pass through; strings (Python callers) are parsed
     precisions = parse_choices(Precision, list(precisions), "--precisions")
+    if quantize is None and any(p is not Precision.FP32 for p in precisions):
+        raise ConfigError("precisions other than fp32 need a quantizer", "precisions",
+                          "pass quantize=lora_edge.quantize.quantizer.quantize_bundle, or quantize the bundle later")
     adapters = list(adapters)
     _check_names(adapters)
     _require_opset(opset)
@@ -470,6 +477,6 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
             write_genai_config(staging, job.records)  # onnxruntime-genai runs the graphs as they are
         _manifest(job, model, adapters, records_dirs, seed, recipe, clock).write(staging)
         _quantize_staged(staging, [p for p in precisions if p is not Precision.FP32], quantize_options, clock,
-                         progress)
+                         progress, quantize)
     progress(f"wrote {out}")
     return Path(out)

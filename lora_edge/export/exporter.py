@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
+from lora_edge.core.data import DEFAULT_MAX_LENGTH
 from lora_edge.core.errors import ConfigError, ExportError
 from lora_edge.core.choices import Task
 
@@ -83,7 +84,7 @@ class ExportContext:
     tokenizer: Any
     config: Any  # the transformers PretrainedConfig of the base model
     sample_texts: tuple[str, ...] = SAMPLE_TEXTS
-    max_length: int = 128
+    max_length: int = DEFAULT_MAX_LENGTH
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from lora_edge.core.decoder_io import DEFAULT_MAX_NEW_TOKENS
 from lora_edge.core.errors import AdapterMismatchError, ConfigError, first_line
 from lora_edge.runtime.generate import BoundAdapter, DecoderRunner, GenerationResult, SamplingSpec, generate
 
@@ -138,7 +139,7 @@ def encode_chat_prompts(tokenizer, texts: list[str], system: str | None = None) 
 
 
 def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: str | None = None,
-                         max_new_tokens: int = 64, sampling: SamplingSpec | None = None,
+                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingSpec | None = None,
                          on_text: Callable[[str], None] | None = None, settings=None,
                          chat: bool | None = None, system: str | None = None) -> BundleGeneration:
     """Generate text after each prompt with graph ``graph`` of ``bundle`` (``lora-edge generate``).

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lora_edge.core.decoder_io import (ATTENTION_MASK, CHUNKED_BATCH_KEY, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME,
+from lora_edge.core.decoder_io import (ATTENTION_MASK, CHUNKED_BATCH_KEY, DEFAULT_MAX_NEW_TOKENS, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME,
                                        POSITION_IDS, PRESENT_NAME, SHARED_BUFFER, SHARED_CACHE_KEY)
 from lora_edge.core.errors import AdapterMismatchError, ConfigError, DataError, ExportError, first_line
 from lora_edge.runtime.session import run
@@ -385,7 +385,7 @@ def nucleus(p: "np.ndarray", top_p: float, candidates: int = 1024) -> "np.ndarra
     return order[:keep]
 
 
-def generate(runner: DecoderRunner, prompts: list[list[int]], max_new_tokens: int = 64,
+def generate(runner: DecoderRunner, prompts: list[list[int]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              sampling: SamplingSpec | None = None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int = 0, adapter: "BoundAdapter | onnxruntime.LoraAdapter | None" = None,
              on_tokens: Callable[[list[int | None]], None] | None = None) -> GenerationResult:

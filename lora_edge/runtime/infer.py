@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from lora_edge.core.bundle import ONNX_DIR
 from lora_edge.core.choices import Form, Task
+from lora_edge.core.data import DEFAULT_MAX_LENGTH
 from lora_edge.core.errors import ConfigError
 from lora_edge.core.manifest import Manifest, choose_adapter, find_task_graph, require_adapter_file
 
@@ -43,7 +44,7 @@ def _labels(manifest: Manifest, adapter: str | None, width: int) -> list[str]:
 
 
 def infer(bundle: Path, graph: str, texts: Sequence[str], adapter: str | None = None,
-          settings: "SessionSettings | None" = None, max_length: int = 128) -> list[Prediction]:
+          settings: "SessionSettings | None" = None, max_length: int = DEFAULT_MAX_LENGTH) -> list[Prediction]:
     """Classify ``texts`` with graph ``graph`` of ``bundle`` (for hot-swap, with ``adapter``; 'none' = base)."""
     import numpy as np
 

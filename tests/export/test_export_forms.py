@@ -16,6 +16,7 @@ from lora_edge.core.adapters import AdapterRef, load_reference
 from lora_edge.core.choices import Form, Precision
 from lora_edge.core.manifest import Manifest, list_graphs
 from lora_edge.core.models import load_tokenizer
+from lora_edge.quantize.quantizer import quantize_bundle
 from lora_edge.runtime.session import create_session, load_lora_adapter, run
 
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
@@ -40,7 +41,7 @@ def patterned(tiny_model, tiny_adapter, tmp_path_factory):
     messages = []
     bundle = export_bundle(tiny_model("bert"), [AdapterRef(n, p) for n, p in adapters.items()],
                            ["merged", "branched", "hotswap"], out, precisions=["fp32", "int8-dynamic"],
-                           fuse=False, progress=messages.append)  # the forms as derived (fusions: test_fusion.py)
+                           fuse=False, progress=messages.append, quantize=quantize_bundle)  # the forms as derived (fusions: test_fusion.py)
     return bundle, adapters, messages
 
 

@@ -94,7 +94,7 @@ def test_adapter_loads_in_peft_with_the_same_logits(bert_run, toy_data):
     peft_model = PeftModel.from_pretrained(base, str(result.out)).eval()
     reference = load_reference(model_dir, AdapterRef.parse(str(result.out)))
     tokenizer = load_tokenizer(model_dir)
-    batch = encode_texts(tokenizer, [ex.text for ex in read_examples(toy_data.test, Task.SEQ_CLS)][:16])
+    batch = encode_texts(tokenizer, [ex.text for ex in read_examples(toy_data.test, Task.SEQ_CLS)][:16], 128)
     ours, theirs = _logits(reference, batch), _logits(peft_model, batch)
     assert (ours - theirs).abs().max().item() <= 1e-6
     # the adapter changed the model: the trained head and LoRA layers are in the file
@@ -112,7 +112,7 @@ def test_metrics_json_is_honest(bert_run, toy_data):
     reference = load_reference(model_dir, AdapterRef.parse(str(result.out)))
     tokenizer = load_tokenizer(model_dir)
     examples = read_examples(toy_data.test, Task.SEQ_CLS)
-    predicted = _logits(reference, encode_texts(tokenizer, [ex.text for ex in examples])).argmax(-1).tolist()
+    predicted = _logits(reference, encode_texts(tokenizer, [ex.text for ex in examples], 128)).argmax(-1).tolist()
     matrix = [[0] * len(labels) for _ in labels]
     for example, guess in zip(examples, predicted):
         matrix[labels.index(example.label)][guess] += 1
@@ -235,7 +235,7 @@ def test_pissa_adapter_is_converted_for_the_original_base(lively_bert, toy_data,
     reference = load_reference(lively_bert, AdapterRef.parse(str(result.out)))
     tokenizer = load_tokenizer(lively_bert)
     examples = read_examples(toy_data.test, Task.SEQ_CLS)
-    predicted = _logits(reference, encode_texts(tokenizer, [ex.text for ex in examples])).argmax(-1)
+    predicted = _logits(reference, encode_texts(tokenizer, [ex.text for ex in examples], 128)).argmax(-1)
     labels = LabelMap.load(result.out).labels
     truth = torch.tensor([labels.index(ex.label) for ex in examples])
     assert (predicted == truth).float().mean().item() == pytest.approx(result.metrics["test"]["accuracy"])
@@ -259,7 +259,7 @@ def test_causal_lm_on_a_text_file(tiny_model, tmp_path):
     assert read_adapter_config(result.out)["task_type"] == "CAUSAL_LM"
     reference = load_reference(model, AdapterRef.parse(str(result.out)))
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model)), str(result.out)).eval()
-    batch = encode_texts(load_tokenizer(model), ["the very minute it was", "my paper"])
+    batch = encode_texts(load_tokenizer(model), ["the very minute it was", "my paper"], 128)
     assert (_logits(reference, batch) - _logits(peft_model, batch)).abs().max().item() <= 1e-6
 
 
@@ -274,7 +274,7 @@ def test_default_intent_adapter_reaches_90_percent(intent_adapter):
     examples = read_examples(DataFiles.from_json(json.loads((intent_adapter / "data.json").read_text())).test,
                              Task.SEQ_CLS)[:48]
     labels = LabelMap.load(intent_adapter).labels
-    predicted = _logits(reference, encode_texts(tokenizer, [ex.text for ex in examples])).argmax(-1).tolist()
+    predicted = _logits(reference, encode_texts(tokenizer, [ex.text for ex in examples], 128)).argmax(-1).tolist()
     correct = sum(labels[p] == ex.label for p, ex in zip(predicted, examples))
     assert correct / len(examples) >= 0.85, "the adapter on disk does not behave like metrics.json says"
     matrix = metrics["test"]["confusion_matrix"]["matrix"]
