@@ -66,13 +66,14 @@ def bundle(tmp_path_factory, tiny_model, tiny_adapter):
     """A tiny-BERT bundle with two adapters: merged per adapter, one hot-swap graph, and int4 copies."""
     from lora_edge.core.adapters import AdapterRef
     from lora_edge.export.bundle import export_bundle
+    from lora_edge.quantize.quantizer import quantize_bundle
 
     precisions = ["fp32", "int4"] if _has_quantizer() else ["fp32"]
     out = tmp_path_factory.mktemp("check") / "bundle"
     adapters = [AdapterRef("A", tiny_adapter("bert", rank=4, seed=0)),
                 AdapterRef("B", tiny_adapter("bert", rank=2, seed=1))]
     export_bundle(tiny_model("bert"), adapters, ["merged", "hotswap"], out, precisions=precisions,
-                  progress=lambda message: None)
+                  progress=lambda message: None, quantize=quantize_bundle)
     return out
 
 

@@ -92,7 +92,7 @@ def test_default_model_adapter_loads_in_peft_by_hub_name_alone(tmp_path):
     assert loaded["base"] == DEFAULT_MODEL_HUB_NAME
     reference = load_reference(default_model_path(), AdapterRef("a", moved))
     with torch.no_grad():
-        expected = reference(**encode_texts(load_tokenizer(default_model_path()), TEXTS)).logits.numpy()
+        expected = reference(**encode_texts(load_tokenizer(default_model_path()), TEXTS, 128)).logits.numpy()
     np.testing.assert_allclose(np.array(loaded["logits"]), expected, atol=1e-5)
 
 

@@ -45,5 +45,5 @@ def test_torchrun_two_cpu_processes(tiny_model, tmp_path):
 
     reference = load_reference(model, AdapterRef.parse(str(out)))
     with torch.no_grad():
-        logits = reference(**encode_texts(load_tokenizer(model), ["good item", "bad item"])).logits
+        logits = reference(**encode_texts(load_tokenizer(model), ["good item", "bad item"], 128)).logits
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
