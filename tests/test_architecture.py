@@ -29,8 +29,9 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
+    """Every module by dotted name: the top level's files (``__init__`` too) and the stage folders' modules."""
     return {module_name(path): path for path in PACKAGE.rglob("*.py")
-            if "resources" not in path.relative_to(PACKAGE).parts and path.name != "__init__.py" or path.parent == PACKAGE}
+            if path.parent == PACKAGE or path.name != "__init__.py"}
 
 
 def layer_of(module: str) -> int:

@@ -102,7 +102,7 @@ class StageRunner:
 
 def training_data_files(training: TrainingSpec) -> DataFiles:
     """The data files a recipe's training section names, as the trainer records them."""
-    return resolve_data_files(training.data, training.validation or None, training.test or None,
+    return resolve_data_files(training.data, training.validation, training.test,
                               seed=training.train.seed)
 
 def resolve_model(recipe: Recipe) -> str | Path:

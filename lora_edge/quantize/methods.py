@@ -258,7 +258,7 @@ def gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:
     head) gets a Transpose node, so it stays a graph input. The MatMul keeps the
     Gemm's name.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     from lora_edge.core.onnx_spec import GraphIndex
 
@@ -274,8 +274,7 @@ def gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:
             continue
         weight, matrix = node.input[1], index.constant(node.input[1])
         if attrs.get("transB", 0) and matrix is not None:
-            weight = f"{node.input[1]}_matmul"
-            model.graph.initializer.append(numpy_helper.from_array(matrix.T.copy(), weight))
+            weight = _transposed_initializer(model, index, node.input[1], matrix)
         elif attrs.get("transB", 0):
             weight = f"{node.input[1]}_transposed"
             nodes.append(helper.make_node("Transpose", [node.input[1]], [weight], name=f"{node.name}_transpose"))
@@ -290,20 +289,31 @@ def gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:
     return count
 
 
+def _transposed_initializer(model: "onnx.ModelProto", index, name: str, matrix) -> str:
+    """The name of an initializer holding ``matrix.T`` (``<name>_matmul``), added once per source weight."""
+    from onnx import numpy_helper
+
+    weight = f"{name}_matmul"
+    if weight not in index.initializers:
+        model.graph.initializer.append(numpy_helper.from_array(matrix.T.copy(), weight))
+        index.initializers[weight] = model.graph.initializer[-1]
+    return weight
+
+
 def fold_weight_transposes(model: "onnx.ModelProto", names: set[str]) -> int:
     """Give the MatMul nodes in ``names`` that read ``Transpose(W)`` of an initializer ``W.T`` as an initializer.
 
     The exporter leaves an untied LM head as ``MatMul(x, Transpose(W))`` (its
     optimizer does not fold large weights); MatMulNBits quantizes initializer
-    weights only, so the head would stay fp32. ``W`` and the Transpose go when
+    weights only, so the head would stay fp32. The Transpose and ``W`` go when
     nothing else reads them. Returns how many nodes were rewired.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     from lora_edge.core.onnx_spec import GraphIndex
 
     index = GraphIndex(model)
-    folded = 0
+    orphans = []
     for node in model.graph.node:
         transpose = index.producer.get(node.input[1]) if node.op_type == "MatMul" and node.name in names else None
         if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in index.initializers:
@@ -312,22 +322,23 @@ def fold_weight_transposes(model: "onnx.ModelProto", names: set[str]) -> int:
         matrix = index.constant(transpose.input[0])
         if matrix is None or matrix.ndim != 2 or perm not in (None, [1, 0]):
             continue
-        weight = f"{transpose.input[0]}_matmul"
-        if weight not in index.initializers:
-            model.graph.initializer.append(numpy_helper.from_array(matrix.T.copy(), weight))
-            index.initializers[weight] = model.graph.initializer[-1]
-        node.input[1] = weight
-        folded += 1
-    readers = {name for node in model.graph.node for name in node.input}
-    kept = [node for node in model.graph.node if node.op_type != "Transpose" or node.output[0] in readers
-            or node.output[0] in index.graph_outputs]
+        node.input[1] = _transposed_initializer(model, index, transpose.input[0], matrix)
+        orphans.append(transpose)
+    _drop_unread_transposes(model, orphans, index.graph_outputs)
+    return len(orphans)
+
+
+def _drop_unread_transposes(model: "onnx.ModelProto", transposes: list, graph_outputs: set[str]) -> None:
+    """Remove the ``transposes`` nothing reads any more, and their source initializers when unread too."""
+    readers = {name for node in model.graph.node for name in node.input} | graph_outputs
+    gone = {id(node) for node in transposes if node.output[0] not in readers}
+    kept = [node for node in model.graph.node if id(node) not in gone]
     del model.graph.node[:]
     model.graph.node.extend(kept)
-    readers = {name for node in model.graph.node for name in node.input} | index.graph_outputs
-    unused = [init for init in model.graph.initializer if init.name not in readers]
-    for init in unused:
+    readers = {name for node in model.graph.node for name in node.input} | graph_outputs
+    sources = {node.input[0] for node in transposes} - readers
+    for init in [init for init in model.graph.initializer if init.name in sources]:
         model.graph.initializer.remove(init)
-    return folded
 
 
 def quantize_int4(job: QuantizeJob) -> dict:
