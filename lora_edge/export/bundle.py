@@ -60,9 +60,6 @@ LABEL_MAPS_DIR = "label_maps"     # under onnx/: one label map per adapter when 
 # Opsets torch's ONNX exporter writes as asked: below 18 it silently writes 18, above 23 it has no translations.
 OPSET_RANGE = (18, 23)
 TRACE_FILE = ".trace.onnx"        # under onnx/ while an export runs: the one traced graph, removed once loaded
-# Verification sessions run a few inputs once: no prepacked copy of the weights (SmolLM2 fp32: 990 -> 756 MB
-# for the session, same kernels on the same values).
-VERIFY_SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
 
@@ -212,9 +209,10 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
 def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
     """Check the graph at ``path`` in ONE session, once per adapter (None: no adapter); return the diffs."""
     from lora_edge.export.exporter import check_agreement, run_verify_inputs
-    from lora_edge.runtime.session import SessionSettings, create_session, load_lora_adapter
+    from lora_edge.runtime.session import check_settings, create_session, load_lora_adapter
 
-    session = create_session(path, SessionSettings(config_entries=VERIFY_SESSION_CONFIG))
+    # a few inputs, once: no prepacked copy of the weights (SmolLM2 fp32: 990 -> 756 MB for the session)
+    session = create_session(path, check_settings())
     diffs = {}
     for adapter, adapter_file in adapters.items():
         actual = run_verify_inputs(session, plan.verify_io, adapter=load_lora_adapter(adapter_file) if adapter_file else None)
