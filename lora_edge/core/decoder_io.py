@@ -12,7 +12,9 @@ Graph I/O (the ``causal-lm`` contract every exporter, runner and check shares)::
              position_ids                 int64  [batch, sequence]
              past_key_values.<i>.key      float  [batch, kv_heads, past_sequence, head_dim]   (i = 0 .. layers-1)
              past_key_values.<i>.value    float  [batch, kv_heads, past_sequence, head_dim]
-    outputs  logits                       float  [batch, sequence, vocab]
+             logits_to_keep               int64  []   optional (default 0): 0 = logits of every position,
+                                                      k = of the last k positions only
+    outputs  logits                       float  [batch, sequence, vocab]   ([batch, min(k, sequence), vocab])
              present.<i>.key / .value     float  [batch, kv_heads, past_sequence + sequence, head_dim]
 
 Why ONE graph for prefill and decode (rather than a prefill/decode pair):
@@ -24,6 +26,12 @@ Prefill feeds ``past_sequence = 0`` tensors; decode feeds the previous
 ``present`` tensors back as ``past_key_values``; a chunked prefill (several
 new tokens after a past) works the same way. ``benchmarks/decoder_latency.py``
 measures both phases per form.
+
+``logits_to_keep`` (graphs exported since it exists; :mod:`lora_edge.export.last_logits`)
+is a graph input with a same-named initializer, so a caller that does not know it
+gets every position as before; generation feeds 1 (one row of logits per prefill:
+the LM head runs on the last position only), the gate's perplexity leaves it out.
+Runners feed it only when :func:`takes_logits_to_keep` says the graph has it.
 
 Padding: batches are LEFT padded. ``position_ids`` are ``cumsum(attention_mask) - 1``
 (0 on padding), exactly as ``transformers.GenerationMixin`` computes them, so a
@@ -49,6 +57,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
+LOGITS_TO_KEEP = "logits_to_keep"  # optional int64 scalar input (see the module docstring)
 PAST_NAME = "past_key_values.{layer}.{kind}"
 PRESENT_NAME = "present.{layer}.{kind}"
 KV_KINDS = ("key", "value")
@@ -116,3 +125,14 @@ def context_length(config: dict) -> int | None:
         if config.get(key):
             return int(config[key])
     return None
+
+
+def takes_logits_to_keep(session) -> bool:
+    """True when an ONNX Runtime session's graph has the optional ``logits_to_keep`` input.
+
+    It is a graph input with a default, which ONNX Runtime lists among the
+    overridable initializers rather than the inputs.
+    """
+    names = [item.name for item in session.get_inputs()]
+    names += [item.name for item in session.get_overridable_initializers()]
+    return LOGITS_TO_KEEP in names

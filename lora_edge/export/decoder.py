@@ -236,6 +236,7 @@ def causal_lm_graph_io(model, context) -> "GraphIO":
     ``context`` is the exporter's ExportContext (tokenizer, config, sample texts).
     """
     from lora_edge.export.exporter import GraphIO
+    from lora_edge.export.last_logits import add_logits_to_keep
 
     wrapper = wrap_decoder(model, context.config)
     shape = wrapper.shape
@@ -248,7 +249,7 @@ def causal_lm_graph_io(model, context) -> "GraphIO":
                    input_names=shape.input_names, output_names=shape.output_names,
                    dynamic_axes=dynamic_axes(shape), verify_inputs=verify_inputs(shape, prompts, pad, dtype),
                    dim_min={PAST: 0, SEQUENCE: 1, TOTAL: 1},
-                   relative_tolerance=FP32_RELATIVE_TOLERANCE)
+                   relative_tolerance=FP32_RELATIVE_TOLERANCE, edit_graph=add_logits_to_keep)
 
 
 def _register() -> None:

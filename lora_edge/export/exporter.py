@@ -99,6 +99,9 @@ class GraphIO:
     ``relative_tolerance`` -- when set, the bound on each output's diff divided by that output's
     scale (its largest |value|, at least 1), in place of the absolute tolerance: LLM logits and
     keys run to the tens, where fp32 rounding over dozens of layers alone reaches ~1e-3.
+    ``edit_graph`` -- when set, a rewrite of the traced ONNX graph made once, before every form is
+    derived from it (the graph then takes inputs beyond ``input_names`` only with defaults, e.g.
+    the decoder's ``logits_to_keep``); it is verified on ``verify_inputs`` like the rest.
     """
 
     module: "nn.Module"
@@ -109,6 +112,7 @@ class GraphIO:
     verify_inputs: list[tuple["torch.Tensor", ...]]
     dim_min: dict[str, int] = field(default_factory=dict)
     relative_tolerance: float | None = None
+    edit_graph: Callable[["onnx.ModelProto"], Any] | None = None
 
     def __post_init__(self):
         if len(self.example_inputs) != len(self.input_names):

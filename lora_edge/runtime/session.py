@@ -146,10 +146,14 @@ def load_lora_adapter(adapter_file: str | Path) -> "onnxruntime.LoraAdapter":
 
 def run(session: "onnxruntime.InferenceSession", feeds: dict[str, "np.ndarray"],
         adapter: "onnxruntime.LoraAdapter | None" = None, output_names: list[str] | None = None) -> list["np.ndarray"]:
-    """Run ``session`` on ``feeds`` (only the inputs the graph declares), activating ``adapter`` if given."""
+    """Run ``session`` on ``feeds`` (only the inputs the graph declares), activating ``adapter`` if given.
+
+    Inputs with a default (ONNX Runtime's overridable initializers, e.g. a decoder's
+    ``logits_to_keep``) count as declared: a feed for one replaces the default.
+    """
     import onnxruntime
 
-    declared = {i.name for i in session.get_inputs()}
+    declared = {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
     feeds = {name: value for name, value in feeds.items() if name in declared}
     run_options = None
     if adapter is not None:
