@@ -84,7 +84,7 @@ def step_call(runner, adapter, new_tokens: int, past_length: int, seed: int = 0)
     positions = np.arange(past_length, past_length + new_tokens, dtype=np.int64)[None]
     past = [rng.standard_normal((1, runner.num_kv_heads, past_length, runner.head_dim)).astype(np.float32)
             for _ in runner.past_names]
-    return lambda: runner.step(ids, mask, positions, past, adapter)
+    return lambda: runner.step(ids, mask, positions, past, adapter, last_only=True)  # as generate runs it
 
 
 def interleaved_ms(calls: dict[str, callable], runs: int, warmup: int) -> dict[str, float]:

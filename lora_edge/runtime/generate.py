@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lora_edge.core.decoder_io import (ATTENTION_MASK, CHUNKED_BATCH_KEY, DEFAULT_MAX_NEW_TOKENS, INPUT_IDS, KV_KINDS, LOGITS, PAST_NAME,
-                                       POSITION_IDS, PRESENT_NAME, SHARED_BUFFER, SHARED_CACHE_KEY)
+from lora_edge.core.decoder_io import (ATTENTION_MASK, CHUNKED_BATCH_KEY, DEFAULT_MAX_NEW_TOKENS, INPUT_IDS, KV_KINDS, LOGITS,
+                                       LOGITS_TO_KEEP, PAST_NAME, POSITION_IDS, PRESENT_NAME, SHARED_BUFFER,
+                                       SHARED_CACHE_KEY, takes_logits_to_keep)
 from lora_edge.core.errors import AdapterMismatchError, ConfigError, DataError, ExportError, first_line
 from lora_edge.runtime.session import run
 
@@ -149,6 +150,9 @@ class DecoderRunner:
         logits = next(item for item in session.get_outputs() if item.name == LOGITS)
         self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
         self.logits_dtype = _ORT_FLOAT_TYPES.get(logits.type, "float32")
+        # graphs with the optional logits_to_keep input compute the LM head for the last position only when fed 1
+        self.keeps_last_logits = takes_logits_to_keep(session)
+        self._keep_last = None  # its OrtValue, made on first use
         self._bindings: dict = {}  # (id(buffers), id(adapter)) -> (IO binding, buffers, adapter): shared caches
 
     def check_step(self, input_ids: "np.ndarray", past_length: int) -> None:
@@ -167,12 +171,20 @@ class DecoderRunner:
                 for _ in self.past_names]
 
     def step(self, input_ids: "np.ndarray", attention_mask: "np.ndarray", position_ids: "np.ndarray",
-             past: list["np.ndarray"], adapter: "onnxruntime.LoraAdapter | None" = None
+             past: list["np.ndarray"], adapter: "onnxruntime.LoraAdapter | None" = None, last_only: bool = False
              ) -> tuple["np.ndarray", list["np.ndarray"]]:
-        """Run one prefill or decode step; returns (logits [batch, sequence, vocab], presents)."""
+        """Run one prefill or decode step; returns (logits [batch, sequence, vocab], presents).
+
+        ``last_only``: the caller reads the last position's logits only; a graph with
+        ``logits_to_keep`` then returns [batch, 1, vocab] (others every position).
+        """
+        import numpy as np
+
         self.check_step(input_ids, int(past[0].shape[2]))
         feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids,
                  **dict(zip(self.past_names, past))}
+        if last_only and self.keeps_last_logits:
+            feeds[LOGITS_TO_KEEP] = np.array(1, dtype=np.int64)
         try:
             outputs = run(self.session, feeds, adapter=adapter, output_names=self.output_names)
         except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
@@ -190,7 +202,8 @@ class DecoderRunner:
         ``past`` is None for prefill, else the presents (``OrtValue``) of the
         previous call. The presents are bound as ONNX Runtime outputs and fed
         back as the next step's past without ever becoming numpy arrays, so
-        the loop copies no cache; only the last position's logits leave. A graph
+        the loop copies no cache; only the last position's logits leave (a graph
+        with ``logits_to_keep`` computes no others). A graph
         with a shared cache (decoder_io.py, ``SHARED_CACHE_KEY``) gets one buffer
         per cache tensor of ``capacity`` positions (default: this step's total +
         ``CACHE_HEADROOM``; grown when a step needs more), bound as both past and
@@ -204,7 +217,7 @@ class DecoderRunner:
         if self.shared_cache:
             past = self._cache_buffers(past, len(input_ids), total, capacity)
             binding, step_logits = self._shared_binding(past, adapter)
-            if input_ids.shape[1] == 1 and step_logits is not None:
+            if (input_ids.shape[1] == 1 or self.keeps_last_logits) and step_logits is not None:
                 binding.bind_ortvalue_output(LOGITS, step_logits[1])
             else:  # unallocated: ORT sizes it (a bound output would keep the last run's shape)
                 binding.bind_output(LOGITS, "cpu")
@@ -227,6 +240,7 @@ class DecoderRunner:
         """An IO binding of ``past`` (empty when None), the adapter and fresh outputs (logits first)."""
         binding = self.session.io_binding()
         binding.bind_output(LOGITS, "cpu")  # first: get_outputs() lists outputs in the order they were bound
+        self._bind_keep_last(binding)
         if past is None:
             for name, value in zip(self.past_names, self.empty_past(batch)):
                 binding.bind_cpu_input(name, value)
@@ -256,6 +270,7 @@ class DecoderRunner:
             return self._bindings[key][:2]
         binding = self.session.io_binding()
         binding.bind_output(LOGITS, "cpu")  # first: get_outputs() lists outputs in the order they were bound
+        self._bind_keep_last(binding)
         for past_name, present_name, value in zip(self.past_names, self.present_names, buffers):
             binding.bind_ortvalue_input(past_name, value)
             binding.bind_ortvalue_output(present_name, value)
@@ -269,6 +284,17 @@ class DecoderRunner:
         # a prefill and a decode step over its own buffers (the profiler)
         self._bindings = {**dict(list(self._bindings.items())[-1:]), key: (binding, step_logits, buffers, adapter)}
         return binding, step_logits
+
+    def _bind_keep_last(self, binding) -> None:
+        """Bind ``logits_to_keep = 1`` when the graph has it (an OrtValue: a defaulted input refuses numpy binds)."""
+        import numpy as np
+        import onnxruntime
+
+        if not self.keeps_last_logits:
+            return
+        if self._keep_last is None:
+            self._keep_last = onnxruntime.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
+        binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_last)
 
     def _cache_buffers(self, past: list | None, batch: int, total: int, capacity: int | None
                        ) -> list["onnxruntime.OrtValue"]:
@@ -449,7 +475,7 @@ def _step_function(runner: DecoderRunner, adapter, capacity: int) -> Callable:
 
     def numpy_step(ids, mask, positions, past):
         logits, presents = runner.step(ids, mask, positions, runner.empty_past(len(ids)) if past is None else past,
-                                       adapter)
+                                       adapter, last_only=True)
         return logits[:, -1, :], presents
 
     return numpy_step

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from lora_edge.core.decoder_io import LOGITS_TO_KEEP, takes_logits_to_keep
 from lora_edge.runtime.feeds import build_feeds, decode_step_feeds, is_past_input
 from lora_edge.runtime.session import CPU
 
@@ -245,6 +246,10 @@ def memory_probe_child() -> None:
         session = create_session(request["graph"], settings)
         adapter = load_lora_adapter(request["adapter_file"]) if request["adapter_file"] else None
         feeds = build_feeds(session, request["batch"], request["seq"], vocab_size=request["vocab_size"])
+        if takes_logits_to_keep(session):  # as generate runs a decoder: the last position's logits only
+            import numpy as np
+
+            feeds[LOGITS_TO_KEEP] = np.array(1, dtype=np.int64)
         runner = GraphRunner(session, feeds, adapter, gpu_id)
         runner()
         if is_decoder(session):  # a decoder's peak includes the cache of a decode step after the prompt
