@@ -108,12 +108,17 @@ def genai_python(venv: Path) -> Path:
     return python
 
 
-def genai_model(python: Path, merged: Path, precision: str, out: Path, threads: int) -> Path:
-    """onnxruntime-genai's own build of the merged model (CPU), with ``threads`` intra-op threads."""
+def genai_model(python: Path, merged: Path, precision: str, out: Path, threads: int,
+                extra_options: tuple[str, ...] = ()) -> Path:
+    """onnxruntime-genai's own build of the merged model (CPU), with ``threads`` intra-op threads.
+
+    ``extra_options``: the builder's ``--extra_options`` (e.g. ``prune_lm_head=true``: last-token logits in prefill).
+    """
     if not (out / "genai_config.json").exists():
         started = time.perf_counter()
+        extra = ["--extra_options", *extra_options] if extra_options else []
         subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out),
-                        "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache")], check=True)
+                        "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache"), *extra], check=True)
         log(f"genai {precision} built in {time.perf_counter() - started:.0f} s")
     config_path = out / "genai_config.json"
     config = json.loads(config_path.read_text())
@@ -184,6 +189,9 @@ def engine_specs(args, bundle: Path, genai_dirs: dict, genai_py: Path | None) ->
         "lora-edge merged fp32": (Path(sys.executable), ["--engine", "lora-edge", "--graph",
                                                           str(graph_file(bundle, "merged.fp32"))]),
     }
+    if args.baseline_bundle:
+        specs["lora-edge merged int4 (baseline bundle)"] = (
+            Path(sys.executable), ["--engine", "lora-edge", "--graph", str(graph_file(args.baseline_bundle, "merged.int4"))])
     for precision, directory in genai_dirs.items():
         specs[f"genai {precision}"] = (genai_py, ["--engine", "genai", "--model", str(directory)])
     specs["torch eager peft"] = (Path(sys.executable), ["--engine", "torch", "--model", str(args.model),
@@ -221,6 +229,8 @@ def summarize(results: dict[str, list[dict]], prompt_tokens: int, reference: str
         first_diff = same.index(False) if False in same else len(same)
         entry = {"prefill_tokens_per_s": statistics.median(r["prefill"] for r in runs),
                  "decode_tokens_per_s": statistics.median(r["decode"] for r in runs),
+                 "rss_loaded_mb": max(r.get("rss_loaded_mb", 0) for r in results[name]),
+                 "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in results[name]),
                  "agreement_first_32": sum(same[:32]) / 32, "agreement_all": sum(same) / max(1, len(same)),
                  "identical_prefix_tokens": first_diff, "rounds": rounds}
         for other in ("genai int4", "torch eager peft", "lora-edge merged int4"):
@@ -263,11 +273,13 @@ def decode_step_profile(graph: Path, prompt: list[int], steps: int, threads: int
 
 def table(summary: dict) -> str:
     lines = ["| engine | prefill tok/s | decode tok/s | decode vs genai int4 | prefill vs genai int4 | "
-             "decode vs torch peft | greedy = torch (first 32) |", "|---|---|---|---|---|---|---|"]
+             "decode vs torch peft | greedy = torch (first 32) | RSS loaded MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary.items():
         lines.append(f"| {name} | {e['prefill_tokens_per_s']:.0f} | {e['decode_tokens_per_s']:.1f} | "
                      f"{e.get('decode_ratio_vs_genai_int4', 1.0):.2f} | {e.get('prefill_ratio_vs_genai_int4', 1.0):.2f} | "
-                     f"{e.get('decode_ratio_vs_torch_eager_peft', 1.0):.2f} | {e['agreement_first_32']:.0%} |")
+                     f"{e.get('decode_ratio_vs_torch_eager_peft', 1.0):.2f} | {e['agreement_first_32']:.0%} | "
+                     f"{e['rss_loaded_mb']:.0f} | {e['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -278,6 +290,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("~/.cache/lora-edge/llm-bench").expanduser())
     parser.add_argument("--genai-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--skip-genai", action="store_true")
+    parser.add_argument("--genai-pruned-head", action="store_true",
+                        help="also build and run genai int4 with the builder's prune_lm_head=true (last-token "
+                             "logits in prefill), engine 'genai int4-pruned-head'")
+    parser.add_argument("--baseline-bundle", type=Path,
+                        help="another lora-edge bundle (e.g. built by an earlier version) whose merged.int4 runs "
+                             "as engine 'lora-edge merged int4 (baseline bundle)', for a before/after in one run")
     parser.add_argument("--engines", help="comma-separated engine names to run (default: all), e.g. "
                                           "'lora-edge merged int4,genai int4' for a quick ratio")
     parser.add_argument("--rounds", type=int, default=5)
@@ -297,6 +315,9 @@ def main() -> None:
         genai_py = genai_python(args.genai_venv)
         genai_dirs = {p: genai_model(genai_py, merged, p, args.work / f"genai-{p}", args.threads)
                       for p in ("int4", "fp32")}
+        if args.genai_pruned_head:
+            genai_dirs["int4-pruned-head"] = genai_model(genai_py, merged, "int4", args.work / "genai-int4-pruned-head",
+                                                         args.threads, ("prune_lm_head=true",))
     prompt = prompt_ids(args.model, args.prompt_tokens, args.work / "prompt.json")
     specs = engine_specs(args, bundle, genai_dirs, genai_py)
     if args.engines:

@@ -5,7 +5,9 @@ virtual environment), loads its model once, and on every ``run`` command
 greedily generates ``--new-tokens`` tokens after the fixed prompt ids (EOS
 ignored), timing prefill (prompt -> first logits) and decode (the rest)
 separately. Commands: ``run`` -> {"prefill_s", "decode_s", "decode_steps",
-"tokens"}; ``quit``.
+"tokens", "rss_loaded_mb", "peak_rss_mb"}; ``quit``. Memory: the resident set
+once the engine has loaded its model (imports included), and the process's
+peak resident set so far (VmHWM: every run up to this one).
 
     python llm_worker.py --engine lora-edge --graph G.onnx [--adapter A.onnx_adapter] --prompt-ids ids.json
     python llm_worker.py --engine genai --model DIR --prompt-ids ids.json
@@ -19,6 +21,25 @@ import json
 import sys
 import time
 from pathlib import Path
+
+
+def current_rss_mb() -> float:
+    """This process's resident set now, in MB (Linux /proc)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far, in MB (VmHWM: ``getrusage``'s ru_maxrss would carry the
+    benchmark parent's peak over fork + exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def lora_edge_engine(args):
@@ -114,11 +135,12 @@ def main() -> None:
     args = parser.parse_args()
     prompt = json.loads(Path(args.prompt_ids).read_text())
     run = ENGINES[args.engine](args)
+    loaded = current_rss_mb()
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if line.strip() == "quit":
             break
-        print(json.dumps(run(prompt)), flush=True)
+        print(json.dumps({**run(prompt), "rss_loaded_mb": loaded, "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 if __name__ == "__main__":
