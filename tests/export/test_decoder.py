@@ -48,7 +48,8 @@ def test_cli_export_writes_decoder_graphs_with_kv_cache_io(bundles):
         assert inputs["attention_mask"] == ["batch", "total_sequence"]
         assert inputs["past_key_values.1.value"] == ["batch", 4, "past_sequence", 8]  # GPT-2: 4 heads of 8
         assert list(outputs) == ["logits"] + [name.replace("past_key_values", "present") for name in layers]
-        assert outputs["logits"] == ["batch", "sequence", 30522]
+        # the last logits_to_keep positions (0, the default, keeps all of them: `sequence`)
+        assert outputs["logits"] == ["batch", "kept_sequence", 30522]
         for name in outputs:
             if name != "logits":  # the exporter writes the sum in either order
                 batch, heads, length, head_dim = outputs[name]
