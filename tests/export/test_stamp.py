@@ -96,6 +96,7 @@ def _run_hotswap(traced, weights, task_io, tensors, path):
     return outputs
 
 
+@pytest.mark.slow  # two traces of each model: ~25 s each arch on 2 quiet cores
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_stamped_trace_computes_what_the_full_trace_computes(arch, deep_model, tmp_path_factory, tmp_path):
     """Same ops, inputs and outputs as tracing every layer, and the same outputs on the verify inputs (with an adapter)."""
@@ -170,6 +171,7 @@ def test_a_two_layer_model_takes_the_plain_trace(tiny_model, tiny_adapter):
         layer_stack(model, context.config, slots)
 
 
+@pytest.mark.slow  # two traces and an export: ~30 s on 2 quiet cores
 def test_a_stamped_graph_that_drifts_is_traced_again_whole(deep_model, tmp_path_factory, tmp_path, monkeypatch):
     """Layers that differ in a way three traced layers cannot show fail the check, and the export traces every layer."""
     from onnx import numpy_helper
