@@ -55,17 +55,21 @@ def tiny_config(arch: str):
     raise ValueError(f"unknown tiny architecture {arch}")
 
 
-def build_tiny_model(arch: str, directory: Path, labels: list[str] | None = None, head: bool = True) -> Path:
+def build_tiny_model(arch: str, directory: Path, labels: list[str] | None = None, head: bool = True,
+                     config_overrides: dict | None = None) -> Path:
     """Write a tiny random model of ``arch`` (with tokenizer) to ``directory`` and return it.
 
     Encoders get a sequence-classification head with ``labels``, or, with
     ``head=False``, no head at all (like the embedded MiniLM), so that training
     creates one sized for its own label set. Decoders always get a causal-LM head.
+    ``config_overrides`` sets config attributes (e.g. more layers, for a model deep enough to stamp layers).
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     config = tiny_config(arch)
+    for name, value in (config_overrides or {}).items():
+        setattr(config, name, value)
     torch.manual_seed(MODEL_SEED)
     if arch in TINY_ENCODERS and head:
         labels = labels or TINY_LABELS

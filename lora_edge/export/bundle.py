@@ -153,9 +153,10 @@ class TracePlan:
     traced: object = None  # the traced hot-swap onnx.ModelProto
     exporter: str | None = None
     weights: dict = field(default_factory=dict)  # initializer name -> array, for initializers ``traced`` holds as stubs
+    stamped: bool = False  # traced through a shallow twin with the other layers stamped (lora_edge.export.stamp)
 
 
-def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan:
+def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool = True) -> TracePlan:
     """Reference outputs and ONE trace of base + LoRA branches (the hot-swap graph), then the model is released.
 
     The base is a view of the first reference (no weight copy); the references are
@@ -166,7 +167,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
     import onnx
     from torch import nn
 
-    from lora_edge.export.exporter import graph_io_for, name_output_dims, reference_outputs, trace_in_memory, trace_onnx
+    from lora_edge.export.exporter import graph_io_for, name_output_dims, reference_outputs, trace_onnx
     from lora_edge.export.hotswap import (TENSOR, add_default_initializers, adapter_tensors, hotswap_base,
                                    hotswap_graph_io, plan_slots)
     from lora_edge.export.merge import base_view
@@ -185,9 +186,10 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
     trace_file = job.staging / ONNX_DIR / TRACE_FILE
     graph_name = GraphRecord.graph_name(Form.HOTSWAP, Precision.FP32)
     weights: dict = {}
+    stamped = False
     with clock.stage(f"trace ({exporter})"):
         if exporter == "dynamo":  # kept in memory: its weights stay the model's own tensors (one copy)
-            traced, weights = trace_in_memory(io, job.opset, graph_name)
+            traced, weights, stamped = _trace_dynamo_stage(job, model, slots, io, graph_name, stamp)
         else:
             trace_onnx(io, trace_file, job.opset, graph_name, exporter)
     verify_io = dataclasses.replace(task_io, module=nn.Identity())
@@ -205,7 +207,27 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
         name_output_dims(traced, verify_io, expected[None])
         if verify_io.edit_graph is not None:
             verify_io.edit_graph(traced)
-    return TracePlan(slots, tensors, expected, verify_io, traced, exporter, weights)
+    return TracePlan(slots, tensors, expected, verify_io, traced, exporter, weights, stamped)
+
+
+def _trace_dynamo_stage(job: ExportJob, model, slots: list, io, graph_name: str, stamp: bool) -> tuple:
+    """(traced, weights, stamped): a layer-stamped trace where the model allows it, else every layer traced."""
+    from lora_edge.export.exporter import trace_in_memory
+    from lora_edge.export.hotswap import hotswap_graph_io
+    from lora_edge.export.stamp import NotStampable, trace_stamped
+
+    def shallow_io(shallow_slots, context):
+        return hotswap_graph_io(model, shallow_slots, context)[0]
+
+    if stamp and job.task is Task.CAUSAL_LM:
+        try:
+            traced, weights = trace_stamped(model, slots, job.context, io, shallow_io, job.opset, graph_name)
+            job.progress("  traced 3 layers and stamped the others (docs/ARCHITECTURE.md, layer stamping)")
+            return traced, weights, True
+        except NotStampable as exc:
+            job.progress(f"  tracing every layer: {exc}")
+    traced, weights = trace_in_memory(io, job.opset, graph_name)
+    return traced, weights, False
 
 
 def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
@@ -295,14 +317,21 @@ def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, export
     from lora_edge.export.exporter import exporter_order
 
     exporters = [exporter] if exporter else exporter_order(job.task)
-    for attempt, name in enumerate(exporters):
+    attempts = [(name, True) for name in exporters]
+    while attempts:
+        name, stamp = attempts.pop(0)
+        plan = None
         try:
-            plan = plan_and_trace(job, clock, name)
+            plan = plan_and_trace(job, clock, name, stamp)
             return write_forms(job, plan, forms, clock)
         except ExportError as exc:
-            if attempt == len(exporters) - 1 or reload is None:
+            if plan is not None and plan.stamped and reload is not None:  # layers the shallow trace could not tell apart
+                attempts.insert(0, (name, False))
+                job.progress(f"  the layer-stamped graph failed ({exc.what}); tracing every layer")
+            elif not attempts or reload is None:
                 raise
-            job.progress(f"  the {name} trace failed ({exc.what}); tracing again with {exporters[attempt + 1]}")
+            else:
+                job.progress(f"  the {name} trace failed ({exc.what}); tracing again with {attempts[0][0]}")
             with clock.stage("reload"):
                 job.references.update(reload())
     raise AssertionError("unreachable")

@@ -1,0 +1,197 @@
+"""Layer stamping (lora_edge/export/stamp.py): a shallow trace with its last layer repeated for the other layers.
+
+A 5-layer tiny decoder (3 traced, 2 stamped): the stamped graph must compute
+what a trace of every layer computes, every derived form must match PyTorch,
+and whatever the stamper cannot vouch for must take the full trace.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from lora_edge.core.adapters import AdapterRef, load_reference
+from lora_edge.core.choices import Form, Task
+from lora_edge.core.manifest import list_graphs
+from lora_edge.core.models import load_tokenizer
+from lora_edge.runtime.session import create_session, load_lora_adapter
+
+LAYERS = 5
+# Deep enough to stamp, wide enough that the layers' weights are not folded into anonymous constants by the trace
+# optimizer (it folds tensors of up to 8192 values, e.g. a Transpose of a 32x32 weight; then nothing is stamped).
+DEEP = {"llama": dict(num_hidden_layers=LAYERS, hidden_size=128, head_dim=64, intermediate_size=128),
+        "gpt2": dict(num_hidden_layers=LAYERS, n_embd=128)}
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory):
+    """arch -> a tiny decoder with LAYERS wider layers (the fixtures' tiny models have 2: too few to stamp)."""
+    from tiny_models import build_tiny_model
+
+    cache = {}
+
+    def make(arch: str):
+        if arch not in cache:
+            cache[arch] = _perturb_vectors(build_tiny_model(arch, tmp_path_factory.mktemp(f"deep-{arch}"),
+                                                            config_overrides=DEEP[arch]))
+        return cache[arch]
+
+    return make
+
+
+def _perturb_vectors(directory):
+    """Random norm scales and biases: at their initial ones and zeros the trace optimizer folds them away."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def _adapter(tmp_path_factory, model, arch: str, **kwargs):
+    from tiny_models import build_random_adapter
+
+    kwargs.setdefault("target_modules", "all-linear")
+    return build_random_adapter(model, tmp_path_factory.mktemp(f"deep-adapter-{arch}"), arch, rank=4, alpha=8.0,
+                                seed=3, **kwargs)
+
+
+def _hotswap_io(model_dir, adapter_dir):
+    """(hot-swap base model, slots, export context, hot-swap GraphIO, task GraphIO, reference) as the export builds them."""
+    from lora_edge.export.exporter import ExportContext
+    from lora_edge.export.hotswap import hotswap_base, hotswap_graph_io, plan_slots
+    from lora_edge.export.merge import base_view
+
+    reference = load_reference(model_dir, AdapterRef("a", adapter_dir))
+    context = ExportContext(Task.CAUSAL_LM, load_tokenizer(model_dir), reference.get_base_model().config)
+    base = base_view(reference)
+    slots = plan_slots(base, {"a": reference})
+    model = hotswap_base(base, slots)
+    io, task_io = hotswap_graph_io(model, slots, context)
+    return model, slots, context, io, task_io, reference
+
+
+def _run_hotswap(traced, weights, task_io, tensors, path):
+    """Write the traced hot-swap graph (the adapter's tensors fed as inputs) and run it on the verify inputs."""
+    import onnxruntime as ort
+
+    from lora_edge.export.forms import derive, write_model
+
+    write_model(traced, derive(traced, [], [], "hotswap", None, weights), path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    outputs = []
+    for inputs in task_io.verify_inputs:
+        feeds = {name: t.numpy() for name, t in zip(task_io.input_names, inputs)}
+        feeds.update({name: value for name, value in tensors.items() if name in names})
+        outputs.append(session.run(None, feeds))
+    return outputs
+
+
+@pytest.mark.slow  # two traces of each model: ~25 s each arch on 2 quiet cores
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_stamped_trace_computes_what_the_full_trace_computes(arch, deep_model, tmp_path_factory, tmp_path):
+    """Same ops, inputs and outputs as tracing every layer, and the same outputs on the verify inputs (with an adapter)."""
+    from lora_edge.export.exporter import trace_in_memory
+    from lora_edge.export.hotswap import add_default_initializers, adapter_tensors, hotswap_graph_io
+    from lora_edge.export.stamp import trace_stamped
+
+    adapter = _adapter(tmp_path_factory, deep_model(arch), arch)
+    model, slots, context, io, task_io, reference = _hotswap_io(deep_model(arch), adapter)
+    tensors = adapter_tensors(reference, slots)
+    full, full_weights = trace_in_memory(io, None, "full")
+    stamped, stamped_weights = trace_stamped(model, slots, context, io, lambda s, c: hotswap_graph_io(model, s, c)[0],
+                                             None, "stamped")
+    for traced in (full, stamped):
+        add_default_initializers(traced, {}, slots)
+    ops = [collections.Counter(node.op_type for node in m.graph.node) for m in (full, stamped)]
+    assert ops[0] == ops[1]
+    assert [v.name for v in full.graph.input] == [v.name for v in stamped.graph.input]
+    assert [str(v.type) for v in full.graph.input] == [str(v.type) for v in stamped.graph.input]
+    assert [v.name for v in full.graph.output] == [v.name for v in stamped.graph.output]
+    # the stamped layers' weights are the model's own tensors of those layers (no copy for large ones)
+    layer_names = [init.name for init in stamped.graph.initializer if f".{LAYERS - 1}." in init.name]
+    assert layer_names and set(layer_names) <= {init.name for init in full.graph.initializer}
+    expected = _run_hotswap(full, full_weights, task_io, tensors, tmp_path / "full.onnx")
+    actual = _run_hotswap(stamped, stamped_weights, task_io, tensors, tmp_path / "stamped.onnx")
+    for want, got in zip(expected, actual, strict=True):
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+
+
+def test_every_form_of_a_stamped_export_matches_pytorch(deep_model, tmp_path_factory, tmp_path):
+    """Per-layer ranks and scales (rank_pattern, alpha_pattern) leave the layers stampable; every form checks out."""
+    from lora_edge.export.bundle import export_bundle
+    from lora_edge.export.exporter import ExportContext, graph_io_for, max_abs_diff, reference_outputs, run_verify_inputs
+
+    model_dir = deep_model("llama")
+    adapter = _adapter(tmp_path_factory, model_dir, "llama", rank_pattern={"layers.3.self_attn.q_proj": 2},
+                       alpha_pattern={"layers.4.mlp.down_proj": 2.0})
+    lines = []
+    bundle = export_bundle(model_dir, [AdapterRef("a", adapter)], ["merged", "branched", "hotswap"],
+                           tmp_path / "bundle", progress=lines.append)
+    assert any("stamped" in line for line in lines), lines
+    reference = load_reference(model_dir, AdapterRef("a", adapter))
+    context = ExportContext(Task.CAUSAL_LM, load_tokenizer(model_dir), reference.get_base_model().config,
+                            sample_texts=("a different prompt than the exporter's", "two", "and a third one here"))
+    io = graph_io_for(Task.CAUSAL_LM)(reference, context)
+    expected = reference_outputs(io)
+    graphs = list_graphs(bundle)
+    assert {g.form for g in graphs} == {Form.MERGED, Form.BRANCHED, Form.HOTSWAP}
+    for graph in graphs:
+        adapter_file = graph.extra["adapter_files"]["a"] if graph.form is Form.HOTSWAP else None
+        session = create_session(bundle / graph.file)
+        actual = run_verify_inputs(session, io, adapter=load_lora_adapter(bundle / adapter_file) if adapter_file else None)
+        assert max_abs_diff(expected, actual) <= 1e-4, graph.name
+
+
+def test_layers_with_different_lora_targets_are_traced_whole(deep_model, tmp_path_factory):
+    from lora_edge.export.stamp import NotStampable, layer_stack
+
+    adapter = _adapter(tmp_path_factory, deep_model("llama"), "llama", layers_to_transform=[0, 2, 3],
+                       target_modules=["q_proj", "v_proj", "down_proj"])
+    model, slots, context, *_ = _hotswap_io(deep_model("llama"), adapter)
+    with pytest.raises(NotStampable, match="layer 1's LoRA targets differ"):
+        layer_stack(model, context.config, slots)
+
+
+def test_a_two_layer_model_takes_the_plain_trace(tiny_model, tiny_adapter):
+    from lora_edge.export.stamp import NotStampable, layer_stack
+
+    model, slots, context, *_ = _hotswap_io(tiny_model("llama"), tiny_adapter("llama"))
+    with pytest.raises(NotStampable, match="2 layers"):
+        layer_stack(model, context.config, slots)
+
+
+@pytest.mark.slow  # two traces and an export: ~30 s on 2 quiet cores
+def test_a_stamped_graph_that_drifts_is_traced_again_whole(deep_model, tmp_path_factory, tmp_path, monkeypatch):
+    """Layers that differ in a way three traced layers cannot show fail the check, and the export traces every layer."""
+    from onnx import numpy_helper
+
+    import lora_edge.export.stamp as stamp
+    from lora_edge.export.bundle import export_bundle
+
+    original = stamp.trace_stamped
+
+    def wrong_last_layer(*args, **kwargs):
+        traced, weights = original(*args, **kwargs)
+        for init in traced.graph.initializer:
+            if init.name.endswith(f"layers.{LAYERS - 1}.input_layernorm.weight"):
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 3, init.name))
+        return traced, weights
+
+    monkeypatch.setattr(stamp, "trace_stamped", wrong_last_layer)
+    adapter = _adapter(tmp_path_factory, deep_model("llama"), "llama")
+    lines = []
+    export_bundle(deep_model("llama"), [AdapterRef("a", adapter)], ["merged"], tmp_path / "bundle",
+                  progress=lines.append)
+    assert any("the layer-stamped graph failed" in line for line in lines), "\n".join(lines)
+    assert sum(line.strip().startswith("trace (dynamo)") for line in lines) == 2
