@@ -170,14 +170,23 @@ class GraphIndex:
         """The value of ``name`` when it is an initializer (not a graph input) or a Constant node's output."""
         from onnx import numpy_helper
 
+        from lora_edge.core.onnx_io import tensor_value
+
         if name in self.initializers and name not in self.graph_inputs:
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_value(self.initializers[name])  # a weight left in its file: a read-only view
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for attribute in node.attribute:
                 if attribute.name == "value":
                     return numpy_helper.to_array(attribute.t)
         return None
+
+    def is_constant(self, name: str) -> bool:
+        """True when :meth:`constant` has a value for ``name`` (without reading it: weights are large)."""
+        if name in self.initializers and name not in self.graph_inputs:
+            return True
+        node = self.producer.get(name)
+        return node is not None and node.op_type == "Constant" and any(a.name == "value" for a in node.attribute)
 
     def scalar(self, name: str) -> float | None:
         """``name``'s value when it is a one-element constant."""

@@ -39,7 +39,9 @@ class QuantizeJob:
     """One graph to quantize: the fused float model, where to write it, what stays float, the options.
 
     The job owns ``model``: quantizers change it in place and may release it
-    (:meth:`model_file`), so the caller keeps no other reference to it.
+    (:meth:`model_file`), so the caller keeps no other reference to it. An int4
+    job's model may keep large weights in the source file
+    (:func:`lora_edge.core.onnx_io.load_by_reference`): it reads them from there.
     """
 
     model: "onnx.ModelProto | None"
@@ -354,10 +356,13 @@ def quantize_int4(job: QuantizeJob) -> dict:
     import numpy as np
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from lora_edge.core.onnx_io import resolve_references
+
     options = job.options
     model, job.model = job.model, None  # the job's model is quantized in place: no second copy of the weights
     converted = gemm_to_matmul(model, set(job.roles.base))
     fold_weight_transposes(model, set(job.roles.base))
+    resolve_references(model)  # weights prepare left in their file (the folded ones are gone): ORT reads them
     head_nodes = [node.name for node in model.graph.node
                   if job.tied_head and node.op_type == "MatMul" and node.input[1] == job.tied_head]
     exclude = list(job.roles.keep_float)

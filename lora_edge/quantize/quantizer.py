@@ -131,12 +131,13 @@ def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: T
               source_fusion: dict | None = None):
     """(the float graph fused for where it will run, the fusion report, a tied embedding to share or None,
     whether the graph is still exactly the file ``src``)."""
+    from lora_edge.core.onnx_io import resolve_references
     from lora_edge.export.cpu_fusion import name_all_nodes
     from lora_edge.quantize.methods import GPU_PRECISIONS
     from lora_edge.export.prepare import FusionReport, fuse_graph
     from lora_edge.runtime.session import release_freed_memory
 
-    model = load_graph(src)
+    model = _load_decoder(src) if task is Task.CAUSAL_LM else load_graph(src)
     unchanged = name_all_nodes(model) == 0
     fusion = FusionReport()
     if options.fuse and plan is not None and task is Task.SEQ_CLS:
@@ -156,7 +157,19 @@ def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: T
             name_all_nodes(model)  # a graph the rewrites did not keep is the file again
         release_freed_memory()
         tied = find_tied_embedding(model) if precision is Precision.INT4 else None
+        if precision is not Precision.INT4:  # (int4 reads the weights it folds from the file)
+            resolve_references(model)
     return model, fusion, tied, unchanged
+
+
+def _load_decoder(src: Path) -> "onnx.ModelProto":
+    """A decoder graph with its large weights left in the file (its fusion checks' sessions map them from there)."""
+    from lora_edge.core.onnx_io import load_by_reference
+
+    try:
+        return load_by_reference(src)
+    except (OSError, ValueError, IndexError):  # not a readable protobuf: load_graph names the problem
+        return load_graph(src)
 
 
 def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
