@@ -95,10 +95,11 @@ def drop_stale_value_info(model: "onnx.ModelProto") -> int:
     """
     import onnx
 
+    from lora_edge.core.onnx_io import weightless_twin
+
     graph = model.graph
     declared = {init.name for init in graph.initializer} | {value.name for value in graph.input}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = weightless_twin(model, quantized=True)  # inference reads small integer tensors only: no weight copy
     del probe.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(probe)

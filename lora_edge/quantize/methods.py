@@ -50,6 +50,7 @@ class QuantizeJob:
     options: "QuantizeOptions"
     calibration: Callable[[], list[dict[str, "np.ndarray"]]] | None = None
     tied_head: str | None = None  # a tied LM head's weight (initializer name): int4 keeps it symmetric
+    tied_lookup: str | None = None  # its embedding's Gather: int4 leaves it float, to read the head's blocks
     source: Path | None = None  # a file holding exactly ``model`` (the fp32 graph, when preparing changed nothing)
 
     @contextlib.contextmanager
@@ -351,11 +352,10 @@ def quantize_int4(job: QuantizeJob) -> dict:
     and perplexity from +4.9% to -5..-8% at the same decode speed
     (docs/ARCHITECTURE.md, "Facts"). A tied LM head (``job.tied_head``) is
     quantized symmetric in a pass of its own, so a tied embedding can read its
-    blocks as they are (:func:`lora_edge.quantize.decoder.share_tied_embedding`).
+    blocks as they are (:func:`lora_edge.quantize.decoder.share_tied_embedding`):
+    its lookup (``job.tied_lookup``) is not quantized on its own, as those blocks
+    replace it (``details["tied_lookup_float"]``; :func:`quantize_lookups` if not).
     """
-    import numpy as np
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     from lora_edge.core.onnx_io import resolve_references
 
     options = job.options
@@ -365,22 +365,45 @@ def quantize_int4(job: QuantizeJob) -> dict:
     resolve_references(model)  # weights prepare left in their file (the folded ones are gone): ORT reads them
     head_nodes = [node.name for node in model.graph.node
                   if job.tied_head and node.op_type == "MatMul" and node.input[1] == job.tied_head]
+    lookup = [job.tied_lookup] if head_nodes and job.tied_lookup else []  # reads the head's blocks instead
     exclude = list(job.roles.keep_float)
-    passes = [(options.int4_symmetric, exclude + head_nodes, ("MatMul", "Gather"))]
+    passes = [(options.int4_symmetric, exclude + head_nodes + lookup, ("MatMul", "Gather"))]
     if head_nodes:  # symmetric: the tied embedding can then read the head's blocks as they are
         others = [node.name for node in model.graph.node if node.name not in head_nodes]  # (nodes_to_include adds)
         passes.insert(0, (True, others, ("MatMul",)))
     for symmetric, nodes_to_exclude, op_types in passes:
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size, is_symmetric=symmetric,
-                                         accuracy_level=options.int4_accuracy_level,
-                                         nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=op_types)
-        with np.errstate(invalid="ignore", divide="ignore"):  # all-zero blocks: ORT maps their 0/0 scale to 0
-            quantizer.process()
-        model = quantizer.model.model
-    quantizer.model.save_model_to_file(str(job.target), use_external_data_format=False)
+        model = _int4_pass(model, options, symmetric, nodes_to_exclude, op_types)
+    _save_int4(model, job.target)
     return {"bits": 4, "block_size": options.block_size, "symmetric": options.int4_symmetric,
             "accuracy_level": options.int4_accuracy_level, "gemm_as_matmul": converted,
-            **({"tied_head_symmetric": True} if head_nodes else {})}
+            **({"tied_head_symmetric": True} if head_nodes else {}), **({"tied_lookup_float": True} if lookup else {})}
+
+
+def _int4_pass(model: "onnx.ModelProto", options: "QuantizeOptions", symmetric: bool, nodes_to_exclude: list[str],
+               op_types: tuple[str, ...]) -> "onnx.ModelProto":
+    """One MatMulNBitsQuantizer pass over ``model`` (changed in place); the quantized model."""
+    import numpy as np
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size, is_symmetric=symmetric,
+                                     accuracy_level=options.int4_accuracy_level,
+                                     nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=op_types)
+    with np.errstate(invalid="ignore", divide="ignore"):  # all-zero blocks: ORT maps their 0/0 scale to 0
+        quantizer.process()
+    return quantizer.model.model
+
+
+def _save_int4(model: "onnx.ModelProto", path: Path) -> None:
+    """Save as MatMulNBitsQuantizer saves (its topological order)."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    ONNXModel(model).save_model_to_file(str(path), use_external_data_format=False)
+
+
+def quantize_lookups(model: "onnx.ModelProto", options: "QuantizeOptions") -> "onnx.ModelProto":
+    """The int4 pass over the embedding lookups :func:`quantize_int4` left float (a tied lookup that could not
+    read the LM head's blocks after all): blocks of their own, as one pass over MatMuls and Gathers gives them."""
+    return _int4_pass(model, options, options.int4_symmetric, [], ("Gather",))
 
 
 QUANTIZERS: dict[Precision, Callable[[QuantizeJob], dict]] = {
