@@ -42,3 +42,49 @@ def test_int4_of_a_decoder_by_reference_is_byte_identical(form, bundles, tmp_pat
     assert by_reference.fusion.get("group_query_attention") and "dropped" not in by_reference.fusion
     assert by_reference.fusion == whole.fusion and by_reference.linears == whole.linears
     assert by_reference.path.read_bytes() == whole.path.read_bytes()
+
+
+def _tied_graph(bundle, graph, directory):
+    """The tiny llama's merged graph with its LM head reading the embedding (as SmolLM2's export does)."""
+    import onnx
+
+    model = onnx.load(bundle / find_graph(bundle, graph).file)
+    inits = {init.name: init for init in model.graph.initializer}
+    embedding = next(node.input[0] for node in model.graph.node if node.op_type == "Gather" and node.input[0] in inits)
+    vocab = inits[embedding].dims[0]
+    transposes = {node.output[0]: node for node in model.graph.node if node.op_type == "Transpose"
+                  and node.input[0] in inits and inits[node.input[0]].dims[0] == vocab}
+    transposes[next(n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in transposes)
+               ].input[0] = embedding
+    (directory / "onnx").mkdir()
+    shutil.copy(bundle / ONNX_DIR / "config.json", directory / "onnx" / "config.json")
+    onnx.save(model, directory / "onnx" / "tied.fp32.onnx")
+    return directory / "onnx" / "tied.fp32.onnx"
+
+
+def test_a_tied_lookup_left_float_gives_the_graph_of_quantizing_it_too(bundles, tmp_path, monkeypatch):
+    """The tied embedding's own int4 blocks were dropped for the head's: not making them changes no byte; when the
+    head's blocks do not fit, the lookup gets its own (GatherBlockQuantized) and the graph still runs."""
+    import onnx
+
+    from lora_edge.quantize import decoder, methods, quantizer
+
+    source = _tied_graph(*bundles("llama", Form.MERGED), tmp_path)
+    skipped = quantizer.quantize_graph(source, tmp_path / "skipped.int4.onnx", "int4", task="causal-lm")
+    assert skipped.details["tied_embedding"] and "tied_lookup_float" not in skipped.details
+    int4 = methods.quantize_int4
+
+    def lookup_quantized_too(job):
+        job.tied_lookup = None
+        return int4(job)
+
+    monkeypatch.setitem(methods.QUANTIZERS, methods.Precision.INT4, lookup_quantized_too)
+    both = quantizer.quantize_graph(source, tmp_path / "both.int4.onnx", "int4", task="causal-lm")
+    assert skipped.path.read_bytes() == both.path.read_bytes()
+    monkeypatch.setitem(methods.QUANTIZERS, methods.Precision.INT4, int4)
+    monkeypatch.setattr(decoder, "share_tied_embedding", lambda model, tied: False)
+    own = quantizer.quantize_graph(source, tmp_path / "own.int4.onnx", "int4", task="causal-lm")
+    assert "tied_embedding" not in own.details
+    lookups = [node.op_type for node in onnx.load(own.path).graph.node
+               if "input_ids" in node.input and node.op_type.startswith("Gather")]
+    assert lookups == ["GatherBlockQuantized"]
