@@ -111,6 +111,7 @@ def _copy_field(target, descriptor, value) -> None:
 
 REFERENCE_MIN_BYTES = 64 * 1024  # initializers at least this large are left in the file
 _LOCATION, _OFFSET, _LENGTH = "location", "offset", "length"
+_INLINE = "lora_edge_inline"  # a stub's entry when the file holds the bytes in the tensor (not external data)
 # Protobuf field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
 
@@ -153,7 +154,27 @@ def _stub(tensor_bytes: list, path: str, offset: int, length: int):
 
     tensor = onnx.TensorProto()
     tensor.ParseFromString(b"".join(tensor_bytes))
+    written = "written" if tensor.HasField("data_location") else "absent"  # (as resolve_references puts it back)
     tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in ((_LOCATION, path), (_OFFSET, str(offset)), (_LENGTH, str(length)), (_INLINE, written)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def _absolute(tensor, directory: Path):
+    """``tensor``; when it is external data of the graph file's own, a stub of it (an absolute location)."""
+    import os
+
+    from onnx import TensorProto
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return tensor
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    path = str((directory / entries[_LOCATION]).resolve())
+    offset = int(entries.get(_OFFSET) or 0)
+    length = int(entries[_LENGTH]) if entries.get(_LENGTH) else os.path.getsize(path) - offset
+    del tensor.external_data[:]
     for key, value in ((_LOCATION, path), (_OFFSET, str(offset)), (_LENGTH, str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
@@ -164,7 +185,8 @@ def load_by_reference(path: str | Path, min_bytes: int | None = None) -> "onnx.M
     """The ONNX model at ``path`` with every initializer of ``min_bytes`` (default
     :data:`REFERENCE_MIN_BYTES`) or more left in the file (a stub).
 
-    Same nodes, inputs, outputs, metadata and initializer order as ``onnx.load``;
+    Same nodes, inputs, outputs, metadata and initializer order as ``onnx.load``
+    (a graph's own external data becomes stubs too);
     :func:`tensor_value` reads a stub's value, :func:`resolve_references` puts the
     bytes back into the model, :func:`session_file` writes it for a session. Raises
     ValueError (or OSError) on a file that is not a protobuf message.
@@ -191,10 +213,10 @@ def load_by_reference(path: str | Path, min_bytes: int | None = None) -> "onnx.M
                         raw = (raw_start, raw_end - raw_start)
                     else:
                         kept.append(buffer[field_start:raw_end])
-                if raw is None:
-                    initializers.append(onnx.TensorProto.FromString(b"".join(kept)))
-                else:
+                if raw is not None:
                     initializers.append(_stub(kept, path, *raw))
+                else:
+                    initializers.append(_absolute(onnx.TensorProto.FromString(b"".join(kept)), Path(path).parent))
     model = onnx.ModelProto.FromString(b"".join(model_bytes))
     model.graph.ParseFromString(b"".join(graph_bytes))
     model.graph.initializer.extend(initializers)
@@ -253,8 +275,12 @@ def resolve_references(model: "onnx.ModelProto") -> int:
     for tensor in model.graph.initializer:
         reference = _reference(tensor)
         if reference is not None:
+            inline = next((entry.value for entry in tensor.external_data if entry.key == _INLINE), None)
             tensor.raw_data = _read(*reference)
-            tensor.ClearField("data_location")
+            if inline == "absent":
+                tensor.ClearField("data_location")
+            else:  # as the file had it, or as onnx.load leaves a tensor it read from external data
+                tensor.data_location = tensor.DEFAULT
             del tensor.external_data[:]
             resolved += 1
     return resolved

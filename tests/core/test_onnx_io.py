@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,23 @@ def test_a_file_that_is_not_a_graph_is_refused(tmp_path):
     path.write_bytes(b"\x0f\xff\xff not a protobuf")
     with pytest.raises((ValueError, OSError)):
         load_by_reference(path)
+
+
+def test_a_graph_with_external_data_is_read_by_reference_too(tmp_path):
+    """Its external tensors become stubs of the data file: resolved, the model is onnx.load's; a session reads it."""
+    import onnx
+
+    from lora_edge.runtime.session import outputs_on
+
+    path = tmp_path / "model.onnx"
+    onnx.save(_model(), path, save_as_external_data=True, location="model.data", size_threshold=1024)
+    model = load_by_reference(path, min_bytes=1024)
+    assert has_references(model)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    feeds = [{"x": np.ones((2, 64), np.float32)}]
+    np.testing.assert_array_equal(outputs_on(str(session_file(model, scratch)), feeds)[0][0],
+                                  outputs_on(str(path), feeds)[0][0])
+    shutil.rmtree(scratch)  # (onnx.load refuses a data file with other hard links)
+    resolve_references(model)
+    assert model.SerializeToString() == onnx.load(path).SerializeToString()
