@@ -112,6 +112,7 @@ def _copy_field(target, descriptor, value) -> None:
 REFERENCE_MIN_BYTES = 64 * 1024  # initializers at least this large are left in the file
 _LOCATION, _OFFSET, _LENGTH = "location", "offset", "length"
 _INLINE = "lora_edge_inline"  # a stub's entry when the file holds the bytes in the tensor (not external data)
+_TRANSPOSED = "lora_edge_transposed"  # a stub's entry when its value is the transpose of the 2-D bytes in the file
 # Protobuf field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
 
@@ -253,8 +254,15 @@ def _read(path: str, offset: int, length: int) -> bytes:
     return data
 
 
+def _transposed(tensor) -> bool:
+    return any(entry.key == _TRANSPOSED for entry in tensor.external_data)
+
+
 def tensor_value(tensor) -> "np.ndarray":
-    """``numpy_helper.to_array(tensor)``; a stub's value is read from its file (no other weight is)."""
+    """``numpy_helper.to_array(tensor)``; a stub's value is read from its file (no other weight is).
+
+    The value of a :func:`transposed_reference` is a transposed (not contiguous) array.
+    """
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -266,24 +274,52 @@ def tensor_value(tensor) -> "np.ndarray":
     values = np.fromfile(path, dtype=dtype, count=length // dtype.itemsize, offset=offset)
     if values.nbytes != length:
         raise ValueError(f"{path} is shorter than when its graph was loaded")
+    if _transposed(tensor):
+        return values.reshape(tuple(reversed(tensor.dims))).T
     return values.reshape(tuple(tensor.dims))
+
+
+def transposed_reference(tensor, name: str) -> "onnx.TensorProto | None":
+    """A stub ``name`` whose value is the transpose of the 2-D stub ``tensor`` (nothing read); None for a tensor
+    that is not a stub. It resolves to what ``numpy_helper.from_array(value.T.copy(), name)`` holds."""
+    import onnx
+
+    reference = _reference(tensor)
+    if reference is None or len(tensor.dims) != 2:
+        return None
+    stub = onnx.TensorProto(name=name, data_type=tensor.data_type, dims=list(reversed(tensor.dims)),
+                            data_location=onnx.TensorProto.EXTERNAL)
+    path, offset, length = reference
+    for key, value in ((_LOCATION, path), (_OFFSET, str(offset)), (_LENGTH, str(length)), (_INLINE, "absent"),
+                       (_TRANSPOSED, "1")):
+        entry = stub.external_data.add()
+        entry.key, entry.value = key, value
+    return stub
 
 
 def resolve_references(model: "onnx.ModelProto") -> int:
     """Put every stub's bytes back into ``model`` (as ``onnx.load`` holds them); return how many."""
-    resolved = 0
-    for tensor in model.graph.initializer:
-        reference = _reference(tensor)
-        if reference is not None:
-            inline = next((entry.value for entry in tensor.external_data if entry.key == _INLINE), None)
-            tensor.raw_data = _read(*reference)
-            if inline == "absent":
-                tensor.ClearField("data_location")
-            else:  # as the file had it, or as onnx.load leaves a tensor it read from external data
-                tensor.data_location = tensor.DEFAULT
-            del tensor.external_data[:]
-            resolved += 1
-    return resolved
+    return sum(_resolve(tensor) for tensor in model.graph.initializer)
+
+
+def _resolve(tensor) -> bool:
+    """Put a stub's bytes into it; False for a tensor that is not a stub."""
+    reference = _reference(tensor)
+    if reference is None:
+        return False
+    inline = next((entry.value for entry in tensor.external_data if entry.key == _INLINE), None)
+    if _transposed(tensor):
+        import numpy as np
+
+        tensor.raw_data = np.ascontiguousarray(tensor_value(tensor)).tobytes()
+    else:
+        tensor.raw_data = _read(*reference)
+    if inline == "absent":
+        tensor.ClearField("data_location")
+    else:  # as the file had it, or as onnx.load leaves a tensor it read from external data
+        tensor.data_location = tensor.DEFAULT
+    del tensor.external_data[:]
+    return True
 
 
 def session_file(model: "onnx.ModelProto", directory: str | Path) -> Path:
@@ -301,6 +337,11 @@ def session_file(model: "onnx.ModelProto", directory: str | Path) -> Path:
 
     def record(tensor) -> bytes:
         reference = _reference(tensor)
+        if reference is not None and _transposed(tensor):  # not bytes of the file: written out
+            whole = type(tensor)()
+            whole.CopyFrom(tensor)
+            _resolve(whole)
+            return whole.SerializeToString()
         if reference is None:
             return tensor.SerializeToString()
         path, offset, length = reference

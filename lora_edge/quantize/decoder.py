@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 from lora_edge.core.decoder_io import CHUNKED_BATCH_KEY, SHARED_BUFFER, SHARED_CACHE_KEY
 from lora_edge.core.errors import first_line
-from lora_edge.core.onnx_io import has_references, load_by_reference, session_file, tensor_value, weightless_twin
+from lora_edge.core.onnx_io import (has_references, load_by_reference, session_file, tensor_value,
+                                    transposed_reference, weightless_twin)
 from lora_edge.export.cpu_fusion import share_lora_inputs
 from lora_edge.quantize.lora import is_lora_name
 from lora_edge.runtime.feeds import sample_decoder_feeds
@@ -887,25 +888,27 @@ def find_tied_embedding(model: "onnx.ModelProto") -> TiedEmbedding | None:
     if len(gathers) != 1:
         return None
     gather = gathers[0]
-    embedding = tensor_value(initializers[gather.input[0]])
-    if embedding.ndim != 2:
+    stored = initializers[gather.input[0]]
+    if len(stored.dims) != 2:
         return None
+    embedding = None  # its value, read when a head must be compared with it
     producers = {output: node for node in model.graph.node for output in node.output}
     for node in model.graph.node:
         if node.op_type != "MatMul":
             continue
         transpose = producers.get(node.input[1])
         if transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] == gather.input[0]:
-            head = f"{gather.input[0]}_head"
-            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(embedding.T), head))
+            head = f"{gather.input[0]}_head"  # a weight left in the fp32 file: its transpose is read when quantized
+            model.graph.initializer.append(transposed_reference(stored, head) or numpy_helper.from_array(
+                np.ascontiguousarray(tensor_value(stored).T), head))
             node.input[1] = head
             return TiedEmbedding(gather.name, gather.input[0], head)
         if node.input[1] not in initializers:
             continue
-        dims = list(initializers[node.input[1]].dims)
-        if dims == [embedding.shape[1], embedding.shape[0]] and \
-                np.array_equal(tensor_value(initializers[node.input[1]]), embedding.T):
-            return TiedEmbedding(gather.name, gather.input[0], node.input[1])
+        if list(initializers[node.input[1]].dims) == [stored.dims[1], stored.dims[0]]:
+            embedding = tensor_value(stored) if embedding is None else embedding
+            if np.array_equal(tensor_value(initializers[node.input[1]]), embedding.T):
+                return TiedEmbedding(gather.name, gather.input[0], node.input[1])
     return None
 
 

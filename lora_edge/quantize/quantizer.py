@@ -204,8 +204,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     roles = linear_roles(model)
     feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))
     with atomic_file(dst) as staging:
-        job = QuantizeJob(model, staging, roles, options, feeds_of, tied.head if tied else None,
-                          tied.gather if tied else None, source=src if unchanged else None)
+        job = QuantizeJob(model, staging, roles, options, feeds_of, tied, source=src if unchanged else None)
         del model  # the job owns it now: a quantizer may release it before ORT loads its own copy
         try:
             with quiet_quantizers():
@@ -216,13 +215,12 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
             raise _quantizer_failure(src, precision, exc) from None
         del job
         release_freed_memory()
-        found = _checked(staging, src, dst.stem, precision, tied, details, options)
+        found = _checked(staging, src, dst.stem, precision, tied, details)
     return QuantizeResult(dst, precision, details, fusion.to_json(), found.to_json(),
                           time.perf_counter() - started)
 
 
-def _checked(staging: Path, src: Path, name: str, precision: Precision, tied, details: dict,
-             options: QuantizeOptions):
+def _checked(staging: Path, src: Path, name: str, precision: Precision, tied, details: dict):
     """Put the quantized graph at ``staging`` in ONNX-spec order, check it, share a tied embedding; its inventory.
 
     The graph is loaded once: ORT's quantizers reorder nodes and leave stale
@@ -238,19 +236,12 @@ def _checked(staging: Path, src: Path, name: str, precision: Precision, tied, de
     if any(conform(quantized).values()):
         onnx.save(quantized, str(staging))
     require_valid_graph(staging, name, QuantizationError)
-    if tied is not None:
+    if tied is not None and "tied_embedding" not in details:  # (int4 shares it as it quantizes)
         from lora_edge.quantize.decoder import share_tied_embedding
 
         if share_tied_embedding(quantized, tied):
             onnx.save(quantized, str(staging))
             details["tied_embedding"] = "shared with the quantized LM head"
-        elif details.pop("tied_lookup_float", False):  # the head's blocks did not fit: the lookup gets its own
-            from lora_edge.quantize.methods import quantize_lookups
-
-            quantized = quantize_lookups(quantized, options)
-            conform(quantized)
-            onnx.save(quantized, str(staging))
-        details.pop("tied_lookup_float", None)
     found = inventory(quantized)
     if found.quantized_lora():
         raise QuantizationError(f"a LoRA MatMul was quantized ({found.quantized_lora()[0]})", src,

@@ -62,26 +62,20 @@ def _tied_graph(bundle, graph, directory):
     return directory / "onnx" / "tied.fp32.onnx"
 
 
-def test_a_tied_lookup_left_float_gives_the_graph_of_quantizing_it_too(bundles, tmp_path, monkeypatch):
-    """The tied embedding's own int4 blocks were dropped for the head's: not making them changes no byte; when the
-    head's blocks do not fit, the lookup gets its own (GatherBlockQuantized) and the graph still runs."""
+def test_a_tied_lookup_shared_as_it_is_quantized_gives_the_graph_of_sharing_it_after(bundles, tmp_path, monkeypatch):
+    """int4 makes the tied embedding read the head's blocks before saving: the bytes of quantizing the lookup too
+    and sharing the saved graph; when the head's blocks do not fit, the lookup gets its own and the graph runs."""
     import onnx
 
     from lora_edge.quantize import decoder, methods, quantizer
 
     source = _tied_graph(*bundles("llama", Form.MERGED), tmp_path)
-    skipped = quantizer.quantize_graph(source, tmp_path / "skipped.int4.onnx", "int4", task="causal-lm")
-    assert skipped.details["tied_embedding"] and "tied_lookup_float" not in skipped.details
-    int4 = methods.quantize_int4
-
-    def lookup_quantized_too(job):
-        job.tied_lookup = None
-        return int4(job)
-
-    monkeypatch.setitem(methods.QUANTIZERS, methods.Precision.INT4, lookup_quantized_too)
-    both = quantizer.quantize_graph(source, tmp_path / "both.int4.onnx", "int4", task="causal-lm")
-    assert skipped.path.read_bytes() == both.path.read_bytes()
-    monkeypatch.setitem(methods.QUANTIZERS, methods.Precision.INT4, int4)
+    shared = quantizer.quantize_graph(source, tmp_path / "shared.int4.onnx", "int4", task="causal-lm")
+    assert shared.details["tied_embedding"]
+    monkeypatch.setattr(methods, "_share_tied", lambda model, tied, path: False)  # lookup quantized; shared after
+    after = quantizer.quantize_graph(source, tmp_path / "after.int4.onnx", "int4", task="causal-lm")
+    assert after.details["tied_embedding"]
+    assert shared.path.read_bytes() == after.path.read_bytes()
     monkeypatch.setattr(decoder, "share_tied_embedding", lambda model, tied: False)
     own = quantizer.quantize_graph(source, tmp_path / "own.int4.onnx", "int4", task="causal-lm")
     assert "tied_embedding" not in own.details
