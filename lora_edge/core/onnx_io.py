@@ -254,6 +254,10 @@ def _read(path: str, offset: int, length: int) -> bytes:
     return data
 
 
+# Tensor types whose raw bytes are a little-endian numpy array of the tensor's shape (onnx.TensorProto values).
+_PLAIN_TYPES = {1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13}  # float uint8 int8 uint16 int16 int32 int64 bool fp16 double u32 u64
+
+
 def _transposed(tensor) -> bool:
     return any(entry.key == _TRANSPOSED for entry in tensor.external_data)
 
@@ -269,6 +273,11 @@ def tensor_value(tensor) -> "np.ndarray":
     reference = _reference(tensor)
     if reference is None:
         return numpy_helper.to_array(tensor)
+    if tensor.data_type not in _PLAIN_TYPES:  # packed or special types: as onnx reads them
+        whole = type(tensor)()
+        whole.CopyFrom(tensor)
+        _resolve(whole)
+        return numpy_helper.to_array(whole)
     path, offset, length = reference
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
     values = np.fromfile(path, dtype=dtype, count=length // dtype.itemsize, offset=offset)
@@ -285,7 +294,7 @@ def transposed_reference(tensor, name: str) -> "onnx.TensorProto | None":
     import onnx
 
     reference = _reference(tensor)
-    if reference is None or len(tensor.dims) != 2:
+    if reference is None or len(tensor.dims) != 2 or tensor.data_type not in _PLAIN_TYPES:
         return None
     stub = onnx.TensorProto(name=name, data_type=tensor.data_type, dims=list(reversed(tensor.dims)),
                             data_location=onnx.TensorProto.EXTERNAL)
@@ -311,7 +320,7 @@ def _resolve(tensor) -> bool:
     if _transposed(tensor):
         import numpy as np
 
-        tensor.raw_data = np.ascontiguousarray(tensor_value(tensor)).tobytes()
+        tensor.raw_data = np.ascontiguousarray(tensor_value(tensor)).tobytes()  # (plain types only)
     else:
         tensor.raw_data = _read(*reference)
     if inline == "absent":

@@ -174,7 +174,7 @@ class GraphIndex:
         from lora_edge.core.onnx_io import tensor_value
 
         if name in self.initializers and name not in self.graph_inputs:
-            return tensor_value(self.initializers[name])  # a weight left in its file: a read-only view
+            return tensor_value(self.initializers[name])  # (a weight left in its file: read from there)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for attribute in node.attribute:

@@ -145,7 +145,7 @@ class _Constants(Mapping):
         self._tensors, self._values = tensors, {}
 
     def __getitem__(self, name: str) -> "np.ndarray":
-        if name not in self._values:  # a weight left in its file is a view of it (load_by_reference)
+        if name not in self._values:  # a weight left in its file is read from there (load_by_reference)
             self._values[name] = tensor_value(self._tensors[name])
         return self._values[name]
 
@@ -899,7 +899,8 @@ def find_tied_embedding(model: "onnx.ModelProto") -> TiedEmbedding | None:
         transpose = producers.get(node.input[1])
         if transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] == gather.input[0]:
             head = f"{gather.input[0]}_head"  # a weight left in the fp32 file: its transpose is read when quantized
-            model.graph.initializer.append(transposed_reference(stored, head) or numpy_helper.from_array(
+            stub = transposed_reference(stored, head)
+            model.graph.initializer.append(stub if stub is not None else numpy_helper.from_array(
                 np.ascontiguousarray(tensor_value(stored).T), head))
             node.input[1] = head
             return TiedEmbedding(gather.name, gather.input[0], head)

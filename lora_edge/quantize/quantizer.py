@@ -168,7 +168,7 @@ def _load_decoder(src: Path) -> "onnx.ModelProto":
 
     try:
         return load_by_reference(src)
-    except (OSError, ValueError, IndexError):  # not a readable protobuf: load_graph names the problem
+    except (OSError, ValueError, IndexError, KeyError):  # not a readable graph: load_graph names the problem
         return load_graph(src)
 
 
