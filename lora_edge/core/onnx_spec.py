@@ -95,10 +95,11 @@ def drop_stale_value_info(model: "onnx.ModelProto") -> int:
     """
     import onnx
 
+    from lora_edge.core.onnx_io import weightless_twin
+
     graph = model.graph
     declared = {init.name for init in graph.initializer} | {value.name for value in graph.input}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = weightless_twin(model, quantized=True)  # inference reads small integer tensors only: no weight copy
     del probe.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(probe)
@@ -170,14 +171,23 @@ class GraphIndex:
         """The value of ``name`` when it is an initializer (not a graph input) or a Constant node's output."""
         from onnx import numpy_helper
 
+        from lora_edge.core.onnx_io import tensor_value
+
         if name in self.initializers and name not in self.graph_inputs:
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_value(self.initializers[name])  # (a weight left in its file: read from there)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for attribute in node.attribute:
                 if attribute.name == "value":
                     return numpy_helper.to_array(attribute.t)
         return None
+
+    def is_constant(self, name: str) -> bool:
+        """True when :meth:`constant` has a value for ``name`` (without reading it: weights are large)."""
+        if name in self.initializers and name not in self.graph_inputs:
+            return True
+        node = self.producer.get(name)
+        return node is not None and node.op_type == "Constant" and any(a.name == "value" for a in node.attribute)
 
     def scalar(self, name: str) -> float | None:
         """``name``'s value when it is a one-element constant."""

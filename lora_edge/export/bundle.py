@@ -232,22 +232,29 @@ def _trace_dynamo_stage(job: ExportJob, model, slots: list, io, graph_name: str,
 
 def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
     """Check the graph at ``path`` in ONE session, once per adapter (None: no adapter); return the diffs."""
+    import tempfile
+
+    from lora_edge.core.onnx_io import load_by_reference, session_file
     from lora_edge.export.exporter import check_agreement, run_verify_inputs
     from lora_edge.export.last_logits import last_row_checks
     from lora_edge.runtime.session import check_settings, create_session, load_lora_adapter
 
-    # a few inputs, once: no prepacked copy of the weights (SmolLM2 fp32: 990 -> 756 MB for the session)
-    session = create_session(path, check_settings())
     diffs = {}
-    for adapter, adapter_file in adapters.items():
-        loaded = load_lora_adapter(adapter_file) if adapter_file else None
-        actual = run_verify_inputs(session, plan.verify_io, adapter=loaded)
-        expected = plan.expected[adapter]
-        last_expected, last_actual = last_row_checks(session, plan.verify_io, expected, loaded)
-        label = f"{name} + {adapter}" if adapter_file else name
-        against = "the base model (no adapter fed)" if adapter is None else "the PyTorch reference"
-        diffs[adapter or "base"] = check_agreement(label, expected + last_expected, actual + last_actual,
-                                                   job.tolerance, against, relative=plan.verify_io.relative_tolerance)
+    with tempfile.TemporaryDirectory(prefix=".verify-", dir=path.parent) as directory:
+        # a few inputs, once: no prepacked copy of the weights, and those mapped from the file just written
+        # instead of read into the session (SmolLM2 fp32: 1.55 GB -> 0.65 GB for the session, 1 s less)
+        session = create_session(session_file(load_by_reference(path), directory), check_settings())
+        for adapter, adapter_file in adapters.items():
+            loaded = load_lora_adapter(adapter_file) if adapter_file else None
+            actual = run_verify_inputs(session, plan.verify_io, adapter=loaded)
+            expected = plan.expected[adapter]
+            last_expected, last_actual = last_row_checks(session, plan.verify_io, expected, loaded)
+            label = f"{name} + {adapter}" if adapter_file else name
+            against = "the base model (no adapter fed)" if adapter is None else "the PyTorch reference"
+            diffs[adapter or "base"] = check_agreement(label, expected + last_expected, actual + last_actual,
+                                                       job.tolerance, against,
+                                                       relative=plan.verify_io.relative_tolerance)
+        del session
     return diffs
 
 

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 from lora_edge.core.decoder_io import CHUNKED_BATCH_KEY, SHARED_BUFFER, SHARED_CACHE_KEY
 from lora_edge.core.errors import first_line
-from lora_edge.core.onnx_io import save_streamed, weightless_twin
+from lora_edge.core.onnx_io import (has_references, load_by_reference, session_file, tensor_value,
+                                    transposed_reference, weightless_twin)
 from lora_edge.export.cpu_fusion import share_lora_inputs
 from lora_edge.quantize.lora import is_lora_name
 from lora_edge.runtime.feeds import sample_decoder_feeds
@@ -144,10 +145,8 @@ class _Constants(Mapping):
         self._tensors, self._values = tensors, {}
 
     def __getitem__(self, name: str) -> "np.ndarray":
-        if name not in self._values:
-            from onnx import numpy_helper
-
-            self._values[name] = numpy_helper.to_array(self._tensors[name])
+        if name not in self._values:  # a weight left in its file is read from there (load_by_reference)
+            self._values[name] = tensor_value(self._tensors[name])
         return self._values[name]
 
     def __contains__(self, name) -> bool:
@@ -795,8 +794,8 @@ def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | N
     if not any(value.name.startswith("past_key_values.") for value in model.graph.input):
         return model, report
     feeds = sample_decoder_feeds(model) + [chunked_feed(model)]
-    try:
-        expected = outputs_on(source, feeds)  # one session for every batch: an LLM session costs seconds
+    try:  # one session for every batch: an LLM session costs seconds
+        expected = _outputs_from_file(model, feeds, source) if has_references(model) else outputs_on(source, feeds)
     except Exception as exc:
         return model, DecoderFusionReport(nodes_before=report.nodes_before,
                                           dropped=f"source graph does not run ({first_line(exc)})")
@@ -815,16 +814,17 @@ def _verified_rewrite(model: "onnx.ModelProto", source: str | bytes, config: dic
     ``dropped``). ``model`` is rewritten in place (no second copy of the weights); ``source`` is loaded again
     when the result is not kept."""
     report = DecoderFusionReport(nodes_before=len(model.graph.node))
+    by_reference = has_references(model)
     try:
         candidate = _rewrite(model, config, report, group_query)
         release_freed_memory()
         report.max_abs_diff = max(relative_difference(want, got)
                                   for want, got in zip(expected, _outputs_from_file(candidate, feeds, source)))
     except Exception as exc:  # a rewrite that fails or that ORT cannot load is a rewrite not to ship
-        return _load_source(source), DecoderFusionReport(
+        return _load_source(source, by_reference), DecoderFusionReport(
             nodes_before=report.nodes_before, dropped=f"rewrites failed ({exc.__class__.__name__}: {first_line(exc)})")
     if not report.max_abs_diff <= tolerance:
-        return _load_source(source), DecoderFusionReport(
+        return _load_source(source, by_reference), DecoderFusionReport(
             nodes_before=report.nodes_before, max_abs_diff=report.max_abs_diff,
             dropped=f"fusions changed the outputs (relative max abs diff {report.max_abs_diff:.2e})")
     report.nodes_after = len(candidate.graph.node)
@@ -832,26 +832,29 @@ def _verified_rewrite(model: "onnx.ModelProto", source: str | bytes, config: dic
 
 
 def _outputs_from_file(model: "onnx.ModelProto", feeds: list[dict], source: str | bytes) -> list[list]:
-    """:func:`outputs_on` ``model``, streamed to a scratch file beside ``source`` for the session to read.
+    """:func:`outputs_on` ``model``, written to a scratch directory beside ``source`` for the session to read.
 
     A session made from bytes holds them as long as it lives, and serializing
     takes twice the model's size at its peak: the weights would be in memory three
-    to four times instead of twice (the proto and ORT's copy).
+    to four times instead of twice (the proto and ORT's copy). Weights ``model``
+    left in their file (:func:`lora_edge.core.onnx_io.load_by_reference`) are not
+    written at all: the session maps them from a hard link of that file.
     """
     import tempfile
 
     where = None if isinstance(source, bytes) else Path(source).parent
     with tempfile.TemporaryDirectory(prefix=".fusion-check-", dir=where) as directory:
-        path = Path(directory) / "candidate.onnx"
-        save_streamed(model, path)
-        return outputs_on(str(path), feeds)
+        return outputs_on(str(session_file(model, directory)), feeds)
 
 
-def _load_source(source: str | bytes) -> "onnx.ModelProto":
-    """The graph :func:`fuse_decoder` started from (a file, or a serialized model)."""
+def _load_source(source: str | bytes, by_reference: bool = False) -> "onnx.ModelProto":
+    """The graph :func:`fuse_decoder` started from (a file, or a serialized model); ``by_reference``: as
+    :func:`lora_edge.core.onnx_io.load_by_reference` loads it (how the caller loaded it)."""
     import onnx
 
-    return onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
+    if isinstance(source, bytes):
+        return onnx.load_from_string(source)
+    return load_by_reference(source) if by_reference else onnx.load(str(source))
 
 
 # --- tied embedding: one int4 copy ---------------------------------------------------------------------------
@@ -885,25 +888,28 @@ def find_tied_embedding(model: "onnx.ModelProto") -> TiedEmbedding | None:
     if len(gathers) != 1:
         return None
     gather = gathers[0]
-    embedding = numpy_helper.to_array(initializers[gather.input[0]])
-    if embedding.ndim != 2:
+    stored = initializers[gather.input[0]]
+    if len(stored.dims) != 2:
         return None
+    embedding = None  # its value, read when a head must be compared with it
     producers = {output: node for node in model.graph.node for output in node.output}
     for node in model.graph.node:
         if node.op_type != "MatMul":
             continue
         transpose = producers.get(node.input[1])
         if transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] == gather.input[0]:
-            head = f"{gather.input[0]}_head"
-            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(embedding.T), head))
+            head = f"{gather.input[0]}_head"  # a weight left in the fp32 file: its transpose is read when quantized
+            stub = transposed_reference(stored, head)
+            model.graph.initializer.append(stub if stub is not None else numpy_helper.from_array(
+                np.ascontiguousarray(tensor_value(stored).T), head))
             node.input[1] = head
             return TiedEmbedding(gather.name, gather.input[0], head)
         if node.input[1] not in initializers:
             continue
-        dims = list(initializers[node.input[1]].dims)
-        if dims == [embedding.shape[1], embedding.shape[0]] and \
-                np.array_equal(numpy_helper.to_array(initializers[node.input[1]]), embedding.T):
-            return TiedEmbedding(gather.name, gather.input[0], node.input[1])
+        if list(initializers[node.input[1]].dims) == [stored.dims[1], stored.dims[0]]:
+            embedding = tensor_value(stored) if embedding is None else embedding
+            if np.array_equal(tensor_value(initializers[node.input[1]]), embedding.T):
+                return TiedEmbedding(gather.name, gather.input[0], node.input[1])
     return None
 
 

@@ -70,7 +70,7 @@ def linear_roles(model: "onnx.ModelProto") -> LinearRoles:
             roles.lora.append(node.name)
         elif source in index.graph_inputs:
             roles.swappable.append(node.name)
-        elif index.constant(source) is not None:
+        elif index.is_constant(source):
             roles.base.append(node.name)
     return roles
 
@@ -128,6 +128,6 @@ def inventory(model: "onnx.ModelProto") -> LinearInventory:
             found.float_lora.append(f"{node.name} <- {source}")
         elif source in index.graph_inputs:
             found.swappable.append(f"{node.name} <- {source}")
-        elif index.constant(source) is not None:
+        elif index.is_constant(source):
             found.float_base.append(f"{node.name} <- {source}")
     return found

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import onnx
 
     from lora_edge.core.recipe import QuantizeOptions
+    from lora_edge.quantize.decoder import TiedEmbedding
 
 # Ops kept in fp32 inside fp16 graphs: their intermediate values overflow fp16's
 # 65504 range (squares and sums of a hidden state, exponentials), plus ORT's default list.
@@ -39,7 +40,9 @@ class QuantizeJob:
     """One graph to quantize: the fused float model, where to write it, what stays float, the options.
 
     The job owns ``model``: quantizers change it in place and may release it
-    (:meth:`model_file`), so the caller keeps no other reference to it.
+    (:meth:`model_file`), so the caller keeps no other reference to it. An int4
+    job's model may keep large weights in the source file
+    (:func:`lora_edge.core.onnx_io.load_by_reference`): it reads them from there.
     """
 
     model: "onnx.ModelProto | None"
@@ -47,7 +50,7 @@ class QuantizeJob:
     roles: LinearRoles
     options: "QuantizeOptions"
     calibration: Callable[[], list[dict[str, "np.ndarray"]]] | None = None
-    tied_head: str | None = None  # a tied LM head's weight (initializer name): int4 keeps it symmetric
+    tied: "TiedEmbedding | None" = None  # a tied embedding and LM head: int4 stores them once
     source: Path | None = None  # a file holding exactly ``model`` (the fp32 graph, when preparing changed nothing)
 
     @contextlib.contextmanager
@@ -289,13 +292,23 @@ def gemm_to_matmul(model: "onnx.ModelProto", names: set[str]) -> int:
     return count
 
 
-def _transposed_initializer(model: "onnx.ModelProto", index, name: str, matrix) -> str:
-    """The name of an initializer holding ``matrix.T`` (``<name>_matmul``), added once per source weight."""
+def _transposed_initializer(model: "onnx.ModelProto", index, name: str, matrix=None) -> str:
+    """The name of an initializer holding ``matrix.T`` (``<name>_matmul``), added once per source weight.
+
+    Without ``matrix``, of initializer ``name``: a weight left in its file
+    (:func:`lora_edge.core.onnx_io.load_by_reference`) is not read, its transpose is a stub too.
+    """
     from onnx import numpy_helper
+
+    from lora_edge.core.onnx_io import transposed_reference
 
     weight = f"{name}_matmul"
     if weight not in index.initializers:
-        model.graph.initializer.append(numpy_helper.from_array(matrix.T.copy(), weight))
+        stub = transposed_reference(index.initializers[name], weight) if matrix is None else None
+        if stub is None:
+            matrix = index.constant(name) if matrix is None else matrix
+            stub = numpy_helper.from_array(matrix.T.copy(), weight)
+        model.graph.initializer.append(stub)
         index.initializers[weight] = model.graph.initializer[-1]
     return weight
 
@@ -319,10 +332,10 @@ def fold_weight_transposes(model: "onnx.ModelProto", names: set[str]) -> int:
         if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in index.initializers:
             continue
         perm = next((helper.get_attribute_value(a) for a in transpose.attribute if a.name == "perm"), None)
-        matrix = index.constant(transpose.input[0])
-        if matrix is None or matrix.ndim != 2 or perm not in (None, [1, 0]):
+        if not index.is_constant(transpose.input[0]) or len(index.initializers[transpose.input[0]].dims) != 2 \
+                or perm not in (None, [1, 0]):
             continue
-        node.input[1] = _transposed_initializer(model, index, transpose.input[0], matrix)
+        node.input[1] = _transposed_initializer(model, index, transpose.input[0])
         orphans.append(transpose)
     _drop_unread_transposes(model, orphans, index.graph_outputs)
     return len(orphans)
@@ -347,35 +360,179 @@ def quantize_int4(job: QuantizeJob) -> dict:
     Zero points are on by default (``int4_symmetric`` off): on SmolLM2-135M's
     chat rows they moved next-token agreement with fp32 from 0.78 to 0.80-0.81
     and perplexity from +4.9% to -5..-8% at the same decode speed
-    (docs/ARCHITECTURE.md, "Facts"). A tied LM head (``job.tied_head``) is
-    quantized symmetric in a pass of its own, so a tied embedding can read its
-    blocks as they are (:func:`lora_edge.quantize.decoder.share_tied_embedding`).
+    (docs/ARCHITECTURE.md, "Facts"). A tied LM head (``job.tied``) is
+    quantized symmetric in a pass of its own, so the tied embedding reads its
+    blocks as they are (:func:`_share_tied`); the lookup gets no blocks of its own.
     """
-    import numpy as np
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     options = job.options
     model, job.model = job.model, None  # the job's model is quantized in place: no second copy of the weights
     converted = gemm_to_matmul(model, set(job.roles.base))
-    fold_weight_transposes(model, set(job.roles.base))
+    fold_weight_transposes(model, set(job.roles.base))  # (weights left in the fp32 file stay there)
     head_nodes = [node.name for node in model.graph.node
-                  if job.tied_head and node.op_type == "MatMul" and node.input[1] == job.tied_head]
+                  if job.tied and node.op_type == "MatMul" and node.input[1] == job.tied.head]
+    lookup = [job.tied.gather] if head_nodes else []  # reads the head's blocks instead
     exclude = list(job.roles.keep_float)
-    passes = [(options.int4_symmetric, exclude + head_nodes, ("MatMul", "Gather"))]
+    passes = [(options.int4_symmetric, exclude + head_nodes + lookup, ("MatMul", "Gather"))]
     if head_nodes:  # symmetric: the tied embedding can then read the head's blocks as they are
         others = [node.name for node in model.graph.node if node.name not in head_nodes]  # (nodes_to_include adds)
         passes.insert(0, (True, others, ("MatMul",)))
     for symmetric, nodes_to_exclude, op_types in passes:
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size, is_symmetric=symmetric,
-                                         accuracy_level=options.int4_accuracy_level,
-                                         nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=op_types)
-        with np.errstate(invalid="ignore", divide="ignore"):  # all-zero blocks: ORT maps their 0/0 scale to 0
-            quantizer.process()
-        model = quantizer.model.model
-    quantizer.model.save_model_to_file(str(job.target), use_external_data_format=False)
-    return {"bits": 4, "block_size": options.block_size, "symmetric": options.int4_symmetric,
-            "accuracy_level": options.int4_accuracy_level, "gemm_as_matmul": converted,
-            **({"tied_head_symmetric": True} if head_nodes else {})}
+        model = _int4_pass(model, options, symmetric, nodes_to_exclude, op_types)
+    details = {"bits": 4, "block_size": options.block_size, "symmetric": options.int4_symmetric,
+               "accuracy_level": options.int4_accuracy_level, "gemm_as_matmul": converted,
+               **({"tied_head_symmetric": True} if head_nodes else {})}
+    if lookup and _share_tied(model, job.tied, job.target):
+        details["tied_embedding"] = "shared with the quantized LM head"
+    else:
+        _save_int4(quantize_lookups(model, options) if lookup else model, job.target)
+    return details
+
+
+def _share_tied(model: "onnx.ModelProto", tied: "TiedEmbedding", path: Path) -> bool:
+    """Order ``model`` as :func:`_save_int4` and conform it, make its lookup read the head's blocks, and save it
+    to ``path`` (the graph of saving, conforming, sharing); False (nothing saved) when the blocks do not fit."""
+    import onnx
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    from lora_edge.core.onnx_io import resolve_references
+    from lora_edge.core.onnx_spec import conform
+    from lora_edge.quantize.decoder import share_tied_embedding
+
+    ONNXModel(model).topological_sort()
+    conform(model)
+    if not share_tied_embedding(model, tied):
+        return False
+    resolve_references(model)
+    onnx.save(model, str(path))
+    return True
+
+
+def _int4_pass(model: "onnx.ModelProto", options: "QuantizeOptions", symmetric: bool, nodes_to_exclude: list[str],
+               op_types: tuple[str, ...]) -> "onnx.ModelProto":
+    """One MatMulNBitsQuantizer pass over ``model`` (changed in place); the quantized model.
+
+    A pass with only 2-D float32 MatMul weights to quantize is :func:`_int4_matmuls` (the same graph, without
+    reading weights into the model first); any other goes to ORT's quantizer.
+    """
+    import numpy as np
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from lora_edge.core.onnx_io import resolve_references
+
+    if _matmuls_only(model, set(nodes_to_exclude), op_types):
+        return _int4_matmuls(model, options, symmetric, set(nodes_to_exclude), "Gather" in op_types)
+    resolve_references(model)  # ORT reads the weights from the model
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size, is_symmetric=symmetric,
+                                     accuracy_level=options.int4_accuracy_level,
+                                     nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=op_types)
+    with np.errstate(invalid="ignore", divide="ignore"):  # all-zero blocks: ORT maps their 0/0 scale to 0
+        quantizer.process()
+    return quantizer.model.model
+
+
+def _matmuls_only(model: "onnx.ModelProto", excluded: set[str], op_types: tuple[str, ...]) -> bool:
+    """True when what ORT's pass would quantize in ``model`` is 2-D float32 MatMul weights only (no subgraph)."""
+    from onnx import AttributeProto, TensorProto
+
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+            return False
+        if node.name in excluded or node.op_type not in op_types:
+            continue
+        if node.op_type == "Gather" and node.input[0] in initializers:
+            return False
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if weight is not None and (len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT):
+            return False
+    return True
+
+
+def _int4_matmuls(model: "onnx.ModelProto", options: "QuantizeOptions", symmetric: bool, excluded: set[str],
+                  gather: bool) -> "onnx.ModelProto":
+    """ORT's MatMulNBitsQuantizer pass, node for node and tensor for tensor, on 2-D float32 MatMul weights.
+
+    Each weight is read (:func:`lora_edge.core.onnx_io.tensor_value`: from the fp32
+    file when it was left there) and quantized by ORT's own C++ blockwise quantizer,
+    one at a time: the model never holds the float weights it replaces.
+    """
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    wrapped = ONNXModel(model)
+    wrapped.set_opset_import("com.microsoft", 1)
+    if gather:  # as ORT's pass over Gathers declares it (int4 tensors need opset 21, IR 10)
+        for opset in wrapped.opset_import():
+            if opset.domain in (None, "ai.onnx", "") and opset.version < 21:
+                wrapped.set_opset_import(opset.domain, 21)
+        model.ir_version = max(model.ir_version, 10)
+    graph = model.graph
+    initializers: dict = {}
+    for tensor in graph.initializer:
+        initializers.setdefault(tensor.name, tensor)
+    nodes = []
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and node.name not in excluded \
+            and len(node.input) > 1 else None
+        nodes.append(node if weight is None else _matmul_nbits(graph, node, weight, options, symmetric))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    wrapped.clean_initializers()
+    return wrapped.model
+
+
+def _matmul_nbits(graph, node, weight, options: "QuantizeOptions", symmetric: bool) -> "onnx.NodeProto":
+    """``node`` as MatMulNBits, its blocks, scales (and zero points) added to ``graph`` as ORT adds them."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import helper, numpy_helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    from lora_edge.core.onnx_io import tensor_value
+
+    values = np.ascontiguousarray(tensor_value(weight), dtype=np.float32)  # [K, N] (the C++ reads it row-major)
+    rows, cols = values.shape
+    block = options.block_size
+    blocks = (rows + block - 1) // block
+    if blocks * block > rows:
+        values = np.pad(values, ((0, blocks * block - rows), (0, 0)), "constant")
+    packed = np.zeros((cols, blocks, (block + 1) // 2), dtype="uint8")
+    zero_points = np.zeros((cols, (blocks + 1) // 2), dtype="uint8")
+    scales = np.zeros((cols, blocks), dtype=values.dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        quantize_matmul_4bits(packed, values, scales, zero_points, block, cols, rows, symmetric)
+    del values
+    quantized = ir.serde.serialize_tensor(ir.Tensor(packed, name=weight.name + "_Q4"))
+    scales_tensor = ir.serde.serialize_tensor(ir.Tensor(scales, name=weight.name + "_scales"))
+    for value in graph.input:
+        if value.name == node.input[1]:
+            graph.input.remove(value)
+            break
+    graph.initializer.extend([quantized, scales_tensor])
+    inputs = [node.input[0], quantized.name, scales_tensor.name]
+    if not symmetric:
+        graph.initializer.extend([numpy_helper.from_array(zero_points, weight.name + "_zero_points")])
+        inputs.append(weight.name + "_zero_points")
+    attributes = {"K": rows, "N": cols, "bits": 4, "block_size": block}
+    if options.int4_accuracy_level:
+        attributes["accuracy_level"] = options.int4_accuracy_level
+    return helper.make_node("MatMulNBits", inputs=inputs, outputs=[node.output[0]],
+                            name=node.name + "_Q4" if node.name else "", domain="com.microsoft", **attributes)
+
+
+def _save_int4(model: "onnx.ModelProto", path: Path) -> None:
+    """Save as MatMulNBitsQuantizer saves (its topological order), with any weight still in the fp32 file."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    from lora_edge.core.onnx_io import resolve_references
+
+    resolve_references(model)
+    ONNXModel(model).save_model_to_file(str(path), use_external_data_format=False)
+
+
+def quantize_lookups(model: "onnx.ModelProto", options: "QuantizeOptions") -> "onnx.ModelProto":
+    """The int4 pass over the embedding lookups :func:`quantize_int4` left float (a tied lookup that could not
+    read the LM head's blocks after all): blocks of their own, as one pass over MatMuls and Gathers gives them."""
+    return _int4_pass(model, options, options.int4_symmetric, [], ("Gather",))
 
 
 QUANTIZERS: dict[Precision, Callable[[QuantizeJob], dict]] = {

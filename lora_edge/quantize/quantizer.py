@@ -131,12 +131,13 @@ def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: T
               source_fusion: dict | None = None):
     """(the float graph fused for where it will run, the fusion report, a tied embedding to share or None,
     whether the graph is still exactly the file ``src``)."""
+    from lora_edge.core.onnx_io import resolve_references
     from lora_edge.export.cpu_fusion import name_all_nodes
     from lora_edge.quantize.methods import GPU_PRECISIONS
     from lora_edge.export.prepare import FusionReport, fuse_graph
     from lora_edge.runtime.session import release_freed_memory
 
-    model = load_graph(src)
+    model = _load_decoder(src) if task is Task.CAUSAL_LM else load_graph(src)
     unchanged = name_all_nodes(model) == 0
     fusion = FusionReport()
     if options.fuse and plan is not None and task is Task.SEQ_CLS:
@@ -156,7 +157,19 @@ def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: T
             name_all_nodes(model)  # a graph the rewrites did not keep is the file again
         release_freed_memory()
         tied = find_tied_embedding(model) if precision is Precision.INT4 else None
+        if precision is not Precision.INT4:  # (int4 reads the weights it folds from the file)
+            resolve_references(model)
     return model, fusion, tied, unchanged
+
+
+def _load_decoder(src: Path) -> "onnx.ModelProto":
+    """A decoder graph with its large weights left in the file (its fusion checks' sessions map them from there)."""
+    from lora_edge.core.onnx_io import load_by_reference
+
+    try:
+        return load_by_reference(src)
+    except (OSError, ValueError, IndexError, KeyError):  # not a readable graph: load_graph names the problem
+        return load_graph(src)
 
 
 def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
@@ -191,8 +204,7 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
     roles = linear_roles(model)
     feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))
     with atomic_file(dst) as staging:
-        job = QuantizeJob(model, staging, roles, options, feeds_of, tied.head if tied else None,
-                          source=src if unchanged else None)
+        job = QuantizeJob(model, staging, roles, options, feeds_of, tied, source=src if unchanged else None)
         del model  # the job owns it now: a quantizer may release it before ORT loads its own copy
         try:
             with quiet_quantizers():
@@ -224,7 +236,7 @@ def _checked(staging: Path, src: Path, name: str, precision: Precision, tied, de
     if any(conform(quantized).values()):
         onnx.save(quantized, str(staging))
     require_valid_graph(staging, name, QuantizationError)
-    if tied is not None:
+    if tied is not None and "tied_embedding" not in details:  # (int4 shares it as it quantizes)
         from lora_edge.quantize.decoder import share_tied_embedding
 
         if share_tied_embedding(quantized, tied):
