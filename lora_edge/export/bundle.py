@@ -167,7 +167,8 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
     import onnx
     from torch import nn
 
-    from lora_edge.export.exporter import graph_io_for, name_output_dims, reference_outputs, trace_onnx
+    from lora_edge.export.exporter import (fold_stub_transposes, graph_io_for, name_output_dims, reference_outputs,
+                                          trace_onnx)
     from lora_edge.export.hotswap import (TENSOR, add_default_initializers, adapter_tensors, hotswap_base,
                                    hotswap_graph_io, plan_slots)
     from lora_edge.export.merge import base_view
@@ -204,6 +205,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
             for path in trace_file.parent.glob(TRACE_FILE + "*"):
                 path.unlink()
         add_default_initializers(traced, defaults, slots)
+        fold_stub_transposes(traced, weights)  # MatMul(x, W.T) with W.T stored, as a traced-with-weights graph has
         name_output_dims(traced, verify_io, expected[None])
         if verify_io.edit_graph is not None:
             verify_io.edit_graph(traced)

@@ -481,6 +481,55 @@ def trace_in_memory(io: GraphIO, opset: int | None = None,
     return model, weights
 
 
+def fold_stub_transposes(model: "onnx.ModelProto", weights: dict[str, "np.ndarray"]) -> int:
+    """Store ``W.T`` for each 2-D weight of ``weights`` that the graph reads only through ``Transpose``, in place.
+
+    torch.export writes ``linear`` as ``MatMul(x, Transpose(W))``; its optimizer
+    folds that Transpose for weights it sees, but the in-memory trace hides the
+    large ones from it (:func:`trace_in_memory`). Left as they are, every linear
+    of an LLM keeps a runtime Transpose the session folds into a second copy, and
+    the CPU rewrites that pack q|k|v into one MatMul (quantize stage) find no
+    initializer weights to pack. The stub keeps its name, with swapped dims, and
+    its array becomes the zero-copy ``.T`` view; a weight anything else reads
+    too (a tied embedding's lookup) is left alone. Returns how many were folded.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {value.name for value in graph.output} | {value.name for value in graph.input}
+    stubs = {init.name: init for init in graph.initializer}
+    renames, folded = {}, set()
+    for position, node in enumerate(graph.node):  # positions, not id(): protobuf hands out fresh wrappers
+        if node.op_type != "Transpose" or node.input[0] not in weights or node.input[0] not in stubs:
+            continue
+        source, array = node.input[0], weights[node.input[0]]
+        perm = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "perm"), None)
+        if array.ndim != 2 or perm not in (None, [1, 0]) or readers.get(source) != 1 \
+                or source in outputs or node.output[0] in outputs:
+            continue
+        weights[source] = array.T
+        stubs[source].dims[:] = list(array.shape[::-1])
+        renames[node.output[0]] = source
+        folded.add(position)
+    if not folded:
+        return 0
+    kept = [node for position, node in enumerate(graph.node) if position not in folded]
+    for node in kept:
+        for index, name in enumerate(node.input):
+            if name in renames:
+                node.input[index] = renames[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    stale = [value for value in graph.value_info if value.name in renames]
+    for value in stale:
+        graph.value_info.remove(value)
+    return len(folded)
+
+
 def name_output_dims(model: "onnx.ModelProto", io: GraphIO, outputs: list[list["np.ndarray"]]) -> None:
     """Name the output axes of a traced ``model`` after the input dims they follow, in place.
 
