@@ -238,6 +238,10 @@ def summarize(results: dict[str, list[dict]], prompt_tokens: int, reference: str
                 for phase in ("decode", "prefill"):
                     ratios = [mine[phase] / theirs[phase] for mine, theirs in zip(runs, per_round[other])]
                     entry[f"{phase}_ratio_vs_{other.replace(' ', '_')}"] = statistics.median(ratios)
+        entry["ratios"] = {other: {phase: statistics.median(mine[phase] / theirs[phase]
+                                                            for mine, theirs in zip(runs, per_round[other]))
+                                   for phase in ("prefill", "decode")}
+                           for other in per_round if other != name}  # within-round medians against every engine
         summary[name] = entry
     return summary
 
