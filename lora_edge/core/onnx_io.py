@@ -254,8 +254,9 @@ def _read(path: str, offset: int, length: int) -> bytes:
     return data
 
 
-# Tensor types whose raw bytes are a little-endian numpy array of the tensor's shape (onnx.TensorProto values).
-_PLAIN_TYPES = {1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13}  # float uint8 int8 uint16 int16 int32 int64 bool fp16 double u32 u64
+# Tensor types whose raw bytes are a little-endian numpy array of the tensor's shape (onnx.TensorProto values:
+# float, uint8, int8, uint16, int16, int32, int64, bool, float16, double, uint32, uint64).
+_PLAIN_TYPES = {1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13}
 
 
 def _transposed(tensor) -> bool:

@@ -13,7 +13,6 @@ from lora_edge.core.onnx_io import (has_references, load_by_reference, resolve_r
 
 def _model():
     """y = relu(x @ W1 + b) @ W2: two weights of 16 KB, a 256-byte bias."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
