@@ -248,8 +248,10 @@ def _raised_by_module(exc: BaseException) -> ExportError | None:
 
 @contextlib.contextmanager
 def _quiet_export():
-    """Hide the exporter's warnings and info logs (torchvision missing, axis renames): users see one line."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
+    """Hide the exporter's warnings and info logs (torchvision missing, axis renames, onnx_ir's "initializer
+    without a constant value" for every weight the in-memory trace keeps out of the graph): users see one line."""
+    names = ("torch.onnx", "torch._export", "torch.export", "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
