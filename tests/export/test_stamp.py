@@ -167,8 +167,9 @@ def test_a_two_layer_model_takes_the_plain_trace(tiny_model, tiny_adapter):
     from lora_edge.export.stamp import NotStampable, layer_stack
 
     model, slots, context, *_ = _hotswap_io(tiny_model("llama"), tiny_adapter("llama"))
-    with pytest.raises(NotStampable, match="2 layers"):
+    with pytest.raises(NotStampable, match="2 layers") as caught:
         layer_stack(model, context.config, slots)
+    assert not caught.value.notable  # the plan, not a fallback: no progress line
 
 
 @pytest.mark.slow  # two traces and an export: ~30 s on 2 quiet cores
