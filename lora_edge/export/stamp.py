@@ -284,6 +284,7 @@ class _Stamper:
                 layer_of.update((out, layer) for out in node.output)
         if sorted(regions) != list(range(STAMP_DEPTH)):
             raise NotStampable(f"the shallow trace has nodes of layers {sorted(regions)}")
+        self.layer_of = layer_of
         return regions
 
     # --- classification --------------------------------------------------------------------------------
@@ -344,6 +345,9 @@ class _Stamper:
                 plan.append(("internal", y, None))
             elif source is not None and source[0] == self.previous:
                 # the residual stream: in a copy, the previous copy's version of the template's value
+                if self.layer_of.get(x) != self.previous - 1:
+                    raise NotStampable(f"node {b.name} reads {y} of layer {self.previous}, its twin {a.name} "
+                                       f"reads {x}, not a value of layer {self.previous - 1}")
                 plan.append(("link", template[source[1]].output[source[2]], None))
             elif (position := _tokens_index(x, y, self.previous, self.template)) is not None and \
                     (y in self.inputs or y in self.initializers):
