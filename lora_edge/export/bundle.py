@@ -308,7 +308,9 @@ def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, export
                  reload: Callable[[], dict] | None = None) -> list[GraphRecord]:
     """Trace once and write every form; a TorchScript trace that fails or drifts is redone with torch.export.
 
-    ``reload`` loads the references again (they are released after the trace).
+    A layer-stamped trace (``lora_edge.export.stamp``) whose graphs fail is redone
+    tracing every layer. ``reload`` loads the references again (they are released
+    after the trace).
     """
     from lora_edge.core.errors import ExportError
     from lora_edge.export.exporter import exporter_order
