@@ -216,7 +216,7 @@ def _trace_dynamo_stage(job: ExportJob, model, slots: list, io, graph_name: str,
     """(traced, weights, stamped): a layer-stamped trace where the model allows it, else every layer traced."""
     from lora_edge.export.exporter import trace_in_memory
     from lora_edge.export.hotswap import hotswap_graph_io
-    from lora_edge.export.stamp import NotStampable, trace_stamped
+    from lora_edge.export.stamp import STAMP_DEPTH, NotStampable, trace_stamped
 
     def shallow_io(shallow_slots, context):
         return hotswap_graph_io(model, shallow_slots, context)[0]
@@ -224,10 +224,13 @@ def _trace_dynamo_stage(job: ExportJob, model, slots: list, io, graph_name: str,
     if stamp and job.task is Task.CAUSAL_LM:
         try:
             traced, weights = trace_stamped(model, slots, job.context, io, shallow_io, job.opset, graph_name)
-            job.progress("  traced 3 layers and stamped the others (docs/ARCHITECTURE.md, layer stamping)")
+            layers = len(io.output_names) // 2  # logits, then a key and a value per layer
+            job.progress(f"  traced {STAMP_DEPTH} of {layers} layers, stamped the other {layers - STAMP_DEPTH} "
+                         "(docs/ARCHITECTURE.md, layer stamping)")
             return traced, weights, True
         except NotStampable as exc:
-            job.progress(f"  tracing every layer: {exc}")
+            if exc.notable:
+                job.progress(f"  tracing every layer: {exc}")
     traced, weights = trace_in_memory(io, job.opset, graph_name)
     return traced, weights, False
 
@@ -320,7 +323,9 @@ def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, export
                  reload: Callable[[], dict] | None = None) -> list[GraphRecord]:
     """Trace once and write every form; a TorchScript trace that fails or drifts is redone with torch.export.
 
-    ``reload`` loads the references again (they are released after the trace).
+    A layer-stamped trace (``lora_edge.export.stamp``) whose graphs fail is redone
+    tracing every layer. ``reload`` loads the references again (they are released
+    after the trace).
     """
     from lora_edge.core.errors import ExportError
     from lora_edge.export.exporter import exporter_order

@@ -56,7 +56,15 @@ NAMESPACE_KEY = "namespace"
 
 
 class NotStampable(Exception):
-    """The model or its trace does not allow layer stamping; the message says why (the caller traces every layer)."""
+    """The model or its trace does not allow layer stamping; the message says why (the caller traces every layer).
+
+    ``notable`` is False where tracing every layer is simply the plan (too few
+    layers to gain anything): nothing worth a progress line.
+    """
+
+    def __init__(self, reason: str, notable: bool = True):
+        super().__init__(reason)
+        self.notable = notable
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,8 @@ def layer_stack(model: "nn.Module", config, slots: list) -> LayerStack:
     text = _text_config(config)
     count = int(getattr(text, "num_hidden_layers", 0) or 0)
     if count <= STAMP_DEPTH:
-        raise NotStampable(f"{count} layers: no more than the {STAMP_DEPTH} a stamped trace traces anyway")
+        raise NotStampable(f"{count} layers: no more than the {STAMP_DEPTH} a stamped trace traces anyway",
+                           notable=False)
     stacks = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.ModuleList) and len(module) == count]
     if len(stacks) != 1:
@@ -148,13 +157,28 @@ def trace_stamped(model: "nn.Module", slots: list, context: "ExportContext", ful
     for the shallow twin (``lora_edge.export.hotswap.hotswap_graph_io``). Raises
     NotStampable when the model or the shallow trace does not fit.
     """
+    from lora_edge.core.errors import ExportError
     from lora_edge.export.exporter import trace_in_memory
 
     stack = layer_stack(model, context.config, slots)
     shallow_slots = [slot for slot in slots if (stack.layer_of(slot.module) or 0) < STAMP_DEPTH]
-    with shallow_twin(model, stack, context) as twin_context:
-        io = graph_io(shallow_slots, twin_context)
-        traced, weights = trace_in_memory(io, opset, graph_name)
+    try:
+        with shallow_twin(model, stack, context) as twin_context:
+            io = graph_io(shallow_slots, twin_context)
+            traced, weights = trace_in_memory(io, opset, graph_name)
+    except ExportError as exc:  # the whole model may still trace: let the caller try
+        raise NotStampable(f"the {STAMP_DEPTH}-layer twin does not trace ({exc.what})") from exc
+    try:
+        return _stamp(model, slots, full_io, stack, io, shallow_slots, traced, weights)
+    except NotStampable:
+        raise
+    except Exception as exc:  # a graph the stamper did not foresee (a dtype numpy lacks, ...): trace every layer
+        raise NotStampable(f"{type(exc).__name__} while stamping: {exc}") from exc
+
+
+def _stamp(model, slots: list, full_io: "GraphIO", stack: LayerStack, io: "GraphIO", shallow_slots: list,
+           traced, weights: dict) -> tuple["onnx.ModelProto", dict[str, "np.ndarray"]]:
+    """Stamp the shallow twin's trace (``io``, ``traced``, ``weights``) into the whole model's graph, in place."""
     module_path = next((name for name, module in full_io.module.named_modules()
                         if module is model.get_submodule(stack.path)), None)
     if module_path is None:
@@ -260,6 +284,7 @@ class _Stamper:
                 layer_of.update((out, layer) for out in node.output)
         if sorted(regions) != list(range(STAMP_DEPTH)):
             raise NotStampable(f"the shallow trace has nodes of layers {sorted(regions)}")
+        self.layer_of = layer_of
         return regions
 
     # --- classification --------------------------------------------------------------------------------
@@ -320,6 +345,9 @@ class _Stamper:
                 plan.append(("internal", y, None))
             elif source is not None and source[0] == self.previous:
                 # the residual stream: in a copy, the previous copy's version of the template's value
+                if self.layer_of.get(x) != self.previous - 1:
+                    raise NotStampable(f"node {b.name} reads {y} of layer {self.previous}, its twin {a.name} "
+                                       f"reads {x}, not a value of layer {self.previous - 1}")
                 plan.append(("link", template[source[1]].output[source[2]], None))
             elif (position := _tokens_index(x, y, self.previous, self.template)) is not None and \
                     (y in self.inputs or y in self.initializers):

@@ -167,8 +167,9 @@ def test_a_two_layer_model_takes_the_plain_trace(tiny_model, tiny_adapter):
     from lora_edge.export.stamp import NotStampable, layer_stack
 
     model, slots, context, *_ = _hotswap_io(tiny_model("llama"), tiny_adapter("llama"))
-    with pytest.raises(NotStampable, match="2 layers"):
+    with pytest.raises(NotStampable, match="2 layers") as caught:
         layer_stack(model, context.config, slots)
+    assert not caught.value.notable  # the plan, not a fallback: no progress line
 
 
 @pytest.mark.slow  # two traces and an export: ~30 s on 2 quiet cores
@@ -195,3 +196,18 @@ def test_a_stamped_graph_that_drifts_is_traced_again_whole(deep_model, tmp_path_
                   progress=lines.append)
     assert any("the layer-stamped graph failed" in line for line in lines), "\n".join(lines)
     assert sum(line.strip().startswith("trace (dynamo)") for line in lines) == 2
+
+
+def test_a_layer_weight_the_optimizer_folded_away_is_not_stamped(tmp_path_factory):
+    """At their initial values (norm scales all ones) the optimizer drops the Mul: the copies would lose theirs."""
+    from tiny_models import build_tiny_model
+
+    from lora_edge.export.hotswap import hotswap_graph_io
+    from lora_edge.export.stamp import NotStampable, trace_stamped
+
+    model_dir = build_tiny_model("llama", tmp_path_factory.mktemp("deep-ones"), config_overrides=DEEP["llama"])
+    adapter = _adapter(tmp_path_factory, model_dir, "llama")
+    model, slots, context, io, *_ = _hotswap_io(model_dir, adapter)
+    with pytest.raises(NotStampable, match="folded"):
+        trace_stamped(model, slots, context, io, lambda s, c: hotswap_graph_io(model, s, c)[0], None, "stamped")
+    assert len(model.get_submodule("model.layers")) == LAYERS  # the shallow twin's layer list was put back
