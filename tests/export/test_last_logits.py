@@ -95,7 +95,11 @@ def test_quantized_graphs_keep_the_input_and_their_last_row(form, precision, lla
     full = run(session, feeds, adapter)[0]
     last = run(session, {**feeds, LOGITS_TO_KEEP: np.array(1, np.int64)}, adapter)[0]
     assert last.shape == (3, 1, full.shape[2])
-    np.testing.assert_allclose(last, full[:, -1:], rtol=0, atol=1e-5 * np.abs(full).max())
+    # int8-dynamic quantizes the LM head's input with one scale per tensor: over the last rows only, that scale
+    # (and so the rounding) differs from the whole sequence's; weight-only and float graphs compute the same row
+    tolerance = 2e-2 if precision == "int8-dynamic" else 1e-5
+    np.testing.assert_allclose(last, full[:, -1:], rtol=0, atol=tolerance * np.abs(full).max())
+    np.testing.assert_array_equal(last.argmax(-1), full[:, -1:].argmax(-1))
 
 
 def without_logits_to_keep(path, out):
