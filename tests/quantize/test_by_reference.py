@@ -52,10 +52,12 @@ def _tied_graph(bundle, graph, directory):
     inits = {init.name: init for init in model.graph.initializer}
     embedding = next(node.input[0] for node in model.graph.node if node.op_type == "Gather" and node.input[0] in inits)
     vocab = inits[embedding].dims[0]
-    transposes = {node.output[0]: node for node in model.graph.node if node.op_type == "Transpose"
-                  and node.input[0] in inits and inits[node.input[0]].dims[0] == vocab}
-    transposes[next(n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in transposes)
-               ].input[0] = embedding
+    head = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                and list(inits[n.input[1]].dims)[-1] == vocab)  # [hidden, vocab]: the export stores W.T
+    model.graph.node.insert(list(model.graph.node).index(head),
+                            onnx.helper.make_node("Transpose", [embedding], ["tied_head_weight"], perm=[1, 0]))
+    model.graph.initializer.remove(inits[head.input[1]])
+    head.input[1] = "tied_head_weight"
     (directory / "onnx").mkdir()
     shutil.copy(bundle / ONNX_DIR / "config.json", directory / "onnx" / "config.json")
     onnx.save(model, directory / "onnx" / "tied.fp32.onnx")
