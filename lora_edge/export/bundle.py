@@ -78,6 +78,7 @@ class ExportJob:
     trust_remote_code: bool = False
     progress: Progress = stderr_lines
     records: list[GraphRecord] = field(default_factory=list)
+    fuse: bool = False  # the fp32 graphs get the verified CPU fusions (lora_edge.export.fusion) once written
 
     @property
     def several(self) -> bool:
@@ -125,6 +126,29 @@ class Stopwatch:
         return round(sum(s.seconds for s in self.stages if s.stage.split(" (")[0] == prefix), 2)
 
 
+@contextlib.contextmanager
+def objects_frozen():
+    """Garbage collections skip the objects alive now (``gc.freeze``), meanwhile.
+
+    ``release_freed_memory`` collects garbage between graphs and steps; with torch
+    and transformers imported a full collection walks millions of long-lived
+    objects (0.15-0.25 s each on 2 cores: 21 collections were 3-5 s of a MiniLM-L6
+    export + quantize). Frozen objects are still freed by reference counting; only
+    cycles among them wait for the end of the block. Where something else froze
+    objects already, nothing is changed.
+    """
+    import gc
+
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _graph_extra(shell, derived, opset: int | None = None, **values) -> dict:
     """Manifest extras of a derived graph (read in memory): opset, input/output names, low-rank pairs, ``values``."""
     from lora_edge.export.exporter import low_rank_pairs
@@ -153,6 +177,10 @@ class TracePlan:
     traced: object = None  # the traced hot-swap onnx.ModelProto
     exporter: str | None = None
     weights: dict = field(default_factory=dict)  # initializer name -> array, for initializers ``traced`` holds as stubs
+    # For the fusions (``job.fuse``): adapter name -> (verify I/O with padded batches, PyTorch outputs on them),
+    # and graph name -> the exported graph's outputs on the fusion's check batches (from its verify session).
+    fusion_expected: dict = field(default_factory=dict)
+    source_outputs: dict = field(default_factory=dict)
 
 
 def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan:
@@ -180,6 +208,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
         expected = {name: reference_outputs(builder(ref, job.context)) for name, ref in job.references.items()}
         with first.disable_adapter():
             expected[None] = reference_outputs(builder(first, job.context))
+        fusion_expected = _fusion_expected(job)
         model = hotswap_base(base, slots)
         io, task_io = hotswap_graph_io(model, slots, job.context)
     trace_file = job.staging / ONNX_DIR / TRACE_FILE
@@ -203,13 +232,27 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
                 path.unlink()
         add_default_initializers(traced, defaults, slots)
         name_output_dims(traced, verify_io, expected[None])
-    return TracePlan(slots, tensors, expected, verify_io, traced, exporter, weights)
+    return TracePlan(slots, tensors, expected, verify_io, traced, exporter, weights, fusion_expected)
 
 
-def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
-    """Check the graph at ``path`` in ONE session, once per adapter (None: no adapter); return the diffs."""
+def _fusion_expected(job: ExportJob) -> dict:
+    """PyTorch outputs for the checks of the fused graphs, per adapter, while the references are loaded (else {})."""
+    if not job.fuse:
+        return {}
+    from lora_edge.export.fusion import pytorch_outputs
+
+    return {name: pytorch_outputs(ref, job.context) for name, ref in job.references.items()}
+
+
+def _verify(job: ExportJob, plan: TracePlan, path: Path | bytes, name: str, adapters: dict[str | None, Path | None],
+            feed_sets: list | None = None) -> dict:
+    """Check the graph at ``path`` (or serialized) in ONE session, once per adapter (None: no adapter); the diffs.
+
+    ``feed_sets`` (the fusion's check batches): the session's outputs on them go
+    to ``plan.source_outputs`` for the fusion, which then needs no session of this graph.
+    """
     from lora_edge.export.exporter import check_agreement, run_verify_inputs
-    from lora_edge.runtime.session import check_settings, create_session, load_lora_adapter
+    from lora_edge.runtime.session import check_settings, create_session, load_lora_adapter, run
 
     # a few inputs, once: no prepacked copy of the weights (SmolLM2 fp32: 990 -> 756 MB for the session)
     session = create_session(path, check_settings())
@@ -220,15 +263,33 @@ def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: di
         against = "the base model (no adapter fed)" if adapter is None else "the PyTorch reference"
         diffs[adapter or "base"] = check_agreement(label, plan.expected[adapter], actual, job.tolerance, against,
                                                    relative=plan.verify_io.relative_tolerance)
+    if feed_sets and "input_ids" in feed_sets[0]:
+        plan.source_outputs[name] = [run(session, feeds) for feeds in feed_sets]
     return diffs
 
 
+@dataclass
+class _Derived:
+    """One graph derived from the trace: its record, the derived graph, what to verify it on."""
+
+    record: GraphRecord
+    derived: object  # export.forms.Derived: nodes + where each initializer comes from (no copy of the weights)
+    checks: dict  # adapter name (None: no adapter) -> its .onnx_adapter file (hot-swap) or None
+    feeds: list | None = None  # the fusion's check batches (job.fuse)
+    graph: bytes | None = None  # the serialized graph, while it is checked before being written (job.fuse)
+
+
 def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: Stopwatch) -> list[GraphRecord]:
-    """Derive, write and verify every requested form from the one trace (docs/ARCHITECTURE.md, "The three forms")."""
+    """Derive, verify and write every requested form from the one trace (docs/ARCHITECTURE.md, "The three forms").
+
+    With ``job.fuse`` each graph is serialized in memory, verified against
+    PyTorch, fused for the CPU (the fused graph verified too) and written once:
+    the fused graph, or the exported one where the fusion is not kept. Without,
+    every graph is written first, then the trace is freed and each verified.
+    """
     from lora_edge.export.exporter import EXTERNAL_DATA_BYTES
-    from lora_edge.export.forms import derive, find_branches, write_model
-    from lora_edge.runtime.adapter_layout import write_onnx_adapter
-    from lora_edge.export.hotswap import ADAPTER_SUFFIX, LORA_A, LORA_B, TENSOR
+    from lora_edge.export.forms import find_branches
+    from lora_edge.export.hotswap import LORA_A, LORA_B, TENSOR
 
     slots_by_module: dict[str, dict] = {}
     for slot in plan.slots:
@@ -239,44 +300,101 @@ def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: S
     weight_bytes = sum(len(init.raw_data) for init in plan.traced.graph.initializer) + \
         sum(array.nbytes for array in plan.weights.values())
     external = 1024 if weight_bytes > EXTERNAL_DATA_BYTES else None
-    written = []  # (record, checks): every graph is written first, then the trace is freed and each verified
+    in_memory = job.fuse and external is None  # a graph with external data (over 1.8 GB) is not fused
+    records, written = [], []
     for form in forms:
         for adapter in ([None] if form is Form.HOTSWAP else list(plan.tensors)):
-            name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
-            with clock.stage(f"write {name}"):
-                derived = derive(plan.traced, branches, heads, form.value, plan.tensors.get(adapter), plan.weights)
-                path = write_model(plan.traced, derived, job.graph_file(name), external)
-                files = {}
-                if form is Form.HOTSWAP:
-                    files = {n: write_onnx_adapter(job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR
-                                                   / f"{n}{ADAPTER_SUFFIX}", tensors)
-                             for n, tensors in plan.tensors.items()}
-            extra = _graph_extra(plan.traced, derived, job.opset, exporter=plan.exporter,
-                                 export_seconds=clock.seconds(f"write {name}"))
-            del derived
-            if form is Form.HOTSWAP:
-                extra.update(adapter_files={n: job.relative(p) for n, p in files.items()},
-                             adapter_inputs=[slot.name for slot in plan.slots])
-                record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
-                                     adapters=list(plan.tensors), extra=extra)
-                written.append((record, {None: None, **files}))
+            graph = _derive_graph(job, plan, form, adapter, (branches, heads, external), clock, in_memory)
+            records.append(graph.record)
+            if in_memory:
+                _verify_fuse_write(job, plan, graph, clock)
             else:
-                record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
-                                     adapter=adapter, extra=extra)
-                written.append((record, {adapter: None}))
+                graph.derived = None
+                written.append(graph)
+                if job.fuse:
+                    graph.record.extra["fusion"] = {"dropped": "graph has external data (over 1.8 GB): not fused"}
     plan.traced, plan.weights = None, {}  # the ONNX Runtime sessions below hold a copy of the weights each, one at a time
     release_freed_memory()
-    for record, checks in written:
-        with clock.stage(f"verify {record.name}"):
-            diffs = _verify(job, plan, job.staging / record.file, record.name, checks)
+    for graph in written:
+        with clock.stage(f"verify {graph.record.name}"):
+            diffs = _verify(job, plan, job.staging / graph.record.file, graph.record.name, graph.checks)
             release_freed_memory()  # the session's
-        job.progress(f"  {record.name}: max abs diff vs PyTorch "
-                     + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
-        record.extra["max_abs_diff"] = max(diffs.values())
-        if record.form is Form.HOTSWAP:
-            record.extra["max_abs_diff_by_adapter"] = diffs
-        record.extra["verify_seconds"] = clock.seconds(f"verify {record.name}")
-    return [record for record, _ in written]
+        _record_diffs(job, graph.record, diffs, clock)
+    return records
+
+
+def _derive_graph(job: ExportJob, plan: TracePlan, form: Form, adapter: str | None, layout: tuple,
+                  clock: Stopwatch, in_memory: bool) -> _Derived:
+    """Derive one form (for ``adapter``) from the trace; write it, or with ``in_memory`` serialize it for its checks."""
+    from lora_edge.export.forms import analysis_model, derive, serialize_model, write_model
+    from lora_edge.export.hotswap import ADAPTER_SUFFIX
+    from lora_edge.export.prepare import fusion_feed_sets
+    from lora_edge.runtime.adapter_layout import write_onnx_adapter
+
+    branches, heads, external = layout
+    name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
+    path, files, graph = job.graph_file(name), {}, None
+    with clock.stage(f"write {name}"):
+        derived = derive(plan.traced, branches, heads, form.value, plan.tensors.get(adapter), plan.weights)
+        if in_memory:
+            graph = serialize_model(plan.traced, derived)
+        else:
+            write_model(plan.traced, derived, path, external)
+        if form is Form.HOTSWAP:
+            files = {n: write_onnx_adapter(job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR / f"{n}{ADAPTER_SUFFIX}",
+                                           tensors) for n, tensors in plan.tensors.items()}
+    extra = _graph_extra(plan.traced, derived, job.opset, exporter=plan.exporter,
+                         export_seconds=clock.seconds(f"write {name}"))
+    feeds = fusion_feed_sets(analysis_model(plan.traced, derived)) if in_memory else None
+    if form is Form.HOTSWAP:
+        extra.update(adapter_files={n: job.relative(p) for n, p in files.items()},
+                     adapter_inputs=[slot.name for slot in plan.slots])
+        record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
+                             adapters=list(plan.tensors), extra=extra)
+        return _Derived(record, derived, {None: None, **files}, feeds, graph)
+    record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value, adapter=adapter, extra=extra)
+    return _Derived(record, derived, {adapter: None}, feeds, graph)
+
+
+def _verify_fuse_write(job: ExportJob, plan: TracePlan, graph: _Derived, clock: Stopwatch) -> None:
+    """Verify the serialized ``graph`` against PyTorch, fuse it for the CPU, and write what is kept, once.
+
+    One session checks the graph as exported (and records its outputs on the
+    fusion's check batches); one session checks the fused graph against both.
+    The graph as exported is written again from the trace where the fusion is
+    not kept (no copy of it waits meanwhile).
+    """
+    import onnx
+
+    from lora_edge.export.forms import write_model
+    from lora_edge.export.fusion import describe, fuse_for_cpu
+
+    record = graph.record
+    with clock.stage(f"verify {record.name}"):
+        diffs = _verify(job, plan, graph.graph, record.name, graph.checks, graph.feeds)
+    _record_diffs(job, record, diffs, clock)
+    with clock.stage(f"fuse {record.name}"):
+        model = onnx.load_from_string(graph.graph)
+        graph.graph = None
+        record.extra["fusion"], fused = fuse_for_cpu(model, record, job.staging, plan.fusion_expected, job.context,
+                                                     job.tolerance, plan.source_outputs.pop(record.name, None))
+        del model
+        release_freed_memory()  # the sessions' and copies' memory, which the file's pages can then take
+        if fused is not None:
+            job.graph_file(record.name).write_bytes(fused)
+        else:
+            write_model(plan.traced, graph.derived, job.graph_file(record.name))
+        graph.derived = fused = None
+    job.progress(describe(record.name, record.extra["fusion"]))
+
+
+def _record_diffs(job: ExportJob, record: GraphRecord, diffs: dict, clock: Stopwatch) -> None:
+    """Report a graph's verification and put its figures in the record."""
+    job.progress(f"  {record.name}: max abs diff vs PyTorch " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
+    record.extra["max_abs_diff"] = max(diffs.values())
+    if record.form is Form.HOTSWAP:
+        record.extra["max_abs_diff_by_adapter"] = diffs
+    record.extra["verify_seconds"] = clock.seconds(f"verify {record.name}")
 
 
 def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, exporter: str | None = None,
@@ -284,6 +402,8 @@ def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, export
     """Trace once and write every form; a TorchScript trace that fails or drifts is redone with torch.export.
 
     ``reload`` loads the references again (they are released after the trace).
+    With ``job.fuse`` the fp32 graphs get the verified CPU fusions, checked
+    against the PyTorch outputs computed before the trace (no reload).
     """
     from lora_edge.core.errors import ExportError
     from lora_edge.export.exporter import exporter_order
@@ -291,8 +411,9 @@ def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, export
     exporters = [exporter] if exporter else exporter_order(job.task)
     for attempt, name in enumerate(exporters):
         try:
-            plan = plan_and_trace(job, clock, name)
-            return write_forms(job, plan, forms, clock)
+            plan = plan_and_trace(job, clock, name)  # the references released, their garbage collected
+            with objects_frozen():
+                return write_forms(job, plan, forms, clock)
         except ExportError as exc:
             if attempt == len(exporters) - 1 or reload is None:
                 raise
@@ -372,16 +493,6 @@ def _write_model_files(job: ExportJob, adapters: Sequence[AdapterRef]) -> None:
                            LabelMap(tuple(job.labels[adapter.name])).to_json())
 
 
-def _fuse(job: "ExportJob", clock: Stopwatch, load: Callable[[], dict]) -> None:
-    """The verified CPU fusions of the fp32 encoder graphs (references loaded again: the trace released them)."""
-    from lora_edge.export.fusion import fuse_exported_graphs
-
-    with clock.stage("fuse"):
-        references = load()
-        fuse_exported_graphs(job.records, job.staging, references, job.context, job.tolerance, job.progress)
-        del references
-
-
 def _manifest(job: "ExportJob", model: str | Path, adapters: list[AdapterRef], dirs: dict[str, str],
               seed: int | None, recipe: dict | None, clock: Stopwatch) -> Manifest:
     """The new bundle's manifest: versions, the model, the adapters, the graphs and the seconds per stage."""
@@ -413,7 +524,7 @@ def _quantize_staged(staging: Path, precisions: list[Precision], options: Quanti
     if not precisions:
         return
     release_freed_memory()
-    with clock.stage("quantize"):
+    with clock.stage("quantize"), objects_frozen():
         quantize(staging, precisions, options, progress=progress)
     dataclasses.replace(Manifest.read(staging), export_stages=clock.stages).write(staging)
 
@@ -461,14 +572,13 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
 
         with clock.stage("load"):
             job = _new_job(model_path, task, load(), staging, opset, tolerance, trust_remote_code, progress)
+        job.fuse = fuse and task is Task.SEQ_CLS  # CPU fusions, each fused graph checked against PyTorch again
         records_dirs = {}
         for adapter in adapters:
             records_dirs[adapter.name] = "adapter" if not job.several else f"adapters/{adapter.name}"
             _copy_adapter(adapter, staging / records_dirs[adapter.name])
         _write_model_files(job, adapters)
         job.records.extend(export_forms(job, list(dict.fromkeys(forms)), clock, exporter, load))
-        if fuse and task is Task.SEQ_CLS:  # CPU fusions, each fused graph checked against PyTorch again
-            _fuse(job, clock, load)
         for record in job.records:
             require_valid_graph(staging / record.file, record.name, ExportError)
         if task is Task.CAUSAL_LM:

@@ -83,6 +83,42 @@ def test_fp32_graphs_are_fused_and_recorded(bundles):
     assert _ops(plain / plain_record["file"])["Softmax"] == 2  # --no-fuse: as exported
 
 
+def test_each_graph_is_verified_fused_and_written_once_without_reloading_pytorch(bundles):
+    fused, _, _ = bundles
+    manifest = json.loads((fused / "manifest.json").read_text())
+    stages = [stage["stage"] for stage in manifest["export_stages"]]
+    assert "reload" not in stages and "fuse" not in stages
+    for form in FORMS:  # in that order per graph: derived and serialized, verified, fused and written
+        position = stages.index(f"write {form}.fp32")
+        assert stages[position:position + 3] == [f"write {form}.fp32", f"verify {form}.fp32", f"fuse {form}.fp32"]
+    assert not list((fused / "onnx").glob(".*"))  # no trace, staged or temporary file left
+
+
+def test_a_fused_graph_that_drifts_from_pytorch_is_not_kept(tiny_model, tiny_adapter, tmp_path, monkeypatch):
+    """The graph then written is the exported one, byte for byte (as an export without fusions writes it)."""
+    from lora_edge.core.errors import ExportError
+    from lora_edge.export import fusion
+    from lora_edge.export.bundle import export_bundle
+
+    adapter = tiny_adapter("bert")
+    plain = export_bundle(tiny_model("bert"), [AdapterRef("tiny", adapter)], ["merged", "hotswap"],
+                          tmp_path / "plain", fuse=False, progress=lambda message: None)
+    checked = []
+
+    def drifting(session, record, *args):
+        checked.append(record.name)
+        raise ExportError("graph drifts from the PyTorch reference: max abs diff 1 > 0.0001", record.name, "fix")
+
+    monkeypatch.setattr(fusion, "verify_fused", drifting)
+    kept = export_bundle(tiny_model("bert"), [AdapterRef("tiny", adapter)], ["merged", "hotswap"],
+                         tmp_path / "kept", progress=lambda message: None)
+    assert checked == ["merged.fp32", "hotswap.fp32"]
+    records = {g["name"]: g for g in json.loads((kept / "manifest.json").read_text())["graphs"]}
+    for name in checked:
+        assert "drifts from PyTorch" in records[name]["extra"]["fusion"]["dropped"]
+        assert (kept / "onnx" / f"{name}.onnx").read_bytes() == (plain / "onnx" / f"{name}.onnx").read_bytes()
+
+
 @pytest.mark.parametrize("real", [[16, 16], [5, 9], [3], [16, 2]])
 def test_fused_graphs_match_pytorch_padded_or_not(bundles, tiny_model, real):
     fused, _, adapter = bundles

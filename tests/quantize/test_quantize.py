@@ -225,6 +225,35 @@ def test_vectorized_per_channel_weights_are_ort_s_own_byte_for_byte(bundle_copy,
     assert (tmp_path / "fast.onnx").read_bytes() == (tmp_path / "ort.onnx").read_bytes()
 
 
+@pytest.mark.parametrize("form", ["merged", "branched", "hotswap"])
+def test_int8_dynamic_in_memory_writes_the_graph_ort_s_files_give_byte_for_byte(bundle_copy, tmp_path, form):
+    """quantize_dynamic on the model in memory (shapes inferred on its twin) = quantize_dynamic on the file."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from lora_edge.quantize.lora import linear_roles
+    from lora_edge.quantize.methods import (_common_extra_options, gemm_to_matmul, shape_inference_in_memory,
+                                            vectorized_per_channel)
+
+    model = onnx.load(str(bundle_copy / "onnx" / f"{form}.fp32.onnx"))
+    roles = linear_roles(model)
+    assert gemm_to_matmul(model, set(roles.swappable)) == (1 if form == "hotswap" else 0)
+    onnx.save(model, str(tmp_path / "source.onnx"))
+    excluded = roles.keep_float + [f"{name}_MatMul" for name in roles.keep_float]
+    options = dict(per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+    with vectorized_per_channel():
+        quantize_dynamic(tmp_path / "source.onnx", tmp_path / "files.onnx", extra_options=_common_extra_options(),
+                         **options)
+        with shape_inference_in_memory():
+            quantize_dynamic(model, tmp_path / "memory.onnx", extra_options=_common_extra_options(), **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["files.onnx", "memory.onnx", "source.onnx"]
+    assert (tmp_path / "memory.onnx").read_bytes() == (tmp_path / "files.onnx").read_bytes()
+    # the patch is gone after the block: ORT's own functions again
+    from onnxruntime.quantization import onnx_quantizer, quant_utils
+
+    assert onnx_quantizer.save_and_reload_model_with_shape_infer is quant_utils.save_and_reload_model_with_shape_infer
+
+
 def test_save_streamed_reads_back_as_the_same_model(bundle_copy, tmp_path):
     import onnx
 
