@@ -236,18 +236,20 @@ def test_int8_dynamic_in_memory_writes_the_graph_ort_s_files_give_byte_for_byte(
                                             vectorized_per_channel)
 
     model = onnx.load(str(bundle_copy / "onnx" / f"{form}.fp32.onnx"))
+    out = tmp_path / "out"
+    out.mkdir()
     roles = linear_roles(model)
     assert gemm_to_matmul(model, set(roles.swappable)) == (1 if form == "hotswap" else 0)
-    onnx.save(model, str(tmp_path / "source.onnx"))
+    onnx.save(model, str(out / "source.onnx"))
     excluded = roles.keep_float + [f"{name}_MatMul" for name in roles.keep_float]
     options = dict(per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
     with vectorized_per_channel():
-        quantize_dynamic(tmp_path / "source.onnx", tmp_path / "files.onnx", extra_options=_common_extra_options(),
+        quantize_dynamic(out / "source.onnx", out / "files.onnx", extra_options=_common_extra_options(),
                          **options)
         with shape_inference_in_memory():
-            quantize_dynamic(model, tmp_path / "memory.onnx", extra_options=_common_extra_options(), **options)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["files.onnx", "memory.onnx", "source.onnx"]
-    assert (tmp_path / "memory.onnx").read_bytes() == (tmp_path / "files.onnx").read_bytes()
+            quantize_dynamic(model, out / "memory.onnx", extra_options=_common_extra_options(), **options)
+    assert sorted(p.name for p in out.iterdir()) == ["files.onnx", "memory.onnx", "source.onnx"]
+    assert (out / "memory.onnx").read_bytes() == (out / "files.onnx").read_bytes()
     # the patch is gone after the block: ORT's own functions again
     from onnxruntime.quantization import onnx_quantizer, quant_utils
 
