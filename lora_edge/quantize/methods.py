@@ -220,7 +220,7 @@ def quantize_int8_dynamic(job: QuantizeJob) -> dict:
     gemm_to_matmul(job.model, set(job.roles.swappable))
     excluded = job.roles.keep_float + [f"{name}_MatMul" for name in job.roles.keep_float]
     model, job.model = job.model, None  # quantized in place: no second copy of the weights
-    with shape_inference_in_memory(), vectorized_per_channel():
+    with shape_inference_in_memory(), vectorized_per_channel(), per_tensor_in_place():
         quantize_dynamic(model, job.target, per_channel=per_channel, weight_type=QuantType.QInt8,
                          nodes_to_exclude=excluded, extra_options=_common_extra_options())
     return {"weights": "s8", "activations": "u8 per run", "per_channel": per_channel}
@@ -254,6 +254,53 @@ def shape_inference_in_memory() -> Iterator[None]:
     finally:
         quantize.save_and_reload_model_with_shape_infer, onnx_quantizer.save_and_reload_model_with_shape_infer = \
             originals
+
+
+@contextlib.contextmanager
+def per_tensor_in_place() -> Iterator[None]:
+    """ORT's per-tensor weight quantization (embedding tables: Gather) with one temporary array instead of four.
+
+    ``quant_utils.quantize_nparray`` computes ``(w.astype(float32) / scale).round()
+    + zero_point`` as a new array per step: for MiniLM-L6's word embeddings (47 MB)
+    200 MB of fresh memory per graph, which page faults made 1-4 s of the quantize
+    stage on this project's machine. :func:`_quantize_nparray_in_place` does the
+    same float32 steps in one copy (the same bytes: tests/quantize/test_quantize.py);
+    anything else (float8, 4-bit, a step that would not stay float32) goes to ORT's own.
+    """
+    import importlib
+
+    quant_utils = importlib.import_module("onnxruntime.quantization.quant_utils")
+    original = quant_utils.quantize_nparray
+
+    def quantize_nparray(qType, arr, scale, zero_point, low=None, high=None):  # noqa: N803
+        done = _quantize_nparray_in_place(qType, arr, scale, zero_point, low, high)
+        return original(qType, arr, scale, zero_point, low, high) if done is None else done
+
+    quant_utils.quantize_nparray = quantize_nparray  # read by quant_utils.quantize_data
+    try:
+        yield
+    finally:
+        quant_utils.quantize_nparray = original
+
+
+def _quantize_nparray_in_place(q_type: int, arr, scale, zero_point, low, high) -> "np.ndarray | None":
+    """ORT's ``quantize_nparray`` for 8/16-bit integers, its steps done in place in one float32 copy; else None."""
+    import numpy as np
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE, get_qmin_qmax_for_qType
+
+    if q_type not in (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16):
+        return None
+    values = np.array(arr, dtype=np.float32)  # arr.astype(float32): a copy, the caller's array is left alone
+    if np.result_type(values, scale) != np.float32 or np.result_type(values, zero_point) != np.float32:
+        return None
+    qmin, qmax = get_qmin_qmax_for_qType(q_type, reduce_range=False, symmetric=False)
+    np.divide(values, scale, out=values)
+    np.round(values, out=values)
+    np.add(values, zero_point, out=values)
+    np.clip(values, max(qmin, low) if low is not None else qmin, min(qmax, high) if high is not None else qmax,
+            out=values)
+    return values.astype(ONNX_TYPE_TO_NP_TYPE[q_type])
 
 
 # onnx.save_model(..., save_as_external_data=True)'s default: tensors whose raw data reach this size
