@@ -95,10 +95,12 @@ def drop_stale_value_info(model: "onnx.ModelProto") -> int:
     """
     import onnx
 
+    from lora_edge.core.onnx_io import weightless_twin
+
     graph = model.graph
     declared = {init.name for init in graph.initializer} | {value.name for value in graph.input}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    # inference reads the values of small integer tensors only (shapes, axes): a twin without the weights will do
+    probe = weightless_twin(model, any_weight=True)
     del probe.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(probe)
