@@ -183,6 +183,26 @@ class TracePlan:
     source_outputs: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _verification_threads(task: Task):
+    """One PyTorch intra-op thread meanwhile for a classifier's verification forwards; the caller's count after.
+
+    They are a few short batches (at most 3 x the export length): threads gain
+    little there, and on shared cores OpenMP's barriers make them collapse
+    (MiniLM-L6 with the fused graphs' padded batches, load 6 on 2 cores: 6-7 s on
+    2 threads, 0.4-0.5 s on 1). Decoders keep the caller's threads.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if task is Task.SEQ_CLS:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan:
     """Reference outputs and ONE trace of base + LoRA branches (the hot-swap graph), then the model is released.
 
@@ -201,7 +221,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
 
     builder = graph_io_for(job.task)
     first = next(iter(job.references.values()))
-    with clock.stage("reference outputs"):
+    with clock.stage("reference outputs"), _verification_threads(job.task):
         base = base_view(first)
         slots = plan_slots(base, job.references)
         tensors = {name: adapter_tensors(ref, slots) for name, ref in job.references.items()}
