@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lora_edge import __version__
 from lora_edge.core.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, AdapterRef, adapter_task,
                                 load_reference, read_adapter_config)
-from lora_edge.core.bundle import ONNX_DIR, atomic_directory, library_versions, parse_choices, write_json
+from lora_edge.core.bundle import ONNX_DIR, atomic_directory, library_versions, load_graph, parse_choices, write_json
 from lora_edge.core.choices import Form, Precision
 from lora_edge.core.console import Progress, stderr_lines
 from lora_edge.core.data import LABEL_MAP_FILE, LabelMap
@@ -177,10 +177,9 @@ class TracePlan:
     traced: object = None  # the traced hot-swap onnx.ModelProto
     exporter: str | None = None
     weights: dict = field(default_factory=dict)  # initializer name -> array, for initializers ``traced`` holds as stubs
-    # For the fusions (``job.fuse``): adapter name -> (verify I/O with padded batches, PyTorch outputs on them),
-    # and graph name -> the exported graph's outputs on the fusion's check batches (from its verify session).
+    # For the fusions (``job.fuse``): adapter name (None: the base model) -> (verify I/O with the batches padded
+    # to the export length added, PyTorch outputs on them)
     fusion_expected: dict = field(default_factory=dict)
-    source_outputs: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -211,7 +210,6 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
     A torch.export trace stays in memory (its weights are the base's tensors); a
     TorchScript trace goes through a file, loaded once the model is released.
     """
-    import onnx
     from torch import nn
 
     from lora_edge.export.exporter import graph_io_for, name_output_dims, reference_outputs, trace_in_memory, trace_onnx
@@ -247,7 +245,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
     release_freed_memory()  # the tracer's garbage
     with clock.stage("load trace"):
         if not weights:
-            traced = onnx.load(str(trace_file))
+            traced = load_graph(trace_file)
             for path in trace_file.parent.glob(TRACE_FILE + "*"):
                 path.unlink()
         add_default_initializers(traced, defaults, slots)
@@ -256,23 +254,22 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str) -> TracePlan
 
 
 def _fusion_expected(job: ExportJob) -> dict:
-    """PyTorch outputs for the checks of the fused graphs, per adapter, while the references are loaded (else {})."""
+    """PyTorch outputs for the checks of the fused graphs, per adapter and for the base (None), else {}."""
     if not job.fuse:
         return {}
     from lora_edge.export.fusion import pytorch_outputs
 
-    return {name: pytorch_outputs(ref, job.context) for name, ref in job.references.items()}
+    expected = {name: pytorch_outputs(ref, job.context) for name, ref in job.references.items()}
+    first = next(iter(job.references.values()))
+    with first.disable_adapter():
+        expected[None] = pytorch_outputs(first, job.context)
+    return expected
 
 
-def _verify(job: ExportJob, plan: TracePlan, path: Path | bytes, name: str, adapters: dict[str | None, Path | None],
-            feed_sets: list | None = None) -> dict:
-    """Check the graph at ``path`` (or serialized) in ONE session, once per adapter (None: no adapter); the diffs.
-
-    ``feed_sets`` (the fusion's check batches): the session's outputs on them go
-    to ``plan.source_outputs`` for the fusion, which then needs no session of this graph.
-    """
+def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
+    """Check the graph at ``path`` in ONE session, once per adapter (None: no adapter); return the diffs."""
     from lora_edge.export.exporter import check_agreement, run_verify_inputs
-    from lora_edge.runtime.session import check_settings, create_session, load_lora_adapter, run
+    from lora_edge.runtime.session import check_settings, create_session, load_lora_adapter
 
     # a few inputs, once: no prepacked copy of the weights (SmolLM2 fp32: 990 -> 756 MB for the session)
     session = create_session(path, check_settings())
@@ -283,8 +280,6 @@ def _verify(job: ExportJob, plan: TracePlan, path: Path | bytes, name: str, adap
         against = "the base model (no adapter fed)" if adapter is None else "the PyTorch reference"
         diffs[adapter or "base"] = check_agreement(label, plan.expected[adapter], actual, job.tolerance, against,
                                                    relative=plan.verify_io.relative_tolerance)
-    if feed_sets and "input_ids" in feed_sets[0]:
-        plan.source_outputs[name] = [run(session, feeds) for feeds in feed_sets]
     return diffs
 
 
@@ -295,17 +290,15 @@ class _Derived:
     record: GraphRecord
     derived: object  # export.forms.Derived: nodes + where each initializer comes from (no copy of the weights)
     checks: dict  # adapter name (None: no adapter) -> its .onnx_adapter file (hot-swap) or None
-    feeds: list | None = None  # the fusion's check batches (job.fuse)
-    graph: bytes | None = None  # the serialized graph, while it is checked before being written (job.fuse)
 
 
 def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: Stopwatch) -> list[GraphRecord]:
     """Derive, verify and write every requested form from the one trace (docs/ARCHITECTURE.md, "The three forms").
 
-    With ``job.fuse`` each graph is serialized in memory, verified against
-    PyTorch, fused for the CPU (the fused graph verified too) and written once:
-    the fused graph, or the exported one where the fusion is not kept. Without,
-    every graph is written first, then the trace is freed and each verified.
+    With ``job.fuse`` each graph is fused for the CPU in memory, the fused graph
+    verified against PyTorch in one session and written once; where no fusion is
+    kept, the graph is written as exported and verified then. Without, every
+    graph is written first, then the trace is freed and each verified.
     """
     from lora_edge.export.exporter import EXTERNAL_DATA_BYTES
     from lora_edge.export.forms import find_branches
@@ -345,67 +338,62 @@ def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: S
 
 def _derive_graph(job: ExportJob, plan: TracePlan, form: Form, adapter: str | None, layout: tuple,
                   clock: Stopwatch, in_memory: bool) -> _Derived:
-    """Derive one form (for ``adapter``) from the trace; write it, or with ``in_memory`` serialize it for its checks."""
-    from lora_edge.export.forms import analysis_model, derive, serialize_model, write_model
+    """Derive one form (for ``adapter``) from the trace; write it unless ``in_memory`` (fused first)."""
+    from lora_edge.export.forms import derive, write_model
     from lora_edge.export.hotswap import ADAPTER_SUFFIX
-    from lora_edge.export.prepare import fusion_feed_sets
     from lora_edge.runtime.adapter_layout import write_onnx_adapter
 
     branches, heads, external = layout
     name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
-    path, files, graph = job.graph_file(name), {}, None
+    path, files = job.graph_file(name), {}
     with clock.stage(f"write {name}"):
         derived = derive(plan.traced, branches, heads, form.value, plan.tensors.get(adapter), plan.weights)
-        if in_memory:
-            graph = serialize_model(plan.traced, derived)
-        else:
+        if not in_memory:
             write_model(plan.traced, derived, path, external)
         if form is Form.HOTSWAP:
             files = {n: write_onnx_adapter(job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR / f"{n}{ADAPTER_SUFFIX}",
                                            tensors) for n, tensors in plan.tensors.items()}
     extra = _graph_extra(plan.traced, derived, job.opset, exporter=plan.exporter,
                          export_seconds=clock.seconds(f"write {name}"))
-    feeds = fusion_feed_sets(analysis_model(plan.traced, derived)) if in_memory else None
     if form is Form.HOTSWAP:
         extra.update(adapter_files={n: job.relative(p) for n, p in files.items()},
                      adapter_inputs=[slot.name for slot in plan.slots])
         record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
                              adapters=list(plan.tensors), extra=extra)
-        return _Derived(record, derived, {None: None, **files}, feeds, graph)
+        return _Derived(record, derived, {None: None, **files})
     record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value, adapter=adapter, extra=extra)
-    return _Derived(record, derived, {adapter: None}, feeds, graph)
+    return _Derived(record, derived, {adapter: None})
 
 
 def _verify_fuse_write(job: ExportJob, plan: TracePlan, graph: _Derived, clock: Stopwatch) -> None:
-    """Verify the serialized ``graph`` against PyTorch, fuse it for the CPU, and write what is kept, once.
+    """Fuse the derived ``graph`` for the CPU in memory, verify what is kept against PyTorch, and write it once.
 
-    One session checks the graph as exported (and records its outputs on the
-    fusion's check batches); one session checks the fused graph against both.
-    The graph as exported is written again from the trace where the fusion is
-    not kept (no copy of it waits meanwhile).
+    The fused graph is verified in the one session that checks it (every adapter,
+    the base model for hot-swap graphs, the verify batches as they are and padded).
+    Where no fusion is kept, the graph as exported is written from the trace and
+    verified then, as without fusions.
     """
-    import onnx
-
-    from lora_edge.export.forms import write_model
+    from lora_edge.export.forms import derived_model, write_model
     from lora_edge.export.fusion import describe, fuse_for_cpu
 
-    record = graph.record
-    with clock.stage(f"verify {record.name}"):
-        diffs = _verify(job, plan, graph.graph, record.name, graph.checks, graph.feeds)
-    _record_diffs(job, record, diffs, clock)
+    record, path = graph.record, job.graph_file(graph.record.name)
     with clock.stage(f"fuse {record.name}"):
-        model = onnx.load_from_string(graph.graph)
-        graph.graph = None
-        record.extra["fusion"], fused = fuse_for_cpu(model, record, job.staging, plan.fusion_expected, job.context,
-                                                     job.tolerance, plan.source_outputs.pop(record.name, None))
+        model = derived_model(plan.traced, graph.derived)
+        record.extra["fusion"], fused, diffs = fuse_for_cpu(model, record, job.staging, plan.fusion_expected,
+                                                            job.context, job.tolerance)
         del model
         release_freed_memory()  # the sessions' and copies' memory, which the file's pages can then take
         if fused is not None:
-            job.graph_file(record.name).write_bytes(fused)
-        else:
-            write_model(plan.traced, graph.derived, job.graph_file(record.name))
-        graph.derived = fused = None
+            path.write_bytes(fused)
+        fused = None
     job.progress(describe(record.name, record.extra["fusion"]))
+    if diffs is None:
+        with clock.stage(f"verify {record.name}"):
+            write_model(plan.traced, graph.derived, path)
+            diffs = _verify(job, plan, path, record.name, graph.checks)
+            release_freed_memory()
+    graph.derived = None
+    _record_diffs(job, record, diffs, clock)
 
 
 def _record_diffs(job: ExportJob, record: GraphRecord, diffs: dict, clock: Stopwatch) -> None:
@@ -414,7 +402,8 @@ def _record_diffs(job: ExportJob, record: GraphRecord, diffs: dict, clock: Stopw
     record.extra["max_abs_diff"] = max(diffs.values())
     if record.form is Form.HOTSWAP:
         record.extra["max_abs_diff_by_adapter"] = diffs
-    record.extra["verify_seconds"] = clock.seconds(f"verify {record.name}")
+    # a fused graph is verified in its fuse stage
+    record.extra["verify_seconds"] = clock.seconds(f"verify {record.name}") or clock.seconds(f"fuse {record.name}")
 
 
 def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, exporter: str | None = None,

@@ -406,16 +406,33 @@ def write_model(shell: "onnx.ModelProto", derived: Derived, path: Path, external
     return path
 
 
-def serialize_model(shell: "onnx.ModelProto", derived: Derived) -> bytes:
-    """The bytes :func:`write_model` writes (all data inside), built in memory: a graph checked before it is written."""
-    pieces: list = []
+def derived_model(shell: "onnx.ModelProto", derived: Derived) -> "onnx.ModelProto":
+    """``derived`` as a ModelProto: the model :func:`write_model`'s file reads back as, without the file.
 
-    class Collect:
-        write = pieces.append
+    One copy of the weights (each initializer copied in once); for graphs that are
+    rewritten and checked before anything is written.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
 
-    head, plan, _ = _layout(shell, derived, None, "")
-    _write(Collect, None, head, plan, "a derived graph")
-    return b"".join(pieces)
+    model = onnx.ModelProto()
+    for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field_name, getattr(shell, field_name))
+    model.opset_import.extend(shell.opset_import)
+    model.metadata_props.extend(shell.metadata_props)
+    model.functions.extend(shell.functions)
+    model.graph.CopyFrom(derived.graph)
+    for name, source in derived.initializers.items():
+        if isinstance(source, Lazy):
+            values = np.ascontiguousarray(source(), dtype=np.dtype(source.dtype))
+            if tuple(values.shape) != tuple(source.shape):
+                raise ExportError(f"initializer '{name}' has shape {values.shape}, not {source.shape}", name,
+                                  "report this: a derived weight has the wrong shape")
+            model.graph.initializer.append(numpy_helper.from_array(values, name))
+        else:
+            model.graph.initializer.add().CopyFrom(source)
+    return model
 
 
 def _layout(shell: "onnx.ModelProto", derived: Derived, external_bytes: int | None, data_name: str):

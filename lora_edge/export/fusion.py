@@ -8,11 +8,12 @@ one input sharing their A MatMul, the last layer computed for the pooled first
 token only, padding trimmed to the last attended column).
 They took merged fp32 from 1.00x to 0.77x of the dynamo-exported peer's fp32
 graph, and a short request padded to 128 runs at the cost of its real tokens
-(benchmarks/README.md). The fused graph is then run on the exporter's verify
-batches, and on the same batches padded to the export length, and compared with
-the PyTorch reference of each adapter; one that drifts beyond the export
-tolerance is not kept (the graph stays as exported, and the manifest says why).
-``export --no-fuse`` skips the step.
+(benchmarks/README.md). Each candidate is run, in its one session, on the
+exporter's verify batches and on the same batches padded to the export length,
+and compared with the PyTorch reference of each adapter (and of the base model
+with no adapter fed, for hot-swap graphs); the first within the export
+tolerance is the graph written. Where none is, the graph is written as
+exported, verified then, and the manifest says why. ``export --no-fuse`` skips the step.
 """
 
 from __future__ import annotations
@@ -47,31 +48,34 @@ def padded_inputs(io: "GraphIO", length: int, pad_id: int) -> list[tuple["torch.
     return padded
 
 
-def _checks_against_pytorch(record: "GraphRecord", staging: Path) -> list[tuple[str, Path | None]]:
-    """(adapter name, hot-swap adapter file or None) pairs a graph must match the PyTorch reference of."""
-    if record.adapters:  # hot-swap: every adapter, each with its file active
+def _checks_against_pytorch(record: "GraphRecord", staging: Path) -> list[tuple[str | None, Path | None]]:
+    """(adapter name, its .onnx_adapter file) pairs a graph must match the PyTorch reference of.
+
+    Hot-swap: every adapter with its file active, and the base model with none (name None).
+    """
+    if record.adapters:
         files = record.extra.get("adapter_files", {})
-        return [(name, staging / files[name]) for name in record.adapters if name in files]
+        return [(name, staging / files[name]) for name in record.adapters if name in files] + [(None, None)]
     return [(record.adapter, None)]
 
 
-def verify_fused(session: "onnxruntime.InferenceSession", record: "GraphRecord", staging: Path,
-                 expected: dict[str, tuple["GraphIO", list]], tolerance: float) -> float:
-    """Max abs diff of the graph open in ``session`` against PyTorch (verify batches, as is and padded).
+def pytorch_diffs(session: "onnxruntime.InferenceSession", record: "GraphRecord", staging: Path,
+                  expected: dict) -> dict[str, float]:
+    """Max abs diff of the graph open in ``session`` from PyTorch, per adapter ("base": none fed).
 
-    ``expected`` maps each adapter to (its verify I/O with the padded batches, the
-    PyTorch outputs on them: :func:`pytorch_outputs`), computed once before the
-    trace: every form of an adapter is checked on the same batches. Raises ExportError.
+    ``expected`` maps each adapter name (None: the base model) to its verify I/O
+    with the padded batches and the PyTorch outputs on them (:func:`pytorch_outputs`),
+    computed once before the trace: every form of an adapter is checked on the same batches.
     """
-    from lora_edge.export.exporter import check_agreement, run_verify_inputs
+    from lora_edge.export.exporter import max_abs_diff, run_verify_inputs
     from lora_edge.runtime.session import load_lora_adapter
 
-    worst = 0.0
+    diffs = {}
     for name, adapter_file in _checks_against_pytorch(record, staging):
         io, outputs = expected[name]
         adapter = load_lora_adapter(adapter_file) if adapter_file is not None else None
-        worst = max(worst, check_agreement(record.name, outputs, run_verify_inputs(session, io, adapter), tolerance))
-    return worst
+        diffs[name or "base"] = max_abs_diff(outputs, run_verify_inputs(session, io, adapter))
+    return diffs
 
 
 def pytorch_outputs(reference, context: "ExportContext") -> tuple["GraphIO", list]:
@@ -90,19 +94,17 @@ def pytorch_outputs(reference, context: "ExportContext") -> tuple["GraphIO", lis
     return dataclasses.replace(io, module=nn.Identity()), reference_outputs(io)
 
 
-def fuse_for_cpu(model: "onnx.ModelProto", record: "GraphRecord", staging: Path,
-                 expected: dict[str, tuple["GraphIO", list]], context: "ExportContext", tolerance: float,
-                 source_outputs: list) -> tuple[dict, bytes | None]:
-    """Fuse an exported fp32 graph; (what was done, for the manifest; the fused graph's bytes, None to keep ``model``).
+def fuse_for_cpu(model: "onnx.ModelProto", record: "GraphRecord", staging: Path, expected: dict,
+                 context: "ExportContext", tolerance: float) -> tuple[dict, bytes | None, dict | None]:
+    """Fuse an exported fp32 graph; (what was done, for the manifest; the fused graph's bytes, its diffs from PyTorch).
 
-    ``model`` is the graph as exported (already verified against PyTorch; changed
-    here: nodes get names); ``source_outputs`` its outputs on the fusion's check
-    batches (:func:`lora_edge.export.prepare.fusion_feed_sets`), from the session
-    that verified it; ``expected`` the PyTorch outputs of each adapter
-    (:func:`verify_fused`). The fused graph is checked against the exported graph
-    and against PyTorch in ONE session; one that drifts is not kept.
+    Each candidate is checked in its one session against PyTorch (``expected``:
+    :func:`pytorch_diffs`; every adapter, and the base model for hot-swap graphs)
+    on the verify batches as they are and padded to the export length; the first
+    within ``tolerance`` is kept. (None, None) in place of the bytes and diffs:
+    no candidate was, the graph stays as exported (``model`` itself is left as it
+    is, nodes named).
     """
-    from lora_edge.core.errors import ExportError
     from lora_edge.export.cpu_fusion import name_all_nodes
     from lora_edge.export.prepare import FusionPlan, fuse_graph
 
@@ -110,22 +112,20 @@ def fuse_for_cpu(model: "onnx.ModelProto", record: "GraphRecord", staging: Path,
     plan = FusionPlan.from_config(context.config.to_dict())
     checked: dict = {}
 
-    def against_pytorch(session, serialized: bytes) -> None:
-        try:
-            checked["max_abs_diff"] = verify_fused(session, record, staging, expected, tolerance)
-            checked["graph"] = serialized
-        except ExportError as exc:
-            checked["dropped"] = f"fused graph drifts from PyTorch ({exc.what})"
+    def against_pytorch(session) -> float:
+        checked["diffs"] = pytorch_diffs(session, record, staging, expected)
+        return max(checked["diffs"].values())
 
-    fused, report = fuse_graph(model, plan, None, expected=source_outputs, accept=against_pytorch)
+    def keep(session, serialized: bytes) -> None:
+        checked["graph"] = serialized
+
+    fused, report = fuse_graph(model, plan, None, tolerance, check=against_pytorch, accept=keep)
     summary = report.to_json()
     del fused  # its bytes are all that is written
-    if "dropped" in checked:
-        return {**summary, "dropped": checked["dropped"]}, None
-    if "graph" not in checked:  # nothing matched, or the rewrites did not match the exported graph
-        return summary, None
-    summary["max_abs_diff_vs_pytorch"] = checked["max_abs_diff"]
-    return summary, checked["graph"]
+    if "graph" not in checked:  # no candidate matched PyTorch, or none was built
+        return summary, None, None
+    summary["max_abs_diff_vs_pytorch"] = max(checked["diffs"].values())
+    return summary, checked["graph"], checked["diffs"]
 
 
 def describe(name: str, fusion: dict) -> str:

@@ -192,7 +192,7 @@ def fusion_feed_sets(model: "onnx.ModelProto") -> list[dict]:
 
 
 def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes | None, tolerance: float = 1e-4,
-               expected: list | None = None,
+               check: "Callable[[onnxruntime.InferenceSession], float] | None" = None,
                accept: "Callable[[onnxruntime.InferenceSession, bytes], None] | None" = None,
                ) -> tuple["onnx.ModelProto", FusionReport]:
     """Fuse ``model`` (loaded from ``source``) for its target; every rewrite is checked against ``source``.
@@ -207,24 +207,20 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes |
     unchanged. ORT's optimizer is skipped for graphs with overridable
     initializers (hot-swap inputs): it folds them as constants.
 
-    ``expected``: the source's outputs on those batches when the caller has them
-    already (export computes them in the session that verifies the graph; ``source``
-    is then not read and may be None);
-    ``accept(session, serialized)`` is called with the winning candidate's check
-    session and bytes, so that a caller can run its own checks in that one
-    session instead of opening another.
+    ``check(session)``: the caller's own measure of a candidate, open in its
+    check session (its largest difference from what the graph must compute,
+    compared with ``tolerance``), in place of the comparison with ``source``
+    (which is then not read and may be None): export compares each candidate
+    with PyTorch. ``accept(session, serialized)`` is called with the winning
+    candidate's session and bytes.
     """
     import copy
 
     report = FusionReport()
-    feed_sets = fusion_feed_sets(model)
-    if expected is None and source is not None and "input_ids" in feed_sets[0]:
-        try:
-            expected = outputs_on(source, feed_sets)
-        except Exception:  # inputs beyond an encoder's: nothing here can check a rewrite
-            expected = None
-    if expected is None or "input_ids" not in feed_sets[0]:
-        return model, report
+    if check is None:
+        check = _source_check(model, source)
+        if check is None:  # inputs beyond an encoder's: nothing here can check a rewrite
+            return model, report
     overridable = {value.name for value in model.graph.input} & {init.name for init in model.graph.initializer}
     # Each builder leaves ``model`` as it is (the graph returned when no candidate matches).
     builders = [] if overridable else [lambda m, r: _lora_edge_rewrites(_ort_fusions_on_twin(m, plan, r), plan, r)]
@@ -237,8 +233,7 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes |
         try:
             serialized = candidate.SerializeToString()
             session = create_session(serialized, check_settings())
-            attempt.max_abs_diff = max(relative_difference(reference, run(session, feeds)) for reference, feeds
-                                       in zip(expected, feed_sets))
+            attempt.max_abs_diff = check(session)
         except Exception as exc:  # a rewrite ORT cannot load is a rewrite not to ship
             report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {first_line(exc)})"
             continue
@@ -247,5 +242,18 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes |
                 accept(session, serialized)
             return candidate, attempt
         del session, serialized
-        report.dropped = f"fusions changed the outputs (relative max abs diff {attempt.max_abs_diff:.2e})"
+        report.dropped = f"fusions changed the outputs (max abs diff {attempt.max_abs_diff:.2e} > {tolerance:g})"
     return model, report
+
+
+def _source_check(model: "onnx.ModelProto", source: str | bytes) -> "Callable | None":
+    """A candidate's largest difference from ``source`` (relative to the output scale) on the sample batches."""
+    feed_sets = fusion_feed_sets(model)
+    if "input_ids" not in feed_sets[0]:
+        return None
+    try:
+        expected = outputs_on(source, feed_sets)
+    except Exception:  # inputs beyond an encoder's
+        return None
+    return lambda session: max(relative_difference(reference, run(session, feeds))
+                               for reference, feeds in zip(expected, feed_sets))
