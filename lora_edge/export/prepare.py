@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
+    from lora_edge.runtime.session import SessionSettings
+
 
 # Hugging Face model_type -> the onnxruntime.transformers optimizer's model type (encoders it fuses).
 ORT_OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert",
@@ -194,7 +196,7 @@ def fusion_feed_sets(model: "onnx.ModelProto") -> list[dict]:
 def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes | None, tolerance: float = 1e-4,
                check: "Callable[[onnxruntime.InferenceSession], float] | None" = None,
                accept: "Callable[[onnxruntime.InferenceSession, bytes], None] | None" = None,
-               ) -> tuple["onnx.ModelProto", FusionReport]:
+               settings: "SessionSettings | None" = None) -> tuple["onnx.ModelProto", FusionReport]:
     """Fuse ``model`` (loaded from ``source``) for its target; every rewrite is checked against ``source``.
 
     Tried in order, the first whose outputs match the source's within
@@ -212,7 +214,8 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes |
     compared with ``tolerance``), in place of the comparison with ``source``
     (which is then not read and may be None): export compares each candidate
     with PyTorch. ``accept(session, serialized)`` is called with the winning
-    candidate's session and bytes.
+    candidate's session and bytes. ``settings``: the check sessions' (default
+    :func:`lora_edge.runtime.session.check_settings`).
     """
     import copy
 
@@ -232,7 +235,7 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes |
         release_freed_memory()
         try:
             serialized = candidate.SerializeToString()
-            session = create_session(serialized, check_settings())
+            session = create_session(serialized, settings or check_settings())
             attempt.max_abs_diff = check(session)
         except Exception as exc:  # a rewrite ORT cannot load is a rewrite not to ship
             report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {first_line(exc)})"
