@@ -248,8 +248,6 @@ def require_bundle(path: Path) -> Path:
 
 def load_graph(path: Path, load_external_data: bool = True):
     """``onnx.load(path)``, or a BundleError naming the file when it is missing or not an ONNX model."""
-    import onnx
-
     path = Path(path)
     if not path.is_file():
         raise BundleError("graph file is missing", path, "re-run lora-edge export (or quantize) for this graph")
