@@ -53,13 +53,13 @@ def _write_records(model: "onnx.ModelProto", path: str | Path, serialize) -> Non
             out.write(_GRAPH_KEY + _varint(len(record)) + record)
 
 
-def weightless_twin(model: "onnx.ModelProto", min_elements: int = 4096,
-                    quantized: bool = False) -> "onnx.ModelProto":
+def weightless_twin(model: "onnx.ModelProto", min_elements: int = 4096, any_weight: bool = False) -> "onnx.ModelProto":
     """A copy of ``model`` whose float initializers of ``min_elements`` or more carry no data.
 
     Same nodes, names, types and shapes: enough for shape inference (which reads
     the values of small integer tensors only) at a fraction of the memory.
-    ``quantized``: the 8- and 4-bit weights of a quantized graph carry none either.
+    ``any_weight``: quantized (8-bit, 4-bit) weights carry none either; only
+    int32/int64 tensors (shapes, axes, indices) keep their values.
     """
     import math
 
@@ -67,10 +67,10 @@ def weightless_twin(model: "onnx.ModelProto", min_elements: int = 4096,
 
     twin = _without_initializers(model)
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
-    if quantized:
-        floats |= {TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT4, TensorProto.INT4}
     for tensor in model.graph.initializer:
-        if tensor.data_type in floats and math.prod(tensor.dims) >= min_elements:
+        weight = tensor.data_type in floats or (any_weight and tensor.data_type not in (TensorProto.INT32,
+                                                                                          TensorProto.INT64))
+        if weight and math.prod(tensor.dims) >= min_elements:
             twin.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         else:
             twin.graph.initializer.append(tensor)

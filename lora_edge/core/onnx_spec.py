@@ -99,7 +99,8 @@ def drop_stale_value_info(model: "onnx.ModelProto") -> int:
 
     graph = model.graph
     declared = {init.name for init in graph.initializer} | {value.name for value in graph.input}
-    probe = weightless_twin(model, quantized=True)  # inference reads small integer tensors only: no weight copy
+    # inference reads the values of small integer tensors only (shapes, axes): a twin without the weights will do
+    probe = weightless_twin(model, any_weight=True)
     del probe.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(probe)

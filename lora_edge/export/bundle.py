@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lora_edge import __version__
 from lora_edge.core.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, AdapterRef, adapter_task,
                                 load_reference, read_adapter_config)
-from lora_edge.core.bundle import ONNX_DIR, atomic_directory, library_versions, parse_choices, write_json
+from lora_edge.core.bundle import ONNX_DIR, atomic_directory, library_versions, load_graph, parse_choices, write_json
 from lora_edge.core.choices import Form, Precision
 from lora_edge.core.console import Progress, stderr_lines
 from lora_edge.core.data import LABEL_MAP_FILE, LabelMap
@@ -78,6 +78,7 @@ class ExportJob:
     trust_remote_code: bool = False
     progress: Progress = stderr_lines
     records: list[GraphRecord] = field(default_factory=list)
+    fuse: bool = False  # the fp32 graphs get the verified CPU fusions (lora_edge.export.fusion) before written
 
     @property
     def several(self) -> bool:
@@ -125,6 +126,29 @@ class Stopwatch:
         return round(sum(s.seconds for s in self.stages if s.stage.split(" (")[0] == prefix), 2)
 
 
+@contextlib.contextmanager
+def objects_frozen():
+    """Garbage collections skip the objects alive now (``gc.freeze``), meanwhile.
+
+    ``release_freed_memory`` collects garbage between graphs and steps; with torch
+    and transformers imported a full collection walks millions of long-lived
+    objects (0.15-0.25 s each on 2 cores: 21 collections were 3-5 s of a MiniLM-L6
+    export + quantize). Frozen objects are still freed by reference counting; only
+    cycles among them wait for the end of the block. Where something else froze
+    objects already, nothing is changed.
+    """
+    import gc
+
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _graph_extra(shell, derived, opset: int | None = None, **values) -> dict:
     """Manifest extras of a derived graph (read in memory): opset, input/output names, low-rank pairs, ``values``."""
     from lora_edge.export.exporter import low_rank_pairs
@@ -154,6 +178,30 @@ class TracePlan:
     exporter: str | None = None
     weights: dict = field(default_factory=dict)  # initializer name -> array, for initializers ``traced`` holds as stubs
     stamped: bool = False  # traced through a shallow twin with the other layers stamped (lora_edge.export.stamp)
+    # For the fusions (``job.fuse``): adapter name (None: the base model) -> (verify I/O with the batches padded
+    # to the export length added, PyTorch outputs on them)
+    fusion_expected: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _small_batch_threads(task: Task):
+    """One PyTorch intra-op thread meanwhile for a classifier's verification forwards and trace; the caller's after.
+
+    They run a few short batches (at most 3 x the export length): threads gain
+    little there, and on shared cores OpenMP's barriers make them collapse
+    (MiniLM-L6, load 5-6 on 2 cores: the verification forwards with the fused
+    graphs' padded batches 6-7 s on 2 threads, 0.4-0.5 s on 1; the TorchScript
+    trace 2.1-2.9 s against 1.2-1.4 s). Decoders keep the caller's threads.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if task is Task.SEQ_CLS:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool = True) -> TracePlan:
@@ -164,7 +212,6 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
     A torch.export trace stays in memory (its weights are the base's tensors); a
     TorchScript trace goes through a file, loaded once the model is released.
     """
-    import onnx
     from torch import nn
 
     from lora_edge.export.exporter import (fold_stub_transposes, graph_io_for, name_output_dims, reference_outputs,
@@ -175,20 +222,24 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
 
     builder = graph_io_for(job.task)
     first = next(iter(job.references.values()))
-    with clock.stage("reference outputs"):
+    with clock.stage("reference outputs"), _small_batch_threads(job.task):
         base = base_view(first)
         slots = plan_slots(base, job.references)
         tensors = {name: adapter_tensors(ref, slots) for name, ref in job.references.items()}
-        expected = {name: reference_outputs(builder(ref, job.context)) for name, ref in job.references.items()}
-        with first.disable_adapter():
-            expected[None] = reference_outputs(builder(first, job.context))
+        fusion_expected = _fusion_expected(job)
+        if fusion_expected:  # the verify batches come first there, each then padded: not run twice
+            expected = {name: outputs[:len(outputs) // 2] for name, (_, outputs) in fusion_expected.items()}
+        else:
+            expected = {name: reference_outputs(builder(ref, job.context)) for name, ref in job.references.items()}
+            with first.disable_adapter():
+                expected[None] = reference_outputs(builder(first, job.context))
         model = hotswap_base(base, slots)
         io, task_io = hotswap_graph_io(model, slots, job.context)
     trace_file = job.staging / ONNX_DIR / TRACE_FILE
     graph_name = GraphRecord.graph_name(Form.HOTSWAP, Precision.FP32)
     weights: dict = {}
     stamped = False
-    with clock.stage(f"trace ({exporter})"):
+    with clock.stage(f"trace ({exporter})"), _small_batch_threads(job.task):
         if exporter == "dynamo":  # kept in memory: its weights stay the model's own tensors (one copy)
             traced, weights, stamped = _trace_dynamo_stage(job, model, slots, io, graph_name, stamp)
         else:
@@ -201,7 +252,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
     release_freed_memory()  # the tracer's garbage
     with clock.stage("load trace"):
         if not weights:
-            traced = onnx.load(str(trace_file))
+            traced = load_graph(trace_file)
             for path in trace_file.parent.glob(TRACE_FILE + "*"):
                 path.unlink()
         add_default_initializers(traced, defaults, slots)
@@ -209,7 +260,8 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
         name_output_dims(traced, verify_io, expected[None])
         if verify_io.edit_graph is not None:
             verify_io.edit_graph(traced)
-    return TracePlan(slots, tensors, expected, verify_io, traced, exporter, weights, stamped)
+    return TracePlan(slots, tensors, expected, verify_io, traced, exporter, weights, stamped=stamped,
+                     fusion_expected=fusion_expected)
 
 
 def _trace_dynamo_stage(job: ExportJob, model, slots: list, io, graph_name: str, stamp: bool) -> tuple:
@@ -233,6 +285,19 @@ def _trace_dynamo_stage(job: ExportJob, model, slots: list, io, graph_name: str,
                 job.progress(f"  tracing every layer: {exc}")
     traced, weights = trace_in_memory(io, job.opset, graph_name)
     return traced, weights, False
+
+
+def _fusion_expected(job: ExportJob) -> dict:
+    """PyTorch outputs for the checks of the fused graphs, per adapter and for the base (None), else {}."""
+    if not job.fuse:
+        return {}
+    from lora_edge.export.fusion import pytorch_outputs
+
+    expected = {name: pytorch_outputs(ref, job.context) for name, ref in job.references.items()}
+    first = next(iter(job.references.values()))
+    with first.disable_adapter():
+        expected[None] = pytorch_outputs(first, job.context)
+    return expected
 
 
 def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: dict[str | None, Path | None]) -> dict:
@@ -263,12 +328,26 @@ def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: di
     return diffs
 
 
+@dataclass
+class _Derived:
+    """One graph derived from the trace: its record, the derived graph, what to verify it on."""
+
+    record: GraphRecord
+    derived: object  # export.forms.Derived: nodes + where each initializer comes from (no copy of the weights)
+    checks: dict  # adapter name (None: no adapter) -> its .onnx_adapter file (hot-swap) or None
+
+
 def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: Stopwatch) -> list[GraphRecord]:
-    """Derive, write and verify every requested form from the one trace (docs/ARCHITECTURE.md, "The three forms")."""
+    """Derive, verify and write every requested form from the one trace (docs/ARCHITECTURE.md, "The three forms").
+
+    With ``job.fuse`` each graph is fused for the CPU in memory, the fused graph
+    verified against PyTorch in one session and written once; where no fusion is
+    kept, the graph is written as exported and verified then. Without, every
+    graph is written first, then the trace is freed and each verified.
+    """
     from lora_edge.export.exporter import EXTERNAL_DATA_BYTES
-    from lora_edge.export.forms import derive, find_branches, write_model
-    from lora_edge.runtime.adapter_layout import write_onnx_adapter
-    from lora_edge.export.hotswap import ADAPTER_SUFFIX, LORA_A, LORA_B, TENSOR
+    from lora_edge.export.forms import find_branches
+    from lora_edge.export.hotswap import LORA_A, LORA_B, TENSOR
 
     slots_by_module: dict[str, dict] = {}
     for slot in plan.slots:
@@ -279,44 +358,97 @@ def write_forms(job: ExportJob, plan: TracePlan, forms: Sequence[Form], clock: S
     weight_bytes = sum(len(init.raw_data) for init in plan.traced.graph.initializer) + \
         sum(array.nbytes for array in plan.weights.values())
     external = 1024 if weight_bytes > EXTERNAL_DATA_BYTES else None
-    written = []  # (record, checks): every graph is written first, then the trace is freed and each verified
+    in_memory = job.fuse and external is None  # a graph with external data (over 1.8 GB) is not fused
+    records, written = [], []
     for form in forms:
         for adapter in ([None] if form is Form.HOTSWAP else list(plan.tensors)):
-            name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
-            with clock.stage(f"write {name}"):
-                derived = derive(plan.traced, branches, heads, form.value, plan.tensors.get(adapter), plan.weights)
-                path = write_model(plan.traced, derived, job.graph_file(name), external)
-                files = {}
-                if form is Form.HOTSWAP:
-                    files = {n: write_onnx_adapter(job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR
-                                                   / f"{n}{ADAPTER_SUFFIX}", tensors)
-                             for n, tensors in plan.tensors.items()}
-            extra = _graph_extra(plan.traced, derived, job.opset, exporter=plan.exporter,
-                                 export_seconds=clock.seconds(f"write {name}"))
-            del derived
-            if form is Form.HOTSWAP:
-                extra.update(adapter_files={n: job.relative(p) for n, p in files.items()},
-                             adapter_inputs=[slot.name for slot in plan.slots])
-                record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
-                                     adapters=list(plan.tensors), extra=extra)
-                written.append((record, {None: None, **files}))
+            graph = _derive_graph(job, plan, form, adapter, (branches, heads, external), clock, in_memory)
+            records.append(graph.record)
+            if in_memory:
+                _verify_fuse_write(job, plan, graph, clock)
             else:
-                record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
-                                     adapter=adapter, extra=extra)
-                written.append((record, {adapter: None}))
+                graph.derived = None
+                written.append(graph)
+                if job.fuse:
+                    graph.record.extra["fusion"] = {"dropped": "graph has external data (over 1.8 GB): not fused"}
     plan.traced, plan.weights = None, {}  # the ONNX Runtime sessions below hold a copy of the weights each, one at a time
     release_freed_memory()
-    for record, checks in written:
-        with clock.stage(f"verify {record.name}"):
-            diffs = _verify(job, plan, job.staging / record.file, record.name, checks)
+    for graph in written:
+        with clock.stage(f"verify {graph.record.name}"):
+            diffs = _verify(job, plan, job.staging / graph.record.file, graph.record.name, graph.checks)
             release_freed_memory()  # the session's
-        job.progress(f"  {record.name}: max abs diff vs PyTorch "
-                     + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
-        record.extra["max_abs_diff"] = max(diffs.values())
-        if record.form is Form.HOTSWAP:
-            record.extra["max_abs_diff_by_adapter"] = diffs
-        record.extra["verify_seconds"] = clock.seconds(f"verify {record.name}")
-    return [record for record, _ in written]
+        _record_diffs(job, graph.record, diffs, clock)
+    return records
+
+
+def _derive_graph(job: ExportJob, plan: TracePlan, form: Form, adapter: str | None, layout: tuple,
+                  clock: Stopwatch, in_memory: bool) -> _Derived:
+    """Derive one form (for ``adapter``) from the trace; write it unless ``in_memory`` (fused first)."""
+    from lora_edge.export.forms import derive, write_model
+    from lora_edge.export.hotswap import ADAPTER_SUFFIX
+    from lora_edge.runtime.adapter_layout import write_onnx_adapter
+
+    branches, heads, external = layout
+    name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
+    path, files = job.graph_file(name), {}
+    with clock.stage(f"write {name}"):
+        derived = derive(plan.traced, branches, heads, form.value, plan.tensors.get(adapter), plan.weights)
+        if not in_memory:
+            write_model(plan.traced, derived, path, external)
+        if form is Form.HOTSWAP:
+            files = {n: write_onnx_adapter(job.staging / ONNX_DIR / ADAPTER_HOTSWAP_DIR / f"{n}{ADAPTER_SUFFIX}",
+                                           tensors) for n, tensors in plan.tensors.items()}
+    extra = _graph_extra(plan.traced, derived, job.opset, exporter=plan.exporter,
+                         export_seconds=clock.seconds(f"write {name}"))
+    if form is Form.HOTSWAP:
+        extra.update(adapter_files={n: job.relative(p) for n, p in files.items()},
+                     adapter_inputs=[slot.name for slot in plan.slots])
+        record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value,
+                             adapters=list(plan.tensors), extra=extra)
+        return _Derived(record, derived, {None: None, **files})
+    record = GraphRecord(name, job.relative(path), form, Precision.FP32, job.task.value, adapter=adapter, extra=extra)
+    return _Derived(record, derived, {adapter: None})
+
+
+def _verify_fuse_write(job: ExportJob, plan: TracePlan, graph: _Derived, clock: Stopwatch) -> None:
+    """Fuse the derived ``graph`` for the CPU in memory, verify what is kept against PyTorch, and write it once.
+
+    The fused graph is verified in the one session that checks it (every adapter,
+    the base model for hot-swap graphs, the verify batches as they are and padded).
+    Where no fusion is kept, the graph as exported is written from the trace and
+    verified then, as without fusions.
+    """
+    from lora_edge.export.forms import derived_model, write_model
+    from lora_edge.export.fusion import describe, fuse_for_cpu
+
+    record, path = graph.record, job.graph_file(graph.record.name)
+    with clock.stage(f"fuse {record.name}"):
+        model = derived_model(plan.traced, graph.derived)
+        record.extra["fusion"], fused, diffs = fuse_for_cpu(model, record, job.staging, plan.fusion_expected,
+                                                            job.context, job.tolerance)
+        del model
+        release_freed_memory()  # the sessions' and copies' memory, which the file's pages can then take
+        if fused is not None:
+            path.write_bytes(fused)
+        fused = None
+    job.progress(describe(record.name, record.extra["fusion"]))
+    if diffs is None:
+        with clock.stage(f"verify {record.name}"):
+            write_model(plan.traced, graph.derived, path)
+            diffs = _verify(job, plan, path, record.name, graph.checks)
+            release_freed_memory()
+    graph.derived = None
+    _record_diffs(job, record, diffs, clock)
+
+
+def _record_diffs(job: ExportJob, record: GraphRecord, diffs: dict, clock: Stopwatch) -> None:
+    """Report a graph's verification and put its figures in the record."""
+    job.progress(f"  {record.name}: max abs diff vs PyTorch " + ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
+    record.extra["max_abs_diff"] = max(diffs.values())
+    if record.form is Form.HOTSWAP:
+        record.extra["max_abs_diff_by_adapter"] = diffs
+    # a fused graph is verified in its fuse stage
+    record.extra["verify_seconds"] = clock.seconds(f"verify {record.name}") or clock.seconds(f"fuse {record.name}")
 
 
 def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, exporter: str | None = None,
@@ -326,6 +458,8 @@ def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, export
     A layer-stamped trace (``lora_edge.export.stamp``) whose graphs fail is redone
     tracing every layer. ``reload`` loads the references again (they are released
     after the trace).
+    With ``job.fuse`` the fp32 graphs get the verified CPU fusions, checked
+    against the PyTorch outputs computed before the trace (no reload).
     """
     from lora_edge.core.errors import ExportError
     from lora_edge.export.exporter import exporter_order
@@ -336,8 +470,9 @@ def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, export
         name, stamp = attempts.pop(0)
         plan = None
         try:
-            plan = plan_and_trace(job, clock, name, stamp)
-            return write_forms(job, plan, forms, clock)
+            plan = plan_and_trace(job, clock, name, stamp)  # the references released, their garbage collected
+            with objects_frozen():
+                return write_forms(job, plan, forms, clock)
         except ExportError as exc:
             if plan is not None and plan.stamped and reload is not None:  # layers the shallow trace could not tell apart
                 attempts.insert(0, (name, False))
@@ -421,16 +556,6 @@ def _write_model_files(job: ExportJob, adapters: Sequence[AdapterRef]) -> None:
                            LabelMap(tuple(job.labels[adapter.name])).to_json())
 
 
-def _fuse(job: "ExportJob", clock: Stopwatch, load: Callable[[], dict]) -> None:
-    """The verified CPU fusions of the fp32 encoder graphs (references loaded again: the trace released them)."""
-    from lora_edge.export.fusion import fuse_exported_graphs
-
-    with clock.stage("fuse"):
-        references = load()
-        fuse_exported_graphs(job.records, job.staging, references, job.context, job.tolerance, job.progress)
-        del references
-
-
 def _manifest(job: "ExportJob", model: str | Path, adapters: list[AdapterRef], dirs: dict[str, str],
               seed: int | None, recipe: dict | None, clock: Stopwatch) -> Manifest:
     """The new bundle's manifest: versions, the model, the adapters, the graphs and the seconds per stage."""
@@ -462,7 +587,7 @@ def _quantize_staged(staging: Path, precisions: list[Precision], options: Quanti
     if not precisions:
         return
     release_freed_memory()
-    with clock.stage("quantize"):
+    with clock.stage("quantize"), objects_frozen():
         quantize(staging, precisions, options, progress=progress)
     dataclasses.replace(Manifest.read(staging), export_stages=clock.stages).write(staging)
 
@@ -510,14 +635,13 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
 
         with clock.stage("load"):
             job = _new_job(model_path, task, load(), staging, opset, tolerance, trust_remote_code, progress)
+        job.fuse = fuse and task is Task.SEQ_CLS  # CPU fusions, each fused graph checked against PyTorch again
         records_dirs = {}
         for adapter in adapters:
             records_dirs[adapter.name] = "adapter" if not job.several else f"adapters/{adapter.name}"
             _copy_adapter(adapter, staging / records_dirs[adapter.name])
         _write_model_files(job, adapters)
         job.records.extend(export_forms(job, list(dict.fromkeys(forms)), clock, exporter, load))
-        if fuse and task is Task.SEQ_CLS:  # CPU fusions, each fused graph checked against PyTorch again
-            _fuse(job, clock, load)
         for record in job.records:
             require_valid_graph(staging / record.file, record.name, ExportError)
         if task is Task.CAUSAL_LM:

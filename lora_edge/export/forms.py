@@ -397,9 +397,49 @@ def write_model(shell: "onnx.ModelProto", derived: Derived, path: Path, external
     built. With ``external_bytes``, tensors of at least that many bytes go to
     ``<path>.data`` (ONNX external data, 4 KiB aligned) instead.
     """
+    path = Path(path)
+    data_path = path.with_name(path.name + ".data")
+    head, plan, offset = _layout(shell, derived, external_bytes, data_path.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out, (open(data_path, "wb") if offset else open(os.devnull, "wb")) as data:
+        _write(out, data, head, plan, path)
+    return path
+
+
+def derived_model(shell: "onnx.ModelProto", derived: Derived) -> "onnx.ModelProto":
+    """``derived`` as a ModelProto: the model :func:`write_model`'s file reads back as, without the file.
+
+    One copy of the weights (each initializer copied in once); for graphs that are
+    rewritten and checked before anything is written.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto()
+    for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field_name, getattr(shell, field_name))
+    model.opset_import.extend(shell.opset_import)
+    model.metadata_props.extend(shell.metadata_props)
+    model.functions.extend(shell.functions)
+    model.graph.CopyFrom(derived.graph)
+    for name, source in derived.initializers.items():
+        if isinstance(source, Lazy):
+            values = np.ascontiguousarray(source(), dtype=np.dtype(source.dtype))
+            if tuple(values.shape) != tuple(source.shape):
+                raise ExportError(f"initializer '{name}' has shape {values.shape}, not {source.shape}", name,
+                                  "report this: a derived weight has the wrong shape")
+            model.graph.initializer.append(numpy_helper.from_array(values, name))
+        else:
+            model.graph.initializer.add().CopyFrom(source)
+    return model
+
+
+def _layout(shell: "onnx.ModelProto", derived: Derived, external_bytes: int | None, data_name: str):
+    """(the model's bytes up to its first initializer, [(name, source, external stub or None, serialized size)],
+    bytes of external data)."""
     import onnx
 
-    path = Path(path)
     head = onnx.ModelProto()
     for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(head, field_name, getattr(shell, field_name))
@@ -407,12 +447,11 @@ def write_model(shell: "onnx.ModelProto", derived: Derived, path: Path, external
     head.metadata_props.extend(shell.metadata_props)
     head.functions.extend(shell.functions)
     graph_bytes = derived.graph.SerializeToString()
-    data_path = path.with_name(path.name + ".data")
     plan, offset = [], 0
     for name, source in derived.initializers.items():
         length = _data_bytes(source)
         if external_bytes is not None and length >= external_bytes:
-            stub = _external(stub_tensor(name, source), data_path.name, offset, length)
+            stub = _external(stub_tensor(name, source), data_name, offset, length)
             plan.append((name, source, stub, stub.ByteSize()))
             offset += -(-length // 4096) * 4096
         elif isinstance(source, Lazy):
@@ -420,24 +459,25 @@ def write_model(shell: "onnx.ModelProto", derived: Derived, path: Path, external
         else:
             plan.append((name, source, None, source.ByteSize()))
     graph_size = len(graph_bytes) + sum(1 + len(_varint(size)) + size for *_, size in plan)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as out, (open(data_path, "wb") if offset else open(os.devnull, "wb")) as data:
-        out.write(head.SerializeToString())
-        out.write(_GRAPH_FIELD + _varint(graph_size) + graph_bytes)
-        for name, source, stub, size in plan:
-            out.write(_INITIALIZER_FIELD + _varint(size))
-            if stub is not None:
-                values = _raw(source)
-                data.write(values)
-                data.write(b"\0" * (-len(values) % 4096))
-                out.write(stub.SerializeToString())
-            elif isinstance(source, Lazy):
-                values = _raw(source)
-                if len(values) != size - len(_lazy_head(name, source, len(values))):
-                    raise ExportError(f"initializer '{name}' has {len(values)} bytes, its shape says otherwise",
-                                      path, "report this: a derived weight has the wrong shape")
-                out.write(_lazy_head(name, source, len(values)))
-                out.write(values)
-            else:
-                out.write(source.SerializeToString())
-    return path
+    return head.SerializeToString() + _GRAPH_FIELD + _varint(graph_size) + graph_bytes, plan, offset
+
+
+def _write(out, data, head: bytes, plan: list, where) -> None:
+    """Write the model ``head`` then each initializer of ``plan`` to ``out`` (external values to ``data``)."""
+    out.write(head)
+    for name, source, stub, size in plan:
+        out.write(_INITIALIZER_FIELD + _varint(size))
+        if stub is not None:
+            values = _raw(source)
+            data.write(values)
+            data.write(b"\0" * (-len(values) % 4096))
+            out.write(stub.SerializeToString())
+        elif isinstance(source, Lazy):
+            values = _raw(source)
+            if len(values) != size - len(_lazy_head(name, source, len(values))):
+                raise ExportError(f"initializer '{name}' has {len(values)} bytes, its shape says otherwise",
+                                  where, "report this: a derived weight has the wrong shape")
+            out.write(_lazy_head(name, source, len(values)))
+            out.write(values)
+        else:
+            out.write(source.SerializeToString())

@@ -8,26 +8,28 @@ one input sharing their A MatMul, the last layer computed for the pooled first
 token only, padding trimmed to the last attended column).
 They took merged fp32 from 1.00x to 0.77x of the dynamo-exported peer's fp32
 graph, and a short request padded to 128 runs at the cost of its real tokens
-(benchmarks/README.md). The fused graph is then run on the exporter's verify
-batches, and on the same batches padded to the export length, and compared with
-the PyTorch reference of each adapter; one that drifts beyond the export
-tolerance is not kept (the graph stays as exported, and the manifest says why).
-``export --no-fuse`` skips the step.
+(benchmarks/README.md). Each candidate is run, in its one session, on the
+exporter's verify batches and on the same batches padded to the export length,
+and compared with the PyTorch reference of each adapter (and of the base model
+with no adapter fed, for hot-swap graphs); the first within the export
+tolerance is the graph written. Where none is, the graph is written as
+exported, verified then, and the manifest says why. ``export --no-fuse`` skips the step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_edge.core.console import Progress
 
 if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
     import torch
 
     from lora_edge.export.exporter import ExportContext, GraphIO
+    from lora_edge.runtime.session import SessionSettings
     from lora_edge.core.manifest import GraphRecord
 
 
@@ -47,104 +49,108 @@ def padded_inputs(io: "GraphIO", length: int, pad_id: int) -> list[tuple["torch.
     return padded
 
 
-def _checks_against_pytorch(record: "GraphRecord", staging: Path, references: dict) -> list[tuple[object, Path | None]]:
-    """(PyTorch reference, hot-swap adapter file or None) pairs a graph must match."""
-    if record.adapters:  # hot-swap: every adapter, each with its file active
-        files = record.extra.get("adapter_files", {})
-        return [(references[name], staging / files[name]) for name in record.adapters if name in files]
-    return [(references[record.adapter], None)]
+def _checks_against_pytorch(record: "GraphRecord", staging: Path) -> list[tuple[str | None, Path | None]]:
+    """(adapter name, its .onnx_adapter file) pairs a graph must match the PyTorch reference of.
 
-
-def verify_fused(path: Path, record: "GraphRecord", staging: Path, references: dict, context: "ExportContext",
-                 tolerance: float, expected: dict | None = None) -> float:
-    """Max abs diff of the graph at ``path`` against PyTorch (verify batches, as is and padded); raises ExportError.
-
-    ``expected`` caches (verify I/O, PyTorch outputs) per reference between the
-    graphs of one bundle: every form of an adapter is checked on the same batches.
+    Hot-swap: every adapter with its file active, and the base model with none (name None).
     """
-    from lora_edge.export.exporter import check_agreement, run_verify_inputs
-    from lora_edge.runtime.session import create_session, load_lora_adapter
+    if record.adapters:
+        files = record.extra.get("adapter_files", {})
+        return [(name, staging / files[name]) for name in record.adapters if name in files] + [(None, None)]
+    return [(record.adapter, None)]
 
-    expected = {} if expected is None else expected
-    session = create_session(path)
-    worst = 0.0
-    for reference, adapter_file in _checks_against_pytorch(record, staging, references):
-        if id(reference) not in expected:
-            expected[id(reference)] = _pytorch_outputs(reference, context)
-        io, outputs = expected[id(reference)]
+
+def pytorch_diffs(session: "onnxruntime.InferenceSession", record: "GraphRecord", staging: Path,
+                  expected: dict) -> dict[str, float]:
+    """Max abs diff of the graph open in ``session`` from PyTorch, per adapter ("base": none fed).
+
+    ``expected`` maps each adapter name (None: the base model) to its verify I/O
+    with the padded batches and the PyTorch outputs on them (:func:`pytorch_outputs`),
+    computed once before the trace: every form of an adapter is checked on the same batches.
+    """
+    from lora_edge.export.exporter import max_abs_diff, run_verify_inputs
+    from lora_edge.runtime.session import load_lora_adapter
+
+    diffs = {}
+    for name, adapter_file in _checks_against_pytorch(record, staging):
+        io, outputs = expected[name]
         adapter = load_lora_adapter(adapter_file) if adapter_file is not None else None
-        worst = max(worst, check_agreement(record.name, outputs, run_verify_inputs(session, io, adapter), tolerance))
-    return worst
+        diffs[name or "base"] = max_abs_diff(outputs, run_verify_inputs(session, io, adapter))
+    return diffs
 
 
-def _pytorch_outputs(reference, context: "ExportContext") -> tuple["GraphIO", list]:
-    """(verify I/O with the padded batches added, the PyTorch outputs of ``reference`` on them)."""
+def pytorch_outputs(reference, context: "ExportContext") -> tuple["GraphIO", list]:
+    """(verify I/O with the padded batches added, the PyTorch outputs of ``reference`` on them).
+
+    The verify batches come first, then each of them padded (as many): the first
+    half of the outputs are the verify batches' own. The I/O keeps the inputs only
+    (its module is dropped), so it does not hold the model.
+    """
+    from torch import nn
+
     from lora_edge.export.exporter import graph_io_for, reference_outputs
 
     io = graph_io_for(context.task)(reference, context)
     pad_id = getattr(context.tokenizer, "pad_token_id", None) or 0
     length = min(context.max_length, getattr(context.config, "max_position_embeddings", 512) - 2)
     io = dataclasses.replace(io, verify_inputs=io.verify_inputs + padded_inputs(io, length, pad_id))
-    return io, reference_outputs(io)
+    return dataclasses.replace(io, module=nn.Identity()), reference_outputs(io)
 
 
-def fuse_exported_graph(record: "GraphRecord", staging: Path, references: dict, context: "ExportContext",
-                        tolerance: float, expected: dict | None = None) -> dict:
-    """Fuse one fp32 graph in place when the fused graph matches PyTorch; return what was done (for the manifest).
+def fuse_for_cpu(model: "onnx.ModelProto", record: "GraphRecord", staging: Path, expected: dict,
+                 context: "ExportContext", tolerance: float) -> tuple[dict, bytes | None, dict | None]:
+    """Fuse an exported fp32 graph; (what was done, for the manifest; the fused graph's bytes, its diffs from PyTorch).
 
-    ``expected``: PyTorch outputs shared between the graphs of a bundle (:func:`verify_fused`).
+    Each candidate is checked in its one session against PyTorch (``expected``:
+    :func:`pytorch_diffs`; every adapter, and the base model for hot-swap graphs)
+    on the verify batches as they are and padded to the export length; the first
+    within ``tolerance`` is kept. (None, None) in place of the bytes and diffs:
+    no candidate was, the graph stays as exported (``model`` itself is left as it
+    is, nodes named).
     """
-    import onnx
-
-    from lora_edge.core.errors import ExportError
     from lora_edge.export.cpu_fusion import name_all_nodes
     from lora_edge.export.prepare import FusionPlan, fuse_graph
 
-    path = staging / record.file
-    model = onnx.load(str(path), load_external_data=False)
-    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
-        return {"dropped": "graph has external data (over 1.8 GB): not fused"}
     name_all_nodes(model)
     plan = FusionPlan.from_config(context.config.to_dict())
-    fused, report = fuse_graph(model, plan, str(path))
+    checked: dict = {}
+
+    def against_pytorch(session) -> float:
+        checked["diffs"] = pytorch_diffs(session, record, staging, expected)
+        return max(checked["diffs"].values())
+
+    def keep(session, serialized: bytes) -> None:
+        checked["graph"] = serialized
+
+    fused, report = fuse_graph(model, plan, None, tolerance, check=against_pytorch, accept=keep,
+                               settings=_one_thread_check())
     summary = report.to_json()
-    if fused is model:  # nothing matched, or the rewrites did not match the exported graph
-        return summary
-    del model  # one copy of the weights at a time: the session below loads its own
-    staged = path.with_name(f".{path.name}.fused")
-    onnx.save(fused, str(staged))
-    del fused
-    try:
-        summary["max_abs_diff_vs_pytorch"] = verify_fused(staged, record, staging, references, context, tolerance,
-                                                          expected)
-    except ExportError as exc:
-        staged.unlink()
-        return {**summary, "dropped": f"fused graph drifts from PyTorch ({exc.what})"}
-    os.replace(staged, path)
-    return summary
+    del fused  # its bytes are all that is written
+    if "graph" not in checked:  # no candidate matched PyTorch, or none was built
+        return summary, None, None
+    summary["max_abs_diff_vs_pytorch"] = max(checked["diffs"].values())
+    return summary, checked["graph"], checked["diffs"]
 
 
-def fuse_exported_graphs(records: list["GraphRecord"], staging: Path, references: dict, context: "ExportContext",
-                         tolerance: float, progress: Progress) -> None:
-    """Fuse every fp32 sequence-classification graph of a staged bundle; outcome in ``record.extra['fusion']``."""
-    from lora_edge.core.choices import Precision
-    from lora_edge.core.choices import Task
+def _one_thread_check() -> "SessionSettings":
+    """A check session on one thread that does not spin: a few small batches, on cores other work shares.
 
-    if context.task is not Task.SEQ_CLS:
-        return
-    from lora_edge.runtime.session import release_freed_memory
+    (MiniLM-L6's verify and padded batches, load 5 on 2 cores: 0.22-0.26 s against
+    0.43-0.45 s on ORT's default two spinning threads.)
+    """
+    from lora_edge.runtime.session import check_settings
 
-    expected = {}  # PyTorch outputs, computed once per reference
-    for record in records:
-        if record.precision is not Precision.FP32:
-            continue
-        release_freed_memory()
-        record.extra["fusion"] = fuse_exported_graph(record, staging, references, context, tolerance, expected)
-        fusion = record.extra["fusion"]
-        if fusion.get("dropped"):
-            progress(f"  {record.name}: kept as exported ({fusion['dropped']})")
-        else:
-            progress(f"  {record.name}: fused for the CPU ({fusion.get('attention', 0)} attention blocks, padding "
-                     f"trimmed: {'yes' if fusion.get('padding_trimmed') else 'no'}, last layer for the first token "
-                     f"only: {'yes' if fusion.get('first_token_only') else 'no'}), max abs diff vs PyTorch "
-                     f"{fusion.get('max_abs_diff_vs_pytorch', float('nan')):.2g}")
+    settings = check_settings()
+    settings.intra_op_threads = 1
+    settings.config_entries["session.intra_op.allow_spinning"] = "0"
+    return settings
+
+
+def describe(name: str, fusion: dict) -> str:
+    """The progress line of a graph's fusion."""
+    if fusion.get("dropped"):
+        return f"  {name}: kept as exported ({fusion['dropped']})"
+    return (f"  {name}: fused for the CPU ({fusion.get('attention', 0)} attention blocks, padding "
+            f"trimmed: {'yes' if fusion.get('padding_trimmed') else 'no'}, last layer for the first token "
+            f"only: {'yes' if fusion.get('first_token_only') else 'no'}), max abs diff vs PyTorch "
+            f"{fusion.get('max_abs_diff_vs_pytorch', float('nan')):.2g}")

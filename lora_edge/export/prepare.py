@@ -10,17 +10,21 @@ match the source graph's on a padded batch; otherwise the graph stays as exporte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from lora_edge.core.errors import first_line
 from lora_edge.runtime.feeds import sample_encoder_feeds
 from lora_edge.export.cpu_fusion import (FIRST_TOKEN_PREFIX, MASK_ALL_ONES, compute_first_token_only, fuse_attention,
                                        keep_layernorm_unfused, restore_for_gpu, share_lora_inputs, trim_padding)
 from lora_edge.core.onnx_io import weightless_twin
-from lora_edge.runtime.session import outputs_on, relative_difference, release_freed_memory
+from lora_edge.runtime.session import (check_settings, create_session, outputs_on, relative_difference,
+                                       release_freed_memory, run)
 
 if TYPE_CHECKING:
     import onnx
+    import onnxruntime
+
+    from lora_edge.runtime.session import SessionSettings
 
 
 # Hugging Face model_type -> the onnxruntime.transformers optimizer's model type (encoders it fuses).
@@ -179,33 +183,47 @@ def _restore_for_gpu(model: "onnx.ModelProto", plan: FusionPlan, report: FusionR
     return model
 
 
-def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
-               tolerance: float = 1e-4) -> tuple["onnx.ModelProto", FusionReport]:
+def fusion_feed_sets(model: "onnx.ModelProto") -> list[dict]:
+    """The batches :func:`fuse_graph` checks a rewrite on: padded, unpadded and end-padded.
+
+    Rewrites take another path for each (the mask switch and the padding trim
+    do). Only the shapes of ``model`` are read: a weightless twin gives the same batches.
+    """
+    return [sample_encoder_feeds(model), sample_encoder_feeds(model, padded=False),
+            sample_encoder_feeds(model, padded=False, trailing=True)]
+
+
+def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes | None, tolerance: float = 1e-4,
+               check: "Callable[[onnxruntime.InferenceSession], float] | None" = None,
+               accept: "Callable[[onnxruntime.InferenceSession, bytes], None] | None" = None,
+               settings: "SessionSettings | None" = None) -> tuple["onnx.ModelProto", FusionReport]:
     """Fuse ``model`` (loaded from ``source``) for its target; every rewrite is checked against ``source``.
 
     Tried in order, the first whose outputs match the source's within
-    ``tolerance`` (relative to the output scale) on a padded sample batch wins:
-    ORT's transformer fusions followed by :func:`fuse_attention` (for the blocks
-    they did not take: the torch.export pattern) and, for CPU targets,
-    :func:`keep_layernorm_unfused` and :func:`trim_padding` (for GPU targets, a
-    graph already fused for the CPU is first restored: :func:`restore_for_gpu`);
-    the lora-edge rewrites alone; the source
-    graph unchanged. ORT's optimizer is skipped for graphs with overridable
+    ``tolerance`` (relative to the output scale) on the :func:`fusion_feed_sets`
+    batches wins: ORT's transformer fusions followed by :func:`fuse_attention`
+    (for the blocks they did not take: the torch.export pattern) and, for CPU
+    targets, :func:`keep_layernorm_unfused` and :func:`trim_padding` (for GPU
+    targets, a graph already fused for the CPU is first restored:
+    :func:`restore_for_gpu`); the lora-edge rewrites alone; the source graph
+    unchanged. ORT's optimizer is skipped for graphs with overridable
     initializers (hot-swap inputs): it folds them as constants.
+
+    ``check(session)``: the caller's own measure of a candidate, open in its
+    check session (its largest difference from what the graph must compute,
+    compared with ``tolerance``), in place of the comparison with ``source``
+    (which is then not read and may be None): export compares each candidate
+    with PyTorch. ``accept(session, serialized)`` is called with the winning
+    candidate's session and bytes. ``settings``: the check sessions' (default
+    :func:`lora_edge.runtime.session.check_settings`).
     """
     import copy
 
     report = FusionReport()
-    # Padded, unpadded and end-padded batches: rewrites take other paths for each (the mask switch and the
-    # padding trim do).
-    feed_sets = [sample_encoder_feeds(model), sample_encoder_feeds(model, padded=False),
-                 sample_encoder_feeds(model, padded=False, trailing=True)]
-    try:
-        expected = outputs_on(source, feed_sets) if "input_ids" in feed_sets[0] else None
-    except Exception:  # inputs beyond an encoder's: nothing here can check a rewrite
-        expected = None
-    if expected is None:
-        return model, report
+    if check is None:
+        check = _source_check(model, source)
+        if check is None:  # inputs beyond an encoder's: nothing here can check a rewrite
+            return model, report
     overridable = {value.name for value in model.graph.input} & {init.name for init in model.graph.initializer}
     # Each builder leaves ``model`` as it is (the graph returned when no candidate matches).
     builders = [] if overridable else [lambda m, r: _lora_edge_rewrites(_ort_fusions_on_twin(m, plan, r), plan, r)]
@@ -216,12 +234,29 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes,
         candidate = build(model, attempt)
         release_freed_memory()
         try:
-            attempt.max_abs_diff = max(relative_difference(reference, actual) for reference, actual
-                                       in zip(expected, outputs_on(candidate.SerializeToString(), feed_sets)))
+            serialized = candidate.SerializeToString()
+            session = create_session(serialized, settings or check_settings())
+            attempt.max_abs_diff = check(session)
         except Exception as exc:  # a rewrite ORT cannot load is a rewrite not to ship
             report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {first_line(exc)})"
             continue
         if attempt.max_abs_diff <= tolerance:
+            if accept is not None:
+                accept(session, serialized)
             return candidate, attempt
-        report.dropped = f"fusions changed the outputs (relative max abs diff {attempt.max_abs_diff:.2e})"
+        del session, serialized
+        report.dropped = f"fusions changed the outputs (max abs diff {attempt.max_abs_diff:.2e} > {tolerance:g})"
     return model, report
+
+
+def _source_check(model: "onnx.ModelProto", source: str | bytes) -> "Callable | None":
+    """A candidate's largest difference from ``source`` (relative to the output scale) on the sample batches."""
+    feed_sets = fusion_feed_sets(model)
+    if "input_ids" not in feed_sets[0]:
+        return None
+    try:
+        expected = outputs_on(source, feed_sets)
+    except Exception:  # inputs beyond an encoder's
+        return None
+    return lambda session: max(relative_difference(reference, run(session, feeds))
+                               for reference, feeds in zip(expected, feed_sets))

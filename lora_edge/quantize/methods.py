@@ -207,7 +207,12 @@ def _per_channel_all_at_once(quantizer, weight_name: str, weight_type: int, axis
 
 
 def quantize_int8_dynamic(job: QuantizeJob) -> dict:
-    """int8 weights (symmetric), activations quantized per run (u8): ``quantize_dynamic``."""
+    """int8 weights (symmetric), activations quantized per run (u8): ``quantize_dynamic``, in memory.
+
+    ORT's own ``quantize_dynamic`` on the job's model, with its two shape-inference
+    round trips through files done in memory on a weightless twin
+    (:func:`shape_inference_in_memory`: the same graph, byte for byte).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     per_channel = job.options.per_channel
@@ -215,12 +220,132 @@ def quantize_int8_dynamic(job: QuantizeJob) -> dict:
     # initializers even when they are graph inputs (hot-swap heads): exclude both names.
     # Its rewrite also copies a transposed weight into a constant, which would freeze a hot-swap
     # head: such Gemms become Transpose + MatMul here first.
-    rewritten = gemm_to_matmul(job.model, set(job.roles.swappable))
+    gemm_to_matmul(job.model, set(job.roles.swappable))
     excluded = job.roles.keep_float + [f"{name}_MatMul" for name in job.roles.keep_float]
-    with job.model_file(changed=rewritten > 0) as path, vectorized_per_channel():
-        quantize_dynamic(path, job.target, per_channel=per_channel, weight_type=QuantType.QInt8,
+    model, job.model = job.model, None  # quantized in place: no second copy of the weights
+    with shape_inference_in_memory(), vectorized_per_channel(), per_tensor_in_place():
+        quantize_dynamic(model, job.target, per_channel=per_channel, weight_type=QuantType.QInt8,
                          nodes_to_exclude=excluded, extra_options=_common_extra_options())
     return {"weights": "s8", "activations": "u8 per run", "per_channel": per_channel}
+
+
+@contextlib.contextmanager
+def shape_inference_in_memory() -> Iterator[None]:
+    """ORT's quantizers infer shapes in memory, on a weightless twin, instead of through files, meanwhile.
+
+    ``quantize_dynamic`` given a model deep-copies it, saves it with external data,
+    runs ``onnx.shape_inference.infer_shapes_path`` on that file (which writes
+    another copy) and loads the result; ``ONNXQuantizer`` does it all again after
+    its Gemm rewrite: three copies of the weights written to disk and read back per
+    graph, most of the quantize stage's time on a busy disk. Shape inference reads
+    no float weight, so :func:`_inferred_in_place` runs the same inference on the
+    twin and copies the shapes into the model. A graph given as a file is untouched
+    by this (its first inference already reads the file); the written graph is the
+    one ORT's files give, byte for byte (tests/quantize/test_quantize.py).
+    """
+    import importlib
+
+    onnx_quantizer = importlib.import_module("onnxruntime.quantization.onnx_quantizer")
+    quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not its function
+    originals = quantize.save_and_reload_model_with_shape_infer, onnx_quantizer.save_and_reload_model_with_shape_infer
+    # quantize_dynamic's first inference: as from a file (load_model_with_shape_infer), tensors as they were;
+    # ONNXQuantizer's: as through a file with external data, which marks the tensors it held as loaded from it.
+    quantize.save_and_reload_model_with_shape_infer = lambda model: _inferred_in_place(model, False)
+    onnx_quantizer.save_and_reload_model_with_shape_infer = lambda model: _inferred_in_place(model, True)
+    try:
+        yield
+    finally:
+        quantize.save_and_reload_model_with_shape_infer, onnx_quantizer.save_and_reload_model_with_shape_infer = \
+            originals
+
+
+@contextlib.contextmanager
+def per_tensor_in_place() -> Iterator[None]:
+    """ORT's per-tensor weight quantization (embedding tables: Gather) with one temporary array instead of four.
+
+    ``quant_utils.quantize_nparray`` computes ``(w.astype(float32) / scale).round()
+    + zero_point`` as a new array per step: for MiniLM-L6's word embeddings (47 MB)
+    200 MB of fresh memory per graph, which page faults made 1-4 s of the quantize
+    stage on this project's machine. :func:`_quantize_nparray_in_place` does the
+    same float32 steps in one copy (the same bytes: tests/quantize/test_quantize.py);
+    anything else (float8, 4-bit, a step that would not stay float32) goes to ORT's own.
+    """
+    import importlib
+
+    quant_utils = importlib.import_module("onnxruntime.quantization.quant_utils")
+    original = quant_utils.quantize_nparray
+
+    def quantize_nparray(qType, arr, scale, zero_point, low=None, high=None):  # noqa: N803
+        done = _quantize_nparray_in_place(qType, arr, scale, zero_point, low, high)
+        return original(qType, arr, scale, zero_point, low, high) if done is None else done
+
+    quant_utils.quantize_nparray = quantize_nparray  # read by quant_utils.quantize_data
+    try:
+        yield
+    finally:
+        quant_utils.quantize_nparray = original
+
+
+def _quantize_nparray_in_place(q_type: int, arr, scale, zero_point, low, high) -> "np.ndarray | None":
+    """ORT's ``quantize_nparray`` for 8/16-bit integers, its steps done in place in one float32 copy; else None."""
+    import numpy as np
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE, get_qmin_qmax_for_qType
+
+    if q_type not in (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16):
+        return None
+    values = np.array(arr, dtype=np.float32)  # arr.astype(float32): a copy, the caller's array is left alone
+    if np.result_type(values, scale) != np.float32 or np.result_type(values, zero_point) != np.float32:
+        return None
+    qmin, qmax = get_qmin_qmax_for_qType(q_type, reduce_range=False, symmetric=False)
+    np.divide(values, scale, out=values)
+    np.round(values, out=values)
+    np.add(values, zero_point, out=values)
+    np.clip(values, max(qmin, low) if low is not None else qmin, min(qmax, high) if high is not None else qmax,
+            out=values)
+    return values.astype(ONNX_TYPE_TO_NP_TYPE[q_type])
+
+
+# onnx.save_model(..., save_as_external_data=True)'s default: tensors whose raw data reach this size
+# (as sys.getsizeof counts it) go to the data file.
+EXTERNAL_DATA_THRESHOLD = 1024
+
+
+def _inferred_in_place(model: "onnx.ModelProto", through_external_data: bool) -> "onnx.ModelProto":
+    """``model`` with ``onnx.shape_inference``'s shapes, inferred on its weightless twin; returns ``model``.
+
+    What ORT's ``save_and_reload_model_with_shape_infer`` returns, without its copies:
+    the graph's nodes, inputs, outputs and value infos come from the inferred twin,
+    the initializers stay ``model``'s own, and ORT's inference marker is added.
+    ``through_external_data``: the initializers a save with external data would have
+    moved out say they are stored in the model (``data_location`` DEFAULT), as after
+    loading them back.
+    """
+    import sys
+
+    import onnx
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    from lora_edge.core.onnx_io import weightless_twin
+
+    inferred = onnx.shape_inference.infer_shapes(weightless_twin(model))
+    for descriptor, value in inferred.graph.ListFields():
+        if descriptor.name != "initializer":
+            model.graph.ClearField(descriptor.name)
+            target = getattr(model.graph, descriptor.name)
+            if hasattr(value, "CopyFrom"):
+                target.CopyFrom(value)
+            elif isinstance(value, (str, bytes)):
+                setattr(model.graph, descriptor.name, value)
+            else:
+                target.extend(value)
+    del inferred
+    if through_external_data:
+        for tensor in model.graph.initializer:
+            if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= EXTERNAL_DATA_THRESHOLD:
+                tensor.data_location = onnx.TensorProto.DEFAULT
+    add_infer_metadata(model)
+    return model
 
 
 class _FeedsReader:

@@ -154,7 +154,7 @@ def test_a_failing_derivation_leaves_nothing_at_out(tiny_model, tiny_adapter, tm
     from lora_edge.export.bundle import export_bundle
 
     written = []
-    original = forms.write_model
+    original = forms.derive  # (a graph is written, or serialized to be checked and fused first, once derived)
 
     def fail_second(*args, **kwargs):
         if written:
@@ -162,7 +162,7 @@ def test_a_failing_derivation_leaves_nothing_at_out(tiny_model, tiny_adapter, tm
         written.append(original(*args, **kwargs))
         return written[-1]
 
-    monkeypatch.setattr(forms, "write_model", fail_second)
+    monkeypatch.setattr(forms, "derive", fail_second)
     out = tmp_path / "out" / "bundle"
     with pytest.raises(ExportError, match="disk full"):
         export_bundle(tiny_model("bert"), [AdapterRef("a", tiny_adapter("bert"))], ["merged", "branched"], out,
@@ -206,7 +206,8 @@ def test_cli_export_json_prints_the_seconds_of_each_stage(tiny_model, tiny_adapt
     printed = json.loads(capsys.readouterr().out)
     assert printed["bundle"] == str(out)
     assert printed["export_stages"] == [stage.to_json() for stage in Manifest.read(out).export_stages]
-    assert {"load", "reference outputs", "trace (torchscript)", "write merged.fp32", "verify merged.fp32"} <= \
+    # a classifier's graph is verified in its fuse stage (fused in memory, checked, written once)
+    assert {"load", "reference outputs", "trace (torchscript)", "write merged.fp32", "fuse merged.fp32"} <= \
         {s["stage"] for s in printed["export_stages"]}
 
 

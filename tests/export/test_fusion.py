@@ -83,6 +83,52 @@ def test_fp32_graphs_are_fused_and_recorded(bundles):
     assert _ops(plain / plain_record["file"])["Softmax"] == 2  # --no-fuse: as exported
 
 
+def test_each_graph_is_fused_verified_and_written_once_without_reloading_pytorch(bundles):
+    fused, _, _ = bundles
+    manifest = json.loads((fused / "manifest.json").read_text())
+    stages = [stage["stage"] for stage in manifest["export_stages"]]
+    assert "reload" not in stages and "fuse" not in stages
+    for form in FORMS:  # derived, then fused and the fused graph verified in one session, written; nothing more
+        position = stages.index(f"write {form}.fp32")
+        assert stages[position:position + 2] == [f"write {form}.fp32", f"fuse {form}.fp32"]
+        assert f"verify {form}.fp32" not in stages
+    records = {g["name"]: g["extra"] for g in manifest["graphs"]}
+    assert set(records["hotswap.fp32"]["max_abs_diff_by_adapter"]) == {"tiny", "base"}  # the base model too
+    for form in FORMS:
+        assert records[f"{form}.fp32"]["max_abs_diff"] == records[f"{form}.fp32"]["fusion"]["max_abs_diff_vs_pytorch"]
+        assert records[f"{form}.fp32"]["max_abs_diff"] <= 1e-4
+    assert not list((fused / "onnx").glob(".*"))  # no trace, staged or temporary file left
+
+
+def test_a_fusion_that_drifts_from_pytorch_leaves_the_exported_graph_verified(tiny_model, tiny_adapter, tmp_path,
+                                                                              monkeypatch):
+    """The graph then written is the exported one, byte for byte (as an export without fusions writes it)."""
+    from lora_edge.export import fusion
+    from lora_edge.export.bundle import export_bundle
+
+    adapter = tiny_adapter("bert")
+    plain = export_bundle(tiny_model("bert"), [AdapterRef("tiny", adapter)], ["merged", "hotswap"],
+                          tmp_path / "plain", fuse=False, progress=lambda message: None)
+    checked = []
+
+    def drifting(session, record, *args):
+        checked.append(record.name)
+        return {"tiny": 1.0}
+
+    monkeypatch.setattr(fusion, "pytorch_diffs", drifting)
+    kept = export_bundle(tiny_model("bert"), [AdapterRef("tiny", adapter)], ["merged", "hotswap"],
+                         tmp_path / "kept", progress=lambda message: None)
+    # merged: ORT's fusions + lora-edge's, then lora-edge's alone; hot-swap: lora-edge's alone
+    assert checked == ["merged.fp32", "merged.fp32", "hotswap.fp32"]
+    manifest = json.loads((kept / "manifest.json").read_text())
+    records = {g["name"]: g for g in manifest["graphs"]}
+    stages = [stage["stage"] for stage in manifest["export_stages"]]
+    for name in ("merged.fp32", "hotswap.fp32"):
+        assert "changed the outputs" in records[name]["extra"]["fusion"]["dropped"]
+        assert f"verify {name}" in stages and records[name]["extra"]["max_abs_diff"] <= 1e-4  # verified as exported
+        assert (kept / "onnx" / f"{name}.onnx").read_bytes() == (plain / "onnx" / f"{name}.onnx").read_bytes()
+
+
 @pytest.mark.parametrize("real", [[16, 16], [5, 9], [3], [16, 2]])
 def test_fused_graphs_match_pytorch_padded_or_not(bundles, tiny_model, real):
     fused, _, adapter = bundles

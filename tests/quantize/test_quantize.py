@@ -225,6 +225,61 @@ def test_vectorized_per_channel_weights_are_ort_s_own_byte_for_byte(bundle_copy,
     assert (tmp_path / "fast.onnx").read_bytes() == (tmp_path / "ort.onnx").read_bytes()
 
 
+@pytest.mark.parametrize("weight_type", ["QInt8", "QUInt8"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_per_tensor_weights_in_place_are_ort_s_own_byte_for_byte(bundle_copy, tmp_path, monkeypatch, weight_type,
+                                                                  per_channel):
+    """quantize_dynamic writes the same graph with the in-place per-tensor quantization (Gather tables) as without."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from lora_edge.quantize import methods as quantize_methods
+    from lora_edge.quantize.methods import per_tensor_in_place
+
+    source = bundle_copy / "onnx" / "merged.fp32.onnx"
+    taken = []
+    original = quantize_methods._quantize_nparray_in_place
+    monkeypatch.setattr(quantize_methods, "_quantize_nparray_in_place",
+                        lambda *args: taken.append(original(*args)) or taken[-1])
+    options = dict(per_channel=per_channel, weight_type=getattr(QuantType, weight_type))
+    quantize_dynamic(source, tmp_path / "ort.onnx", **options)
+    with per_tensor_in_place():
+        quantize_dynamic(source, tmp_path / "in_place.onnx", **options)
+    assert taken and all(value is not None for value in taken)  # every per-tensor weight went the in-place way
+    assert len(taken) >= 3 if not per_channel else len(taken) >= 1  # the embedding tables at least
+    assert (tmp_path / "in_place.onnx").read_bytes() == (tmp_path / "ort.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("form", ["merged", "branched", "hotswap"])
+def test_int8_dynamic_in_memory_writes_the_graph_ort_s_files_give_byte_for_byte(bundle_copy, tmp_path, form):
+    """quantize_dynamic on the model in memory (shapes inferred on its twin) = quantize_dynamic on the file."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from lora_edge.quantize.lora import linear_roles
+    from lora_edge.quantize.methods import (_common_extra_options, gemm_to_matmul, shape_inference_in_memory,
+                                            vectorized_per_channel)
+
+    model = onnx.load(str(bundle_copy / "onnx" / f"{form}.fp32.onnx"))
+    out = tmp_path / "out"
+    out.mkdir()
+    roles = linear_roles(model)
+    assert gemm_to_matmul(model, set(roles.swappable)) == (1 if form == "hotswap" else 0)
+    onnx.save(model, str(out / "source.onnx"))
+    excluded = roles.keep_float + [f"{name}_MatMul" for name in roles.keep_float]
+    options = dict(per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+    with vectorized_per_channel():
+        quantize_dynamic(out / "source.onnx", out / "files.onnx", extra_options=_common_extra_options(),
+                         **options)
+        with shape_inference_in_memory():
+            quantize_dynamic(model, out / "memory.onnx", extra_options=_common_extra_options(), **options)
+    assert sorted(p.name for p in out.iterdir()) == ["files.onnx", "memory.onnx", "source.onnx"]
+    assert (out / "memory.onnx").read_bytes() == (out / "files.onnx").read_bytes()
+    # the patch is gone after the block: ORT's own functions again
+    from onnxruntime.quantization import onnx_quantizer, quant_utils
+
+    assert onnx_quantizer.save_and_reload_model_with_shape_infer is quant_utils.save_and_reload_model_with_shape_infer
+
+
 def test_save_streamed_reads_back_as_the_same_model(bundle_copy, tmp_path):
     import onnx
 
