@@ -406,15 +406,9 @@ def write_model(shell: "onnx.ModelProto", derived: Derived, path: Path, external
     return path
 
 
-def derived_model(shell: "onnx.ModelProto", derived: Derived) -> "onnx.ModelProto":
-    """``derived`` as a ModelProto: the model :func:`write_model`'s file reads back as, without the file.
-
-    One copy of the weights (each initializer copied in once); for graphs that are
-    rewritten and checked before anything is written.
-    """
-    import numpy as np
+def _model_fields(shell: "onnx.ModelProto") -> "onnx.ModelProto":
+    """A ModelProto with ``shell``'s model-level fields (versions, opsets, metadata, functions) and no graph."""
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.ModelProto()
     for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
@@ -422,6 +416,19 @@ def derived_model(shell: "onnx.ModelProto", derived: Derived) -> "onnx.ModelProt
     model.opset_import.extend(shell.opset_import)
     model.metadata_props.extend(shell.metadata_props)
     model.functions.extend(shell.functions)
+    return model
+
+
+def derived_model(shell: "onnx.ModelProto", derived: Derived) -> "onnx.ModelProto":
+    """``derived`` as a ModelProto: the model :func:`write_model`'s file reads back as, without the file.
+
+    One copy of the weights (each initializer copied in once); for graphs that are
+    rewritten and checked before anything is written.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    model = _model_fields(shell)
     model.graph.CopyFrom(derived.graph)
     for name, source in derived.initializers.items():
         if isinstance(source, Lazy):
@@ -438,14 +445,7 @@ def derived_model(shell: "onnx.ModelProto", derived: Derived) -> "onnx.ModelProt
 def _layout(shell: "onnx.ModelProto", derived: Derived, external_bytes: int | None, data_name: str):
     """(the model's bytes up to its first initializer, [(name, source, external stub or None, serialized size)],
     bytes of external data)."""
-    import onnx
-
-    head = onnx.ModelProto()
-    for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(head, field_name, getattr(shell, field_name))
-    head.opset_import.extend(shell.opset_import)
-    head.metadata_props.extend(shell.metadata_props)
-    head.functions.extend(shell.functions)
+    head = _model_fields(shell)
     graph_bytes = derived.graph.SerializeToString()
     plan, offset = [], 0
     for name, source in derived.initializers.items():
