@@ -39,8 +39,8 @@ STATIC_OP_TYPES = ["MatMul", "Gemm", "Gather"]
 class QuantizeJob:
     """One graph to quantize: the fused float model, where to write it, what stays float, the options.
 
-    The job owns ``model``: quantizers change it in place and may release it
-    (:meth:`model_file`), so the caller keeps no other reference to it. An int4
+    The job owns ``model``: quantizers change it in place and may release it,
+    so the caller keeps no other reference to it. An int4
     job's model may keep large weights in the source file
     (:func:`lora_edge.core.onnx_io.load_by_reference`): it reads them from there.
     """
@@ -51,34 +51,6 @@ class QuantizeJob:
     options: "QuantizeOptions"
     calibration: Callable[[], list[dict[str, "np.ndarray"]]] | None = None
     tied: "TiedEmbedding | None" = None  # a tied embedding and LM head: int4 stores them once
-    source: Path | None = None  # a file holding exactly ``model`` (the fp32 graph, when preparing changed nothing)
-
-    @contextlib.contextmanager
-    def model_file(self, changed: bool = False) -> Iterator[Path]:
-        """``model`` as a file, for quantizers that read files; the in-memory model is released meanwhile.
-
-        ORT's quantizers given a ModelProto deep-copy it and write it to a temporary
-        file anyway (for shape inference); given a file they read it once. The file
-        is a hard link to ``source`` unless ``changed`` (then the model is written),
-        in a private directory beside the target, where ORT's shape-inferred copy goes too.
-        """
-        import os
-        import shutil
-        import tempfile
-
-        import onnx
-
-        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=self.target.parent) as directory:
-            path = Path(directory) / "model.onnx"
-            if self.source is not None and not changed:
-                try:
-                    os.link(self.source, path)
-                except OSError:  # another file system, or no hard links: a copy
-                    shutil.copyfile(self.source, path)
-            else:
-                onnx.save(self.model, str(path))
-            self.model = None
-            yield path
 
 
 @contextlib.contextmanager

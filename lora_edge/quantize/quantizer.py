@@ -129,8 +129,7 @@ def _fused_at_export(source_fusion: dict | None, precision: Precision) -> bool:
 
 def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: Task, plan: "FusionPlan | None",
               source_fusion: dict | None = None):
-    """(the float graph fused for where it will run, the fusion report, a tied embedding to share or None,
-    whether the graph is still exactly the file ``src``)."""
+    """(the float graph fused for where it will run, the fusion report, a tied embedding to share or None)."""
     from lora_edge.core.onnx_io import resolve_references
     from lora_edge.export.cpu_fusion import name_all_nodes
     from lora_edge.quantize.methods import GPU_PRECISIONS
@@ -138,20 +137,18 @@ def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: T
     from lora_edge.runtime.session import release_freed_memory
 
     model = _load_decoder(src) if task is Task.CAUSAL_LM else load_graph(src)
-    unchanged = name_all_nodes(model) == 0
+    name_all_nodes(model)
     fusion = FusionReport()
     if options.fuse and plan is not None and task is Task.SEQ_CLS:
         if _fused_at_export(source_fusion, precision):
             fusion = FusionReport.of_export(source_fusion)
         else:
-            fused, fusion = fuse_graph(model, dataclasses.replace(plan, for_gpu=precision in GPU_PRECISIONS),
+            model, fusion = fuse_graph(model, dataclasses.replace(plan, for_gpu=precision in GPU_PRECISIONS),
                                        str(src))
-            unchanged, model = unchanged and fused is model, fused
     tied = None
     if task is Task.CAUSAL_LM:
         from lora_edge.quantize.decoder import config_beside, find_tied_embedding, fuse_decoder
 
-        unchanged = False  # the tied-embedding search may rewrite the head
         if options.fuse and precision not in GPU_PRECISIONS:
             model, fusion = fuse_decoder(model, str(src), config_beside(src))
             name_all_nodes(model)  # a graph the rewrites did not keep is the file again
@@ -159,7 +156,7 @@ def _prepared(src: Path, precision: Precision, options: QuantizeOptions, task: T
         tied = find_tied_embedding(model) if precision is Precision.INT4 else None
         if precision is not Precision.INT4:  # (int4 reads the weights it folds from the file)
             resolve_references(model)
-    return model, fusion, tied, unchanged
+    return model, fusion, tied
 
 
 def _load_decoder(src: Path) -> "onnx.ModelProto":
@@ -200,11 +197,11 @@ def quantize_graph(src: str | Path, dst: str | Path, precision: Precision | str,
         raise ConfigError("int8-static needs calibration batches", "--calibration",
                           "pass --calibration FILE (JSONL/CSV with a text column)")
     src, dst = Path(src), Path(dst)
-    model, fusion, tied, unchanged = _prepared(src, precision, options, task, plan, source_fusion)
+    model, fusion, tied = _prepared(src, precision, options, task, plan, source_fusion)
     roles = linear_roles(model)
     feeds_of = calibration if callable(calibration) or calibration is None else (lambda: list(calibration))
     with atomic_file(dst) as staging:
-        job = QuantizeJob(model, staging, roles, options, feeds_of, tied, source=src if unchanged else None)
+        job = QuantizeJob(model, staging, roles, options, feeds_of, tied)
         del model  # the job owns it now: a quantizer may release it before ORT loads its own copy
         try:
             with quiet_quantizers():
