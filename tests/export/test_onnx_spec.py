@@ -97,3 +97,26 @@ def test_every_decoder_form_and_precision_passes_the_checker(tmp_path_factory, t
         shutil.copytree(source, bundle)
         quantize_bundle(bundle, ["fp16", "int8-dynamic", "int4"], progress=lambda m: None)
         _assert_every_graph_valid(bundle, expected)
+
+
+@pytest.mark.parametrize("inner", [256, 255])
+def test_the_checker_sees_large_weights_by_reference(tmp_path, inner):
+    """A graph with weights past the by-reference size is checked through a twin: shapes of the weights count
+    (a MatMul whose inner dims disagree fails strict inference), and the twin file does not stay."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lora_edge.core.onnx_spec import check_errors
+
+    weight = numpy_helper.from_array(np.ones((inner, 128), np.float32), "w")  # 128-256 KB: read by reference
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 128])], [weight])
+    path = tmp_path / "graph.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    problem = check_errors(path)
+    if inner == 256:
+        assert problem is None
+    else:
+        assert "Incompatible dimensions" in problem
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.onnx"]
