@@ -220,3 +220,37 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+
+
+def drop_mapped_pages(files: list[Path]) -> int:
+    """Drop this process's resident pages of memory mappings of ``files``; returns the bytes advised.
+
+    Loading a model memory-maps its safetensors (privately, read-write), and
+    after the export has released the model that mapping stays resident
+    (513 MB on SmolLM2-135M) though no Python object holds a tensor of it any
+    more (the holder is native). Call this only once nothing reads those
+    tensors: a dropped page comes back from the file on the next read, so a
+    page someone had written to would read as the file's again. Linux only
+    (``/proc/self/maps``, ``madvise``); elsewhere a no-op.
+    """
+    import ctypes
+
+    targets = {str(Path(file).resolve()) for file in files}
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.readlines()
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return 0
+    dropped = 0
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[5].strip() not in targets:
+            continue
+        start, end = (int(value, 16) for value in fields[0].split("-"))
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
