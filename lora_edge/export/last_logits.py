@@ -41,7 +41,6 @@ POSITIONWISE_OPS = ("MatMul", "Add", "Sub", "Mul", "Div", "Where", "Tanh", "Cast
 KEPT_SEQUENCE = "kept_sequence"
 SEQUENCE_AXIS = 1
 _INT64_MAX = 2**63 - 1
-_PROBE_BYTES = 4096  # initializers up to this size keep their values in the shape-inference probe
 
 
 def add_logits_to_keep(model: "onnx.ModelProto") -> bool:
@@ -78,6 +77,8 @@ def _shapes(model: "onnx.ModelProto", names: list[str]) -> dict[str, list]:
     lack one (TorchScript traces declare none), from ONNX shape inference on a copy without the weights."""
     import onnx
 
+    from lora_edge.core.onnx_io import weightless_twin
+
     graph = model.graph
     shapes = {}
 
@@ -89,14 +90,8 @@ def _shapes(model: "onnx.ModelProto", names: list[str]) -> dict[str, list]:
     read(list(graph.input) + list(graph.output) + list(graph.value_info))
     if all(name in shapes for name in names):
         return shapes
-    probe = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
-    probe.graph.node.extend(graph.node)
-    probe.graph.input.extend(graph.input)
-    probe.graph.output.extend(graph.output)
-    for init in graph.initializer:  # small constants keep their values (shape arithmetic), weights only their dims
-        small = len(init.raw_data) <= _PROBE_BYTES and init.data_location != onnx.TensorProto.EXTERNAL
-        probe.graph.initializer.append(init if small else onnx.TensorProto(name=init.name, data_type=init.data_type,
-                                                                           dims=init.dims))
+    probe = weightless_twin(model, any_weight=True)  # shape constants keep their values, weights only their dims
+    del probe.graph.value_info[:]  # inferred afresh
     try:
         read(onnx.shape_inference.infer_shapes(probe).graph.value_info)
     except Exception:  # no inference: the caller sees the names as shapeless and leaves the graph alone
