@@ -138,8 +138,9 @@ def check_errors(path: str | Path) -> str | None:
     the export's peak). It runs instead on a twin file beside ``path`` whose
     large weights are external data inside ``path`` itself (what
     :func:`lora_edge.core.onnx_io.load_by_reference` reads): the same nodes,
-    types and shapes, so the same checks, at a few MB. A graph the reader
-    cannot walk is checked as it is.
+    types and shapes, so the same checks, at a few MB. (Not
+    ``onnx_io.session_file``'s hard links: the checker refuses data files with
+    several links.) A graph the reader cannot walk is checked as it is.
     """
     import os
     import tempfile
