@@ -413,9 +413,10 @@ def _transposed_initializer(model: "onnx.ModelProto", index, name: str, matrix=N
 def fold_weight_transposes(model: "onnx.ModelProto", names: set[str]) -> int:
     """Give the MatMul nodes in ``names`` that read ``Transpose(W)`` of an initializer ``W.T`` as an initializer.
 
-    The exporter leaves an untied LM head as ``MatMul(x, Transpose(W))`` (its
-    optimizer does not fold large weights); MatMulNBits quantizes initializer
-    weights only, so the head would stay fp32. The Transpose and ``W`` go when
+    Export stores such weights transposed (``export.exporter.fold_stub_transposes``),
+    but bundles written before that, and a weight that another node reads too,
+    keep ``MatMul(x, Transpose(W))``; MatMulNBits quantizes initializer weights
+    only, so that linear would stay fp32. The Transpose and ``W`` go when
     nothing else reads them. Returns how many nodes were rewired.
     """
     from onnx import helper
