@@ -301,3 +301,21 @@ def test_the_in_memory_trace_shares_the_weights_and_optimizes_like_onnxscript(ti
     assert large and not [t for t in gc.get_objects()
                           if type(t) in (torch.Tensor, torch.nn.Parameter) and t.data_ptr() in large]
     assert set(weights) <= {name for node in traced.graph.node for name in node.input}
+
+
+def test_torchscript_trace_in_memory_is_the_file_s_graph_byte_for_byte(tiny_model, tiny_adapter, tmp_path,
+                                                                        monkeypatch):
+    """The exporter's bytes taken in memory are what it writes to a file; a model over the limit goes to a file."""
+    import lora_edge.export.exporter as exporter
+    from lora_edge.core.choices import Task
+
+    model_dir = tiny_model("bert")
+    reference = load_reference(model_dir, AdapterRef("a", tiny_adapter("bert")))
+    context = exporter.ExportContext(Task.SEQ_CLS, load_tokenizer(model_dir), reference.get_base_model().config)
+    io = exporter.graph_io_for(Task.SEQ_CLS)(reference, context)
+    serialized = exporter.trace_torchscript_bytes(io)
+    written = exporter.trace_onnx(io, tmp_path / "trace.onnx")
+    assert isinstance(serialized, bytes) and len(serialized) > 10_000
+    assert serialized == written.read_bytes()
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)  # weights over the limit need external data files
+    assert exporter.trace_torchscript_bytes(io) is None

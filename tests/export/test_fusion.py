@@ -243,3 +243,33 @@ def test_int8_static_quantizes_every_linear_of_a_fused_graph(bundles, tmp_path):
     assert len(matmuls) == 12  # 2 layers x (Q, K, V, O, FFN in, FFN out)
     for node in matmuls:
         assert [producers[name].op_type for name in node.input] == ["DequantizeLinear"] * 2, node.name
+
+
+def test_ort_fusions_left_off_change_nothing(bundles, monkeypatch):
+    """ORT's rotary and q-ordered MatMul fusions, skipped for their time, would not change an encoder graph."""
+    import copy
+
+    import onnx
+    from onnxruntime.transformers import optimizer
+
+    from lora_edge.export.prepare import FusionPlan, FusionReport, _ort_transformer_fusions
+
+    _, plain, _ = bundles
+    model = onnx.load(str(plain / "onnx" / "merged.fp32.onnx"))
+    plan = FusionPlan.from_config(json.loads((plain / "onnx" / "config.json").read_text()))
+    report = FusionReport()
+    ours = _ort_transformer_fusions(copy.deepcopy(model), plan, report).SerializeToString()
+    assert report.ort_fusions  # the optimizer did fuse something: the comparison below means something
+    stock_optimize = optimizer.optimize_model
+    seen = []
+
+    def every_fusion_on(model, **kwargs):
+        options = kwargs["optimization_options"]
+        seen.append((options.enable_rotary_embeddings, options.enable_qordered_matmul))
+        options.enable_rotary_embeddings = options.enable_qordered_matmul = True
+        return stock_optimize(model, **kwargs)
+
+    monkeypatch.setattr(optimizer, "optimize_model", every_fusion_on)
+    stock = _ort_transformer_fusions(copy.deepcopy(model), plan, FusionReport()).SerializeToString()
+    assert seen == [(False, False)]
+    assert ours == stock

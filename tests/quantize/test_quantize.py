@@ -249,6 +249,31 @@ def test_per_tensor_weights_in_place_are_ort_s_own_byte_for_byte(bundle_copy, tm
     assert (tmp_path / "in_place.onnx").read_bytes() == (tmp_path / "ort.onnx").read_bytes()
 
 
+@pytest.mark.parametrize("q_type", ["INT8", "UINT8", "INT16"])
+@pytest.mark.parametrize("size", [1, 6, 7, 50])
+def test_per_tensor_chunks_give_ort_s_bytes(q_type, size, monkeypatch):
+    """The in-place quantization a chunk at a time (chunks of 7 here) = ORT's quantize_nparray, clipping included."""
+    import numpy as np
+    from onnx import TensorProto
+    from onnxruntime.quantization import quant_utils
+
+    from lora_edge.quantize import methods as quantize_methods
+
+    monkeypatch.setattr(quantize_methods, "QUANTIZE_CHUNK", 7)
+    rng = np.random.default_rng(size)
+    values = (rng.standard_normal((size, 3)) * 4).astype(np.float32)
+    values.flat[0] = 1e4  # beyond the range: clipped
+    qtype = getattr(TensorProto, q_type)
+    zero_point = np.array(3 if q_type == "UINT8" else 0, dtype=quant_utils.ONNX_TYPE_TO_NP_TYPE[qtype])
+    scale = np.array(0.05, dtype=np.float32)
+    for low, high in [(None, None), (-50, 60)]:
+        ours = quantize_methods._quantize_nparray_in_place(qtype, values, scale, zero_point, low, high)
+        stock = quant_utils.quantize_nparray(qtype, values, scale, zero_point, low, high)
+        assert ours.dtype == stock.dtype and ours.shape == stock.shape
+        assert ours.tobytes() == stock.tobytes()
+    assert values.flat[0] == 1e4  # the caller's array is left alone
+
+
 @pytest.mark.parametrize("form", ["merged", "branched", "hotswap"])
 def test_int8_dynamic_in_memory_writes_the_graph_ort_s_files_give_byte_for_byte(bundle_copy, tmp_path, form):
     """quantize_dynamic on the model in memory (shapes inferred on its twin) = quantize_dynamic on the file."""
