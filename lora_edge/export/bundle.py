@@ -429,12 +429,13 @@ def _derive_graph(job: ExportJob, plan: TracePlan, form: Form, adapter: str | No
 
 
 def _verify_fuse_write(job: ExportJob, plan: TracePlan, graph: _Derived, clock: Stopwatch) -> None:
-    """Fuse the derived ``graph`` for the CPU in memory, verify what is kept against PyTorch, and write it once.
+    """Fuse the derived ``graph`` for the CPU in memory, write each candidate, keep the first that matches PyTorch.
 
     The fused graph is verified in the one session that checks it (every adapter,
-    the base model for hot-swap graphs, the verify batches as they are and padded).
-    Where no fusion is kept, the graph as exported is written from the trace and
-    verified then, as without fusions.
+    the base model for hot-swap graphs, the verify batches as they are and padded),
+    its weights mapped from the file just written. Where no fusion is kept, the
+    graph as exported is written from the trace over it and verified then, as
+    without fusions.
     """
     from lora_edge.export.forms import derived_model, write_model
     from lora_edge.export.fusion import describe, fuse_for_cpu
@@ -442,13 +443,10 @@ def _verify_fuse_write(job: ExportJob, plan: TracePlan, graph: _Derived, clock: 
     record, path = graph.record, job.graph_file(graph.record.name)
     with clock.stage(f"fuse {record.name}"):
         model = derived_model(plan.traced, graph.derived)
-        record.extra["fusion"], fused, diffs = fuse_for_cpu(model, record, job.staging, plan.fusion_expected,
-                                                            job.context, job.tolerance)
+        record.extra["fusion"], diffs = fuse_for_cpu(model, record, job.staging, plan.fusion_expected,
+                                                     job.context, job.tolerance, path)
         del model
-        release_freed_memory()  # the sessions' and copies' memory, which the file's pages can then take
-        if fused is not None:
-            path.write_bytes(fused)
-        fused = None
+        release_freed_memory()  # the sessions' and copies' memory
     job.progress(describe(record.name, record.extra["fusion"]))
     if diffs is None:
         with clock.stage(f"verify {record.name}"):

@@ -98,15 +98,16 @@ def pytorch_outputs(reference, context: "ExportContext") -> tuple["GraphIO", lis
 
 
 def fuse_for_cpu(model: "onnx.ModelProto", record: "GraphRecord", staging: Path, expected: dict,
-                 context: "ExportContext", tolerance: float) -> tuple[dict, bytes | None, dict | None]:
-    """Fuse an exported fp32 graph; (what was done, for the manifest; the fused graph's bytes, its diffs from PyTorch).
+                 context: "ExportContext", tolerance: float, path: Path) -> tuple[dict, dict | None]:
+    """Fuse an exported fp32 graph into the file ``path``; (what was done, for the manifest; its diffs from PyTorch).
 
-    Each candidate is checked in its one session against PyTorch (``expected``:
+    Each candidate is written to ``path`` and checked in its one session (its
+    weights mapped from the file) against PyTorch (``expected``:
     :func:`pytorch_diffs`; every adapter, and the base model for hot-swap graphs)
     on the verify batches as they are and padded to the export length; the first
-    within ``tolerance`` is kept. (None, None) in place of the bytes and diffs:
-    no candidate was, the graph stays as exported (``model`` itself is left as it
-    is, nodes named).
+    within ``tolerance`` is kept. None in place of the diffs: no candidate was,
+    the graph stays as exported and ``path`` is the caller's to write (``model``
+    itself is left as it is, nodes named).
     """
     from lora_edge.export.cpu_fusion import name_all_nodes
     from lora_edge.export.prepare import FusionPlan, fuse_graph
@@ -119,17 +120,17 @@ def fuse_for_cpu(model: "onnx.ModelProto", record: "GraphRecord", staging: Path,
         checked["diffs"] = pytorch_diffs(session, record, staging, expected)
         return max(checked["diffs"].values())
 
-    def keep(session, serialized: bytes) -> None:
-        checked["graph"] = serialized
+    def keep(session, serialized: None) -> None:
+        checked["kept"] = True  # the file at ``path`` is the candidate
 
     fused, report = fuse_graph(model, plan, None, tolerance, check=against_pytorch, accept=keep,
-                               settings=_one_thread_check())
+                               settings=_one_thread_check(), write_to=path)
     summary = report.to_json()
-    del fused  # its bytes are all that is written
-    if "graph" not in checked:  # no candidate matched PyTorch, or none was built
-        return summary, None, None
+    del fused  # its file is all that is kept
+    if "kept" not in checked:  # no candidate matched PyTorch, or none was built
+        return summary, None
     summary["max_abs_diff_vs_pytorch"] = max(checked["diffs"].values())
-    return summary, checked["graph"], checked["diffs"]
+    return summary, checked["diffs"]
 
 
 def _one_thread_check() -> "SessionSettings":

@@ -274,6 +274,26 @@ def test_per_tensor_chunks_give_ort_s_bytes(q_type, size, monkeypatch):
     assert values.flat[0] == 1e4  # the caller's array is left alone
 
 
+@pytest.mark.parametrize("form", ["merged", "hotswap"])
+def test_int8_written_conformed_is_the_rewritten_file_byte_for_byte(bundle_copy, tmp_path, form):
+    """quantize_dynamic saving its graph conformed = its file loaded, conformed and saved again (as the check did)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from lora_edge.core.onnx_spec import conform
+    from lora_edge.quantize.methods import conformed_on_save
+
+    source = bundle_copy / "onnx" / f"{form}.fp32.onnx"
+    quantize_dynamic(source, tmp_path / "ort.onnx", weight_type=QuantType.QInt8)
+    rewritten = onnx.load(str(tmp_path / "ort.onnx"))
+    assert any(conform(rewritten).values())  # ORT's node order is not the spec's: the check rewrote the file
+    onnx.save(rewritten, str(tmp_path / "rewritten.onnx"))
+    with conformed_on_save():
+        quantize_dynamic(source, tmp_path / "once.onnx", weight_type=QuantType.QInt8)
+    assert not any(conform(onnx.load(str(tmp_path / "once.onnx"))).values())
+    assert (tmp_path / "once.onnx").read_bytes() == (tmp_path / "rewritten.onnx").read_bytes()
+
+
 @pytest.mark.parametrize("form", ["merged", "branched", "hotswap"])
 def test_int8_dynamic_in_memory_writes_the_graph_ort_s_files_give_byte_for_byte(bundle_copy, tmp_path, form):
     """quantize_dynamic on the model in memory (shapes inferred on its twin) = quantize_dynamic on the file."""
