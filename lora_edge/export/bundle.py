@@ -487,7 +487,7 @@ def export_forms(job: ExportJob, forms: Sequence[Form], clock: Stopwatch, export
         plan = None
         try:
             # frozen from the trace on: the references are freed by reference counting (MiniLM-L6 + PEFT: no
-            # cycle), the tracer's garbage is young, and the full collection after the trace was 0.15-0.35 s
+            # cycle), the tracer's garbage is young, and the full collection after the trace was 0.27-0.37 s
             with objects_frozen():
                 plan = plan_and_trace(job, clock, name, stamp)  # the references released, the garbage collected
                 return write_forms(job, plan, forms, clock)

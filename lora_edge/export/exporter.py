@@ -357,7 +357,8 @@ def trace_torchscript_bytes(io: GraphIO, opset: int | None = None, graph_name: s
 
     The exporter serializes the graph in memory and then writes it out; taking its
     bytes as they are saves the file and reading it back (MiniLM-L6: 91 MB written
-    to fresh page-cache pages and mapped again, 0.1-0.9 s on this project's machine).
+    to new page-cache pages and mapped again; such a write took 0.05-0.6 s on this
+    project's machine).
     Raises ExportError naming the graph when tracing fails.
     """
     import torch

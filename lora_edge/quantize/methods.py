@@ -306,8 +306,8 @@ def _quantize_nparray_in_place(q_type: int, arr, scale, zero_point, low, high) -
     The steps are elementwise, so they run a chunk at a time through one reused
     float32 buffer (:data:`QUANTIZE_CHUNK` elements) into the integer result: no
     float32 copy of the whole table (47 MB of fresh memory per graph for
-    MiniLM-L6's word embeddings, 0.3-0.6 s of page faults each on this project's
-    machine), the same bytes (tests/quantize/test_quantize.py).
+    MiniLM-L6's word embeddings, 0.55 s of page faults each at load ~6 on this
+    project's machine), the same bytes (tests/quantize/test_quantize.py).
     """
     import numpy as np
     from onnx import TensorProto

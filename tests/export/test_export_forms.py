@@ -319,3 +319,19 @@ def test_torchscript_trace_in_memory_is_the_file_s_graph_byte_for_byte(tiny_mode
     assert serialized == written.read_bytes()
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)  # weights over the limit need external data files
     assert exporter.trace_torchscript_bytes(io) is None
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_a_reference_is_freed_without_a_garbage_collection(arch, tiny_model, tiny_adapter):
+    """The export freezes objects (gc.freeze) before it releases the references: they must go by reference counting."""
+    import gc
+    import weakref
+
+    reference = load_reference(tiny_model(arch), AdapterRef("a", tiny_adapter(arch)))
+    alive = [weakref.ref(reference), weakref.ref(next(reference.parameters()))]
+    gc.freeze()
+    try:
+        del reference
+        assert all(ref() is None for ref in alive)
+    finally:
+        gc.unfreeze()
