@@ -59,7 +59,7 @@ ADAPTER_HOTSWAP_DIR = "adapters"  # under onnx/: the .onnx_adapter files
 LABEL_MAPS_DIR = "label_maps"     # under onnx/: one label map per adapter when a bundle has several
 # Opsets torch's ONNX exporter writes as asked: below 18 it silently writes 18, above 23 it has no translations.
 OPSET_RANGE = (18, 23)
-TRACE_FILE = ".trace.onnx"        # under onnx/ while an export runs: the one traced graph, removed once loaded
+TRACE_FILE = ".trace.onnx"        # under onnx/ while a model over 1.8 GB is exported: its trace, removed once loaded
 
 
 
