@@ -1,0 +1,76 @@
+"""int4 hot-swap decoders take one packed LoRA A and B per layer: the bundle's adapters are packed for them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from decoder_bundles import bundle_for, shared_root
+from lora_edge.core.bundle import ONNX_DIR
+from lora_edge.core.choices import Form
+from lora_edge.core.manifest import find_graph, hotswap_adapter_file
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tmp_path_factory, tiny_model, tiny_adapter):
+    """A copy of the tiny llama hot-swap bundle (adapters a: rank 4, b: rank 2) quantized to int4."""
+    from lora_edge.quantize.quantizer import quantize_bundle
+
+    source, _ = bundle_for("llama", Form.HOTSWAP, shared_root(tmp_path_factory), tiny_model, tiny_adapter)
+    bundle = shutil.copytree(source, tmp_path_factory.mktemp("packed") / "bundle")
+    quantize_bundle(bundle, ["int4"], progress=lambda message: None)
+    return bundle
+
+
+def test_the_int4_graph_records_its_own_packed_adapter_files(int4_bundle):
+    """ONNX Runtime's own adapter API on the recorded file = the per-target file packed by the runner."""
+    from lora_edge.runtime.generate import BoundAdapter, DecoderRunner
+    from lora_edge.runtime.session import create_session, load_lora_adapter
+
+    record = find_graph(int4_bundle, "hotswap.int4")
+    layers = json.loads((int4_bundle / ONNX_DIR / "config.json").read_text())["num_hidden_layers"]
+    assert record.extra["fusion"]["packed_lora"] == layers  # every layer's q|v LoRA is one packed pair
+    runner = DecoderRunner(create_session(int4_bundle / record.file))
+    ids = np.array([[5, 9, 17, 3]], np.int64)
+    feeds = (ids, np.ones_like(ids), np.arange(4)[None])
+    base = runner.step(*feeds, runner.empty_past(1))[0][0, -1]
+    for name in ("a", "b"):
+        packed_file = hotswap_adapter_file(int4_bundle, record, name)
+        assert packed_file.is_file() and packed_file != int4_bundle / ONNX_DIR / "adapters" / f"{name}.onnx_adapter"
+        native = runner.step(*feeds, runner.empty_past(1), load_lora_adapter(packed_file))[0][0, -1]
+        bound, _ = runner.bound_step(*feeds, None, BoundAdapter.load(int4_bundle / ONNX_DIR / "adapters" /
+                                                                      f"{name}.onnx_adapter"))
+        np.testing.assert_allclose(bound[0], native, rtol=0, atol=1e-5 * np.abs(native).max())
+        assert np.abs(native - base).max() > 1e-2 * np.abs(base).max(), f"adapter {name} changes the logits"
+
+
+def test_generate_takes_a_bundle_adapter_by_name_or_its_per_target_file(int4_bundle):
+    """`lora-edge generate --adapter b` and `--adapter .../b.onnx_adapter` (PEFT layout) give the same tokens."""
+    from lora_edge.core.errors import AdapterMismatchError
+    from lora_edge.runtime.adapter_layout import read_onnx_adapter, write_onnx_adapter
+    from lora_edge.runtime.bundle_generate import generate_from_bundle
+
+    def tokens(adapter):
+        return generate_from_bundle(int4_bundle, "hotswap.int4", ["hello there"], adapter, max_new_tokens=8,
+                                    chat=False).result.new_ids
+
+    by_file = tokens(str(int4_bundle / ONNX_DIR / "adapters" / "b.onnx_adapter"))
+    assert tokens("b") == by_file != tokens("none")
+    other = int4_bundle / ONNX_DIR / "adapters" / "other.onnx_adapter"
+    tensors = read_onnx_adapter(int4_bundle / ONNX_DIR / "adapters" / "b.onnx_adapter")
+    write_onnx_adapter(other, {name: value[:, :-1] if "lora_A" in name else value for name, value in tensors.items()})
+    with pytest.raises(AdapterMismatchError, match="do not fit the graph"):
+        tokens(str(other))
+
+
+def test_adapters_convert_refuses_a_packed_graph_naming_the_graph_to_use(int4_bundle, tmp_path):
+    from lora_edge.core.errors import ConfigError
+    from lora_edge.runtime.adapter_layout import convert_adapter_file
+
+    graph = int4_bundle / find_graph(int4_bundle, "hotswap.int4").file
+    with pytest.raises(ConfigError, match="packed LoRA inputs") as refused:
+        convert_adapter_file(int4_bundle / ONNX_DIR / "adapters" / "a.onnx_adapter", graph, tmp_path / "out.onnx_adapter")
+    assert "hotswap.fp32" in str(refused.value) and not (tmp_path / "out.onnx_adapter").exists()
