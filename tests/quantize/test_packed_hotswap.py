@@ -74,3 +74,46 @@ def test_adapters_convert_refuses_a_packed_graph_naming_the_graph_to_use(int4_bu
     with pytest.raises(ConfigError, match="packed LoRA inputs") as refused:
         convert_adapter_file(int4_bundle / ONNX_DIR / "adapters" / "a.onnx_adapter", graph, tmp_path / "out.onnx_adapter")
     assert "hotswap.fp32" in str(refused.value) and not (tmp_path / "out.onnx_adapter").exists()
+
+
+@pytest.mark.slow  # its own export: ~15 s of CPU
+def test_rank_patterns_and_other_targets_pack_per_layer_and_match_pytorch(tiny_model, tiny_adapter, tmp_path):
+    """q, k and v targeted (k packed too), per-layer rank and alpha; o_proj keeps its own inputs beside the packs.
+    The fused graph fed the per-target adapter (packed by the runner) = PyTorch base + adapter, prefill and a step."""
+    import onnx
+    import torch
+
+    from lora_edge.core.adapters import AdapterRef, load_reference
+    from lora_edge.export.bundle import export_bundle
+    from lora_edge.quantize.decoder import fuse_decoder
+    from lora_edge.runtime.generate import BoundAdapter, DecoderRunner, positions_from_mask
+    from lora_edge.runtime.session import create_session
+
+    model_dir = tiny_model("llama")
+    adapter_dir = tiny_adapter("llama", alpha=32.0, seed=5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                               rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"layers.0.self_attn.v_proj": 8.0})
+    bundle = export_bundle(model_dir, [AdapterRef("p", adapter_dir)], ["hotswap"], tmp_path / "bundle", task="causal-lm",
+                           progress=lambda message: None)
+    source = bundle / find_graph(bundle, "hotswap.fp32").file
+    fused, report = fuse_decoder(onnx.load(source), str(source), json.loads((bundle / ONNX_DIR / "config.json").read_text()))
+    assert report.dropped is None and report.packed_lora == 2
+    path = tmp_path / "fused.onnx"
+    onnx.save(fused, path)
+    runner = DecoderRunner(create_session(path))
+    assert all(len(pack.members) == 3 for pack in runner.packs)  # q, k and v
+    assert any(".o_proj.lora_A." in value.name for value in fused.graph.input)
+    adapter = BoundAdapter.load(bundle / ONNX_DIR / "adapters" / "p.onnx_adapter")
+    packed = runner.graph_adapter(adapter)
+    assert [packed.parameters[pack.a].shape()[1] for pack in runner.packs] == [12, 10]  # 4+4+4, 2+4+4
+    reference = load_reference(model_dir, AdapterRef("p", adapter_dir))
+    ids = np.array([[0, 0, 5, 9, 17], [4, 8, 15, 16, 23]], np.int64)
+    mask = (ids > 0).astype(np.int64)
+    full_ids, full_mask = np.concatenate([ids, [[7], [11]]], 1), np.concatenate([mask, [[1], [1]]], 1)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(full_ids), attention_mask=torch.from_numpy(full_mask),
+                             position_ids=torch.from_numpy(positions_from_mask(full_mask))).logits.numpy()
+    scale = np.abs(expected).max()
+    logits, past = runner.bound_step(ids, mask, positions_from_mask(mask), None, adapter)
+    np.testing.assert_allclose(logits, expected[:, 4], atol=1e-4 * scale)
+    logits, _ = runner.bound_step(full_ids[:, 5:], full_mask, positions_from_mask(full_mask)[:, -1:], past, adapter)
+    np.testing.assert_allclose(logits, expected[:, 5], atol=1e-4 * scale)
