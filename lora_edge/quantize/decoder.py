@@ -34,7 +34,8 @@ from lora_edge.core.onnx_io import (has_references, load_by_reference, session_f
 from lora_edge.export.cpu_fusion import share_lora_inputs
 from lora_edge.quantize.lora import is_lora_name
 from lora_edge.runtime.feeds import sample_decoder_feeds
-from lora_edge.runtime.packed_lora import pack_tensors, packs_of
+from lora_edge.runtime.packed_lora import (PACKED_LORA_KEY, PACKED_SUFFIX, PackedLora, PackedMember, member_names,
+                                           pack_tensors, packs_of, packs_to_metadata)
 from lora_edge.runtime.session import outputs_on, relative_difference, release_freed_memory
 
 if TYPE_CHECKING:
@@ -559,8 +560,6 @@ def _packed_lora_nodes(graph: _Graph, p: str, source: str, deltas: list, widths:
     import numpy as np
     from onnx import helper, numpy_helper
 
-    from lora_edge.runtime.packed_lora import PACKED_SUFFIX, PackedLora, PackedMember
-
     if all(delta is None for delta in deltas):
         return None
     inputs = {value.name for value in graph.model.graph.input}
@@ -768,8 +767,6 @@ def _swap_packed_inputs(model: "onnx.ModelProto", packs: list) -> None:
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-
-    from lora_edge.runtime.packed_lora import PACKED_LORA_KEY, member_names, packs_to_metadata
 
     if not packs:
         return
