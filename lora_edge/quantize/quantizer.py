@@ -378,13 +378,13 @@ def packed_adapter_files(bundle: Path, result: QuantizeResult, name: str, stagin
     """Write the bundle's adapters packed for a graph with packed LoRA inputs (runtime/packed_lora.py) into ``staging``.
 
     The graph's ``adapter_files`` then name these files (``onnx/adapters/<adapter>.<graph>.onnx_adapter``), so
-    every run by adapter name, ONNX Runtime's own adapter API included, feeds what the graph takes. Returns
-    (staged file, path in the bundle) pairs; [] for other graphs.
+    every run by adapter name, ONNX Runtime's own adapter API included, feeds what the graph takes; its
+    ``adapter_inputs`` name the packed inputs. Returns (staged file, path in the bundle) pairs; [] for other graphs.
     """
     import onnx
 
     from lora_edge.runtime.adapter_layout import write_packed_adapter
-    from lora_edge.runtime.packed_lora import packs_of
+    from lora_edge.runtime.packed_lora import member_names, packs_of
 
     if not result.extra.get("adapter_files") or not result.fusion.get("packed_lora"):
         return []
@@ -397,7 +397,10 @@ def packed_adapter_files(bundle: Path, result: QuantizeResult, name: str, stagin
         files[adapter] = f"{ONNX_DIR}/adapters/{adapter}.{name}.onnx_adapter"
         staged.append((write_packed_adapter(packs, bundle / relative, staging / f"{adapter}.{name}.onnx_adapter"),
                        files[adapter]))
-    result.extra = {**result.extra, "adapter_files": files}
+    gone = member_names(packs)
+    inputs = [name for name in result.extra.get("adapter_inputs", []) if name not in gone]
+    result.extra = {**result.extra, "adapter_files": files,
+                    "adapter_inputs": inputs + [name for pack in packs for name in (pack.a, pack.b)]}
     return staged
 
 

@@ -34,6 +34,8 @@ def test_the_int4_graph_records_its_own_packed_adapter_files(int4_bundle):
     layers = json.loads((int4_bundle / ONNX_DIR / "config.json").read_text())["num_hidden_layers"]
     assert record.extra["fusion"]["packed_lora"] == layers  # every layer's q|v LoRA is one packed pair
     runner = DecoderRunner(create_session(int4_bundle / record.file))
+    declared = {item.name for item in runner.session.get_overridable_initializers()}
+    assert set(record.extra["adapter_inputs"]) <= declared and {pack.a for pack in runner.packs} <= declared
     ids = np.array([[5, 9, 17, 3]], np.int64)
     feeds = (ids, np.ones_like(ids), np.arange(4)[None])
     base = runner.step(*feeds, runner.empty_past(1))[0][0, -1]
