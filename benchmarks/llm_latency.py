@@ -173,8 +173,12 @@ def graph_file(bundle: Path, name: str) -> Path:
     return bundle / find_graph(bundle, name).file
 
 
-def hotswap_adapter(bundle: Path) -> Path:
-    return next((bundle / "onnx" / "adapters").glob("*.onnx_adapter"))
+def hotswap_adapter(bundle: Path, graph: str = "hotswap.int4") -> Path:
+    """The adapter file the bundle records for ``graph`` (a graph with packed LoRA inputs has its own)."""
+    from lora_edge.core.manifest import find_graph, hotswap_adapter_file
+
+    record = find_graph(bundle, graph)
+    return hotswap_adapter_file(bundle, record, record.adapters[0])
 
 
 def engine_specs(args, bundle: Path, genai_dirs: dict, genai_py: Path | None) -> dict[str, tuple[Path, list[str]]]:
@@ -192,6 +196,9 @@ def engine_specs(args, bundle: Path, genai_dirs: dict, genai_py: Path | None) ->
     if args.baseline_bundle:
         specs["lora-edge merged int4 (baseline bundle)"] = (
             Path(sys.executable), ["--engine", "lora-edge", "--graph", str(graph_file(args.baseline_bundle, "merged.int4"))])
+        specs["lora-edge hotswap int4 (baseline bundle)"] = (
+            Path(sys.executable), ["--engine", "lora-edge", "--graph", str(graph_file(args.baseline_bundle, "hotswap.int4")),
+                                   "--adapter", str(hotswap_adapter(args.baseline_bundle))])
     for precision, directory in genai_dirs.items():
         specs[f"genai {precision}"] = (genai_py, ["--engine", "genai", "--model", str(directory)])
     specs["torch eager peft"] = (Path(sys.executable), ["--engine", "torch", "--model", str(args.model),
@@ -298,8 +305,9 @@ def main() -> None:
                         help="also build and run genai int4 with the builder's prune_lm_head=true (last-token "
                              "logits in prefill), engine 'genai int4-pruned-head'")
     parser.add_argument("--baseline-bundle", type=Path,
-                        help="another lora-edge bundle (e.g. built by an earlier version) whose merged.int4 runs "
-                             "as engine 'lora-edge merged int4 (baseline bundle)', for a before/after in one run")
+                        help="another lora-edge bundle (e.g. built by an earlier version) whose merged.int4 and "
+                             "hotswap.int4 run as engines 'lora-edge merged int4 (baseline bundle)' and 'lora-edge "
+                             "hotswap int4 (baseline bundle)', for a before/after in one run")
     parser.add_argument("--engines", help="comma-separated engine names to run (default: all), e.g. "
                                           "'lora-edge merged int4,genai int4' for a quick ratio")
     parser.add_argument("--rounds", type=int, default=5)

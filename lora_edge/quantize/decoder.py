@@ -34,6 +34,8 @@ from lora_edge.core.onnx_io import (has_references, load_by_reference, session_f
 from lora_edge.export.cpu_fusion import share_lora_inputs
 from lora_edge.quantize.lora import is_lora_name
 from lora_edge.runtime.feeds import sample_decoder_feeds
+from lora_edge.runtime.packed_lora import (PACKED_LORA_KEY, PACKED_SUFFIX, PackedLora, PackedMember, member_names,
+                                           pack_tensors, packs_of, packs_to_metadata)
 from lora_edge.runtime.session import outputs_on, relative_difference, release_freed_memory
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ class DecoderFusionReport:
     attention: int = 0  # attention blocks fused either way (what `lora-edge quantize` prints)
     packed_qkv: int = 0  # of those, q, k and v projections packed into one MatMul
     lora_shared: int = 0  # branched LoRA pairs whose A factors were merged with a sibling's (same input)
+    packed_lora: int = 0  # attention blocks whose q/k/v LoRA pairs are one packed A and B (hot-swap: two inputs)
     nodes_before: int = 0
     nodes_after: int = 0
     max_abs_diff: float | None = None
@@ -512,15 +515,100 @@ def _base_projection(graph: _Graph, name: str, inputs: set[str]) -> tuple | None
     return None
 
 
-def _packed_projection(graph: _Graph, block: _AttentionBlock, p: str) -> tuple[list, list, str] | None:
+def _hotswap_lora(graph: _Graph, delta: str, source: str, inputs: set[str]) -> tuple[str, str] | None:
+    """(A input, B input) when ``delta`` is a hot-swap LoRA branch ``(source·Aᵀ)·Bᵀ`` of graph inputs, else None."""
+    from onnx import helper
+
+    b_node = graph.producer.get(delta)
+    a_node = graph.parent(b_node, 0, "MatMul") if b_node is not None and b_node.op_type == "MatMul" else None
+    if a_node is None or a_node.input[0] != source or len(graph.consumers.get(a_node.output[0], [])) != 1:
+        return None
+    factors = []
+    for node in (a_node, b_node):
+        transpose = graph.parent(node, 1, "Transpose")
+        perm = next((list(helper.get_attribute_value(a)) for a in transpose.attribute if a.name == "perm"), None) \
+            if transpose is not None else None
+        if transpose is None or perm not in (None, [1, 0]) or transpose.input[0] not in inputs \
+                or not is_lora_name(transpose.input[0]):
+            return None
+        factors.append(transpose.input[0])
+    return factors[0], factors[1]
+
+
+def _branched_lora(graph: _Graph, delta: str, source: str) -> tuple["np.ndarray", "np.ndarray"] | None:
+    """(Aᵀ [in, r], (s·B)ᵀ [r, out]) when ``delta`` is a branched LoRA pair ``(source·Aᵀ)·(s·B)ᵀ`` of stored
+    LoRA weights, else None."""
+    b_node = graph.producer.get(delta)
+    a_node = graph.parent(b_node, 0, "MatMul") if b_node is not None and b_node.op_type == "MatMul" else None
+    if a_node is None or a_node.input[0] != source or len(graph.consumers.get(a_node.output[0], [])) != 1:
+        return None
+    factors = [graph.constants.get(node.input[1]) if is_lora_name(node.input[1]) else None for node in (a_node, b_node)]
+    if any(factor is None or factor.ndim != 2 for factor in factors) or factors[0].shape[1] != factors[1].shape[0]:
+        return None
+    return factors[0], factors[1]
+
+
+def _packed_lora_nodes(graph: _Graph, p: str, source: str, deltas: list, widths: list[int], fan_in: int,
+                       packs: list) -> tuple[list, list, str] | None:
+    """(nodes adding the packed LoRA of a block to ``{p}_qkv_proj``, their initializers, the sum's name), else None.
+
+    One ``h = x·A``, one ``d = h·B`` over the whole packed output and one Add
+    (runtime/packed_lora.py). Hot-swap: A and B are two graph inputs, the
+    block's :class:`PackedLora` is appended to ``packs``; branched: they are
+    stored (the pairs' factors side by side, B block-structured), nothing to record.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if all(delta is None for delta in deltas):
+        return None
+    inputs = {value.name for value in graph.model.graph.input}
+    members, arrays, offset = [], [], 0
+    for delta, width in zip(deltas, widths):
+        if delta is not None:
+            pair = _hotswap_lora(graph, delta, source, inputs)
+            if pair is not None:
+                members.append(PackedMember(pair[0], pair[1], offset, width))
+            stored = _branched_lora(graph, delta, source) if pair is None else None
+            if stored is not None:
+                arrays.append((stored, offset))
+            if pair is None and stored is None:
+                return None
+        offset += width
+    if members and arrays:
+        return None  # (a graph has one form)
+    initializers = []
+    if members:
+        module = members[0].a.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0].rpartition(".")[0]
+        pack = PackedLora(f"{module}.qkv_proj.lora_A{PACKED_SUFFIX}", f"{module}.qkv_proj.lora_B{PACKED_SUFFIX}",
+                          fan_in, offset, tuple(members))
+        packs.append(pack)
+        a_name, b_name = pack.a, pack.b
+    else:
+        a_name, b_name = f"{p}_qkv_proj.lora_A{PACKED_SUFFIX}", f"{p}_qkv_proj.lora_B{PACKED_SUFFIX}"
+        a_packed = np.concatenate([a for (a, _), _ in arrays], axis=1)
+        b_packed = np.zeros((a_packed.shape[1], offset), dtype=a_packed.dtype)
+        row = 0
+        for (a, b), column in arrays:
+            b_packed[row:row + a.shape[1], column:column + b.shape[1]] = b
+            row += a.shape[1]
+        initializers = [numpy_helper.from_array(a_packed, a_name), numpy_helper.from_array(b_packed, b_name)]
+    return [helper.make_node("MatMul", [source, a_name], [f"{p}_lora_h"], name=f"{p}_lora_h"),
+            helper.make_node("MatMul", [f"{p}_lora_h", b_name], [f"{p}_lora_delta"], name=f"{p}_lora_delta"),
+            helper.make_node("Add", [f"{p}_qkv_proj", f"{p}_lora_delta"], [f"{p}_qkv_sum"], name=f"{p}_qkv_sum")
+            ], initializers, f"{p}_qkv_sum"
+
+
+def _packed_projection(graph: _Graph, block: _AttentionBlock, p: str, packs: list) -> tuple[list, list, str] | None:
     """(nodes, initializers, v) computing ``{p}_qk`` and v with one ``x·[Wq | Wk | Wv]`` MatMul, else None.
 
     When the base products of q, k and v are MatMuls of one input with stored
     base weights: one MatMulNBits instead of three after quantization (at
-    decode each costs far more than a Split). What a graph adds to a base
-    product (a LoRA branch of a hot-swap or branched graph, a bias) is added back
-    to its slice, so LoRA branches stay float and hot-swappable. A merged graph
-    splits the product into ``[q | k]`` (rotated next) and v.
+    decode each costs far more than a Split). LoRA pairs on them are packed the
+    same way (:func:`_packed_lora_nodes`: hot-swap, two packed inputs recorded
+    in ``packs``; branched, two stored tensors); what a graph adds otherwise to
+    a base product (a bias) is added back to its slice. The product is split
+    into ``[q | k]`` (rotated next) and v.
     """
     import numpy as np
     from onnx import helper, numpy_helper
@@ -533,17 +621,25 @@ def _packed_projection(graph: _Graph, block: _AttentionBlock, p: str) -> tuple[l
     values = [graph.constants[base.input[1]] for base, _ in parts]
     if len({value.shape[0] for value in values}) != 1:
         return None
+    source = parts[0][0].input[0]
     packed = numpy_helper.from_array(np.concatenate(values, axis=1), f"{p}_qkv_weight")
     widths = [value.shape[1] for value in values]
     deltas = [delta for _, delta in parts]
+    nodes = [helper.make_node("MatMul", [source, packed.name], [f"{p}_qkv_proj"], name=f"{p}_qkv_proj")]
+    lora = _packed_lora_nodes(graph, p, source, deltas, widths, int(values[0].shape[0]), packs)
+    extra = []
+    if lora is not None:
+        nodes += lora[0]
+        extra = lora[1]
+        deltas = [None] * 3
     plain = all(delta is None for delta in deltas)
     sizes = numpy_helper.from_array(np.array([widths[0] + widths[1], widths[2]] if plain else widths, np.int64),
                                     f"{p}_qkv_sizes")
     outputs = [f"{p}_qk", f"{p}_v"] if plain else [f"{p}_q_base", f"{p}_k_base", f"{p}_v_base"]
-    nodes = [helper.make_node("MatMul", [parts[0][0].input[0], packed.name], [f"{p}_qkv_proj"], name=f"{p}_qkv_proj"),
-             helper.make_node("Split", [f"{p}_qkv_proj", sizes.name], outputs, name=f"{p}_qkv_split", axis=-1)]
+    nodes.append(helper.make_node("Split", [lora[2] if lora is not None else f"{p}_qkv_proj", sizes.name], outputs,
+                                  name=f"{p}_qkv_split", axis=-1))
     if plain:
-        return nodes, [packed, sizes], f"{p}_v"
+        return nodes, [packed, sizes, *extra], f"{p}_v"
     names = []
     for base_out, delta, kind in zip(outputs, deltas, "qkv"):
         names.append(base_out if delta is None else f"{p}_{kind}_sum")
@@ -553,12 +649,15 @@ def _packed_projection(graph: _Graph, block: _AttentionBlock, p: str) -> tuple[l
     return nodes, [packed, sizes], names[2]
 
 
-def _gqa_nodes(graph: _Graph, p: str, block: _AttentionBlock, heads: int, kv_heads: int, shared: dict
-               ) -> tuple[list, list]:
-    """The nodes (and initializers) that replace one attention block: rotary on [q|k], GroupQueryAttention."""
+def _gqa_nodes(graph: _Graph, p: str, block: _AttentionBlock, heads: int, kv_heads: int, shared: dict,
+               packs: list) -> tuple[list, list]:
+    """The nodes (and initializers) that replace one attention block: rotary on [q|k], GroupQueryAttention.
+
+    A hot-swap block whose LoRA inputs are packed appends its PackedLora to ``packs``.
+    """
     from onnx import helper
 
-    packed = _packed_projection(graph, block, p)
+    packed = _packed_projection(graph, block, p, packs)
     nodes, initializers, v = packed if packed is not None else (
         [helper.make_node("Concat", [block.q, block.k], [f"{p}_qk"], name=f"{p}_qk", axis=-1)], [], block.v)
     positions, cos, sin = block.rotary.input[1:4]
@@ -637,9 +736,9 @@ def fuse_group_query_attention(model: "onnx.ModelProto", heads: int, kv_heads: i
         return model
     shared_nodes, initializers, shared = _gqa_shared_nodes(blocks)
     replaced: set[str] = set()
-    new_nodes = list(shared_nodes)
+    new_nodes, packs = list(shared_nodes), []
     for i, block in enumerate(blocks):
-        nodes, inits = _gqa_nodes(graph, f"gqa_{i}", block, heads, kv_heads, shared)
+        nodes, inits = _gqa_nodes(graph, f"gqa_{i}", block, heads, kv_heads, shared, packs)
         new_nodes += nodes
         initializers += inits
         replaced.update((block.merged, block.plan.key, block.plan.value))
@@ -650,10 +749,38 @@ def fuse_group_query_attention(model: "onnx.ModelProto", heads: int, kv_heads: i
     _ensure_opset(model)
     report.group_query_attention = len(blocks)
     report.packed_qkv = sum(1 for node in new_nodes if node.op_type == "Split")
+    report.packed_lora = sum(1 for node in new_nodes if node.name.endswith("_lora_h"))
+    _swap_packed_inputs(model, packs)
     pruned = _prune(model)
     _past_shapes_from_mask(pruned, kv_heads)
     _topological_sort(pruned)
     return pruned
+
+
+def _swap_packed_inputs(model: "onnx.ModelProto", packs: list) -> None:
+    """Replace the packed members' LoRA inputs (and their empty defaults) with each pack's A and B inputs.
+
+    The defaults are empty (rank 0): with no adapter fed the graph is the base
+    model. The members' own inputs go, so a per-target adapter fed to this graph
+    as it is fails by name instead of being ignored; the packs are recorded in
+    the graph's metadata (runtime/packed_lora.py).
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not packs:
+        return
+    gone = member_names(packs)
+    for container in (model.graph.input, model.graph.initializer):
+        for item in [item for item in container if item.name in gone]:
+            container.remove(item)
+    for index, pack in enumerate(packs):
+        rank = f"packed_rank_{index}"
+        model.graph.input.extend([helper.make_tensor_value_info(pack.a, TensorProto.FLOAT, [pack.fan_in, rank]),
+                                  helper.make_tensor_value_info(pack.b, TensorProto.FLOAT, [rank, pack.width])])
+        model.graph.initializer.extend([numpy_helper.from_array(np.zeros((pack.fan_in, 0), np.float32), pack.a),
+                                        numpy_helper.from_array(np.zeros((0, pack.width), np.float32), pack.b)])
+    _set_metadata(model, PACKED_LORA_KEY, packs_to_metadata(packs))
 
 
 def _past_shapes_from_mask(model: "onnx.ModelProto", kv_heads: int) -> None:
@@ -777,6 +904,27 @@ def chunked_feed(model: "onnx.ModelProto", seed: int = 1) -> dict:
             **{value.name: rng.standard_normal((1, heads, 5, head_dim)).astype(np.float32) for value in pasts}}
 
 
+def random_lora_feed(model: "onnx.ModelProto", rank: int = 3, seed: int = 2) -> dict[str, "np.ndarray"]:
+    """Random factors for every LoRA input of a hot-swap graph (PEFT layout, rank ``rank``); {} for other graphs.
+
+    Large enough that what the adapter adds shows in the outputs (a rewrite that
+    dropped or misplaced a branch would not pass as a rounding difference).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if not is_lora_name(value.name) or len(dims) != 2:
+            continue
+        axis = 0 if "lora_A" in value.name else 1
+        shape = [rank if i == axis else dims[i].dim_value for i in range(2)]
+        if all(size > 0 for size in shape):
+            feed[value.name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return feed
+
+
 def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | None,
                  tolerance: float = FUSION_TOLERANCE) -> tuple["onnx.ModelProto", DecoderFusionReport]:
     """Fuse a ``causal-lm`` graph for CPUs; keep the result only when it matches ``source``.
@@ -794,6 +942,9 @@ def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | N
     if not any(value.name.startswith("past_key_values.") for value in model.graph.input):
         return model, report
     feeds = sample_decoder_feeds(model) + [chunked_feed(model)]
+    lora = random_lora_feed(model)
+    if lora:  # hot-swap: the rewrites must also keep what an adapter adds (its LoRA inputs may get packed)
+        feeds += [{**feed, **lora} for feed in feeds[:1] + feeds[-1:]]
     try:  # one session for every batch: an LLM session costs seconds
         expected = _outputs_from_file(model, feeds, source) if has_references(model) else outputs_on(source, feeds)
     except Exception as exc:
@@ -818,8 +969,10 @@ def _verified_rewrite(model: "onnx.ModelProto", source: str | bytes, config: dic
     try:
         candidate = _rewrite(model, config, report, group_query)
         release_freed_memory()
-        report.max_abs_diff = max(relative_difference(want, got)
-                                  for want, got in zip(expected, _outputs_from_file(candidate, feeds, source)))
+        packs = packs_of({prop.key: prop.value for prop in candidate.metadata_props})
+        candidate_feeds = [pack_tensors(packs, feed) for feed in feeds] if packs else feeds
+        report.max_abs_diff = max(relative_difference(want, got) for want, got in
+                                  zip(expected, _outputs_from_file(candidate, candidate_feeds, source)))
     except Exception as exc:  # a rewrite that fails or that ORT cannot load is a rewrite not to ship
         return _load_source(source, by_reference), DecoderFusionReport(
             nodes_before=report.nodes_before, dropped=f"rewrites failed ({exc.__class__.__name__}: {first_line(exc)})")

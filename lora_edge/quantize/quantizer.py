@@ -54,6 +54,7 @@ class QuantizeResult:
     linears: dict
     seconds: float
     extra: dict = field(default_factory=dict)
+    staged_adapters: list = field(default_factory=list)  # (staged file, its path in the bundle): moved with the graph
 
     def to_extra(self) -> dict:
         """The manifest ``extra`` of the graph's record."""
@@ -351,6 +352,7 @@ def _quantize_locked(bundle: Path, precisions: list[Precision], options: Quantiz
                                         plan=plan, calibration=calibration, source_fusion=source.extra.get("fusion"))
                 release_freed_memory()  # the next graph's copies then fit in memory the OS has back
                 result.extra = {key: source.extra[key] for key in SHARED_EXTRA if key in source.extra}
+                result.staged_adapters = packed_adapter_files(bundle, result, name, staging)
                 weights = "fp16 weights" if precision is Precision.FP16 else \
                     f"{result.linears.get('quantized', 0)} linears quantized"
                 progress(f"  {name}: {weights}, {result.linears.get('float_lora', 0)} LoRA MatMuls float, "
@@ -363,11 +365,43 @@ def _quantize_locked(bundle: Path, precisions: list[Precision], options: Quantiz
             final = bundle / record.file
             result.path.replace(final)
             result.path = final
+            for staged, relative in result.staged_adapters:
+                staged.replace(bundle / relative)
             record.extra = result.to_extra()
         add_graphs(bundle, records)
     return records
 
 
+
+
+def packed_adapter_files(bundle: Path, result: QuantizeResult, name: str, staging: Path) -> list[tuple[Path, str]]:
+    """Write the bundle's adapters packed for a graph with packed LoRA inputs (runtime/packed_lora.py) into ``staging``.
+
+    The graph's ``adapter_files`` then name these files (``onnx/adapters/<adapter>.<graph>.onnx_adapter``), so
+    every run by adapter name, ONNX Runtime's own adapter API included, feeds what the graph takes; its
+    ``adapter_inputs`` name the packed inputs. Returns (staged file, path in the bundle) pairs; [] for other graphs.
+    """
+    import onnx
+
+    from lora_edge.runtime.adapter_layout import write_packed_adapter
+    from lora_edge.runtime.packed_lora import member_names, packs_of
+
+    if not result.extra.get("adapter_files") or not result.fusion.get("packed_lora"):
+        return []
+    packs = packs_of({prop.key: prop.value for prop in onnx.load(str(result.path), load_external_data=False)
+                      .metadata_props})
+    if not packs:  # (a branched graph packs stored pairs: no inputs)
+        return []
+    staged, files = [], {}
+    for adapter, relative in result.extra["adapter_files"].items():
+        files[adapter] = f"{ONNX_DIR}/adapters/{adapter}.{name}.onnx_adapter"
+        staged.append((write_packed_adapter(packs, bundle / relative, staging / f"{adapter}.{name}.onnx_adapter"),
+                       files[adapter]))
+    gone = member_names(packs)
+    inputs = [name for name in result.extra.get("adapter_inputs", []) if name not in gone]
+    result.extra = {**result.extra, "adapter_files": files,
+                    "adapter_inputs": inputs + [name for pack in packs for name in (pack.a, pack.b)]}
+    return staged
 
 
 def format_records(records: list[GraphRecord], as_json: bool = False) -> str:

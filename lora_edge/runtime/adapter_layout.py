@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from lora_edge.core.bundle import MANIFEST_FILE, atomic_file, require_writable_file_path
 from lora_edge.core.manifest import find_graph
 from lora_edge.core.errors import AdapterMismatchError, BundleError, ConfigError, first_line, parse_enum
+from lora_edge.runtime.packed_lora import PACKED_LORA_KEY, pack_tensors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -141,6 +142,10 @@ def graph_adapter_inputs(graph: Path) -> dict[str, AdapterInput]:
     from lora_edge.runtime.session import SessionSettings, create_session
 
     session = create_session(graph, SessionSettings(graph_optimization_level="disable"))
+    if PACKED_LORA_KEY in session.get_modelmeta().custom_metadata_map:
+        raise ConfigError("the graph takes packed LoRA inputs (a CPU-quantized hot-swap decoder), not per-target "
+                          "tensors", graph, "convert against the bundle's hotswap.fp32 graph: lora-edge packs an "
+                          "adapter for this graph itself (quantize writes its file, generate packs a PEFT-layout one)")
     inputs = {item.name: AdapterInput(item.name, tuple(d if isinstance(d, int) else None for d in item.shape),
                                       ORT_FLOAT_TYPES.get(item.type, item.type))
               for item in session.get_overridable_initializers()
@@ -185,6 +190,13 @@ def write_onnx_adapter(path: Path, tensors: dict[str, "np.ndarray"], adapter_ver
     with atomic_file(Path(path)) as staging:
         adapter.export_adapter(str(staging))
     return Path(path)
+
+
+def write_packed_adapter(packs: list, adapter_file: Path, out: Path) -> Path:
+    """Write the per-target ``.onnx_adapter`` file ``adapter_file`` packed for a graph with ``packs``
+    (runtime/packed_lora.py) to ``out``, keeping its versions."""
+    tensors, versions = read_adapter_file(adapter_file)
+    return write_onnx_adapter(out, pack_tensors(packs, tensors, adapter_file), *versions)
 
 
 def match_inputs(tensors: dict[str, "np.ndarray"], inputs: dict[str, AdapterInput],

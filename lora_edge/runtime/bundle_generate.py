@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lora_edge.core.decoder_io import DEFAULT_MAX_NEW_TOKENS
-from lora_edge.core.errors import AdapterMismatchError, ConfigError, first_line
+from lora_edge.core.errors import AdapterMismatchError, ConfigError
 from lora_edge.runtime.generate import BoundAdapter, DecoderRunner, GenerationResult, SamplingSpec, generate
 
 if TYPE_CHECKING:
@@ -93,42 +93,41 @@ def adapter_for_run(bundle: Path, record, manifest: "Manifest", adapter: str | N
         if not path.is_file():
             raise AdapterMismatchError(f"adapter file '{path}' does not exist", "--adapter",
                                        "give a bundle adapter name or an existing .onnx_adapter file")
-        check_adapter_fits(session, path)
-        return path.stem, BoundAdapter.load(path)
+        return path.stem, fitting_adapter(session, path)
     chosen = choose_adapter(record, manifest, adapter)
     if record.form is Form.HOTSWAP and chosen is not None:
-        path = require_adapter_file(Path(bundle), record, chosen)
-        check_adapter_fits(session, path)
-        return chosen, BoundAdapter.load(path)
+        return chosen, fitting_adapter(session, require_adapter_file(Path(bundle), record, chosen))
     return chosen, None
 
 
-def check_adapter_fits(session: "onnxruntime.InferenceSession", adapter_file: Path) -> None:
-    """Raise AdapterMismatchError unless every tensor of an ``.onnx_adapter`` file is a graph input of its shape.
+def fitting_adapter(session: "onnxruntime.InferenceSession", adapter_file: Path) -> BoundAdapter:
+    """The ``.onnx_adapter`` file as the graph takes it (packed for a graph with packed LoRA inputs), checked.
 
-    The LoRA rank axis is free; every other axis must match (a different base
+    Raises AdapterMismatchError unless every tensor is a graph input of its shape:
+    the LoRA rank axis is free; every other axis must match (a different base
     model shows here as another hidden size or a module the graph lacks).
     """
-    import onnxruntime
+    from lora_edge.runtime.packed_lora import member_names, packs_of
 
     inputs = {item.name: item.shape for item in session.get_inputs()}
     inputs.update({item.name: item.shape for item in session.get_overridable_initializers()})
-    try:
-        parameters = onnxruntime.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
-    except Exception as exc:  # ORT raises its own error types for a corrupt file
-        raise AdapterMismatchError(f"cannot read the adapter file ({first_line(exc, 160)})",
-                                   adapter_file, "re-run lora-edge export") from None
-    for name, value in parameters.items():
-        if name not in inputs:
+    packs = packs_of(session.get_modelmeta().custom_metadata_map)
+    adapter = BoundAdapter.load(adapter_file)
+    packed_away = member_names(packs)
+    for name in adapter.parameters:
+        if name not in inputs and name not in packed_away:
             raise AdapterMismatchError(f"adapter tensor '{name}' has no input in the graph (adapter trained on "
                                        "another base model?)", adapter_file,
                                        "use an adapter exported for this bundle's base model")
+    adapter = adapter.packed_for(packs)
+    for name, value in adapter.parameters.items():
         want, got = inputs[name], list(value.shape())
         fixed = [(w, g) for w, g in zip(want, got) if isinstance(w, int)]
         if len(want) != len(got) or any(w != g for w, g in fixed):
             raise AdapterMismatchError(f"adapter tensor '{name}' has shape {got}, the graph expects {want} "
                                        "(adapter trained on another base model?)", adapter_file,
                                        "use an adapter exported for this bundle's base model")
+    return adapter
 
 
 def encode_chat_prompts(tokenizer, texts: list[str], system: str | None = None) -> list[list[int]]:

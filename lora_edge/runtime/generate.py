@@ -24,6 +24,7 @@ from lora_edge.core.decoder_io import (ATTENTION_MASK, CHUNKED_BATCH_KEY, DEFAUL
                                        LOGITS_TO_KEEP, PAST_NAME, POSITION_IDS, PRESENT_NAME, SHARED_BUFFER,
                                        SHARED_CACHE_KEY, takes_logits_to_keep)
 from lora_edge.core.errors import AdapterMismatchError, ConfigError, DataError, ExportError, first_line
+from lora_edge.runtime.packed_lora import packs_of
 from lora_edge.runtime.session import run
 
 if TYPE_CHECKING:
@@ -106,6 +107,20 @@ class BoundAdapter:
 
     path: Path
     parameters: dict
+    arrays: dict = field(default_factory=dict)  # numpy arrays the parameters were made from (kept alive)
+
+    def packed_for(self, packs: list) -> "BoundAdapter":
+        """This adapter as a graph with packed LoRA inputs takes it (runtime/packed_lora.py); itself when
+        ``packs`` is empty or none of its tensors is packed there."""
+        import onnxruntime
+
+        from lora_edge.runtime.packed_lora import member_names, pack_tensors
+
+        if not packs or not member_names(packs) & set(self.parameters):
+            return self
+        tensors = pack_tensors(packs, {name: value.numpy() for name, value in self.parameters.items()}, self.path)
+        return BoundAdapter(self.path, {name: onnxruntime.OrtValue.ortvalue_from_numpy(array)
+                                        for name, array in tensors.items()}, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> "BoundAdapter":
@@ -154,6 +169,9 @@ class DecoderRunner:
         self.keeps_last_logits = takes_logits_to_keep(session)
         self._keep_last = None  # its OrtValue, made on first use
         self._bindings: dict = {}  # (id(buffers), id(adapter)) -> (IO binding, buffers, adapter): shared caches
+        # graphs with packed LoRA inputs (runtime/packed_lora.py): per-target adapters are packed once, on first use
+        self.packs = packs_of(metadata)
+        self._packed: dict = {}  # id(adapter as given) -> (it, as packed)
 
     def check_step(self, input_ids: "np.ndarray", past_length: int) -> None:
         """Raise DataError for a step the graph's attention kernel refuses (decoder_io.py, CHUNKED_BATCH_KEY)."""
@@ -188,7 +206,7 @@ class DecoderRunner:
         try:
             outputs = run(self.session, feeds, adapter=adapter, output_names=self.output_names)
         except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
-            error = self._adapter_error(exc, adapter)
+            error = self._adapter_error(exc, adapter, self.packs)
             if error is exc:
                 raise
             raise error from exc
@@ -213,6 +231,7 @@ class DecoderRunner:
 
         total = attention_mask.shape[1]
         self.check_step(input_ids, total - input_ids.shape[1])
+        adapter = self.graph_adapter(adapter)
         step_logits = None  # a preallocated [batch, 1, vocab] array the logits of a one-token step land in
         if self.shared_cache:
             past = self._cache_buffers(past, len(input_ids), total, capacity)
@@ -229,7 +248,7 @@ class DecoderRunner:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # ORT raises its own classes; an adapter that does not fit is the usual cause
-            raise self._adapter_error(exc, adapter) from exc
+            raise self._adapter_error(exc, adapter, self.packs) from exc
         if step_logits is not None:  # no get_outputs(): it wraps every bound output (the whole cache) per call
             return step_logits[0][:, -1, :].copy(), past
         outputs = binding.get_outputs()
@@ -319,9 +338,22 @@ class DecoderRunner:
             buffers.append(onnxruntime.OrtValue.ortvalue_from_numpy(array))
         return buffers
 
+    def graph_adapter(self, adapter: BoundAdapter | None) -> BoundAdapter | None:
+        """``adapter`` as this graph takes it: packed for a graph with packed LoRA inputs (once per adapter)."""
+        if adapter is None or not self.packs:
+            return adapter
+        if id(adapter) not in self._packed:  # holding the adapter keeps its id unique
+            self._packed = {**dict(list(self._packed.items())[-3:]), id(adapter): (adapter, adapter.packed_for(self.packs))}
+        return self._packed[id(adapter)][1]
+
     @staticmethod
-    def _adapter_error(exc: Exception, adapter) -> Exception:
+    def _adapter_error(exc: Exception, adapter, packs: list) -> Exception:
         """AdapterMismatchError when an active adapter is the likely cause of a run failure, else ``exc``."""
+        if adapter is not None and packs and not isinstance(adapter, BoundAdapter) and "input name" in str(exc):
+            return AdapterMismatchError(f"this graph takes packed LoRA inputs and the adapter is per target "
+                                        f"({first_line(exc, 160)})", "--adapter",
+                                        "use the graph's own adapter file (the bundle records it), or run it "
+                                        "bound (BoundAdapter), which packs it")
         if adapter is not None and ("lora" in str(exc).lower() or "shape" in str(exc).lower()):
             return AdapterMismatchError(f"the adapter does not fit this graph ({first_line(exc, 200)})",
                                         "--adapter", "use an adapter trained on this bundle's base model")

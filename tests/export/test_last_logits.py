@@ -14,6 +14,8 @@ from lora_edge.core.choices import Form
 from lora_edge.core.decoder_io import LOGITS_TO_KEEP, takes_logits_to_keep
 from lora_edge.core.manifest import find_graph
 from lora_edge.runtime.generate import BoundAdapter, DecoderRunner, generate, left_pad, positions_from_mask
+from lora_edge.runtime.adapter_layout import write_packed_adapter
+from lora_edge.runtime.packed_lora import packs_of
 from lora_edge.runtime.session import create_session, load_lora_adapter, run
 
 PROMPTS = [[5, 17, 23, 9, 41, 8, 30], [12, 7], [3, 60, 44, 2, 19]]  # left-padded to 7 columns
@@ -90,6 +92,10 @@ def test_quantized_graphs_keep_the_input_and_their_last_row(form, precision, lla
                             task="causal-lm")
     session = create_session(result.path)
     assert takes_logits_to_keep(session)
+    packs = packs_of(session.get_modelmeta().custom_metadata_map)
+    assert bool(packs) == (form is Form.HOTSWAP and precision == "int4")  # (the CPU rewrites pack q|k|v's LoRA)
+    if adapter_file and packs:
+        adapter_file = write_packed_adapter(packs, adapter_file, tmp_path / "a.packed.onnx_adapter")
     adapter = load_lora_adapter(adapter_file) if adapter_file else None
     feeds = _prefill_feeds(session)
     full = run(session, feeds, adapter)[0]

@@ -15,6 +15,7 @@ from lora_edge.core.manifest import find_graph
 from lora_edge.core.errors import ConfigError, ModelError
 from lora_edge.runtime.generate import BoundAdapter, DecoderRunner, SamplingSpec, nucleus, generate
 from lora_edge.runtime.bundle_generate import encode_prompts, generate_from_bundle
+from lora_edge.runtime.adapter_layout import write_packed_adapter
 from lora_edge.runtime.session import create_session, load_lora_adapter
 
 PROMPTS = ["the weather in paris is", "hello", "please set a timer for ten minutes and then play some jazz"]
@@ -366,6 +367,25 @@ def test_fused_decoder_graphs_generate_like_pytorch(bundles, references, tmp_pat
         adapter = BoundAdapter.load(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter") if form is Form.HOTSWAP else None
         got = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, adapter=adapter)
         assert got.new_ids == torch_generate(reference, prompts, NEW_TOKENS, eos, pad), form.value
+    _packed_hotswap_switches_adapters(runner, fused, bundle, references, prompts)
+
+
+def _packed_hotswap_switches_adapters(runner, fused, bundle, references, prompts) -> None:
+    """The fused hot-swap graph takes one packed A and B per layer for q|v (its per-target q/v inputs are gone);
+    per-target adapters of different ranks (a: 4, b: 2) and the base model switch run by run in one session."""
+    layers = references("llama").config.num_hidden_layers
+    names = {value.name for value in fused.graph.input}
+    assert len(runner.packs) == layers and {pack.a for pack in runner.packs} <= names
+    assert not any(".q_proj.lora_" in name or ".v_proj.lora_" in name for name in names)
+    eos, pad = _special(references("llama"))
+    files = {name: BoundAdapter.load(bundle / ONNX_DIR / "adapters" / f"{name}.onnx_adapter") for name in "ab"}
+    expected = {name: torch_generate(references("llama", name), prompts, NEW_TOKENS, eos, pad) for name in "ab"}
+    expected[None] = torch_generate(references("llama", "a"), prompts, NEW_TOKENS, eos, pad, use_adapter=False)
+    assert len({str(rows) for rows in expected.values()}) == 3
+    for name in ("b", None, "a", "b"):
+        got = generate(runner, prompts, NEW_TOKENS, eos_token_id=eos, pad_token_id=pad,
+                       adapter=files[name] if name else None)
+        assert got.new_ids == expected[name], f"adapter {name}"
 
 
 def test_a_decoder_rewrite_not_kept_gives_back_the_source_graph(bundles, monkeypatch):
@@ -457,7 +477,7 @@ def _fused_runner(bundle, graph, tmp_path) -> DecoderRunner:
     return DecoderRunner(create_session(path), max_positions=128)
 
 
-@pytest.mark.parametrize("form", [Form.MERGED, Form.HOTSWAP])
+@pytest.mark.parametrize("form", [Form.MERGED, Form.BRANCHED, Form.HOTSWAP])
 def test_group_query_attention_graph_matches_pytorch_step_by_step(form, bundles, references, tmp_path):
     """Fused graph vs PyTorch (base + adapter) logits: left-padded prefill of 3 rows + 5 decode steps, in a cache
     buffer that must grow on the way; a one-row chunk of 3 tokens after a past; a 2-row chunk is refused."""
@@ -488,7 +508,11 @@ def test_group_query_attention_graph_matches_pytorch_step_by_step(form, bundles,
     assert past[0].shape()[2] >= width + steps  # the buffer grew past its first capacity
 
     # numpy feeds with an exact past (the contract's I/O): a one-row chunk of 3 tokens after a prefill
-    lora = load_lora_adapter(bundle / ONNX_DIR / "adapters" / "a.onnx_adapter") if form is Form.HOTSWAP else None
+    lora = None
+    if form is Form.HOTSWAP:  # the fused graph takes its LoRA inputs packed: the file packed for it
+        assert runner.packs, "the q/v LoRA inputs of the fused hot-swap graph are packed"
+        lora = load_lora_adapter(write_packed_adapter(runner.packs, bundle / ONNX_DIR / "adapters" / "a.onnx_adapter",
+                                                      tmp_path / "a.packed.onnx_adapter"))
     row, cut = full_ids[2:], width + 2
     _, exact = runner.step(row[:, :width], full_mask[2:, :width], positions_from_mask(full_mask[2:, :width]),
                            runner.empty_past(1), lora)
