@@ -307,16 +307,18 @@ class MeasureSpec:
     """How to time graphs: the inputs, how many runs, and whether a missing provider may be replaced.
 
     200 runs (40 interleaved rounds of 5, ``lora_edge.profile.profiler.RUNS_PER_ROUND``)
-    give the overhead ratios tight bootstrap intervals on a quiet machine; on a
-    busy one, rounds are added while an overhead's interval is wider than
-    ``target_interval_pct`` (up to ``max_runs`` and ``time_budget_s``), because
-    two runs only agree once their intervals are narrow. Recipes that only need
-    a rough figure set fewer runs (the shipped ones do).
+    give the overhead ratios tight bootstrap intervals on a quiet machine; then
+    rounds are added while an overhead's interval is wider than
+    ``target_interval_pct`` (up to ``max_runs``), because two runs only agree
+    once their intervals are narrow; ``time_budget_s`` bounds the timing
+    either way (a busy machine gets fewer rounds and wider intervals, said in
+    the report). Recipes that only need a rough figure set fewer runs (the
+    shipped ones do).
     """
 
     batch: int = config_field(1, "Batch size of the timed inputs.")
     seq: int = config_field(128, "Sequence length of the timed inputs.")
-    runs: int = config_field(200, "Timed runs per graph (at least; see --target-interval-pct).")
+    runs: int = config_field(200, "Timed runs per graph (see --target-interval-pct and --time-budget-s).")
     warmup: int = config_field(20, "Untimed warm-up runs per graph.")
     allow_fallback: bool = config_field(False, "Measure on the providers this host has when a device asks for "
                                                "others (recorded in the report). Off: such graphs are listed as "
@@ -325,8 +327,9 @@ class MeasureSpec:
                                                    "interval of any overhead over merged is wider than +- this "
                                                    "many points (0: exactly --runs).")
     max_runs: int = config_field(0, "Cap on timed runs per graph while adding rounds (0: 5 x --runs).")
-    time_budget_s: float = config_field(90.0, "Stop adding rounds once the timing has taken this many seconds "
-                                              "(the first --runs always run).")
+    time_budget_s: float = config_field(90.0, "With a --target-interval-pct: end the timed rounds once they have "
+                                              "taken this many seconds, even before --runs (but after 10 rounds "
+                                              "of 5 runs).")
 
     def __post_init__(self):
         for name, minimum in (("batch", 1), ("seq", 1), ("runs", 1), ("warmup", 0), ("max_runs", 0)):

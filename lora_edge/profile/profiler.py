@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 TRACE_RUNS = 20  # runs recorded in the profiling trace (per-op times); enough for stable shares
 RUNS_PER_ROUND = 5  # timed runs per graph per interleaved round (200 runs: 40 rounds)
 GAP_S = 0.02  # pause before each visit: the previous session's idle ORT threads stop spinning
+MIN_ROUNDS = 10  # a time budget never ends the rounds before this many
+CHECK_EVERY = 5  # rounds between two checks of the intervals (a bootstrap per pair) while adding rounds
 DECODE_SUFFIX = " [decode step]"  # a decoder's second timed call in the rounds: one token after a past of seq
 
 
@@ -310,8 +312,9 @@ def _time_live(live: dict, report: ProfileReport, device: DeviceTarget, settings
     """Time the opened graphs in interleaved rounds; fill in each one's profile and the run's settings."""
     batch, seq, runs, warmup = measure.batch, measure.seq, measure.runs, measure.warmup
     rounds, per_round = split_runs(runs, RUNS_PER_ROUND)
-    adding = (f"; more rounds (up to {measure.run_cap} runs, {measure.time_budget_s:g} s) while an overhead's "
-              f"interval is wider than +-{measure.target_interval_pct:g} points" if measure.target_interval_pct else "")
+    adding = (f"; more rounds (up to {measure.run_cap} runs) while an overhead's interval is wider than "
+              f"+-{measure.target_interval_pct:g} points; at most {measure.time_budget_s:g} s"
+              if measure.target_interval_pct else "")
     _log(f"profile: timing {len(live)} graph(s), {warmup} warm-up + {runs} runs each, in {rounds} interleaved "
          f"rounds of {per_round} (shuffled order, each precision's forms back to back){adding}", quiet)
     timed = _time_graphs(live, measure)
@@ -335,6 +338,8 @@ def _stop_reason(timed: RoundTimes, live: dict, measure: MeasureSpec) -> str:
     """Why the rounds stopped: the fixed runs, every interval narrow enough, the time budget or the run cap."""
     if not measure.target_interval_pct:
         return "fixed runs"
+    if timed.rounds * RUNS_PER_ROUND < measure.runs:
+        return "time budget, before --runs"
     if intervals_narrow(timed, timing_groups(live)[1], measure.target_interval_pct):
         return "intervals within target"
     return "time budget" if timed.seconds >= measure.time_budget_s else "run cap"
@@ -416,9 +421,10 @@ def timing_groups(live: dict[str, "_OpenGraph"]) -> tuple[list[list[str]], list[
 def _time_graphs(live: dict[str, _OpenGraph], measure: MeasureSpec) -> RoundTimes:
     """Interleaved rounds over every graph; if a run fails, find the failing graphs and time the others again.
 
-    With a target interval, rounds are added (every precision's forms visited
-    back to back) until each overhead's interval is that narrow, the run cap
-    or the time budget is reached.
+    Every precision's forms are visited back to back. With a target interval,
+    the time budget ends the rounds (once ``MIN_ROUNDS`` are done, even before
+    ``runs``); after ``runs``, rounds are added until each overhead's interval
+    is that narrow (checked every ``CHECK_EVERY`` rounds) or the run cap is reached.
     """
     runs, warmup, target = measure.runs, measure.warmup, measure.target_interval_pct
     rounds, per_round = split_runs(runs, RUNS_PER_ROUND)
@@ -430,10 +436,13 @@ def _time_graphs(live: dict[str, _OpenGraph], measure: MeasureSpec) -> RoundTime
         deadline = time.perf_counter() + measure.time_budget_s
 
         def enough(result: RoundTimes) -> bool:
-            return time.perf_counter() >= deadline or intervals_narrow(result, pairs, target)
+            if time.perf_counter() >= deadline:
+                return True
+            return (result.rounds >= rounds and result.rounds % CHECK_EVERY == 0
+                    and intervals_narrow(result, pairs, target))
 
-        return time_rounds(runners, rounds, per_round, warmup, gap_s=GAP_S, groups=groups, until=enough,
-                           max_rounds=max(rounds, measure.run_cap // per_round))
+        return time_rounds(runners, min(rounds, MIN_ROUNDS), per_round, warmup, gap_s=GAP_S, groups=groups,
+                           until=enough, max_rounds=max(rounds, measure.run_cap // per_round), check_every=1)
 
     try:
         return timed({key: call for item in live.values() for key, call in item.calls().items()})

@@ -135,6 +135,9 @@ def test_compare_bundle_writes_table_and_chart_from_the_profile(tmp_path, capsys
     markdown = (bundle / "reports" / "compare.md").read_text()
     assert "stopped after" in markdown and "run cap" in markdown and "Wider than that" in markdown
     assert "branched.fp32." in markdown.split("Wider than that")[1].split("\n")[0]
+    # the time budget ends the rounds even before --runs, but not before 10 rounds
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=16, runs=100, warmup=0, time_budget_s=0, quiet=True)
+    assert report.settings["rounds"] == 10 and report.settings["stopped"] == "time budget, before --runs"
 
 
 def test_measure_settings_are_validated_and_the_run_cap_follows_the_runs(capsys):
