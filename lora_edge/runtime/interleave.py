@@ -32,7 +32,7 @@ from typing import Callable
 
 FASTER, SLOWER, SAME, EQUIVALENT = "faster", "slower", "not distinguishable", "equivalent"
 # Overheads (in %) whose interval lies inside +-VERDICT_MARGIN_PCT are called equivalent, never faster or slower:
-# back-to-back runs on a shared 2-core machine move a within-round ratio by ~1 point (benchmarks/README.md).
+# the margin is how large an overhead must be to matter; how noisy it is, the interval says (benchmarks/README.md).
 VERDICT_MARGIN_PCT = 1.0
 BOOTSTRAP_SAMPLES = 2000
 CHECK_SAMPLES = 500  # bootstrap samples of the check that decides whether to add rounds (it runs every few rounds)
