@@ -336,11 +336,12 @@ def _time_live(live: dict, report: ProfileReport, device: DeviceTarget, settings
 
 def _stop_reason(timed: RoundTimes, live: dict, measure: MeasureSpec) -> str:
     """Why the rounds stopped: the fixed runs, every interval narrow enough, the time budget or the run cap."""
-    if not measure.target_interval_pct:
+    pairs = timing_groups(live)[1]
+    if not measure.target_interval_pct or not pairs:  # no overhead to narrow: exactly --runs
         return "fixed runs"
     if timed.rounds * RUNS_PER_ROUND < measure.runs:
         return "time budget, before --runs"
-    if intervals_narrow(timed, timing_groups(live)[1], measure.target_interval_pct):
+    if intervals_narrow(timed, pairs, measure.target_interval_pct):
         return "intervals within target"
     return "time budget" if timed.seconds >= measure.time_budget_s else "run cap"
 
