@@ -343,7 +343,8 @@ def _stop_reason(timed: RoundTimes, live: dict, measure: MeasureSpec) -> str:
         return "time budget, before --runs"
     if intervals_narrow(timed, pairs, measure.target_interval_pct):
         return "intervals within target"
-    return "time budget" if timed.seconds >= measure.time_budget_s else "run cap"
+    cap = max(split_runs(measure.runs, RUNS_PER_ROUND)[0], measure.run_cap // RUNS_PER_ROUND)
+    return "run cap" if timed.rounds >= cap else "time budget"  # (the budget's clock also ran the warm-up)
 
 
 # (bundle, manifest, device, batch, seq, runs, warmup, allow_fallback, graphs) -> (eager profiles, model facts)

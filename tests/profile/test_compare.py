@@ -138,6 +138,10 @@ def test_compare_bundle_writes_table_and_chart_from_the_profile(tmp_path, capsys
     # the time budget ends the rounds even before --runs, but not before 10 rounds
     report = profile_bundle(bundle, "host-cpu", batch=1, seq=16, runs=100, warmup=0, time_budget_s=0, quiet=True)
     assert report.settings["rounds"] == 10 and report.settings["stopped"] == "time budget, before --runs"
+    # ... and, after --runs, the rounds added to reach an interval (here out of reach) stop at the budget too
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=16, runs=5, warmup=0, max_runs=100000,
+                            target_interval_pct=0.0001, time_budget_s=1.5, quiet=True)
+    assert 1 < report.settings["rounds"] < 20000 and report.settings["stopped"] == "time budget"
 
 
 def test_measure_settings_are_validated_and_the_run_cap_follows_the_runs(capsys):
