@@ -284,7 +284,7 @@ def _convergence_text(comparison: Comparison) -> str:
     timing = f" after {comparison.timing_s:g} s" if comparison.timing_s is not None else ""
     return (f" Rounds were added until every interval was within ±{comparison.target_interval_pct:g} points; "
             f"stopped{timing}: {comparison.stopped or 'unknown'}."
-            + (f" Wider than that (run again on a quieter machine or with a larger --time-budget-s): "
+            + (f" Wider than that (run again on a quieter machine, or with a larger --time-budget-s or --max-runs): "
                f"{', '.join(wide)}." if wide else ""))
 
 
