@@ -307,24 +307,49 @@ class MeasureSpec:
     """How to time graphs: the inputs, how many runs, and whether a missing provider may be replaced.
 
     200 runs (40 interleaved rounds of 5, ``lora_edge.profile.profiler.RUNS_PER_ROUND``)
-    give the overhead ratios tight bootstrap intervals; recipes that only need
-    a rough figure set fewer (the shipped ones do).
+    give the overhead ratios tight bootstrap intervals on a quiet machine; then
+    rounds are added while an overhead's interval is wider than
+    ``target_interval_pct`` (up to ``max_runs``), because two runs only agree
+    once their intervals are narrow; ``time_budget_s`` bounds the timing
+    either way (a busy machine gets fewer rounds and wider intervals, said in
+    the report). Recipes that only need a rough figure set fewer runs (the
+    shipped ones do).
     """
 
     batch: int = config_field(1, "Batch size of the timed inputs.")
     seq: int = config_field(128, "Sequence length of the timed inputs.")
-    runs: int = config_field(200, "Timed runs per graph.")
+    runs: int = config_field(200, "Timed runs per graph (see --target-interval-pct and --time-budget-s).")
     warmup: int = config_field(20, "Untimed warm-up runs per graph.")
     allow_fallback: bool = config_field(False, "Measure on the providers this host has when a device asks for "
                                                "others (recorded in the report). Off: such graphs are listed as "
                                                "not measured (and profile/compare fail).")
+    target_interval_pct: float = config_field(1.0, "After --runs, keep adding interleaved rounds while the 95% "
+                                                   "interval of any overhead over merged is wider than +- this "
+                                                   "many points (0: exactly --runs).")
+    max_runs: int = config_field(0, "Cap on timed runs per graph while adding rounds (0: 5 x --runs).")
+    time_budget_s: float = config_field(90.0, "With a --target-interval-pct: end the timed rounds once they have "
+                                              "taken this many seconds, even before --runs (but after 10 rounds "
+                                              "of 5 runs).")
 
     def __post_init__(self):
-        for name, minimum in (("batch", 1), ("seq", 1), ("runs", 1), ("warmup", 0)):
+        for name, minimum in (("batch", 1), ("seq", 1), ("runs", 1), ("warmup", 0), ("max_runs", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", name,
                                   f"give a value >= {minimum} ({field_help(MeasureSpec)[name]})")
+        for name in ("target_interval_pct", "time_budget_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}", name,
+                                  f"give a value >= 0 ({field_help(MeasureSpec)[name]})")
+            setattr(self, name, float(value))
+
+    @property
+    def run_cap(self) -> int:
+        """The most timed runs per graph: ``runs`` when not adding rounds, else ``max_runs`` (0: 5 x runs)."""
+        if not self.target_interval_pct:
+            return self.runs
+        return max(self.runs, self.max_runs or 5 * self.runs)
 
     def measure_settings(self) -> "MeasureSpec":
         """Just the measurement settings (a :class:`ProfileSpec` less its devices)."""

@@ -8,8 +8,9 @@ inputs, else profiling) and writes one table and one chart:
 For each graph: p50 latency, the overhead of the branched and hot-swap forms
 over the merged graph of the same precision (in %: the median over the
 profile's interleaved rounds of the within-round ratio, with a bootstrap
-interval and a verdict: faster, slower, or not distinguishable at this noise,
-see :mod:`lora_edge.runtime.interleave`), the extra FLOPs of the
+interval, whether that interval reached the profile's target width, and a
+verdict: faster, slower, equivalent within the margin, or not distinguishable
+at this noise, see :mod:`lora_edge.runtime.interleave`), the extra FLOPs of the
 adapter's low-rank pairs over the base model (in %, from its ranks and layer
 shapes: see :mod:`lora_edge.core.flops`), the memory the session adds and the size
 on disk, and the speed-up over the eager PyTorch model (adapter merged).
@@ -29,16 +30,15 @@ from pathlib import Path
 
 from lora_edge.core.bundle import REPORTS_DIR, require_bundle, write_json
 from lora_edge.profile.devices import DeviceTarget, load_device
-from lora_edge.runtime.interleave import VERDICT_MARGIN_PCT, ratio_stats, verdict
+from lora_edge.runtime.interleave import VERDICT_MARGIN_PCT, half_width_pct, ratio_stats, verdict
 from lora_edge.core.manifest import Manifest
 from lora_edge.profile.eager import eager_baselines
 from lora_edge.profile.profiler import profile_bundle
-from lora_edge.profile.report import (COLUMNS, DECODER_COLUMNS, DECODER_HEADERS, HEADERS, GraphProfile, ProfileReport,
-                                      read_profile)
+from lora_edge.profile.report import (BRANCH_FORMS, COLUMNS, DECODER_COLUMNS, DECODER_HEADERS, HEADERS,
+                                      GraphProfile, ProfileReport, merged_peer, read_profile)
 from lora_edge.core.recipe import MeasureSpec
 
 COMPARE_JSON, COMPARE_MD, LATENCY_PNG = "compare.json", "compare.md", "latency.png"
-BRANCH_FORMS = ("branched", "hotswap")
 EAGER_MERGED = "merged"  # the eager baseline every graph's speed-up is measured against
 # Bar positions in a group: the eager unmerged model sits where the branched graph does.
 FORM_SLOTS = {"merged": 0, "branched": 1, "unmerged": 1, "hotswap": 2}
@@ -56,6 +56,9 @@ class Comparison:
     rows: list[dict] = field(default_factory=list)
     load_average: dict = field(default_factory=dict)  # before and after the timed rounds
     rounds: int | None = None
+    target_interval_pct: float | None = None  # rounds were added until every interval was within +- this
+    stopped: str | None = None  # why the rounds stopped (fixed runs, intervals within target, time budget, run cap)
+    timing_s: float | None = None  # wall time of the timed rounds
 
     def to_json(self) -> dict:
         """JSON form written to ``compare.json``."""
@@ -76,11 +79,16 @@ def extra_flops_percent(adapter_flops_per_token: int, seq: int, base_flops_per_i
     return 100.0 * adapter_flops_per_token * seq / base_flops_per_item
 
 
-NO_OVERHEAD = {"overhead_pct": None, "overhead_interval_pct": None, "overhead_iqr_pct": None, "verdict": None}
+NO_OVERHEAD = {"overhead_pct": None, "overhead_interval_pct": None, "overhead_iqr_pct": None, "verdict": None,
+               "converged": None}
 
 
-def pair_overhead(graph: GraphProfile, peer: GraphProfile, decode: bool = False) -> dict:
-    """Overhead of ``graph`` over ``peer`` from their within-round ratios: %, interval, IQR and verdict.
+def pair_overhead(graph: GraphProfile, peer: GraphProfile, decode: bool = False,
+                  target_pct: float | None = None) -> dict:
+    """Overhead of ``graph`` over ``peer`` from their within-round ratios: %, interval, IQR, verdict, converged.
+
+    ``converged``: whether the interval is within +-``target_pct`` points
+    (None without a target).
 
     ``decode``: of the decoders' decode steps (else of the graphs' main timing,
     a decoder's prefill). Falls back to the ratio of p50s (no interval, no
@@ -95,7 +103,8 @@ def pair_overhead(graph: GraphProfile, peer: GraphProfile, decode: bool = False)
     if rounds and len(rounds) == len(peer_rounds):
         stats = ratio_stats(rounds, peer_rounds)
         return {"overhead_pct": stats.overhead_pct, "overhead_interval_pct": list(stats.interval_pct),
-                "overhead_iqr_pct": [100.0 * (q - 1.0) for q in stats.iqr], "verdict": verdict(stats)}
+                "overhead_iqr_pct": [100.0 * (q - 1.0) for q in stats.iqr], "verdict": verdict(stats),
+                "converged": half_width_pct(stats) <= target_pct if target_pct else None}
     return {**NO_OVERHEAD, "overhead_pct": overhead_percent(p50, peer_p50)}
 
 
@@ -104,28 +113,22 @@ def _p50(graph: GraphProfile, decode: bool = False) -> float | None:
     return latency["p50"] if graph.measured and latency else None
 
 
-def decoder_fields(graph: GraphProfile, peer: GraphProfile | None, adapter_flops: int | None) -> dict:
+def decoder_fields(graph: GraphProfile, peer: GraphProfile | None, adapter_flops: int | None,
+                   target_pct: float | None = None) -> dict:
     """A decoder row's decode-step speed, its overhead over ``peer`` (merged) and the adapter's FLOPs per token."""
     speed = graph.decoder_speed()
-    overhead = pair_overhead(graph, peer, decode=True) if peer else dict(NO_OVERHEAD)
+    overhead = pair_overhead(graph, peer, decode=True, target_pct=target_pct) if peer else dict(NO_OVERHEAD)
     return {**speed, **{f"decode_{key}": value for key, value in overhead.items()},
             "adapter_flops_per_token": adapter_flops}
 
 
-def _merged_peer(graph: GraphProfile, merged: list[GraphProfile]) -> GraphProfile | None:
-    """The merged graph a form is compared with: same precision, and the same adapter where both name one."""
-    for candidate in merged:
-        if candidate.precision == graph.precision and (
-                candidate.adapter == graph.adapter or not candidate.adapter or not graph.adapter):
-            return candidate
-    return None
-
-
 def comparison_rows(graphs: list[GraphProfile], eager: list[GraphProfile], seq: int,
-                    adapter_flops: dict[str, int], base_flops_per_item: float | None) -> list[dict]:
+                    adapter_flops: dict[str, int], base_flops_per_item: float | None,
+                    target_pct: float | None = None) -> list[dict]:
     """One row per graph and eager baseline: latency, overhead over merged, extra FLOPs, memory, size.
 
-    ``adapter_flops`` maps an adapter name to its branches' FLOPs per token.
+    ``adapter_flops`` maps an adapter name to its branches' FLOPs per token;
+    ``target_pct`` the interval half-width a converged overhead stays within.
     Pure arithmetic on the measured numbers: no timing happens here.
     """
     merged_graphs = [g for g in graphs if g.form == "merged" and g.measured]
@@ -137,13 +140,13 @@ def comparison_rows(graphs: list[GraphProfile], eager: list[GraphProfile], seq: 
         if graph.kind == "pytorch":
             peer = eager_merged.get(graph.adapter) if graph.form != EAGER_MERGED else None
         elif graph.form in BRANCH_FORMS:
-            peer = _merged_peer(graph, merged_graphs)
+            peer = merged_peer(graph, merged_graphs)
         branches = graph.form in BRANCH_FORMS or graph.form == "unmerged"
         flops = adapter_flops.get(graph.adapter, single_adapter) if branches else 0
         eager_peer = eager_merged.get(graph.adapter) or next(iter(eager_merged.values()), None)
         size = graph.size or {}
-        overhead = pair_overhead(graph, peer) if peer else dict(NO_OVERHEAD)
-        decoder = decoder_fields(graph, peer, flops) if graph.decoder else {}
+        overhead = pair_overhead(graph, peer, target_pct=target_pct) if peer else dict(NO_OVERHEAD)
+        decoder = decoder_fields(graph, peer, flops, target_pct) if graph.decoder else {}
         rows.append({
             "graph": graph.name, "kind": graph.kind, "form": graph.form, "precision": graph.precision,
             "adapter": graph.adapter, "status": graph.status if graph.measured else f"{graph.status}: {graph.reason}",
@@ -226,11 +229,14 @@ def compare_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
     selected = [g for g in report.graphs if not graphs or g.name in graphs]
     manifest = Manifest.read(bundle)
     base = report.model.get("flops_per_item") or base_flops_per_item(manifest, batch, seq)
+    settings = report.settings
+    target = settings.get("target_interval_pct")
     comparison = Comparison(bundle=str(bundle), device=device.name, note=report.note, seq=seq,
-                            base_flops_per_item=base, load_average=report.settings.get("load_average") or {},
-                            rounds=report.settings.get("rounds"),
+                            base_flops_per_item=base, load_average=settings.get("load_average") or {},
+                            rounds=settings.get("rounds"), target_interval_pct=target, stopped=settings.get("stopped"),
+                            timing_s=settings.get("timing_s"),
                             rows=comparison_rows(selected, report.eager, seq, bundle_adapter_flops(bundle, manifest),
-                                                 base))
+                                                 base, target))
     write_comparison(bundle, comparison)
     return comparison
 
@@ -258,13 +264,28 @@ def table_columns(comparison: Comparison) -> tuple[list[str], list[str]]:
 
 
 def noise_line(comparison: Comparison) -> str:
-    """How the overheads were measured, and the load average around the timed rounds."""
+    """How the overheads were measured, whether their intervals reached the target, and the load average."""
     load = comparison.load_average or {}
     rounds = f"{comparison.rounds} interleaved rounds" if comparison.rounds else "interleaved runs"
-    return (f"Overhead: median over {rounds} (shuffled order) of the within-round ratio to the merged graph; "
-            f"95% bootstrap interval; verdict 'faster'/'slower' only when the whole interval lies beyond "
-            f"±{VERDICT_MARGIN_PCT:g}%. Load average (1, 5, 15 min) {load.get('before')} before, "
+    return (f"Overhead: wall-clock latency, median over {rounds} (shuffled order, each precision's forms back to "
+            f"back) of the within-round ratio of median latencies to the merged graph; 95% bootstrap interval; "
+            f"verdict 'faster'/'slower' only when the whole interval lies beyond ±{VERDICT_MARGIN_PCT:g}%, "
+            f"'equivalent' when it lies inside ±{VERDICT_MARGIN_PCT:g}%, else 'not distinguishable'."
+            f"{_convergence_text(comparison)} Load average (1, 5, 15 min) {load.get('before')} before, "
             f"{load.get('after')} after.")
+
+
+def _convergence_text(comparison: Comparison) -> str:
+    """Whether rounds were added to a target interval, why they stopped, and which overheads stayed wider."""
+    if not comparison.target_interval_pct:
+        return ""
+    wide = [row["graph"] + (" (decode)" if decode else "") for row in comparison.rows
+            for decode in (False, True) if row.get("decode_converged" if decode else "converged") is False]
+    timing = f" after {comparison.timing_s:g} s" if comparison.timing_s is not None else ""
+    return (f" Rounds were added until every interval was within ±{comparison.target_interval_pct:g} points; "
+            f"stopped{timing}: {comparison.stopped or 'unknown'}."
+            + (f" Wider than that (run again on a quieter machine, or with a larger --time-budget-s or --max-runs): "
+               f"{', '.join(wide)}." if wide else ""))
 
 
 def comparison_markdown(comparison: Comparison) -> str:

@@ -46,11 +46,12 @@ from lora_edge.core.choices import Form, Task
 from lora_edge.profile.devices import DeviceTarget, load_device
 from lora_edge.core.errors import BundleError, ConfigError, ProviderUnavailableError
 from lora_edge.runtime.feeds import build_feeds, position_ids
-from lora_edge.runtime.interleave import RoundTimes, split_runs, time_rounds
+from lora_edge.runtime.interleave import RoundTimes, intervals_narrow, split_runs, time_rounds
 from lora_edge.core.manifest import GraphRecord, Manifest, find_graph, hotswap_adapter_file, require_graphs
 from lora_edge.runtime.measure import (GraphRunner, cpu_info, graph_size, host_facts, is_decoder, latency_stats,
                                session_memory, trace_session, warm_up_runtime)
-from lora_edge.profile.report import FAILED, NOT_MEASURED, GraphProfile, ProfileReport, write_profile
+from lora_edge.profile.report import (BRANCH_FORMS, FAILED, NOT_MEASURED, GraphProfile, ProfileReport,
+                                      merged_peer, write_profile)
 from lora_edge.core.recipe import MeasureSpec
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 TRACE_RUNS = 20  # runs recorded in the profiling trace (per-op times); enough for stable shares
 RUNS_PER_ROUND = 5  # timed runs per graph per interleaved round (200 runs: 40 rounds)
 GAP_S = 0.02  # pause before each visit: the previous session's idle ORT threads stop spinning
+MIN_ROUNDS = 10  # a time budget never ends the rounds before this many
+CHECK_EVERY = 5  # rounds between two checks of the intervals (a bootstrap per pair) while adding rounds
 DECODE_SUFFIX = " [decode step]"  # a decoder's second timed call in the rounds: one token after a past of seq
 
 
@@ -309,12 +312,19 @@ def _time_live(live: dict, report: ProfileReport, device: DeviceTarget, settings
     """Time the opened graphs in interleaved rounds; fill in each one's profile and the run's settings."""
     batch, seq, runs, warmup = measure.batch, measure.seq, measure.runs, measure.warmup
     rounds, per_round = split_runs(runs, RUNS_PER_ROUND)
+    adding = (f"; more rounds (up to {measure.run_cap} runs) while an overhead's interval is wider than "
+              f"+-{measure.target_interval_pct:g} points; at most {measure.time_budget_s:g} s"
+              if measure.target_interval_pct else "")
     _log(f"profile: timing {len(live)} graph(s), {warmup} warm-up + {runs} runs each, in {rounds} interleaved "
-         f"rounds of {per_round} (shuffled order)", quiet)
-    timed = _time_graphs(live, runs, warmup)
-    report.settings.update(rounds=rounds, runs_per_round=per_round, gap_s=GAP_S,
+         f"rounds of {per_round} (shuffled order, each precision's forms back to back){adding}", quiet)
+    timed = _time_graphs(live, measure)
+    report.settings.update(rounds=timed.rounds, runs_per_round=per_round, gap_s=GAP_S, round_statistic="median",
+                           grouped_by_precision=True, target_interval_pct=measure.target_interval_pct,
+                           max_runs=measure.run_cap, time_budget_s=measure.time_budget_s,
+                           timing_s=round(timed.seconds, 1), stopped=_stop_reason(timed, live, measure),
                            load_average={"before": timed.load_before, "after": timed.load_after})
-    _log(f"profile: load average {timed.load_before} before, {timed.load_after} after", quiet)
+    _log(f"profile: {timed.rounds} rounds in {timed.seconds:.0f} s ({report.settings['stopped']}); load average "
+         f"{timed.load_before} before, {timed.load_after} after", quiet)
     for name, item in live.items():
         if not timed.times.get(name):
             continue
@@ -322,6 +332,19 @@ def _time_live(live: dict, report: ProfileReport, device: DeviceTarget, settings
         decode = item.profile.decode_latency_ms
         _log(f"profile: {name}: p50 {item.profile.latency_ms['p50']:.3f} ms"
              + (f" (prefill), decode step p50 {decode['p50']:.3f} ms" if decode else ""), quiet)
+
+
+def _stop_reason(timed: RoundTimes, live: dict, measure: MeasureSpec) -> str:
+    """Why the rounds stopped: the fixed runs, every interval narrow enough, the time budget or the run cap."""
+    pairs = timing_groups(live)[1]
+    if not measure.target_interval_pct or not pairs:  # no overhead to narrow: exactly --runs
+        return "fixed runs"
+    if timed.rounds * RUNS_PER_ROUND < measure.runs:
+        return "time budget, before --runs"
+    if intervals_narrow(timed, pairs, measure.target_interval_pct):
+        return "intervals within target"
+    cap = max(split_runs(measure.runs, RUNS_PER_ROUND)[0], measure.run_cap // RUNS_PER_ROUND)
+    return "run cap" if timed.rounds >= cap else "time budget"  # (the budget's clock also ran the warm-up)
 
 
 # (bundle, manifest, device, batch, seq, runs, warmup, allow_fallback, graphs) -> (eager profiles, model facts)
@@ -378,12 +401,50 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
     return report
 
 
-def _time_graphs(live: dict[str, _OpenGraph], runs: int, warmup: int) -> RoundTimes:
-    """Interleaved rounds over every graph; if a run fails, find the failing graphs and time the others again."""
+def timing_groups(live: dict[str, "_OpenGraph"]) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """The calls visited back to back (each precision's forms) and the (form, merged) pairs whose ratio is reported.
+
+    A pair is a branched or hot-swap graph and its merged peer
+    (:func:`lora_edge.profile.report.merged_peer`), and for decoders their
+    decode steps too.
+    """
+    profiles = [item.profile for item in live.values()]
+    groups: dict[str, list[str]] = {}
+    for item in live.values():
+        groups.setdefault(item.profile.precision, []).extend(item.calls())
+    pairs = []
+    for item in live.values():
+        peer = merged_peer(item.profile, profiles) if item.profile.form in BRANCH_FORMS else None
+        if peer is not None:
+            pairs.extend(zip(item.calls(), live[peer.name].calls()))
+    return list(groups.values()), pairs
+
+
+def _time_graphs(live: dict[str, _OpenGraph], measure: MeasureSpec) -> RoundTimes:
+    """Interleaved rounds over every graph; if a run fails, find the failing graphs and time the others again.
+
+    Every precision's forms are visited back to back. With a target interval,
+    the time budget ends the rounds (once ``MIN_ROUNDS`` are done, even before
+    ``runs``); after ``runs``, rounds are added until each overhead's interval
+    is that narrow (checked every ``CHECK_EVERY`` rounds) or the run cap is reached.
+    """
+    runs, warmup, target = measure.runs, measure.warmup, measure.target_interval_pct
     rounds, per_round = split_runs(runs, RUNS_PER_ROUND)
+    groups, pairs = timing_groups(live)
 
     def timed(runners: dict) -> RoundTimes:
-        return time_rounds(runners, rounds, per_round, warmup, gap_s=GAP_S, total=runs)
+        if not target or not pairs:
+            return time_rounds(runners, rounds, per_round, warmup, gap_s=GAP_S, total=runs, groups=groups)
+        deadline = time.perf_counter() + measure.time_budget_s
+
+        def enough(result: RoundTimes) -> bool:
+            if time.perf_counter() >= deadline:
+                return True
+            return (result.rounds >= rounds and result.rounds % CHECK_EVERY == 0
+                    and intervals_narrow(result, pairs, target))
+
+        return time_rounds(runners, min(rounds, MIN_ROUNDS), per_round, warmup, gap_s=GAP_S, groups=groups,
+                           until=enough, max_rounds=max(rounds, measure.run_cap // per_round), check_every=1)
 
     try:
         return timed({key: call for item in live.values() for key, call in item.calls().items()})

@@ -122,6 +122,18 @@ class ProfileReport:
         return cls(**{key: value for key, value in record.items() if key in known})
 
 
+BRANCH_FORMS = ("branched", "hotswap")  # the forms whose overhead over the merged graph is reported
+
+
+def merged_peer(graph: GraphProfile, candidates: list[GraphProfile]) -> GraphProfile | None:
+    """The merged graph a branch form is compared with: same precision, and the same adapter where both name one."""
+    for candidate in candidates:
+        if candidate.form == "merged" and candidate.precision == graph.precision and (
+                candidate.adapter == graph.adapter or not candidate.adapter or not graph.adapter):
+            return candidate
+    return None
+
+
 def write_profile(bundle: Path, report: ProfileReport) -> None:
     """Write ``reports/profile.json`` and ``reports/profile.md`` atomically."""
     reports = Path(bundle) / REPORTS_DIR

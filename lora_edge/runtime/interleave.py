@@ -6,14 +6,17 @@ One loop serves ``profile``, ``compare`` and the benchmark scripts
 * :func:`time_rounds` visits every call once per round, in an order shuffled
   each round (a fixed seed), with a short pause before each visit so the
   previous session's idle ORT threads stop spinning, one untimed run and then
-  ``runs`` timed runs; each round's median is kept per call;
+  ``runs`` timed runs; each round's median is kept per call. Calls that are
+  compared with each other can be visited back to back (``groups``), and
+  rounds can be added until a condition holds (``until``: e.g.
+  :func:`intervals_narrow`) or a cap is reached;
 * :func:`ratio_stats` takes the ratio of two calls *within* each round (a busy
   neighbour slows both sides of a round alike), its median over rounds, the
   interquartile range and a bootstrap interval of that median;
-* :func:`verdict` says whether one call is faster, slower, or not
-  distinguishable from the other at this noise: only an interval that lies
-  wholly beyond ``margin`` on one side gives a direction, so two runs on a busy
-  machine agree unless an effect sits right at the margin.
+* :func:`verdict` says whether one call is faster, slower, equivalent within
+  a margin, or not distinguishable from the other at this noise: only an
+  interval that lies wholly beyond ``margin`` on one side gives a direction,
+  and only one wholly inside it says equivalent.
 
 Nothing here imports torch or onnxruntime.
 """
@@ -27,11 +30,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-FASTER, SLOWER, SAME = "faster", "slower", "not distinguishable"
-# Overheads (in %) inside +-VERDICT_MARGIN_PCT are called not distinguishable even when the interval is narrow:
-# back-to-back runs on a shared 2-core machine move a within-round ratio by ~1 point (benchmarks/README.md).
+FASTER, SLOWER, SAME, EQUIVALENT = "faster", "slower", "not distinguishable", "equivalent"
+# Overheads (in %) whose interval lies inside +-VERDICT_MARGIN_PCT are called equivalent, never faster or slower:
+# the margin is how large an overhead must be to matter; how noisy it is, the interval says (benchmarks/README.md).
 VERDICT_MARGIN_PCT = 1.0
 BOOTSTRAP_SAMPLES = 2000
+CHECK_SAMPLES = 500  # bootstrap samples of the check that decides whether to add rounds (it runs every few rounds)
 
 
 def load_average() -> list[float] | None:
@@ -42,15 +46,27 @@ def load_average() -> list[float] | None:
         return None
 
 
+ROUND_STATISTICS = ("median", "min")
+
+
 @dataclass
 class RoundTimes:
-    """Run times of interleaved calls: every timed run and each round's median, in seconds."""
+    """Run times of interleaved calls: every timed run, each visit's runs and each round's figure, in seconds.
+
+    ``per_round`` holds one figure per call and round: the median of that
+    visit's timed runs, or their minimum (``statistic``), the visit least
+    slowed by a neighbour taking the cores away.
+    """
 
     times: dict[str, list[float]] = field(default_factory=dict)
     per_round: dict[str, list[float]] = field(default_factory=dict)
     cpu_times: dict[str, list[float]] = field(default_factory=dict)  # process CPU time (all threads) per run
+    visits: dict[str, list[list[float]]] = field(default_factory=dict)  # each visit's timed runs, in order
     load_before: list[float] | None = None
     load_after: list[float] | None = None
+    statistic: str = "median"
+    seconds: float = 0.0          # wall time of the timed rounds
+    stopped_early: bool = False   # ``until`` said the figures were good enough before ``max_rounds``
 
     @property
     def rounds(self) -> int:
@@ -58,44 +74,92 @@ class RoundTimes:
         return min((len(values) for values in self.per_round.values()), default=0)
 
 
+def visit_units(names: list[str], groups: list[list[str]] | None) -> list[list[str]]:
+    """The calls visited back to back in a round: each group (in the given order), then every other call alone.
+
+    A call named in two groups stays in the first; names not among ``names`` are dropped.
+    """
+    placed: set[str] = set()
+    units = []
+    for group in groups or []:
+        unit = [name for name in group if name in names and name not in placed]
+        placed.update(unit)
+        if unit:
+            units.append(unit)
+    return units + [[name] for name in names if name not in placed]
+
+
+def _visit(call: Callable[[], object], count: int, visit_warmup: int, gap_s: float,
+           cpu_times: list[float]) -> list[float]:
+    """One visit: a pause, ``visit_warmup`` untimed runs, then ``count`` timed runs (wall seconds returned)."""
+    if gap_s:
+        time.sleep(gap_s)
+    for _ in range(visit_warmup):
+        call()
+    wall = []
+    for _ in range(count):
+        began, cpu_began = time.perf_counter(), time.process_time()
+        call()
+        wall.append(time.perf_counter() - began)
+        cpu_times.append(time.process_time() - cpu_began)
+    return wall
+
+
+def _one_round(calls: dict[str, Callable[[], object]], units: list[list[str]], shuffle: random.Random,
+               result: RoundTimes, runs: int, total: int | None, visit_warmup: int, gap_s: float) -> None:
+    """Visit every unit once in a shuffled order; inside a unit, its calls one after the other, shuffled too."""
+    reduce = min if result.statistic == "min" else statistics.median
+    shuffle.shuffle(units)
+    for unit in units:
+        shuffle.shuffle(unit)
+        for name in unit:
+            count = runs if total is None else min(runs, total - len(result.times[name]))
+            if count <= 0:
+                continue
+            wall = _visit(calls[name], count, visit_warmup, gap_s, result.cpu_times[name])
+            result.times[name].extend(wall)
+            result.visits[name].append(wall)
+            result.per_round[name].append(reduce(wall))
+
+
 def time_rounds(calls: dict[str, Callable[[], object]], rounds: int, runs: int = 1, warmup: int = 1,
-                gap_s: float = 0.02, seed: int = 0, total: int | None = None, visit_warmup: int = 1) -> RoundTimes:
+                gap_s: float = 0.02, seed: int = 0, total: int | None = None, visit_warmup: int = 1, *,
+                groups: list[list[str]] | None = None, statistic: str = "median",
+                until: Callable[[RoundTimes], bool] | None = None, max_rounds: int | None = None,
+                check_every: int = 5) -> RoundTimes:
     """Interleaved timing: each round visits every call once in a shuffled order and times ``runs`` runs.
 
     ``warmup`` untimed runs per call come first; each visit then pauses
     ``gap_s`` (idle intra-op threads of the previous session stop spinning and
     would otherwise steal the cores), runs ``visit_warmup`` times untimed (caches
     warm for this graph) and times ``runs`` runs (fewer in the last rounds when ``total``
-    caps the timed runs per call). A call that raises stops the loop.
+    caps the timed runs per call). ``groups`` are calls visited back to back
+    (in a shuffled order) so that the calls a ratio is taken between see the
+    same moment of the machine's load, not moments a whole round apart.
+    After ``rounds`` rounds, while ``until`` (checked every ``check_every``
+    rounds) is false, rounds are added up to ``max_rounds``. A call that raises
+    stops the loop.
     """
     if rounds < 1 or runs < 1:
         raise ValueError(f"rounds and runs must be >= 1, got {rounds} and {runs}")
+    if statistic not in ROUND_STATISTICS:
+        raise ValueError(f"statistic must be one of {ROUND_STATISTICS}, got {statistic!r}")
     result = RoundTimes(times={name: [] for name in calls}, per_round={name: [] for name in calls},
-                        cpu_times={name: [] for name in calls}, load_before=load_average())
+                        cpu_times={name: [] for name in calls}, visits={name: [] for name in calls},
+                        load_before=load_average(), statistic=statistic)
     for call in calls.values():
         for _ in range(warmup):
             call()
-    order = list(calls)
+    units = visit_units(list(calls), groups)
     shuffle = random.Random(seed)
-    for _ in range(rounds):
-        shuffle.shuffle(order)
-        for name in order:
-            call = calls[name]
-            count = runs if total is None else min(runs, total - len(result.times[name]))
-            if count <= 0:
-                continue
-            if gap_s:
-                time.sleep(gap_s)
-            for _ in range(visit_warmup):
-                call()
-            round_times = []
-            for _ in range(count):
-                began, cpu_began = time.perf_counter(), time.process_time()
-                call()
-                round_times.append(time.perf_counter() - began)
-                result.cpu_times[name].append(time.process_time() - cpu_began)
-            result.times[name].extend(round_times)
-            result.per_round[name].append(statistics.median(round_times))
+    began = time.perf_counter()
+    limit = max(rounds, max_rounds or rounds) if until is not None else rounds
+    for index in range(limit):
+        if index >= rounds and (index - rounds) % check_every == 0 and until(result):
+            result.stopped_early = True
+            break
+        _one_round(calls, units, shuffle, result, runs, total, visit_warmup, gap_s)
+    result.seconds = time.perf_counter() - began
     result.load_after = load_average()
     return result
 
@@ -166,10 +230,39 @@ def ratio_stats(numerator: list[float], denominator: list[float], confidence: fl
 
 
 def verdict(stats: RatioStats, margin_pct: float = VERDICT_MARGIN_PCT) -> str:
-    """faster / slower when the whole interval lies beyond -margin / +margin percent; else not distinguishable."""
+    """The overhead's verdict from its interval and a margin (in points).
+
+    faster / slower when the whole interval lies beyond -margin / +margin;
+    equivalent when the whole interval lies inside [-margin, +margin]; else not
+    distinguishable (the interval straddles a margin). A direction or an
+    equivalence is only claimed when the interval alone supports it, so two
+    runs disagree only when one interval is wrong, not when a figure moves a
+    little inside its interval.
+    """
     low, high = stats.interval_pct
     if low > margin_pct:
         return SLOWER
     if high < -margin_pct:
         return FASTER
+    if -margin_pct <= low and high <= margin_pct:
+        return EQUIVALENT
     return SAME
+
+
+def half_width_pct(stats: RatioStats) -> float:
+    """Half the width of the overhead's interval, in points: what adding rounds tries to bring under a target."""
+    low, high = stats.interval_pct
+    return (high - low) / 2.0
+
+
+def intervals_narrow(timed: RoundTimes, pairs: list[tuple[str, str]], target_pct: float) -> bool:
+    """True when every pair's (numerator, denominator) overhead interval is at most +-``target_pct`` points.
+
+    Pairs whose calls have no rounds (a call that was not timed) are skipped.
+    """
+    for numerator, denominator in pairs:
+        rounds, peer = timed.per_round.get(numerator), timed.per_round.get(denominator)
+        if rounds and peer and len(rounds) == len(peer):
+            if half_width_pct(ratio_stats(rounds, peer, samples=CHECK_SAMPLES)) > target_pct:
+                return False
+    return True

@@ -91,7 +91,7 @@ def test_compare_bundle_writes_table_and_chart_from_the_profile(tmp_path, capsys
 
     bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged", "branched"), rank=8, hidden=64)
     main(["compare", str(bundle), "--device", "host-cpu", "--batch", "1", "--seq", "16", "--runs", "10",
-          "--warmup", "2", "--json"])
+          "--warmup", "2", "--target-interval-pct", "0", "--json"])
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((bundle / "reports" / "compare.json").read_text())
     assert printed == written
@@ -104,9 +104,10 @@ def test_compare_bundle_writes_table_and_chart_from_the_profile(tmp_path, capsys
     assert rows["branched.fp32"]["overhead_pct"] == pytest.approx(100 * (sum(ratios) / 2 - 1))
     low, high = rows["branched.fp32"]["overhead_interval_pct"]
     assert 100 * (ratios[0] - 1) - 1e-9 <= low <= high <= 100 * (ratios[1] - 1) + 1e-9
-    assert rows["branched.fp32"]["verdict"] in ("faster", "slower", "not distinguishable")
+    assert rows["branched.fp32"]["verdict"] in ("faster", "slower", "equivalent", "not distinguishable")
     assert rows["merged.fp32"]["verdict"] is None
     assert set(written["load_average"]) == {"before", "after"} and written["rounds"] == 2
+    assert written["stopped"] == "fixed runs" and rows["branched.fp32"]["converged"] is None
     assert rows["merged.fp32"]["size_mb"] == pytest.approx(merged.size["total_mb"])
     # the synthetic model has no model directory: base FLOPs unknown, said so rather than invented
     assert written["base_flops_per_item"] is None and rows["branched.fp32"]["extra_flops_pct"] is None
@@ -119,6 +120,74 @@ def test_compare_bundle_writes_table_and_chart_from_the_profile(tmp_path, capsys
     created = profile.created
     main(["compare", str(bundle), "--device", "host-cpu", "--batch", "1", "--seq", "16"])  # re-uses the profile
     assert read_profile(bundle).created == created and "using" in capsys.readouterr().err
+
+    # rounds are added while the interval is wider than the target: up to the run cap here (4 rounds of 5)
+    from lora_edge.profile.profiler import profile_bundle
+
+    profile_bundle(bundle, "host-cpu", batch=1, seq=16, runs=10, warmup=1, max_runs=20, target_interval_pct=0.0001,
+                   time_budget_s=600, quiet=True)  # no eager baselines: compare re-uses this profile
+    main(["compare", str(bundle), "--device", "host-cpu", "--batch", "1", "--seq", "16", "--json"])
+    written = json.loads(capsys.readouterr().out)
+    rows = {row["graph"]: row for row in written["rows"]}
+    assert written["rounds"] == 4 and written["stopped"] == "run cap" and written["target_interval_pct"] == 0.0001
+    assert len(read_profile(bundle).graph("branched.fp32").rounds_ms) == 4
+    assert rows["branched.fp32"]["converged"] is False and rows["merged.fp32"]["converged"] is None
+    markdown = (bundle / "reports" / "compare.md").read_text()
+    assert "stopped after" in markdown and "run cap" in markdown and "Wider than that" in markdown
+    assert "branched.fp32." in markdown.split("Wider than that")[1].split("\n")[0]
+    # the time budget ends the rounds even before --runs, but not before 10 rounds
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=16, runs=100, warmup=0, time_budget_s=0, quiet=True)
+    assert report.settings["rounds"] == 10 and report.settings["stopped"] == "time budget, before --runs"
+    # ... and, after --runs, the rounds added to reach an interval (here out of reach) stop at the budget too
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=16, runs=5, warmup=0, max_runs=100000,
+                            target_interval_pct=0.0001, time_budget_s=1.5, quiet=True)
+    assert 1 < report.settings["rounds"] < 20000 and report.settings["stopped"] == "time budget"
+
+
+def test_measure_settings_are_validated_and_the_run_cap_follows_the_runs(capsys):
+    from lora_edge.cli import main
+    from lora_edge.core.errors import ConfigError
+    from lora_edge.core.recipe import MeasureSpec
+
+    assert MeasureSpec(runs=40).run_cap == 200 and MeasureSpec(runs=40, max_runs=60).run_cap == 60
+    assert MeasureSpec(runs=40, max_runs=10).run_cap == 40 and MeasureSpec(runs=40, target_interval_pct=0).run_cap == 40
+    for bad in (dict(target_interval_pct=-1.0), dict(time_budget_s=float("inf")), dict(max_runs=-1),
+                dict(target_interval_pct="1")):
+        with pytest.raises(ConfigError):
+            MeasureSpec(**bad)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "nowhere", "--device", "host-cpu", "--target-interval-pct", "-1"])
+    assert exit_info.value.code == ConfigError.exit_code
+    assert capsys.readouterr().err.strip().startswith("error: target_interval_pct must be a number >= 0")
+
+
+def _paired(name, form, rounds):
+    return GraphProfile(name=name, form=form, precision="fp32", adapter="a",
+                        latency_ms={"p50": sorted(rounds)[len(rounds) // 2], "p90": max(rounds)}, rounds_ms=rounds)
+
+
+def test_converged_says_whether_each_interval_reached_the_target_and_the_note_names_the_others():
+    import random
+
+    from lora_edge.profile.compare import Comparison, noise_line
+
+    rng = random.Random(11)
+    merged = [10.0 + rng.random() for _ in range(40)]
+    graphs = [_paired("merged.fp32", "merged", merged),
+              _paired("branched.fp32", "branched", [m * (1.001 + rng.gauss(0, 0.001)) for m in merged]),
+              _paired("hotswap.fp32", "hotswap", [m * (1.05 + rng.gauss(0, 0.05)) for m in merged])]
+    rows = comparison_rows(graphs, [], seq=16, adapter_flops={"a": 0}, base_flops_per_item=None, target_pct=1.0)
+    by_name = {row["graph"]: row for row in rows}
+    assert by_name["branched.fp32"]["converged"] is True and by_name["branched.fp32"]["verdict"] == "equivalent"
+    assert by_name["hotswap.fp32"]["converged"] is False and by_name["merged.fp32"]["converged"] is None
+    comparison = Comparison(bundle="b", device="host-cpu", note="", seq=16, base_flops_per_item=None, rows=rows,
+                            rounds=40, target_interval_pct=1.0, stopped="time budget", timing_s=90.0)
+    line = noise_line(comparison)
+    assert "stopped after 90 s: time budget" in line and "Wider than that" in line
+    assert line.split("Wider than that")[1].count("hotswap.fp32") == 1 and "branched.fp32" not in line
+    assert "'equivalent' when it lies inside ±1%" in line
+    untargeted = comparison_rows(graphs, [], seq=16, adapter_flops={"a": 0}, base_flops_per_item=None)
+    assert all(row["converged"] is None for row in untargeted)
 
 
 def test_compare_fails_like_profile_when_a_provider_is_missing(tmp_path):

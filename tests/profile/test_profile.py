@@ -21,7 +21,7 @@ from lora_edge.profile.report import NOT_MEASURED, ProfileReport, read_profile
 from lora_edge.runtime.session import CPU, available_providers
 from profile_bundles import copy_bundle, export_tiny_bundle, synthetic_bundle
 
-RUNS = dict(runs=12, warmup=2)
+RUNS = dict(runs=12, warmup=2, target_interval_pct=0)  # exactly 12 runs: no rounds added
 
 
 def _missing_provider() -> str:
@@ -195,11 +195,13 @@ def test_a_context_too_short_for_the_decode_step_fails_clearly(tmp_path, capsys)
 
     # the graph has 8 positions: a prefill of 8 fits, the decode step at position 8 does not
     bundle = synthetic_bundle(tmp_path / "bundle", forms=("merged",), decoder=True, positions=8)
-    report = profile_bundle(bundle, "host-cpu", batch=1, seq=8, quiet=True, runs=2, warmup=0)
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=8, quiet=True, runs=2, warmup=0,
+                            target_interval_pct=0)
     assert report.graphs[0].status == "failed" and "indices" in report.graphs[0].reason
     with pytest.raises(ProviderUnavailableError, match="merged.fp32 failed to run"):
         report.check_measured()
-    report = profile_bundle(bundle, "host-cpu", batch=1, seq=7, quiet=True, runs=2, warmup=0)
+    report = profile_bundle(bundle, "host-cpu", batch=1, seq=7, quiet=True, runs=2, warmup=0,
+                            target_interval_pct=0)
     assert report.graphs[0].measured and report.graphs[0].decode_latency_ms["runs"] == 2
     # with the context in config.json, --seq is refused before anything runs or is written
     config = bundle / "onnx" / "config.json"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lora_edge.runtime.interleave import FASTER, SAME, SLOWER, ratio_stats, split_runs, time_rounds, verdict
+from lora_edge.runtime.interleave import (EQUIVALENT, FASTER, SAME, SLOWER, RoundTimes, half_width_pct,
+                                         intervals_narrow, ratio_stats, split_runs, time_rounds, verdict,
+                                         visit_units)
 
 
 def test_time_rounds_visits_every_call_once_per_round_in_shuffled_orders():
@@ -63,7 +65,83 @@ def test_bootstrap_interval_widens_with_noise_and_holds_the_median():
 def test_verdicts_need_the_whole_interval_beyond_the_margin():
     base = [10.0] * 30
     assert verdict(ratio_stats([9.0] * 30, base)) == FASTER
-    assert verdict(ratio_stats([10.05] * 30, base)) == SAME  # +0.5%: below the 1% margin
+    assert verdict(ratio_stats([10.05] * 30, base)) == EQUIVALENT  # +0.5%, interval [0.5, 0.5]: inside +-1%
     assert verdict(ratio_stats([10.05] * 30, base), margin_pct=0.1) == SLOWER
     to_json = ratio_stats([11.0] * 30, base).to_json()
     assert to_json["overhead_pct"] == pytest.approx(10.0) and to_json["interval_pct"] == pytest.approx([10.0, 10.0])
+
+
+def test_a_verdict_names_a_direction_or_an_equivalence_only_from_the_whole_interval():
+    import random
+
+    rng = random.Random(5)
+    base = [10.0] * 40
+
+    def rounds(mean_pct, noise_pct):
+        return [10.0 * (1 + (mean_pct + rng.gauss(0, noise_pct)) / 100) for _ in base]
+
+    tight_zero, tight_two = ratio_stats(rounds(0.0, 0.3), base), ratio_stats(rounds(2.5, 0.3), base)
+    straddling = ratio_stats(rounds(1.0, 0.3), base)  # the interval holds +1%: neither side can be claimed
+    wide = ratio_stats(rounds(0.0, 6.0), base)
+    assert verdict(tight_zero) == EQUIVALENT and verdict(tight_two) == SLOWER
+    assert straddling.interval_pct[0] < 1.0 < straddling.interval_pct[1] and verdict(straddling) == SAME
+    assert verdict(wide) == SAME and half_width_pct(wide) > 1.0 > half_width_pct(tight_zero)
+    assert verdict(ratio_stats(rounds(-2.5, 0.3), base)) == FASTER
+
+
+def test_groups_are_visited_back_to_back_in_shuffled_orders():
+    visits = []
+    calls = {name: (lambda name=name: visits.append(name)) for name in "abcde"}
+    assert visit_units(list(calls), [["a", "b"], ["c", "d", "x"], ["d"]]) == [["a", "b"], ["c", "d"], ["e"]]
+    timed = time_rounds(calls, rounds=8, runs=2, warmup=0, gap_s=0.0, visit_warmup=0, seed=2,
+                        groups=[["a", "b"], ["c", "d"]])
+    blocks = [visits[i] for i in range(0, len(visits), 2)]  # one entry per visit (2 timed runs each)
+    rounds = [blocks[i:i + 5] for i in range(0, len(blocks), 5)]
+    assert len(rounds) == 8 and all(sorted(order) == list("abcde") for order in rounds)
+    for order in rounds:  # each group's calls are neighbours in every round
+        assert abs(order.index("a") - order.index("b")) == 1 and abs(order.index("c") - order.index("d")) == 1
+    assert len({tuple(order) for order in rounds}) > 1  # the order still changes from round to round
+    assert all(len(timed.visits[name]) == 8 and all(len(v) == 2 for v in timed.visits[name]) for name in calls)
+
+
+def test_the_round_figure_is_the_visits_median_or_minimum():
+    import itertools
+
+    ticks = itertools.count()
+    calls = {"a": lambda: sum(range(1000 * (next(ticks) % 4 + 1)))}  # run times vary inside each visit
+    for statistic, reduce in (("median", lambda v: sorted(v)[len(v) // 2]), ("min", min)):
+        timed = time_rounds(calls, rounds=4, runs=3, warmup=0, gap_s=0.0, statistic=statistic)
+        assert timed.per_round["a"] == [reduce(visit) for visit in timed.visits["a"]]
+        assert timed.statistic == statistic
+    with pytest.raises(ValueError):
+        time_rounds(calls, rounds=1, statistic="mean")
+
+
+def test_rounds_are_added_until_the_condition_holds_or_the_cap():
+    calls = {"a": lambda: None, "b": lambda: None}
+    seen = []
+
+    def until(timed):
+        seen.append(timed.rounds)
+        return timed.rounds >= 12
+
+    timed = time_rounds(calls, rounds=5, runs=1, warmup=0, gap_s=0.0, until=until, max_rounds=100, check_every=5)
+    assert seen == [5, 10, 15] and timed.rounds == 15 and timed.stopped_early and timed.seconds > 0
+    capped = time_rounds(calls, rounds=5, runs=1, warmup=0, gap_s=0.0, until=lambda _: False, max_rounds=8)
+    assert capped.rounds == 8 and not capped.stopped_early
+    fixed = time_rounds(calls, rounds=5, runs=1, warmup=0, gap_s=0.0, max_rounds=8)  # no condition: no rounds added
+    assert fixed.rounds == 5
+
+
+def test_intervals_narrow_only_when_every_pair_is_within_the_target():
+    import random
+
+    rng = random.Random(7)
+    merged = [10.0 + rng.random() for _ in range(40)]
+    timed = RoundTimes(per_round={"merged": merged,
+                                  "quiet": [m * (1.05 + rng.gauss(0, 0.002)) for m in merged],
+                                  "noisy": [m * (1.05 + rng.gauss(0, 0.05)) for m in merged]})
+    assert intervals_narrow(timed, [("quiet", "merged")], target_pct=1.0)
+    assert not intervals_narrow(timed, [("quiet", "merged"), ("noisy", "merged")], target_pct=1.0)
+    assert intervals_narrow(timed, [("noisy", "merged")], target_pct=50.0)
+    assert intervals_narrow(timed, [("untimed", "merged")], target_pct=1.0)  # a call without rounds is skipped
