@@ -842,7 +842,7 @@ def _outputs_from_file(model: "onnx.ModelProto", feeds: list[dict], source: str 
     """
     import tempfile
 
-    where = None if isinstance(source, bytes) else Path(source).parent
+    where = None if isinstance(source, bytes) else Path(source).resolve().parent  # (a link's target: hard links)
     with tempfile.TemporaryDirectory(prefix=".fusion-check-", dir=where) as directory:
         return outputs_on(str(session_file(model, directory)), feeds)
 
