@@ -284,7 +284,11 @@ def _fold(branch: Branch, tensors: dict, sources: dict, weight_inputs: dict, use
     def merged() -> "np.ndarray":
         weight = original() if isinstance(original, Lazy) else array_of(original)
         delta = scaled_B.astype(np.float32) @ lora_A.astype(np.float32)  # [out, in], fp32 like merge.merge_adapter
-        result = (weight.astype(np.float32) + (delta if branch.transposed else delta.T)).astype(weight.dtype)
+        delta = delta if branch.transposed else delta.T
+        if weight.dtype == np.float32:  # the sum written once, C-ordered as it is written (no copies, no transpose)
+            result = np.add(weight, delta, out=np.empty(weight.shape, np.float32))
+        else:
+            result = (weight.astype(np.float32) + delta).astype(weight.dtype)
         if not np.isfinite(result).all():
             raise ExportError(f"merged weight of '{module}' is not finite in {weight.dtype}", branch.key_A,
                               "use the branched form, or a wider dtype for the base model")
