@@ -48,7 +48,7 @@ from lora_edge.core.cache import DEFAULT_MODEL
 from lora_edge.core.models import load_tokenizer
 from lora_edge.core.onnx_spec import require_valid_graph
 from lora_edge.core.recipe import QuantizeOptions
-from lora_edge.runtime.session import drop_mapped_pages, release_freed_memory
+from lora_edge.runtime.session import drop_mapped_pages, forget_outputs, release_freed_memory
 from lora_edge.runtime.tokenizer import make_portable
 
 if TYPE_CHECKING:
@@ -83,6 +83,9 @@ class ExportJob:
     # Where the fp32 graphs are written when the bundle does not keep them (only quantized precisions asked):
     # the bundle links to them there until they are quantized (see :func:`export_bundle`).
     intermediate: Path | None = None
+    # The graphs will be quantized: a decoder's verification session also runs the quantize stage's check feeds
+    # (runtime.session.remember_outputs), which then opens no session of the fp32 graph for them.
+    remember_checks: bool = False
 
     @property
     def several(self) -> bool:
@@ -313,12 +316,12 @@ def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: di
     from lora_edge.export.last_logits import last_row_checks
     from lora_edge.runtime.session import check_settings, create_session, load_lora_adapter
 
-    diffs = {}
+    diffs, model = {}, load_by_reference(path)
     # beside the file itself (an intermediate graph's is elsewhere than the bundle's link): hard links work there
     with tempfile.TemporaryDirectory(prefix=".verify-", dir=path.resolve().parent) as directory:
         # a few inputs, once: no prepacked copy of the weights, and those mapped from the file just written
         # instead of read into the session (SmolLM2 fp32: 1.55 GB -> 0.65 GB for the session, 1 s less)
-        session = create_session(session_file(load_by_reference(path), directory), check_settings())
+        session = create_session(session_file(model, directory), check_settings())
         for adapter, adapter_file in adapters.items():
             loaded = load_lora_adapter(adapter_file) if adapter_file else None
             actual = run_verify_inputs(session, plan.verify_io, adapter=loaded)
@@ -329,8 +332,20 @@ def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: di
             diffs[adapter or "base"] = check_agreement(label, expected + last_expected, actual + last_actual,
                                                        job.tolerance, against,
                                                        relative=plan.verify_io.relative_tolerance)
+        if job.remember_checks:
+            _remember_check_outputs(session, model, path)
         del session
     return diffs
+
+
+def _remember_check_outputs(session, model, path: Path) -> None:
+    """Run a decoder graph's quantize-stage check feeds in its verification ``session`` and remember the outputs."""
+    from lora_edge.runtime.feeds import decoder_check_feeds
+    from lora_edge.runtime.session import remember_outputs, run
+
+    if any(value.name.startswith("past_key_values.") for value in model.graph.input):
+        feeds = decoder_check_feeds(model)
+        remember_outputs(path, feeds, [run(session, values) for values in feeds])
 
 
 @dataclass
@@ -679,6 +694,8 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         with clock.stage("load"):
             job = _new_job(model_path, task, load(), staging, opset, tolerance, trust_remote_code, progress)
         job.fuse = fuse and task is Task.SEQ_CLS  # CPU fusions, each fused graph checked against PyTorch again
+        job.remember_checks = bool(quantized) and task is Task.CAUSAL_LM
+        scratch.callback(forget_outputs)
         if not keep_fp32:  # the fp32 graphs are only the quantizer's sources
             job.intermediate = scratch.enter_context(intermediate_directory(_fp32_bytes(job, forms), staging))
         records_dirs = {}

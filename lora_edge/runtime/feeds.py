@@ -180,6 +180,29 @@ def sample_decoder_feeds(model: "onnx.ModelProto", seed: int = 0) -> list[dict[s
     return [prefill, decode]
 
 
+def chunked_feed(model: "onnx.ModelProto", seed: int = 1) -> dict:
+    """Feeds of a one-row step of 3 new tokens after a random past of 5 (a chunked prefill)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pasts = [value for value in model.graph.input if value.name.startswith("past_key_values.")]
+    dims = pasts[0].type.tensor_type.shape.dim
+    heads, head_dim = dims[1].dim_value, dims[3].dim_value
+    return {"input_ids": rng.integers(3, 100, size=(1, 3)).astype(np.int64),
+            "attention_mask": np.ones((1, 8), dtype=np.int64), "position_ids": np.arange(5, 8)[None].astype(np.int64),
+            **{value.name: rng.standard_normal((1, heads, 5, head_dim)).astype(np.float32) for value in pasts}}
+
+
+def decoder_check_feeds(model: "onnx.ModelProto") -> list[dict[str, "np.ndarray"]]:
+    """The feeds a decoder's CPU rewrites are checked on: :func:`sample_decoder_feeds` and :func:`chunked_feed`.
+
+    Export runs them in its verification session when the graph will be quantized
+    (``runtime.session.remember_outputs``), so the quantize stage's check needs no
+    session of the source graph of its own.
+    """
+    return sample_decoder_feeds(model) + [chunked_feed(model)]
+
+
 # --- completing real inputs (calibration) -------------------------------------------------------
 
 def complete_feeds(model: "onnx.ModelProto", feeds: dict[str, "np.ndarray"]) -> dict[str, "np.ndarray"]:

@@ -28,6 +28,11 @@ def bundles(tmp_path_factory, tiny_model, tiny_adapter):
     patch = pytest.MonkeyPatch()
     patch.setattr(core_bundle, "MEMORY_FS", memory_fs)
     patch.setattr(core_bundle, "MEMORY_FS_MARGIN", 0)
+    from lora_edge.quantize import decoder
+
+    hits = []  # the fusion checks that found export's outputs of their source graph (no session of their own)
+    remembered = decoder.remembered_outputs
+    patch.setattr(decoder, "remembered_outputs", lambda *args: hits.append(remembered(*args)) or hits[-1])
     adapter = AdapterRef("a", tiny_adapter("llama", alpha=32.0))
     out = {}
     try:
@@ -37,6 +42,7 @@ def bundles(tmp_path_factory, tiny_model, tiny_adapter):
                                       quantize=quantize_bundle)
     finally:
         patch.undo()
+    assert len(hits) == 4 and all(found is not None for found in hits)  # 2 bundles x (merged, hotswap)
     return out["int4"], out["both"], memory_fs
 
 
@@ -56,6 +62,27 @@ def test_quantized_graphs_equal_those_of_a_bundle_keeping_fp32(bundles):
     int4_only, both, _ = bundles
     for name in ("merged.int4.onnx", "hotswap.int4.onnx"):
         assert (int4_only / ONNX_DIR / name).read_bytes() == (both / ONNX_DIR / name).read_bytes(), name
+
+
+def test_quantizing_with_the_outputs_export_remembered_equals_quantizing_afresh(bundles, tmp_path):
+    """Export's verification session ran the fusion check's feeds (no session of the fp32 graph in quantize):
+    quantizing a copy of the fp32 graph in a fresh session gives the same int4 graph and the same check figures."""
+    import shutil
+
+    from lora_edge.core.manifest import Manifest
+    from lora_edge.quantize.quantizer import quantize_graph
+
+    _, both, _ = bundles
+    (tmp_path / ONNX_DIR).mkdir()
+    shutil.copy(both / ONNX_DIR / "config.json", tmp_path / ONNX_DIR / "config.json")
+    records = {r.name: r for r in Manifest.read(both).graphs}
+    for form in ("merged", "hotswap"):
+        source = shutil.copy(both / ONNX_DIR / f"{form}.fp32.onnx", tmp_path / ONNX_DIR / f"{form}.fp32.onnx")
+        result = quantize_graph(source, tmp_path / ONNX_DIR / f"{form}.int4.onnx", "int4", task="causal-lm")
+        assert result.path.read_bytes() == (both / ONNX_DIR / f"{form}.int4.onnx").read_bytes(), form
+        fusion = records[f"{form}.int4"].extra["fusion"]
+        assert fusion["group_query_attention"] > 0 and "dropped" not in fusion
+        assert result.fusion["max_abs_diff"] == fusion["max_abs_diff"], form
 
 
 def test_the_intermediates_verification_is_recorded(bundles):
