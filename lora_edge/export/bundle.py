@@ -13,7 +13,8 @@ reference, and writes (atomically: a temporary sibling renamed at the end)::
     <out>/onnx/genai_config.json (causal LM: onnxruntime-genai runs the graphs as they are)
 
 so that ``onnx/`` can be used on its own. Precisions other than fp32 are handed
-to ``lora_edge.quantize.quantizer.quantize_bundle`` once the fp32 graphs exist.
+to ``lora_edge.quantize.quantizer.quantize_bundle`` once the fp32 graphs exist;
+without fp32 among the precisions those are intermediates, not kept (:func:`export_bundle`).
 """
 
 from __future__ import annotations
