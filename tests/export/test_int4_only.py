@@ -124,3 +124,17 @@ def test_intermediate_directory_falls_back_beside_the_bundle(tmp_path, monkeypat
     with intermediate_directory(1 << 10, beside, memory_fs=roomy) as directory:
         assert directory.parent == roomy
     assert not list(roomy.iterdir())
+
+
+def test_an_encoder_bundle_without_fp32_keeps_its_fused_int8_graph(tmp_path, tiny_model, tiny_adapter):
+    """Encoders too (their fp32 graphs are fused and verified at export, then quantized from the intermediate)."""
+    from lora_edge.runtime.session import create_session
+
+    out = export_bundle(tiny_model("bert"), [AdapterRef("a", tiny_adapter("bert"))], ["merged"], tmp_path / "b",
+                        precisions=["int8-dynamic"], progress=lambda m: None, quantize=quantize_bundle)
+    records = list_graphs(out)
+    assert [r.name for r in records] == ["merged.int8-dynamic"]
+    assert sorted(p.name for p in (out / ONNX_DIR).glob("*.onnx")) == ["merged.int8-dynamic.onnx"]
+    assert 0 <= records[0].extra["source_verified"]["max_abs_diff"] <= 1e-4
+    assert not (out / ONNX_DIR / "genai_config.json").exists()
+    create_session(out / records[0].file)  # loads
