@@ -147,7 +147,7 @@ def check_errors(path: str | Path) -> str | None:
 
     import onnx
 
-    path = Path(path)
+    path = Path(path).resolve()  # (a link's target: the twin goes beside the data it points into)
     twin = _checkable_twin(path)
     handle, twin_path = tempfile.mkstemp(prefix=".check-", suffix=".onnx", dir=path.parent) if twin else (None, None)
     try:

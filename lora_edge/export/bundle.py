@@ -13,7 +13,8 @@ reference, and writes (atomically: a temporary sibling renamed at the end)::
     <out>/onnx/genai_config.json (causal LM: onnxruntime-genai runs the graphs as they are)
 
 so that ``onnx/`` can be used on its own. Precisions other than fp32 are handed
-to ``lora_edge.quantize.quantizer.quantize_bundle`` once the fp32 graphs exist.
+to ``lora_edge.quantize.quantizer.quantize_bundle`` once the fp32 graphs exist;
+without fp32 among the precisions those are intermediates, not kept (:func:`export_bundle`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lora_edge import __version__
 from lora_edge.core.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATA_RECORD, AdapterRef, adapter_task,
                                 load_reference, read_adapter_config)
-from lora_edge.core.bundle import ONNX_DIR, atomic_directory, library_versions, load_graph, parse_choices, write_json
+from lora_edge.core.bundle import (ONNX_DIR, atomic_directory, intermediate_directory, library_versions, load_graph,
+                                   parse_choices, write_json)
 from lora_edge.core.choices import Form, Precision
 from lora_edge.core.console import Progress, stderr_lines
 from lora_edge.core.data import LABEL_MAP_FILE, LabelMap
@@ -47,7 +49,7 @@ from lora_edge.core.cache import DEFAULT_MODEL
 from lora_edge.core.models import load_tokenizer
 from lora_edge.core.onnx_spec import require_valid_graph
 from lora_edge.core.recipe import QuantizeOptions
-from lora_edge.runtime.session import drop_mapped_pages, release_freed_memory
+from lora_edge.runtime.session import drop_mapped_pages, forget_outputs, release_freed_memory
 from lora_edge.runtime.tokenizer import make_portable
 
 if TYPE_CHECKING:
@@ -79,6 +81,12 @@ class ExportJob:
     progress: Progress = stderr_lines
     records: list[GraphRecord] = field(default_factory=list)
     fuse: bool = False  # the fp32 graphs get the verified CPU fusions (lora_edge.export.fusion) before written
+    # Where the fp32 graphs are written when the bundle does not keep them (only quantized precisions asked):
+    # the bundle links to them there until they are quantized (see :func:`export_bundle`).
+    intermediate: Path | None = None
+    # The graphs will be quantized: a decoder's verification session also runs the quantize stage's check feeds
+    # (runtime.session.remember_outputs), which then opens no session of the fp32 graph for them.
+    remember_checks: bool = False
 
     @property
     def several(self) -> bool:
@@ -324,11 +332,12 @@ def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: di
     from lora_edge.export.last_logits import last_row_checks
     from lora_edge.runtime.session import check_settings, create_session, load_lora_adapter
 
-    diffs = {}
-    with tempfile.TemporaryDirectory(prefix=".verify-", dir=path.parent) as directory:
+    diffs, model = {}, load_by_reference(path)
+    # beside the file itself (an intermediate graph's is elsewhere than the bundle's link): hard links work there
+    with tempfile.TemporaryDirectory(prefix=".verify-", dir=path.resolve().parent) as directory:
         # a few inputs, once: no prepacked copy of the weights, and those mapped from the file just written
         # instead of read into the session (SmolLM2 fp32: 1.55 GB -> 0.65 GB for the session, 1 s less)
-        session = create_session(session_file(load_by_reference(path), directory), check_settings())
+        session = create_session(session_file(model, directory), check_settings())
         for adapter, adapter_file in adapters.items():
             loaded = load_lora_adapter(adapter_file) if adapter_file else None
             actual = run_verify_inputs(session, plan.verify_io, adapter=loaded)
@@ -339,8 +348,20 @@ def _verify(job: ExportJob, plan: TracePlan, path: Path, name: str, adapters: di
             diffs[adapter or "base"] = check_agreement(label, expected + last_expected, actual + last_actual,
                                                        job.tolerance, against,
                                                        relative=plan.verify_io.relative_tolerance)
+        if job.remember_checks:
+            _remember_check_outputs(session, model, path)
         del session
     return diffs
+
+
+def _remember_check_outputs(session, model, path: Path) -> None:
+    """Run a decoder graph's quantize-stage check feeds in its verification ``session`` and remember the outputs."""
+    from lora_edge.runtime.feeds import decoder_check_feeds
+    from lora_edge.runtime.session import remember_outputs, run
+
+    if any(value.name.startswith("past_key_values.") for value in model.graph.input):
+        feeds = decoder_check_feeds(model)
+        remember_outputs(path, feeds, [run(session, values) for values in feeds])
 
 
 @dataclass
@@ -409,6 +430,9 @@ def _derive_graph(job: ExportJob, plan: TracePlan, form: Form, adapter: str | No
     branches, heads, external = layout
     name = GraphRecord.graph_name(form, Precision.FP32, adapter if job.several else None)
     path, files = job.graph_file(name), {}
+    if job.intermediate is not None and external is None:  # written there; the bundle links to it until quantized
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(job.intermediate / path.name)
     with clock.stage(f"write {name}"):
         derived = derive(plan.traced, branches, heads, form.value, plan.tensors.get(adapter), plan.weights)
         if not in_memory:
@@ -610,6 +634,33 @@ def _quantize_staged(staging: Path, precisions: list[Precision], options: Quanti
     dataclasses.replace(Manifest.read(staging), export_stages=clock.stages).write(staging)
 
 
+def _fp32_bytes(job: ExportJob, forms: Sequence[Form]) -> int:
+    """About how many bytes the fp32 graphs of ``forms`` take (each graph: the base model's weights in fp32)."""
+    first = next(iter(job.references.values()))
+    weights = sum(p.numel() for p in first.get_base_model().parameters()) * 4
+    graphs = sum(1 if form is Form.HOTSWAP else len(job.references) for form in set(forms))
+    return weights * graphs
+
+
+def _drop_fp32_graphs(staging: Path, task: Task) -> None:
+    """Take the intermediate fp32 graphs (links) out of the bundle; what they were verified at goes to the
+    records of the graphs quantized from them (``extra["source_verified"]``)."""
+    manifest = Manifest.read(staging)
+    sources = {g.name: g for g in manifest.graphs if g.precision is Precision.FP32}
+    kept = [g for g in manifest.graphs if g.precision is not Precision.FP32]
+    for record in kept:
+        source = sources.get(record.source)
+        if source is not None:
+            record.extra["source_verified"] = {key: source.extra[key] for key in
+                                               ("max_abs_diff", "max_abs_diff_by_adapter", "verify_seconds")
+                                               if key in source.extra}
+    for record in sources.values():
+        (staging / record.file).unlink(missing_ok=True)
+    dataclasses.replace(manifest, graphs=kept).write(staging)
+    if task is Task.CAUSAL_LM:
+        write_genai_config(staging, kept)
+
+
 def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequence[Form | str], out: Path,
                   precisions: Sequence[Precision | str] = (Precision.FP32,), opset: int | None = None,
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
@@ -624,7 +675,10 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
     precisions other than fp32, ``lora_edge.quantize.quantizer.quantize_bundle(bundle,
     precisions, quantize_options)`` (given as ``quantize`` by the caller: export
     does not import the later quantize stage) runs on the finished fp32 bundle
-    before it is moved into place. With ``fuse`` the fp32 encoder graphs get the verified
+    before it is moved into place; when ``precisions`` has no fp32, the fp32
+    graphs are intermediates (written to :func:`lora_edge.core.bundle.intermediate_directory`,
+    verified as always, quantized, then left out of the bundle; the quantized
+    graphs' records keep their verification as ``source_verified``). With ``fuse`` the fp32 encoder graphs get the verified
     CPU fusions (:mod:`lora_edge.export.fusion`). Nothing is left at ``out`` when
     any step fails; an existing ``out`` is replaced only with ``force``.
 
@@ -645,7 +699,9 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
     model_path = resolve_model_path(model)
     task = _common_task(adapters, Task.parse(task) if task else None)
     clock = Stopwatch(progress)
-    with atomic_directory(Path(out), force) as staging:
+    quantized = [p for p in precisions if p is not Precision.FP32]
+    keep_fp32 = Precision.FP32 in precisions or not quantized
+    with atomic_directory(Path(out), force) as staging, contextlib.ExitStack() as scratch:
         progress(f"loading {model_path.name} with {len(adapters)} adapter(s)")
 
         def load() -> dict[str, "PeftModel"]:
@@ -654,6 +710,10 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         with clock.stage("load"):
             job = _new_job(model_path, task, load(), staging, opset, tolerance, trust_remote_code, progress)
         job.fuse = fuse and task is Task.SEQ_CLS  # CPU fusions, each fused graph checked against PyTorch again
+        job.remember_checks = bool(quantized) and task is Task.CAUSAL_LM
+        scratch.callback(forget_outputs)
+        if not keep_fp32:  # the fp32 graphs are only the quantizer's sources
+            job.intermediate = scratch.enter_context(intermediate_directory(_fp32_bytes(job, forms), staging))
         records_dirs = {}
         for adapter in adapters:
             records_dirs[adapter.name] = "adapter" if not job.several else f"adapters/{adapter.name}"
@@ -662,10 +722,11 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         job.records.extend(export_forms(job, list(dict.fromkeys(forms)), clock, exporter, load))
         for record in job.records:
             require_valid_graph(staging / record.file, record.name, ExportError)
-        if task is Task.CAUSAL_LM:
+        if task is Task.CAUSAL_LM and keep_fp32:
             write_genai_config(staging, job.records)  # onnxruntime-genai runs the graphs as they are
         _manifest(job, model, adapters, records_dirs, seed, recipe, clock).write(staging)
-        _quantize_staged(staging, [p for p in precisions if p is not Precision.FP32], quantize_options, clock,
-                         progress, quantize)
+        _quantize_staged(staging, quantized, quantize_options, clock, progress, quantize)
+        if not keep_fp32:
+            _drop_fp32_graphs(staging, task)
     progress(f"wrote {out}")
     return Path(out)

@@ -43,8 +43,10 @@ def _first(config: dict, key: str):
 
 
 def default_graph(records: Sequence[GraphRecord]) -> GraphRecord | None:
-    """The graph genai_config.json names: hot-swap fp32, else merged fp32, else the first fp32 causal-LM graph."""
-    fp32 = [r for r in records if r.task == "causal-lm" and r.precision is Precision.FP32]
+    """The graph genai_config.json names: hot-swap fp32, else merged fp32, else the first fp32 causal-LM graph;
+    in a bundle without fp32 graphs (only quantized precisions exported), the same among its quantized graphs."""
+    graphs = [r for r in records if r.task == "causal-lm"]
+    fp32 = [r for r in graphs if r.precision is Precision.FP32] or graphs
     for form in (Form.HOTSWAP, Form.MERGED):
         chosen = next((r for r in fp32 if r.form is form), None)
         if chosen is not None:

@@ -21,6 +21,9 @@ from lora_edge.runtime.session import (check_settings, create_session, outputs_o
                                        release_freed_memory, run)
 
 if TYPE_CHECKING:
+    import contextlib
+    from pathlib import Path
+
     import onnx
     import onnxruntime
 

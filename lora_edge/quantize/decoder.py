@@ -33,10 +33,10 @@ from lora_edge.core.onnx_io import (has_references, load_by_reference, session_f
                                     transposed_reference, weightless_twin)
 from lora_edge.export.cpu_fusion import share_lora_inputs
 from lora_edge.quantize.lora import is_lora_name
-from lora_edge.runtime.feeds import sample_decoder_feeds
+from lora_edge.runtime.feeds import decoder_check_feeds
 from lora_edge.runtime.packed_lora import (PACKED_LORA_KEY, PACKED_SUFFIX, PackedLora, PackedMember, member_names,
                                            pack_tensors, packs_of, packs_to_metadata)
-from lora_edge.runtime.session import outputs_on, relative_difference, release_freed_memory
+from lora_edge.runtime.session import outputs_on, relative_difference, release_freed_memory, remembered_outputs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -891,40 +891,6 @@ def _set_metadata(model: "onnx.ModelProto", key: str, value: str) -> None:
     entry.key, entry.value = key, value
 
 
-def chunked_feed(model: "onnx.ModelProto", seed: int = 1) -> dict:
-    """Feeds of a one-row step of 3 new tokens after a random past of 5 (a chunked prefill)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    pasts = [value for value in model.graph.input if value.name.startswith("past_key_values.")]
-    dims = pasts[0].type.tensor_type.shape.dim
-    heads, head_dim = dims[1].dim_value, dims[3].dim_value
-    return {"input_ids": rng.integers(3, 100, size=(1, 3)).astype(np.int64),
-            "attention_mask": np.ones((1, 8), dtype=np.int64), "position_ids": np.arange(5, 8)[None].astype(np.int64),
-            **{value.name: rng.standard_normal((1, heads, 5, head_dim)).astype(np.float32) for value in pasts}}
-
-
-def random_lora_feed(model: "onnx.ModelProto", rank: int = 3, seed: int = 2) -> dict[str, "np.ndarray"]:
-    """Random factors for every LoRA input of a hot-swap graph (PEFT layout, rank ``rank``); {} for other graphs.
-
-    Large enough that what the adapter adds shows in the outputs (a rewrite that
-    dropped or misplaced a branch would not pass as a rounding difference).
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if not is_lora_name(value.name) or len(dims) != 2:
-            continue
-        axis = 0 if "lora_A" in value.name else 1
-        shape = [rank if i == axis else dims[i].dim_value for i in range(2)]
-        if all(size > 0 for size in shape):
-            feed[value.name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
-    return feed
-
-
 def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | None,
                  tolerance: float = FUSION_TOLERANCE) -> tuple["onnx.ModelProto", DecoderFusionReport]:
     """Fuse a ``causal-lm`` graph for CPUs; keep the result only when it matches ``source``.
@@ -941,12 +907,11 @@ def fuse_decoder(model: "onnx.ModelProto", source: str | bytes, config: dict | N
     report = DecoderFusionReport(nodes_before=len(model.graph.node))
     if not any(value.name.startswith("past_key_values.") for value in model.graph.input):
         return model, report
-    feeds = sample_decoder_feeds(model) + [chunked_feed(model)]
-    lora = random_lora_feed(model)
-    if lora:  # hot-swap: the rewrites must also keep what an adapter adds (its LoRA inputs may get packed)
-        feeds += [{**feed, **lora} for feed in feeds[:1] + feeds[-1:]]
-    try:  # one session for every batch: an LLM session costs seconds
-        expected = _outputs_from_file(model, feeds, source) if has_references(model) else outputs_on(source, feeds)
+    feeds = decoder_check_feeds(model)
+    try:  # one session for every batch: an LLM session costs seconds (none when export ran these feeds already)
+        expected = None if isinstance(source, bytes) else remembered_outputs(source, feeds)
+        if expected is None:
+            expected = _outputs_from_file(model, feeds, source) if has_references(model) else outputs_on(source, feeds)
     except Exception as exc:
         return model, DecoderFusionReport(nodes_before=report.nodes_before,
                                           dropped=f"source graph does not run ({first_line(exc)})")
@@ -995,7 +960,7 @@ def _outputs_from_file(model: "onnx.ModelProto", feeds: list[dict], source: str 
     """
     import tempfile
 
-    where = None if isinstance(source, bytes) else Path(source).parent
+    where = None if isinstance(source, bytes) else Path(source).resolve().parent  # (a link's target: hard links)
     with tempfile.TemporaryDirectory(prefix=".fusion-check-", dir=where) as directory:
         return outputs_on(str(session_file(model, directory)), feeds)
 

@@ -180,6 +180,54 @@ def sample_decoder_feeds(model: "onnx.ModelProto", seed: int = 0) -> list[dict[s
     return [prefill, decode]
 
 
+def chunked_feed(model: "onnx.ModelProto", seed: int = 1) -> dict:
+    """Feeds of a one-row step of 3 new tokens after a random past of 5 (a chunked prefill)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pasts = [value for value in model.graph.input if value.name.startswith("past_key_values.")]
+    dims = pasts[0].type.tensor_type.shape.dim
+    heads, head_dim = dims[1].dim_value, dims[3].dim_value
+    return {"input_ids": rng.integers(3, 100, size=(1, 3)).astype(np.int64),
+            "attention_mask": np.ones((1, 8), dtype=np.int64), "position_ids": np.arange(5, 8)[None].astype(np.int64),
+            **{value.name: rng.standard_normal((1, heads, 5, head_dim)).astype(np.float32) for value in pasts}}
+
+
+def random_lora_feed(model: "onnx.ModelProto", rank: int = 3, seed: int = 2) -> dict[str, "np.ndarray"]:
+    """Random factors for every LoRA input of a hot-swap graph (PEFT layout, rank ``rank``); {} for other graphs.
+
+    Large enough that what the adapter adds shows in the outputs (a rewrite that
+    dropped or misplaced a branch would not pass as a rounding difference).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if not ("lora_A" in value.name or "lora_B" in value.name) or len(dims) != 2:
+            continue
+        axis = 0 if "lora_A" in value.name else 1
+        shape = [rank if i == axis else dims[i].dim_value for i in range(2)]
+        if all(size > 0 for size in shape):
+            feed[value.name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return feed
+
+
+def decoder_check_feeds(model: "onnx.ModelProto") -> list[dict[str, "np.ndarray"]]:
+    """The feeds a decoder's CPU rewrites are checked on: :func:`sample_decoder_feeds` and :func:`chunked_feed`,
+    and for a hot-swap graph the first and last again with :func:`random_lora_feed` (the rewrites must keep
+    what an adapter adds, its LoRA inputs may get packed).
+
+    Export runs them in its verification session when the graph will be quantized
+    (``runtime.session.remember_outputs``), so the quantize stage's check needs no
+    session of the source graph of its own.
+    """
+    feeds = sample_decoder_feeds(model) + [chunked_feed(model)]
+    lora = random_lora_feed(model)
+    return feeds + [{**feed, **lora} for feed in feeds[:1] + feeds[-1:]] if lora else feeds
+
+
 # --- completing real inputs (calibration) -------------------------------------------------------
 
 def complete_feeds(model: "onnx.ModelProto", feeds: dict[str, "np.ndarray"]) -> dict[str, "np.ndarray"]:

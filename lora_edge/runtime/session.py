@@ -208,6 +208,54 @@ def outputs_on(graph: str | bytes, feed_sets: list[dict]) -> list[list]:
     return [run(session, feeds) for feeds in feed_sets]
 
 
+# Outputs of graph files on check feeds, remembered for a later check of the same file in this process
+# (:func:`remember_outputs`): graph file identity and feed digest -> the outputs of each feed dict.
+_REMEMBERED: dict[tuple, list] = {}
+
+
+def _remember_key(graph: str | Path, feed_sets: list[dict]) -> tuple:
+    """(the file's resolved path, device, inode, size, mtime; a digest of the feeds' names, types, shapes, values)."""
+    import hashlib
+    import os
+
+    stat = os.stat(graph)
+    digest = hashlib.sha256()
+    for feeds in feed_sets:
+        for name in sorted(feeds):
+            value = feeds[name]
+            digest.update(f"{name}|{value.dtype.str}|{value.shape};".encode())
+            digest.update(value.tobytes())
+        digest.update(b"/")
+    return (str(Path(graph).resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, digest.hexdigest())
+
+
+def remember_outputs(graph: str | Path, feed_sets: list[dict], outputs: list[list]) -> None:
+    """Keep ``outputs`` (of :func:`outputs_on`'s form) of the graph file ``graph`` on ``feed_sets`` for
+    :func:`remembered_outputs`.
+
+    A session of an LLM graph costs seconds: export's verification session runs
+    the quantize stage's check feeds too, so that stage does not open the same
+    file again. A rewritten or replaced file is another key (its inode, size or
+    mtime differ); :func:`forget_outputs` drops them all.
+    """
+    _REMEMBERED[_remember_key(graph, feed_sets)] = outputs
+
+
+def remembered_outputs(graph: str | Path, feed_sets: list[dict]) -> list[list] | None:
+    """What :func:`remember_outputs` kept for this very file and these feeds, else None."""
+    if not _REMEMBERED:
+        return None
+    try:
+        return _REMEMBERED.get(_remember_key(graph, feed_sets))
+    except OSError:
+        return None
+
+
+def forget_outputs() -> None:
+    """Drop every remembered output (the export that remembered them is over)."""
+    _REMEMBERED.clear()
+
+
 def release_freed_memory() -> None:
     """Hand freed heap back to the OS: glibc keeps it, and protobuf copies, ORT's optimizer and sessions
     leave holes that the next graph does not fit in (measured: an export + quantize of MiniLM-L6's three

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,30 @@ def test_the_checker_sees_large_weights_by_reference(tmp_path, inner):
     else:
         assert "Incompatible dimensions" in problem
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.onnx"]
+
+
+def test_a_linked_graph_is_checked_through_a_twin_beside_its_file(tmp_path, monkeypatch):
+    """A bundle's link to a graph kept elsewhere (intermediate fp32 graphs): the checker reads a twin beside the
+    file, not the whole model (SmolLM2-135M: +400 MB, the export's peak), and no twin stays."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lora_edge.core.onnx_spec import check_errors
+
+    weight = numpy_helper.from_array(np.ones((256, 128), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 128])], [weight])
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "bundle").mkdir()
+    target = tmp_path / "elsewhere" / "graph.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), target)
+    link = tmp_path / "bundle" / "graph.onnx"
+    link.symlink_to(target)
+    checked = []
+    check_model = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda model, **kw: checked.append(model) or check_model(model, **kw))
+    assert check_errors(link) is None
+    assert len(checked) == 1 and Path(checked[0]).name.startswith(".check-")
+    assert Path(checked[0]).parent == target.parent
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["graph.onnx"]
