@@ -273,8 +273,9 @@ class ExportSpec:
                                      "(explicit low-rank pairs), hotswap (one base graph + .onnx_adapter per "
                                      "adapter).")
     precisions: list[Precision] = config_field([Precision.FP32], "Precisions, comma-separated: fp32, fp16, "
-                                                                 "int8-dynamic, int8-static, int4 (fp32 is always "
-                                                                 "built: the others are quantized from it).")
+                                                                 "int8-dynamic, int8-static, int4. The fp32 graphs "
+                                                                 "are always built (the others are quantized from "
+                                                                 "them) and kept in the bundle when fp32 is listed.")
     opset: int = config_field(0, "ONNX opset; 0 = the exporter's default.")
     calibration: str = same_field(QuantizeOptions, "calibration")
     block_size: int = same_field(QuantizeOptions, "block_size")
@@ -284,7 +285,8 @@ class ExportSpec:
 
         self.forms = list(dict.fromkeys(parse_choices(Form, _as_list(self.forms), "export.forms")))
         precisions = parse_choices(Precision, _as_list(self.precisions), "export.precisions")
-        self.precisions = [Precision.FP32] + [p for p in dict.fromkeys(precisions) if p is not Precision.FP32]
+        unique = list(dict.fromkeys(precisions))  # fp32 first: the others are made from it
+        self.precisions = [p for p in unique if p is Precision.FP32] + [p for p in unique if p is not Precision.FP32]
         if not isinstance(self.opset, int) or isinstance(self.opset, bool) or self.opset < 0:
             raise ConfigError(f"opset must be a non-negative integer, got {self.opset!r}", "opset", "use e.g. 18")
         _check_block_size(self.block_size)

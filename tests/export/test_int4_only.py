@@ -138,3 +138,16 @@ def test_an_encoder_bundle_without_fp32_keeps_its_fused_int8_graph(tmp_path, tin
     assert 0 <= records[0].extra["source_verified"]["max_abs_diff"] <= 1e-4
     assert not (out / ONNX_DIR / "genai_config.json").exists()
     create_session(out / records[0].file)  # loads
+
+
+def test_the_cli_keeps_only_the_precisions_asked_for(tmp_path, tiny_model, tiny_adapter):
+    """`export --precisions int4` gives the same bundle as the Python call: no fp32 graph kept."""
+    from cli_runner import exit_code_of
+
+    out = tmp_path / "bundle"
+    code = exit_code_of("export", "--model", str(tiny_model("llama")), "--adapter", f"a={tiny_adapter('llama')}",
+                        "--forms", "merged", "--precisions", "int4", "--task", "causal-lm", "--out", str(out),
+                        "--quiet")
+    assert code == 0
+    assert [r.name for r in list_graphs(out)] == ["merged.int4"]
+    assert not list((out / ONNX_DIR).glob("*.fp32.onnx*"))
