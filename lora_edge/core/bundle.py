@@ -199,8 +199,10 @@ def atomic_directory(target: Path, force: bool = False, wait: bool = False) -> I
             shutil.rmtree(old, ignore_errors=True)
 
 
-# Intermediate files (graphs a bundle does not keep) go to this RAM-backed file system when it has room.
-MEMORY_FS = Path("/dev/shm")
+# Intermediate files (graphs a bundle does not keep) go to this RAM-backed file system when it has room; off
+# unless LORA_EDGE_MEMORY_FS names one (e.g. /dev/shm): tmpfs files hold RAM that no process's RSS shows, so an
+# export's memory figure would leave them out.
+MEMORY_FS = Path(os.environ["LORA_EDGE_MEMORY_FS"]) if os.environ.get("LORA_EDGE_MEMORY_FS") else None
 # Memory the rest of the process needs beside intermediate files there (an LLM export peaks ~1.3 GB).
 MEMORY_FS_MARGIN = 2 << 30
 
@@ -217,28 +219,33 @@ def _available_memory() -> int | None:
     return None
 
 
+def _has_room(memory_fs: Path, size_bytes: int) -> bool:
+    """True when ``memory_fs`` is a writable directory and both it and the machine's available memory hold
+    ``size_bytes`` plus :data:`MEMORY_FS_MARGIN`."""
+    try:
+        stat = os.statvfs(memory_fs)
+    except OSError:  # no such file system here
+        return False
+    free, available = stat.f_bavail * stat.f_frsize, _available_memory()
+    return memory_fs.is_dir() and os.access(memory_fs, os.W_OK) and available is not None \
+        and min(free, available) >= size_bytes + MEMORY_FS_MARGIN
+
+
 @contextlib.contextmanager
 def intermediate_directory(size_bytes: int, beside: Path, memory_fs: Path | None = None) -> Iterator[Path]:
     """A scratch directory for ``size_bytes`` of intermediate files, removed when the block ends.
 
-    On ``memory_fs`` (default :data:`MEMORY_FS`, tmpfs) when it is writable and both it and the machine's
-    available memory have room for the files plus :data:`MEMORY_FS_MARGIN`;
-    else inside ``beside``. Why: on a loaded ext4 disk, writing SmolLM2-135M's
+    On ``memory_fs`` (default :data:`MEMORY_FS`: none unless ``LORA_EDGE_MEMORY_FS`` names a tmpfs) when it
+    is writable and both it and the machine's available memory have room for the files plus
+    :data:`MEMORY_FS_MARGIN`; else inside ``beside``. Why: on a loaded ext4 disk, writing SmolLM2-135M's
     two fp32 graphs (1.1 GB) took 4-8 s of a 47 s export, against 0.3-0.6 s on
     tmpfs (benchmarks/README.md, export_time.py); files that are deleted a few
     seconds later never need the disk. They use RAM meanwhile (not the process's
     RSS): the margin keeps the rest of the export's memory free.
     """
-    parent, memory_fs = Path(beside), Path(memory_fs or MEMORY_FS)
-    try:
-        stat = os.statvfs(memory_fs)
-        free, available = stat.f_bavail * stat.f_frsize, _available_memory()
-        if memory_fs.is_dir() and os.access(memory_fs, os.W_OK) and available is not None \
-                and min(free, available) >= size_bytes + MEMORY_FS_MARGIN:
-            parent = memory_fs
-    except OSError:  # no such file system here
-        pass
-    if parent == memory_fs:
+    memory_fs = memory_fs or MEMORY_FS
+    parent = Path(memory_fs) if memory_fs is not None and _has_room(Path(memory_fs), size_bytes) else Path(beside)
+    if memory_fs is not None and parent == Path(memory_fs):
         remove_stale_staging(parent)  # left by killed exports (named as staging is: owner pid and host)
     directory = _staging_name(parent / "lora-edge-intermediate")
     directory.mkdir()
