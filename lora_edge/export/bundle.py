@@ -53,6 +53,7 @@ from lora_edge.runtime.session import drop_mapped_pages, forget_outputs, release
 from lora_edge.runtime.tokenizer import make_portable
 
 if TYPE_CHECKING:
+    import onnx
     from peft import PeftModel
 
 # Files of an adapter directory copied into the bundle (never training checkpoints or pickles).
@@ -212,6 +213,20 @@ def _small_batch_threads(task: Task):
         torch.set_num_threads(threads)
 
 
+def _complete_trace(traced: "onnx.ModelProto", defaults: dict, slots: list, weights: dict, verify_io,
+                    base_expected) -> None:
+    """Finish the loaded trace in place: hot-swap defaults as initializers, stub transposes folded, output dims
+    named, the task's own graph edit."""
+    from lora_edge.export.exporter import fold_stub_transposes, name_output_dims
+    from lora_edge.export.hotswap import add_default_initializers
+
+    add_default_initializers(traced, defaults, slots)
+    fold_stub_transposes(traced, weights)  # MatMul(x, W.T) with W.T stored, as a traced-with-weights graph has
+    name_output_dims(traced, verify_io, base_expected)
+    if verify_io.edit_graph is not None:
+        verify_io.edit_graph(traced)
+
+
 def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool = True) -> TracePlan:
     """Reference outputs and ONE trace of base + LoRA branches (the hot-swap graph), then the model is released.
 
@@ -223,10 +238,8 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
     """
     from torch import nn
 
-    from lora_edge.export.exporter import (fold_stub_transposes, graph_io_for, name_output_dims, reference_outputs,
-                                          trace_onnx, trace_torchscript_bytes)
-    from lora_edge.export.hotswap import (TENSOR, add_default_initializers, adapter_tensors, hotswap_base,
-                                   hotswap_graph_io, plan_slots)
+    from lora_edge.export.exporter import graph_io_for, reference_outputs, trace_onnx, trace_torchscript_bytes
+    from lora_edge.export.hotswap import TENSOR, adapter_tensors, hotswap_base, hotswap_graph_io, plan_slots
     from lora_edge.export.merge import base_view
 
     builder = graph_io_for(job.task)
@@ -269,11 +282,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
             traced = load_graph(trace_file)
             for path in trace_file.parent.glob(TRACE_FILE + "*"):
                 path.unlink()
-        add_default_initializers(traced, defaults, slots)
-        fold_stub_transposes(traced, weights)  # MatMul(x, W.T) with W.T stored, as a traced-with-weights graph has
-        name_output_dims(traced, verify_io, expected[None])
-        if verify_io.edit_graph is not None:
-            verify_io.edit_graph(traced)
+        _complete_trace(traced, defaults, slots, weights, verify_io, expected[None])
     return TracePlan(slots, tensors, expected, verify_io, traced, exporter, weights, stamped=stamped,
                      fusion_expected=fusion_expected)
 
@@ -661,6 +670,15 @@ def _drop_fp32_graphs(staging: Path, task: Task) -> None:
         write_genai_config(staging, kept)
 
 
+def _copy_adapters(job: ExportJob, adapters: Sequence[AdapterRef], staging: Path) -> dict[str, str]:
+    """Copy each adapter into the staging bundle; returns {adapter name: its directory in the bundle}."""
+    records_dirs = {}
+    for adapter in adapters:
+        records_dirs[adapter.name] = "adapter" if not job.several else f"adapters/{adapter.name}"
+        _copy_adapter(adapter, staging / records_dirs[adapter.name])
+    return records_dirs
+
+
 def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequence[Form | str], out: Path,
                   precisions: Sequence[Precision | str] = (Precision.FP32,), opset: int | None = None,
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
@@ -714,10 +732,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         scratch.callback(forget_outputs)
         if not keep_fp32:  # the fp32 graphs are only the quantizer's sources
             job.intermediate = scratch.enter_context(intermediate_directory(_fp32_bytes(job, forms), staging))
-        records_dirs = {}
-        for adapter in adapters:
-            records_dirs[adapter.name] = "adapter" if not job.several else f"adapters/{adapter.name}"
-            _copy_adapter(adapter, staging / records_dirs[adapter.name])
+        records_dirs = _copy_adapters(job, adapters, staging)
         _write_model_files(job, adapters)
         job.records.extend(export_forms(job, list(dict.fromkeys(forms)), clock, exporter, load))
         for record in job.records:

@@ -247,12 +247,7 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes |
         release_freed_memory()
         with contextlib.ExitStack() as scratch:
             try:
-                if write_to is None:
-                    serialized = candidate.SerializeToString()
-                    session = create_session(serialized, settings or check_settings())
-                else:  # the bytes passed on, not held here: freed once written
-                    serialized = None
-                    session = _file_session(candidate.SerializeToString(), write_to, settings, scratch)
+                session, serialized = _candidate_session(candidate, write_to, settings, scratch)
                 attempt.max_abs_diff = check(session)
             except Exception as exc:  # a rewrite ORT cannot load is a rewrite not to ship
                 report.dropped = f"fused graph does not load ({exc.__class__.__name__}: {first_line(exc)})"
@@ -264,6 +259,16 @@ def fuse_graph(model: "onnx.ModelProto", plan: FusionPlan, source: str | bytes |
             del session, serialized
         report.dropped = f"fusions changed the outputs (max abs diff {attempt.max_abs_diff:.2e} > {tolerance:g})"
     return model, report
+
+
+def _candidate_session(candidate: "onnx.ModelProto", write_to: "Path | None", settings: "SessionSettings | None",
+                       scratch: "contextlib.ExitStack") -> tuple["onnxruntime.InferenceSession", bytes | None]:
+    """(check session, serialized bytes) of ``candidate``: from its bytes, or (``write_to``) from the file
+    they are written to, the bytes then passed on rather than held here (None: freed once written)."""
+    if write_to is None:
+        serialized = candidate.SerializeToString()
+        return create_session(serialized, settings or check_settings()), serialized
+    return _file_session(candidate.SerializeToString(), write_to, settings, scratch), None
 
 
 def _file_session(serialized: bytes, path: "Path", settings: "SessionSettings | None",
