@@ -670,6 +670,14 @@ def _drop_fp32_graphs(staging: Path, task: Task) -> None:
         write_genai_config(staging, kept)
 
 
+def _check_written(job: ExportJob, keep_fp32: bool) -> None:
+    """Every written graph passes the ONNX checker; a causal LM keeping fp32 gets its genai_config.json."""
+    for record in job.records:
+        require_valid_graph(job.staging / record.file, record.name, ExportError)
+    if job.task is Task.CAUSAL_LM and keep_fp32:
+        write_genai_config(job.staging, job.records)  # onnxruntime-genai runs the graphs as they are
+
+
 def _copy_adapters(job: ExportJob, adapters: Sequence[AdapterRef], staging: Path) -> dict[str, str]:
     """Copy each adapter into the staging bundle; returns {adapter name: its directory in the bundle}."""
     records_dirs = {}
@@ -735,10 +743,7 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
         records_dirs = _copy_adapters(job, adapters, staging)
         _write_model_files(job, adapters)
         job.records.extend(export_forms(job, list(dict.fromkeys(forms)), clock, exporter, load))
-        for record in job.records:
-            require_valid_graph(staging / record.file, record.name, ExportError)
-        if task is Task.CAUSAL_LM and keep_fp32:
-            write_genai_config(staging, job.records)  # onnxruntime-genai runs the graphs as they are
+        _check_written(job, keep_fp32)
         _manifest(job, model, adapters, records_dirs, seed, recipe, clock).write(staging)
         _quantize_staged(staging, quantized, quantize_options, clock, progress, quantize)
         if not keep_fp32:
