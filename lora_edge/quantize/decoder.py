@@ -845,10 +845,18 @@ def _ensure_opset(model: "onnx.ModelProto") -> None:
 
 def _prune(model: "onnx.ModelProto") -> "onnx.ModelProto":
     """Drop nodes and initializers no graph output depends on."""
+    import logging
+
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    wrapped = OnnxModel(model)
-    wrapped.prune_graph()
+    log = logging.getLogger("onnxruntime.transformers.onnx_model")  # "Removed N nodes" at INFO, on stderr
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        wrapped = OnnxModel(model)
+        wrapped.prune_graph()
+    finally:
+        log.setLevel(level)
     return wrapped.model
 
 
