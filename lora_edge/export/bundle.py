@@ -236,6 +236,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
     TorchScript trace is kept as the exporter's bytes (a model over 1.8 GB: a
     file), parsed once the model is released.
     """
+    import onnx
     from torch import nn
 
     from lora_edge.export.exporter import graph_io_for, reference_outputs, trace_onnx, trace_torchscript_bytes
@@ -276,7 +277,7 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
     release_freed_memory()  # the tracer's garbage
     with clock.stage("load trace"):
         if serialized is not None:
-            traced = _parse_trace(serialized)
+            traced = onnx.load_model_from_string(serialized)
             del serialized
         elif not weights:
             traced = load_graph(trace_file)
@@ -285,15 +286,6 @@ def plan_and_trace(job: ExportJob, clock: Stopwatch, exporter: str, stamp: bool 
         _complete_trace(traced, defaults, slots, weights, verify_io, expected[None])
     return TracePlan(slots, tensors, expected, verify_io, traced, exporter, weights, stamped=stamped,
                      fusion_expected=fusion_expected)
-
-
-def _parse_trace(serialized: bytes):
-    """The traced graph from the exporter's bytes (ONNX's ``load_model_from_string``)."""
-    import onnx
-
-    model = onnx.ModelProto()
-    model.ParseFromString(serialized)
-    return model
 
 
 def _trace_dynamo_stage(job: ExportJob, model, slots: list, io, graph_name: str, stamp: bool) -> tuple:

@@ -35,7 +35,7 @@ from lora_edge.export.cpu_fusion import share_lora_inputs
 from lora_edge.quantize.lora import is_lora_name
 from lora_edge.runtime.feeds import decoder_check_feeds
 from lora_edge.runtime.packed_lora import (PACKED_LORA_KEY, PACKED_SUFFIX, PackedLora, PackedMember, member_names,
-                                           pack_tensors, packs_of, packs_to_metadata)
+                                           model_packs, pack_tensors, packs_to_metadata)
 from lora_edge.runtime.session import outputs_on, relative_difference, release_freed_memory, remembered_outputs
 
 if TYPE_CHECKING:
@@ -515,16 +515,24 @@ def _base_projection(graph: _Graph, name: str, inputs: set[str]) -> tuple | None
     return None
 
 
-def _hotswap_lora(graph: _Graph, delta: str, source: str, inputs: set[str]) -> tuple[str, str] | None:
-    """(A input, B input) when ``delta`` is a hot-swap LoRA branch ``(source·Aᵀ)·Bᵀ`` of graph inputs, else None."""
-    from onnx import helper
-
+def _lora_pair(graph: _Graph, delta: str, source: str) -> tuple | None:
+    """(A MatMul, B MatMul) when ``delta`` is ``(source·A)·B``, the A product read by B only; else None."""
     b_node = graph.producer.get(delta)
     a_node = graph.parent(b_node, 0, "MatMul") if b_node is not None and b_node.op_type == "MatMul" else None
     if a_node is None or a_node.input[0] != source or len(graph.consumers.get(a_node.output[0], [])) != 1:
         return None
+    return a_node, b_node
+
+
+def _hotswap_lora(graph: _Graph, delta: str, source: str, inputs: set[str]) -> tuple[str, str] | None:
+    """(A input, B input) when ``delta`` is a hot-swap LoRA branch ``(source·Aᵀ)·Bᵀ`` of graph inputs, else None."""
+    from onnx import helper
+
+    pair = _lora_pair(graph, delta, source)
+    if pair is None:
+        return None
     factors = []
-    for node in (a_node, b_node):
+    for node in pair:
         transpose = graph.parent(node, 1, "Transpose")
         perm = next((list(helper.get_attribute_value(a)) for a in transpose.attribute if a.name == "perm"), None) \
             if transpose is not None else None
@@ -538,11 +546,10 @@ def _hotswap_lora(graph: _Graph, delta: str, source: str, inputs: set[str]) -> t
 def _branched_lora(graph: _Graph, delta: str, source: str) -> tuple["np.ndarray", "np.ndarray"] | None:
     """(Aᵀ [in, r], (s·B)ᵀ [r, out]) when ``delta`` is a branched LoRA pair ``(source·Aᵀ)·(s·B)ᵀ`` of stored
     LoRA weights, else None."""
-    b_node = graph.producer.get(delta)
-    a_node = graph.parent(b_node, 0, "MatMul") if b_node is not None and b_node.op_type == "MatMul" else None
-    if a_node is None or a_node.input[0] != source or len(graph.consumers.get(a_node.output[0], [])) != 1:
+    pair = _lora_pair(graph, delta, source)
+    if pair is None:
         return None
-    factors = [graph.constants.get(node.input[1]) if is_lora_name(node.input[1]) else None for node in (a_node, b_node)]
+    factors = [graph.constants.get(node.input[1]) if is_lora_name(node.input[1]) else None for node in pair]
     if any(factor is None or factor.ndim != 2 for factor in factors) or factors[0].shape[1] != factors[1].shape[0]:
         return None
     return factors[0], factors[1]
@@ -942,7 +949,7 @@ def _verified_rewrite(model: "onnx.ModelProto", source: str | bytes, config: dic
     try:
         candidate = _rewrite(model, config, report, group_query)
         release_freed_memory()
-        packs = packs_of({prop.key: prop.value for prop in candidate.metadata_props})
+        packs = model_packs(candidate)
         candidate_feeds = [pack_tensors(packs, feed) for feed in feeds] if packs else feeds
         report.max_abs_diff = max(relative_difference(want, got) for want, got in
                                   zip(expected, _outputs_from_file(candidate, candidate_feeds, source)))

@@ -384,12 +384,11 @@ def packed_adapter_files(bundle: Path, result: QuantizeResult, name: str, stagin
     import onnx
 
     from lora_edge.runtime.adapter_layout import write_packed_adapter
-    from lora_edge.runtime.packed_lora import member_names, packs_of
+    from lora_edge.runtime.packed_lora import member_names, model_packs
 
     if not result.extra.get("adapter_files") or not result.fusion.get("packed_lora"):
         return []
-    packs = packs_of({prop.key: prop.value for prop in onnx.load(str(result.path), load_external_data=False)
-                      .metadata_props})
+    packs = model_packs(onnx.load(str(result.path), load_external_data=False))
     if not packs:  # (a branched graph packs stored pairs: no inputs)
         return []
     staged, files = [], {}

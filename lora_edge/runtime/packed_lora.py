@@ -75,6 +75,11 @@ def packs_of(metadata: dict[str, str]) -> list[PackedLora]:
     return [PackedLora.from_json(item) for item in json.loads(value)] if value else []
 
 
+def model_packs(model) -> list[PackedLora]:
+    """The packs an ONNX model (``onnx.ModelProto``) records in its metadata; [] when none."""
+    return packs_of({prop.key: prop.value for prop in model.metadata_props})
+
+
 def member_names(packs: list[PackedLora]) -> set[str]:
     """The per-target input names the packs replace."""
     return {name for pack in packs for member in pack.members for name in (member.a, member.b)}
