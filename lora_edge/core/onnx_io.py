@@ -289,6 +289,88 @@ def tensor_value(tensor) -> "np.ndarray":
     return values.reshape(tuple(tensor.dims))
 
 
+class ColumnReader:
+    """Reads a 2-D initializer's value a band of columns at a time into arrays the caller reuses.
+
+    :func:`tensor_value` gives a fresh array per weight (and a transposed stub's
+    value needs a second one to be contiguous): an int4 pass over an LLM's weights
+    touched a gigabyte of new memory pages, seconds of page faults on a slow VM.
+    Here a stub's bytes go straight into the caller's array when they are the band
+    as it is laid out, else into one reused buffer first: a band of a transposed
+    stub's columns is a run of consecutive rows of its file, read and transposed
+    band by band; a plain stub is read whole once, then banded. Tensors in memory
+    are read once (:func:`tensor_value`). Use it as a context manager: it keeps the
+    files it reads open.
+    """
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self._scratch = np.empty(0, np.uint8)
+        self._files: dict[str, int] = {}
+        self._whole: tuple = (None, None)  # (tensor, its value) of the last tensor read whole
+
+    def __enter__(self) -> "ColumnReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        for descriptor in self._files.values():
+            os.close(descriptor)
+        self._files.clear()
+        self._whole = (None, None)
+
+    def read_columns(self, tensor, start: int, stop: int, out: "np.ndarray") -> None:
+        """Write ``tensor_value(tensor)[:, start:stop]`` into ``out`` (of that shape)."""
+        import numpy as np
+        from onnx import helper
+
+        reference = _reference(tensor)
+        if reference is None or tensor.data_type not in _PLAIN_TYPES:
+            if self._whole[0] is not tensor:
+                self._whole = (tensor, tensor_value(tensor))
+            np.copyto(out, self._whole[1][:, start:stop])
+            return
+        path, offset, length = reference
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+        rows, cols = tensor.dims
+        if _transposed(tensor):  # the file holds the value's columns as rows
+            band = self._read(path, offset + start * rows * dtype.itemsize, (stop - start) * rows * dtype.itemsize,
+                              offset + length)
+            np.copyto(out, band.view(dtype).reshape(stop - start, rows).T)
+        elif start == 0 and stop == cols and out.flags.c_contiguous and out.dtype == dtype:
+            self._read(path, offset, length, offset + length, out.reshape(-1).view(np.uint8))
+        else:
+            if self._whole[0] is not tensor:
+                whole = self._read(path, offset, length, offset + length)
+                self._whole = (tensor, whole.view(dtype).reshape(rows, cols))
+            np.copyto(out, self._whole[1][:, start:stop])
+
+    def _read(self, path: str, offset: int, length: int, end: int, into: "np.ndarray | None" = None) -> "np.ndarray":
+        """``length`` bytes of ``path`` at ``offset`` (not past ``end``), into ``into`` or the reused buffer."""
+        import os
+
+        import numpy as np
+
+        if offset + length > end:
+            raise ValueError(f"a read past the end of a tensor in {path}")
+        if into is None:
+            self._whole = (None, None)  # (a plain stub read whole is in the buffer)
+            if self._scratch.nbytes < length:
+                self._scratch = np.empty(length, np.uint8)
+            into = self._scratch[:length]
+        if path not in self._files:
+            self._files[path] = os.open(path, os.O_RDONLY)
+        view, done = memoryview(into)[:length], 0
+        while done < length:
+            count = os.preadv(self._files[path], [view[done:]], offset + done)
+            if count <= 0:
+                raise ValueError(f"{path} is shorter than when its graph was loaded")
+            done += count
+        return into
+
+
 def transposed_reference(tensor, name: str) -> "onnx.TensorProto | None":
     """A stub ``name`` whose value is the transpose of the 2-D stub ``tensor`` (nothing read); None for a tensor
     that is not a stub. It resolves to what ``numpy_helper.from_array(value.T.copy(), name)`` holds."""

@@ -607,11 +607,13 @@ def _int4_matmuls(model: "onnx.ModelProto", options: "QuantizeOptions", symmetri
                   gather: bool) -> "onnx.ModelProto":
     """ORT's MatMulNBitsQuantizer pass, node for node and tensor for tensor, on 2-D float32 MatMul weights.
 
-    Each weight is read (:func:`lora_edge.core.onnx_io.tensor_value`: from the fp32
-    file when it was left there) and quantized by ORT's own C++ blockwise quantizer,
-    one at a time: the model never holds the float weights it replaces.
+    Each weight is read (:class:`lora_edge.core.onnx_io.ColumnReader`: from the
+    fp32 file when it was left there) and quantized by ORT's own C++ blockwise
+    quantizer, one at a time: the model never holds the float weights it replaces.
     """
     from onnxruntime.quantization.onnx_model import ONNXModel
+
+    from lora_edge.core.onnx_io import ColumnReader
 
     wrapped = ONNXModel(model)
     wrapped.set_opset_import("com.microsoft", 1)
@@ -624,40 +626,61 @@ def _int4_matmuls(model: "onnx.ModelProto", options: "QuantizeOptions", symmetri
     initializers: dict = {}
     for tensor in graph.initializer:
         initializers.setdefault(tensor.name, tensor)
-    nodes = []
-    for node in graph.node:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and node.name not in excluded \
-            and len(node.input) > 1 else None
-        nodes.append(node if weight is None else _matmul_nbits(graph, node, weight, options, symmetric))
+    nodes, buffers = [], _ReusedArrays()
+    with ColumnReader() as reader:
+        for node in graph.node:
+            weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and node.name not in excluded \
+                and len(node.input) > 1 else None
+            nodes.append(node if weight is None else
+                         _matmul_nbits(graph, node, weight, options, symmetric, reader, buffers))
     graph.ClearField("node")
     graph.node.extend(nodes)
     wrapped.clean_initializers()
     return wrapped.model
 
 
-def _matmul_nbits(graph, node, weight, options: "QuantizeOptions", symmetric: bool) -> "onnx.NodeProto":
+# Bytes of float32 weight columns quantized per call of ORT's quantizer: a small LLM's linears in one call each,
+# an LM head in bands (a transposed one is transposed band by band, in a buffer that stays in the CPU's cache).
+INT4_BAND_BYTES = 4 << 20
+
+
+class _ReusedArrays:
+    """Arrays in buffers kept from one weight to the next, one buffer per purpose.
+
+    A fresh array per weight is fresh memory pages per weight, and first touches
+    of pages are what made the int4 pass slow on this project's VM (a buffer that
+    is reused costs its pages once).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict = {}
+
+    def array(self, purpose: str, shape: tuple[int, ...], dtype, zeros: bool = True) -> "np.ndarray":
+        """A C-contiguous array (of zeros, or as the buffer holds it), valid until the next call for ``purpose``."""
+        import math
+
+        import numpy as np
+
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        buffer = self._buffers.get(purpose)
+        if buffer is None or buffer.nbytes < size:
+            buffer = self._buffers[purpose] = np.empty(size, np.uint8)
+        array = buffer[:size].view(dtype).reshape(shape)
+        if zeros:
+            array.fill(0)
+        return array
+
+
+def _matmul_nbits(graph, node, weight, options: "QuantizeOptions", symmetric: bool, reader, buffers: _ReusedArrays,
+                  ) -> "onnx.NodeProto":
     """``node`` as MatMulNBits, its blocks, scales (and zero points) added to ``graph`` as ORT adds them."""
-    import numpy as np
-    import onnx_ir as ir
     from onnx import helper, numpy_helper
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    from lora_edge.core.onnx_io import tensor_value
-
-    values = np.ascontiguousarray(tensor_value(weight), dtype=np.float32)  # [K, N] (the C++ reads it row-major)
-    rows, cols = values.shape
+    rows, cols = weight.dims  # [K, N]
     block = options.block_size
-    blocks = (rows + block - 1) // block
-    if blocks * block > rows:
-        values = np.pad(values, ((0, blocks * block - rows), (0, 0)), "constant")
-    packed = np.zeros((cols, blocks, (block + 1) // 2), dtype="uint8")
-    zero_points = np.zeros((cols, (blocks + 1) // 2), dtype="uint8")
-    scales = np.zeros((cols, blocks), dtype=values.dtype)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        quantize_matmul_4bits(packed, values, scales, zero_points, block, cols, rows, symmetric)
-    del values
-    quantized = ir.serde.serialize_tensor(ir.Tensor(packed, name=weight.name + "_Q4"))
-    scales_tensor = ir.serde.serialize_tensor(ir.Tensor(scales, name=weight.name + "_scales"))
+    packed, scales, zero_points = _quantized_blocks(weight, block, symmetric, reader, buffers)
+    quantized = _serialized(packed, weight.name + "_Q4")
+    scales_tensor = _serialized(scales, weight.name + "_scales")
     for value in graph.input:
         if value.name == node.input[1]:
             graph.input.remove(value)
@@ -672,6 +695,41 @@ def _matmul_nbits(graph, node, weight, options: "QuantizeOptions", symmetric: bo
         attributes["accuracy_level"] = options.int4_accuracy_level
     return helper.make_node("MatMulNBits", inputs=inputs, outputs=[node.output[0]],
                             name=node.name + "_Q4" if node.name else "", domain="com.microsoft", **attributes)
+
+
+def _serialized(array: "np.ndarray", name: str) -> "onnx.TensorProto":
+    """``array`` as a TensorProto, as ORT's quantizer writes it (through onnx_ir)."""
+    import onnx_ir as ir
+
+    return ir.serde.serialize_tensor(ir.Tensor(array, name=name))
+
+
+def _quantized_blocks(weight, block: int, symmetric: bool, reader, buffers: _ReusedArrays) -> tuple:
+    """(packed blocks [N, blocks, block/2], scales [N, blocks], zero points [N, blocks/2]) of the float32 ``weight``
+    [K, N], in reused buffers: ORT's ``quantize_matmul_4bits`` on the whole weight, a band of columns at a time.
+
+    Its blocks run down the K rows of one column: each column's blocks, scales and
+    zero points are its own, so quantizing bands of columns gives the same bytes.
+    Rows past K up to a whole block are zeros, as ORT pads them.
+    """
+    import numpy as np
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    rows, cols = weight.dims
+    blocks = (rows + block - 1) // block
+    packed = buffers.array("packed", (cols, blocks, (block + 1) // 2), np.uint8)
+    zero_points = buffers.array("zero_points", (cols, (blocks + 1) // 2), np.uint8)
+    scales = buffers.array("scales", (cols, blocks), np.float32)
+    step = max(64, INT4_BAND_BYTES // (4 * blocks * block) // 64 * 64)  # whole 64-column groups
+    for start in range(0, cols, step):
+        stop = min(start + step, cols)
+        values = buffers.array("values", (blocks * block, stop - start), np.float32, zeros=False)  # (read row-major)
+        reader.read_columns(weight, start, stop, values[:rows])
+        values[rows:] = 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            quantize_matmul_4bits(packed[start:stop], values, scales[start:stop], zero_points[start:stop], block,
+                                  stop - start, rows, symmetric)
+    return packed, scales, zero_points
 
 
 def _save_int4(model: "onnx.ModelProto", path: Path) -> None:

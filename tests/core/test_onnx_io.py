@@ -90,3 +90,26 @@ def test_a_graph_with_external_data_is_read_by_reference_too(tmp_path):
     shutil.rmtree(scratch)  # (onnx.load refuses a data file with other hard links)
     resolve_references(model)
     assert model.SerializeToString() == onnx.load(path).SerializeToString()
+
+
+def test_a_column_reader_gives_every_band_of_every_kind_of_tensor(tmp_path):
+    """Plain and transposed stubs and tensors in memory: each band is the same columns of tensor_value."""
+    import onnx
+    from onnx import numpy_helper
+
+    from lora_edge.core.onnx_io import ColumnReader, transposed_reference
+
+    path = tmp_path / "model.onnx"
+    onnx.save(_model(), path)
+    model = load_by_reference(path, min_bytes=1024)
+    stubs = {t.name: t for t in model.graph.initializer}
+    rng = np.random.default_rng(2)
+    tensors = [stubs["w1"], transposed_reference(stubs["w2"], "w2_t"),
+               numpy_helper.from_array(rng.standard_normal((24, 40)).astype(np.float32), "in_memory")]
+    with ColumnReader() as reader:
+        for tensor in tensors * 2:  # (again: nothing is left over from the tensor read before)
+            want = tensor_value(tensor)
+            for start, stop in [(0, want.shape[1]), (0, 7), (7, 20), (20, want.shape[1])]:
+                out = np.full((want.shape[0], stop - start), np.nan, np.float32)
+                reader.read_columns(tensor, start, stop, out)
+                np.testing.assert_array_equal(out, want[:, start:stop])
