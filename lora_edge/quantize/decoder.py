@@ -78,6 +78,7 @@ def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "on
         FusionSimplifiedLayerNormalization,
         FusionSkipSimplifiedLayerNormalization,
     )
+    from onnxruntime.transformers.fusion_skiplayernorm import FusionSkipLayerNormalization
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     loggers = [logging.getLogger(name) for name in ("onnxruntime.transformers", "fusion_base", "onnx_model",
@@ -88,10 +89,17 @@ def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "on
     try:
         wrapped = OnnxModel(model)
         FusionSimplifiedLayerNormalization(wrapped).apply()
-        # The skip fusion runs ORT's symbolic shape inference on the model it is built with, which copies
-        # that model twice (+1 GB for SmolLM2-135M): it is built on a twin without weight data (same
+        # The skip fusion reads shapes of the model it is built with (ORT's symbolic shape inference copies
+        # that model twice: +1 GB for SmolLM2-135M): it is built on a twin without weight data (same
         # nodes, names and shapes), then fuses the real graph.
-        skip = FusionSkipSimplifiedLayerNormalization(OnnxModel(weightless_twin(wrapped.model)))
+        twin = weightless_twin(wrapped.model)
+        shapes = DeclaredShapes(twin)
+        if shapes.knows(_skip_norm_inputs(twin)):
+            skip = FusionSkipLayerNormalization(OnnxModel(twin), "SkipSimplifiedLayerNormalization",
+                                                "SimplifiedLayerNormalization", shape_infer=False)
+            skip.shape_infer_helper = shapes  # (what FusionSkipSimplifiedLayerNormalization is, with these shapes)
+        else:
+            skip = FusionSkipSimplifiedLayerNormalization(OnnxModel(twin))
         skip.model = wrapped
         skip.apply()
         wrapped.prune_graph()
@@ -103,6 +111,59 @@ def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "on
     report.rms_norm = ops.count("SimplifiedLayerNormalization")
     report.skip_rms_norm = ops.count("SkipSimplifiedLayerNormalization")
     return expand_plain_rms_norms(wrapped.model)
+
+
+class DeclaredShapes:
+    """A graph's tensor shapes as ONNX's own shape inference gives them, asked as ORT's fusions ask
+    ``SymbolicShapeInferenceHelper`` (``get_edge_shape``).
+
+    ORT's skip-norm fusion runs its symbolic shape inference, in Python, over the
+    whole graph (1.5 s of SmolLM2-135M's two int4 graphs) to learn one thing: the
+    shapes of the two inputs of each residual Add before an RMSNorm. ONNX's C++
+    inference gives them from the shapes the exported graph declares, in a tenth of
+    that. Only fully known shapes are given (a dimension nobody knows is not equal
+    to another one); ``knows`` tells whether ORT's inference is needed after all.
+    """
+
+    def __init__(self, model: "onnx.ModelProto") -> None:
+        import onnx
+
+        self._shapes: dict[str, list] = {}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+        except Exception:  # (a graph ONNX's inference refuses: nothing known, ORT's inference decides)
+            return
+        for value in [*inferred.input, *inferred.value_info, *inferred.output]:
+            tensor = value.type.tensor_type
+            if value.type.HasField("tensor_type") and tensor.HasField("shape"):
+                dims = [dim.dim_value if dim.HasField("dim_value") else dim.dim_param or None
+                        for dim in tensor.shape.dim]
+                if None not in dims:
+                    self._shapes.setdefault(value.name, dims)
+        for tensor in model.graph.initializer:
+            self._shapes.setdefault(tensor.name, list(tensor.dims))
+
+    def get_edge_shape(self, edge: str) -> list | None:
+        """The shape of tensor ``edge`` (ints and named dimensions), None when not fully known."""
+        return self._shapes.get(edge)
+
+    def knows(self, edges: list[str]) -> bool:
+        """True when every one of ``edges`` has a fully known shape."""
+        return all(edge in self._shapes for edge in edges)
+
+
+def _skip_norm_inputs(model: "onnx.ModelProto") -> list[str]:
+    """The inputs of the Adds ORT's skip-norm fusion would look at: an Add of two computed tensors feeding an
+    RMSNorm's input (the fusion asks their shapes)."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    edges = []
+    for node in model.graph.node:
+        add = producers.get(node.input[0]) if node.op_type == "SimplifiedLayerNormalization" and node.input else None
+        if add is not None and add.op_type == "Add" and len(add.input) == 2 and \
+                not any(name in initializers for name in add.input):
+            edges.extend(add.input)
+    return edges
 
 
 def expand_plain_rms_norms(model: "onnx.ModelProto") -> "onnx.ModelProto":

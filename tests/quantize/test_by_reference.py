@@ -44,6 +44,66 @@ def test_int4_of_a_decoder_by_reference_is_byte_identical(form, bundles, tmp_pat
     assert by_reference.path.read_bytes() == whole.path.read_bytes()
 
 
+def _wide_linears_graph(path):
+    """x [b, 40] -> MatMul(W1 [40, 160]) -> MatMul(Transpose(W2 [130, 160])): more columns than one band holds."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((40, 160)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((130, 160)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+             helper.make_node("Transpose", ["w2"], ["w2t"], name="transpose", perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "w2t"], ["y"], name="second")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 130])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_int4_matmuls_quantized_in_bands_of_columns_are_ort_quantizers_graph(tmp_path, monkeypatch):
+    """Weights quantized 64 columns at a time (160 and 130 columns: bands of 64, 64 and the rest) give, byte for
+    byte, what MatMulNBitsQuantizer's pass writes (blocks, scales and zero points are each column's own)."""
+    from lora_edge.core import onnx_io
+    from lora_edge.quantize import methods, quantizer
+
+    source = _wide_linears_graph(tmp_path / "wide.fp32.onnx")
+    monkeypatch.setattr(onnx_io, "REFERENCE_MIN_BYTES", 256)
+    monkeypatch.setattr(methods, "INT4_BAND_BYTES", 1)  # the smallest band: 64 columns
+    bands = []
+    quantize = methods._quantized_blocks
+    monkeypatch.setattr(methods, "_quantized_blocks", lambda weight, *args: bands.append(weight.dims[1]) or
+                        quantize(weight, *args))
+    banded = quantizer.quantize_graph(source, tmp_path / "banded.int4.onnx", "int4", task="causal-lm")
+    assert sorted(bands) == [130, 160]
+    monkeypatch.setattr(methods, "_matmuls_only", lambda *args: False)
+    ort = quantizer.quantize_graph(source, tmp_path / "ort.int4.onnx", "int4", task="causal-lm")
+    assert banded.linears["quantized"] == 2 and banded.path.read_bytes() == ort.path.read_bytes()
+
+
+def test_skip_norms_fused_with_the_declared_shapes_are_those_of_ort_s_shape_inference(bundles, tmp_path, monkeypatch):
+    """The skip-norm fusion given the shapes ONNX infers from the graph fuses what it fuses after ORT's own
+    symbolic shape inference: the same int4 graph, byte for byte."""
+    from lora_edge.quantize import decoder, quantizer
+
+    bundle, graph = bundles("llama", Form.HOTSWAP)
+    (tmp_path / "onnx").mkdir()
+    source = tmp_path / "onnx" / "graph.fp32.onnx"
+    shutil.copy(bundle / find_graph(bundle, graph).file, source)
+    shutil.copy(bundle / ONNX_DIR / "config.json", tmp_path / "onnx" / "config.json")
+    answered = []
+    knows = decoder.DeclaredShapes.knows
+    monkeypatch.setattr(decoder.DeclaredShapes, "knows", lambda self, edges: answered.append(knows(self, edges))
+                        or answered[-1])
+    declared = quantizer.quantize_graph(source, tmp_path / "declared.int4.onnx", "int4", task="causal-lm")
+    assert answered and all(answered) and declared.fusion.get("skip_rms_norm")
+    monkeypatch.setattr(decoder.DeclaredShapes, "knows", lambda self, edges: False)  # ORT's inference decides
+    inferred = quantizer.quantize_graph(source, tmp_path / "inferred.int4.onnx", "int4", task="causal-lm")
+    assert declared.fusion == inferred.fusion
+    assert declared.path.read_bytes() == inferred.path.read_bytes()
+
+
 def _tied_graph(bundle, graph, directory):
     """The tiny llama's merged graph with its LM head reading the embedding (as SmolLM2's export does)."""
     import onnx
