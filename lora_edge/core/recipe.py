@@ -332,6 +332,10 @@ class MeasureSpec:
     time_budget_s: float = config_field(90.0, "With a --target-interval-pct: end the timed rounds once they have "
                                               "taken this many seconds, even before --runs (but after 10 rounds "
                                               "of 5 runs).")
+    spinning: bool = config_field(False, "Let ONNX Runtime's intra-op threads spin while they wait for work "
+                                         "(its default). Off: on a machine with more busy threads than cores a "
+                                         "spinning thread burns the time slice of the thread it waits for, and "
+                                         "latencies and overheads measure the scheduler instead of the graph.")
 
     def __post_init__(self):
         for name, minimum in (("batch", 1), ("seq", 1), ("runs", 1), ("warmup", 0), ("max_runs", 0)):
@@ -339,6 +343,10 @@ class MeasureSpec:
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", name,
                                   f"give a value >= {minimum} ({field_help(MeasureSpec)[name]})")
+        for name in ("allow_fallback", "spinning"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}", name,
+                                  f"give true or false ({field_help(MeasureSpec)[name]})")
         for name in ("target_interval_pct", "time_budget_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):

@@ -6,9 +6,10 @@ inputs, else profiling) and writes one table and one chart:
 ``reports/compare.json``, ``reports/compare.md`` and ``reports/latency.png``.
 
 For each graph: p50 latency, the overhead of the branched and hot-swap forms
-over the merged graph of the same precision (in %: the median over the
-profile's interleaved rounds of the within-round ratio, with a bootstrap
-interval, whether that interval reached the profile's target width, and a
+over the merged graph of the same precision (in %: the median ratio of
+each run to the merged graph's run timed beside it, the forms of a precision
+taking turns one run at a time in every interleaved round, with a bootstrap
+interval over rounds, whether that interval reached the profile's target width, and a
 verdict: faster, slower, equivalent within the margin, or not distinguishable
 at this noise, see :mod:`lora_edge.runtime.interleave`), the extra FLOPs of the
 adapter's low-rank pairs over the base model (in %, from its ranks and layer
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from lora_edge.core.bundle import REPORTS_DIR, require_bundle, write_json
 from lora_edge.profile.devices import DeviceTarget, load_device
-from lora_edge.runtime.interleave import VERDICT_MARGIN_PCT, half_width_pct, ratio_stats, verdict
+from lora_edge.runtime.interleave import (VERDICT_MARGIN_PCT, RatioStats, half_width_pct, paired_ratio_stats,
+                                          ratio_stats, verdict)
 from lora_edge.core.manifest import Manifest
 from lora_edge.profile.eager import eager_baselines
 from lora_edge.profile.profiler import profile_bundle
@@ -85,27 +87,40 @@ NO_OVERHEAD = {"overhead_pct": None, "overhead_interval_pct": None, "overhead_iq
 
 def pair_overhead(graph: GraphProfile, peer: GraphProfile, decode: bool = False,
                   target_pct: float | None = None) -> dict:
-    """Overhead of ``graph`` over ``peer`` from their within-round ratios: %, interval, IQR, verdict, converged.
+    """Overhead of ``graph`` over ``peer`` from their paired runs: %, interval, IQR, verdict, converged.
 
     ``converged``: whether the interval is within +-``target_pct`` points
     (None without a target).
 
     ``decode``: of the decoders' decode steps (else of the graphs' main timing,
-    a decoder's prefill). Falls back to the ratio of p50s (no interval, no
-    verdict) when the two were not timed in the same rounds (a profile written
-    before rounds were kept); all None when either side has no timing.
+    a decoder's prefill). Runs that took turns give one ratio per pair of runs
+    (:func:`~lora_edge.runtime.interleave.paired_ratio_stats`); a profile
+    written before runs alternated gives one per round; one without rounds
+    falls back to the ratio of p50s (no interval, no verdict). All None when
+    either side has no timing.
     """
-    rounds, peer_rounds = ((graph.decode_rounds_ms, peer.decode_rounds_ms) if decode
-                           else (graph.rounds_ms, peer.rounds_ms))
     p50, peer_p50 = _p50(graph, decode), _p50(peer, decode)
     if p50 is None or peer_p50 is None:
         return dict(NO_OVERHEAD)
+    stats = _pair_stats(graph, peer, decode)
+    if stats is None:
+        return {**NO_OVERHEAD, "overhead_pct": overhead_percent(p50, peer_p50)}
+    return {"overhead_pct": stats.overhead_pct, "overhead_interval_pct": list(stats.interval_pct),
+            "overhead_iqr_pct": [100.0 * (q - 1.0) for q in stats.iqr], "verdict": verdict(stats),
+            "converged": half_width_pct(stats) <= target_pct if target_pct else None}
+
+
+def _pair_stats(graph: GraphProfile, peer: GraphProfile, decode: bool) -> RatioStats | None:
+    """Paired-run statistics when both sides kept their runs per round, else per-round ones, else None."""
+    visits, peer_visits = ((graph.decode_visits_ms, peer.decode_visits_ms) if decode
+                           else (graph.visits_ms, peer.visits_ms))
+    if visits and len(visits) == len(peer_visits):
+        return paired_ratio_stats(visits, peer_visits)
+    rounds, peer_rounds = ((graph.decode_rounds_ms, peer.decode_rounds_ms) if decode
+                           else (graph.rounds_ms, peer.rounds_ms))
     if rounds and len(rounds) == len(peer_rounds):
-        stats = ratio_stats(rounds, peer_rounds)
-        return {"overhead_pct": stats.overhead_pct, "overhead_interval_pct": list(stats.interval_pct),
-                "overhead_iqr_pct": [100.0 * (q - 1.0) for q in stats.iqr], "verdict": verdict(stats),
-                "converged": half_width_pct(stats) <= target_pct if target_pct else None}
-    return {**NO_OVERHEAD, "overhead_pct": overhead_percent(p50, peer_p50)}
+        return ratio_stats(rounds, peer_rounds)
+    return None
 
 
 def _p50(graph: GraphProfile, decode: bool = False) -> float | None:
@@ -267,8 +282,9 @@ def noise_line(comparison: Comparison) -> str:
     """How the overheads were measured, whether their intervals reached the target, and the load average."""
     load = comparison.load_average or {}
     rounds = f"{comparison.rounds} interleaved rounds" if comparison.rounds else "interleaved runs"
-    return (f"Overhead: wall-clock latency, median over {rounds} (shuffled order, each precision's forms back to "
-            f"back) of the within-round ratio of median latencies to the merged graph; 95% bootstrap interval; "
+    return (f"Overhead: wall-clock latency over {rounds} (shuffled order; each precision's forms take turns one "
+            f"run at a time, ORT's threads not spinning), the median ratio of each run to the merged graph's run "
+            f"beside it; 95% bootstrap interval (resampling rounds); "
             f"verdict 'faster'/'slower' only when the whole interval lies beyond ±{VERDICT_MARGIN_PCT:g}%, "
             f"'equivalent' when it lies inside ±{VERDICT_MARGIN_PCT:g}%, else 'not distinguishable'."
             f"{_convergence_text(comparison)} Load average (1, 5, 15 min) {load.get('before')} before, "

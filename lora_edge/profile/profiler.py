@@ -62,6 +62,9 @@ RUNS_PER_ROUND = 5  # timed runs per graph per interleaved round (200 runs: 40 r
 GAP_S = 0.02  # pause before each visit: the previous session's idle ORT threads stop spinning
 MIN_ROUNDS = 10  # a time budget never ends the rounds before this many
 CHECK_EVERY = 5  # rounds between two checks of the intervals (a bootstrap per pair) while adding rounds
+# Timed sessions do not spin unless --spinning: at load 5-7 on 2 cores, ORT's spinning threads made MiniLM
+# fp32 6x slower (137 against 21 ms) and its overheads swing 10-50 points between rounds (benchmarks/README.md).
+ALLOW_SPINNING = "session.intra_op.allow_spinning"
 DECODE_SUFFIX = " [decode step]"  # a decoder's second timed call in the rounds: one token after a past of seq
 
 
@@ -267,6 +270,7 @@ def _finish_graph(opened: _OpenGraph, timed: RoundTimes, device: DeviceTarget, s
     stats = latency_stats(timed.times[profile.name])
     profile.latency_ms = stats
     profile.rounds_ms = [1e3 * seconds for seconds in timed.per_round[profile.name]]
+    profile.visits_ms = _visits_ms(timed, profile.name)
     seconds = stats["mean"] / 1e3
     profile.throughput = {"items_per_s": batch / seconds}
     if profile.decoder:
@@ -276,6 +280,7 @@ def _finish_graph(opened: _OpenGraph, timed: RoundTimes, device: DeviceTarget, s
         if timed.times.get(decode_key):
             profile.decode_latency_ms = latency_stats(timed.times[decode_key])
             profile.decode_rounds_ms = [1e3 * seconds for seconds in timed.per_round[decode_key]]
+            profile.decode_visits_ms = _visits_ms(timed, decode_key)
             profile.throughput["decode_tokens_per_s"] = batch * 1e3 / profile.decode_latency_ms["p50"]
     trace = trace_session(opened.path, settings, opened.runner.feeds, opened.adapter_object, gpu_id,
                           runs=TRACE_RUNS)
@@ -285,6 +290,13 @@ def _finish_graph(opened: _OpenGraph, timed: RoundTimes, device: DeviceTarget, s
     if device.uses_gpu and gpu_registered:
         profile.cpu_fallback_ops = trace.cpu_nodes
     profile.within_budget = _budget(profile, device)
+
+
+def _visits_ms(timed: RoundTimes, name: str) -> list[list[float]]:
+    """A call's runs per round in ms, kept when its group's calls took turns (their runs pair by index)."""
+    if not timed.alternate:
+        return []
+    return [[round(1e3 * seconds, 4) for seconds in visit] for visit in timed.visits[name]]
 
 
 def _budget(profile: GraphProfile, device: DeviceTarget) -> dict | None:
@@ -316,10 +328,11 @@ def _time_live(live: dict, report: ProfileReport, device: DeviceTarget, settings
               f"+-{measure.target_interval_pct:g} points; at most {measure.time_budget_s:g} s"
               if measure.target_interval_pct else "")
     _log(f"profile: timing {len(live)} graph(s), {warmup} warm-up + {runs} runs each, in {rounds} interleaved "
-         f"rounds of {per_round} (shuffled order, each precision's forms back to back){adding}", quiet)
+         f"rounds of {per_round} (shuffled order; each precision's forms take turns, one run at a time){adding}", quiet)
     timed = _time_graphs(live, measure)
     report.settings.update(rounds=timed.rounds, runs_per_round=per_round, gap_s=GAP_S, round_statistic="median",
-                           grouped_by_precision=True, target_interval_pct=measure.target_interval_pct,
+                           grouped_by_precision=True, runs_alternate=timed.alternate, spinning=measure.spinning,
+                           target_interval_pct=measure.target_interval_pct,
                            max_runs=measure.run_cap, time_budget_s=measure.time_budget_s,
                            timing_s=round(timed.seconds, 1), stopped=_stop_reason(timed, live, measure),
                            load_average={"before": timed.load_before, "after": timed.load_after})
@@ -381,6 +394,8 @@ def profile_bundle(bundle: Path, device: str | Path | DeviceTarget, graphs: list
                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     cache_dir = bundle / ".cache" / device.name
     settings = device.session_settings(allow_fallback=allow_fallback, cache_dir=cache_dir)
+    if not measure.spinning:
+        settings.config_entries[ALLOW_SPINNING] = "0"
     gpu_id = _gpu_device_id(device) if device.uses_gpu and not device.missing_providers() else None
     vocab = _vocab_size(bundle, manifest)
     if baselines is not None:  # first, while the heap holds little freed memory that would hide what the models add
@@ -423,7 +438,8 @@ def timing_groups(live: dict[str, "_OpenGraph"]) -> tuple[list[list[str]], list[
 def _time_graphs(live: dict[str, _OpenGraph], measure: MeasureSpec) -> RoundTimes:
     """Interleaved rounds over every graph; if a run fails, find the failing graphs and time the others again.
 
-    Every precision's forms are visited back to back. With a target interval,
+    Every precision's forms are visited back to back, taking turns one run
+    at a time (their i-th runs are paired). With a target interval,
     the time budget ends the rounds (once ``MIN_ROUNDS`` are done, even before
     ``runs``); after ``runs``, rounds are added until each overhead's interval
     is that narrow (checked every ``CHECK_EVERY`` rounds) or the run cap is reached.
@@ -434,7 +450,8 @@ def _time_graphs(live: dict[str, _OpenGraph], measure: MeasureSpec) -> RoundTime
 
     def timed(runners: dict) -> RoundTimes:
         if not target or not pairs:
-            return time_rounds(runners, rounds, per_round, warmup, gap_s=GAP_S, total=runs, groups=groups)
+            return time_rounds(runners, rounds, per_round, warmup, gap_s=GAP_S, total=runs, groups=groups,
+                               alternate=True)
         deadline = time.perf_counter() + measure.time_budget_s
 
         def enough(result: RoundTimes) -> bool:
@@ -444,7 +461,8 @@ def _time_graphs(live: dict[str, _OpenGraph], measure: MeasureSpec) -> RoundTime
                     and intervals_narrow(result, pairs, target))
 
         return time_rounds(runners, min(rounds, MIN_ROUNDS), per_round, warmup, gap_s=GAP_S, groups=groups,
-                           until=enough, max_rounds=max(rounds, measure.run_cap // per_round), check_every=1)
+                           until=enough, max_rounds=max(rounds, measure.run_cap // per_round), check_every=1,
+                           alternate=True)
 
     try:
         return timed({key: call for item in live.values() for key, call in item.calls().items()})

@@ -40,8 +40,12 @@ class GraphProfile:
     io_binding: bool = False
     latency_ms: dict | None = None  # a decoder's: its prefill (p50 = time to first token)
     rounds_ms: list[float] = field(default_factory=list)  # median of each interleaved round (same rounds per graph)
+    # each round's timed runs in the order they were timed; the i-th is paired with the i-th of the same
+    # precision's other forms (they took turns); empty in profiles written before runs alternated
+    visits_ms: list[list[float]] = field(default_factory=list)
     decode_latency_ms: dict | None = None  # a decoder's decode step (batch x 1 token after a past of seq)
     decode_rounds_ms: list[float] = field(default_factory=list)  # its per-round medians, in the same rounds
+    decode_visits_ms: list[list[float]] = field(default_factory=list)  # its runs per round, like visits_ms
     throughput: dict | None = None
     session_create_s: float | None = None
     memory: dict = field(default_factory=dict)

@@ -13,6 +13,8 @@ One loop serves ``profile``, ``compare`` and the benchmark scripts
 * :func:`ratio_stats` takes the ratio of two calls *within* each round (a busy
   neighbour slows both sides of a round alike), its median over rounds, the
   interquartile range and a bootstrap interval of that median;
+  :func:`paired_ratio_stats` does the same with the ratio of each pair of runs
+  timed in turns (``alternate``), the bootstrap still resampling rounds;
 * :func:`verdict` says whether one call is faster, slower, equivalent within
   a margin, or not distinguishable from the other at this noise: only an
   interval that lies wholly beyond ``margin`` on one side gives a direction,
@@ -65,6 +67,7 @@ class RoundTimes:
     load_before: list[float] | None = None
     load_after: list[float] | None = None
     statistic: str = "median"
+    alternate: bool = False       # a unit's calls took turns one run at a time (runs paired by index)
     seconds: float = 0.0          # wall time of the timed rounds
     stopped_early: bool = False   # ``until`` said the figures were good enough before ``max_rounds``
 
@@ -107,26 +110,64 @@ def _visit(call: Callable[[], object], count: int, visit_warmup: int, gap_s: flo
 
 def _one_round(calls: dict[str, Callable[[], object]], units: list[list[str]], shuffle: random.Random,
                result: RoundTimes, runs: int, total: int | None, visit_warmup: int, gap_s: float) -> None:
-    """Visit every unit once in a shuffled order; inside a unit, its calls one after the other, shuffled too."""
-    reduce = min if result.statistic == "min" else statistics.median
+    """Visit every unit once in a shuffled order; inside a unit, its calls one after the other, shuffled too.
+
+    With ``result.alternate``, a unit's calls take turns one run at a time instead (:func:`_alternating_visit`).
+    """
     shuffle.shuffle(units)
     for unit in units:
         shuffle.shuffle(unit)
-        for name in unit:
-            count = runs if total is None else min(runs, total - len(result.times[name]))
-            if count <= 0:
-                continue
-            wall = _visit(calls[name], count, visit_warmup, gap_s, result.cpu_times[name])
-            result.times[name].extend(wall)
-            result.visits[name].append(wall)
-            result.per_round[name].append(reduce(wall))
+        counts = {name: runs if total is None else min(runs, total - len(result.times[name])) for name in unit}
+        unit = [name for name in unit if counts[name] > 0]
+        if result.alternate and len(unit) > 1:
+            walls = _alternating_visit(calls, unit, min(counts[name] for name in unit), shuffle, visit_warmup,
+                                       gap_s, result.cpu_times)
+        else:
+            walls = {name: _visit(calls[name], counts[name], visit_warmup, gap_s, result.cpu_times[name])
+                     for name in unit}
+        for name, wall in walls.items():
+            _keep_visit(result, name, wall)
+
+
+def _alternating_visit(calls: dict[str, Callable[[], object]], unit: list[str], count: int, shuffle: random.Random,
+                       visit_warmup: int, gap_s: float, cpu_times: dict[str, list[float]]) -> dict[str, list[float]]:
+    """One visit of a unit whose calls take turns: ``count`` cycles of one run each, in a new order every cycle.
+
+    The i-th runs of the calls are then a few tens of milliseconds apart, so a
+    load that changes within the visit (a neighbour starting, a level the
+    scheduler settles in for a few hundred milliseconds) falls on both sides of
+    the i-th ratio instead of on one call's whole visit.
+    """
+    if gap_s:
+        time.sleep(gap_s)
+    for name in unit:
+        for _ in range(visit_warmup):
+            calls[name]()
+    walls: dict[str, list[float]] = {name: [] for name in unit}
+    order = list(unit)
+    for _ in range(count):
+        shuffle.shuffle(order)
+        for name in order:
+            began, cpu_began = time.perf_counter(), time.process_time()
+            calls[name]()
+            walls[name].append(time.perf_counter() - began)
+            cpu_times[name].append(time.process_time() - cpu_began)
+    return walls
+
+
+def _keep_visit(result: RoundTimes, name: str, wall: list[float]) -> None:
+    """Record one visit's timed runs and its round figure (median or minimum)."""
+    reduce = min if result.statistic == "min" else statistics.median
+    result.times[name].extend(wall)
+    result.visits[name].append(wall)
+    result.per_round[name].append(reduce(wall))
 
 
 def time_rounds(calls: dict[str, Callable[[], object]], rounds: int, runs: int = 1, warmup: int = 1,
                 gap_s: float = 0.02, seed: int = 0, total: int | None = None, visit_warmup: int = 1, *,
                 groups: list[list[str]] | None = None, statistic: str = "median",
                 until: Callable[[RoundTimes], bool] | None = None, max_rounds: int | None = None,
-                check_every: int = 5) -> RoundTimes:
+                check_every: int = 5, alternate: bool = False) -> RoundTimes:
     """Interleaved timing: each round visits every call once in a shuffled order and times ``runs`` runs.
 
     ``warmup`` untimed runs per call come first; each visit then pauses
@@ -135,7 +176,9 @@ def time_rounds(calls: dict[str, Callable[[], object]], rounds: int, runs: int =
     warm for this graph) and times ``runs`` runs (fewer in the last rounds when ``total``
     caps the timed runs per call). ``groups`` are calls visited back to back
     (in a shuffled order) so that the calls a ratio is taken between see the
-    same moment of the machine's load, not moments a whole round apart.
+    same moment of the machine's load, not moments a whole round apart;
+    with ``alternate`` a group's calls take turns one run at a time inside
+    its visit (their i-th runs are then paired: :func:`paired_ratio_stats`).
     After ``rounds`` rounds, while ``until`` (checked every ``check_every``
     rounds) is false, rounds are added up to ``max_rounds``. A call that raises
     stops the loop.
@@ -146,7 +189,7 @@ def time_rounds(calls: dict[str, Callable[[], object]], rounds: int, runs: int =
         raise ValueError(f"statistic must be one of {ROUND_STATISTICS}, got {statistic!r}")
     result = RoundTimes(times={name: [] for name in calls}, per_round={name: [] for name in calls},
                         cpu_times={name: [] for name in calls}, visits={name: [] for name in calls},
-                        load_before=load_average(), statistic=statistic)
+                        load_before=load_average(), statistic=statistic, alternate=alternate)
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -219,13 +262,40 @@ def ratio_stats(numerator: list[float], denominator: list[float], confidence: fl
     if len(numerator) != len(denominator) or not numerator:
         raise ValueError(f"need the same, non-zero number of rounds on both sides ({len(numerator)} vs "
                          f"{len(denominator)})")
-    ratios = [a / b for a, b in zip(numerator, denominator)]
-    ordered = sorted(ratios)
+    return _clustered_stats([[a / b] for a, b in zip(numerator, denominator)], confidence, samples, seed)
+
+
+def paired_ratio_stats(numerator: list[list[float]], denominator: list[list[float]], confidence: float = 0.95,
+                       samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> RatioStats:
+    """Ratios of runs timed side by side (the i-th runs of two calls' visits in a round, taken in turns).
+
+    The figure is the median of every such ratio, not of one ratio per round:
+    two runs tens of milliseconds apart share the machine's load far more
+    often than two whole visits do, and the median of many short pairs
+    ignores the few a load change fell between. Ratios of one round are not
+    independent (a round sees one stretch of load), so the bootstrap resamples
+    whole rounds: a run whose load changed from round to round gets a wider
+    interval, as it should. ``numerator[k]`` and ``denominator[k]`` are round
+    k's runs, in the order they were timed.
+    """
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"need the same, non-zero number of rounds on both sides ({len(numerator)} vs "
+                         f"{len(denominator)})")
+    rounds = [[a / b for a, b in zip(runs, peer)] for runs, peer in zip(numerator, denominator)]
+    if not all(rounds):
+        raise ValueError("every round needs at least one run on both sides")
+    return _clustered_stats(rounds, confidence, samples, seed)
+
+
+def _clustered_stats(rounds: list[list[float]], confidence: float, samples: int, seed: int) -> RatioStats:
+    """Median, IQR and bootstrap interval of the median of every ratio, resampling whole rounds."""
+    ratios = sorted(ratio for ratios in rounds for ratio in ratios)
     rng = random.Random(seed)
-    medians = sorted(_median(rng.choices(ratios, k=len(ratios))) for _ in range(samples))
+    medians = sorted(_median([ratio for ratios in rng.choices(rounds, k=len(rounds)) for ratio in ratios])
+                     for _ in range(samples))
     tail = (1.0 - confidence) / 2
-    return RatioStats(ratio=_median(ratios), iqr=(_quantile(ordered, 0.25), _quantile(ordered, 0.75)),
-                      interval=(_quantile(medians, tail), _quantile(medians, 1.0 - tail)), rounds=len(ratios),
+    return RatioStats(ratio=_median(ratios), iqr=(_quantile(ratios, 0.25), _quantile(ratios, 0.75)),
+                      interval=(_quantile(medians, tail), _quantile(medians, 1.0 - tail)), rounds=len(rounds),
                       confidence=confidence)
 
 
@@ -255,14 +325,27 @@ def half_width_pct(stats: RatioStats) -> float:
     return (high - low) / 2.0
 
 
+def pair_stats(timed: RoundTimes, numerator: str, denominator: str, samples: int = BOOTSTRAP_SAMPLES
+               ) -> RatioStats | None:
+    """The overhead statistics of two timed calls: paired runs when they took turns, else per-round figures.
+
+    None when either call has no rounds (it was not timed) or their rounds differ in number.
+    """
+    rounds, peer = timed.per_round.get(numerator), timed.per_round.get(denominator)
+    if not rounds or not peer or len(rounds) != len(peer):
+        return None
+    if timed.alternate:
+        return paired_ratio_stats(timed.visits[numerator], timed.visits[denominator], samples=samples)
+    return ratio_stats(rounds, peer, samples=samples)
+
+
 def intervals_narrow(timed: RoundTimes, pairs: list[tuple[str, str]], target_pct: float) -> bool:
     """True when every pair's (numerator, denominator) overhead interval is at most +-``target_pct`` points.
 
     Pairs whose calls have no rounds (a call that was not timed) are skipped.
     """
     for numerator, denominator in pairs:
-        rounds, peer = timed.per_round.get(numerator), timed.per_round.get(denominator)
-        if rounds and peer and len(rounds) == len(peer):
-            if half_width_pct(ratio_stats(rounds, peer, samples=CHECK_SAMPLES)) > target_pct:
-                return False
+        stats = pair_stats(timed, numerator, denominator, samples=CHECK_SAMPLES)
+        if stats is not None and half_width_pct(stats) > target_pct:
+            return False
     return True

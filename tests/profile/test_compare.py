@@ -98,12 +98,16 @@ def test_compare_bundle_writes_table_and_chart_from_the_profile(tmp_path, capsys
     profile = read_profile(bundle)
     rows = {row["graph"]: row for row in written["rows"]}
     merged, branched = profile.graph("merged.fp32"), profile.graph("branched.fp32")
-    # the overhead is the median of within-round ratios of the profile's rounds (runs 10 = 2 rounds of 5)
-    assert len(branched.rounds_ms) == len(merged.rounds_ms) == 2
-    ratios = sorted(b / m for b, m in zip(branched.rounds_ms, merged.rounds_ms))
-    assert rows["branched.fp32"]["overhead_pct"] == pytest.approx(100 * (sum(ratios) / 2 - 1))
+    # the forms took turns (runs 10 = 2 rounds of 5): the overhead is the median ratio of each branched run to
+    # the merged run beside it, its interval between the medians of the two rounds' ratios
+    assert len(branched.visits_ms) == len(merged.visits_ms) == 2 and profile.settings["spinning"] is False
+    assert [len(visit) for visit in branched.visits_ms] == [5, 5] and profile.settings["runs_alternate"] is True
+    assert branched.rounds_ms == pytest.approx([sorted(visit)[2] for visit in branched.visits_ms], abs=1e-3)
+    pairs = [[b / m for b, m in zip(*visits)] for visits in zip(branched.visits_ms, merged.visits_ms)]
+    everything = sorted(ratio for ratios in pairs for ratio in ratios)
+    assert rows["branched.fp32"]["overhead_pct"] == pytest.approx(100 * ((everything[4] + everything[5]) / 2 - 1))
     low, high = rows["branched.fp32"]["overhead_interval_pct"]
-    assert 100 * (ratios[0] - 1) - 1e-9 <= low <= high <= 100 * (ratios[1] - 1) + 1e-9
+    assert 100 * (min(everything) - 1) - 1e-9 <= low <= high <= 100 * (max(everything) - 1) + 1e-9
     assert rows["branched.fp32"]["verdict"] in ("faster", "slower", "equivalent", "not distinguishable")
     assert rows["merged.fp32"]["verdict"] is None
     assert set(written["load_average"]) == {"before", "after"} and written["rounds"] == 2
@@ -113,7 +117,7 @@ def test_compare_bundle_writes_table_and_chart_from_the_profile(tmp_path, capsys
     assert written["base_flops_per_item"] is None and rows["branched.fp32"]["extra_flops_pct"] is None
     markdown = (bundle / "reports" / "compare.md").read_text()
     assert "| branched.fp32 | measured |" in markdown and "latency.png" in markdown
-    assert "Load average" in markdown and "within-round ratio" in markdown
+    assert "Load average" in markdown and "take turns one run at a time" in markdown
     png = (bundle / "reports" / "latency.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
@@ -152,7 +156,7 @@ def test_measure_settings_are_validated_and_the_run_cap_follows_the_runs(capsys)
     assert MeasureSpec(runs=40).run_cap == 200 and MeasureSpec(runs=40, max_runs=60).run_cap == 60
     assert MeasureSpec(runs=40, max_runs=10).run_cap == 40 and MeasureSpec(runs=40, target_interval_pct=0).run_cap == 40
     for bad in (dict(target_interval_pct=-1.0), dict(time_budget_s=float("inf")), dict(max_runs=-1),
-                dict(target_interval_pct="1")):
+                dict(target_interval_pct="1"), dict(spinning="no")):
         with pytest.raises(ConfigError):
             MeasureSpec(**bad)
     with pytest.raises(SystemExit) as exit_info:
@@ -188,6 +192,29 @@ def test_converged_says_whether_each_interval_reached_the_target_and_the_note_na
     assert "'equivalent' when it lies inside ±1%" in line
     untargeted = comparison_rows(graphs, [], seq=16, adapter_flops={"a": 0}, base_flops_per_item=None)
     assert all(row["converged"] is None for row in untargeted)
+
+
+def test_overheads_come_from_paired_runs_when_the_forms_took_turns_else_from_rounds():
+    # the machine's speed changes from one pair of runs to the next (levels 10, 13, 30 ms): hot-swap is +3% in
+    # every pair of runs timed in turns; runs that were not (paired by index anyway) spread by over 20 points
+    levels = [[10.0, 13.0, 30.0, 13.0, 10.0], [30.0, 30.0, 10.0, 13.0, 10.0]] * 10
+    hotswap_runs = [[1.03 * level for level in visit] for visit in levels]
+    reordered = [sorted(visit) for visit in hotswap_runs]  # the per-visit medians of an unpaired design
+    merged = GraphProfile(name="merged.fp32", form="merged", precision="fp32", adapter="a",
+                          latency_ms={"p50": 13.0, "p90": 30.0}, rounds_ms=[13.0, 13.0] * 10, visits_ms=levels)
+    hotswap = GraphProfile(name="hotswap.fp32", form="hotswap", precision="fp32", adapter="a",
+                           latency_ms={"p50": 13.4, "p90": 31.0}, rounds_ms=[1.03 * 13.0] * 20,
+                           visits_ms=hotswap_runs)
+    row = comparison_rows([merged, hotswap], [], seq=16, adapter_flops={"a": 0}, base_flops_per_item=None,
+                          target_pct=1.0)[1]
+    assert row["overhead_pct"] == pytest.approx(3.0) and row["overhead_interval_pct"] == pytest.approx([3.0, 3.0])
+    assert row["verdict"] == "slower" and row["converged"] is True
+    hotswap.visits_ms = reordered  # runs that did not take turns cannot be paired by index
+    row = comparison_rows([merged, hotswap], [], seq=16, adapter_flops={"a": 0}, base_flops_per_item=None)[1]
+    assert row["overhead_iqr_pct"][1] - row["overhead_iqr_pct"][0] > 20
+    merged.visits_ms = hotswap.visits_ms = []  # a profile written before runs alternated: one ratio per round
+    row = comparison_rows([merged, hotswap], [], seq=16, adapter_flops={"a": 0}, base_flops_per_item=None)[1]
+    assert row["overhead_pct"] == pytest.approx(3.0) and row["overhead_iqr_pct"] == pytest.approx([3.0, 3.0])
 
 
 def test_compare_fails_like_profile_when_a_provider_is_missing(tmp_path):

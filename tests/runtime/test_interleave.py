@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lora_edge.runtime.interleave import (EQUIVALENT, FASTER, SAME, SLOWER, RoundTimes, half_width_pct,
-                                         intervals_narrow, ratio_stats, split_runs, time_rounds, verdict,
-                                         visit_units)
+                                         intervals_narrow, pair_stats, paired_ratio_stats, ratio_stats, split_runs,
+                                         time_rounds, verdict, visit_units)
 
 
 def test_time_rounds_visits_every_call_once_per_round_in_shuffled_orders():
@@ -145,3 +145,67 @@ def test_intervals_narrow_only_when_every_pair_is_within_the_target():
     assert not intervals_narrow(timed, [("quiet", "merged"), ("noisy", "merged")], target_pct=1.0)
     assert intervals_narrow(timed, [("noisy", "merged")], target_pct=50.0)
     assert intervals_narrow(timed, [("untimed", "merged")], target_pct=1.0)  # a call without rounds is skipped
+
+
+def test_alternating_calls_take_turns_one_run_at_a_time_inside_their_group():
+    visits = []
+    calls = {name: (lambda name=name: visits.append(name)) for name in "abc"}
+    timed = time_rounds(calls, rounds=6, runs=4, warmup=0, gap_s=0.0, visit_warmup=1, seed=3,
+                        groups=[["a", "b", "c"]], alternate=True)
+    assert timed.alternate and timed.rounds == 6
+    assert all(len(timed.visits[name]) == 6 and all(len(v) == 4 for v in timed.visits[name]) for name in calls)
+    assert all(timed.per_round[name] == [sorted(v)[1] / 2 + sorted(v)[2] / 2 for v in timed.visits[name]]
+               for name in calls)
+    orders = []
+    for start in range(0, len(visits), 15):  # a round: one untimed run each, then 4 cycles of one run each
+        round_ = visits[start:start + 15]
+        assert sorted(round_[:3]) == list("abc")
+        cycles = [tuple(round_[i:i + 3]) for i in range(3, 15, 3)]
+        assert all(sorted(cycle) == list("abc") for cycle in cycles)
+        orders.extend(cycles)
+    assert len(visits) == 6 * 15 and len(set(orders)) > 2  # the order inside a cycle changes
+
+
+def test_paired_ratios_cancel_a_load_that_changes_inside_a_visit():
+    import random
+
+    rng = random.Random(11)
+    merged, branched = [], []
+    for _ in range(20):  # the machine's speed jumps between levels from one pair of runs to the next
+        levels = [rng.choice((10.0, 13.0, 30.0)) for _ in range(5)]
+        merged.append(levels)
+        branched.append([1.04 * level for level in levels])
+    stats = paired_ratio_stats(branched, merged)
+    assert stats.overhead_pct == pytest.approx(4.0) and stats.interval_pct == pytest.approx((4.0, 4.0))
+    # one figure per call and visit (its median) mixes the levels: the per-round ratio moves far from +4%
+    per_round = ratio_stats([sorted(v)[2] for v in branched], [sorted(v)[2] for v in merged])
+    assert per_round.overhead_pct == pytest.approx(4.0)  # same levels in the same order: the medians pair too
+    shuffled = [rng.sample(v, len(v)) for v in branched]  # the same runs in another order (a coarse visit)
+    assert paired_ratio_stats(shuffled, merged).iqr[1] - paired_ratio_stats(shuffled, merged).iqr[0] > 0.1
+    with pytest.raises(ValueError):
+        paired_ratio_stats([[1.0]], [[1.0], [2.0]])
+    with pytest.raises(ValueError):
+        paired_ratio_stats([[]], [[1.0]])
+
+
+def test_the_paired_interval_resamples_rounds_not_runs():
+    # five identical ratios per round, rounds alternating +0% and +10%: 10 rounds of evidence, not 50 runs
+    merged = [[10.0] * 5 for _ in range(10)]
+    branched = [[10.0 if k % 2 else 11.0] * 5 for k in range(10)]
+    paired = paired_ratio_stats(branched, merged)
+    assert paired.rounds == 10
+    assert paired.interval == pytest.approx(ratio_stats([v[0] for v in branched], [v[0] for v in merged]).interval)
+    assert half_width_pct(paired) > 2.0 and verdict(paired) == SAME
+
+
+def test_pair_stats_pairs_runs_only_when_the_calls_took_turns():
+    visits = {"a": [[10.0, 30.0, 10.0]] * 4, "m": [[10.0, 10.0, 30.0]] * 4}
+    per_round = {name: [sorted(v)[1] for v in runs] for name, runs in visits.items()}
+    turns = RoundTimes(per_round=per_round, visits=visits, alternate=True)
+    apart = RoundTimes(per_round=per_round, visits=visits)
+    assert pair_stats(turns, "a", "m").ratio == pytest.approx(1.0)  # median of 1, 3 and 1/3
+    assert pair_stats(apart, "a", "m").ratio == pytest.approx(1.0)  # median of 10/10 per round
+    assert pair_stats(turns, "a", "x") is None
+    # the pairs show the spread between runs that one figure per visit hides
+    assert pair_stats(turns, "a", "m").iqr == pytest.approx((1.0 / 3.0, 3.0))
+    assert pair_stats(apart, "a", "m").iqr == pytest.approx((1.0, 1.0))
