@@ -204,16 +204,17 @@ def name_rank_dims(model: "onnx.ModelProto", slots: list) -> bool:
     then only partly renamed: trace again with dynamic ranks) when a rank
     reaches any other op, or an axis that is not the static rank's size.
     """
-    from lora_edge.export.hotswap import TRACE_RANK
-
     graph = model.graph
     typed = {value.name: value for value in list(graph.input) + list(graph.value_info)}
     carried: dict[str, dict[int, str]] = {}  # value -> {axis: rank dim name}
+    sizes: dict[str, int] = {}  # rank dim name -> the static size it was traced with
     for slot in slots:
         if slot.rank_axis is not None and slot.name in typed:
             carried[slot.name] = dict(slot.dynamic)
+            dims = typed[slot.name].type.tensor_type.shape.dim
+            sizes.update((name, dims[axis].dim_value) for axis, name in slot.dynamic if axis < len(dims))
     for name, axes in list(carried.items()):
-        if not _rename_axes(typed[name], axes, TRACE_RANK):
+        if not _rename_axes(typed[name], axes, sizes):
             return False
     for node in graph.node:
         reads = [(index, carried[name]) for index, name in enumerate(node.input) if name in carried]
@@ -225,7 +226,7 @@ def name_rank_dims(model: "onnx.ModelProto", slots: list) -> bool:
         if axes:
             carried[node.output[0]] = axes
             value = typed.get(node.output[0])
-            if value is not None and not _rename_axes(value, axes, TRACE_RANK):
+            if value is not None and not _rename_axes(value, axes, sizes):
                 return False
     return True
 
@@ -254,11 +255,11 @@ def _rank_axes_after(node, reads: list[tuple[int, dict[int, str]]], typed: dict)
     return None
 
 
-def _rename_axes(value, axes: dict[int, str], size: int) -> bool:
-    """Give ``value``'s static axes of ``size`` their dim names; False when such an axis is missing or of another size."""
+def _rename_axes(value, axes: dict[int, str], sizes: dict[str, int]) -> bool:
+    """Name ``value``'s static rank axes; False when such an axis is missing or not of the size the rank was traced with."""
     dims = value.type.tensor_type.shape.dim
     for axis, name in axes.items():
-        if axis >= len(dims) or dims[axis].dim_value != size:
+        if axis >= len(dims) or not sizes.get(name) or dims[axis].dim_value != sizes[name]:
             return False
         dims[axis].dim_param = name
     return True
