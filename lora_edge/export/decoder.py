@@ -79,7 +79,10 @@ def _padding_layer_class() -> type:
 
         def __init__(self, past_key, past_value, is_real):
             super().__init__()
-            super().update(past_key, past_value)
+            # The given past as it is: ``update`` would concatenate it to an empty tensor, 3 traced ops per
+            # tensor that the graph optimizer removes again (torch.export's time grows with the ops it traces).
+            self.lazy_initialization(past_key, past_value)  # its empty tensors are not read: not traced
+            self.keys, self.values = past_key, past_value
             self.keep = is_real[:, None, :, None]  # broadcast over [batch, heads, sequence, head_dim]
 
         def update(self, key_states, value_states, *args, **kwargs):

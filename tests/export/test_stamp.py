@@ -98,18 +98,28 @@ def _run_hotswap(traced, weights, task_io, tensors, path):
 
 @pytest.mark.slow  # two traces of each model: ~25 s each arch on 2 quiet cores
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_stamped_trace_computes_what_the_full_trace_computes(arch, deep_model, tmp_path_factory, tmp_path):
+def test_a_stamped_trace_computes_what_the_full_trace_computes(arch, deep_model, tmp_path_factory, tmp_path,
+                                                               monkeypatch):
     """Same ops, inputs and outputs as tracing every layer, and the same outputs on the verify inputs (with an adapter)."""
+    import lora_edge.export.stamp as stamp
     from lora_edge.export.exporter import trace_in_memory
     from lora_edge.export.hotswap import add_default_initializers, adapter_tensors, hotswap_graph_io
     from lora_edge.export.stamp import trace_stamped
 
+    original, named = stamp.name_rank_dims, []
+
+    def recording(*args):
+        named.append(original(*args))
+        return named[-1]
+
+    monkeypatch.setattr(stamp, "name_rank_dims", recording)
     adapter = _adapter(tmp_path_factory, deep_model(arch), arch)
     model, slots, context, io, task_io, reference = _hotswap_io(deep_model(arch), adapter)
     tensors = adapter_tensors(reference, slots)
     full, full_weights = trace_in_memory(io, None, "full")
     stamped, stamped_weights = trace_stamped(model, slots, context, io, lambda s, c: hotswap_graph_io(model, s, c)[0],
                                              None, "stamped")
+    assert named == [True]  # the twin traced once, with static ranks, and its rank axes named
     for traced in (full, stamped):
         add_default_initializers(traced, {}, slots)
     ops = [collections.Counter(node.op_type for node in m.graph.node) for m in (full, stamped)]
@@ -117,6 +127,8 @@ def test_a_stamped_trace_computes_what_the_full_trace_computes(arch, deep_model,
     assert [v.name for v in full.graph.input] == [v.name for v in stamped.graph.input]
     assert [str(v.type) for v in full.graph.input] == [str(v.type) for v in stamped.graph.input]
     assert [v.name for v in full.graph.output] == [v.name for v in stamped.graph.output]
+    # the twin is traced with static ranks: its values' rank axes are named again, as in a trace of every layer
+    assert _rank_dims(stamped) == _rank_dims(full) and len(_rank_dims(full)) == len(slots) // 2
     # the stamped layers' weights are the model's own tensors of those layers (no copy for large ones)
     layer_names = [init.name for init in stamped.graph.initializer if f".{LAYERS - 1}." in init.name]
     assert layer_names and set(layer_names) <= {init.name for init in full.graph.initializer}
@@ -125,6 +137,54 @@ def test_a_stamped_trace_computes_what_the_full_trace_computes(arch, deep_model,
     for want, got in zip(expected, actual, strict=True):
         for a, b in zip(want, got, strict=True):
             np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+
+
+def _rank_dims(model) -> collections.Counter:
+    """How many values' types name each LoRA rank axis (the inputs and what they reach)."""
+    return collections.Counter(dim.dim_param for value in list(model.graph.input) + list(model.graph.value_info)
+                               for dim in value.type.tensor_type.shape.dim if dim.dim_param.startswith("rank_"))
+
+
+def _lora_graph(last_op: str = "MatMul"):
+    """x [b, 4] -> MatMul(x, Aᵀ) -> ``last_op``(·, Bᵀ): a LoRA branch as the twin's trace writes it (rank static 2)."""
+    from onnx import TensorProto, helper
+
+    from lora_edge.export.hotswap import TRACE_RANK, SwapSlot
+
+    slots = [SwapSlot("a", "m", "lora_A", "lora_A", (0, 4), ((0, "rank_0"),)),
+             SwapSlot("b", "m", "lora_B", "lora_B", (6, 0), ((1, "rank_0"),))]
+    nodes = [helper.make_node("Transpose", ["a"], ["at"], perm=[1, 0]),
+             helper.make_node("Transpose", ["b"], ["bt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "at"], ["xa"]),
+             helper.make_node(last_op, ["xa", "bt"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+              helper.make_tensor_value_info("a", TensorProto.FLOAT, [TRACE_RANK, 4]),
+              helper.make_tensor_value_info("b", TensorProto.FLOAT, [6, TRACE_RANK])]
+    infos = [helper.make_tensor_value_info("at", TensorProto.FLOAT, [4, TRACE_RANK]),
+             helper.make_tensor_value_info("bt", TensorProto.FLOAT, [TRACE_RANK, 6]),
+             helper.make_tensor_value_info("xa", TensorProto.FLOAT, ["batch", TRACE_RANK])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              value_info=infos)
+    return helper.make_model(graph), slots
+
+
+def test_the_rank_axes_of_a_static_rank_trace_get_their_names():
+    from lora_edge.export.stamp import name_rank_dims
+
+    model, slots = _lora_graph()
+    assert name_rank_dims(model, slots)
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.input) + list(model.graph.value_info)}
+    assert shapes == {"x": ["batch", 4], "a": ["rank_0", 4], "b": [6, "rank_0"], "at": [4, "rank_0"],
+                      "bt": ["rank_0", 6], "xa": ["batch", "rank_0"]}
+
+
+def test_a_rank_that_reaches_an_op_it_cannot_follow_asks_for_a_dynamic_trace():
+    """An Add of [b, r] and [r, 6] (or anything but Transpose/MatMul): where the rank goes is not known."""
+    from lora_edge.export.stamp import name_rank_dims
+
+    model, slots = _lora_graph("Add")
+    assert not name_rank_dims(model, slots)
 
 
 def test_every_form_of_a_stamped_export_matches_pytorch(deep_model, tmp_path_factory, tmp_path):
