@@ -44,9 +44,9 @@ def peak_rss_mb() -> float:
 
 def lora_edge_engine(args):
     from lora_edge.runtime.generate import BoundAdapter, DecoderRunner, generate
-    from lora_edge.runtime.session import SessionSettings, create_session
+    from lora_edge.runtime.session import create_session, decoder_settings
 
-    session = create_session(args.graph, SessionSettings(intra_op_threads=args.threads, inter_op_threads=1))
+    session = create_session(args.graph, decoder_settings(args.threads))
     runner = DecoderRunner(session)
     adapter = BoundAdapter.load(args.adapter) if args.adapter else None
 

@@ -157,7 +157,7 @@ def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: 
     from lora_edge.core.manifest import find_task_graph
     from lora_edge.core.choices import Task
     from lora_edge.core.models import load_config
-    from lora_edge.runtime.session import create_session
+    from lora_edge.runtime.session import create_session, decoder_settings
     from lora_edge.runtime.tokenizer import load_bundle_tokenizer
 
     bundle = Path(bundle)
@@ -167,7 +167,7 @@ def generate_from_bundle(bundle: Path, graph: str, prompts: list[str], adapter: 
     onnx_dir = bundle / ONNX_DIR
     tokenizer = load_bundle_tokenizer(onnx_dir)
     config = load_config(onnx_dir)
-    session = create_session(bundle / record.file, settings)
+    session = create_session(bundle / record.file, settings or decoder_settings())
     chosen, lora = adapter_for_run(bundle, record, manifest, adapter, session)
     runner = DecoderRunner(session, context_length(config))
     eos, pad = special_ids(config, tokenizer)

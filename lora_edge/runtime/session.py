@@ -39,6 +39,10 @@ class SessionSettings:
     log_severity: int = DEFAULT_LOG_SEVERITY
     config_entries: dict[str, str] = field(default_factory=dict)  # add_session_config_entry, e.g. spinning
     optimized_model_path: str | None = None  # where ORT writes the graph it optimized (benchmarks read it)
+    # weights memory-mapped from the graph file, pages read only while loading dropped (runtime/mapped_graph.py)
+    map_weights: bool = False
+    # ORT's CPU memory arena; off, each tensor comes from malloc and goes back to it (decoder_settings)
+    cpu_arena: bool = True
 
 
 OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -74,6 +78,7 @@ def create_session(graph: str | Path | bytes, settings: SessionSettings | None =
                                        "install onnxruntime-gpu on a host with that device, or pass --allow-fallback")
     options = onnxruntime.SessionOptions()
     options.log_severity_level = settings.log_severity
+    options.enable_cpu_mem_arena = settings.cpu_arena
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel,
@@ -91,13 +96,30 @@ def create_session(graph: str | Path | bytes, settings: SessionSettings | None =
         requested.append((CPU, {}))
     names = [name for name, _ in requested]
     provider_options = [opts for _, opts in requested]
-    session = _open_session(onnxruntime, graph, options, names, provider_options)
+    if settings.map_weights and not isinstance(graph, bytes):
+        session = _open_mapped(onnxruntime, Path(graph), options, names, provider_options)
+    else:
+        session = _open_session(onnxruntime, graph, options, names, provider_options)
     wanted = [name for name, _ in settings.providers]
     dropped = [name for name in wanted if name not in session.get_providers()]
     if dropped and not settings.allow_fallback:
         raise ProviderUnavailableError(f"the session did not take {dropped[0]}", _where(graph),
                                        "check the provider options and drivers, or pass --allow-fallback")
     return session
+
+
+def decoder_settings(intra_op_threads: int = 0) -> SessionSettings:
+    """Settings of a CPU decoding session (``lora-edge generate``, the LLM benchmark): mapped weights, no arena.
+
+    The weights are mapped from the graph file (:func:`_open_mapped`).
+    A decode step's tensors are a few KB (the KV cache and the logits are bound
+    buffers), which malloc serves as fast; the arena's chunks kept ~6 MB more
+    resident over a few generations. SmolLM2-135M int4 (88.5 MB) peaks at
+    204 MB in the LLM benchmark's decode worker, 261 MB before these settings
+    (benchmarks/README.md, "Peak RSS of int4 decode").
+    """
+    return SessionSettings(intra_op_threads=intra_op_threads, inter_op_threads=1 if intra_op_threads else 0,
+                           map_weights=True, cpu_arena=False)
 
 
 # ONNX Runtime's errors that mean "this file is not a graph it can load" (a bundle problem, not a bug).
@@ -127,6 +149,40 @@ def _open_session(onnxruntime, graph, options, names: list[str], provider_option
         detail = str(exc).split(" failed:", 1)[-1].strip().splitlines()[0][:160]
         raise BundleError(f"ONNX Runtime cannot load the graph ({detail})", graph,
                           "re-run lora-edge export (or quantize) for this graph") from None
+
+
+def _open_mapped(onnxruntime, graph: Path, options, names: list[str], provider_options: list[dict]):
+    """A session of ``graph`` whose large initializers ONNX Runtime maps from the file (runtime/mapped_graph.py).
+
+    After loading, the pages of the file that loading read (originals that
+    prepacking copied but ONNX Runtime keeps, e.g. MatMulNBits scales, or an
+    embedding table shared with the LM head, of which a step reads a row) are
+    dropped from the RSS; a kernel that reads one again gets it from the file.
+    The file must not be rewritten in place while the session lives (lora-edge
+    replaces files by rename, which leaves the mapped one intact). A file the
+    walk cannot read is opened the ordinary way (which reports what is wrong).
+    """
+    from lora_edge.runtime.mapped_graph import MalformedGraph, mapped_twin
+
+    resolved = graph.resolve()  # the twin names the file itself, in its own folder (not a link to it)
+    try:
+        twin = mapped_twin(resolved)
+    except (MalformedGraph, OSError):
+        return _open_session(onnxruntime, graph, options, names, provider_options)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(resolved.parent))
+    try:
+        session = onnxruntime.InferenceSession(twin, sess_options=options, providers=names,
+                                               provider_options=provider_options)
+    except Exception as exc:
+        if exc.__class__.__name__ not in UNLOADABLE_GRAPH_ERRORS:
+            raise
+        detail = str(exc).split(" failed:", 1)[-1].strip().splitlines()[0][:160]
+        raise BundleError(f"ONNX Runtime cannot load the graph ({detail})", graph,
+                          "re-run lora-edge export (or quantize) for this graph") from None
+    del twin
+    release_freed_memory()
+    drop_clean_mapped_pages([resolved])
+    return session
 
 
 def load_lora_adapter(adapter_file: str | Path) -> "onnxruntime.LoraAdapter":
@@ -271,6 +327,42 @@ def release_freed_memory() -> None:
 
 
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+
+
+def drop_clean_mapped_pages(files: list[Path]) -> int:
+    """Like :func:`drop_mapped_pages`, but only mappings of ``files`` that no one wrote to; returns the bytes
+    advised.
+
+    A mapping without anonymous (copy-on-write) pages holds the file's bytes
+    only, so dropping its pages loses nothing: a later read gets the same
+    bytes from the file. Mappings with a written page are left alone.
+    Linux only (``/proc/self/smaps``, ``madvise``); elsewhere a no-op.
+    """
+    import ctypes
+
+    targets = {str(Path(file).resolve()) for file in files}
+    try:
+        with open("/proc/self/smaps") as smaps:
+            lines = smaps.readlines()
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return 0
+    clean, current = [], None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            current = None
+            if len(fields) == 6 and fields[5].strip() in targets:
+                current = [int(value, 16) for value in fields[0].split("-")]
+                clean.append(current)
+        elif current is not None and fields[0] == "Anonymous:" and int(fields[1]) > 0:
+            clean.remove(current)
+            current = None
+    dropped = 0
+    for start, end in clean:
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
 
 
 def drop_mapped_pages(files: list[Path]) -> int:

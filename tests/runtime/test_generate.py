@@ -535,3 +535,27 @@ def test_profiler_times_a_shared_cache_graph_as_generate_runs_it(bundles, tmp_pa
     for phase in ("prefill", "decode", "decode"):  # the decode step runs again on the same buffers
         want, got = getattr(plain, phase)()[0], getattr(fused, phase)()[0]
         np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def test_int4_decoder_with_mapped_weights_generates_the_same(bundles, tmp_path):
+    """decoder_settings (weights mapped from the file, loaded pages dropped, no arena): an int4 decoder's
+    prefill logits and greedy tokens equal an ordinary session's, two generations in a row (each releases
+    its cache)."""
+    from lora_edge.quantize.quantizer import quantize_graph
+    from lora_edge.runtime.session import decoder_settings
+
+    bundle, graph = bundles("llama", Form.MERGED)
+    result = quantize_graph(bundle / find_graph(bundle, graph).file, tmp_path / "merged.int4.onnx", "int4",
+                            task="causal-lm")
+    plain = DecoderRunner(create_session(result.path), max_positions=128)
+    mapped = DecoderRunner(create_session(result.path, decoder_settings(1)), max_positions=128)
+    ids = np.array([[5, 9, 14, 3, 27, 8]], dtype=np.int64)
+    mask, positions = np.ones_like(ids), np.arange(ids.shape[1])[None]
+    want, _ = plain.bound_step(ids, mask, positions, None)
+    got, _ = mapped.bound_step(ids, mask, positions, None)
+    np.testing.assert_array_equal(got, want)
+    prompts = [[5, 9, 14, 3], [7, 7, 2, 30, 11]]
+    expected = generate(plain, prompts, 12, pad_token_id=0).new_ids
+    for _ in range(2):
+        assert generate(mapped, prompts, 12, pad_token_id=0).new_ids == expected
+        assert not mapped._bindings  # the generation's cache buffers are not kept
