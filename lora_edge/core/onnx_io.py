@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     import onnx
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """``value`` as a protobuf base-128 varint (the writers and readers of raw graph bytes share it)."""
     out = bytearray()
     while True:
         low, value = value & 0x7F, value >> 7
@@ -49,8 +50,8 @@ def _write_records(model: "onnx.ModelProto", path: str | Path, serialize) -> Non
         out.write(shell.SerializeToString())
         for tensor in model.graph.initializer:
             record = serialize(tensor)
-            record = _INITIALIZER_KEY + _varint(len(record)) + record
-            out.write(_GRAPH_KEY + _varint(len(record)) + record)
+            record = _INITIALIZER_KEY + varint(len(record)) + record
+            out.write(_GRAPH_KEY + varint(len(record)) + record)
 
 
 def weightless_twin(model: "onnx.ModelProto", min_elements: int = 4096, any_weight: bool = False) -> "onnx.ModelProto":

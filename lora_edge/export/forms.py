@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Union
 
 from lora_edge.core.errors import ExportError
+from lora_edge.core.onnx_io import varint
 
 if TYPE_CHECKING:
     import numpy as np
@@ -360,17 +361,6 @@ def _fold(branch: Branch, tensors: dict, sources: dict, weight_inputs: dict, use
 
 # --- writing ------------------------------------------------------------------------------------------
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
 
 _GRAPH_FIELD = b"\x3a"        # ModelProto.graph = 7, length-delimited
 _INITIALIZER_FIELD = b"\x2a"  # GraphProto.initializer = 5, length-delimited
@@ -435,7 +425,7 @@ _RAW_DATA_FIELD = b"\x4a"  # TensorProto.raw_data = 9, length-delimited
 
 def _lazy_head(name: str, source: Lazy, length: int) -> bytes:
     """A lazy tensor's TensorProto encoding up to its raw bytes (name, type, dims, raw_data's tag and length)."""
-    return stub_tensor(name, source).SerializeToString() + _RAW_DATA_FIELD + _varint(length)
+    return stub_tensor(name, source).SerializeToString() + _RAW_DATA_FIELD + varint(length)
 
 
 def _raw(source: Source):
@@ -523,15 +513,15 @@ def _layout(shell: "onnx.ModelProto", derived: Derived, external_bytes: int | No
             plan.append((name, source, None, len(_lazy_head(name, source, length)) + length))
         else:
             plan.append((name, source, None, source.ByteSize()))
-    graph_size = len(graph_bytes) + sum(1 + len(_varint(size)) + size for *_, size in plan)
-    return head.SerializeToString() + _GRAPH_FIELD + _varint(graph_size) + graph_bytes, plan, offset
+    graph_size = len(graph_bytes) + sum(1 + len(varint(size)) + size for *_, size in plan)
+    return head.SerializeToString() + _GRAPH_FIELD + varint(graph_size) + graph_bytes, plan, offset
 
 
 def _write(out, data, head: bytes, plan: list, where) -> None:
     """Write the model ``head`` then each initializer of ``plan`` to ``out`` (external values to ``data``)."""
     out.write(head)
     for name, source, stub, size in plan:
-        out.write(_INITIALIZER_FIELD + _varint(size))
+        out.write(_INITIALIZER_FIELD + varint(size))
         if stub is not None:
             values = _raw(source)
             data.write(values)

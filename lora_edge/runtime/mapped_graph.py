@@ -134,7 +134,9 @@ def _delimited(field: int, payload: bytes) -> bytes:
     return _varint(field << 3 | LENGTH_DELIMITED) + _varint(len(payload)) + payload
 
 
+
 def _varint(value: int) -> bytes:
+    """A protobuf base-128 varint (this module imports nothing of lora-edge, as the runtime's loader)."""
     out = bytearray()
     while True:
         low, value = value & 0x7F, value >> 7

@@ -146,9 +146,14 @@ def _open_session(onnxruntime, graph, options, names: list[str], provider_option
     except Exception as exc:
         if exc.__class__.__name__ not in UNLOADABLE_GRAPH_ERRORS:
             raise
-        detail = str(exc).split(" failed:", 1)[-1].strip().splitlines()[0][:160]
-        raise BundleError(f"ONNX Runtime cannot load the graph ({detail})", graph,
-                          "re-run lora-edge export (or quantize) for this graph") from None
+        raise _unloadable(exc, graph) from None
+
+
+def _unloadable(exc: Exception, graph) -> BundleError:
+    """The BundleError for a graph file ONNX Runtime refused (its message's first line)."""
+    detail = str(exc).split(" failed:", 1)[-1].strip().splitlines()[0][:160]
+    return BundleError(f"ONNX Runtime cannot load the graph ({detail})", graph,
+                       "re-run lora-edge export (or quantize) for this graph")
 
 
 def _open_mapped(onnxruntime, graph: Path, options, names: list[str], provider_options: list[dict]):
@@ -176,9 +181,7 @@ def _open_mapped(onnxruntime, graph: Path, options, names: list[str], provider_o
     except Exception as exc:
         if exc.__class__.__name__ not in UNLOADABLE_GRAPH_ERRORS:
             raise
-        detail = str(exc).split(" failed:", 1)[-1].strip().splitlines()[0][:160]
-        raise BundleError(f"ONNX Runtime cannot load the graph ({detail})", graph,
-                          "re-run lora-edge export (or quantize) for this graph") from None
+        raise _unloadable(exc, graph) from None
     del twin
     release_freed_memory()
     drop_clean_mapped_pages([resolved])
