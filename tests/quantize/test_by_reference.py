@@ -190,3 +190,50 @@ def test_int4_matmuls_quantized_from_the_file_are_ort_quantizers_graph(options, 
     monkeypatch.setattr(methods, "_matmuls_only", lambda *args: False)
     ort = quantizer.quantize_graph(source, tmp_path / "ort.int4.onnx", "int4", options, task="causal-lm")
     assert direct.linears["quantized"] == 2 and direct.path.read_bytes() == ort.path.read_bytes()
+
+
+@pytest.mark.parametrize("form", [Form.MERGED, Form.HOTSWAP])
+def test_norm_fusions_on_indexed_lookups_give_the_graph_of_ort_s_own_model(form, bundles, monkeypatch):
+    """ORT's norm fusions searching through the indexed OnnxModel (maps built once, the same sweep sort) write
+    the graph they write through ORT's plain OnnxModel, byte for byte, and fuse every norm."""
+    import onnx
+
+    from lora_edge.export.cpu_fusion import name_all_nodes
+    from lora_edge.quantize import decoder
+
+    bundle, graph = bundles("llama", form)
+    source = onnx.load(bundle / find_graph(bundle, graph).file)
+    name_all_nodes(source)
+    fused = {}
+    for way in ("indexed", "plain"):
+        if way == "plain":
+            monkeypatch.setattr(decoder, "_indexed_onnx_model", lambda base, model: base(model))
+        report = decoder.DecoderFusionReport()
+        fused[way] = decoder.fuse_rms_norms(onnx.ModelProto.FromString(source.SerializeToString()), report)
+        assert report.skip_rms_norm >= 2 and report.rms_norm == 1, way
+    assert fused["indexed"].SerializeToString() == fused["plain"].SerializeToString()
+
+
+def test_the_sweep_sort_orders_as_ort_s_and_refuses_a_cycle():
+    """:func:`_sweep_sort` gives ORT's graph_topological_sort order on a shuffled graph and raises on a cycle."""
+    import random
+
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from lora_edge.quantize.decoder import _sweep_sort
+
+    nodes = [helper.make_node("Relu", ["x"], ["t0"], name="n0")]
+    for i in range(1, 40):
+        inputs = [f"t{random.Random(i).randrange(i)}", f"t{i - 1}"]
+        nodes.append(helper.make_node("Add", inputs, [f"t{i}"], name=f"n{i}"))
+    random.Random(0).shuffle(nodes)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("t39", TensorProto.FLOAT, [1])])
+    ours, theirs = graph.__deepcopy__(), graph.__deepcopy__()
+    _sweep_sort(ours)
+    OnnxModel.graph_topological_sort(theirs)
+    assert [n.name for n in ours.node] == [n.name for n in theirs.node] != [n.name for n in graph.node]
+    graph.node[0].input.append(graph.node[0].output[0])  # a node reading its own output
+    with pytest.raises(RuntimeError, match="not a DAG"):
+        _sweep_sort(graph)
