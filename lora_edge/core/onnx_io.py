@@ -43,6 +43,36 @@ def save_streamed(model: "onnx.ModelProto", path: str | Path) -> None:
     _write_records(model, path, lambda tensor: tensor.SerializeToString())
 
 
+def save_canonical(model: "onnx.ModelProto", path: str | Path) -> None:
+    """Write the bytes ``onnx.save`` writes for ``model`` (no external data), one initializer at a time.
+
+    Protobuf writes a message's fields in field-number order, each record as its
+    key, length and bytes, so the file is the model without its initializers
+    with each initializer's record spliced into the graph after its nodes and
+    name (GraphProto fields 1 and 2; initializers are field 5) and the graph's
+    length grown to match. No whole-model buffer: on this VM each fresh page
+    costs ~5-15 us, and an int4 SmolLM2-135M graph serialized whole was 0.26 s.
+    """
+    shell = _without_initializers(model)
+    head = shell.SerializeToString()
+    graph = next((f for f in _fields(head, 0, len(head)) if f[0] == _MODEL_GRAPH), None)
+    if graph is None or not model.graph.initializer:
+        with open(path, "wb") as out:
+            out.write(model.SerializeToString())
+        return
+    _, graph_start, value_start, value_end = graph
+    split = next((f[1] for f in _fields(head, value_start, value_end) if f[0] > _GRAPH_INITIALIZER), value_end)
+    sizes = [tensor.ByteSize() for tensor in model.graph.initializer]
+    records = sum(len(_INITIALIZER_KEY) + len(varint(size)) + size for size in sizes)
+    with open(path, "wb") as out:
+        out.write(head[:graph_start] + _GRAPH_KEY + varint(value_end - value_start + records))
+        out.write(head[value_start:split])
+        for tensor, size in zip(model.graph.initializer, sizes):
+            out.write(_INITIALIZER_KEY + varint(size))
+            out.write(tensor.SerializeToString())
+        out.write(head[split:])
+
+
 def _write_records(model: "onnx.ModelProto", path: str | Path, serialize) -> None:
     """The model without initializers, then one ``graph { initializer }`` record per initializer (``serialize``d)."""
     shell = _without_initializers(model)

@@ -546,10 +546,9 @@ def quantize_int4(job: QuantizeJob) -> dict:
 def _share_tied(model: "onnx.ModelProto", tied: "TiedEmbedding", path: Path) -> bool:
     """Order ``model`` as :func:`_save_int4` and conform it, make its lookup read the head's blocks, and save it
     to ``path`` (the graph of saving, conforming, sharing); False (nothing saved) when the blocks do not fit."""
-    import onnx
     from onnxruntime.quantization.onnx_model import ONNXModel
 
-    from lora_edge.core.onnx_io import resolve_references
+    from lora_edge.core.onnx_io import resolve_references, save_canonical
     from lora_edge.core.onnx_spec import conform
     from lora_edge.quantize.decoder import share_tied_embedding
 
@@ -558,7 +557,7 @@ def _share_tied(model: "onnx.ModelProto", tied: "TiedEmbedding", path: Path) -> 
     if not share_tied_embedding(model, tied):
         return False
     resolve_references(model)
-    onnx.save(model, str(path))
+    save_canonical(model, path)  # (onnx.save's bytes)
     return True
 
 
