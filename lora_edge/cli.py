@@ -568,6 +568,27 @@ def main(argv: list[str] | None = None) -> None:
     as_json = "--json" in args[:args.index("--")] if "--" in args else "--json" in args
     configure_progress(quiet="--quiet" in args)  # before tqdm is imported: bars on a terminal only
     try:
+        _run(args, debug, as_json)
+    finally:
+        if argv is None:  # the console script's process ends here
+            _skip_final_collection()
+
+
+def _skip_final_collection() -> None:
+    """Let the interpreter's exit skip its last garbage collection over every object alive (``gc.freeze``).
+
+    With torch and transformers imported that collection walks millions of
+    objects that the process's end frees anyway: 0.35-0.8 s after an export of
+    SmolLM2-135M, measured from the command's last line to its exit.
+    """
+    import gc
+
+    gc.freeze()
+
+
+def _run(args: list[str], debug: bool, as_json: bool) -> None:
+    """Run the click command line ``args``; every error becomes its one line and exit code (see :func:`main`)."""
+    try:
         cli.main(args=args, prog_name="lora-edge", standalone_mode=False)
     except LoraEdgeError as exc:
         if debug:
