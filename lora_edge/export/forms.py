@@ -428,13 +428,23 @@ def _lazy_head(name: str, source: Lazy, length: int) -> bytes:
     return stub_tensor(name, source).SerializeToString() + _RAW_DATA_FIELD + varint(length)
 
 
-def _raw(source: Source):
-    """A tensor's values as little-endian bytes (a zero-copy view for arrays)."""
+def _raw(source: Source, scratch: _Scratch):
+    """A tensor's values as little-endian bytes: a zero-copy view of a C-ordered array, else a copy in
+    ``scratch`` (valid until the next call).
+
+    The hot-swap graph's weights are ``W.T`` views of the model's
+    (:func:`lora_edge.export.exporter.fold_stub_transposes`): a fresh array for
+    each copy cost its pages again (SmolLM2-135M: 540 MB of them on each write).
+    """
     import numpy as np
 
     if not isinstance(source, Lazy):
         return source.raw_data  # only tensors with raw data are large enough to go external
-    values = np.ascontiguousarray(source(), dtype=np.dtype(source.dtype).newbyteorder("<"))
+    values, dtype = source(), np.dtype(source.dtype).newbyteorder("<")
+    if not (values.flags.c_contiguous and values.dtype == dtype):
+        target = scratch.take("raw", values.shape, dtype)
+        np.copyto(target, values, casting="unsafe")
+        values = target
     return memoryview(values).cast("B")
 
 
@@ -520,15 +530,16 @@ def _layout(shell: "onnx.ModelProto", derived: Derived, external_bytes: int | No
 def _write(out, data, head: bytes, plan: list, where) -> None:
     """Write the model ``head`` then each initializer of ``plan`` to ``out`` (external values to ``data``)."""
     out.write(head)
+    scratch = _Scratch()
     for name, source, stub, size in plan:
         out.write(_INITIALIZER_FIELD + varint(size))
         if stub is not None:
-            values = _raw(source)
+            values = _raw(source, scratch)
             data.write(values)
             data.write(b"\0" * (-len(values) % 4096))
             out.write(stub.SerializeToString())
         elif isinstance(source, Lazy):
-            values = _raw(source)
+            values = _raw(source, scratch)
             if len(values) != size - len(_lazy_head(name, source, len(values))):
                 raise ExportError(f"initializer '{name}' has {len(values)} bytes, its shape says otherwise",
                                   where, "report this: a derived weight has the wrong shape")
