@@ -74,14 +74,16 @@ AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
 """
 
 
-def run(command: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(seconds, peak RSS in MB of the process and its children) of one command; raises when it fails."""
+def run(command: list[str], env: dict | None, cwd: Path) -> tuple[float, float]:
+    """(seconds, peak RSS in MB of the process and its children) of one command run in ``cwd``; raises when it
+    fails. (Not in the checkout: ``python -m`` puts the working directory first on sys.path, before PYTHONPATH,
+    which tells the sides' lora-edge apart.)"""
     import tempfile
 
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: nobody reads a pipe while wait4 waits
         start = time.perf_counter()
         process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                                   stderr=log)
+                                   stderr=log, cwd=cwd)
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
         log.seek(0)
@@ -183,9 +185,9 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for case in args.case or ["minilm"]:
-        work = args.work / case
+        work = args.work.resolve() / case
         work.mkdir(parents=True, exist_ok=True)
-        sides = case_commands(case, work, args.smollm2, args.before)
+        sides = case_commands(case, work, args.smollm2.resolve(), args.before and args.before.resolve())
         rows = []
         for round_index in range(args.rounds):
             order = list(sides)
@@ -194,7 +196,7 @@ def main() -> None:
             for side in order:
                 seconds, peak, steps = 0.0, 0.0, {}
                 for label, command, env in sides[side]:
-                    step_seconds, step_peak = run(command, env)
+                    step_seconds, step_peak = run(command, env, work)
                     seconds, peak = seconds + step_seconds, max(peak, step_peak)
                     steps[label] = round(step_seconds, 1)
                 row[side] = {"seconds": round(seconds, 1), "peak_mb": round(peak), "steps": steps}
