@@ -680,6 +680,24 @@ def _copy_adapters(job: ExportJob, adapters: Sequence[AdapterRef], staging: Path
     return records_dirs
 
 
+def _model_digest(scratch: contextlib.ExitStack, model_path: Path) -> "Future[str]":
+    """The manifest's digest of the model's weights, computed on a second thread while the model is loaded and
+    traced on this one (reading and hashing release the GIL; SmolLM2-135M: 0.3 s)."""
+    return scratch.enter_context(ThreadPoolExecutor(1)).submit(directory_sha256, model_path)
+
+
+def _configure(job: ExportJob, scratch: contextlib.ExitStack, forms: Sequence[Form], fuse: bool, quantized: bool,
+               keep_fp32: bool) -> None:
+    """What the job does beyond tracing and verifying: CPU fusions (classifiers, each fused graph checked against
+    PyTorch again), check outputs remembered for the quantize stage (decoders to be quantized), and fp32 graphs
+    as intermediates when the bundle keeps no fp32 (only the quantizer's sources)."""
+    job.fuse = fuse and job.task is Task.SEQ_CLS
+    job.remember_checks = quantized and job.task is Task.CAUSAL_LM
+    scratch.callback(forget_outputs)
+    if not keep_fp32:
+        job.intermediate = scratch.enter_context(intermediate_directory(_fp32_bytes(job, forms), job.staging))
+
+
 def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequence[Form | str], out: Path,
                   precisions: Sequence[Precision | str] = (Precision.FP32,), opset: int | None = None,
                   force: bool = False, task: Task | str | None = None, tolerance: float = FP32_TOLERANCE,
@@ -722,20 +740,14 @@ def export_bundle(model: str | Path, adapters: Sequence[AdapterRef], forms: Sequ
     keep_fp32 = Precision.FP32 in precisions or not quantized
     with atomic_directory(Path(out), force) as staging, contextlib.ExitStack() as scratch:
         progress(f"loading {model_path.name} with {len(adapters)} adapter(s)")
-        # the manifest's digest of the weights (SmolLM2-135M: 0.3 s) on the other core while one traces:
-        # reading and hashing release the GIL
-        model_sha256 = scratch.enter_context(ThreadPoolExecutor(1)).submit(directory_sha256, model_path)
+        model_sha256 = _model_digest(scratch, model_path)
 
         def load() -> dict[str, "PeftModel"]:
             return {a.name: load_reference(model_path, a, task, trust_remote_code) for a in adapters}
 
         with clock.stage("load"):
             job = _new_job(model_path, task, load(), staging, opset, tolerance, trust_remote_code, progress)
-        job.fuse = fuse and task is Task.SEQ_CLS  # CPU fusions, each fused graph checked against PyTorch again
-        job.remember_checks = bool(quantized) and task is Task.CAUSAL_LM
-        scratch.callback(forget_outputs)
-        if not keep_fp32:  # the fp32 graphs are only the quantizer's sources
-            job.intermediate = scratch.enter_context(intermediate_directory(_fp32_bytes(job, forms), staging))
+        _configure(job, scratch, forms, fuse, bool(quantized), keep_fp32)
         records_dirs = _copy_adapters(job, adapters, staging)
         _write_model_files(job, adapters)
         job.records.extend(export_forms(job, list(dict.fromkeys(forms)), clock, exporter, load))

@@ -22,6 +22,7 @@ output scale), else the source graph is kept and the reason recorded.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "on
     for log in loggers:
         log.setLevel(logging.ERROR)
     try:
-        wrapped = _indexed_onnx_model(OnnxModel, model)
+        wrapped = _indexed_onnx_model(model)
         FusionSimplifiedLayerNormalization(wrapped).apply()
         # The skip fusion reads shapes of the model it is built with (ORT's symbolic shape inference copies
         # that model twice: +1 GB for SmolLM2-135M): it is built on a twin without weight data (same
@@ -113,8 +114,8 @@ def fuse_rms_norms(model: "onnx.ModelProto", report: DecoderFusionReport) -> "on
     return expand_plain_rms_norms(wrapped.model)
 
 
-def _indexed_onnx_model(base: type, model: "onnx.ModelProto"):
-    """ORT's ``OnnxModel`` (``base``) over ``model``, answering the lookups of a fusion's search from indexes.
+def _indexed_onnx_model(model: "onnx.ModelProto"):
+    """ORT's ``OnnxModel`` over ``model``, answering the lookups of a fusion's search from indexes.
 
     ORT's fusions rebuild the name -> node maps, scan every node for a Constant
     and search the graph for a node's subgraph at each candidate (1.2 s of
@@ -124,89 +125,88 @@ def _indexed_onnx_model(base: type, model: "onnx.ModelProto"):
     answers, same graph (tested byte for byte against the plain ``OnnxModel``).
     A graph with subgraphs, or nodes without unique names, gets the plain model.
     """
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
     names = [node.name for node in model.graph.node]
     if any(a.type in (a.GRAPH, a.GRAPHS) for node in model.graph.node for a in node.attribute) or \
             not all(names) or len(set(names)) != len(names):
-        return base(model)
+        return OnnxModel(model)
+    return _indexed_class()(model)
 
-    class Indexed(base):
-        _index = None
 
-        def _indexes(self) -> tuple[dict, dict, dict, dict]:
-            if self._index is None:
-                producers, consumers, constants = {}, {}, {}
-                for node in self.model.graph.node:
-                    for name in node.input:
-                        if name:
-                            consumers.setdefault(name, []).append(node)
-                    for name in node.output:
-                        if name:
-                            producers[name] = node
-                    if node.op_type == "Constant":
-                        constants.setdefault(node.output[0], node)
-                self._index = (producers, consumers, constants,
-                               {tensor.name: tensor for tensor in reversed(self.model.graph.initializer)})
-            return self._index
+@functools.cache
+def _indexed_class() -> type:
+    """The OnnxModel subclass of :func:`_indexed_onnx_model` (made on first use: onnxruntime.transformers is
+    imported only when a decoder is fused)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-        def output_name_to_node(self, exclude_subgraphs=False):
-            return dict(self._indexes()[0])
+    changing = {name: _dropping_indexes(name) for name in ("add_node", "add_nodes", "update_graph", "prune_graph")}
+    return type("IndexedOnnxModel", (OnnxModel,), {
+        "_index": None, "_indexes": _indexes, "get_graph_by_node": lambda self, node: self.model.graph,
+        "output_name_to_node": lambda self, exclude_subgraphs=False: dict(self._indexes()[0]),
+        "input_name_to_nodes": lambda self, exclude_subgraphs=False: {
+            name: list(nodes) for name, nodes in self._indexes()[1].items()},
+        "get_initializer": lambda self, name: self._indexes()[3].get(name),
+        "get_constant_value": _indexed_constant_value, "remove_nodes": _remove_nodes_by_name,
+        "remove_node": lambda self, node: _remove_nodes_by_name(self, [node]),
+        "topological_sort": _indexed_topological_sort, **changing})
 
-        def input_name_to_nodes(self, exclude_subgraphs=False):
-            return {name: list(nodes) for name, nodes in self._indexes()[1].items()}
 
-        def get_graph_by_node(self, node):
-            return self.model.graph
+def _indexes(self) -> tuple[dict, dict, dict, dict]:
+    """(output -> producer, input -> consumers, output -> Constant node, name -> initializer), built once."""
+    if self._index is None:
+        producers, consumers, constants = {}, {}, {}
+        for node in self.model.graph.node:
+            for name in node.input:
+                if name:
+                    consumers.setdefault(name, []).append(node)
+            for name in node.output:
+                if name:
+                    producers[name] = node
+            if node.op_type == "Constant":
+                constants.setdefault(node.output[0], node)
+        self._index = (producers, consumers, constants,
+                       {tensor.name: tensor for tensor in reversed(self.model.graph.initializer)})
+    return self._index
 
-        def get_initializer(self, name):
-            return self._indexes()[3].get(name)
 
-        def get_constant_value(self, output_name):
-            from onnx import numpy_helper
+def _indexed_constant_value(self, output_name):
+    """OnnxModel.get_constant_value: a Constant node's ``value``, else the initializer's, else None."""
+    from onnx import numpy_helper
 
-            node = self._indexes()[2].get(output_name)
-            value = next((a.t for a in node.attribute if a.name == "value"), None) if node is not None else None
-            if value is not None:
-                return numpy_helper.to_array(value)
-            initializer = self.get_initializer(output_name)
-            return numpy_helper.to_array(initializer) if initializer is not None else None
+    node = self._indexes()[2].get(output_name)
+    value = next((a.t for a in node.attribute if a.name == "value"), None) if node is not None else None
+    if value is not None:
+        return numpy_helper.to_array(value)
+    initializer = self.get_initializer(output_name)
+    return numpy_helper.to_array(initializer) if initializer is not None else None
 
-        def remove_nodes(self, nodes_to_remove):
-            self._index = None
-            gone = {node.name for node in nodes_to_remove}
-            graph = self.model.graph
-            for position in reversed([i for i, node in enumerate(graph.node) if node.name in gone]):
-                del graph.node[position]
 
-        def remove_node(self, node):
-            self.remove_nodes([node])
+def _remove_nodes_by_name(self, nodes_to_remove) -> None:
+    """OnnxModel.remove_nodes in one pass (node names are unique here), the other nodes in their order."""
+    self._index = None
+    gone = {node.name for node in nodes_to_remove}
+    graph = self.model.graph
+    for position in reversed([i for i, node in enumerate(graph.node) if node.name in gone]):
+        del graph.node[position]
 
-        def add_node(self, node, graph_name=None):
-            self._index = None
-            super().add_node(node, graph_name)
 
-        def add_nodes(self, nodes_to_add, node_name_to_graph_name=None):
-            self._index = None
-            super().add_nodes(nodes_to_add, node_name_to_graph_name)
+def _indexed_topological_sort(self, is_deterministic=False, dump_model_on_failure=False):
+    """OnnxModel.topological_sort: the same order (:func:`_sweep_sort`)."""
+    self._index = None
+    if is_deterministic:
+        return super(type(self), self).topological_sort(is_deterministic, dump_model_on_failure)
+    _sweep_sort(self.model.graph)
 
-        def update_graph(self, *args, **kwargs):
-            self._index = None
-            result = super().update_graph(*args, **kwargs)
-            self._index = None
-            return result
 
-        def prune_graph(self, *args, **kwargs):
-            self._index = None
-            result = super().prune_graph(*args, **kwargs)
-            self._index = None
-            return result
-
-        def topological_sort(self, is_deterministic=False, dump_model_on_failure=False):
-            if is_deterministic:
-                return super().topological_sort(is_deterministic, dump_model_on_failure)
-            self._index = None
-            _sweep_sort(self.model.graph)
-
-    return Indexed(model)
+def _dropping_indexes(name: str):
+    """OnnxModel's method ``name``, changing the graph: the indexes are dropped before and after."""
+    def method(self, *args, **kwargs):
+        self._index = None
+        result = getattr(super(type(self), self), name)(*args, **kwargs)
+        self._index = None
+        return result
+    return method
 
 
 def _sweep_sort(graph: "onnx.GraphProto") -> None:
