@@ -1258,15 +1258,24 @@ def share_tied_embedding(model: "onnx.ModelProto", tied: TiedEmbedding) -> bool:
     prefix = f"{tied.head}_tied"
     model.graph.initializer.extend([numpy_helper.from_array(np.array([vocab, blocks, 1], np.int64), f"{prefix}_scale_shape"),
                                     numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{prefix}_out_shape")])
+    # a hidden size that is not a whole number of blocks (SmolLM2's 576 in blocks of 128): the last block of each
+    # row is padded, and the lookup keeps the row's first K values
+    padded = blocks * int(attrs["block_size"]) != int(attrs.get("K", blocks * attrs["block_size"]))
     replacement = [
         helper.make_node("Reshape", [head.input[2], f"{prefix}_scale_shape"], [f"{prefix}_scales"],
                          name=f"{prefix}_scales_reshape"),
         helper.make_node("GatherBlockQuantized", [head.input[1], "input_ids", f"{prefix}_scales"], [f"{prefix}_rows"],
                          name=f"{prefix}_gather", domain=MICROSOFT, block_size=int(attrs["block_size"]), gather_axis=0,
                          quantize_axis=2, bits=4),
-        helper.make_node("Reshape", [f"{prefix}_rows", f"{prefix}_out_shape"], [lookup.output[0]],
-                         name=f"{prefix}_rows_reshape"),
+        helper.make_node("Reshape", [f"{prefix}_rows", f"{prefix}_out_shape"],
+                         [f"{prefix}_padded" if padded else lookup.output[0]], name=f"{prefix}_rows_reshape"),
     ]
+    if padded:
+        model.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_start"),
+                                        numpy_helper.from_array(np.array([int(attrs["K"])], np.int64), f"{prefix}_end"),
+                                        numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}_axis")])
+        replacement.append(helper.make_node("Slice", [f"{prefix}_padded", f"{prefix}_start", f"{prefix}_end",
+                                                      f"{prefix}_axis"], [lookup.output[0]], name=f"{prefix}_rows_slice"))
     nodes = []
     for node in model.graph.node:
         nodes.extend(replacement if node is lookup else [node])

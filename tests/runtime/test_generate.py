@@ -409,13 +409,16 @@ def test_a_decoder_rewrite_not_kept_gives_back_the_source_graph(bundles, monkeyp
     assert back.SerializeToString() == onnx.load(source).SerializeToString()
 
 
-def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp_path):
-    """A tied embedding/LM head is one int4 tensor: the lookup returns exactly the head's dequantized rows."""
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(block_size, bundles, tmp_path):
+    """A tied embedding/LM head is one int4 tensor: the lookup returns exactly the head's dequantized rows, also
+    when the hidden size (32) is not a whole number of blocks (64: each row's one block padded, then sliced)."""
     import shutil
 
     import onnx
     from onnx import helper, numpy_helper
 
+    from lora_edge.core.recipe import QuantizeOptions
     from lora_edge.quantize.quantizer import quantize_graph
 
     bundle, graph = bundles("llama", Form.MERGED)
@@ -437,7 +440,7 @@ def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp
     shutil.copy(bundle / ONNX_DIR / "config.json", tmp_path / "onnx" / "config.json")
     onnx.save(model, tmp_path / "onnx" / "tied.fp32.onnx")
     result = quantize_graph(tmp_path / "onnx" / "tied.fp32.onnx", tmp_path / "onnx" / "tied.int4.onnx", "int4",
-                            task="causal-lm")
+                            QuantizeOptions(block_size=block_size), task="causal-lm")
     assert result.details.get("tied_embedding")
     quantized = onnx.load(result.path)
     vocab_tensors = sorted(init.name for init in quantized.graph.initializer
@@ -447,6 +450,8 @@ def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp
     assert vocab_tensors[1] == f"{head}_scales"
     lookup = next(node for node in quantized.graph.node if node.op_type == "GatherBlockQuantized")
     rows = next(node.output[0] for node in quantized.graph.node if lookup.output[0] in node.input)
+    rows = next((node.output[0] for node in quantized.graph.node if node.op_type == "Slice" and rows in node.input),
+                rows)  # (padded rows: sliced to the hidden size)
     quantized.graph.output.append(helper.make_tensor_value_info(rows, onnx.TensorProto.FLOAT, None))
     from lora_edge.runtime.feeds import sample_decoder_feeds
 
@@ -456,8 +461,8 @@ def test_int4_tied_embedding_is_stored_once_and_reads_the_head_rows(bundles, tmp
     got = session.run([rows], {i.name: feeds[i.name] for i in session.get_inputs()})[0]
     packed = numpy_helper.to_array(next(i for i in quantized.graph.initializer if i.name == f"{head}_Q4"))
     scales = numpy_helper.to_array(next(i for i in quantized.graph.initializer if i.name == f"{head}_scales"))
-    nibbles = np.stack([packed & 15, packed >> 4], -1).reshape(len(packed), -1, 32).astype(np.float32)
-    dequantized = ((nibbles - 8) * scales.reshape(len(packed), -1, 1)).reshape(len(packed), -1)
+    nibbles = np.stack([packed & 15, packed >> 4], -1).reshape(len(packed), -1, block_size).astype(np.float32)
+    dequantized = ((nibbles - 8) * scales.reshape(len(packed), -1, 1)).reshape(len(packed), -1)[:, :weight.shape[1]]
     np.testing.assert_array_equal(got, dequantized[feeds["input_ids"]])
     assert np.abs(got - weight[feeds["input_ids"]]).max() < np.abs(weight).max() / 4  # 4-bit rounding only
 
