@@ -578,8 +578,8 @@ def _skip_final_collection() -> None:
     """Let the interpreter's exit skip its last garbage collection over every object alive (``gc.freeze``).
 
     With torch and transformers imported that collection walks millions of
-    objects that the process's end frees anyway: 0.35-0.8 s after an export of
-    SmolLM2-135M, measured from the command's last line to its exit.
+    objects that the process's end frees anyway: a process that loaded SmolLM2-135M
+    and ran it once took 0.48 s from its last line to its exit, 0.12 s frozen.
     """
     import gc
 
