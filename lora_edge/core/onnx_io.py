@@ -31,20 +31,10 @@ _GRAPH_KEY, _INITIALIZER_KEY = bytes([7 << 3 | 2]), bytes([5 << 3 | 2])
 
 
 def save_streamed(model: "onnx.ModelProto", path: str | Path) -> None:
-    """Write ``model`` one initializer at a time, for a session to read: no whole-model bytes in memory.
+    """Write the bytes ``onnx.save`` writes for ``model`` (no external data), one initializer at a time.
 
     ``onnx.save`` serializes the whole model first (twice its size at the peak:
-    protobuf's buffer and the bytes object). Protobuf parsers merge a message
-    field that occurs more than once, so the file is the model without its
-    initializers followed by one ``graph { initializer }`` record per
-    initializer: every reader parses it to the same model (for scratch files:
-    the bytes differ from ``onnx.save``'s).
-    """
-    _write_records(model, path, lambda tensor: tensor.SerializeToString())
-
-
-def save_canonical(model: "onnx.ModelProto", path: str | Path) -> None:
-    """Write the bytes ``onnx.save`` writes for ``model`` (no external data), one initializer at a time.
+    protobuf's buffer and the bytes object).
 
     Protobuf writes a message's fields in field-number order, each record as its
     key, length and bytes, so the file is the model without its initializers
@@ -450,7 +440,9 @@ def session_file(model: "onnx.ModelProto", directory: str | Path) -> Path:
 
     Stubs become external data in hard links (beside the graph file) of the files
     they were read from, so the session maps those weights instead of copying them;
-    everything else is written as :func:`save_streamed` writes it.
+    the model without its initializers is followed by one ``graph { initializer }``
+    record per initializer (protobuf parsers merge repeated message fields, so every
+    reader parses the model; the bytes differ from ``onnx.save``'s).
     """
     import os
     import shutil

@@ -1260,7 +1260,8 @@ def share_tied_embedding(model: "onnx.ModelProto", tied: TiedEmbedding) -> bool:
                                     numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{prefix}_out_shape")])
     # a hidden size that is not a whole number of blocks (SmolLM2's 576 in blocks of 128): the last block of each
     # row is padded, and the lookup keeps the row's first K values
-    padded = blocks * int(attrs["block_size"]) != int(attrs.get("K", blocks * attrs["block_size"]))
+    width = int(attrs["K"])  # (MatMulNBits' input width: a required attribute)
+    padded = blocks * int(attrs["block_size"]) != width
     replacement = [
         helper.make_node("Reshape", [head.input[2], f"{prefix}_scale_shape"], [f"{prefix}_scales"],
                          name=f"{prefix}_scales_reshape"),
@@ -1272,7 +1273,7 @@ def share_tied_embedding(model: "onnx.ModelProto", tied: TiedEmbedding) -> bool:
     ]
     if padded:
         model.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_start"),
-                                        numpy_helper.from_array(np.array([int(attrs["K"])], np.int64), f"{prefix}_end"),
+                                        numpy_helper.from_array(np.array([width], np.int64), f"{prefix}_end"),
                                         numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}_axis")])
         replacement.append(helper.make_node("Slice", [f"{prefix}_padded", f"{prefix}_start", f"{prefix}_end",
                                                       f"{prefix}_axis"], [lookup.output[0]], name=f"{prefix}_rows_slice"))

@@ -548,7 +548,7 @@ def _share_tied(model: "onnx.ModelProto", tied: "TiedEmbedding", path: Path) -> 
     to ``path`` (the graph of saving, conforming, sharing); False (nothing saved) when the blocks do not fit."""
     from onnxruntime.quantization.onnx_model import ONNXModel
 
-    from lora_edge.core.onnx_io import resolve_references, save_canonical
+    from lora_edge.core.onnx_io import resolve_references, save_streamed
     from lora_edge.core.onnx_spec import conform
     from lora_edge.quantize.decoder import share_tied_embedding
 
@@ -557,7 +557,7 @@ def _share_tied(model: "onnx.ModelProto", tied: "TiedEmbedding", path: Path) -> 
     if not share_tied_embedding(model, tied):
         return False
     resolve_references(model)
-    save_canonical(model, path)  # (onnx.save's bytes)
+    save_streamed(model, path)  # (onnx.save's bytes)
     return True
 
 

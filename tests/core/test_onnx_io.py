@@ -115,19 +115,17 @@ def test_a_column_reader_gives_every_band_of_every_kind_of_tensor(tmp_path):
                 np.testing.assert_array_equal(out, want[:, start:stop])
 
 
-def test_a_canonical_save_writes_onnx_save_s_bytes(tmp_path):
-    """save_canonical splices each initializer into the graph record: the very bytes of onnx.save, with the
+def test_a_streamed_save_writes_onnx_save_s_bytes(tmp_path):
+    """save_streamed splices each initializer into the graph record: the very bytes of onnx.save, with the
     graph's fields after the initializers (inputs, outputs, value_info) and the model's after the graph."""
     import onnx
-
-    from lora_edge.core.onnx_io import save_canonical
 
     model = _model()
     model.graph.doc_string = "after the initializers"
     model.graph.value_info.add(name="h")
-    for way, target in (("onnx", tmp_path / "a.onnx"), ("canonical", tmp_path / "b.onnx")):
-        onnx.save(model, target) if way == "onnx" else save_canonical(model, target)
+    for way, target in (("onnx", tmp_path / "a.onnx"), ("streamed", tmp_path / "b.onnx")):
+        onnx.save(model, target) if way == "onnx" else save_streamed(model, target)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     del model.graph.initializer[:]
-    save_canonical(model, tmp_path / "c.onnx")
+    save_streamed(model, tmp_path / "c.onnx")
     assert (tmp_path / "c.onnx").read_bytes() == model.SerializeToString()
